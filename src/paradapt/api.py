@@ -1,0 +1,291 @@
+"""The public functions: add, activate, route, merge, remove, unwrap, count.
+
+Nothing here flips ``requires_grad`` behind the user's back: the base model is
+frozen once, when its first adapter is added (``freeze_base=True``), adapters
+are trainable when added and frozen when loaded unless asked otherwise, and
+activating or routing never changes either. ``set_trainable`` is the one switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import inject
+from .config import AdapterConfig
+from .errors import AdapterExistsError, ConfigError, MergeError, RoutingError
+from .merge import check_mergeable, merge_into
+from .routing import Parallel, Plan, normalize
+from .state import CONTAINER, State, _ChannelPlan, _repeat, get_state, require_state
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_name(name) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError("name", f"adapter names use letters, digits, '_' and '-' only, got {name!r}")
+
+
+def add_adapter(
+    model: nn.Module, name: str, config: AdapterConfig, *, trainable: bool = True, freeze_base: bool = True
+) -> nn.Module:
+    """Add a new adapter ``name`` built from ``config``; returns its weights module.
+
+    On any error the model is left exactly as it was.
+    """
+    check_name(name)
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(
+            "config",
+            f"expected a paradapt config (ParallelConfig, LoRAConfig, ...), got {type(config).__name__}",
+        )
+    fresh = get_state(model) is None
+    st = get_state(model, create=True)
+    try:
+        if name in st.adapters:
+            raise AdapterExistsError(
+                f"an adapter named {name!r} is already on this model; remove it first or pick another name"
+            )
+        adapter, parts = inject.build(st, name, config)
+    except Exception:
+        if fresh:
+            _drop_state(model, st)
+        raise
+    if fresh and freeze_base:
+        st.frozen = _freeze(st)
+    inject.attach(st, name, config, adapter, parts, trainable)
+    return adapter
+
+
+def _freeze(st: State) -> list[tuple[nn.Parameter, bool]]:
+    saved = []
+    for mod in st.modules.values():
+        for prm in mod.parameters(recurse=False):
+            saved.append((prm, prm.requires_grad))
+            prm.requires_grad_(False)
+    return saved
+
+
+def _drop_state(model: nn.Module, st: State) -> None:
+    st.detach()
+    for prm, flag in getattr(st, "frozen", []):
+        prm.requires_grad_(flag)
+    model.__dict__.pop("_paradapt_state", None)
+
+
+def set_active(model: nn.Module, composition) -> None:
+    """What every row uses outside ``route``: a name, a list (stacked), Stack, Average, Parallel, or None (base)."""
+    st = require_state(model)
+    _check_not_merged(st, composition)
+    st.set_active(composition)
+
+
+def active(model: nn.Module):
+    """The composition set by ``set_active`` (a Route, a Parallel, or None)."""
+    st = get_state(model)
+    return None if st is None else st.active
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    st = get_state(model)
+    return [] if st is None else list(st.adapters)
+
+
+def _check_not_merged(st: State, comp) -> None:
+    if st.merged and comp is not None:
+        raise RoutingError(
+            f"adapters {sorted(st.merged)} are merged into the base weights and apply to every row; "
+            "unmerge them before activating or routing other adapters"
+        )
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, entries):
+    """Route row ``i`` of every forward in this block to ``entries[i]`` (a name, composition or None).
+
+    Works inside ``model.generate`` (beams and returned sequences repeat each
+    entry). A single composition instead of a list applies to every row.
+    """
+    st = require_state(model)
+    if isinstance(entries, (list, tuple)) and not isinstance(entries, str):
+        routes = [normalize(e) for e in entries]
+        plan = Plan(routes)
+    else:
+        plan = Plan.for_all(normalize(entries))
+    st.check_names(plan.names())
+    _check_not_merged(st, plan.names() or None)
+    token = st.push_route(plan)
+    try:
+        yield plan
+    finally:
+        st.pop_route(token)
+
+
+def split_parallel(output, k: int) -> list:
+    """Split a K-channel output (rows channel-major) into K outputs of the original batch."""
+
+    def chunk(v, c):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] % k == 0:
+            n = v.shape[0] // k
+            return v[c * n : (c + 1) * n]
+        return v
+
+    if isinstance(output, torch.Tensor):
+        return list(output.chunk(k, dim=0))
+    if isinstance(output, dict):
+        return [type(output)(**{key: chunk(v, c) for key, v in output.items()}) for c in range(k)]
+    if isinstance(output, tuple):
+        return [tuple(chunk(v, c) for v in output) for c in range(k)]
+    raise RoutingError(f"cannot split an output of type {type(output).__name__}")
+
+
+def parallel(model: nn.Module, composition: Parallel, *args, **inputs) -> list:
+    """Run one input through every channel of ``composition`` in one forward; one output per channel."""
+    if not isinstance(composition, Parallel):
+        raise RoutingError("pa.parallel takes a pa.Parallel(...) composition")
+    st = require_state(model)
+    routes = [normalize(c) for c in composition.channels]
+    st.check_names({n for r in routes if r is not None for n in r.names})
+    _check_not_merged(st, routes if any(routes) else None)
+    k = len(routes)
+    args = tuple(_repeat(a, k) for a in args)
+    inputs = {key: (_repeat(v, k) if key in State._BATCH_KEYS else v) for key, v in inputs.items()}
+    token = st.push_route(_ChannelPlan(routes))
+    try:
+        out = model(*args, **inputs)
+    finally:
+        st.pop_route(token)
+    return split_parallel(out, k)
+
+
+def merge(model: nn.Module, name: str) -> None:
+    """Fold a LoRA / (IA)^3 / SSF adapter into the base weights (clear error for other kinds)."""
+    st = require_state(model)
+    rec = st.record(name)
+    if rec.merged:
+        raise MergeError(f"adapter {name!r} is already merged")
+    parts = [(st.sites[k], st.sites[k].components[name]) for k in rec.sites]
+    check_mergeable(name, rec.config.kind, parts)
+    for site, comp in parts:
+        merge_into(site.module, comp, +1)
+    rec.merged = True
+    st.merged.add(name)
+    if st.active is not None:
+        st.set_active(None)
+
+
+def unmerge(model: nn.Module, name: str) -> None:
+    """Take a merged adapter back out of the base weights."""
+    st = require_state(model)
+    rec = st.record(name)
+    if not rec.merged:
+        raise MergeError(f"adapter {name!r} is not merged")
+    for k in reversed(rec.sites):
+        merge_into(st.sites[k].module, st.sites[k].components[name], -1)
+    rec.merged = False
+    st.merged.discard(name)
+
+
+def fold(model: nn.Module, name: str) -> None:
+    """Replace a prefix adapter's reparameterisation MLP by the plain prefix it produces (for inference)."""
+    st = require_state(model)
+    rec = st.record(name)
+    for k in rec.sites:
+        comp = st.sites[k].components[name]
+        if hasattr(comp, "fold"):
+            comp.fold()
+    adapter = st.container[name]
+    if getattr(adapter, "prefix_encoder", None) is not None:
+        del adapter.prefix_encoder
+    if getattr(rec.config, "reparam", False):
+        rec.config = dataclasses.replace(rec.config, reparam=False)
+
+
+def set_trainable(model: nn.Module, names, trainable: bool = True) -> None:
+    """Explicitly make adapters trainable (or frozen); the only call that changes requires_grad."""
+    st = require_state(model)
+    for n in [names] if isinstance(names, str) else names:
+        st.record(n)
+        for prm in st.container[n].parameters():
+            prm.requires_grad_(trainable)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete an adapter (unmerging it first if merged); sites left empty are unhooked."""
+    st = require_state(model)
+    rec = st.record(name)
+    if rec.merged:
+        unmerge(model, name)
+    for k in rec.sites:
+        site = st.sites[k]
+        comp = site.components.pop(name)
+        inject.undo_pissa(st, k, comp)
+        if not site.components:
+            site.remove_hooks()
+            del st.sites[k]
+    del st.container[name]
+    del st.adapters[name]
+    if st.active is not None and name in _names_of(st.active):
+        st.set_active(None)
+
+
+def _names_of(comp) -> set[str]:
+    if isinstance(comp, Parallel):
+        return {n for c in comp.channels if normalize(c) is not None for n in normalize(c).names}
+    return set(comp.names)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every adapter and hook; the model's module tree and weights are the original's again."""
+    st = get_state(model)
+    if st is None:
+        return model
+    for name in list(st.adapters):
+        remove_adapter(model, name)
+    _drop_state(model, st)
+    assert CONTAINER not in model._modules
+    return model
+
+
+@dataclass
+class ParameterCount:
+    """Trainable-parameter summary: total per adapter and as a percentage of the base model."""
+
+    base: int
+    per_adapter: dict[str, int] = field(default_factory=dict)
+    trainable: int = 0
+
+    @property
+    def adapters(self) -> int:
+        return sum(self.per_adapter.values())
+
+    def percent(self, name: str | None = None) -> float:
+        n = self.adapters if name is None else self.per_adapter[name]
+        return 100.0 * n / max(self.base, 1)
+
+    def __str__(self) -> str:
+        lines = [f"base model: {self.base:,} parameters; trainable now: {self.trainable:,}"]
+        for n, c in self.per_adapter.items():
+            lines.append(f"  {n}: {c:,} ({self.percent(n):.3f}% of base)")
+        return "\n".join(lines)
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Count each adapter's parameters and the base model's, and what currently trains."""
+    st = get_state(model)
+    adapter_ids = set()
+    per = {}
+    if st is not None:
+        for n in st.adapters:
+            prms = list(st.container[n].parameters())
+            per[n] = sum(p.numel() for p in prms)
+            adapter_ids.update(id(p) for p in prms)
+    all_params = list(model.parameters())
+    base = sum(p.numel() for p in all_params if id(p) not in adapter_ids)
+    trainable = sum(p.numel() for p in all_params if p.requires_grad)
+    return ParameterCount(base=base, per_adapter=per, trainable=trainable)

@@ -1,0 +1,58 @@
+"""Exceptions raised by paradapt.
+
+Every error a user can cause names the field, adapter or file at fault, so a bad
+config or a broken folder never surfaces as a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+
+class ParadaptError(Exception):
+    """Base class of every error paradapt raises on purpose."""
+
+
+class ConfigError(ParadaptError, ValueError):
+    """A config field has a bad value. ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class TargetNotFoundError(ConfigError):
+    """A target pattern matched no module of the model."""
+
+
+class AdapterExistsError(ParadaptError, ValueError):
+    """An adapter name is already in use on this model."""
+
+
+class AdapterNotFoundError(ParadaptError, KeyError):
+    """No adapter of that name is on this model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IncompatibleAdapterError(ParadaptError, ValueError):
+    """An adapter does not fit this model. ``field`` names the mismatch."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class AdapterFileError(ParadaptError, OSError):
+    """An adapter folder or file is missing, truncated or malformed. ``path`` names it."""
+
+    def __init__(self, path: str, message: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+class MergeError(ParadaptError, ValueError):
+    """An adapter cannot be merged (or unmerged) in its current state."""
+
+
+class RoutingError(ParadaptError, ValueError):
+    """A route or composition cannot be applied to this batch."""

@@ -1,0 +1,162 @@
+"""Routing: which adapters apply to which rows, decided once per forward.
+
+A *composition* says how several adapters combine on one input:
+
+- a name (``"a"``) or ``Stack("a", "b")``: at each site, apply them in order;
+  each sees the previous one's output (``h <- h + delta_a; h <- h + delta_b``).
+  Adapters that read the site's input (parallel, LoRA) therefore add up;
+  adapters that read its output (series, scale-shift) chain.
+- ``Average("a", "b", weights=[.7, .3])``: ``h <- h + sum_i w_i delta_i(h)``
+  (weights normalised to sum 1 unless ``normalize=False``).
+- ``Parallel("a", "b", None)``: one input through K adapters in one pass: the
+  batch is replicated K times, channel ``c`` routed to the c-th entry.
+
+A :class:`Plan` maps every row of the batch to a composition. It groups rows by
+composition once per batch size and device, and every site and layer reuses
+those groups: the model's forward signature never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import RoutingError
+
+Composable = "str | Stack | Average | None"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Apply adapters one after another at every site."""
+
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str):
+        object.__setattr__(self, "names", _flat_names(names, "Stack"))
+
+
+@dataclass(frozen=True)
+class Average:
+    """Weighted average of the adapters' deltas at every site."""
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def __init__(self, *names: str, weights: list[float] | None = None, normalize: bool = True):
+        names = _flat_names(names, "Average")
+        w = [1.0] * len(names) if weights is None else [float(x) for x in weights]
+        if len(w) != len(names):
+            raise RoutingError(f"Average: {len(names)} adapters but {len(w)} weights")
+        if normalize:
+            total = sum(w)
+            if total == 0:
+                raise RoutingError("Average: weights sum to zero and cannot be normalised")
+            w = [x / total for x in w]
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "weights", tuple(w))
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Run one input through several adapters (or the base, ``None``) in one pass."""
+
+    channels: tuple
+
+    def __init__(self, *channels):
+        if not channels:
+            raise RoutingError("Parallel needs at least one channel")
+        for c in channels:
+            if isinstance(c, Parallel):
+                raise RoutingError("Parallel cannot be nested")
+        object.__setattr__(self, "channels", tuple(channels))
+
+
+def _flat_names(names: tuple, what: str) -> tuple[str, ...]:
+    if len(names) == 1 and isinstance(names[0], (list, tuple)):
+        names = tuple(names[0])
+    if not names:
+        raise RoutingError(f"{what} needs at least one adapter name")
+    for n in names:
+        if not isinstance(n, str):
+            raise RoutingError(f"{what} takes adapter names, got {n!r}")
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A normalised composition: ordered names, mode and weights (hashable, used as a group key)."""
+
+    names: tuple[str, ...]
+    mode: str = "stack"  # "stack" | "average"
+    weights: tuple[float, ...] = ()
+
+
+def normalize(comp) -> Route | None:
+    """Turn a user composition (name, list, Stack, Average, None) into a Route."""
+    if comp is None:
+        return None
+    if isinstance(comp, str):
+        return Route((comp,))
+    if isinstance(comp, Stack):
+        return Route(comp.names)
+    if isinstance(comp, Average):
+        return Route(comp.names, "average", comp.weights)
+    if isinstance(comp, (list, tuple)):
+        return Route(Stack(*comp).names)
+    if isinstance(comp, Route):
+        return comp
+    if isinstance(comp, Parallel):
+        raise RoutingError("Parallel cannot be used per row; use pa.set_active or pa.parallel")
+    raise RoutingError(f"not a composition: {comp!r} (use a name, a list, Stack, Average or None)")
+
+
+@dataclass
+class Group:
+    """Rows (``None`` = all rows) that share one route."""
+
+    rows: torch.Tensor | None
+    route: Route
+
+
+@dataclass
+class Plan:
+    """Per-row routes for one batch; groups are computed once per (batch size, device)."""
+
+    routes: list[Route | None]
+    uniform: bool = False  # one route for every row, whatever the batch size
+    _cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_all(cls, route: Route | None) -> Plan:
+        return cls([route], uniform=True)
+
+    def groups(self, batch: int, device: torch.device) -> list[Group]:
+        key = (batch, device)
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = self._build(batch, device)
+        return got
+
+    def _build(self, batch: int, device: torch.device) -> list[Group]:
+        if self.uniform:
+            route = self.routes[0]
+            return [] if route is None else [Group(None, route)]
+        n = len(self.routes)
+        if batch % n != 0:
+            raise RoutingError(
+                f"route has {n} entries but the batch has {batch} rows; give one entry per row "
+                "(beam search and num_return_sequences repeat each entry automatically)"
+            )
+        per = batch // n  # beams / returned sequences repeat each row contiguously
+        rows_of: dict[Route, list[int]] = {}
+        for i, route in enumerate(self.routes):
+            if route is not None:
+                rows_of.setdefault(route, []).extend(range(i * per, (i + 1) * per))
+        if len(rows_of) == 1 and sum(len(v) for v in rows_of.values()) == batch:
+            return [Group(None, next(iter(rows_of)))]
+        return [Group(torch.tensor(rows, device=device), route) for route, rows in rows_of.items()]
+
+    def names(self) -> set[str]:
+        return {n for r in self.routes if r is not None for n in r.names}

@@ -1,0 +1,289 @@
+"""Sites: the places in a frozen model where adapter deltas are added.
+
+Three kinds, each attached with hooks on the *original* modules, so the base
+model's module tree and state-dict keys never change and ``unwrap`` restores it
+exactly:
+
+- ``BlockSite``: a block (FFN or attention) given by an *entry* module, whose
+  input ``x`` it reads, and an *exit* module, whose output ``h`` (before the
+  residual add and norm) it changes. For Llama and GPT-2 entry and exit are the
+  same module (``mlp``); BERT's FFN spans ``intermediate`` and ``output.dense``
+  (the residual and LayerNorm sit inside ``output``), so the parallel adapter
+  still adds before that norm, as He et al. define it.
+- ``LinearSite``: one linear (or GPT-2 ``Conv1D``); entry and exit are the same
+  module. Components here may be merged into its weight.
+- ``AttentionSite``: the attention function of one self-attention module, for
+  prefixes. Hooked through transformers' own ``AttentionInterface`` registry.
+
+Every component exposes ``delta(src)``; a site computes ``h <- h + delta`` for
+the rows each route of the current :class:`~paradapt.routing.Plan` covers.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from . import prefix as prefix_math
+from .errors import RoutingError
+from .routing import Group, Route
+
+if TYPE_CHECKING:
+    from .state import State
+
+
+class Site:
+    """Components of several adapters at one place, keyed by adapter name."""
+
+    kind = ""
+
+    def __init__(self, key: str, state: State):
+        self.key = key
+        self.state = state
+        self.components: dict[str, nn.Module] = {}
+        self._handles: list = []
+
+    def ops(self, route: Route, writes: str) -> list[tuple[nn.Module, float]]:
+        """The components this route applies here, in order, with their weights."""
+        out = []
+        merged = self.state.merged
+        for i, name in enumerate(route.names):
+            c = self.components.get(name)
+            if c is not None and c.writes == writes and name not in merged:
+                out.append((c, route.weights[i] if route.mode == "average" else 1.0))
+        return out
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def run_ops(
+    ops: list[tuple[nn.Module, float]], mode: str, h: torch.Tensor, x: torch.Tensor | None
+) -> torch.Tensor:
+    """``h <- h + delta`` for each op (stack) or ``h <- h + sum w_i delta_i`` (average)."""
+    if mode == "stack":
+        for c, _ in ops:
+            src = x if (c.reads == "input" and c.writes == "output") else h
+            h = h + c.delta(src).to(h.dtype)
+        return h
+    acc = None
+    for c, w in ops:
+        src = x if (c.reads == "input" and c.writes == "output") else h
+        d = c.delta(src) * w
+        acc = d if acc is None else acc + d
+    return h if acc is None else h + acc.to(h.dtype)
+
+
+def transform(
+    site: Site, groups: list[Group], h: torch.Tensor, x: torch.Tensor | None, writes: str
+) -> torch.Tensor:
+    """Apply each group's route to its rows; rows of no group pass through unchanged."""
+    if len(groups) == 1 and groups[0].rows is None:
+        ops = site.ops(groups[0].route, writes)
+        return run_ops(ops, groups[0].route.mode, h, x) if ops else h
+    out = None
+    for g in groups:
+        ops = site.ops(g.route, writes)
+        if not ops:
+            continue
+        hg = h.index_select(0, g.rows)
+        xg = x.index_select(0, g.rows) if x is not None else None
+        if out is None:
+            out = h.clone()
+        out.index_copy_(0, g.rows, run_ops(ops, g.route.mode, hg, xg))
+    return h if out is None else out
+
+
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_first_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+def _batch(t: torch.Tensor) -> int:
+    return t.shape[0]
+
+
+class HookSite(Site):
+    """A site read at an entry module's input and written at an exit module's output."""
+
+    def __init__(
+        self, key: str, state: State, entry: nn.Module, exit: nn.Module, entry_name: str, exit_name: str
+    ):
+        super().__init__(key, state)
+        self.entry, self.exit = entry, exit
+        self.entry_name, self.exit_name = entry_name, exit_name
+        self._x: torch.Tensor | None = None
+        self._handles.append(entry.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self._handles.append(exit.register_forward_hook(self._post, with_kwargs=True))
+
+    def _pre(self, module, args, kwargs):
+        plan = self.state.plan()
+        if plan is None:
+            self._x = None
+            return None
+        x = _first_arg(args, kwargs)
+        groups = plan.groups(_batch(x), x.device)
+        x2 = transform(self, groups, x, None, "input") if groups else x
+        self._x = x2
+        return _replace_first_arg(args, kwargs, x2) if x2 is not x else None
+
+    def _post(self, module, args, kwargs, output):
+        x, self._x = self._x, None
+        plan = self.state.plan()
+        if plan is None:
+            return None
+        h = output[0] if isinstance(output, tuple) else output
+        if x is None:
+            raise RoutingError(
+                f"site {self.key}: exit {self.exit_name} ran without its entry {self.entry_name}"
+            )
+        groups = plan.groups(_batch(h), h.device)
+        if not groups:
+            return None
+        h2 = transform(self, groups, h, x, "output")
+        if h2 is h:
+            return None
+        return (h2, *output[1:]) if isinstance(output, tuple) else h2
+
+
+class BlockSite(HookSite):
+    kind = "block"
+
+
+class LinearSite(HookSite):
+    kind = "linear"
+
+    @property
+    def module(self) -> nn.Module:
+        return self.entry
+
+
+# -- attention --------------------------------------------------------------------------
+
+IMPL = "paradapt"
+
+
+def _paradapt_attention(module, query, key, value, attention_mask, **kwargs):
+    """Registered in transformers' AttentionInterface; delegates to the module's site."""
+    return module.__dict__["_paradapt_site"].attend(query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(IMPL, _paradapt_attention)
+
+
+class AttentionSite(Site):
+    """Prefixes at one self-attention module, applied inside its attention function."""
+
+    kind = "attention"
+
+    def __init__(self, key: str, state: State, module: nn.Module):
+        super().__init__(key, state)
+        self.module = module
+        self.original_config = module.config
+        cfg = copy.copy(module.config)
+        cfg.__dict__["_attn_implementation_internal"] = IMPL  # this module only; masks stay the model's
+        module.config = cfg
+        module.__dict__["_paradapt_site"] = self
+
+    def remove_hooks(self) -> None:
+        self.module.config = self.original_config
+        self.module.__dict__.pop("_paradapt_site", None)
+
+    def _original(self):
+        impl = self.original_config._attn_implementation or "eager"
+        default = getattr(sys.modules[type(self.module).__module__], "eager_attention_forward", None)
+        if impl == "eager":
+            if default is None:
+                raise RoutingError(
+                    f"{self.key}: no eager attention function found for {type(self.module).__name__}"
+                )
+            return default, True
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, default), False
+
+    def attend(self, query, key, value, attention_mask, **kwargs):
+        fn, additive = self._original()
+        plan = self.state.plan()
+        groups = plan.groups(query.shape[0], query.device) if plan is not None else []
+        joint, gated = self._gather(groups, query.shape[0], query.dtype) if groups else (None, None)
+        if joint is not None:
+            pk, pv, valid = joint
+            attention_mask = prefix_math.joint_mask(
+                attention_mask,
+                valid,
+                query.shape[2],
+                key.shape[2],
+                causal=getattr(self.module, "is_causal", True) and kwargs.get("is_causal", True) is not False,
+                additive=additive,
+                dtype=query.dtype,
+            )
+            key = torch.cat([pk.to(key.dtype), key], dim=2)
+            value = torch.cat([pv.to(value.dtype), value], dim=2)
+        out, weights = fn(self.module, query, key, value, attention_mask, **kwargs)
+        if gated is not None:
+            pk, pv, valid, gate = gated
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            extra = prefix_math.prefix_only_attention(query, pk, pv, valid, scaling)
+            out = out + (torch.tanh(gate)[:, None, :, None] * extra).to(out.dtype)
+        return out, weights
+
+    def _gather(self, groups: list[Group], batch: int, dtype):
+        """Per-row prefixes padded to a common length, split into joint and gated ones."""
+        joint_parts, gated_parts = [], []
+        for g in groups:
+            comps = [c for c, _ in self.ops(g.route, "attention")]
+            if not comps:
+                continue
+            if g.route.mode == "average":
+                raise RoutingError(
+                    f"Average over prefix adapters {list(g.route.names)} is not defined; use Stack"
+                )
+            plain = [c.kv() for c in comps if c.gate is None]
+            if plain:
+                joint_parts.append(
+                    (g.rows, torch.cat([k for k, _ in plain], 1), torch.cat([v for _, v in plain], 1), None)
+                )
+            with_gate = [c for c in comps if c.gate is not None]
+            if len(with_gate) > 1:
+                raise RoutingError(f"at most one gated prefix per row, got {[n for n in g.route.names]}")
+            if with_gate:
+                k, v = with_gate[0].kv()
+                gated_parts.append((g.rows, k, v, with_gate[0].gate))
+        joint = _pad_rows(joint_parts, batch) if joint_parts else None
+        gated = _pad_rows(gated_parts, batch, gates=True) if gated_parts else None
+        return joint, gated
+
+
+def _pad_rows(parts: list, batch: int, gates: bool = False):
+    """Stack ``(rows, k [Hkv,P,d], v, gate)`` parts into ``[B, Hkv, Pmax, d]`` with a validity mask."""
+    k0 = parts[0][1]
+    if len(parts) == 1 and parts[0][0] is None:
+        rows, k, v, gate = parts[0]
+        valid = torch.ones(batch, k.shape[1], dtype=torch.bool, device=k.device)
+        out = (k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1), valid)
+        return (*out, gate.unsqueeze(0).expand(batch, -1)) if gates else out
+    pmax = max(p[1].shape[1] for p in parts)
+    hkv, d = k0.shape[0], k0.shape[2]
+    pk = k0.new_zeros(batch, hkv, pmax, d)
+    pv = k0.new_zeros(batch, hkv, pmax, d)
+    valid = torch.zeros(batch, pmax, dtype=torch.bool, device=k0.device)
+    g_all = k0.new_zeros(batch, parts[0][3].shape[0]) if gates else None
+    for rows, k, v, gate in parts:
+        p = k.shape[1]
+        pk[rows, :, :p] = k.unsqueeze(0).expand(len(rows), -1, -1, -1)
+        pv[rows, :, :p] = v.unsqueeze(0).expand(len(rows), -1, -1, -1)
+        valid[rows, :p] = True
+        if gates:
+            g_all[rows] = gate.unsqueeze(0).expand(len(rows), -1)
+    return (pk, pv, valid, g_all) if gates else (pk, pv, valid)

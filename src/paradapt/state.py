@@ -1,0 +1,213 @@
+"""Per-model paradapt state: sites, adapters, the active composition and the route in force.
+
+One :class:`State` hangs off a model (``model._paradapt_state``, a plain
+attribute) and all adapter weights live in one child ``model.paradapt``
+(``nn.ModuleDict`` of adapter name -> :class:`AdapterModule`), so one adapter's
+weights are ``model.paradapt[name].state_dict()`` and the base model's keys are
+untouched. Module names are snapshotted once, when the state is created, so
+resolving targets never walks the adapters already added: adding the 500th
+adapter costs what the first did.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import archmap
+from .config import AdapterConfig
+from .errors import AdapterNotFoundError, RoutingError
+from .routing import Group, Parallel, Plan, Route, normalize
+from .sites import AttentionSite, BlockSite, LinearSite, Site
+
+CONTAINER = "paradapt"
+ATTR = "_paradapt_state"
+
+
+class AdapterModule(nn.Module):
+    """All weights of one adapter: one component per site (keys are site names with '/' for '.')."""
+
+    def __init__(self):
+        super().__init__()
+        self.components = nn.ModuleDict()
+
+    @staticmethod
+    def slot(site_key: str) -> str:
+        return site_key.replace(".", "/")
+
+    def add(self, site_key: str, component: nn.Module) -> None:
+        self.components[self.slot(site_key)] = component
+
+
+@dataclass
+class AdapterRecord:
+    """What paradapt knows of one adapter besides its weights."""
+
+    name: str
+    config: AdapterConfig
+    sites: list[str] = field(default_factory=list)
+    merged: bool = False
+    base_info: dict = field(default_factory=dict)
+
+
+_ids = itertools.count()
+
+
+class State:
+    """Everything paradapt attaches to one model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())
+        self.names: list[str] = list(self.modules)
+        self.linear_names: list[str] = [n for n, m in self.modules.items() if archmap.is_linear(m)]
+        self.arch = archmap.detect(self.modules)
+        self.sites: dict[str, Site] = {}
+        self.adapters: dict[str, AdapterRecord] = {}
+        self.merged: set[str] = set()
+        self.active: Route | Parallel | None = None
+        self._active_plan: Plan | None = None
+        self._route = contextvars.ContextVar(f"paradapt_route_{next(_ids)}", default=None)
+        self.container = nn.ModuleDict()
+        model.add_module(CONTAINER, self.container)
+        self._root_handles = [
+            model.register_forward_pre_hook(self._parallel_pre, with_kwargs=True),
+            model.register_forward_hook(self._parallel_post, always_call=True),
+        ]
+
+    # -- lookup ---------------------------------------------------------------------
+    def record(self, name: str) -> AdapterRecord:
+        rec = self.adapters.get(name)
+        if rec is None:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise AdapterNotFoundError(f"no adapter named {name!r} on this model (loaded: {known})")
+        return rec
+
+    def check_names(self, names) -> None:
+        for n in names:
+            self.record(n)
+
+    # -- sites ------------------------------------------------------------------------
+    def block_site(self, key: str, entry: str, exit: str) -> Site:
+        site = self.sites.get(key)
+        if site is None:
+            site = self.sites[key] = BlockSite(
+                key, self, self.modules[entry], self.modules[exit], entry, exit
+            )
+        return site
+
+    def linear_site(self, name: str) -> Site:
+        site = self.sites.get(name)
+        if site is None:
+            m = self.modules[name]
+            site = self.sites[name] = LinearSite(name, self, m, m, name, name)
+        return site
+
+    def attention_site(self, name: str) -> Site:
+        site = self.sites.get(name)
+        if site is None:
+            site = self.sites[name] = AttentionSite(name, self, self.modules[name])
+        return site
+
+    # -- routing ----------------------------------------------------------------------
+    def plan(self) -> Plan | None:
+        """The plan in force for the forward running now (route context first, then the active one)."""
+        p = self._route.get()
+        return p if p is not None else self._active_plan
+
+    def set_active(self, comp) -> None:
+        if isinstance(comp, Parallel):
+            for c in comp.channels:
+                route = normalize(c)
+                if route is not None:
+                    self.check_names(route.names)
+            self.active, self._active_plan = comp, None
+            return
+        route = normalize(comp)
+        if route is not None:
+            self.check_names(route.names)
+        self.active = route
+        self._active_plan = None if route is None else Plan.for_all(route)
+
+    def push_route(self, plan: Plan):
+        return self._route.set(plan)
+
+    def pop_route(self, token) -> None:
+        self._route.reset(token)
+
+    # Parallel: replicate the batch K times at the model's input, route channel c to entry c.
+    _BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels")
+
+    def _parallel_pre(self, module, args, kwargs):
+        comp = self.active
+        if not isinstance(comp, Parallel) or self._route.get() is not None:
+            return None
+        past = kwargs.get("past_key_values")
+        if past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0:
+            raise RoutingError(
+                "Parallel is for single forward passes; to generate, use pa.route with repeated inputs"
+            )
+        k = len(comp.channels)
+        args = tuple(_repeat(a, k) for a in args)
+        kwargs = {key: (_repeat(v, k) if key in self._BATCH_KEYS else v) for key, v in kwargs.items()}
+        routes = [normalize(c) for c in comp.channels]
+        self._parallel_token = self._route.set(_ChannelPlan(routes))
+        return args, kwargs
+
+    def _parallel_post(self, module, args, output):
+        token = getattr(self, "_parallel_token", None)
+        if token is not None:
+            self._parallel_token = None
+            self._route.reset(token)
+        return None
+
+    # -- removal ----------------------------------------------------------------------
+    def detach(self) -> None:
+        for site in self.sites.values():
+            site.remove_hooks()
+        for h in self._root_handles:
+            h.remove()
+        self.sites.clear()
+        if CONTAINER in self.model._modules:
+            del self.model._modules[CONTAINER]
+
+
+def _repeat(t, k: int):
+    return t.repeat(k, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) else t
+
+
+class _ChannelPlan(Plan):
+    """Rows ``[c*B, (c+1)*B)`` follow channel ``c``'s route (the layout ``Parallel`` builds)."""
+
+    def __init__(self, routes: list[Route | None]):
+        super().__init__(routes)
+
+    def _build(self, batch: int, device: torch.device):
+        k = len(self.routes)
+        per = batch // k
+        return [
+            Group(torch.arange(c * per, (c + 1) * per, device=device), r)
+            for c, r in enumerate(self.routes)
+            if r is not None
+        ]
+
+
+def get_state(model: nn.Module, create: bool = False) -> State | None:
+    st = model.__dict__.get(ATTR)
+    if st is None and create:
+        st = State(model)
+        model.__dict__[ATTR] = st
+    return st
+
+
+def require_state(model: nn.Module) -> State:
+    st = get_state(model)
+    if st is None:
+        raise AdapterNotFoundError(
+            "this model has no paradapt adapters (call pa.add_adapter or pa.load_adapter first)"
+        )
+    return st
