@@ -146,8 +146,7 @@ class State:
         comp = self.active
         if not isinstance(comp, Parallel) or self._route.get() is not None:
             return None
-        past = kwargs.get("past_key_values")
-        if past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0:
+        if kwargs.get("past_key_values") is not None:  # generate passes a cache, even on its first step
             raise RoutingError(
                 "Parallel is for single forward passes; to generate, use pa.route with repeated inputs"
             )
