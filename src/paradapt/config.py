@@ -141,20 +141,13 @@ def _bottleneck_rank(r: int | None, reduction_factor: float | None) -> dict:
 
 
 @dataclass
-class ParallelConfig(AdapterConfig):
-    """He et al. 2022 parallel adapter: ``h <- h + s * act(x Wd + bd) Wu + bu``.
+class _BottleneckBlockConfig(AdapterConfig):
+    """Fields shared by the block bottlenecks (parallel and series)."""
 
-    ``x`` is the *input* of the block (FFN by default), the delta is added to the
-    block's output before its residual add and norm. ``scale`` is a float (4.0 as
-    in He et al.; 0.1 for AdaptFormer) or ``"learned"`` (a scalar parameter).
-    """
-
-    kind: ClassVar[str] = "parallel"
-    r: int | None = 64
+    r: int | None = None
     reduction_factor: float | None = None
-    scale: float | str = 4.0
+    scale: float | str = 1.0
     act: str = "relu"
-    location: str = "ffn"  # "ffn" | "attn" | "both"
     bias: bool = True
     dropout: float = 0.0
     targets: Any = None  # {"entry": regex, "exit": regex} for models without an architecture map
@@ -164,10 +157,12 @@ class ParallelConfig(AdapterConfig):
         _bottleneck_rank(self.r, self.reduction_factor)
         _check_scale(self.scale)
         _check_choice(self.act, ACTIVATIONS, "act")
-        _check_choice(self.location, ("ffn", "attn", "both"), "location")
         _check_choice(self.init, ("default", "random", "bert"), "init")
         _check_targets(self.targets)
         _check_dropout(self.dropout)
+
+    def _blocks(self) -> list:
+        raise NotImplementedError
 
     def placements(self) -> list[Placement]:
         params = {
@@ -177,52 +172,57 @@ class ParallelConfig(AdapterConfig):
             "bias": self.bias,
             "dropout": self.dropout,
         }
-        blocks = {"ffn": ["ffn"], "attn": ["attn"], "both": ["attn", "ffn"]}[self.location]
-        if self.targets is not None:
-            blocks = [self.targets]
-        return [Placement("bottleneck", "block", b, reads="input", params=params) for b in blocks]
+        blocks = [self.targets] if self.targets is not None else self._blocks()
+        reads = "input" if self.kind == "parallel" else "output"
+        return [Placement("bottleneck", "block", b, reads=reads, params=params) for b in blocks]
 
 
 @dataclass
-class SeriesConfig(AdapterConfig):
+class ParallelConfig(_BottleneckBlockConfig):
+    """He et al. 2022 parallel adapter: ``h <- h + s * act(x Wd + bd) Wu + bu``.
+
+    ``x`` is the *input* of the block (FFN by default), the delta is added to the
+    block's output before its residual add and norm. ``scale`` is a float (4.0 as
+    in He et al.; 0.1 for AdaptFormer) or ``"learned"`` (a scalar parameter).
+    ``reduction_factor``, when given, sets ``r = hidden / reduction_factor`` instead of ``r``.
+    """
+
+    kind: ClassVar[str] = "parallel"
+    r: int | None = 64
+    scale: float | str = 4.0
+    location: str = "ffn"  # "ffn" | "attn" | "both"
+
+    def validate(self) -> None:
+        if self.reduction_factor is not None:  # an explicit reduction factor replaces the default r
+            self.r = None
+        super().validate()
+        _check_choice(self.location, ("ffn", "attn", "both"), "location")
+
+    def _blocks(self) -> list:
+        return {"ffn": ["ffn"], "attn": ["attn"], "both": ["attn", "ffn"]}[self.location]
+
+
+@dataclass
+class SeriesConfig(_BottleneckBlockConfig):
     """Series bottleneck on a block's output: ``h <- h + s * act(h Wd + bd) Wu + bu``.
 
     ``variant="pfeiffer"``: after the FFN only (Pfeiffer et al. 2021).
     ``variant="houlsby"``: after attention and after the FFN (Houlsby et al. 2019).
+    The bottleneck is ``hidden / reduction_factor`` (16) unless ``r`` is given.
     """
 
     kind: ClassVar[str] = "series"
-    r: int | None = None
     reduction_factor: float | None = 16.0
     variant: str = "pfeiffer"
-    scale: float | str = 1.0
-    act: str = "relu"
-    bias: bool = True
-    dropout: float = 0.0
-    targets: Any = None
 
     def validate(self) -> None:
+        if self.r is not None:  # an explicit rank replaces the default reduction factor
+            self.reduction_factor = None
         super().validate()
-        _bottleneck_rank(self.r, self.reduction_factor)
-        _check_scale(self.scale)
-        _check_choice(self.act, ACTIVATIONS, "act")
         _check_choice(self.variant, ("pfeiffer", "houlsby"), "variant")
-        _check_choice(self.init, ("default", "random", "bert"), "init")
-        _check_targets(self.targets)
-        _check_dropout(self.dropout)
 
-    def placements(self) -> list[Placement]:
-        params = {
-            **_bottleneck_rank(self.r, self.reduction_factor),
-            "act": self.act,
-            "scale": self.scale,
-            "bias": self.bias,
-            "dropout": self.dropout,
-        }
-        blocks = ["ffn"] if self.variant == "pfeiffer" else ["attn", "ffn"]
-        if self.targets is not None:
-            blocks = [self.targets]
-        return [Placement("bottleneck", "block", b, reads="output", params=params) for b in blocks]
+    def _blocks(self) -> list:
+        return ["ffn"] if self.variant == "pfeiffer" else ["attn", "ffn"]
 
 
 @dataclass
