@@ -222,3 +222,29 @@ def test_parallel_is_forward_only():
     pa.set_active(model, pa.Parallel("a", None))
     with pytest.raises(pa.RoutingError, match="route"):
         model.generate(ids_for(batch=1), max_new_tokens=3, do_sample=False)
+
+
+def test_concurrent_forwards_in_threads_do_not_mix():
+    """Each site stashes its entry input per thread; two threads routing at once stay correct."""
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", rnd(pa.ParallelConfig(r=8)))
+    batches = [torch.randint(1, 96, (4, 16), generator=torch.Generator().manual_seed(k)) for k in (0, 1)]
+    with torch.no_grad(), pa.route(model, "a"):
+        want = [outputs(model, x) for x in batches]
+    bad = []
+
+    def work(k):
+        for _ in range(40):
+            try:
+                with torch.no_grad(), pa.route(model, "a"):
+                    if not torch.allclose(outputs(model, batches[k]), want[k], atol=1e-6):
+                        bad.append(k)
+            except Exception as e:  # a mixed-up stash shows as a RoutingError
+                bad.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -124,23 +125,23 @@ class HookSite(Site):
         super().__init__(key, state)
         self.entry, self.exit = entry, exit
         self.entry_name, self.exit_name = entry_name, exit_name
-        self._x: torch.Tensor | None = None
+        self._x: dict[int, torch.Tensor | None] = {}  # per thread: forwards in other threads must not mix
         self._handles.append(entry.register_forward_pre_hook(self._pre, with_kwargs=True))
         self._handles.append(exit.register_forward_hook(self._post, with_kwargs=True))
 
     def _pre(self, module, args, kwargs):
         plan = self.state.plan()
         if plan is None:
-            self._x = None
+            self._x.pop(threading.get_ident(), None)
             return None
         x = _first_arg(args, kwargs)
         groups = plan.groups(_batch(x), x.device)
         x2 = transform(self, groups, x, None, "input") if groups else x
-        self._x = x2
+        self._x[threading.get_ident()] = x2
         return _replace_first_arg(args, kwargs, x2) if x2 is not x else None
 
     def _post(self, module, args, kwargs, output):
-        x, self._x = self._x, None
+        x = self._x.pop(threading.get_ident(), None)
         plan = self.state.plan()
         if plan is None:
             return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,10 @@ class AdapterRecord:
 _ids = itertools.count()
 
 
+def _new_route_var() -> contextvars.ContextVar:
+    return contextvars.ContextVar(f"paradapt_route_{next(_ids)}", default=None)
+
+
 class State:
     """Everything paradapt attaches to one model."""
 
@@ -71,7 +76,8 @@ class State:
         self.merged: set[str] = set()
         self.active: Route | Parallel | None = None
         self._active_plan: Plan | None = None
-        self._route = contextvars.ContextVar(f"paradapt_route_{next(_ids)}", default=None)
+        self._route = _new_route_var()
+        self._parallel_tokens: dict[int, contextvars.Token] = {}  # per thread, like the route itself
         self.container = nn.ModuleDict()
         model.add_module(CONTAINER, self.container)
         self._root_handles = [
@@ -154,15 +160,25 @@ class State:
         args = tuple(_repeat(a, k) for a in args)
         kwargs = {key: (_repeat(v, k) if key in self._BATCH_KEYS else v) for key, v in kwargs.items()}
         routes = [normalize(c) for c in comp.channels]
-        self._parallel_token = self._route.set(_ChannelPlan(routes))
+        self._parallel_tokens[threading.get_ident()] = self._route.set(_ChannelPlan(routes))
         return args, kwargs
 
     def _parallel_post(self, module, args, output):
-        token = getattr(self, "_parallel_token", None)
+        token = self._parallel_tokens.pop(threading.get_ident(), None)
         if token is not None:
-            self._parallel_token = None
             self._route.reset(token)
         return None
+
+    # -- copying: a ContextVar cannot be pickled; a copy gets a fresh one (and no route in force) --
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        d.pop("_route")
+        d["_parallel_tokens"] = {}
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._route = _new_route_var()
 
     # -- removal ----------------------------------------------------------------------
     def detach(self) -> None:
