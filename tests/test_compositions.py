@@ -258,3 +258,8 @@ def test_fold_keeps_trainability():
     pa.add_adapter(model, "q", pa.PrefixConfig(num_virtual_tokens=3, reparam_hidden=8), trainable=False)
     pa.fold(model, "q")
     assert not any(p.requires_grad for p in model.paradapt["q"].parameters())
+
+
+def test_out_of_range_layers_name_the_field():
+    with pytest.raises(pa.ConfigError, match="layers: \\[5\\] out of range"):
+        pa.add_adapter(tiny_model("llama"), "x", pa.LoRAConfig(layers=[5]))

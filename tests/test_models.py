@@ -484,7 +484,7 @@ def test_layers_with_explicit_patterns_on_opt():
 )
 def test_layers_out_of_range_raises(stories_model, config):
     model, *_ = stories_model
-    with pytest.raises(pa.TargetNotFoundError):
+    with pytest.raises(pa.ConfigError, match="layers: .* out of range"):
         pa.add_adapter(model, "a", config)
     assert pa.list_adapters(model) == []
 

@@ -94,7 +94,7 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            warnings.warn(f"{source}: ignoring unknown {kind} config keys {unknown}", stacklevel=2)
+            warnings.warn(f"{source}: ignoring unknown {kind} config keys {unknown}", stacklevel=3)
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

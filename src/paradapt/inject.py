@@ -122,6 +122,10 @@ def build(
     state: State, name: str, config: AdapterConfig
 ) -> tuple[AdapterModule, list[tuple[SiteSpec, nn.Module]]]:
     """Resolve and build every component; raises before anything is attached."""
+    n_layers = len(state.arch.layers)
+    bad = [i for i in config.layers or [] if i >= n_layers]
+    if bad:
+        raise ConfigError("layers", f"{bad} out of range: {type(state.model).__name__} has {n_layers} layers")
     tcfg = text_config(state.model)
     hidden = tcfg.hidden_size
     adapter = AdapterModule()
@@ -217,6 +221,7 @@ def attach(
     """Hook the sites and register the weights (cannot fail on user input)."""
     for prm in adapter.parameters():
         prm.requires_grad_(trainable)
+    adapter.train(state.model.training)  # a new adapter follows the model's mode (no dropout at inference)
     state.container[name] = adapter
     rec = AdapterRecord(name, config, base_info=base_info(state))
     for spec, comp in parts:

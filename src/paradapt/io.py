@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+_OWN_FILES = {CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE, "README.md"}
 
 
 # -- atomic folder writes -------------------------------------------------------------
@@ -43,36 +45,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_replaceable(path: Path) -> None:
+    """Only an adapter folder may be replaced: never a file or a folder holding anything else."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise AdapterFileError(path, "exists and is not a folder; refusing to replace it")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in _OWN_FILES)
+    if foreign:
+        raise AdapterFileError(
+            path,
+            f"exists and holds files other than an adapter's ({foreign[:3]}{'...' if len(foreign) > 3 else ''}); "
+            "refusing to replace it (save to a new folder or remove it first)",
+        )
+
+
+def _write_file(target: Path, content) -> None:
+    if target.name.endswith(".json"):
+        with open(target, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        save_file(content, str(target), metadata={"format": "pt"})
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+
+
 def write_folder_atomically(path: str | Path, files: dict[str, object]) -> Path:
-    """Write ``{filename: dict (json) | tensors dict (safetensors)}`` into ``path`` atomically."""
+    """Write ``{filename: dict (json) | tensors dict (safetensors)}`` into ``path`` atomically.
+
+    An existing adapter folder at ``path`` is replaced; on any failure it is left as it was.
+    """
     path = Path(path)
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = None
     tmp.mkdir()
     try:
         for fname, content in files.items():
-            target = tmp / fname
-            if fname.endswith(".json"):
-                with open(target, "w", encoding="utf-8") as f:
-                    json.dump(content, f, indent=2, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-            else:
-                save_file(content, str(target), metadata={"format": "pt"})
-                with open(target, "rb") as f:
-                    os.fsync(f.fileno())
+            _write_file(tmp / fname, content)
         _fsync_dir(tmp)
-        old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not path.exists():
+            os.rename(old, path)  # put the previous adapter back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -134,7 +160,7 @@ def read_config(path: str | Path) -> dict:
     """Parse ``adapter_config.json`` of an adapter folder, naming the file on any problem."""
     path = Path(path)
     if not path.is_dir():
-        raise AdapterFileError(path, "no such adapter folder")
+        raise AdapterFileError(path, "is not a folder" if path.exists() else "no such adapter folder")
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise AdapterFileError(
@@ -160,10 +186,11 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_base(info: dict, st, cfg_file: Path) -> None:
+    """The base model the file records matches this one (architecture family, width, depth)."""
     have = inject.base_info(st)
-    for key in ("hidden_size", "num_layers"):
+    for key in ("family", "hidden_size", "num_layers"):
         want = info.get(key)
-        if want is not None and want != have[key]:
+        if want is not None and have[key] is not None and want != have[key]:
             raise IncompatibleAdapterError(
                 f"base_model.{key}",
                 f"{cfg_file} was made for a base model with {key}={want} "
@@ -171,7 +198,13 @@ def _check_base(info: dict, st, cfg_file: Path) -> None:
             )
 
 
-def _load_weights_into(adapter: AdapterModule, tensors: dict[str, torch.Tensor], file: Path) -> None:
+def _check_weights(
+    adapter: AdapterModule, tensors: dict[str, torch.Tensor], file: Path, file_keys: dict[str, str]
+) -> None:
+    """Every tensor the adapter needs is in the file, with its shape, and nothing else.
+
+    ``file_keys`` maps a weight's name here to its name in the file where the two differ (PEFT).
+    """
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -184,12 +217,15 @@ def _load_weights_into(adapter: AdapterModule, tensors: dict[str, torch.Tensor],
     for k, t in tensors.items():
         if tuple(t.shape) != tuple(expected[k].shape):
             raise IncompatibleAdapterError(
-                f"weights.{k}",
+                f"weights.{file_keys.get(k, k)}",
                 f"{file} has shape {tuple(t.shape)}, this model needs {tuple(expected[k].shape)}",
             )
-    with torch.no_grad():
-        for k, target in expected.items():
-            target.copy_(tensors[k])
+
+
+@torch.no_grad()
+def _copy_weights(adapter: AdapterModule, tensors: dict[str, torch.Tensor]) -> None:
+    for k, target in adapter.state_dict().items():
+        target.copy_(tensors[k])
 
 
 def load_adapter(model, path: str | Path, name: str | None = None, *, trainable: bool = False):
@@ -202,8 +238,9 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, trainable:
     if "peft_type" in data:
         return load_peft_adapter(model, path, name, data=data, trainable=trainable)
     cfg_file = path / CONFIG_FILE
+    _warn_unknown_keys(data, cfg_file)
     version = data.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise IncompatibleAdapterError("format_version", f"{cfg_file} has no integer format_version")
     if version > FORMAT_VERSION:
         raise IncompatibleAdapterError(
@@ -212,28 +249,76 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, trainable:
         )
     if not isinstance(data.get("config"), dict):
         raise AdapterFileError(cfg_file, "has no 'config' object")
+    config = _config_from_file(data["config"], cfg_file)
+    base = data.get("base_model") or {}
+    if not isinstance(base, dict):
+        raise AdapterFileError(cfg_file, f"'base_model' must be an object, got {base!r}")
+    name = _name_for(path, name or data.get("name") or None)
+    tensors = _read_tensors(path / WEIGHTS_FILE)
+    return _add_with_weights(model, name, config, tensors, path / WEIGHTS_FILE, base, cfg_file, trainable)
+
+
+def _name_for(path: Path, name: str | None) -> str:
+    """The name given (or recorded in the file), else the folder's name."""
+    if name is not None:
+        check_name(name)
+        return name
     try:
-        config = AdapterConfig.from_dict(data["config"], source=str(cfg_file))
+        check_name(path.name)
+    except ConfigError:
+        raise ConfigError(
+            "name", f"the folder name {path.name!r} is not a valid adapter name; pass name=... to load it"
+        ) from None
+    return path.name
+
+
+_KNOWN_KEYS = {"format_version", "name", "config", "sites", "base_model", "dtype"}
+
+
+def _warn_unknown_keys(data: dict, cfg_file: Path) -> None:
+    """Keys a newer paradapt of the same format version may write: ignored, with a warning."""
+    unknown = sorted(set(data) - _KNOWN_KEYS)
+    if unknown:
+        warnings.warn(f"{cfg_file}: ignoring unknown keys {unknown}", stacklevel=3)
+
+
+def _config_from_file(d: dict, cfg_file: Path) -> AdapterConfig:
+    """The adapter config of a file; a bad field is reported with the file it is in."""
+    try:
+        return AdapterConfig.from_dict(d, source=str(cfg_file))
+    except ConfigError as e:
+        raise _naming_file(e, cfg_file) from None
     except TypeError as e:
         raise AdapterFileError(cfg_file, f"bad config ({e})") from None
-    name = name or data.get("name") or path.name
-    check_name(name)
-    tensors = _read_tensors(path / WEIGHTS_FILE)
-    return _add_with_weights(
-        model, name, config, tensors, path / WEIGHTS_FILE, data.get("base_model") or {}, cfg_file, trainable
-    )
 
 
-def _add_with_weights(model, name, config, tensors, file, base, cfg_file, trainable):
-    """Build the adapter, check it against the file, load, and only then attach."""
+def _naming_file(e: ConfigError, cfg_file: Path) -> ConfigError:
+    """``e`` (same type and field) with the config file it came from in its message."""
+    if str(cfg_file) in str(e):
+        return e
+    message = str(e).removeprefix(f"{e.field}: ")
+    return type(e)(e.field, f"{message} (in {cfg_file})")
+
+
+def _add_with_weights(model, name, config, tensors, file, base, cfg_file, trainable, file_keys=None):
+    """Build the adapter and check it against the file; only then attach it and copy the weights in.
+
+    Copying after ``attach`` matters for PiSSA: attaching subtracts the principal part the
+    adapter was *initialised* with from the base, the file holds the *trained* factors.
+    """
     fresh = get_state(model) is None
     st = get_state(model, create=True)
     try:
         if name in st.adapters:
-            raise AdapterExistsError(f"an adapter named {name!r} is already on this model")
+            raise AdapterExistsError(
+                f"an adapter named {name!r} is already on this model; pass name=... to load it under another"
+            )
         _check_base(base, st, cfg_file)
-        adapter, parts = inject.build(st, name, config)
-        _load_weights_into(adapter, tensors, file)
+        try:
+            adapter, parts = inject.build(st, name, config)
+        except ConfigError as e:  # e.g. targets that match nothing on this model
+            raise _naming_file(e, cfg_file) from None
+        _check_weights(adapter, tensors, file, file_keys or {})
     except Exception:
         if fresh:
             from .api import _drop_state
@@ -245,28 +330,37 @@ def _add_with_weights(model, name, config, tensors, file, base, cfg_file, traina
 
         st.frozen = _freeze(st)
     inject.attach(st, name, config, adapter, parts, trainable)
+    _copy_weights(adapter, tensors)
+    adapter.train(model.training)  # a new module starts in training mode: follow the model's (dropout)
     return adapter
 
 
 # -- PEFT LoRA layout -------------------------------------------------------------------------
 
+# Options that change what a PEFT LoRA computes (or the model it sits on), so loading one
+# as a plain LoRA would be silently wrong. Options that only choose *where* LoRA goes
+# (target_modules, layers_to_transform, exclude_modules) are fine: the tensors say where.
 _PEFT_UNSUPPORTED = (
     "use_dora",
+    "use_qalora",
+    "use_bdlora",
+    "lora_bias",
     "modules_to_save",
     "rank_pattern",
     "alpha_pattern",
-    "layers_to_transform",
-    "use_qalora",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
 )
+# init_lora_weights values whose saved A, B apply to the unchanged base weight.
+_PEFT_PLAIN_INITS = (True, False, None, "gaussian", "eva", "orthogonal")
 
 
-def load_peft_adapter(
-    model, path: Path, name: str | None = None, *, data: dict | None = None, trainable: bool = False
-):
-    """Load a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    data = data if data is not None else read_config(path)
+def _check_peft_config(data: dict, cfg_file: Path) -> None:
     if data.get("peft_type") != "LORA":
         raise IncompatibleAdapterError(
             "peft_type", f"{cfg_file}: only PEFT LoRA folders load, got {data.get('peft_type')!r}"
@@ -280,35 +374,65 @@ def load_peft_adapter(
         raise IncompatibleAdapterError(
             "bias", f"{cfg_file}: PEFT bias={data['bias']!r} is not supported (only 'none')"
         )
-    raw = _read_tensors(path / PEFT_WEIGHTS_FILE)
+    init = data.get("init_lora_weights", True)
+    if init not in _PEFT_PLAIN_INITS and init != "pissa":
+        raise IncompatibleAdapterError(
+            "init_lora_weights",
+            f"{cfg_file}: init_lora_weights={init!r} changes the base weights in a way paradapt cannot "
+            "reproduce; convert it to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)",
+        )
+
+
+def _peft_modules(raw: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {"lora_A": A, "lora_B": B}}`` from PEFT's flat tensor names."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
-        if not key.startswith(PEFT_PREFIX) or not (
-            key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")
-        ):
-            raise IncompatibleAdapterError(
-                "weights", f"{path / PEFT_WEIGHTS_FILE}: unexpected tensor {key!r}"
-            )
-        mod, part = key[len(PEFT_PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        modules.setdefault(mod, {})[part] = t
+        mod, _, tail = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not key.startswith(PEFT_PREFIX) or not mod or tail not in ("A.weight", "B.weight"):
+            raise IncompatibleAdapterError("weights", f"{file}: unexpected tensor {key!r}")
+        modules.setdefault(mod, {})[f"lora_{tail[0]}"] = t
+    if not modules:
+        raise AdapterFileError(file, "holds no LoRA tensors")
+    for mod, parts in modules.items():
+        for part in ("lora_A", "lora_B"):
+            if part not in parts:
+                raise IncompatibleAdapterError(
+                    f"weights.{PEFT_PREFIX}{mod}.{part}.weight", f"{file} has no such tensor"
+                )
+    return modules
+
+
+def load_peft_adapter(
+    model, path: Path, name: str | None = None, *, data: dict | None = None, trainable: bool = False
+):
+    """Load a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    data = data if data is not None else read_config(path)
+    _check_peft_config(data, cfg_file)
+    file = path / PEFT_WEIGHTS_FILE
+    modules = _peft_modules(_read_tensors(file), file)
     try:
         config = LoRAConfig(
             r=int(data["r"]),
-            alpha=float(data.get("lora_alpha", data["r"])),
+            alpha=float(data.get("lora_alpha", 8)),  # PEFT's default
             targets=sorted(modules),
             dropout=float(data.get("lora_dropout") or 0.0),
             use_rslora=bool(data.get("use_rslora", False)),
+            init="pissa" if data.get("init_lora_weights") == "pissa" else "default",
         )
-    except (KeyError, ValueError, TypeError, ConfigError) as e:
+    except KeyError as e:
+        raise AdapterFileError(cfg_file, f"bad PEFT LoRA config (no {e} field)") from None
+    except (ValueError, TypeError, ConfigError) as e:
         raise AdapterFileError(cfg_file, f"bad PEFT LoRA config ({e})") from None
-    tensors = {}
+    tensors, file_keys = {}, {}
     for mod, parts in modules.items():
         slot = f"components.{AdapterModule.slot(mod)}"
-        tensors[f"{slot}.down.weight"] = parts["lora_A"]
-        tensors[f"{slot}.up.weight"] = parts["lora_B"]
-    name = name or path.name
-    check_name(name)
-    return _add_with_weights(model, name, config, tensors, path / PEFT_WEIGHTS_FILE, {}, cfg_file, trainable)
+        for ours, theirs in (("down", "lora_A"), ("up", "lora_B")):
+            tensors[f"{slot}.{ours}.weight"] = parts[theirs]
+            file_keys[f"{slot}.{ours}.weight"] = f"{PEFT_PREFIX}{mod}.{theirs}.weight"
+    name = _name_for(path, name)
+    return _add_with_weights(model, name, config, tensors, file, {}, cfg_file, trainable, file_keys)
 
 
 def save_peft_adapter(model, name: str, path: str | Path) -> Path:
