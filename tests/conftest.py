@@ -22,7 +22,7 @@ from transformers import (  # noqa: E402
 )
 
 # Tiny models: one thread avoids oversubscription stalls on a busy 2-core machine (250 ms vs 1 ms per forward).
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # applies to every test module (conftest is imported first)
 
 FAMILIES = ["llama", "qwen2", "gpt2", "bert"]
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")

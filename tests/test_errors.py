@@ -20,20 +20,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import paradapt as pa
-
-CFG = "adapter_config.json"
-WEIGHTS = "adapter.safetensors"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core box OpenMP's spin-waits
-    make every op ~100x slower; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from paradapt.io import CONFIG_FILE as CFG
+from paradapt.io import PEFT_WEIGHTS_FILE as PEFT_WEIGHTS
+from paradapt.io import WEIGHTS_FILE as WEIGHTS
 
 
 def ids_for(batch=2, seq=5):

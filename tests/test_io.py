@@ -13,19 +13,8 @@ from safetensors.torch import load_file
 
 import paradapt as pa
 import paradapt.io as pio
-
-CFG = "adapter_config.json"
-WEIGHTS = "adapter.safetensors"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core box OpenMP's spin-waits
-    make every op ~100x slower; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from paradapt.io import CONFIG_FILE as CFG
+from paradapt.io import WEIGHTS_FILE as WEIGHTS
 
 
 def ids_for(batch=2, seq=5):

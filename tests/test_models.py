@@ -263,6 +263,19 @@ def rand_batch(batch, seq, seed=1, vocab=96, lengths=None):
     return ids, mask
 
 
+def assert_mixed_rows_match(model, mix, ids, mask, base) -> None:
+    """Each row of the routed padded batch equals that row run alone (real tokens only) and moved off the base."""
+    with pa.route(model, mix):
+        batched = out_of(model, ids, mask)
+    for i, name in enumerate(mix):
+        keep = mask[i].bool()
+        with pa.route(model, [name]):
+            alone = out_of(model, ids[i : i + 1, keep])[0]
+        torch.testing.assert_close(batched[i][keep], alone, atol=1e-5, rtol=1e-5, msg=f"row {i} ({name})")
+        if name is not None:
+            assert not torch.allclose(batched[i][keep], base[i][keep], atol=1e-4), f"row {i} ({name})"
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_llama_shaped_families(family):
     from paradapt.state import get_state
@@ -280,15 +293,7 @@ def test_llama_shaped_families(family):
     pa.set_active(model, None)
     for k in sorted({m for m in mix if m}):
         pa.add_adapter(model, k, rnd(k))
-    with pa.route(model, mix):
-        batched = out_of(model, ids, mask)
-    for i, name in enumerate(mix):
-        keep = mask[i].bool()
-        with pa.route(model, [name]):
-            alone = out_of(model, ids[i : i + 1, keep])[0]
-        torch.testing.assert_close(batched[i][keep], alone, atol=1e-5, rtol=1e-5, msg=f"row {i} ({name})")
-        if name is not None:
-            assert not torch.allclose(batched[i][keep], base[i][keep], atol=1e-4), f"row {i} ({name})"
+    assert_mixed_rows_match(model, mix, ids, mask, base)
 
 
 # -- a family paradapt does not know: OPT --------------------------------------------------------
@@ -404,15 +409,7 @@ def test_opt_mixed_batch_equals_each_row_alone():
     base = out_of(model, ids, mask)
     for k in sorted({m for m in mix if m}):
         pa.add_adapter(model, k, dataclasses.replace(OPT_CONFIGS[k](), init="random"))
-    with pa.route(model, mix):
-        batched = out_of(model, ids, mask)
-    for i, name in enumerate(mix):
-        keep = mask[i].bool()
-        with pa.route(model, [name]):
-            alone = out_of(model, ids[i : i + 1, keep])[0]
-        torch.testing.assert_close(batched[i][keep], alone, atol=1e-5, rtol=1e-5, msg=f"row {i} ({name})")
-        if name is not None:
-            assert not torch.allclose(batched[i][keep], base[i][keep], atol=1e-4), f"row {i} ({name})"
+    assert_mixed_rows_match(model, mix, ids, mask, base)
 
 
 def test_opt_pattern_mismatch_is_a_target_error():

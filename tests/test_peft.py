@@ -20,16 +20,6 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core box OpenMP's spin-waits
-    make every op ~100x slower; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ids_for(batch=3, seq=6, seed=1):
     return torch.randint(1, 96, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,14 +45,35 @@ def add_adapter(
             "config",
             f"expected a paradapt config (ParallelConfig, LoRAConfig, ...), got {type(config).__name__}",
         )
+    return _add(model, name, config, trainable=trainable, freeze_base=freeze_base)
+
+
+def _add(
+    model: nn.Module,
+    name: str,
+    config: AdapterConfig,
+    *,
+    trainable: bool,
+    freeze_base: bool = True,
+    before: Callable[[State], None] | None = None,
+    after: Callable[[nn.Module], None] | None = None,
+    taken_hint: str = "remove it first or pick another name",
+) -> nn.Module:
+    """Build, validate and attach one adapter; on any error the model is left as it was.
+
+    ``before(state)`` runs before the adapter is built, ``after(adapter)`` once it is built
+    but not yet attached (loading checks a file against it there).
+    """
     fresh = get_state(model) is None
     st = get_state(model, create=True)
     try:
         if name in st.adapters:
-            raise AdapterExistsError(
-                f"an adapter named {name!r} is already on this model; remove it first or pick another name"
-            )
+            raise AdapterExistsError(f"an adapter named {name!r} is already on this model; {taken_hint}")
+        if before is not None:
+            before(st)
         adapter, parts = inject.build(st, name, config)
+        if after is not None:
+            after(adapter)
     except Exception:
         if fresh:
             _drop_state(model, st)

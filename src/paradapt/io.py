@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import inject
-from .api import check_name
+from .api import _add, check_name
 from .config import FORMAT_VERSION, AdapterConfig, LoRAConfig
-from .errors import AdapterExistsError, AdapterFileError, ConfigError, IncompatibleAdapterError
-from .state import AdapterModule, get_state, require_state
+from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError
+from .state import AdapterModule, require_state
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -306,32 +306,19 @@ def _add_with_weights(model, name, config, tensors, file, base, cfg_file, traina
     Copying after ``attach`` matters for PiSSA: attaching subtracts the principal part the
     adapter was *initialised* with from the base, the file holds the *trained* factors.
     """
-    fresh = get_state(model) is None
-    st = get_state(model, create=True)
     try:
-        if name in st.adapters:
-            raise AdapterExistsError(
-                f"an adapter named {name!r} is already on this model; pass name=... to load it under another"
-            )
-        _check_base(base, st, cfg_file)
-        try:
-            adapter, parts = inject.build(st, name, config)
-        except ConfigError as e:  # e.g. targets that match nothing on this model
-            raise _naming_file(e, cfg_file) from None
-        _check_weights(adapter, tensors, file, file_keys or {})
-    except Exception:
-        if fresh:
-            from .api import _drop_state
-
-            _drop_state(model, st)
-        raise
-    if fresh:
-        from .api import _freeze
-
-        st.frozen = _freeze(st)
-    inject.attach(st, name, config, adapter, parts, trainable)
+        adapter = _add(
+            model,
+            name,
+            config,
+            trainable=trainable,
+            before=lambda st: _check_base(base, st, cfg_file),
+            after=lambda built: _check_weights(built, tensors, file, file_keys or {}),
+            taken_hint="pass name=... to load it under another",
+        )
+    except ConfigError as e:  # e.g. targets that match nothing on this model
+        raise _naming_file(e, cfg_file) from None
     _copy_weights(adapter, tensors)
-    adapter.train(model.training)  # a new module starts in training mode: follow the model's (dropout)
     return adapter
 
 
