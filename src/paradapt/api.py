@@ -190,7 +190,7 @@ def merge(model: nn.Module, name: str) -> None:
     st = require_state(model)
     rec = st.record(name)
     if rec.merged:
-        raise MergeError(f"adapter {name!r} is already merged")
+        raise MergeError(f"adapter {name!r} is already merged" + (" (fused)" if rec.fused else ""))
     parts = [(st.sites[k], st.sites[k].components[name]) for k in rec.sites]
     check_mergeable(name, rec.config.kind, parts)
     for site, comp in parts:
@@ -207,6 +207,8 @@ def unmerge(model: nn.Module, name: str) -> None:
     rec = st.record(name)
     if not rec.merged:
         raise MergeError(f"adapter {name!r} is not merged")
+    if rec.fused is not None:
+        raise MergeError(f"adapter {name!r} is fused, not merged; use pa.unfuse")
     for k in reversed(rec.sites):
         merge_into(st.sites[k].module, st.sites[k].components[name], -1)
     rec.merged = False
@@ -241,6 +243,10 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete an adapter (unmerging it first if merged); sites left empty are unhooked."""
     st = require_state(model)
     rec = st.record(name)
+    if rec.fused is not None:
+        from .fuse import unfuse
+
+        unfuse(model, name)
     if rec.merged:
         unmerge(model, name)
     for k in rec.sites:

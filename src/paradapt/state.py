@@ -52,6 +52,7 @@ class AdapterRecord:
     config: AdapterConfig
     sites: list[str] = field(default_factory=list)
     merged: bool = False
+    fused: object = None  # set by paradapt.fuse while the adapter lives inside the FFN's weights
     base_info: dict = field(default_factory=dict)
 
 
