@@ -251,7 +251,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         unmerge(model, name)
     for k in rec.sites:
         site = st.sites[k]
-        comp = site.components.pop(name)
+        comp = site.drop(name)
         inject.undo_pissa(st, k, comp)
         if not site.components:
             site.remove_hooks()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .banks import Segments
 from .errors import RoutingError
 
 Composable = "str | Stack | Average | None"
@@ -127,6 +128,7 @@ class Plan:
     routes: list[Route | None]
     uniform: bool = False  # one route for every row, whatever the batch size
     _cache: dict = field(default_factory=dict)
+    segment_builds: int = 0  # how many times rows were sorted for a bank layout (tests check sharing)
 
     @classmethod
     def for_all(cls, route: Route | None) -> Plan:
@@ -160,3 +162,28 @@ class Plan:
 
     def names(self) -> set[str]:
         return {n for r in self.routes if r is not None for n in r.names}
+
+    def row_names(self, batch: int) -> list[str | None]:
+        """Per row, its adapter's name when the row uses exactly one adapter (else ``None``)."""
+        key = ("names", batch)
+        got = self._cache.get(key)
+        if got is None:
+            simple = [single_name(r) for r in self.routes]
+            per = max(batch // len(simple), 1)  # rows repeat contiguously (beams, Parallel channels)
+            got = self._cache[key] = [simple[min(i // per, len(simple) - 1)] for i in range(batch)]
+        return got
+
+    def segments(self, layout, batch: int, device: torch.device):
+        """Rows sorted by ``layout``'s slots, built once per forward and shared by every site with it."""
+        key = ("seg", batch, device, layout)
+        if key not in self._cache:
+            self.segment_builds += 1
+            self._cache[key] = Segments.build(self.row_names(batch), layout, device)
+        return self._cache[key]
+
+
+def single_name(route: Route | None) -> str | None:
+    """The adapter of a one-adapter route (what banks batch); compositions go the general way."""
+    if route is None or len(route.names) != 1:
+        return None
+    return route.names[0] if route.mode == "stack" or route.weights == (1.0,) else None

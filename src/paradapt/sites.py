@@ -31,8 +31,9 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from . import prefix as prefix_math
+from .banks import Bank, bankable, signature
 from .errors import RoutingError
-from .routing import Group, Route
+from .routing import Group, Plan, Route, single_name
 
 if TYPE_CHECKING:
     from .state import State
@@ -47,7 +48,35 @@ class Site:
         self.key = key
         self.state = state
         self.components: dict[str, nn.Module] = {}
+        self.banks: dict[tuple, Bank] = {}  # signature -> stacked bottlenecks for mixed batches
+        self._bank_of: dict[str, Bank] = {}
         self._handles: list = []
+
+    def drop(self, name: str) -> nn.Module:
+        """Take an adapter's component (and its bank slot) out of this site."""
+        bank = self._bank_of.pop(name, None)
+        if bank is not None:
+            bank.remove(name)
+        return self.components.pop(name)
+
+    def bank_for(self, name: str, comp: nn.Module, device: torch.device) -> Bank:
+        """The bank holding ``name``'s current weights on ``device`` (inserting or recopying as needed)."""
+        bank = self._bank_of.get(name)
+        if bank is not None and bank.device == device:
+            if bank.fresh(name, comp):
+                return bank
+            if bank.fits(comp):
+                bank.refresh(name, comp)
+                return bank
+        if bank is not None:
+            bank.remove(name)
+        sig = signature(comp, device)
+        bank = self.banks.get(sig)
+        if bank is None:
+            bank = self.banks[sig] = Bank(comp, device)
+        bank.insert(name, comp)
+        self._bank_of[name] = bank
+        return bank
 
     def ops(self, route: Route, writes: str) -> list[tuple[nn.Module, float]]:
         """The components this route applies here, in order, with their weights."""
@@ -82,13 +111,54 @@ def run_ops(
     return h if acc is None else h + acc.to(h.dtype)
 
 
+def apply_banks(
+    site: Site, plan: Plan, groups: list[Group], h: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, list[Group]]:
+    """Add every one-adapter row's bottleneck delta through the site's banks, in one pass per bank.
+
+    Returns the new ``h`` and the groups still to do the general way (compositions,
+    non-bottleneck components, adapters in training mode).
+    """
+    rest, used = [], {}
+    merged = site.state.merged
+    for g in groups:
+        name = single_name(g.route)
+        comp = site.components.get(name) if name is not None else None
+        if name is not None and (comp is None or name in merged):
+            continue  # nothing of this adapter here
+        if comp is None or not bankable(comp) or comp.training:
+            rest.append(g)
+            continue
+        bank = site.bank_for(name, comp, h.device)
+        used[id(bank)] = bank
+    batch = h.shape[0]
+    out = h
+    for bank in used.values():
+        seg = plan.segments(bank.layout, batch, h.device)
+        if seg is None:
+            continue
+        src = x if bank.reads == "input" else h
+        if seg.perm is not None:
+            src = src.index_select(0, seg.perm)
+        d = bank.delta(src.reshape(src.shape[0], -1, src.shape[-1]), seg)
+        d = d.reshape(d.shape[0], *h.shape[1:-1], d.shape[-1]).to(h.dtype)
+        out = out + d if seg.perm is None else out.index_add(0, seg.perm, d)
+    return out, rest
+
+
 def transform(
-    site: Site, groups: list[Group], h: torch.Tensor, x: torch.Tensor | None, writes: str
+    site: Site, plan: Plan, groups: list[Group], h: torch.Tensor, x: torch.Tensor | None, writes: str
 ) -> torch.Tensor:
-    """Apply each group's route to its rows; rows of no group pass through unchanged."""
+    """Apply each group's route to its rows; rows of no group pass through unchanged.
+
+    Mixed batches at inference (no autograd) go through the site's banks; training
+    and compositions take the per-group path, which autograd sees through.
+    """
     if len(groups) == 1 and groups[0].rows is None:
         ops = site.ops(groups[0].route, writes)
         return run_ops(ops, groups[0].route.mode, h, x) if ops else h
+    if writes == "output" and not torch.is_grad_enabled():
+        h, groups = apply_banks(site, plan, groups, h, x)
     out = None
     for g in groups:
         ops = site.ops(g.route, writes)
@@ -136,7 +206,7 @@ class HookSite(Site):
             return None
         x = _first_arg(args, kwargs)
         groups = plan.groups(_batch(x), x.device)
-        x2 = transform(self, groups, x, None, "input") if groups else x
+        x2 = transform(self, plan, groups, x, None, "input") if groups else x
         self._x[threading.get_ident()] = x2
         return _replace_first_arg(args, kwargs, x2) if x2 is not x else None
 
@@ -153,7 +223,7 @@ class HookSite(Site):
         groups = plan.groups(_batch(h), h.device)
         if not groups:
             return None
-        h2 = transform(self, groups, h, x, "output")
+        h2 = transform(self, plan, groups, h, x, "output")
         if h2 is h:
             return None
         return (h2, *output[1:]) if isinstance(output, tuple) else h2

@@ -1,0 +1,240 @@
+"""Banks: the bottlenecks of many adapters at one site, stacked for mixed-batch inference.
+
+A bank holds every loaded adapter of one *signature* at a site (what it reads,
+its activation, its rank, whether it has biases, dtype and device) stacked
+along a slot axis: ``wd: [slots, d_in, r]``, ``wu: [slots, r, d_out]``,
+``bd: [slots, r]``, ``bu: [slots, d_out]``, ``scale: [slots]``. Adapters of
+other ranks live in their own bank at the same site, so mixed ranks cost one
+matmul pair per rank present in the batch and nothing is padded.
+
+A bank is an inference copy of the adapters' parameters, which stay the
+source of truth (training, saving and merging use them). Each slot remembers
+the version and storage of the parameters it was copied from; a slot whose
+parameters changed (an optimizer step, ``load_state_dict``, ``.to()``) is
+recopied before use, so a bank is never stale. Slots are reused after removal
+and capacity doubles when full, so inserting costs the same at the 1000th
+adapter as at the first.
+
+Rows are assigned to slots by a :class:`Layout` (slot order) and sorted into
+:class:`Segments` once per forward and layout; every site and layer whose
+bank has the same layout shares them (see ``routing.Plan.segments``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels
+from .bottleneck import _ACTS, Bottleneck
+
+
+class Layout:
+    """An immutable slot order (slot -> adapter name); banks with equal orders share one object."""
+
+    __slots__ = ("names", "index", "__weakref__")
+
+    def __init__(self, names: tuple[str | None, ...]):
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names) if n is not None}
+
+
+_layouts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def layout_of(names: tuple[str | None, ...]) -> Layout:
+    """The shared Layout for this slot order (interned, so segments are computed once per order)."""
+    lay = _layouts.get(names)
+    if lay is None:
+        lay = _layouts[names] = Layout(names)
+    return lay
+
+
+@dataclass
+class Segments:
+    """Rows of a batch sorted by slot for one layout: computed once per forward, used by every site."""
+
+    perm: torch.Tensor | None  # the rows in slot order (None: rows 0..n-1 already are)
+    row_slot: torch.Tensor  # slot of each sorted row, [n]
+    slots: list[int]  # slots present, ascending
+    counts: list[int]  # rows per present slot
+    present: torch.Tensor  # slots present, as a tensor
+    _offs: dict = field(default_factory=dict)
+
+    def offsets(self, tokens: int) -> torch.Tensor:
+        """End offset of each segment in flattened tokens (int32, as grouped GEMMs take them)."""
+        got = self._offs.get(tokens)
+        if got is None:
+            got = self._offs[tokens] = self.present.new_tensor(self.counts).cumsum(0).mul_(tokens).int()
+        return got
+
+    @classmethod
+    def build(cls, row_names: list[str | None], layout: Layout, device: torch.device) -> Segments | None:
+        """Sort the rows whose adapter has a slot in ``layout``; ``None`` if there are none."""
+        pairs = sorted(
+            (layout.index[n], i) for i, n in enumerate(row_names) if n is not None and n in layout.index
+        )
+        if not pairs:
+            return None
+        rows = [i for _, i in pairs]
+        slot_of_row = [s for s, _ in pairs]
+        slots, counts = [], []
+        for s in slot_of_row:
+            if slots and slots[-1] == s:
+                counts[-1] += 1
+            else:
+                slots.append(s)
+                counts.append(1)
+        identity = rows == list(range(len(row_names)))
+        return cls(
+            perm=None if identity else torch.tensor(rows, device=device),
+            row_slot=torch.tensor(slot_of_row, device=device),
+            slots=slots,
+            counts=counts,
+            present=torch.tensor(slots, device=device),
+        )
+
+
+def bankable(comp) -> bool:
+    """Bottlenecks that add to a site's output (parallel, series, LoRA) go in banks."""
+    return isinstance(comp, Bottleneck) and comp.writes == "output"
+
+
+def signature(comp: Bottleneck, device: torch.device) -> tuple:
+    w = comp.down.weight
+    return (
+        comp.reads,
+        comp.act_name,
+        comp.r,
+        comp.down.bias is not None,
+        comp.up.bias is not None,
+        w.dtype,
+        device,
+    )
+
+
+def _stamp(comp: Bottleneck) -> tuple:
+    """Identity and version of every tensor a slot was copied from."""
+    ts = [comp.down.weight, comp.up.weight, comp.scale, comp.down.bias, comp.up.bias]
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in ts)
+
+
+class Bank:
+    """The stacked weights of one signature's adapters at one site."""
+
+    def __init__(self, comp: Bottleneck, device: torch.device, capacity: int = 4):
+        self.sig = signature(comp, device)
+        self.reads = comp.reads
+        self.act = _ACTS[comp.act_name]
+        self.r, self.d_in, self.d_out = comp.r, comp.d_in, comp.d_out
+        self.dtype, self.device = comp.down.weight.dtype, device
+        self.has_bd, self.has_bu = comp.down.bias is not None, comp.up.bias is not None
+        self.names: list[str | None] = []
+        self.stamps: list[tuple | None] = []
+        self.free: list[int] = []
+        self.layout = layout_of(())
+        self._alloc(capacity)
+
+    def _alloc(self, cap: int) -> None:
+        def new(*shape):
+            return torch.zeros(cap, *shape, dtype=self.dtype, device=self.device)
+
+        old = getattr(self, "wd", None)
+        tensors = {
+            "wd": new(self.d_in, self.r),
+            "wu": new(self.r, self.d_out),
+            "scale": new(),
+            "bd": new(self.r) if self.has_bd else None,
+            "bu": new(self.d_out) if self.has_bu else None,
+        }
+        if old is not None:
+            n = old.shape[0]
+            for k, t in tensors.items():
+                if t is not None:
+                    t[:n] = getattr(self, k)
+        for k, t in tensors.items():
+            setattr(self, k, t)
+
+    @property
+    def capacity(self) -> int:
+        return self.wd.shape[0]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layout.index
+
+    @torch.no_grad()
+    def _write(self, slot: int, comp: Bottleneck) -> None:
+        def put(dst, src):
+            dst[slot].copy_(src.detach().to(self.device, self.dtype))
+
+        put(self.wd, comp.down.weight.t())
+        put(self.wu, comp.up.weight.t())
+        put(self.scale, comp.scale)
+        if self.has_bd:
+            put(self.bd, comp.down.bias)
+        if self.has_bu:
+            put(self.bu, comp.up.bias)
+        self.stamps[slot] = _stamp(comp)
+
+    def insert(self, name: str, comp: Bottleneck) -> None:
+        if self.free:
+            slot = self.free.pop()
+            self.names[slot] = name
+        else:
+            slot = len(self.names)
+            if slot == self.capacity:
+                self._alloc(2 * self.capacity)
+            self.names.append(name)
+            self.stamps.append(None)
+        self._write(slot, comp)
+        self.layout = layout_of(tuple(self.names))
+
+    def remove(self, name: str) -> None:
+        slot = self.layout.index.get(name)
+        if slot is None:
+            return
+        self.names[slot], self.stamps[slot] = None, None
+        self.free.append(slot)
+        self.layout = layout_of(tuple(self.names))
+
+    def fits(self, comp: Bottleneck) -> bool:
+        return signature(comp, self.device) == self.sig
+
+    def fresh(self, name: str, comp: Bottleneck) -> bool:
+        """Whether the slot still holds exactly the component's current parameters."""
+        return self.stamps[self.layout.index[name]] == _stamp(comp)
+
+    def refresh(self, name: str, comp: Bottleneck) -> None:
+        """Recopy a slot whose parameters changed since it was written."""
+        self._write(self.layout.index[name], comp)
+
+    # -- math ------------------------------------------------------------------------
+    def delta(self, src: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """``s * act(src Wd + bd) Wu + bu`` for rows sorted by slot; src: [n, T, d_in]."""
+        x = src.to(self.dtype)
+        scale = self.scale.index_select(0, seg.row_slot)[:, None, None]
+        bd = self.bd.index_select(0, seg.row_slot)[:, None, :] if self.has_bd else None
+
+        def post(a: torch.Tensor) -> torch.Tensor:
+            if bd is not None:
+                a = a + bd
+            return self.act(a) * scale
+
+        n, t = x.shape[0], x.shape[1]
+        whole = len(seg.slots) == self.capacity  # every slot present: no compaction needed
+        offs = seg.offsets(t)
+        key = kernels.shape_key(x.device, self.dtype, n, t, len(seg.slots), (self.d_in, self.r, self.d_out))
+        candidates = {
+            "segments": lambda: kernels.segments(x, self.wd, self.wu, seg.slots, seg.counts, post),
+            "gather": lambda: kernels.gather(x, self.wd, self.wu, seg.row_slot, post),
+        }
+        if kernels.grouped_ok(x, self.r, self.d_out):
+            candidates["grouped"] = lambda: kernels.grouped(
+                x, self.wd, self.wu, None if whole else seg.present, offs, post
+            )
+        out = kernels.run(key, x.device, candidates)
+        if self.has_bu:
+            out = out + self.bu.index_select(0, seg.row_slot)[:, None, :]
+        return out

@@ -1,0 +1,151 @@
+"""Batched bottleneck math for mixed batches, and the measured choice between its strategies.
+
+Rows arrive sorted by adapter slot (:class:`~paradapt.banks.Segments`). With
+``W_d[g]: [d_in, r]`` and ``W_u[g]: [r, d_out]`` the weights of slot ``g`` the
+delta of a row using slot ``g`` is ``s_g * act(x W_d[g] + b_d[g]) W_u[g] + b_u[g]``.
+Three ways to compute it for all rows at once:
+
+- ``segments``: one matmul pair per segment on views of the bank (Punica's SGMV
+  semantics as a loop; no weight copies, one launch pair per distinct adapter);
+- ``grouped``: the same segments in one ``torch.nn.functional.grouped_mm`` call
+  per matrix (SGMV proper), after compacting the bank to the slots present;
+- ``gather``: gather each row's weights and ``bmm`` (Punica's BGMV; best for
+  small decode batches where rows and segments are few).
+
+Which one is fastest depends on device, dtype and shape, so it is *measured*:
+the first time a shape class is seen every strategy runs and is timed, the
+fastest is remembered for that class (see :func:`choices`). :func:`force`
+pins one strategy (tests use it to check all three against the reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+STRATEGIES = ("segments", "grouped", "gather")
+
+_table: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
+_unsupported: set[tuple] = set()  # (strategy, shape key) that raised once
+_forced: list[str] = []
+
+
+def _bucket(n: int) -> int:
+    """Round up to a power of two, so nearby batch sizes share one measurement."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def shape_key(device: torch.device, dtype: torch.dtype, rows: int, tokens: int, groups: int, dims) -> tuple:
+    return (device.type, dtype, _bucket(rows), _bucket(tokens), _bucket(groups), *dims)
+
+
+@contextlib.contextmanager
+def force(strategy: str | None) -> Iterator[None]:
+    """Use one strategy for every bank inside the block (``None``: measure as usual)."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    _forced.append(strategy)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def choices() -> dict[tuple, str]:
+    """The strategy picked per shape class so far: (device, dtype, rows, tokens, groups, dims...)."""
+    return dict(_table)
+
+
+def timings() -> dict[tuple, dict[str, float]]:
+    """Seconds each strategy took when its shape class was measured."""
+    return {k: dict(v) for k, v in _timings.items()}
+
+
+def reset() -> None:
+    """Forget all measurements (for benchmarks that want a cold start)."""
+    _table.clear()
+    _timings.clear()
+    _unsupported.clear()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(key: tuple, device: torch.device, candidates: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """Run the strategy chosen for ``key``, measuring all candidates the first time."""
+    forced = _forced[-1] if _forced else None
+    if forced is not None:  # a strategy that cannot run this shape falls back to segments
+        return candidates.get(forced, candidates["segments"])()
+    usable = {n: f for n, f in candidates.items() if (n, key) not in _unsupported}
+    pick = _table.get(key)
+    if pick in usable:
+        return usable[pick]()
+    best, best_t, out, times = None, float("inf"), None, {}
+    for name, fn in usable.items():
+        try:
+            y = fn()  # warm-up; also where an unsupported dtype/device shows itself
+        except (RuntimeError, NotImplementedError):
+            _unsupported.add((name, key))
+            continue
+        t = float("inf")
+        for _ in range(2):
+            _sync(device)
+            t0 = time.perf_counter()
+            y = fn()
+            _sync(device)
+            t = min(t, time.perf_counter() - t0)
+        times[name] = t
+        if t < best_t:
+            best, best_t, out = name, t, y
+    if best is None:
+        raise RuntimeError(f"no batched adapter strategy works for shape class {key}")
+    _table[key], _timings[key] = best, times
+    return out
+
+
+# -- the strategies ----------------------------------------------------------------------
+# x: [n, T, d_in] rows sorted by slot; wd: [S, d_in, r]; wu: [S, r, d_out].
+# ``post(a)`` adds the down bias, applies the activation and the per-row scale to a: [n, T, r].
+
+
+def segments(x, wd, wu, slots: list[int], counts: list[int], post) -> torch.Tensor:
+    """One matmul pair per segment, on views of the bank."""
+    parts_a, start = [], 0
+    for g, c in zip(slots, counts, strict=True):
+        parts_a.append(torch.matmul(x[start : start + c], wd[g]))
+        start += c
+    a = post(torch.cat(parts_a) if len(parts_a) > 1 else parts_a[0])
+    outs, start = [], 0
+    for g, c in zip(slots, counts, strict=True):
+        outs.append(torch.matmul(a[start : start + c], wu[g]))
+        start += c
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def grouped_ok(x: torch.Tensor, r: int, d_out: int) -> bool:
+    """Grouped GEMMs need every row stride to be a multiple of 16 bytes."""
+    size = x.element_size()
+    return hasattr(F, "grouped_mm") and all(d * size % 16 == 0 for d in (x.shape[-1], r, d_out))
+
+
+def grouped(x, wd, wu, present: torch.Tensor | None, offs: torch.Tensor, post) -> torch.Tensor:
+    """Both matmuls as one grouped GEMM each over the slots present (``present=None``: all)."""
+    if present is not None:
+        wd, wu = wd.index_select(0, present), wu.index_select(0, present)
+    n, t, d = x.shape
+    a = F.grouped_mm(x.reshape(n * t, d), wd, offs=offs)
+    a = post(a.view(n, t, -1))
+    return F.grouped_mm(a.reshape(n * t, -1), wu, offs=offs).view(n, t, -1)
+
+
+def gather(x, wd, wu, row_slot: torch.Tensor, post) -> torch.Tensor:
+    """Each row's own weights, gathered, then two batched matmuls."""
+    a = post(torch.bmm(x, wd.index_select(0, row_slot)))
+    return torch.bmm(a, wu.index_select(0, row_slot))

@@ -1,0 +1,185 @@
+"""Mixed batches through banks: every strategy equals running each row alone with its own adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, outputs, tiny_model
+
+import paradapt as pa
+from paradapt import kernels
+from paradapt.state import get_state
+
+STRATEGIES = [*kernels.STRATEGIES, None]  # None: the measured choice
+
+
+def add_zoo(model) -> None:
+    """Adapters of every bankable kind, two LoRA ranks, plus kinds that go the general way."""
+    pa.add_adapter(model, "lora4", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "lora8", pa.LoRAConfig(r=8, init="random", targets="all-linear"))
+    pa.add_adapter(model, "par", pa.ParallelConfig(r=8, init="random", location="both", act="gelu"))
+    pa.add_adapter(model, "par_ls", pa.ParallelConfig(r=4, init="random", scale="learned", bias=False))
+    pa.add_adapter(model, "ser", pa.SeriesConfig(r=4, init="random", variant="houlsby", act="silu"))
+    pa.add_adapter(model, "ia3", pa.IA3Config(init="random"))
+    pa.add_adapter(model, "pre", pa.PrefixConfig(num_virtual_tokens=3, init="random"))
+    pa.add_adapter(model, "unused", pa.LoRAConfig(r=4, init="random"))  # an empty segment
+
+
+ROWS = ["lora4", "par", None, "lora8", "ser", "lora4", "par_ls", "ia3", pa.Stack("lora4", "par"), "pre"]
+
+
+def per_row_reference(model, ids, rows) -> torch.Tensor:
+    outs = []
+    for i, r in enumerate(rows):
+        pa.set_active(model, r)
+        with torch.no_grad():
+            outs.append(outputs(model, ids[i : i + 1]))
+    pa.set_active(model, None)
+    return torch.cat(outs)
+
+
+def mixed(model, ids, rows, strategy=None) -> torch.Tensor:
+    with torch.no_grad(), kernels.force(strategy), pa.route(model, rows):
+        return outputs(model, ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mixed_batch_equals_each_row_alone(family, strategy):
+    model = tiny_model(family)
+    add_zoo(model)
+    ids = torch.randint(0, 96, (len(ROWS), 7), generator=torch.Generator().manual_seed(1))
+    ref = per_row_reference(model, ids, ROWS)
+    torch.testing.assert_close(mixed(model, ids, ROWS, strategy), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_row_segments_sorted_and_unsorted(strategy):
+    model = tiny_model("llama")
+    for i in range(6):
+        pa.add_adapter(model, f"a{i}", pa.LoRAConfig(r=4 + 4 * (i % 2), init="random"))
+    ids = torch.randint(0, 96, (6, 5), generator=torch.Generator().manual_seed(2))
+    for rows in (["a0", "a1", "a2", "a3", "a4", "a5"], ["a5", "a3", "a1", "a0", "a2", "a4"]):
+        torch.testing.assert_close(
+            mixed(model, ids, rows, strategy), per_row_reference(model, ids, rows), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_rows_without_any_adapter_are_the_base():
+    model = tiny_model("gpt2")
+    ids = torch.randint(0, 96, (3, 5))
+    with torch.no_grad():
+        base = outputs(model, ids)
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    got = mixed(model, ids, [None, "a", None])
+    assert torch.equal(got[0], base[0]) and torch.equal(got[2], base[2])
+    assert not torch.allclose(got[1], base[1])
+
+
+def test_segments_are_built_once_per_forward_and_shared_by_all_sites():
+    model = tiny_model("llama")
+    for i in range(3):
+        pa.add_adapter(model, f"a{i}", pa.LoRAConfig(r=4, init="random"))  # same slot order at q and v
+    ids = torch.randint(0, 96, (4, 5))
+    with torch.no_grad(), pa.route(model, ["a2", "a0", "a1", "a0"]) as plan:
+        outputs(model, ids)
+        outputs(model, ids)  # a second forward (e.g. a decode step) reuses them too
+    assert plan.segment_builds == 1  # 2 layers x 2 linears share one sort of the rows
+    sites = get_state(model).sites
+    layouts = {id(b.layout) for s in sites.values() for b in s.banks.values()}
+    assert len(layouts) == 1
+
+
+def test_generate_with_mixed_adapters_matches_each_row_alone():
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.ParallelConfig(r=8, init="random"))
+    ids = torch.randint(1, 96, (3, 4), generator=torch.Generator().manual_seed(3))
+    rows = ["b", None, "a"]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), pa.route(model, rows):
+        together = model.generate(ids, **kw)
+    for i, r in enumerate(rows):
+        pa.set_active(model, r)
+        with torch.no_grad():
+            alone = model.generate(ids[i : i + 1], **kw)
+        assert torch.equal(together[i], alone[0]), r
+    pa.set_active(model, None)
+
+
+def test_bank_follows_in_place_weight_changes_and_reloads():
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.ParallelConfig(r=4, init="random"))
+    ids = torch.randint(0, 96, (2, 5))
+    rows = ["a", "b"]
+    mixed(model, ids, rows)  # fill the banks
+    with torch.no_grad():
+        for p in model.paradapt["a"].parameters():
+            p.mul_(1.5)  # what an optimizer step does: in place
+        sd = {k: v * 0.5 for k, v in model.paradapt["b"].state_dict().items()}
+    model.paradapt["b"].load_state_dict(sd)
+    torch.testing.assert_close(
+        mixed(model, ids, rows), per_row_reference(model, ids, rows), atol=1e-5, rtol=0
+    )
+
+
+def test_removed_slots_are_reused_and_capacity_doubles():
+    model = tiny_model("llama")
+    names = [f"a{i}" for i in range(9)]
+    for n in names:
+        pa.add_adapter(model, n, pa.LoRAConfig(r=4, init="random"))
+    ids = torch.randint(0, 96, (9, 4))
+    mixed(model, ids, names)
+    site = next(s for s in get_state(model).sites.values() if s.banks)
+    (bank,) = site.banks.values()
+    assert bank.capacity == 16 and len(bank.layout.index) == 9
+    pa.remove_adapter(model, "a3")
+    assert "a3" not in bank
+    pa.add_adapter(model, "new", pa.LoRAConfig(r=4, init="random"))
+    rows = [*names[:3], "new", *names[4:]]
+    torch.testing.assert_close(
+        mixed(model, ids, rows), per_row_reference(model, ids, rows), atol=1e-5, rtol=0
+    )
+    assert bank.capacity == 16 and bank.layout.index["new"] == 3  # the freed slot
+
+
+def test_training_forward_uses_the_autograd_path():
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.LoRAConfig(r=4, init="random"))
+    ids = torch.randint(0, 96, (2, 5))
+    with pa.route(model, ["a", "b"]):
+        outputs(model, ids).sum().backward()
+    grads = [p.grad for n in "ab" for p in model.paradapt[n].parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_measured_choice_is_recorded():
+    kernels.reset()
+    model = tiny_model("bert")
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.LoRAConfig(r=4, init="random"))
+    mixed(model, torch.randint(0, 96, (3, 5)), ["a", "b", "a"])
+    picked = kernels.choices()
+    assert picked and set(picked.values()) <= set(kernels.STRATEGIES)
+    for times in kernels.timings().values():
+        assert len(times) >= 2 and all(t > 0 for t in times.values())
+
+
+def test_bf16_mixed_batch_close_to_each_row_alone():
+    model = tiny_model("llama").to(torch.bfloat16)
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.ParallelConfig(r=8, init="random"))
+    ids = torch.randint(0, 96, (4, 5))
+    rows = ["a", "b", None, "b"]
+    ref = per_row_reference(model, ids, rows)
+    for strategy in STRATEGIES:
+        got = mixed(model, ids, rows, strategy)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy"), kernels.force("fast"):
+        pass
