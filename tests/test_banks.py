@@ -183,3 +183,21 @@ def test_bf16_mixed_batch_close_to_each_row_alone():
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"), kernels.force("fast"):
         pass
+
+
+def test_deepcopy_and_pickle_after_banks_were_filled():
+    import copy
+    import io
+
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.ParallelConfig(r=4, init="random"))
+    ids = torch.randint(0, 96, (2, 5))
+    want = mixed(model, ids, ["a", "b"])
+    twin = copy.deepcopy(model)
+    assert torch.equal(mixed(twin, ids, ["a", "b"]), want)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert torch.equal(mixed(again, ids, ["a", "b"]), want)

@@ -50,7 +50,18 @@ class Site:
         self.components: dict[str, nn.Module] = {}
         self.banks: dict[tuple, Bank] = {}  # signature -> stacked bottlenecks for mixed batches
         self._bank_of: dict[str, Bank] = {}
+        self._bank_lock = threading.Lock()
         self._handles: list = []
+
+    # copies (deepcopy, pickle) leave the banks behind: they are a cache, rebuilt on first use
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        d.update(banks={}, _bank_of={}, _bank_lock=None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._bank_lock = threading.Lock()
 
     def drop(self, name: str) -> nn.Module:
         """Take an adapter's component (and its bank slot) out of this site."""
@@ -62,21 +73,25 @@ class Site:
     def bank_for(self, name: str, comp: nn.Module, device: torch.device) -> Bank:
         """The bank holding ``name``'s current weights on ``device`` (inserting or recopying as needed)."""
         bank = self._bank_of.get(name)
-        if bank is not None and bank.device == device:
-            if bank.fresh(name, comp):
-                return bank
-            if bank.fits(comp):
-                bank.refresh(name, comp)
-                return bank
-        if bank is not None:
-            bank.remove(name)
-        sig = signature(comp, device)
-        bank = self.banks.get(sig)
-        if bank is None:
-            bank = self.banks[sig] = Bank(comp, device)
-        bank.insert(name, comp)
-        self._bank_of[name] = bank
-        return bank
+        if bank is not None and bank.device == device and bank.fresh(name, comp):
+            return bank
+        with self._bank_lock:  # forwards in several threads may fill the same bank
+            bank = self._bank_of.get(name)
+            if bank is not None and bank.device == device:
+                if bank.fresh(name, comp):
+                    return bank
+                if bank.fits(comp):
+                    bank.refresh(name, comp)
+                    return bank
+            if bank is not None:
+                bank.remove(name)
+            sig = signature(comp, device)
+            bank = self.banks.get(sig)
+            if bank is None:
+                bank = self.banks[sig] = Bank(comp, device)
+            bank.insert(name, comp)
+            self._bank_of[name] = bank
+            return bank
 
     def ops(self, route: Route, writes: str) -> list[tuple[nn.Module, float]]:
         """The components this route applies here, in order, with their weights."""
