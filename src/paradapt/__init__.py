@@ -44,6 +44,7 @@ from .errors import (
     RoutingError,
     TargetNotFoundError,
 )
+from .fuse import fuse, unfuse
 from .io import load_adapter, save_adapter, save_peft_adapter
 from .routing import Average, Parallel, Stack
 
@@ -64,6 +65,8 @@ __all__ = [
     "route",
     "merge",
     "unmerge",
+    "fuse",
+    "unfuse",
     "fold",
     "save_adapter",
     "load_adapter",

@@ -20,6 +20,7 @@ from torch import nn
 from . import inject
 from .config import AdapterConfig
 from .errors import AdapterExistsError, ConfigError, MergeError, RoutingError
+from .fuse import fused_owner, unfuse
 from .merge import check_mergeable, merge_into
 from .routing import Parallel, Plan, normalize
 from .state import CONTAINER, State, _ChannelPlan, _repeat, get_state, require_state
@@ -193,6 +194,13 @@ def merge(model: nn.Module, name: str) -> None:
         raise MergeError(f"adapter {name!r} is already merged" + (" (fused)" if rec.fused else ""))
     parts = [(st.sites[k], st.sites[k].components[name]) for k in rec.sites]
     check_mergeable(name, rec.config.kind, parts)
+    for site, _ in parts:
+        owner = fused_owner(st, site.module) if site.kind == "linear" else None
+        if owner is not None:
+            raise MergeError(
+                f"adapter {name!r} cannot be merged into {site.key}: adapter {owner!r} is fused there; "
+                "unfuse it first"
+            )
     for site, comp in parts:
         merge_into(site.module, comp, +1)
     rec.merged = True
@@ -244,8 +252,6 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     st = require_state(model)
     rec = st.record(name)
     if rec.fused is not None:
-        from .fuse import unfuse
-
         unfuse(model, name)
     if rec.merged:
         unmerge(model, name)

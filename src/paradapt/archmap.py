@@ -28,6 +28,7 @@ class Family:
     ia3_in: tuple[str, ...]
     ffn_in: tuple[str, ...]  # the FFN's first projection(s) (gate and up for gated FFNs)
     ffn_out: str  # the FFN's last projection
+    ffn_act: str  # the FFN's activation attribute (applied to the first projection, the gate if gated)
 
 
 FAMILIES = (
@@ -41,6 +42,7 @@ FAMILIES = (
         ia3_in=("mlp.down_proj",),
         ffn_in=("mlp.gate_proj", "mlp.up_proj"),
         ffn_out="mlp.down_proj",
+        ffn_act="mlp.act_fn",
     ),
     Family(
         "gpt2",
@@ -52,6 +54,7 @@ FAMILIES = (
         ia3_in=("mlp.c_proj",),
         ffn_in=("mlp.c_fc",),
         ffn_out="mlp.c_proj",
+        ffn_act="mlp.act",
     ),
     Family(
         "bert",
@@ -63,6 +66,7 @@ FAMILIES = (
         ia3_in=("output.dense",),
         ffn_in=("intermediate.dense",),
         ffn_out="output.dense",
+        ffn_act="intermediate.intermediate_act_fn",
     ),
 )
 

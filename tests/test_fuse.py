@@ -1,0 +1,349 @@
+"""Fused parallel adapters: exact equality with the unfused adapter, exact undo, clear refusals."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from conftest import FAMILIES, outputs, tiny_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import paradapt as pa
+from paradapt.fuse import SplitActivation, fuse, fused_owner, unfuse
+from paradapt.state import get_state
+
+VARIANTS = {
+    "relu": dict(act="relu", scale=4.0),
+    "silu_nobias_learned": dict(act="silu", bias=False, scale="learned"),
+    "gelu_layer1": dict(act="gelu", scale=0.5, layers=[1]),
+}
+
+
+def _ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
+    return torch.randint(1, 96, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _model(family: str) -> nn.Module:
+    if family != "llama_bias":
+        return tiny_model(family)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        mlp_bias=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _add(model: nn.Module, name: str = "a", **kw) -> None:
+    kw = {"r": 4, "init": "random", **kw}
+    pa.add_adapter(model, name, pa.ParallelConfig(**kw))
+    with torch.no_grad():  # a learned scale away from its init, so folding it in is tested
+        for comp in model.paradapt[name].components.values():
+            if isinstance(comp.scale, nn.Parameter):
+                comp.scale.fill_(1.7)
+
+
+def _unfused(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    pa.set_active(model, name)
+    out = outputs(model, ids)
+    pa.set_active(model, None)
+    return out
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert list(now) == list(saved)
+    for k, v in saved.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+
+
+# -- 1. fused == unfused -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("family", [*FAMILIES, "llama_bias"])
+def test_fused_equals_unfused(family, variant):
+    model = _model(family)
+    ids = _ids()
+    _add(model, **VARIANTS[variant])
+    ref = _unfused(model, "a", ids)
+    fuse(model, "a")
+    torch.testing.assert_close(outputs(model, ids), ref, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(outputs(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_marks_adapter_and_freezes_weights(family):
+    model = tiny_model(family)
+    _add(model)
+    pa.set_active(model, "a")
+    fuse(model, "a")
+    st = get_state(model)
+    rec = st.record("a")
+    assert rec.merged and rec.fused is not None and "a" in st.merged
+    assert pa.active(model) is None  # like merge: the plain forward applies it to every row
+    acts = [m for m in model.modules() if isinstance(m, SplitActivation)]
+    assert len(acts) == 2
+    for f in rec.fused.ffns:
+        for lin in f.linears:
+            assert not any(p.requires_grad for p in lin.parameters(recurse=False))
+    with pytest.raises(pa.RoutingError, match="merged"):
+        pa.set_active(model, "a")
+
+
+def test_fuse_with_custom_ffn_targets():
+    model = tiny_model("llama")
+    ids = _ids()
+    _add(model, targets={"entry": r"model\.layers\.\d+\.mlp"})
+    ref = _unfused(model, "a", ids)
+    fuse(model, "a")
+    torch.testing.assert_close(outputs(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_two_adapters_fused_in_different_layers_equal_their_stack():
+    model = tiny_model("gpt2")
+    ids = _ids()
+    _add(model, "a", layers=[0])
+    _add(model, "b", layers=[1], act="tanh", bias=False)
+    pa.set_active(model, ["a", "b"])
+    ref = outputs(model, ids)
+    fuse(model, "a")
+    fuse(model, "b")
+    torch.testing.assert_close(outputs(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+# -- 2. unfuse restores exactly -------------------------------------------------------------
+
+
+def test_unfuse_restores_weights_tree_and_adapter(family):
+    model = tiny_model(family)
+    ids = _ids()
+    _add(model)
+    ref = _unfused(model, "a", ids)
+    saved = _snapshot(model)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    fuse(model, "a")
+    assert any(p is not params[k] for k, p in model.named_parameters())  # the FFN weights were swapped
+    unfuse(model, "a")
+    _assert_same_state(model, saved)
+    now_params = dict(model.named_parameters())
+    assert list(now_params) == list(params)
+    assert all(now_params[k] is p for k, p in params.items())
+    now_modules = dict(model.named_modules())
+    assert list(now_modules) == list(modules)
+    assert all(now_modules[k] is m for k, m in modules.items())
+    st = get_state(model)
+    assert not st.record("a").merged and st.record("a").fused is None and not st.merged
+    assert torch.equal(_unfused(model, "a", ids), ref)
+    fuse(model, "a")  # fusable again
+    torch.testing.assert_close(outputs(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unfuse_after_moving_the_model_keeps_originals():
+    model = tiny_model("llama")
+    _add(model)
+    saved = _snapshot(model)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    fuse(model, "a")
+    model.to(torch.float64)
+    unfuse(model, "a")
+    assert model.model.layers[0].mlp.down_proj.weight is weight
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float64 and torch.equal(v, saved[k].double()), k
+
+
+# -- 3. fused then removed == base ------------------------------------------------------------
+
+
+def test_remove_fused_adapter_gives_base_back(family):
+    model = tiny_model(family)
+    ids = _ids()
+    base = outputs(model, ids)
+    saved = _snapshot(model)
+    _add(model)
+    fuse(model, "a")
+    pa.remove_adapter(model, "a")
+    assert torch.equal(outputs(model, ids), base)
+    pa.unwrap(model)
+    _assert_same_state(model, saved)
+    assert not any(isinstance(m, SplitActivation) for m in model.modules())
+
+
+# -- 4. refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pa.LoRAConfig(r=2),
+        pa.SeriesConfig(r=4),
+        pa.PrefixConfig(num_virtual_tokens=2, reparam=False),
+        pa.MAMConfig(num_virtual_tokens=2, r=4, reparam=False),
+        pa.IA3Config(),
+        pa.ParallelConfig(r=4, location="attn"),
+        pa.ParallelConfig(r=4, location="both"),
+    ],
+    ids=["lora", "series", "prefix", "mam", "ia3", "parallel_attn", "parallel_both"],
+)
+def test_unfusable_adapters_raise_and_change_nothing(config):
+    model = tiny_model("llama")
+    pa.add_adapter(model, "bad_one", config)
+    saved = _snapshot(model)
+    with pytest.raises(pa.MergeError, match="'bad_one' cannot be fused"):
+        fuse(model, "bad_one")
+    _assert_same_state(model, saved)
+    assert not get_state(model).merged
+
+
+def test_custom_target_off_the_ffn_is_refused():
+    model = tiny_model("gpt2")
+    _add(model, "att", targets={"entry": r"transformer\.h\.\d+\.attn"})
+    with pytest.raises(pa.MergeError, match="'att' cannot be fused.*not a gpt2 FFN"):
+        fuse(model, "att")
+
+
+def test_second_adapter_on_the_same_ffn_is_refused():
+    model = tiny_model("llama")
+    _add(model, "a")
+    _add(model, "b", layers=[1])
+    fuse(model, "a")
+    saved = _snapshot(model)
+    with pytest.raises(pa.MergeError, match="'b' cannot be fused.*fused adapter 'a'"):
+        fuse(model, "b")
+    _assert_same_state(model, saved)
+
+
+def test_already_fused_merged_and_not_fused_errors():
+    model = tiny_model("llama")
+    _add(model, "a")
+    pa.add_adapter(model, "lo", pa.LoRAConfig(r=2, init="random"))
+    fuse(model, "a")
+    with pytest.raises(pa.MergeError, match="'a' is already fused"):
+        fuse(model, "a")
+    with pytest.raises(pa.MergeError, match="'a' is already merged"):
+        pa.merge(model, "a")
+    with pytest.raises(pa.MergeError, match="'a' is fused"):
+        pa.unmerge(model, "a")
+    pa.merge(model, "lo")  # q/v projections: independent of the fused FFN
+    with pytest.raises(pa.MergeError, match="'lo' is merged"):
+        fuse(model, "lo")
+    unfuse(model, "a")
+    with pytest.raises(pa.MergeError, match="'a' is not fused"):
+        unfuse(model, "a")
+    with pytest.raises(pa.MergeError, match="'lo' is not fused.*unmerge"):
+        unfuse(model, "lo")
+
+
+def test_merged_adapter_inside_the_ffn_is_refused():
+    model = tiny_model("llama")
+    _add(model, "a")
+    pa.add_adapter(model, "lo", pa.LoRAConfig(r=2, targets=["mlp.down_proj"], init="random"))
+    pa.merge(model, "lo")
+    with pytest.raises(pa.MergeError, match="'a' cannot be fused.*'lo' is merged"):
+        fuse(model, "a")
+
+
+def test_fused_owner_names_the_adapter():
+    model = tiny_model("bert")
+    _add(model, "a", layers=[0])
+    fuse(model, "a")
+    layer0, layer1 = model.encoder.layer
+    assert fused_owner(model, layer0.output.dense) == "a"
+    assert fused_owner(model, layer0.intermediate.dense) == "a"
+    assert fused_owner(model, layer1.output.dense) is None
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(hidden_size=8, num_attention_heads=1)
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_unknown_architecture_is_refused():
+    model = _Toy()
+    _add(model, "toy", targets={"entry": r"layers\.\d+"})
+    with pytest.raises(pa.MergeError, match="'toy' cannot be fused.*no known architecture"):
+        fuse(model, "toy")
+
+
+# -- 5. bf16 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapter_dtype", [None, "float32"])
+def test_bf16_fused_close_to_unfused(family, adapter_dtype):
+    """Only rounding order differs (and where s * Wu and b2 + bu are rounded to bf16)."""
+    model = tiny_model(family).to(torch.bfloat16)
+    ids = _ids()
+    _add(model, act="gelu", dtype=adapter_dtype)
+    ref = _unfused(model, "a", ids)
+    saved = _snapshot(model)
+    fuse(model, "a")
+    st = get_state(model)
+    for f in st.record("a").fused.ffns:
+        assert all(p.dtype == torch.bfloat16 for lin in f.linears for p in lin.parameters())
+    torch.testing.assert_close(outputs(model, ids).float(), ref.float(), atol=2e-2, rtol=2e-2)
+    unfuse(model, "a")
+    _assert_same_state(model, saved)
+
+
+# -- 6. generation with a KV cache ---------------------------------------------------------------
+
+
+def test_generate_with_kv_cache_same_tokens():
+    model = tiny_model("llama")
+    ids = _ids(2, 5)
+    mask = torch.ones_like(ids)
+    _add(model, act="silu", scale=2.0)
+
+    def gen():
+        with torch.no_grad():
+            return model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+            )
+
+    base = gen()
+    pa.set_active(model, "a")
+    ref = gen()
+    pa.set_active(model, None)
+    fuse(model, "a")
+    assert torch.equal(gen(), ref)
+    assert not torch.equal(ref, base)  # the adapter does change the tokens
+    unfuse(model, "a")
+    assert torch.equal(gen(), base)
+
+
+def test_merge_into_a_fused_ffn_is_refused():
+    model = tiny_model("llama")
+    _add(model, "a")
+    pa.add_adapter(model, "lo", pa.LoRAConfig(r=2, targets=["mlp.down_proj"], init="random"))
+    fuse(model, "a")
+    with pytest.raises(pa.MergeError, match="'lo'"):
+        pa.merge(model, "lo")
