@@ -201,3 +201,21 @@ def test_deepcopy_and_pickle_after_banks_were_filled():
     buf.seek(0)
     again = torch.load(buf, weights_only=False)
     assert torch.equal(mixed(again, ids, ["a", "b"]), want)
+
+
+def test_bank_follows_replaced_parameters_and_dtype_changes():
+    model = tiny_model("gpt2")
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.ParallelConfig(r=4, init="random"))
+    ids = torch.randint(0, 96, (2, 5))
+    rows = ["a", "b"]
+    mixed(model, ids, rows)
+    comp = next(iter(model.paradapt["b"].components.values()))
+    comp.up.weight = torch.nn.Parameter(torch.randn_like(comp.up.weight))  # replaced, not changed in place
+    torch.testing.assert_close(
+        mixed(model, ids, rows), per_row_reference(model, ids, rows), atol=1e-5, rtol=0
+    )
+    model.double()
+    got = mixed(model, ids, rows)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, per_row_reference(model, ids, rows), atol=1e-10, rtol=0)

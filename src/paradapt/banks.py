@@ -115,10 +115,30 @@ def signature(comp: Bottleneck, device: torch.device) -> tuple:
     )
 
 
-def _stamp(comp: Bottleneck) -> tuple:
-    """Identity and version of every tensor a slot was copied from."""
-    ts = [comp.down.weight, comp.up.weight, comp.scale, comp.down.bias, comp.up.bias]
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in ts)
+def _sources(comp: Bottleneck) -> list[tuple[dict, str]]:
+    """Where each tensor a slot copies lives (module dict, key): a replaced tensor shows up there."""
+    out = []
+    for mod, key in ((comp.down, "weight"), (comp.up, "weight"), (comp.down, "bias"), (comp.up, "bias")):
+        if mod._parameters.get(key) is not None:
+            out.append((mod._parameters, key))
+    out.append((comp._parameters if "scale" in comp._parameters else comp._buffers, "scale"))
+    return out
+
+
+class _Stamp:
+    """The tensors a slot was copied from, with their storage and version, checked in O(tensors)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, comp: Bottleneck):
+        self.entries = [(d, k, d[k], d[k].data_ptr(), d[k]._version) for d, k in _sources(comp)]
+
+    def current(self) -> bool:
+        """Still the same tensors, storage and version (no in-place change, no replacement)?"""
+        for d, k, t, ptr, ver in self.entries:
+            if d.get(k) is not t or t._version != ver or t.data_ptr() != ptr:
+                return False
+        return True
 
 
 class Bank:
@@ -132,7 +152,7 @@ class Bank:
         self.dtype, self.device = comp.down.weight.dtype, device
         self.has_bd, self.has_bu = comp.down.bias is not None, comp.up.bias is not None
         self.names: list[str | None] = []
-        self.stamps: list[tuple | None] = []
+        self.stamps: list[_Stamp | None] = []
         self.free: list[int] = []
         self.layout = layout_of(())
         self._alloc(capacity)
@@ -176,7 +196,7 @@ class Bank:
             put(self.bd, comp.down.bias)
         if self.has_bu:
             put(self.bu, comp.up.bias)
-        self.stamps[slot] = _stamp(comp)
+        self.stamps[slot] = _Stamp(comp)
 
     def insert(self, name: str, comp: Bottleneck) -> None:
         if self.free:
@@ -204,7 +224,8 @@ class Bank:
 
     def fresh(self, name: str, comp: Bottleneck) -> bool:
         """Whether the slot still holds exactly the component's current parameters."""
-        return self.stamps[self.layout.index[name]] == _stamp(comp)
+        stamp = self.stamps[self.layout.index[name]]
+        return stamp is not None and stamp.current()
 
     def refresh(self, name: str, comp: Bottleneck) -> None:
         """Recopy a slot whose parameters changed since it was written."""

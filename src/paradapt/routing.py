@@ -113,12 +113,31 @@ def normalize(comp) -> Route | None:
     raise RoutingError(f"not a composition: {comp!r} (use a name, a list, Stack, Average or None)")
 
 
-@dataclass
 class Group:
-    """Rows (``None`` = all rows) that share one route."""
+    """Rows (``None`` = all rows) that share one route.
 
-    rows: torch.Tensor | None
-    route: Route
+    The row-index tensor is made on first use: mixed batches that go through banks
+    never need one per route.
+    """
+
+    __slots__ = ("_rows", "_list", "_device", "route")
+
+    def __init__(self, rows, route: Route, device: torch.device | None = None):
+        self.route = route
+        self._rows = rows if isinstance(rows, torch.Tensor) or rows is None else None
+        self._list = None if self._rows is not None or rows is None else rows
+        self._device = device
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        if self._rows is None and self._list is not None:
+            self._rows = torch.tensor(self._list, device=self._device)
+        return self._rows
+
+    @property
+    def whole(self) -> bool:
+        """True when the group covers every row of the batch."""
+        return self._rows is None and self._list is None
 
 
 @dataclass
@@ -158,7 +177,7 @@ class Plan:
                 rows_of.setdefault(route, []).extend(range(i * per, (i + 1) * per))
         if len(rows_of) == 1 and sum(len(v) for v in rows_of.values()) == batch:
             return [Group(None, next(iter(rows_of)))]
-        return [Group(torch.tensor(rows, device=device), route) for route, rows in rows_of.items()]
+        return [Group(rows, route, device) for route, rows in rows_of.items()]
 
     def names(self) -> set[str]:
         return {n for r in self.routes if r is not None for n in r.names}

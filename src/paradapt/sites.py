@@ -169,7 +169,7 @@ def transform(
     Mixed batches at inference (no autograd) go through the site's banks; training
     and compositions take the per-group path, which autograd sees through.
     """
-    if len(groups) == 1 and groups[0].rows is None:
+    if len(groups) == 1 and groups[0].whole:
         ops = site.ops(groups[0].route, writes)
         return run_ops(ops, groups[0].route.mode, h, x) if ops else h
     if writes == "output" and not torch.is_grad_enabled():
