@@ -55,6 +55,7 @@ class AdapterConfig:
     layers: list[int] | None = None  # restrict to these layer indices (None = all)
     init: str = "default"  # "default" starts as a no-op where the method allows; "random" for tests
     dtype: str | None = None  # parameter dtype; None = the base model's
+    head: dict | None = None  # a classifier trained with the adapter: {"labels": [...], "pooling", "dropout"}
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +72,8 @@ class AdapterConfig:
             self.layers = list(self.layers)
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.head is not None:
+            self.head = _check_head(self.head)
 
     def placements(self) -> list[Placement]:
         raise NotImplementedError
@@ -96,6 +99,36 @@ class AdapterConfig:
         if unknown:
             warnings.warn(f"{source}: ignoring unknown {kind} config keys {unknown}", stacklevel=3)
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+HEAD_KEYS = ("labels", "num_labels", "pooling", "dropout")
+
+
+def _check_head(head: Any) -> dict:
+    """Normalise a head spec to ``{"labels", "pooling", "dropout"}`` (labels default to 0..n-1)."""
+    if not isinstance(head, dict):
+        raise ConfigError("head", f"must be a dict like {{'labels': ['neg', 'pos']}}, got {head!r}")
+    for k in head:
+        if k not in HEAD_KEYS:
+            hint = difflib.get_close_matches(str(k), HEAD_KEYS, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"head.{k}", f"unknown key{extra}; known: {list(HEAD_KEYS)}")
+    labels = head.get("labels")
+    if labels is None:
+        n = head.get("num_labels")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise ConfigError("head.num_labels", f"give labels or num_labels >= 2, got {n!r}")
+        labels = list(range(n))
+    if not isinstance(labels, (list, tuple)) or len(labels) < 2 or len(set(map(str, labels))) != len(labels):
+        raise ConfigError("head.labels", f"must list at least two distinct labels, got {labels!r}")
+    if "num_labels" in head and head["num_labels"] != len(labels):
+        raise ConfigError("head.num_labels", f"{head['num_labels']} but {len(labels)} labels given")
+    pooling = head.get("pooling", "mean")
+    _check_choice(pooling, ("mean", "cls", "last"), "head.pooling")
+    dropout = head.get("dropout", 0.1)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ConfigError("head.dropout", f"must be in [0, 1), got {dropout!r}")
+    return {"labels": list(labels), "pooling": pooling, "dropout": float(dropout)}
 
 
 def _check_rank(r: Any, name: str = "r") -> None:

@@ -17,6 +17,7 @@ from . import archmap
 from .bottleneck import Bottleneck, init_bottleneck
 from .config import AdapterConfig, Placement
 from .errors import ConfigError, TargetNotFoundError
+from .heads import ClassificationHead
 from .prefix import Prefix, PrefixEncoder, init_prefix, init_prefix_encoder
 from .scale_shift import ScaleShift, init_scale_shift
 from .state import AdapterModule, AdapterRecord, State
@@ -193,6 +194,9 @@ def build(
             parts.append((spec, comp))
     if getattr(adapter, "prefix_encoder", None) is not None:
         adapter.prefix_encoder.to(device=ref.device, dtype=dtype)
+    if config.head is not None:
+        ref = _ref_param(state.model)
+        adapter.head = ClassificationHead(hidden, **config.head).to(device=ref.device)
     for spec, comp in parts:
         adapter.add(spec.key, comp)
     return adapter, parts
