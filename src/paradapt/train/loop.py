@@ -1,0 +1,277 @@
+"""The training loop: one or many adapters on one frozen base, sharing every forward.
+
+Each adapter is a *task* with its own data, optimizer (AdamW), schedule (linear
+warmup, then cosine or constant) and metrics. A step draws ``batch_size``
+rows, split round-robin between the tasks, routes each row to its adapter
+(``pa.route``) and runs ONE forward of the base model. The loss is the sum over
+tasks of each task's mean loss, so every adapter receives exactly the gradient
+it would get training alone on its share of the batch, and each optimizer
+steps only its own parameters. K adapters therefore cost about one base
+forward per step instead of K.
+
+Data order is a seeded permutation per task and epoch
+(``data.seeded_order``), and the position in it is part of the checkpoint, so
+a resumed run continues with the same batches and the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import api
+from ..heads import classify
+from ..io import save_adapter
+from .data import IGNORE_INDEX, TokenizedDataset, seeded_order
+
+
+@dataclass
+class TrainArgs:
+    """Loop settings (the YAML ``train:`` section)."""
+
+    max_steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" | "constant"
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0  # 0: only at the end
+    eval_batch_size: int = 64
+    log_every: int = 10
+    seed: int = 0
+    bf16: bool = False  # autocast to bfloat16 where the device supports it
+    gradient_checkpointing: bool = False
+    output_dir: str | None = None
+
+
+@dataclass
+class Task:
+    """One adapter being trained: its name and data."""
+
+    name: str
+    train: TokenizedDataset
+    eval: TokenizedDataset | None = None
+
+
+@dataclass
+class _Cursor:
+    epoch: int = 0
+    pos: int = 0
+    order: list[int] = field(default_factory=list)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at ``total`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Trains the adapters named by ``tasks`` on ``model`` (adapters must already be added)."""
+
+    def __init__(self, model: nn.Module, tasks: list[Task], args: TrainArgs):
+        self.model, self.tasks, self.args = model, tasks, args
+        self.kind = tasks[0].train.task
+        for t in tasks:
+            if t.train.task != self.kind:
+                raise ValueError(f"all tasks of one run need the same task type; {t.name} is {t.train.task}")
+        api.set_trainable(model, [t.name for t in tasks], True)
+        self.opts, self.scheds = {}, {}
+        for t in tasks:
+            params = [p for p in model.paradapt[t.name].parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+            self.opts[t.name] = opt
+            self.scheds[t.name] = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.schedule)
+            )
+        self.cursors = {t.name: _Cursor() for t in tasks}
+        self.step = 0
+        self.history: list[dict] = []
+        if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- data ---------------------------------------------------------------------------
+    def _next(self, task: Task) -> dict:
+        c = self.cursors[task.name]
+        if not c.order or c.pos >= len(c.order):
+            if c.order:
+                c.epoch += 1
+            c.order, c.pos = seeded_order(len(task.train), self.args.seed, c.epoch), 0
+        ex = task.train[c.order[c.pos]]
+        c.pos += 1
+        return ex
+
+    def _batch(self) -> tuple[dict, list[str]]:
+        rows, names = [], []
+        for i in range(self.args.batch_size):
+            task = self.tasks[i % len(self.tasks)]
+            rows.append(self._next(task))
+            names.append(task.name)
+        return self.tasks[0].train.collate_fn()(rows), names
+
+    # -- loss -----------------------------------------------------------------------------
+    def _losses(self, batch: dict, names: list[str]) -> dict[str, torch.Tensor]:
+        """Mean loss of each adapter's rows, from one forward of the mixed batch."""
+        dev = next(self.model.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        use_bf16 = self.args.bf16 and (dev.type == "cuda" or dev.type == "cpu")
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16), api.route(self.model, names):
+            out = self.model(**batch)
+        if self.kind == "classification":
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+            logits = classify(self.model, hidden.float(), batch.get("attention_mask"), names)
+            per_row = F.cross_entropy(logits, labels, reduction="none")
+            weights = torch.ones_like(per_row)
+        else:
+            logits = out.logits[:, :-1].float()
+            target = labels[:, 1:]
+            tok = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX)
+            weights = (target != IGNORE_INDEX).float()
+            per_row, weights = tok.sum(1), weights.sum(1)
+        losses = {}
+        for n in dict.fromkeys(names):
+            idx = torch.tensor([i for i, m in enumerate(names) if m == n], device=dev)
+            losses[n] = per_row.index_select(0, idx).sum() / weights.index_select(0, idx).sum().clamp(min=1)
+        return losses
+
+    # -- the loop -------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        totals: dict[str, float] = {}
+        for _ in range(self.args.grad_accum):
+            batch, names = self._batch()
+            losses = self._losses(batch, names)
+            (sum(losses.values()) / self.args.grad_accum).backward()
+            for n, v in losses.items():
+                totals[n] = totals.get(n, 0.0) + float(v.detach()) / self.args.grad_accum
+        for n, opt in self.opts.items():
+            if self.args.max_grad_norm:
+                params = [p for g in opt.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.scheds[n].step()
+        self.step += 1
+        return totals
+
+    def train(self, progress: bool = True, stop_at: int | None = None) -> list[dict]:
+        """Run to ``max_steps`` (or stop early at ``stop_at``); log to ``output_dir/metrics.jsonl``."""
+        end = self.args.max_steps if stop_at is None else min(stop_at, self.args.max_steps)
+        bar = _bar(end - self.step, progress)
+        t0, tokens = time.perf_counter(), 0
+        while self.step < end:
+            losses = self.train_step()
+            tokens += self.args.batch_size * self.args.grad_accum
+            if self.step % self.args.log_every == 0 or self.step == self.args.max_steps:
+                lr = self.scheds[self.tasks[0].name].get_last_lr()[0]
+                rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                self._log({"step": self.step, "loss": losses, "lr": lr, "rows_per_s": rate})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.4f}", lr=f"{lr:.2e}")
+            if self.args.eval_every and self.step % self.args.eval_every == 0:
+                self._log({"step": self.step, "eval": self.evaluate()})
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if self.step == self.args.max_steps and (
+            not self.args.eval_every or self.step % self.args.eval_every
+        ):
+            self._log({"step": self.step, "eval": self.evaluate()})
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Per adapter: accuracy (classification) or loss and perplexity (LM), on its eval set."""
+        was = self.model.training
+        self.model.eval()
+        out = {}
+        for t in self.tasks:
+            if t.eval is None:
+                continue
+            collate = t.eval.collate_fn()
+            hits, loss_sum, weight = 0, 0.0, 0.0
+            for s in range(0, len(t.eval), self.args.eval_batch_size):
+                batch = collate(
+                    [t.eval[i] for i in range(s, min(s + self.args.eval_batch_size, len(t.eval)))]
+                )
+                names = [t.name] * batch["input_ids"].shape[0]
+                if self.kind == "classification":
+                    labels = batch["labels"]
+                    logits = self._eval_logits(batch, names)
+                    hits += int((logits.argmax(-1).cpu() == labels).sum())
+                    weight += len(labels)
+                else:
+                    loss = self._losses(batch, names)[t.name]
+                    w = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    loss_sum, weight = loss_sum + float(loss) * w, weight + w
+            if self.kind == "classification":
+                out[t.name] = {"accuracy": hits / max(weight, 1)}
+            else:
+                mean = loss_sum / max(weight, 1)
+                out[t.name] = {"loss": mean, "perplexity": math.exp(min(mean, 50))}
+        self.model.train(was)
+        return out
+
+    def _eval_logits(self, batch: dict, names: list[str]) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        inputs = {k: v.to(dev) for k, v in batch.items() if k != "labels"}
+        with api.route(self.model, names):
+            out = self.model(**inputs)
+        return classify(self.model, out.last_hidden_state, inputs.get("attention_mask"), names)
+
+    # -- output ---------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.args.output_dir:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(Path(self.args.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_adapters(self, folder: str | os.PathLike) -> None:
+        """Each trained adapter (with its head) to ``folder/<name>``, written atomically."""
+        for t in self.tasks:
+            save_adapter(self.model, t.name, Path(folder) / t.name)
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "args": asdict(self.args),
+            "optimizers": {n: o.state_dict() for n, o in self.opts.items()},
+            "schedulers": {n: s.state_dict() for n, s in self.scheds.items()},
+            "cursors": {n: asdict(c) for n, c in self.cursors.items()},
+            "adapters": {t.name: self.model.paradapt[t.name].state_dict() for t in self.tasks},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        for n, sd in state["adapters"].items():
+            self.model.paradapt[n].load_state_dict(sd)
+        for n, sd in state["optimizers"].items():
+            self.opts[n].load_state_dict(sd)
+        for n, sd in state["schedulers"].items():
+            self.scheds[n].load_state_dict(sd)
+        self.cursors = {n: _Cursor(**c) for n, c in state["cursors"].items()}
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step")
