@@ -28,35 +28,30 @@ FAMILIES = ["llama", "qwen2", "gpt2", "bert"]
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
 
 
-def tiny_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """A 2-layer random model of ``family`` in eval mode."""
+# Llama and Qwen2 share one shape: GQA with 4 query and 2 key/value heads.
+_DECODER = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_model(family: str, attn: str = "sdpa", seed: int = 0, **config) -> torch.nn.Module:
+    """A 2-layer random model of ``family`` in eval mode; ``config`` overrides config fields."""
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(
-            vocab_size=96,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        m = LlamaForCausalLM(cfg)
+        m = LlamaForCausalLM(LlamaConfig(**{**_DECODER, **config}))
     elif family == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=96,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        m = Qwen2ForCausalLM(cfg)
+        m = Qwen2ForCausalLM(Qwen2Config(**{**_DECODER, **config}))
     elif family == "gpt2":
         cfg = GPT2Config(
             vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
         )
+        cfg.update(config)
         m = GPT2LMHeadModel(cfg)
     elif family == "bert":
         cfg = BertConfig(
@@ -66,6 +61,7 @@ def tiny_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Modul
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=64,
+            **config,
         )
         m = BertModel(cfg)
     else:

@@ -25,6 +25,12 @@ def add_zoo(model) -> None:
     pa.add_adapter(model, "unused", pa.LoRAConfig(r=4, init="random"))  # an empty segment
 
 
+def add_lora_and_parallel(model, r_parallel: int = 4) -> None:
+    """A LoRA "a" (r=4) and a parallel adapter "b": one bank at linears, one at FFN blocks."""
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.ParallelConfig(r=r_parallel, init="random"))
+
+
 ROWS = ["lora4", "par", None, "lora8", "ser", "lora4", "par_ls", "ia3", pa.Stack("lora4", "par"), "pre"]
 
 
@@ -92,8 +98,7 @@ def test_segments_are_built_once_per_forward_and_shared_by_all_sites():
 
 def test_generate_with_mixed_adapters_matches_each_row_alone():
     model = tiny_model("llama")
-    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
-    pa.add_adapter(model, "b", pa.ParallelConfig(r=8, init="random"))
+    add_lora_and_parallel(model, r_parallel=8)
     ids = torch.randint(1, 96, (3, 4), generator=torch.Generator().manual_seed(3))
     rows = ["b", None, "a"]
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -109,8 +114,7 @@ def test_generate_with_mixed_adapters_matches_each_row_alone():
 
 def test_bank_follows_in_place_weight_changes_and_reloads():
     model = tiny_model("llama")
-    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
-    pa.add_adapter(model, "b", pa.ParallelConfig(r=4, init="random"))
+    add_lora_and_parallel(model)
     ids = torch.randint(0, 96, (2, 5))
     rows = ["a", "b"]
     mixed(model, ids, rows)  # fill the banks
@@ -169,8 +173,7 @@ def test_measured_choice_is_recorded():
 
 def test_bf16_mixed_batch_close_to_each_row_alone():
     model = tiny_model("llama").to(torch.bfloat16)
-    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
-    pa.add_adapter(model, "b", pa.ParallelConfig(r=8, init="random"))
+    add_lora_and_parallel(model, r_parallel=8)
     ids = torch.randint(0, 96, (4, 5))
     rows = ["a", "b", None, "b"]
     ref = per_row_reference(model, ids, rows)
@@ -190,8 +193,7 @@ def test_deepcopy_and_pickle_after_banks_were_filled():
     import io
 
     model = tiny_model("llama")
-    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
-    pa.add_adapter(model, "b", pa.ParallelConfig(r=4, init="random"))
+    add_lora_and_parallel(model)
     ids = torch.randint(0, 96, (2, 5))
     want = mixed(model, ids, ["a", "b"])
     twin = copy.deepcopy(model)
@@ -205,8 +207,7 @@ def test_deepcopy_and_pickle_after_banks_were_filled():
 
 def test_bank_follows_replaced_parameters_and_dtype_changes():
     model = tiny_model("gpt2")
-    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
-    pa.add_adapter(model, "b", pa.ParallelConfig(r=4, init="random"))
+    add_lora_and_parallel(model)
     ids = torch.randint(0, 96, (2, 5))
     rows = ["a", "b"]
     mixed(model, ids, rows)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import FAMILIES, outputs, tiny_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import paradapt as pa
 from paradapt.fuse import SplitActivation, fuse, fused_owner, unfuse
@@ -26,20 +25,10 @@ def _ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
 
 
 def _model(family: str) -> nn.Module:
-    if family != "llama_bias":
-        return tiny_model(family)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        mlp_bias=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """A tiny model; "llama_bias" is Llama with biases on its FFN projections."""
+    if family == "llama_bias":
+        return tiny_model("llama", mlp_bias=True)
+    return tiny_model(family)
 
 
 def _add(model: nn.Module, name: str = "a", **kw) -> None:

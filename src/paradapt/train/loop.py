@@ -124,25 +124,39 @@ class Trainer:
         return self.tasks[0].train.collate_fn()(rows), names
 
     # -- loss -----------------------------------------------------------------------------
+    def _forward(self, batch: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One routed forward of a batch: (logits, labels) on the model's device.
+
+        Classification logits come from each row's adapter head; LM logits are the model's.
+        """
+        dev = next(self.model.parameters()).device
+        inputs = {k: v.to(dev) for k, v in batch.items()}
+        labels = inputs.pop("labels")
+        with (
+            torch.autocast(
+                dev.type, dtype=torch.bfloat16, enabled=self.args.bf16 and dev.type in ("cuda", "cpu")
+            ),
+            api.route(self.model, names),
+        ):
+            out = self.model(**inputs)
+        if self.kind != "classification":
+            return out.logits, labels
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+        return classify(self.model, hidden.float(), inputs.get("attention_mask"), names), labels
+
     def _losses(self, batch: dict, names: list[str]) -> dict[str, torch.Tensor]:
         """Mean loss of each adapter's rows, from one forward of the mixed batch."""
-        dev = next(self.model.parameters()).device
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        use_bf16 = self.args.bf16 and (dev.type == "cuda" or dev.type == "cpu")
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16), api.route(self.model, names):
-            out = self.model(**batch)
+        logits, labels = self._forward(batch, names)
         if self.kind == "classification":
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
-            logits = classify(self.model, hidden.float(), batch.get("attention_mask"), names)
             per_row = F.cross_entropy(logits, labels, reduction="none")
             weights = torch.ones_like(per_row)
         else:
-            logits = out.logits[:, :-1].float()
             target = labels[:, 1:]
-            tok = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX)
-            weights = (target != IGNORE_INDEX).float()
-            per_row, weights = tok.sum(1), weights.sum(1)
+            tok = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX
+            )
+            per_row, weights = tok.sum(1), (target != IGNORE_INDEX).float().sum(1)
+        dev = per_row.device
         losses = {}
         for n in dict.fromkeys(names):
             idx = torch.tensor([i for i, m in enumerate(names) if m == n], device=dev)
@@ -212,9 +226,8 @@ class Trainer:
                 )
                 names = [t.name] * batch["input_ids"].shape[0]
                 if self.kind == "classification":
-                    labels = batch["labels"]
-                    logits = self._eval_logits(batch, names)
-                    hits += int((logits.argmax(-1).cpu() == labels).sum())
+                    logits, labels = self._forward(batch, names)
+                    hits += int((logits.argmax(-1) == labels).sum())
                     weight += len(labels)
                 else:
                     loss = self._losses(batch, names)[t.name]
@@ -227,13 +240,6 @@ class Trainer:
                 out[t.name] = {"loss": mean, "perplexity": math.exp(min(mean, 50))}
         self.model.train(was)
         return out
-
-    def _eval_logits(self, batch: dict, names: list[str]) -> torch.Tensor:
-        dev = next(self.model.parameters()).device
-        inputs = {k: v.to(dev) for k, v in batch.items() if k != "labels"}
-        with api.route(self.model, names):
-            out = self.model(**inputs)
-        return classify(self.model, out.last_hidden_state, inputs.get("attention_mask"), names)
 
     # -- output ---------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
