@@ -220,3 +220,17 @@ def test_bank_follows_replaced_parameters_and_dtype_changes():
     got = mixed(model, ids, rows)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, per_row_reference(model, ids, rows), atol=1e-10, rtol=0)
+
+
+def test_adapter_switched_to_train_mode_leaves_its_bank_slot():
+    """Rows of an adapter in train mode go the general way and must not also get its banked delta."""
+    model = tiny_model("llama")
+    add_lora_and_parallel(model)
+    pa.add_adapter(model, "c", pa.LoRAConfig(r=4, init="random"))
+    ids = torch.randint(0, 96, (3, 5))
+    rows = ["a", "b", "c"]
+    mixed(model, ids, rows)  # "a" and "c" share a bank at every LoRA site
+    model.paradapt["a"].train()  # dropout 0: the same math, but not banked
+    torch.testing.assert_close(
+        mixed(model, ids, rows), per_row_reference(model, ids, rows), atol=1e-5, rtol=0
+    )

@@ -63,11 +63,17 @@ class Site:
         self.__dict__.update(d)
         self._bank_lock = threading.Lock()
 
+    def unbank(self, name: str) -> None:
+        """Free an adapter's bank slot (it is refilled from its parameters when next banked)."""
+        if name in self._bank_of:
+            with self._bank_lock:
+                bank = self._bank_of.pop(name, None)
+                if bank is not None:
+                    bank.remove(name)
+
     def drop(self, name: str) -> nn.Module:
         """Take an adapter's component (and its bank slot) out of this site."""
-        bank = self._bank_of.pop(name, None)
-        if bank is not None:
-            bank.remove(name)
+        self.unbank(name)
         return self.components.pop(name)
 
     def bank_for(self, name: str, comp: nn.Module, device: torch.device) -> Bank:
@@ -142,6 +148,8 @@ def apply_banks(
         if name is not None and (comp is None or name in merged):
             continue  # nothing of this adapter here
         if comp is None or not bankable(comp) or comp.training:
+            if name is not None:
+                site.unbank(name)  # else its slot would still match these rows' segments
             rest.append(g)
             continue
         bank = site.bank_for(name, comp, h.device)
