@@ -1,0 +1,362 @@
+"""Iteration-level (continuous batching) scheduler: which requests run in the next step.
+
+Each :meth:`Scheduler.plan` builds one step under four limits:
+
+* ``token_budget``: prompt-chunk tokens plus one token per decode (chunked prefill);
+* ``kv_tokens``: KV capacity. A request is admitted only if ``prompt_len + max_new_tokens``
+  fits next to what running requests reserved (S-LoRA/LightLLM-style worst-case reservation,
+  not vLLM's grow-and-preempt): no preemption or recomputation is ever needed, and the
+  decision depends on counts only, so the twin replays it exactly. The price is capacity
+  held by requests that stop early; it is freed the moment they finish;
+* ``max_running`` requests at once, and at most ``cache.max_slots`` distinct adapters (and
+  the cache's byte budget) across the running requests, so one step's adapters always fit;
+* ``queue_bound`` waiting requests: :meth:`add` raises :class:`QueueFullError` past it (429).
+
+Order: running requests first (every decode, then prompt chunks of requests still in prefill,
+oldest first), then waiting requests FCFS by arrival. A waiting request whose adapter does not
+fit is skipped, so requests of adapters already in the batch keep flowing (vLLM PR #15422).
+Starvation guard: a request that waited ``starvation_after`` seconds goes ahead of all
+others, even if its adapter must be loaded; if it still cannot be admitted, nothing else is
+admitted until it is, so the running requests drain and free its slot (no adapter can be
+crowded out forever by a popular one, the bug SGLang fixed with "lora draining").
+
+The scheduler pins a request's adapter in the :class:`~paradapt.serve.cache.AdapterCache`
+when it is admitted and unpins it when the request finishes or is cancelled.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
+from .cache import AdapterCache
+
+
+class QueueFullError(ParadaptError, RuntimeError):
+    """The waiting queue is at its bound (the API answers 429)."""
+
+
+class RequestTooLargeError(ParadaptError, ValueError):
+    """A request can never run on this engine. ``field`` names the cause."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass(eq=False)
+class Request:
+    """A generation request as the scheduler sees it: counts only.
+
+    ``adapter`` None means the base model (needs no slot). ``prefilled`` counts prompt tokens
+    already in the KV cache; ``generated`` counts output tokens sampled so far.
+    """
+
+    id: str
+    adapter: str | None
+    prompt_len: int
+    max_new_tokens: int
+    arrival: float
+    state: RequestState = RequestState.WAITING
+    prefilled: int = 0
+    generated: int = 0
+    admitted_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "max_new_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {v!r} (request {self.id!r})")
+
+    @property
+    def kv_need(self) -> int:
+        """Tokens reserved in the KV cache while running: the worst case."""
+        return self.prompt_len + self.max_new_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < self.prompt_len
+
+    @property
+    def done(self) -> bool:
+        return self.state in (RequestState.FINISHED, RequestState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens ``[start, start + length)`` of a request; ``last`` chunks sample a token."""
+
+    request_id: str
+    start: int
+    length: int
+    last: bool
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step: prompt chunks, decodes, the adapters that must be on device, and who was admitted."""
+
+    prefills: tuple[PrefillChunk, ...]
+    decodes: tuple[str, ...]
+    adapters: tuple[str, ...]
+    admitted: tuple[str, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.prefills) + len(self.decodes)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Knobs of the scheduler (``max_slots`` lives in the cache: one source of truth)."""
+
+    token_budget: int = 2048
+    kv_tokens: int = 65536
+    max_running: int = 256
+    queue_bound: int = 4096
+    starvation_after: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("token_budget", "kv_tokens", "max_running", "queue_bound"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
+        if self.max_running > self.token_budget:
+            raise ConfigError(
+                "max_running",
+                f"{self.max_running} exceeds token_budget={self.token_budget}: every running decode needs a token",
+            )
+        v = self.starvation_after
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+            raise ConfigError("starvation_after", f"must be a number of seconds >= 0, got {v!r}")
+
+
+@dataclass
+class _Step:
+    """Working state while one plan is built."""
+
+    budget: int
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    decodes: list[str] = field(default_factory=list)
+    admitted: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; decides each step from counts and sizes."""
+
+    def __init__(self, config: SchedulerConfig, cache: AdapterCache):
+        self.config = config
+        self.cache = cache
+        self._seq = 0
+        self._waiting: list[tuple[float, int, Request]] = []  # kept sorted by (arrival, seq)
+        self._running: dict[str, Request] = {}  # admission order
+        self._requests: dict[str, Request] = {}
+        self._kv_used = 0
+        self._adapter_users: dict[str, int] = {}  # adapter -> running requests using it
+
+    # -- queue ----------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue ``request``; raises if the queue is full or the request can never run."""
+        if request.id in self._requests:
+            raise ConfigError("id", f"request id {request.id!r} is already in use")
+        if request.state is not RequestState.WAITING or request.prefilled or request.generated:
+            raise ConfigError("state", f"request {request.id!r} must be new (waiting, no tokens done)")
+        self._check_can_ever_run(request)
+        if len(self._waiting) >= self.config.queue_bound:
+            raise QueueFullError(f"queue is full ({self.config.queue_bound} waiting requests)")
+        self._seq += 1
+        entry = (request.arrival, self._seq, request)
+        if self._waiting and self._waiting[-1][:2] > entry[:2]:
+            self._waiting.append(entry)
+            self._waiting.sort(key=lambda e: e[:2])
+        else:
+            self._waiting.append(entry)
+        self._requests[request.id] = request
+
+    def cancel(self, request_id: str, now: float | None = None) -> bool:
+        """Cancel a waiting or running request, freeing its KV space and slot at once.
+
+        Returns False if the request is unknown or already done.
+        """
+        r = self._requests.get(request_id)
+        if r is None or r.done:
+            return False
+        if r.state is RequestState.WAITING:
+            self._waiting = [e for e in self._waiting if e[2] is not r]
+        else:
+            self._release(r)
+        r.state = RequestState.CANCELLED
+        r.finished_at = now
+        del self._requests[request_id]
+        return True
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    @property
+    def waiting(self) -> list[Request]:
+        """Waiting requests in FCFS order."""
+        return [e[2] for e in self._waiting]
+
+    @property
+    def running(self) -> list[Request]:
+        """Running requests in admission order."""
+        return list(self._running.values())
+
+    @property
+    def kv_used(self) -> int:
+        """KV tokens reserved by running requests."""
+        return self._kv_used
+
+    @property
+    def running_adapters(self) -> list[str]:
+        return list(self._adapter_users)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def upcoming_adapters(self, limit: int) -> list[str]:
+        """Distinct adapters of the first waiting requests (FCFS), for ``AdapterCache.prefetch``."""
+        out: dict[str, None] = {}
+        for _, _, r in self._waiting:
+            if len(out) >= limit:
+                break
+            if r.adapter is not None:
+                out[r.adapter] = None
+        return list(out)
+
+    # -- planning ---------------------------------------------------------------
+    def plan(self, now: float) -> StepPlan:
+        """Build the next step and admit the requests it starts (pinning their adapters)."""
+        step = _Step(budget=self.config.token_budget)
+        self._plan_running(step)
+        self._admit(step, now)
+        adapters = {self._requests[i].adapter for i in step.decodes}
+        adapters |= {self._requests[c.request_id].adapter for c in step.prefills}
+        ordered = tuple(a for a in self._adapter_users if a in adapters)
+        return StepPlan(tuple(step.prefills), tuple(step.decodes), ordered, tuple(step.admitted))
+
+    def _plan_running(self, step: _Step) -> None:
+        """Every decode (always fits: max_running <= token_budget), then prompt chunks, oldest first."""
+        for r in self._running.values():
+            if not r.in_prefill:
+                step.decodes.append(r.id)
+        step.budget -= len(step.decodes)
+        for r in self._running.values():
+            if r.in_prefill and step.budget > 0:
+                self._chunk(step, r)
+
+    def _admit(self, step: _Step, now: float) -> None:
+        """Admit waiting requests, starved ones first; stop at the first starved one that is blocked."""
+        bound = self.config.starvation_after
+        starved = [e for e in self._waiting if now - e[2].arrival >= bound]
+        starved_ids = {id(e[2]) for e in starved}
+        order = starved + [e for e in self._waiting if id(e[2]) not in starved_ids]
+        admitted: set[int] = set()
+        for _, _, r in order:
+            if step.budget <= 0 or len(self._running) >= self.config.max_running:
+                break
+            if self._kv_used + r.kv_need > self.config.kv_tokens:
+                break  # head-of-line: the oldest waits for memory rather than being overtaken forever
+            if not self._adapter_fits(r.adapter):
+                if id(r) in starved_ids:
+                    break  # drain: admit nothing until the starved request's adapter fits
+                continue
+            self._start(r, now)
+            admitted.add(id(r))
+            step.admitted.append(r.id)
+            self._chunk(step, r)
+        if admitted:
+            self._waiting = [e for e in self._waiting if id(e[2]) not in admitted]
+
+    def _adapter_fits(self, adapter: str | None) -> bool:
+        if adapter is None or adapter in self._adapter_users:
+            return True
+        return self.cache.fits([*self._adapter_users, adapter])
+
+    def _chunk(self, step: _Step, r: Request) -> None:
+        n = min(r.prompt_len - r.prefilled, step.budget)
+        step.prefills.append(PrefillChunk(r.id, r.prefilled, n, r.prefilled + n == r.prompt_len))
+        step.budget -= n
+
+    def _start(self, r: Request, now: float) -> None:
+        r.state = RequestState.RUNNING
+        r.admitted_at = now
+        self._running[r.id] = r
+        self._kv_used += r.kv_need
+        if r.adapter is not None:
+            self._adapter_users[r.adapter] = self._adapter_users.get(r.adapter, 0) + 1
+            self.cache.pin(r.adapter)
+
+    # -- after the step ---------------------------------------------------------
+    def complete(self, plan: StepPlan, now: float, stopped: Iterable[str] = ()) -> list[Request]:
+        """Record a finished step: prompt progress, one token per decode or last chunk.
+
+        ``stopped`` names requests the runner ended early (EOS, stop string). Returns the
+        requests that finished; their KV space and adapter pins are released at once.
+        Requests cancelled while the step ran are skipped.
+        """
+        stopped = set(stopped)
+        finished = []
+        for c in plan.prefills:
+            r = self._running.get(c.request_id)
+            if r is None:
+                continue
+            r.prefilled += c.length
+            if c.last:
+                r.generated += 1
+        for rid in plan.decodes:
+            r = self._running.get(rid)
+            if r is not None:
+                r.generated += 1
+        for rid in [*plan.decodes, *(c.request_id for c in plan.prefills if c.last)]:
+            r = self._running.get(rid)
+            if r is not None and (r.generated >= r.max_new_tokens or rid in stopped):
+                self._release(r)
+                r.state = RequestState.FINISHED
+                r.finished_at = now
+                del self._requests[rid]
+                finished.append(r)
+        return finished
+
+    # -- internals ----------------------------------------------------------------
+    def _release(self, r: Request) -> None:
+        del self._running[r.id]
+        self._kv_used -= r.kv_need
+        if r.adapter is not None:
+            n = self._adapter_users[r.adapter] - 1
+            if n:
+                self._adapter_users[r.adapter] = n
+            else:
+                del self._adapter_users[r.adapter]
+            self.cache.unpin(r.adapter)
+
+    def _check_can_ever_run(self, r: Request) -> None:
+        if r.kv_need > self.config.kv_tokens:
+            raise RequestTooLargeError(
+                "max_tokens",
+                f"request {r.id!r} needs {r.prompt_len} prompt + {r.max_new_tokens} new tokens = {r.kv_need}, "
+                f"over the KV capacity of {self.config.kv_tokens}",
+            )
+        if r.adapter is not None:
+            if r.adapter not in self.cache:
+                raise AdapterNotFoundError(f"unknown adapter {r.adapter!r}")
+            if not self.cache.fits([r.adapter]):
+                raise RequestTooLargeError(
+                    "model",
+                    f"adapter {r.adapter!r} ({self.cache.size(r.adapter)} B) is larger than the device budget",
+                )
