@@ -16,9 +16,11 @@ Order: running requests first (every decode, then prompt chunks of requests stil
 oldest first), then waiting requests FCFS by arrival. A waiting request whose adapter does not
 fit is skipped, so requests of adapters already in the batch keep flowing (vLLM PR #15422).
 Starvation guard: a request that waited ``starvation_after`` seconds goes ahead of all
-others, even if its adapter must be loaded; if it still cannot be admitted, nothing else is
-admitted until it is, so the running requests drain and free its slot (no adapter can be
-crowded out forever by a popular one, the bug SGLang fixed with "lora draining").
+others, even if its adapter must be loaded. If no slot is free, one running adapter is
+drained for it: the one whose requests finish soonest stops taking new requests (and no new
+adapter is admitted) until its slot frees, while the other running adapters keep flowing.
+So no adapter is crowded out forever by a popular one (the bug SGLang fixed with "lora
+draining"), and a wait is bounded by the bound plus one drain.
 
 The scheduler pins a request's adapter in the :class:`~paradapt.serve.cache.AdapterCache`
 when it is admitted and unpins it when the request finishes or is cancelled.
@@ -261,20 +263,31 @@ class Scheduler:
                 self._chunk(step, r)
 
     def _admit(self, step: _Step, now: float) -> None:
-        """Admit waiting requests, starved ones first; stop at the first starved one that is blocked."""
+        """Admit waiting requests, starved ones first.
+
+        A starved request whose adapter finds no slot starts a drain: from then on this step
+        admits no request that needs a new slot, nor any request of the running adapter that
+        will finish soonest (the victim), so that slot frees within the victim's remaining
+        tokens while the other running adapters keep flowing.
+        """
         bound = self.config.starvation_after
         starved = [e for e in self._waiting if now - e[2].arrival >= bound]
         starved_ids = {id(e[2]) for e in starved}
         order = starved + [e for e in self._waiting if id(e[2]) not in starved_ids]
         admitted: set[int] = set()
+        draining = False
+        victim: str | None = None
         for _, _, r in order:
             if step.budget <= 0 or len(self._running) >= self.config.max_running:
                 break
             if self._kv_used + r.kv_need > self.config.kv_tokens:
                 break  # head-of-line: the oldest waits for memory rather than being overtaken forever
-            if not self._adapter_fits(r.adapter):
-                if id(r) in starved_ids:
-                    break  # drain: admit nothing until the starved request's adapter fits
+            new_slot = r.adapter is not None and r.adapter not in self._adapter_users
+            if new_slot and (draining or not self._adapter_fits(r.adapter)):
+                if id(r) in starved_ids and not draining:
+                    draining, victim = True, self._drain_victim()
+                continue
+            if draining and r.adapter is not None and r.adapter == victim:
                 continue
             self._start(r, now)
             admitted.add(id(r))
@@ -282,6 +295,15 @@ class Scheduler:
             self._chunk(step, r)
         if admitted:
             self._waiting = [e for e in self._waiting if id(e[2]) not in admitted]
+
+    def _drain_victim(self) -> str | None:
+        """The running adapter whose requests will all be done soonest (ties: admitted first)."""
+        left: dict[str, int] = {}
+        for r in self._running.values():
+            if r.adapter is not None:
+                todo = (r.prompt_len - r.prefilled) + (r.max_new_tokens - r.generated)
+                left[r.adapter] = max(left.get(r.adapter, 0), todo)
+        return min(left, key=left.__getitem__) if left else None
 
     def _adapter_fits(self, adapter: str | None) -> bool:
         if adapter is None or adapter in self._adapter_users:
