@@ -336,3 +336,128 @@ def test_merge_into_a_fused_ffn_is_refused():
     fuse(model, "a")
     with pytest.raises(pa.MergeError, match="'lo'"):
         pa.merge(model, "lo")
+
+
+# -- 7. the split activation: no slice-and-concatenate at inference ------------------------------
+
+_BASE_ACTS = {
+    "silu": nn.SiLU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu_inplace": lambda: nn.ReLU(inplace=True),
+    "identity": nn.Identity,
+}
+
+
+def _split_reference(base: nn.Module, act: str, h: torch.Tensor, width: int) -> torch.Tensor:
+    from paradapt.bottleneck import _ACTS
+
+    return torch.cat([base(h[..., :width].clone()), _ACTS[act](h[..., width:].clone())], dim=-1)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "identity"])
+@pytest.mark.parametrize("base_name", list(_BASE_ACTS))
+def test_split_activation_is_exact_without_concatenating(base_name, act, monkeypatch):
+    """Inference writes the adapter's features into the base activation's output: exact, no cat.
+
+    Equal to rounding only: a vectorised kernel may round its remainder lanes differently
+    from a narrower call."""
+    split = SplitActivation(_BASE_ACTS[base_name](), act, width=6)
+    h = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
+    ref = _split_reference(_BASE_ACTS[base_name](), act, h, 6)
+    if not split.base_inplace:
+
+        def no_cat(*a, **k):
+            raise AssertionError("torch.cat on the inference path")
+
+        monkeypatch.setattr(torch, "cat", no_cat)
+    with torch.no_grad():
+        out = split(h.clone())
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("base_name", ["silu", "identity"])
+def test_split_activation_under_autograd_keeps_its_gradient(base_name):
+    """With autograd tracking the input, writing in place would break backward: the cat path runs."""
+    split = SplitActivation(_BASE_ACTS[base_name](), "tanh", width=6)
+    h = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = split(h)
+    ref = _split_reference(_BASE_ACTS[base_name](), "tanh", h.detach(), 6)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=1e-6)
+    out.sum().backward()
+    tail = 1 - torch.tanh(h.detach()[..., 6:]) ** 2
+    torch.testing.assert_close(h.grad[..., 6:], tail)
+
+
+def test_fused_prefill_and_decode_match_unfused_under_inference_mode():
+    """Decode (one token) and prefill (strided tail views) both take the in-place path."""
+    model = tiny_model("llama")
+    _add(model, act="relu", scale=3.0)
+    ids = _ids(1, 9)
+    pa.set_active(model, "a")
+    with torch.inference_mode():
+        ref_prefill, ref_step = outputs(model, ids[:, :8]), outputs(model, ids)[:, -1]
+    pa.set_active(model, None)
+    fuse(model, "a")
+    with torch.inference_mode():
+        torch.testing.assert_close(outputs(model, ids[:, :8]), ref_prefill, atol=1e-5, rtol=1e-5)
+        out = model(ids[:, :8], use_cache=True)
+        step = model(ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, ref_step, atol=1e-5, rtol=1e-5)
+
+
+# -- 8. adapters on a fused projection: clear refusals, PiSSA included ---------------------------
+
+
+@pytest.mark.parametrize("init", ["pissa", "default"])
+@pytest.mark.parametrize("proj", ["gate_proj", "up_proj", "down_proj"])
+def test_adding_an_adapter_on_a_fused_projection_is_refused(proj, init):
+    model = tiny_model("llama")
+    _add(model, "a")
+    fuse(model, "a")
+    saved = _snapshot(model)
+    pattern = rf"'p' cannot be added on model\.layers\.0\.mlp\.{proj}: adapter 'a' is fused into it"
+    with pytest.raises(pa.MergeError, match=pattern):
+        pa.add_adapter(model, "p", pa.LoRAConfig(r=2, init=init, targets=[f"mlp.{proj}"]))
+    _assert_same_state(model, saved)
+    assert "p" not in get_state(model).adapters
+    unfuse(model, "a")
+    pa.add_adapter(model, "p", pa.LoRAConfig(r=2, init=init, targets=[f"mlp.{proj}"]))  # fine once unfused
+
+
+def test_adapter_elsewhere_can_be_added_while_fused():
+    model = tiny_model("llama")
+    _add(model, "a")
+    fuse(model, "a")
+    pa.add_adapter(model, "p", pa.LoRAConfig(r=2, init="pissa"))  # q/v projections: not widened
+    assert "p" in get_state(model).adapters
+
+
+def test_removing_a_pissa_lora_from_a_fused_projection_is_refused():
+    model = tiny_model("llama")
+    ids = _ids()
+    base = outputs(model, ids)
+    _add(model, "a")
+    pa.add_adapter(model, "p", pa.LoRAConfig(r=2, init="pissa", targets=["mlp.down_proj"]))
+    fuse(model, "a")
+    saved = _snapshot(model)
+    pattern = r"'p' cannot be removed from model\.layers\.0\.mlp\.down_proj while adapter 'a' is fused"
+    with pytest.raises(pa.MergeError, match=pattern):
+        pa.remove_adapter(model, "p")
+    _assert_same_state(model, saved)
+    assert "p" in get_state(model).adapters
+    unfuse(model, "a")
+    pa.remove_adapter(model, "p")  # the principal part goes back into the original weight
+    pa.remove_adapter(model, "a")
+    torch.testing.assert_close(outputs(model, ids), base, atol=1e-5, rtol=1e-5)
+
+
+def test_unwrap_with_a_fused_adapter_and_pissa_gives_base_back():
+    model = tiny_model("llama")
+    ids = _ids()
+    base = outputs(model, ids)
+    pa.add_adapter(model, "p", pa.LoRAConfig(r=2, init="pissa", targets=["mlp.gate_proj"]))
+    _add(model, "a")
+    fuse(model, "a")
+    pa.unwrap(model)  # unfuses first, so removing PiSSA reaches the original weight
+    assert not any(isinstance(m, SplitActivation) for m in model.modules())
+    torch.testing.assert_close(outputs(model, ids), base, atol=1e-5, rtol=1e-5)

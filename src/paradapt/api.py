@@ -20,7 +20,7 @@ from torch import nn
 from . import inject
 from .config import AdapterConfig
 from .errors import AdapterExistsError, ConfigError, MergeError, RoutingError
-from .fuse import fused_owner, unfuse
+from .fuse import check_addable, check_removable, fused_owner, unfuse
 from .merge import check_mergeable, merge_into
 from .routing import Parallel, Plan, normalize
 from .state import CONTAINER, State, _ChannelPlan, _repeat, get_state, require_state
@@ -73,6 +73,7 @@ def _add(
         if before is not None:
             before(st)
         adapter, parts = inject.build(st, name, config)
+        check_addable(st, name, [spec.entry for spec, _ in parts if spec.kind == "linear"])
         if after is not None:
             after(adapter)
     except Exception:
@@ -251,6 +252,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete an adapter (unmerging it first if merged); sites left empty are unhooked."""
     st = require_state(model)
     rec = st.record(name)
+    check_removable(st, name)
     if rec.fused is not None:
         unfuse(model, name)
     if rec.merged:
@@ -279,7 +281,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     st = get_state(model)
     if st is None:
         return model
-    for name in list(st.adapters):
+    for name in sorted(st.adapters, key=lambda n: st.adapters[n].fused is None):  # fused first (PiSSA)
         remove_adapter(model, name)
     _drop_state(model, st)
     assert CONTAINER not in model._modules

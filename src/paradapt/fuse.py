@@ -30,7 +30,8 @@ Cost: the unfused adapter is two more (small, skinny) matmuls per FFN plus an
 elementwise add, each its own kernel launch, which at decode time costs about
 as much as a large matmul. Fused, each projection is still one matmul, ``r``
 wider (``r / I`` more FLOPs, e.g. 64 / 11008 = 0.6% on Llama-7B), and the
-activation is one slice-and-concatenate. The original MLP forward runs
+activation is one full-width call plus an in-place write of the adapter's ``r``
+features (see :class:`SplitActivation`). The original MLP forward runs
 unchanged on the enlarged weights; no modeling code is copied.
 
 The original ``nn.Parameter`` objects and activation module are kept and put
@@ -79,7 +80,17 @@ def _same_function(base: Callable, act: str) -> bool:
 
 
 class SplitActivation(nn.Module):
-    """The base activation on the first ``width`` features, the adapter's on the rest."""
+    """The base activation on the first ``width`` features, the adapter's on the rest.
+
+    Inference path (no autograd through ``h``): the base activation runs once over the
+    whole row and the adapter's ``r`` features are written over its tail, in place. That
+    is one full-width kernel plus two of width ``r``, no slice-and-concatenate: at batch-1
+    decode the concatenation (a fresh output, two strided reads) cost about twice the base
+    activation itself. The tail is computed before the base activation runs, so a base
+    activation that returns ``h`` itself (``nn.Identity``) is still exact. When autograd
+    tracks ``h``, or the base activation works in place, the old slice-and-concatenate runs:
+    writing into a tensor that autograd saved would break the backward pass.
+    """
 
     def __init__(self, base: Callable, act: str, width: int):
         super().__init__()
@@ -87,12 +98,18 @@ class SplitActivation(nn.Module):
         self.act = act
         self.width = width
         self.same = _same_function(base, act)
+        self.base_inplace = bool(getattr(base, "inplace", False))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.same:
             return self.base_act(h)
         i = self.width
-        return torch.cat([self.base_act(h[..., :i]), _ACTS[self.act](h[..., i:])], dim=-1)
+        if self.base_inplace or (h.requires_grad and torch.is_grad_enabled()):
+            return torch.cat([self.base_act(h[..., :i]), _ACTS[self.act](h[..., i:])], dim=-1)
+        tail = _ACTS[self.act](h[..., i:])
+        out = self.base_act(h)
+        out[..., i:] = tail
+        return out
 
     def extra_repr(self) -> str:
         return f"base features={self.width}, adapter act={self.act}, same={self.same}"
@@ -349,3 +366,40 @@ def fused_owner(model_or_state: nn.Module | State, module: nn.Module) -> str | N
         if rec.fused is not None and any(m is module for f in rec.fused.ffns for m in f.linears):
             return rec.name
     return None
+
+
+def check_addable(st: State, name: str, linear_keys: list[str]) -> None:
+    """Refuse adapter ``name`` on FFN projections that a fused adapter has widened.
+
+    Built there, it would take its shapes from the widened weight (``I + r``), not the
+    original one that ``unfuse`` puts back, and a PiSSA LoRA would take its principal part
+    out of the fused copy instead of the original. Called before anything is attached.
+    """
+    for key in linear_keys:
+        owner = fused_owner(st, st.modules[key])
+        if owner is not None:
+            raise MergeError(
+                f"adapter {name!r} cannot be added on {key}: adapter {owner!r} is fused into it "
+                f"(the weight is widened by the fused adapter's rank); unfuse {owner!r} first"
+            )
+
+
+def check_removable(st: State, name: str) -> None:
+    """Refuse removing a PiSSA LoRA from a projection another adapter is fused into.
+
+    Removing PiSSA adds its principal part back to the base weight; while fused, the
+    module holds a widened copy and the original weight is parked until ``unfuse``, so
+    the add would miss the original (and not even fit the copy's shape).
+    """
+    rec = st.record(name)
+    for key in rec.sites:
+        site = st.sites[key]
+        if site.kind != "linear" or getattr(site.components.get(name), "pissa_down0", None) is None:
+            continue
+        owner = fused_owner(st, site.module)
+        if owner is not None and owner != name:
+            raise MergeError(
+                f"adapter {name!r} cannot be removed from {key} while adapter {owner!r} is fused into it: "
+                f"{name!r} is a PiSSA LoRA whose principal part goes back into the original weight; "
+                f"unfuse {owner!r} first"
+            )
