@@ -171,3 +171,95 @@ def test_no_subcommand_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2
+
+
+def test_unknown_arguments_of_other_commands_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["info", "--train.lr", "1"])
+    assert e.value.code == 2
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    """A tiny BERT folder, classification data and a YAML config using them."""
+    from _train_fixtures import make_bert, write_cls_jsonl
+
+    root = tmp_path_factory.mktemp("train-cli")
+    make_bert(root / "bert")
+    write_cls_jsonl(root / "cls.jsonl", 48)
+    (root / "cfg.yaml").write_text(
+        "model: bert\n"  # relative to the config's folder
+        "output_dir: OUT\n"
+        "adapter:\n"
+        "  name: cls\n"
+        "  config: {r: 4, head: {labels: [neg, pos]}}\n"
+        "  data: cls.jsonl\n"
+        "  eval_fraction: 0.25\n"
+        "train: {max_steps: 100000, batch_size: 4, log_every: 1, lr: 1e-2}\n"
+    )
+    return root
+
+
+def test_train_runs_with_overrides_and_prints_the_result(train_setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = str(train_setup / "cfg.yaml")
+    code, text, err = run(
+        capsys, "train", cfg, f"--output_dir={out}", "--train.max_steps", "3", "--no-progress"
+    )
+    assert code == 0, err
+    assert f"trained 3 steps; output in {out}" in text and "cls: accuracy" in text
+    assert (out / "adapters" / "cls" / "adapter_config.json").is_file() and (out / "curves.png").is_file()
+    code, _, err = run(capsys, "train", cfg, f"--output_dir={out}", "--train.max_steps", "3")
+    assert code == 2 and "--resume" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.lrr", "1"], "paradapt: error: train.lrr: unknown key in train; did you mean 'lr'?"),
+        (
+            ["--adapters.0.config.rr", "1"],
+            "adapters.0.config.rr: unknown key in adapters.0.config (parallel)",
+        ),
+        (["--adapters.0.data.path", "nope.jsonl"], "nope.jsonl: data file not found"),
+        (["--train.max_steps"], "train.max_steps: override needs a value"),
+    ],
+)
+def test_train_errors_are_one_line_and_exit_2(train_setup, tmp_path, capsys, args, message):
+    code, _, err = run(capsys, "train", str(train_setup / "cfg.yaml"), f"--output_dir={tmp_path}/o", *args)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(train_setup, tmp_path):
+    """Ctrl-C in a real process: the step finishes, a checkpoint is written, exit status 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "paradapt.cli",
+        "train",
+        str(train_setup / "cfg.yaml"),
+        f"--output_dir={out}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "metrics.jsonl").is_file() and proc.poll() is None:
+            time.sleep(0.1)  # wait until training has started
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    saved = re.search(r"interrupted at step (\d+); checkpoint saved to (\S+)", err)
+    assert saved, err
+    assert f"{out}/checkpoints/step-{saved.group(1)}" == saved.group(2)
+    assert (out / "checkpoints" / f"step-{saved.group(1)}" / "trainer_state.pt").is_file()
+    assert "resume with: paradapt train" in err and "Traceback" not in err

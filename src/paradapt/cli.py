@@ -4,10 +4,12 @@
 mixed batch of real sentences (each row its own adapter or the base), checked
 row by row against single-row runs, plus the zero-init no-op check.
 ``paradapt info``: the version and the adapter kinds.
+``paradapt train CONFIG.yaml [--resume [PATH]] [--key value ...]``: train adapters
+(docs/training.md); Ctrl-C saves a checkpoint and exits with status 130.
 
-Subcommands register themselves in :func:`build_parser` (``train`` and
-``serve`` are planned). Library errors (``pa.ParadaptError``) print as one line
-and exit with status 2; failed demo checks exit with status 1.
+Subcommands register themselves in :func:`build_parser` (``serve`` is planned).
+Library errors (``pa.ParadaptError``) print as one line and exit with status 2;
+failed demo checks exit with status 1.
 """
 
 from __future__ import annotations
@@ -285,6 +287,41 @@ def run_info(args) -> int:
     return 0
 
 
+# -- train ---------------------------------------------------------------------------------------
+
+
+def run_train(args) -> int:
+    from paradapt.train import config as train_config
+    from paradapt.train import run as train_run
+
+    overrides = train_config.parse_overrides(args.overrides)
+    try:
+        result = train_run.train(
+            args.config,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            **overrides,
+        )
+    except train_run.Interrupted as e:
+        if e.checkpoint is not None:
+            print(
+                f"paradapt: interrupted at step {e.step}; checkpoint saved to {e.checkpoint}\n"
+                f"resume with: paradapt train {args.config} --resume",
+                file=sys.stderr,
+            )
+        return 130
+    if result.checkpoint is None:  # not rank 0 of a distributed run
+        return 0
+    print(f"trained {result.steps} steps; output in {result.output_dir}")
+    for name, path in result.adapters.items():
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.get(name, {}).items())
+        print(f"  {name}: {metrics or 'no eval data'}; adapter {path}")
+    if result.curves is not None:
+        print(f"curves: {result.curves}")
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
@@ -332,11 +369,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="version and adapter kinds")
     info.set_defaults(func=run_info)
+
+    train = sub.add_parser(
+        "train",
+        help="train adapters from a YAML config",
+        description="Train one or many adapters on a frozen model as CONFIG.yaml describes "
+        "(docs/training.md). Any config key can be overridden: --train.lr 3e-4 --adapters.0.config.r 16.",
+        allow_abbrev=False,
+    )
+    train.add_argument("config", metavar="CONFIG.yaml", help="the training config")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in output_dir, or from the given checkpoint folder",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's files in output_dir"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=run_train, overrides=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = rest
     try:
         return args.func(args)
     except pa.ParadaptError as e:

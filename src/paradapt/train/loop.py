@@ -12,6 +12,12 @@ forward per step instead of K.
 Data order is a seeded permutation per task and epoch
 (``data.seeded_order``), and the position in it is part of the checkpoint, so
 a resumed run continues with the same batches and the same loss curve.
+
+Under ``torchrun`` every rank takes its share of each global batch and the adapter
+gradients are summed over ranks (``distributed.py``), giving the single-process curve.
+Hooks: ``callbacks`` run after every step (checkpointing, early stops); a first Ctrl-C
+(SIGINT) is deferred to the end of the running step and raised there as
+KeyboardInterrupt, so the state it leaves is a consistent step boundary.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
+from ..errors import ConfigError
 from ..heads import classify
 from ..io import save_adapter
+from . import distributed
 from .data import IGNORE_INDEX, TokenizedDataset, seeded_order
 
 
@@ -52,6 +64,8 @@ class TrainArgs:
     bf16: bool = False  # autocast to bfloat16 where the device supports it
     gradient_checkpointing: bool = False
     output_dir: str | None = None
+    save_every: int = 0  # used by paradapt.train.train(): checkpoint every N steps (0: at the end)
+    keep_checkpoints: int = 2  # ... keeping the latest N checkpoints
 
 
 @dataclass
@@ -80,11 +94,31 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class Trainer:
-    """Trains the adapters named by ``tasks`` on ``model`` (adapters must already be added)."""
+Callback = Callable[["Trainer"], None]
 
-    def __init__(self, model: nn.Module, tasks: list[Task], args: TrainArgs):
+
+class Trainer:
+    """Trains the adapters named by ``tasks`` on ``model`` (adapters must already be added).
+
+    ``callbacks`` are called as ``cb(trainer)`` after every step (its loss record and any
+    eval are in ``trainer.history``; ``trainer.last_eval`` is set on eval steps).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: list[Task],
+        args: TrainArgs,
+        callbacks: list[Callback] | None = None,
+        dist: distributed.Dist | None = None,
+    ):
         self.model, self.tasks, self.args = model, tasks, args
+        self.callbacks = list(callbacks or [])
+        self.dist = dist if dist is not None else distributed.current()
+        if args.batch_size < self.dist.world:
+            raise ConfigError(
+                "train.batch_size", f"{args.batch_size} rows cannot be shared by {self.dist.world} processes"
+            )
         self.kind = tasks[0].train.task
         for t in tasks:
             if t.train.task != self.kind:
@@ -101,6 +135,9 @@ class Trainer:
         self.cursors = {t.name: _Cursor() for t in tasks}
         self.step = 0
         self.history: list[dict] = []
+        self.last_eval: dict | None = None
+        self.tokens = 0  # real (non-pad) tokens of the global batches trained on
+        self._interrupted = False
         if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -116,12 +153,16 @@ class Trainer:
         return ex
 
     def _batch(self) -> tuple[dict, list[str]]:
+        """The next global batch (every rank draws the same one) and its rows' adapters."""
         rows, names = [], []
         for i in range(self.args.batch_size):
             task = self.tasks[i % len(self.tasks)]
             rows.append(self._next(task))
             names.append(task.name)
-        return self.tasks[0].train.collate_fn()(rows), names
+        batch = self.tasks[0].train.collate_fn()(rows)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return batch, names
 
     # -- loss -----------------------------------------------------------------------------
     def _forward(self, batch: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,35 +185,64 @@ class Trainer:
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return classify(self.model, hidden.float(), inputs.get("attention_mask"), names), labels
 
-    def _losses(self, batch: dict, names: list[str]) -> dict[str, torch.Tensor]:
-        """Mean loss of each adapter's rows, from one forward of the mixed batch."""
+    def _row_weights(self, batch: dict) -> torch.Tensor:
+        """What each row counts for in its adapter's mean: 1 (classification) or its target tokens."""
+        labels = batch["labels"]
+        if self.kind == "classification":
+            return torch.ones(labels.shape[0])
+        return (labels[:, 1:] != IGNORE_INDEX).float().sum(1)
+
+    def _denominators(self, batch: dict, names: list[str]) -> dict[str, torch.Tensor]:
+        """Each adapter's total weight in a (global) batch: its loss is a sum over rows / this."""
+        w = self._row_weights(batch)
+        out = {}
+        for n in dict.fromkeys(names):
+            idx = torch.tensor([i for i, m in enumerate(names) if m == n])
+            out[n] = w.index_select(0, idx).sum().clamp(min=1)
+        return out
+
+    def _losses(
+        self, batch: dict, names: list[str], denominators: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Mean loss of each adapter's rows, from one forward of the mixed batch.
+
+        With ``denominators`` (from the global batch) a rank's losses are its partial sums,
+        which add up over ranks to the global means.
+        """
         logits, labels = self._forward(batch, names)
         if self.kind == "classification":
             per_row = F.cross_entropy(logits, labels, reduction="none")
-            weights = torch.ones_like(per_row)
         else:
             target = labels[:, 1:]
             tok = F.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX
             )
-            per_row, weights = tok.sum(1), (target != IGNORE_INDEX).float().sum(1)
+            per_row = tok.sum(1)
+        if denominators is None:
+            denominators = self._denominators(batch, names)
         dev = per_row.device
         losses = {}
         for n in dict.fromkeys(names):
             idx = torch.tensor([i for i, m in enumerate(names) if m == n], device=dev)
-            losses[n] = per_row.index_select(0, idx).sum() / weights.index_select(0, idx).sum().clamp(min=1)
+            losses[n] = per_row.index_select(0, idx).sum() / denominators[n].to(dev)
         return losses
 
     # -- the loop -------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One optimizer step of every adapter; returns each adapter's mean loss.
+
+        Interrupted midway (an exception, Ctrl-C), it puts the data cursors back and drops
+        the gradients, so the trainer stays at the previous step boundary.
+        """
         self.model.train()
-        totals: dict[str, float] = {}
-        for _ in range(self.args.grad_accum):
-            batch, names = self._batch()
-            losses = self._losses(batch, names)
-            (sum(losses.values()) / self.args.grad_accum).backward()
-            for n, v in losses.items():
-                totals[n] = totals.get(n, 0.0) + float(v.detach()) / self.args.grad_accum
+        saved = ({n: _Cursor(c.epoch, c.pos, c.order) for n, c in self.cursors.items()}, self.tokens)
+        try:
+            totals = self._accumulate()
+        except BaseException:
+            self.cursors, self.tokens = saved
+            for opt in self.opts.values():
+                opt.zero_grad(set_to_none=True)
+            raise
         for n, opt in self.opts.items():
             if self.args.max_grad_norm:
                 params = [p for g in opt.param_groups for p in g["params"]]
@@ -183,30 +253,72 @@ class Trainer:
         self.step += 1
         return totals
 
+    def _accumulate(self) -> dict[str, float]:
+        """Forward/backward ``grad_accum`` batches (this rank's share of each) and sum grads over ranks."""
+        names_all = [t.name for t in self.tasks]
+        totals = torch.zeros(len(names_all), dtype=torch.float64)
+        for _ in range(self.args.grad_accum):
+            batch, names = self._batch()
+            denominators = self._denominators(batch, names) if self.dist.enabled else None
+            batch, names = self.dist.shard(batch, names)
+            losses = self._losses(batch, names, denominators)
+            (sum(losses.values()) / self.args.grad_accum).backward()
+            for n, v in losses.items():
+                totals[names_all.index(n)] += float(v.detach()) / self.args.grad_accum
+        if self.dist.enabled:
+            for opt in self.opts.values():
+                self.dist.sum_grads([p for g in opt.param_groups for p in g["params"]])
+            self.dist.sum_(totals)
+        return {n: float(totals[i]) for i, n in enumerate(names_all)}
+
     def train(self, progress: bool = True, stop_at: int | None = None) -> list[dict]:
-        """Run to ``max_steps`` (or stop early at ``stop_at``); log to ``output_dir/metrics.jsonl``."""
+        """Run to ``max_steps`` (or stop early at ``stop_at``); log to ``output_dir/metrics.jsonl``.
+
+        A progress bar (rank 0) shows loss, lr and real tokens/s; each logged record holds
+        the step, per-adapter loss, lr, tokens/s and rows/s. Evaluates every ``eval_every``
+        steps and at ``max_steps``.
+        """
         end = self.args.max_steps if stop_at is None else min(stop_at, self.args.max_steps)
-        bar = _bar(end - self.step, progress)
-        t0, tokens = time.perf_counter(), 0
-        while self.step < end:
-            losses = self.train_step()
-            tokens += self.args.batch_size * self.args.grad_accum
-            if self.step % self.args.log_every == 0 or self.step == self.args.max_steps:
-                lr = self.scheds[self.tasks[0].name].get_last_lr()[0]
-                rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                self._log({"step": self.step, "loss": losses, "lr": lr, "rows_per_s": rate})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.4f}", lr=f"{lr:.2e}")
-            if self.args.eval_every and self.step % self.args.eval_every == 0:
-                self._log({"step": self.step, "eval": self.evaluate()})
+        bar = _bar(end - self.step, progress and self.dist.is_main)
+        t0, tokens0, rows = time.perf_counter(), self.tokens, 0
+        try:
+            with _deferred_sigint(self):
+                while self.step < end:
+                    losses = self.train_step()
+                    rows += self.args.batch_size * self.args.grad_accum
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    rate = (self.tokens - tokens0) / elapsed
+                    lr = self.scheds[self.tasks[0].name].get_last_lr()[0]
+                    if self.step % self.args.log_every == 0 or self.step == self.args.max_steps:
+                        self._log(
+                            {
+                                "step": self.step,
+                                "loss": losses,
+                                "lr": lr,
+                                "tokens_per_s": rate,
+                                "rows_per_s": rows / elapsed,
+                            }
+                        )
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{sum(losses.values()) / len(losses):.4f}",
+                            lr=f"{lr:.2e}",
+                            tok_s=f"{rate:,.0f}",
+                        )
+                        bar.update(1)
+                    self.last_eval = None
+                    if (self.args.eval_every and self.step % self.args.eval_every == 0) or (
+                        self.step == self.args.max_steps
+                    ):
+                        self.last_eval = self.evaluate()
+                        self._log({"step": self.step, "eval": self.last_eval})
+                    for cb in self.callbacks:
+                        cb(self)
+                    if self._interrupted:
+                        raise KeyboardInterrupt
+        finally:
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        if self.step == self.args.max_steps and (
-            not self.args.eval_every or self.step % self.args.eval_every
-        ):
-            self._log({"step": self.step, "eval": self.evaluate()})
+                bar.close()
         return self.history
 
     @torch.no_grad()
@@ -244,7 +356,7 @@ class Trainer:
     # -- output ---------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.args.output_dir:
+        if self.args.output_dir and self.dist.is_main:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(Path(self.args.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -262,6 +374,8 @@ class Trainer:
             "schedulers": {n: s.state_dict() for n, s in self.scheds.items()},
             "cursors": {n: asdict(c) for n, c in self.cursors.items()},
             "adapters": {t.name: self.model.paradapt[t.name].state_dict() for t in self.tasks},
+            "tokens": self.tokens,
+            "rng": _rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -273,6 +387,43 @@ class Trainer:
         for n, sd in state["schedulers"].items():
             self.scheds[n].load_state_dict(sd)
         self.cursors = {n: _Cursor(**c) for n, c in state["cursors"].items()}
+        self.tokens = state.get("tokens", 0)
+        if "rng" in state:
+            _set_rng_state(state["rng"])
+
+
+def _rng_state() -> dict:
+    """Torch's random state (dropout masks), so a resumed run draws the same ones."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _deferred_sigint(trainer: Trainer) -> Iterator[None]:
+    """A first SIGINT marks the trainer interrupted (raised after the step); a second one raises now."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    trainer._interrupted = False
+
+    def handler(signum, frame):
+        if trainer._interrupted:
+            raise KeyboardInterrupt
+        trainer._interrupted = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _bar(total: int, enabled: bool):

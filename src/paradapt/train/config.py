@@ -1,0 +1,347 @@
+"""The training config: a YAML file checked by a pydantic schema, plus ``--key value`` overrides.
+
+Every section forbids unknown keys, and an unknown key fails with a did-you-mean that names
+the key and its section (``train.lrr: unknown key in train; did you mean 'lr'?``), before
+any model is loaded. The adapter options (``adapters.N.config``) are checked against the
+kind's config class and the data options (``adapters.N.data``) against :class:`DataSpec`,
+with the same kind of message.
+
+Overrides are dotted keys into the raw mapping (``train.lr``, ``adapters.0.config.r``) with
+values parsed as YAML scalars, applied before validation so they are checked like the file.
+Paths in the config are relative to the config file's folder; ``${assets}`` expands to the
+shared assets folder (``$PARADAPT_ASSETS``, else ``shared/assets`` found walking up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..config import CONFIG_CLASSES, AdapterConfig
+from ..errors import ConfigError
+from .data import DataSpec
+from .loop import TrainArgs
+
+Kind = Literal["parallel", "series", "lora", "ia3", "ssf", "prefix", "mam"]
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenizeSection(_Section):
+    """How text becomes tokens (shared by every adapter of the run)."""
+
+    max_length: int | None = Field(None, ge=2, description="longer sequences are truncated (one warning)")
+    packing: bool = Field(True, description="LM data: concatenate documents into full blocks")
+    add_eos: bool = Field(True, description="LM/completion data: end each document with EOS")
+
+
+class TrainSection(_Section):
+    """The loop settings: the fields of :class:`paradapt.train.loop.TrainArgs` except ``output_dir``."""
+
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1, description="rows per step, shared round-robin by the adapters")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    eval_batch_size: int = Field(64, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints to keep")
+
+
+class AdapterEntry(_Section):
+    """One adapter of the run: its name, kind, options and data."""
+
+    name: str
+    kind: Kind = "parallel"
+    config: dict[str, Any] = Field(default_factory=dict, description="the kind's options: r, scale, head ...")
+    data: dict[str, Any] | str
+    eval_data: dict[str, Any] | str | None = None
+    eval_fraction: float | None = Field(None, gt=0, lt=1)
+
+
+class RunConfig(_Section):
+    """A whole ``paradapt train`` run."""
+
+    model: str | None = Field(None, description="local Hugging Face folder (default: bundled MiniLM)")
+    output_dir: str
+    adapters: list[AdapterEntry] = Field(min_length=1)
+    tokenize: TokenizeSection = Field(default_factory=TokenizeSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_adapter(cls, data: Any) -> Any:
+        """``adapter: {...}`` is shorthand for a one-entry ``adapters:`` list."""
+        if isinstance(data, dict) and "adapter" in data:
+            data = dict(data)
+            if "adapters" in data:
+                raise ValueError("give either 'adapter' (one) or 'adapters' (a list), not both")
+            data["adapters"] = [data.pop("adapter")]
+        return data
+
+    # -- derived objects ---------------------------------------------------------------
+    def train_args(self) -> TrainArgs:
+        return TrainArgs(**self.train.model_dump(), output_dir=self.output_dir)
+
+    def adapter_config(self, i: int) -> AdapterConfig:
+        """The ``adapters[i]`` options as the kind's config object (unknown keys: did-you-mean)."""
+        entry = self.adapters[i]
+        return build_adapter_config(entry.kind, entry.config, f"adapters.{i}.config")
+
+    def data_specs(
+        self, i: int, base_dir: str | os.PathLike | None = None
+    ) -> tuple[DataSpec, DataSpec | None]:
+        """Train and eval :class:`DataSpec` of ``adapters[i]`` (paths relative to ``base_dir``)."""
+        entry = self.adapters[i]
+        train = DataSpec.from_dict(_expand(entry.data), where=f"adapters.{i}.data", base_dir=base_dir)
+        evals = None
+        if entry.eval_data is not None:
+            evals = DataSpec.from_dict(
+                _expand(entry.eval_data), where=f"adapters.{i}.eval_data", base_dir=base_dir
+            )
+            if entry.eval_fraction is not None:
+                raise ConfigError(f"adapters.{i}.eval_fraction", "give either eval_data or eval_fraction")
+        return train, evals
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    source: str | os.PathLike | dict | RunConfig, overrides: dict[str, Any] | None = None
+) -> tuple[RunConfig, Path | None]:
+    """The validated config and the folder its relative paths start from (the file's, or None)."""
+    if isinstance(source, RunConfig):
+        if overrides:
+            source = source.model_dump()
+        else:
+            return source, None
+    base_dir = None
+    if isinstance(source, dict):
+        raw = _deep_copy(source)
+    else:
+        path = Path(source)
+        raw = read_yaml(path)
+        base_dir = path.resolve().parent
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return validate(raw), base_dir
+
+
+def read_yaml(path: Path) -> dict:
+    """The mapping in a YAML file (``1e-4`` reads as a float, as in YAML 1.2)."""
+    if not path.is_file():
+        raise ConfigError("config", f"{path}: no such file")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (safe loader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError("config", f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path}: must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validate(raw: dict) -> RunConfig:
+    """Check a raw mapping against the schema; the first problem becomes one ConfigError."""
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _to_config_error(e) from None
+    names = [a.name for a in cfg.adapters]
+    for i, a in enumerate(cfg.adapters):
+        if not _NAME.match(a.name):
+            raise ConfigError(f"adapters.{i}.name", f"letters, digits, '_', '.', '-' only, got {a.name!r}")
+        if names.index(a.name) != i:
+            raise ConfigError(f"adapters.{i}.name", f"{a.name!r} is used twice")
+        cfg.adapter_config(i)  # options fail here, before any model is loaded
+    return cfg
+
+
+def build_adapter_config(kind: str, options: dict, where: str) -> AdapterConfig:
+    """The kind's config object; unknown or bad options name ``where.<key>``."""
+    cls = CONFIG_CLASSES[kind]
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}", _unknown(str(key), known, f"{where} ({kind})"))
+    try:
+        return cls(**options)
+    except ConfigError as e:
+        message = str(e).removeprefix(f"{e.field}: ")
+        raise ConfigError(f"{where}.{e.field}", message) from None
+    except TypeError as e:
+        raise ConfigError(where, str(e)) from None
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``["--train.lr", "3e-4", "--adapters.0.config.r=16"]`` -> ``{"train.lr": 3e-4, ...}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError("overrides", f"expected --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(key, "override needs a value (--key value or --key=value)")
+            value, i = argv[i + 1], i + 1
+        out[key] = parse_scalar(value)
+        i += 1
+    return out
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value read as YAML (``16`` -> 16, ``3e-4`` -> 0.0003, ``[a, b]`` -> list)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw[a][b][0][c] = value`` for ``key="a.b.0.c"``, creating mappings on the way.
+
+    Unknown keys are not judged here: the schema (and its did-you-mean) does that next.
+    """
+    parts = key.split(".")
+    if any(p == "" for p in parts):
+        raise ConfigError(key, "bad override key (use dotted names like train.lr)")
+    if parts[0] == "adapters" and "adapter" in raw and "adapters" not in raw:
+        raw["adapters"] = [raw.pop("adapter")]
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    where, f"no such entry: the list has {len(node)} (indices 0..{len(node) - 1})"
+                )
+            idx: Any = int(part)
+        elif isinstance(node, dict):
+            idx = part
+        else:
+            raise ConfigError(where, f"cannot set a key inside {type(node).__name__} {node!r}")
+        if last:
+            node[idx] = value
+        else:
+            if isinstance(node, dict) and node.get(idx) is None:
+                node[idx] = {}
+            if part in ("data", "eval_data") and isinstance(node[idx], str):
+                node[idx] = {"path": node[idx]}  # a bare path is shorthand for {path: ...}
+            node = node[idx]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unknown(key: str, known: list[str], section: str) -> str:
+    hint = difflib.get_close_matches(key, known, n=1)
+    extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
+    return f"unknown key in {section}{extra}"
+
+
+def _to_config_error(e: ValidationError) -> ConfigError:
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    where = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(RunConfig, loc[:-1])
+        known = list(parent.model_fields) if parent is not None else []
+        if parent is RunConfig:
+            known.append("adapter")
+        return ConfigError(where, _unknown(loc[-1], known, ".".join(loc[:-1]) or "the top level"))
+    if err["type"] == "missing":
+        return ConfigError(where, "required key is missing")
+    got = err.get("input")
+    return ConfigError(where, f"{err['msg'][0].lower()}{err['msg'][1:]} (got {got!r})")
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The schema class that holds the key at ``loc`` (list indices are skipped)."""
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        found = _first_model(field.annotation)
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _first_model(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _expand(spec: dict | str) -> dict | str:
+    """``${assets}`` in a data path -> the shared assets folder."""
+    path = spec if isinstance(spec, str) else spec.get("path")
+    if not isinstance(path, str) or "${assets}" not in path:
+        return spec
+    from ..cli import find_assets
+
+    assets = find_assets()
+    if assets is None:
+        raise ConfigError("data.path", f"{path}: no shared assets folder found (set $PARADAPT_ASSETS)")
+    path = path.replace("${assets}", str(assets))
+    return path if isinstance(spec, str) else {**spec, "path": path}
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)

@@ -1,0 +1,266 @@
+"""``paradapt.train.train(config)``: a whole run from a config, as ``paradapt train`` does it.
+
+Order of work: check the config, load the tokenizer and model, load and tokenize every
+adapter's data (every data, label and config error surfaces here, before step 1), add the
+adapters, restore a checkpoint if resuming, train with checkpoints every ``save_every``
+steps, at each eval the best adapters copied to ``best/``, and at the end the final
+adapters in ``adapters/<name>``, a last checkpoint and ``curves.png``.
+
+Ctrl-C saves a checkpoint at the last finished step and raises :class:`Interrupted`
+(a KeyboardInterrupt that knows the checkpoint); ``paradapt train`` exits 130 on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import api
+from ..errors import ConfigError
+from ..io import save_adapter
+from . import checkpoint, distributed
+from .config import RunConfig, load_config
+from .data import LabelMap, build_datasets
+from .loop import Task, Trainer
+from .plot import plot_curves, read_metrics
+
+RUN_FILES = ("metrics.jsonl", "checkpoints", "best", "adapters", "curves.png", "config.json")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C after saving ``checkpoint`` (None on ranks other than 0)."""
+
+    def __init__(self, checkpoint: Path | None, step: int):
+        self.checkpoint, self.step = checkpoint, step
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where the adapters are, and the last eval metrics per adapter."""
+
+    output_dir: Path
+    adapters: dict[str, Path]
+    best: dict[str, Path]
+    metrics: dict[str, dict[str, float]]
+    steps: int
+    checkpoint: Path | None
+    curves: Path | None
+    history: list[dict] = field(repr=False, default_factory=list)
+
+
+def train(
+    config: str | os.PathLike | dict | RunConfig,
+    *,
+    resume: bool | str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: list[Callable[[Trainer], None]] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train the adapters a config describes; see docs/training.md for the config keys.
+
+    ``overrides`` are dotted keys (``**{"train.lr": 3e-4}``) or nested mappings
+    (``train={"lr": 3e-4}``), applied before validation. ``resume=True`` continues from the
+    latest checkpoint in ``output_dir``; a path continues from that checkpoint. A fresh run
+    refuses an ``output_dir`` holding an earlier run unless ``overwrite=True``.
+    """
+    cfg, base_dir = load_config(config, _flatten(overrides))
+    dist = distributed.init_from_env()
+    out = Path(cfg.output_dir)
+    ckpt = _checkpoint_to_resume(out, resume)
+    if ckpt is None and dist.is_main:
+        _prepare_fresh(out, overwrite)
+    dist.barrier()
+    tok, model = _load_model(cfg, base_dir)
+    tasks, adapter_cfgs = _build_tasks(cfg, tok, base_dir)
+    torch.manual_seed(cfg.train.seed)
+    for name, acfg in adapter_cfgs.items():
+        api.add_adapter(model, name, acfg)
+    model.to(distributed.local_device())
+    keeper = checkpoint.BestKeeper(out) if dist.is_main else None
+    args = cfg.train_args()
+    trainer = Trainer(
+        model, tasks, args, callbacks=[_saver(out, args, keeper), *(callbacks or [])], dist=dist
+    )
+    if ckpt is not None:
+        _resume(trainer, ckpt, out, dist)
+    elif dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
+    try:
+        trainer.train(progress=progress)
+    except KeyboardInterrupt:
+        saved = checkpoint.save(trainer, out, args.keep_checkpoints) if dist.is_main else None
+        raise Interrupted(saved, trainer.step) from None
+    return _finish(trainer, out, keeper, dist)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _flatten(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists are replaced whole)."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _checkpoint_to_resume(out: Path, resume: bool | str | os.PathLike | None) -> Path | None:
+    if resume is None or resume is False:
+        return None
+    if resume is True or resume == "latest":
+        found = checkpoint.latest(out)
+        if found is None:
+            raise checkpoint.CheckpointError(out / "checkpoints", "no checkpoint to resume from")
+        return found
+    path = Path(resume)
+    if not (path / checkpoint.STATE_FILE).is_file():
+        raise checkpoint.CheckpointError(path, f"not a checkpoint folder (no {checkpoint.STATE_FILE})")
+    return path
+
+
+def _prepare_fresh(out: Path, overwrite: bool) -> None:
+    """A fresh run starts from an empty run folder: refuse to mix with an earlier run's files."""
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if not present:
+        return
+    if not overwrite:
+        raise ConfigError(
+            "output_dir",
+            f"{out} already holds a run ({', '.join(present)}); resume it with --resume, "
+            "or pass --overwrite to start again",
+        )
+    for name in present:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def _load_model(cfg: RunConfig, base_dir: Path | None):
+    from ..cli import default_model_dir, load_model
+
+    if cfg.model is None:
+        return load_model(default_model_dir())
+    path = Path(os.path.expanduser(cfg.model))
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).is_dir():
+        path = base_dir / path
+    return load_model(path)
+
+
+def _build_tasks(cfg: RunConfig, tok, base_dir: Path | None) -> tuple[list[Task], dict]:
+    """Every adapter's data sets and final config (a classification head added when missing)."""
+    tasks, adapter_cfgs = [], {}
+    kinds = {}
+    for i, entry in enumerate(cfg.adapters):
+        acfg = cfg.adapter_config(i)
+        train_spec, eval_spec = cfg.data_specs(i, base_dir)
+        if acfg.head is not None:
+            _use_head_labels(acfg.head["labels"], train_spec, f"adapters.{i}")
+        train_ds, eval_ds = build_datasets(
+            train_spec,
+            tok,
+            eval_spec=eval_spec,
+            eval_fraction=entry.eval_fraction,
+            seed=cfg.train.seed,
+            max_length=cfg.tokenize.max_length,
+            packing=cfg.tokenize.packing,
+            add_eos=cfg.tokenize.add_eos,
+        )
+        if train_ds.task == "classification" and acfg.head is None:
+            acfg = dataclasses.replace(acfg, head={"labels": list(train_ds.labels.labels)})
+        elif train_ds.task != "classification" and acfg.head is not None:
+            raise ConfigError(
+                f"adapters.{i}.config.head",
+                f"a classification head needs {{text, label}} records, but the data is for task {train_ds.task!r}",
+            )
+        kinds[entry.name] = train_ds.task
+        if len(set(kinds.values())) > 1:
+            raise ConfigError(
+                f"adapters.{i}.data",
+                f"all adapters of one run need the same task type; got {kinds} (train them in separate runs)",
+            )
+        tasks.append(Task(entry.name, train_ds, eval_ds))
+        adapter_cfgs[entry.name] = acfg
+    return tasks, adapter_cfgs
+
+
+def _use_head_labels(head_labels: list, spec, where: str) -> None:
+    """The head's label list is the class list: the data may use no other label."""
+    if spec.labels is None:
+        spec.labels = list(head_labels)
+        return
+    if LabelMap(spec.labels).labels != LabelMap(head_labels).labels:
+        raise ConfigError(
+            f"{where}.data.labels",
+            f"{spec.labels!r} differ from the head's labels {head_labels!r} ({where}.config.head.labels)",
+        )
+
+
+def _saver(out: Path, args, keeper: checkpoint.BestKeeper | None) -> Callable[[Trainer], None]:
+    """The per-step hook: best adapters after each eval, a checkpoint every ``save_every`` steps."""
+
+    def hook(trainer: Trainer) -> None:
+        if not trainer.dist.is_main:
+            return
+        if trainer.last_eval and keeper is not None:
+            keeper.update(trainer, trainer.last_eval)
+        if args.save_every and trainer.step % args.save_every == 0:
+            checkpoint.save(trainer, out, args.keep_checkpoints)
+
+    return hook
+
+
+def _resume(trainer: Trainer, ckpt: Path, out: Path, dist: distributed.Dist) -> None:
+    """Load the state and cut ``metrics.jsonl`` back to the checkpoint's step."""
+    state = checkpoint.load_state(ckpt)
+    missing = sorted({t.name for t in trainer.tasks} - set(state["adapters"]))
+    if missing:
+        raise checkpoint.CheckpointError(ckpt, f"has no state for adapters {missing} of this config")
+    trainer.load_state_dict(state)
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [r for r in read_metrics(metrics) if r.get("step", 0) <= trainer.step]
+        trainer.history = kept
+        if dist.is_main:
+            tmp = metrics.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, metrics)
+    if dist.is_main:
+        print(f"resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
+
+
+def _finish(
+    trainer: Trainer, out: Path, keeper: checkpoint.BestKeeper | None, dist: distributed.Dist
+) -> TrainResult:
+    """Final checkpoint, adapters, curves; the result on every rank."""
+    names = [t.name for t in trainer.tasks]
+    adapters = {n: out / "adapters" / n for n in names}
+    saved = curves = None
+    if dist.is_main:
+        last = checkpoint.latest(out)
+        saved = last if last is not None and last.name == f"step-{trainer.step}" else None
+        if saved is None:
+            saved = checkpoint.save(trainer, out, trainer.args.keep_checkpoints)
+        for n in names:
+            save_adapter(trainer.model, n, adapters[n])
+        curves = plot_curves(trainer.history, out / "curves.png")
+    dist.barrier()
+    evals = [r["eval"] for r in trainer.history if "eval" in r]
+    best = {n: out / "best" / n for n in names if (out / "best" / n).is_dir()}
+    return TrainResult(
+        out, adapters, best, evals[-1] if evals else {}, trainer.step, saved, curves, trainer.history
+    )
