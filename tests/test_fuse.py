@@ -375,6 +375,22 @@ def test_split_activation_is_exact_without_concatenating(base_name, act, monkeyp
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
+def test_activations_written_into_a_tensor_are_the_adapter_activations():
+    """Every adapter activation has an ``out=`` form, bit-equal to it (NaN, inf and -0 included)."""
+    from paradapt.bottleneck import _ACTS
+    from paradapt.fuse import _ACTS_INTO
+
+    assert set(_ACTS_INTO) == set(_ACTS)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    x[0, :4] = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf")])
+    for name, fn in _ACTS.items():
+        out = torch.full_like(x, 7.0)
+        _ACTS_INTO[name](x, out)
+        ref = fn(x)
+        assert torch.equal(out.nan_to_num(), ref.nan_to_num()) and torch.equal(out.isnan(), ref.isnan()), name
+        assert torch.equal(out.signbit(), ref.signbit()), name
+
+
 @pytest.mark.parametrize("base_name", ["silu", "identity"])
 def test_split_activation_under_autograd_keeps_its_gradient(base_name):
     """With autograd tracking the input, writing in place would break backward: the cat path runs."""

@@ -30,8 +30,8 @@ Cost: the unfused adapter is two more (small, skinny) matmuls per FFN plus an
 elementwise add, each its own kernel launch, which at decode time costs about
 as much as a large matmul. Fused, each projection is still one matmul, ``r``
 wider (``r / I`` more FLOPs, e.g. 64 / 11008 = 0.6% on Llama-7B), and the
-activation is one full-width call plus an in-place write of the adapter's ``r``
-features (see :class:`SplitActivation`). The original MLP forward runs
+activation is one full-width call plus one of width ``r`` written into the tail
+of its output (see :class:`SplitActivation`). The original MLP forward runs
 unchanged on the enlarged weights; no modeling code is copied.
 
 The original ``nn.Parameter`` objects and activation module are kept and put
@@ -79,17 +79,30 @@ def _same_function(base: Callable, act: str) -> bool:
     return False
 
 
+# The adapter activations of ``_ACTS``, written into a given tensor (``out=``): the same
+# functions (aten's relu is ``clamp_min(x, 0)``), with no temporary and no extra copy.
+_ACTS_INTO: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
+    "relu": lambda x, out: torch.clamp_min(x, 0, out=out),
+    "gelu": lambda x, out: torch._C._nn.gelu(x, out=out),
+    "silu": lambda x, out: torch._C._nn.silu(x, out=out),
+    "swish": lambda x, out: torch._C._nn.silu(x, out=out),
+    "tanh": lambda x, out: torch.tanh(x, out=out),
+    "identity": lambda x, out: out.copy_(x),
+}
+
+
 class SplitActivation(nn.Module):
     """The base activation on the first ``width`` features, the adapter's on the rest.
 
-    Inference path (no autograd through ``h``): the base activation runs once over the
-    whole row and the adapter's ``r`` features are written over its tail, in place. That
-    is one full-width kernel plus two of width ``r``, no slice-and-concatenate: at batch-1
-    decode the concatenation (a fresh output, two strided reads) cost about twice the base
-    activation itself. The tail is computed before the base activation runs, so a base
-    activation that returns ``h`` itself (``nn.Identity``) is still exact. When autograd
-    tracks ``h``, or the base activation works in place, the old slice-and-concatenate runs:
-    writing into a tensor that autograd saved would break the backward pass.
+    Inference path (autograd not tracking ``h``): the base activation runs once over the
+    whole row, then the adapter's activation of ``h``'s last ``r`` features is written
+    over the last ``r`` of its output (``out=`` on a narrowed view). One full-width call and
+    one of width ``r``, no slice-and-concatenate: at batch-1 decode the concatenation (two
+    activations into temporaries, then a fresh output) cost two to three times the base
+    activation alone. Elementwise ``out=`` may alias ``h`` (an ``nn.Identity`` base returns
+    ``h`` itself), so that case is exact too. When autograd tracks ``h`` (``out=`` has no
+    gradient) or the base activation works in place (it would overwrite ``h``'s tail before
+    the adapter reads it), the slices are activated apart and concatenated.
     """
 
     def __init__(self, base: Callable, act: str, width: int):
@@ -106,9 +119,9 @@ class SplitActivation(nn.Module):
         i = self.width
         if self.base_inplace or (h.requires_grad and torch.is_grad_enabled()):
             return torch.cat([self.base_act(h[..., :i]), _ACTS[self.act](h[..., i:])], dim=-1)
-        tail = _ACTS[self.act](h[..., i:])
         out = self.base_act(h)
-        out[..., i:] = tail
+        r = h.shape[-1] - i
+        _ACTS_INTO[self.act](h.narrow(-1, i, r), out.narrow(-1, i, r))
         return out
 
     def extra_repr(self) -> str:
