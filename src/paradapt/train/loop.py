@@ -22,6 +22,7 @@ KeyboardInterrupt, so the state it leaves is a consistent step boundary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -138,8 +139,9 @@ class Trainer:
         self.last_eval: dict | None = None
         self.tokens = 0  # real (non-pad) tokens of the global batches trained on
         self._interrupted = False
-        if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._routed: list[str] = []  # the rows' adapters of the forward running now
+        if args.gradient_checkpointing:
+            _enable_checkpointing(model, self._recompute_contexts)
 
     # -- data ---------------------------------------------------------------------------
     def _next(self, task: Task) -> dict:
@@ -164,6 +166,11 @@ class Trainer:
         self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         return batch, names
 
+    def _recompute_contexts(self) -> tuple:
+        """For activation checkpointing: the layer's recompute (in backward, after the forward's
+        ``route`` block has closed) runs under the same routing as its forward."""
+        return contextlib.nullcontext(), api.route(self.model, list(self._routed))
+
     # -- loss -----------------------------------------------------------------------------
     def _forward(self, batch: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """One routed forward of a batch: (logits, labels) on the model's device.
@@ -173,6 +180,7 @@ class Trainer:
         dev = next(self.model.parameters()).device
         inputs = {k: v.to(dev) for k, v in batch.items()}
         labels = inputs.pop("labels")
+        self._routed = names
         with (
             torch.autocast(
                 dev.type, dtype=torch.bfloat16, enabled=self.args.bf16 and dev.type in ("cuda", "cpu")
@@ -390,6 +398,20 @@ class Trainer:
         self.tokens = state.get("tokens", 0)
         if "rng" in state:
             _set_rng_state(state["rng"])
+
+
+def _enable_checkpointing(model: nn.Module, contexts: Callable[[], tuple]) -> None:
+    """Hugging Face activation checkpointing, non-reentrant, recomputing under ``contexts()[1]``."""
+    kwargs = {"use_reentrant": False, "context_fn": contexts}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(
+            "train.gradient_checkpointing",
+            f"{type(model).__name__} does not support activation checkpointing",
+        )
 
 
 def _rng_state() -> dict:
