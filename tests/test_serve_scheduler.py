@@ -105,6 +105,24 @@ def test_kv_head_of_line_blocks_later_small_requests():
     assert plan.admitted == ("a",)  # 'small' would fit but must not overtake 'big'
 
 
+def test_request_waiting_for_a_slot_does_not_block_others_on_kv():
+    s = make(slots=1, kv_tokens=40)
+    s.add(req("hot", adapter="a0", prompt=10, new=10, t=0.0))
+    s.add(req("cold", adapter="a1", prompt=10, new=15, t=1.0))  # no slot; would not fit KV either
+    s.add(req("hot2", adapter="a0", prompt=5, new=5, t=2.0))
+    assert s.plan(2.0).admitted == ("hot", "hot2")
+
+
+def test_cancelled_waiting_request_is_never_admitted_and_order_survives():
+    s = make(slots=2)
+    for i, a in enumerate(["a0", "a0", "a1", "a0"]):
+        s.add(req(i, adapter=a, t=float(i)))
+    assert s.cancel("1")
+    assert [r.id for r in s.waiting] == ["0", "2", "3"]
+    assert s.plan(5.0).admitted == ("0", "2", "3")
+    assert s.get("1") is None
+
+
 def test_distinct_adapters_per_step_bounded_by_slots_and_same_adapter_keeps_flowing():
     s = make(slots=2)
     for i, a in enumerate(["a0", "a1", "a2", "a0", "a1", "a3"]):

@@ -4,23 +4,24 @@ Each :meth:`Scheduler.plan` builds one step under four limits:
 
 * ``token_budget``: prompt-chunk tokens plus one token per decode (chunked prefill);
 * ``kv_tokens``: KV capacity. A request is admitted only if ``prompt_len + max_new_tokens``
-  fits next to what running requests reserved (S-LoRA/LightLLM-style worst-case reservation,
-  not vLLM's grow-and-preempt): no preemption or recomputation is ever needed, and the
-  decision depends on counts only, so the twin replays it exactly. The price is capacity
-  held by requests that stop early; it is freed the moment they finish;
+  fits next to what running requests reserved: S-LoRA/LightLLM-style worst-case reservation,
+  not vLLM's grow-and-preempt. No preemption or recomputation is ever needed and the decision
+  depends on counts only, so the twin replays it exactly; the price is capacity held by
+  requests that stop early, freed the moment they finish. The oldest admissible request that
+  does not fit stops admission (later, smaller ones do not overtake it forever);
 * ``max_running`` requests at once, and at most ``cache.max_slots`` distinct adapters (and
   the cache's byte budget) across the running requests, so one step's adapters always fit;
 * ``queue_bound`` waiting requests: :meth:`add` raises :class:`QueueFullError` past it (429).
 
 Order: running requests first (every decode, then prompt chunks of requests still in prefill,
-oldest first), then waiting requests FCFS by arrival. A waiting request whose adapter does not
-fit is skipped, so requests of adapters already in the batch keep flowing (vLLM PR #15422).
-Starvation guard: a request that waited ``starvation_after`` seconds goes ahead of all
-others, even if its adapter must be loaded. If no slot is free, one running adapter is
-drained for it: the one whose requests finish soonest stops taking new requests (and no new
-adapter is admitted) until its slot frees, while the other running adapters keep flowing.
-So no adapter is crowded out forever by a popular one (the bug SGLang fixed with "lora
-draining"), and a wait is bounded by the bound plus one drain.
+oldest first), then waiting requests FCFS by arrival. A waiting request whose adapter finds no
+slot is skipped, so requests of adapters already in the batch keep flowing (vLLM PR #15422).
+Starvation guard: skipping alone lets a popular adapter hold its slot forever (the bug SGLang
+fixed with "lora draining"). So once the oldest skipped request has waited
+``starvation_after`` seconds, one running adapter is drained for it: the one whose requests
+finish soonest stops taking new requests, and no other new adapter is admitted, until its slot
+frees; the other running adapters keep flowing. A wait is then bounded by the guard plus one
+drain per starved request ahead of it.
 
 The scheduler pins a request's adapter in the :class:`~paradapt.serve.cache.AdapterCache`
 when it is admitted and unpins it when the request finishes or is cancelled.
@@ -28,7 +29,10 @@ when it is admitted and unpins it when the request finishes or is cancelled.
 
 from __future__ import annotations
 
+import bisect
 import enum
+import heapq
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -157,6 +161,14 @@ class _Step:
     admitted: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Drain:
+    """A starved request is waiting for ``victim``'s slot to free."""
+
+    on: bool = False
+    victim: str | None = None
+
+
 class Scheduler:
     """Owns the waiting queue and the running set; decides each step from counts and sizes."""
 
@@ -164,7 +176,13 @@ class Scheduler:
         self.config = config
         self.cache = cache
         self._seq = 0
-        self._waiting: list[tuple[float, int, Request]] = []  # kept sorted by (arrival, seq)
+        # Waiting requests: one FCFS list (lazy deletion: admitted or cancelled entries stay until
+        # compacted) and one FCFS deque per adapter (None = base), so a step costs what it admits,
+        # not the queue length.
+        self._fcfs: list[tuple[float, int, Request]] = []
+        self._head = 0  # entries before it are all stale
+        self._by_adapter: dict[str | None, deque[tuple[float, int, Request]]] = {}
+        self._n_waiting = 0
         self._running: dict[str, Request] = {}  # admission order
         self._requests: dict[str, Request] = {}
         self._kv_used = 0
@@ -178,15 +196,21 @@ class Scheduler:
         if request.state is not RequestState.WAITING or request.prefilled or request.generated:
             raise ConfigError("state", f"request {request.id!r} must be new (waiting, no tokens done)")
         self._check_can_ever_run(request)
-        if len(self._waiting) >= self.config.queue_bound:
+        if self._n_waiting >= self.config.queue_bound:
             raise QueueFullError(f"queue is full ({self.config.queue_bound} waiting requests)")
         self._seq += 1
         entry = (request.arrival, self._seq, request)
-        if self._waiting and self._waiting[-1][:2] > entry[:2]:
-            self._waiting.append(entry)
-            self._waiting.sort(key=lambda e: e[:2])
+        if self._fcfs and self._fcfs[-1][:2] > entry[:2]:
+            bisect.insort(self._fcfs, entry, lo=self._head, key=lambda e: e[:2])
         else:
-            self._waiting.append(entry)
+            self._fcfs.append(entry)
+        q = self._by_adapter.setdefault(request.adapter, deque())
+        if q and q[-1][:2] > entry[:2]:
+            q.append(entry)
+            self._by_adapter[request.adapter] = deque(sorted(q, key=lambda e: e[:2]))
+        else:
+            q.append(entry)
+        self._n_waiting += 1
         self._requests[request.id] = request
 
     def cancel(self, request_id: str, now: float | None = None) -> bool:
@@ -198,7 +222,7 @@ class Scheduler:
         if r is None or r.done:
             return False
         if r.state is RequestState.WAITING:
-            self._waiting = [e for e in self._waiting if e[2] is not r]
+            self._unqueue(r)
         else:
             self._release(r)
         r.state = RequestState.CANCELLED
@@ -212,7 +236,7 @@ class Scheduler:
     @property
     def waiting(self) -> list[Request]:
         """Waiting requests in FCFS order."""
-        return [e[2] for e in self._waiting]
+        return [e[2] for e in self._fcfs[self._head :] if e[2].state is RequestState.WAITING]
 
     @property
     def running(self) -> list[Request]:
@@ -229,15 +253,16 @@ class Scheduler:
         return list(self._adapter_users)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._n_waiting or self._running)
 
     def upcoming_adapters(self, limit: int) -> list[str]:
         """Distinct adapters of the first waiting requests (FCFS), for ``AdapterCache.prefetch``."""
         out: dict[str, None] = {}
-        for _, _, r in self._waiting:
+        for i in range(self._head, len(self._fcfs)):
+            r = self._fcfs[i][2]
             if len(out) >= limit:
                 break
-            if r.adapter is not None:
+            if r.adapter is not None and r.state is RequestState.WAITING:
                 out[r.adapter] = None
         return list(out)
 
@@ -263,38 +288,97 @@ class Scheduler:
                 self._chunk(step, r)
 
     def _admit(self, step: _Step, now: float) -> None:
-        """Admit waiting requests, starved ones first.
+        """Admit waiting requests in FCFS order; see the module docstring for the rules.
 
         A starved request whose adapter finds no slot starts a drain: from then on this step
         admits no request that needs a new slot, nor any request of the running adapter that
         will finish soonest (the victim), so that slot frees within the victim's remaining
         tokens while the other running adapters keep flowing.
+
+        Two phases with the same outcome as one FCFS scan that skips requests whose adapter does
+        not fit: the scan itself while a new adapter could still be admitted or the requests are
+        starved, then a merge of the per-adapter queues of the admissible adapters only.
         """
-        bound = self.config.starvation_after
-        starved = [e for e in self._waiting if now - e[2].arrival >= bound]
-        starved_ids = {id(e[2]) for e in starved}
-        order = starved + [e for e in self._waiting if id(e[2]) not in starved_ids]
-        admitted: set[int] = set()
-        draining = False
-        victim: str | None = None
-        for _, _, r in order:
-            if step.budget <= 0 or len(self._running) >= self.config.max_running:
+        self._compact()
+        drain = _Drain()
+        cutoff = now - self.config.starvation_after
+        for i in range(self._head, len(self._fcfs)):  # _fcfs is not modified while admitting
+            r = self._fcfs[i][2]
+            if r.state is not RequestState.WAITING:
+                continue
+            if not self._room(step):
+                return
+            starved = r.arrival <= cutoff
+            if not starved and (drain.on or not self._slot_free()):
                 break
-            if self._kv_used + r.kv_need > self.config.kv_tokens:
-                break  # head-of-line: the oldest waits for memory rather than being overtaken forever
-            new_slot = r.adapter is not None and r.adapter not in self._adapter_users
-            if new_slot and (draining or not self._adapter_fits(r.adapter)):
-                if id(r) in starved_ids and not draining:
-                    draining, victim = True, self._drain_victim()
-                continue
-            if draining and r.adapter is not None and r.adapter == victim:
-                continue
-            self._start(r, now)
-            admitted.add(id(r))
-            step.admitted.append(r.id)
-            self._chunk(step, r)
-        if admitted:
-            self._waiting = [e for e in self._waiting if id(e[2]) not in admitted]
+            verdict = self._try_admit(r, step, now, drain, starved)
+            if verdict == "full":
+                return
+        self._merge(step, now, drain)
+
+    def _merge(self, step: _Step, now: float, drain: _Drain) -> None:
+        """Admit from the queues of adapters that need no new slot, oldest first."""
+        heads = []
+        for a in self._admissible(drain):
+            q = self._by_adapter.get(a)
+            if q:
+                heads.append((q[0][:2], a))
+        heapq.heapify(heads)
+        while heads and self._room(step):
+            _, a = heapq.heappop(heads)
+            r = self._by_adapter[a][0][2]
+            if self._try_admit(r, step, now, drain, starved=False) == "full":
+                return
+            q = self._by_adapter.get(a)
+            if q:
+                heapq.heappush(heads, (q[0][:2], a))
+
+    def _admissible(self, drain: _Drain) -> list[str | None]:
+        """Adapters whose requests can be admitted without a new slot (and base requests)."""
+        return [None, *(a for a in self._adapter_users if not (drain.on and a == drain.victim))]
+
+    def _room(self, step: _Step) -> bool:
+        return step.budget > 0 and len(self._running) < self.config.max_running
+
+    def _slot_free(self) -> bool:
+        return len(self._adapter_users) < self.cache.max_slots
+
+    def _try_admit(self, r: Request, step: _Step, now: float, drain: _Drain, starved: bool) -> str:
+        """Admit ``r`` if its adapter and KV need fit: "admitted", "skipped", or "full" (stop)."""
+        new_slot = r.adapter is not None and r.adapter not in self._adapter_users
+        if new_slot and (drain.on or not self._adapter_fits(r.adapter)):
+            if starved and not drain.on:
+                drain.on, drain.victim = True, self._drain_victim()
+            return "skipped"
+        if drain.on and r.adapter is not None and r.adapter == drain.victim:
+            return "skipped"
+        if self._kv_used + r.kv_need > self.config.kv_tokens:
+            return "full"  # head-of-line: the oldest admissible request waits for memory, not overtaken
+        self._unqueue(r)
+        self._start(r, now)
+        step.admitted.append(r.id)
+        self._chunk(step, r)
+        return "admitted"
+
+    def _unqueue(self, r: Request) -> None:
+        """Take a waiting request out of its adapter queue (the FCFS list drops it lazily)."""
+        q = self._by_adapter[r.adapter]
+        if q[0][2] is r:
+            q.popleft()
+        else:
+            q.remove(next(e for e in q if e[2] is r))
+        if not q:
+            del self._by_adapter[r.adapter]
+        self._n_waiting -= 1
+
+    def _compact(self) -> None:
+        """Skip stale entries at the head of the FCFS list; rebuild it when stale ones dominate."""
+        fcfs = self._fcfs
+        while self._head < len(fcfs) and fcfs[self._head][2].state is not RequestState.WAITING:
+            self._head += 1
+        if len(fcfs) - self._head > 2 * self._n_waiting + 32 or self._head > 1024:
+            self._fcfs = [e for e in fcfs[self._head :] if e[2].state is RequestState.WAITING]
+            self._head = 0
 
     def _drain_victim(self) -> str | None:
         """The running adapter whose requests will all be done soonest (ties: admitted first)."""
