@@ -88,6 +88,8 @@ def init_from_env() -> Dist:
     """Join the group that ``torchrun`` / ``accelerate launch`` describe in the environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_device())
         dist.init_process_group(backend=backend)
     return current()
 
