@@ -69,6 +69,20 @@ def test_long_prompt_prefills_over_several_steps_then_decodes():
     assert not s.has_work() and s.kv_used == 0
 
 
+def test_without_chunked_prefill_prompts_run_whole_in_fcfs_order():
+    s = make(token_budget=16, chunked_prefill=False)
+    s.add(req("a", prompt=10, new=1, t=0.0))
+    s.add(req("b", prompt=10, new=1, t=1.0))  # 6 tokens left: waits, and 'c' does not overtake it
+    s.add(req("c", prompt=2, new=1, t=2.0))
+    plan, _ = step(s)
+    assert [(c.request_id, c.length, c.last) for c in plan.prefills] == [("a", 10, True)]
+    plan, _ = step(s)
+    assert [(c.request_id, c.length) for c in plan.prefills] == [("b", 10), ("c", 2)]
+    with pytest.raises(RequestTooLargeError, match="chunked prefill is off") as e:
+        s.add(req("big", prompt=17))
+    assert e.value.field == "prompt"
+
+
 def test_decodes_come_first_and_prompt_chunks_use_the_rest():
     s = make(token_budget=8)
     s.add(req("a", prompt=4, new=5))
@@ -94,6 +108,17 @@ def test_kv_capacity_is_respected_with_worst_case_reservation():
         if "b" in plan.admitted:
             break
     assert "b" in plan.admitted and s.get("a") is None  # b started once a finished
+
+
+def test_kv_reservations_round_up_to_whole_blocks():
+    s = make(kv_tokens=64, kv_block=16)
+    s.add(req("a", prompt=10, new=10))  # 20 tokens -> 2 blocks = 32
+    s.add(req("b", prompt=3, new=2))  # 5 -> 16
+    s.add(req("c", prompt=3, new=2))  # 5 -> 16: 64 in all
+    s.add(req("d", prompt=1, new=1))  # no block left
+    assert s.plan(0.0).admitted == ("a", "b", "c") and s.kv_used == 64
+    with pytest.raises(RequestTooLargeError, match="80 in blocks of 16"):
+        s.add(req("e", prompt=60, new=10))
 
 
 def test_kv_head_of_line_blocks_later_small_requests():

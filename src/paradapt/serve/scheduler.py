@@ -132,12 +132,14 @@ class SchedulerConfig:
 
     token_budget: int = 2048
     kv_tokens: int = 65536
+    kv_block: int = 1  # tokens per KV page: reservations round up to it (transformers' page_size)
+    chunked_prefill: bool = True  # False: a prompt runs whole in one step (bidirectional encoders)
     max_running: int = 256
     queue_bound: int = 4096
     starvation_after: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("token_budget", "kv_tokens", "max_running", "queue_bound"):
+        for name in ("token_budget", "kv_tokens", "kv_block", "max_running", "queue_bound"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
@@ -352,8 +354,10 @@ class Scheduler:
             return "skipped"
         if drain.on and r.adapter is not None and r.adapter == drain.victim:
             return "skipped"
-        if self._kv_used + r.kv_need > self.config.kv_tokens:
-            return "full"  # head-of-line: the oldest admissible request waits for memory, not overtaken
+        if self._kv_used + self._reserve(r) > self.config.kv_tokens:
+            return "full"
+        if not self.config.chunked_prefill and r.prompt_len > step.budget:
+            return "full"  # whole prompts only (encoders): wait for a step with room, keep FCFS  # head-of-line: the oldest admissible request waits for memory, not overtaken
         self._unqueue(r)
         self._start(r, now)
         step.admitted.append(r.id)
@@ -403,7 +407,7 @@ class Scheduler:
         r.state = RequestState.RUNNING
         r.admitted_at = now
         self._running[r.id] = r
-        self._kv_used += r.kv_need
+        self._kv_used += self._reserve(r)
         if r.adapter is not None:
             self._adapter_users[r.adapter] = self._adapter_users.get(r.adapter, 0) + 1
             self.cache.pin(r.adapter)
@@ -442,7 +446,7 @@ class Scheduler:
     # -- internals ----------------------------------------------------------------
     def _release(self, r: Request) -> None:
         del self._running[r.id]
-        self._kv_used -= r.kv_need
+        self._kv_used -= self._reserve(r)
         if r.adapter is not None:
             n = self._adapter_users[r.adapter] - 1
             if n:
@@ -451,11 +455,23 @@ class Scheduler:
                 del self._adapter_users[r.adapter]
             self.cache.unpin(r.adapter)
 
+    def _reserve(self, r: Request) -> int:
+        """KV tokens reserved for ``r``: its worst case, rounded up to whole blocks (paged caches)."""
+        b = self.config.kv_block
+        return -(-r.kv_need // b) * b
+
     def _check_can_ever_run(self, r: Request) -> None:
-        if r.kv_need > self.config.kv_tokens:
+        if not self.config.chunked_prefill and r.prompt_len > self.config.token_budget:
+            raise RequestTooLargeError(
+                "prompt",
+                f"request {r.id!r} has {r.prompt_len} prompt tokens, over the step budget of "
+                f"{self.config.token_budget} (chunked prefill is off)",
+            )
+        if self._reserve(r) > self.config.kv_tokens:
             raise RequestTooLargeError(
                 "max_tokens",
-                f"request {r.id!r} needs {r.prompt_len} prompt + {r.max_new_tokens} new tokens = {r.kv_need}, "
+                f"request {r.id!r} needs {r.prompt_len} prompt + {r.max_new_tokens} new tokens = {r.kv_need} "
+                f"({self._reserve(r)} in blocks of {self.config.kv_block}), "
                 f"over the KV capacity of {self.config.kv_tokens}",
             )
         if r.adapter is not None:
