@@ -477,3 +477,16 @@ def test_unwrap_with_a_fused_adapter_and_pissa_gives_base_back():
     pa.unwrap(model)  # unfuses first, so removing PiSSA reaches the original weight
     assert not any(isinstance(m, SplitActivation) for m in model.modules())
     torch.testing.assert_close(outputs(model, ids), base, atol=1e-5, rtol=1e-5)
+
+
+def test_deepcopy_of_a_fused_model_runs_on_its_own_activation_modules():
+    import copy
+
+    model = tiny_model("gpt2")
+    _add(model, act="relu")
+    fuse(model, "a")
+    ids = _ids()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(outputs(twin, ids), outputs(model, ids), atol=0, rtol=0)
+    for act in (m for m in twin.modules() if isinstance(m, SplitActivation)):
+        assert act._base is act.base_act  # the copy's child, not the original's

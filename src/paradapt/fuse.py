@@ -112,14 +112,18 @@ class SplitActivation(nn.Module):
         self.width = width
         self.same = _same_function(base, act)
         self.base_inplace = bool(getattr(base, "inplace", False))
+        # Plain attributes for the per-call path: a child module is found through
+        # nn.Module.__getattr__, which costs about a microsecond per access at decode.
+        self.__dict__["_base"] = base
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        base = self._base
         if self.same:
-            return self.base_act(h)
+            return base(h)
         i = self.width
-        if self.base_inplace or (h.requires_grad and torch.is_grad_enabled()):
-            return torch.cat([self.base_act(h[..., :i]), _ACTS[self.act](h[..., i:])], dim=-1)
-        out = self.base_act(h)
+        if self.base_inplace or (torch.is_grad_enabled() and h.requires_grad):
+            return torch.cat([base(h[..., :i]), _ACTS[self.act](h[..., i:])], dim=-1)
+        out = base(h)
         r = h.shape[-1] - i
         _ACTS_INTO[self.act](h.narrow(-1, i, r), out.narrow(-1, i, r))
         return out
