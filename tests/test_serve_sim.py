@@ -8,6 +8,7 @@ more adapter slots never hurt throughput when steps have a fixed cost.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -194,3 +195,48 @@ def test_simulation_is_deterministic():
     w = workload(duration=10.0)
     a, b = run(w, max_slots=2, max_served=8), run(w, max_slots=2, max_served=8)
     assert (a.end, a.tokens, a.waits, a.device_loads) == (b.end, b.tokens, b.waits, b.device_loads)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_invariants_hold_under_random_traffic_cancellations_and_byte_budgets(seed):
+    """Fuzz: mixed sizes against a device byte budget, base-model requests, cancellations."""
+    rng = random.Random(seed)
+    w = workload(
+        num_adapters=rng.choice([5, 30]), rate=30.0, duration=4.0, alpha=rng.choice([1.0, 0.1]), seed=seed
+    )
+    sizes = {a.name: 1000 * a.rank for a in w.adapters}  # 8k / 16k / 32k
+    slots = rng.choice([1, 2, 4])
+    cache = AdapterCache(sizes, max_served=8, max_slots=slots, device_bytes=max(32_000, slots * 20_000))
+    cfg = SchedulerConfig(
+        token_budget=64, kv_tokens=600, kv_block=8, max_running=8, queue_bound=10_000, starvation_after=0.5
+    )
+    sched = Scheduler(cfg, cache)
+    pending = deque(w.requests)
+    now, finished, cancelled = 0.0, 0, 0
+    while pending or sched.has_work():
+        while pending and pending[0].arrival <= now:
+            q = pending.popleft()
+            adapter = None if q.id % 5 == 0 else q.adapter
+            sched.add(Request(str(q.id), adapter, q.prompt_len, q.output_len, q.arrival))
+        if not sched.has_work():
+            now = pending[0].arrival
+            continue
+        plan = sched.plan(now)
+        running = sched.running
+        users = {r.adapter for r in running if r.adapter is not None}
+        assert not plan.empty
+        assert plan.num_tokens <= cfg.token_budget and len(running) <= cfg.max_running
+        assert sched.kv_used == sum(-(-r.kv_need // 8) * 8 for r in running) <= cfg.kv_tokens
+        assert set(plan.adapters) <= users and len(users) <= slots
+        assert sum(sizes[a] for a in users) <= cache.device_bytes
+        assert all(cache.pinned(a) == (a in users) for a in sizes)
+        assert cache.ensure_resident(plan.adapters).ok
+        cache.prefetch(sched.upcoming_adapters(3))
+        if rng.random() < 0.05:
+            victim = rng.choice(running + sched.waiting)
+            assert sched.cancel(victim.id, now)
+            cancelled += 1
+        now += STEP_COST + TOKEN_COST * plan.num_tokens
+        finished += len(sched.complete(plan, now))
+    assert finished + cancelled == len(w.requests)
+    assert not any(cache.pinned(a) for a in sizes) and sched.kv_used == 0
