@@ -81,6 +81,15 @@ def test_top_adapter_share_grows_as_alpha_falls():
     assert shares[-1] > 10 * shares[0]
 
 
+def test_adapter_rates_sum_to_the_rate_and_match_the_counts():
+    s = spec(num_adapters=8, alpha=0.3, rate=40.0, duration=500.0)
+    rates = s.adapter_rates()
+    assert sum(rates.values()) == pytest.approx(40.0)
+    counts = s.generate().requests_per_adapter()
+    for name, r in rates.items():
+        assert counts[name] / 500.0 == pytest.approx(r, rel=0.1, abs=0.1)
+
+
 def test_uniform_alpha_reaches_every_adapter():
     w = spec(num_adapters=30, alpha=1.0, rate=50.0, duration=100.0).generate()
     counts = list(w.requests_per_adapter().values())

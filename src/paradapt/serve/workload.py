@@ -152,6 +152,11 @@ class WorkloadSpec:
         width = max(4, len(str(self.num_adapters - 1)))
         return [f"{self.adapter_prefix}-{i:0{width}d}" for i in range(self.num_adapters)]
 
+    def adapter_rates(self) -> dict[str, float]:
+        """Expected requests/s of each adapter: ``rate`` times its power-law share."""
+        probs = adapter_probabilities(self.num_adapters, self.alpha)
+        return {n: self.rate * p for n, p in zip(self.adapter_names(), probs, strict=True)}
+
     def generate(self) -> Workload:
         """The workload this spec describes (same spec, same workload)."""
         return generate(self)
