@@ -311,6 +311,9 @@ def run_train(args) -> int:
                 file=sys.stderr,
             )
         return 130
+    except KeyboardInterrupt:  # before the first step: nothing to save
+        print("paradapt: interrupted before training started", file=sys.stderr)
+        return 130
     if result.checkpoint is None:  # not rank 0 of a distributed run
         return 0
     print(f"trained {result.steps} steps; output in {result.output_dir}")

@@ -288,13 +288,14 @@ class Trainer:
         """
         end = self.args.max_steps if stop_at is None else min(stop_at, self.args.max_steps)
         bar = _bar(end - self.step, progress and self.dist.is_main)
-        t0, tokens0, rows = time.perf_counter(), self.tokens, 0
+        elapsed, tokens0, rows = 1e-9, self.tokens, 0  # time in train steps (evals excluded)
         try:
             with _deferred_sigint(self):
                 while self.step < end:
+                    t0 = time.perf_counter()
                     losses = self.train_step()
+                    elapsed += time.perf_counter() - t0
                     rows += self.args.batch_size * self.args.grad_accum
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
                     rate = (self.tokens - tokens0) / elapsed
                     lr = self.scheds[self.tasks[0].name].get_last_lr()[0]
                     if self.step % self.args.log_every == 0 or self.step == self.args.max_steps:

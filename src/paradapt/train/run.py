@@ -78,8 +78,8 @@ def train(
     dist = distributed.init_from_env()
     out = Path(cfg.output_dir)
     ckpt = _checkpoint_to_resume(out, resume)
-    if ckpt is None and dist.is_main:
-        _prepare_fresh(out, overwrite)
+    if ckpt is None:
+        _prepare_fresh(out, overwrite, dist.is_main)  # every rank checks, so every rank fails alike
     dist.barrier()
     tok, model = _load_model(cfg, base_dir)
     tasks, adapter_cfgs = _build_tasks(cfg, tok, base_dir)
@@ -134,7 +134,7 @@ def _checkpoint_to_resume(out: Path, resume: bool | str | os.PathLike | None) ->
     return path
 
 
-def _prepare_fresh(out: Path, overwrite: bool) -> None:
+def _prepare_fresh(out: Path, overwrite: bool, delete: bool) -> None:
     """A fresh run starts from an empty run folder: refuse to mix with an earlier run's files."""
     present = [n for n in RUN_FILES if (out / n).exists()]
     if not present:
@@ -145,7 +145,7 @@ def _prepare_fresh(out: Path, overwrite: bool) -> None:
             f"{out} already holds a run ({', '.join(present)}); resume it with --resume, "
             "or pass --overwrite to start again",
         )
-    for name in present:
+    for name in present if delete else []:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
