@@ -193,6 +193,11 @@ def test_unreadable_or_malformed_files_are_named(tmp_path):
         WorkloadSpec.from_yaml(p)
 
 
+def test_specs_are_hashable_and_equal_specs_hash_alike():
+    a, b = spec(ranks={8: 1, 16: 2}), spec(ranks={16: 2, 8: 1})
+    assert a == b and hash(a) == hash(b) and len({a, b, spec(seed=9)}) == 2
+
+
 def test_generate_function_equals_method():
     s = spec()
     assert generate(s) == s.generate()

@@ -103,6 +103,9 @@ class WorkloadSpec:
         if not isinstance(self.adapter_prefix, str) or not self.adapter_prefix:
             raise ConfigError("adapter_prefix", f"must be a non-empty string, got {self.adapter_prefix!r}")
 
+    def __hash__(self) -> int:  # the mixes are dicts; hash a frozen view (specs key caches in the twin)
+        return hash(tuple(_freeze(v) for v in self.to_dict().values()))
+
     # -- loading ----------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "workload") -> WorkloadSpec:
@@ -231,6 +234,12 @@ def _exact_mix(mix: Mapping[Any, float], n: int, rng: random.Random) -> list[Any
     values = [k for k in mix for _ in range(counts[k])]
     rng.shuffle(values)
     return values
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted(((k, _freeze(x)) for k, x in v.items()), key=repr))
+    return tuple(v) if isinstance(v, list) else v
 
 
 # -- validation helpers ---------------------------------------------------
