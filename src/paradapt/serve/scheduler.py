@@ -355,9 +355,9 @@ class Scheduler:
         if drain.on and r.adapter is not None and r.adapter == drain.victim:
             return "skipped"
         if self._kv_used + self._reserve(r) > self.config.kv_tokens:
-            return "full"
+            return "full"  # head-of-line: the oldest admissible request waits for memory, not overtaken
         if not self.config.chunked_prefill and r.prompt_len > step.budget:
-            return "full"  # whole prompts only (encoders): wait for a step with room, keep FCFS  # head-of-line: the oldest admissible request waits for memory, not overtaken
+            return "full"  # whole prompts only (encoders): wait for a step with room, keep FCFS
         self._unqueue(r)
         self._start(r, now)
         step.admitted.append(r.id)
