@@ -25,7 +25,9 @@ same run. The warm-up outputs are checked against paradapt's (max abs diff, over
 
 ``latency`` (Llama, batch 1, decode one token on a 128-token cache and prefill 128 tokens):
 base / parallel adapter unfused / parallel adapter fused (``paradapt.fuse``, if present) /
-LoRA unmerged / LoRA merged.
+LoRA unmerged / LoRA merged; wall clock and process CPU time per call (on a shared machine, run
+it with ``--threads 1`` and read the CPU columns; ``benchmarks/fused_latency_profile.py`` breaks
+the fused adapter's time down op by op).
 
     python benchmarks/mixed_batch.py --quick                      # smoke run, < 1 minute
     python benchmarks/mixed_batch.py --estimate                   # time of the full run (a few s)
@@ -289,11 +291,16 @@ class Method:
 @dataclass
 class Timing:
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # process CPU time per call (see run_latency)
     check: torch.Tensor | None = None
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
 
 
 def sync(device: torch.device) -> None:
@@ -319,10 +326,11 @@ def measure(methods: list[Method], repeats: int, warmup: int, device: torch.devi
             for _ in range(repeats):
                 for m in methods:
                     sync(device)
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     out = m.run()
                     sync(device)
                     res[m.name].times.append(time.perf_counter() - t0)
+                    res[m.name].cpu.append(time.process_time() - c0)
                     del out
                     m.after()
         finally:
@@ -471,6 +479,8 @@ class Row:
     note: str = ""
     target: str = ""
     times: list[float] = field(default_factory=list)
+    cpu_seconds: float | None = None  # latency rows: median process CPU time per call
+    cpu_ratio: float | None = None  # latency rows: base CPU time / this CPU time
 
 
 def random_inputs(base, rows: int, length: int, seed: int, device) -> dict:
@@ -675,7 +685,7 @@ def run_latency(base, args, sizes: Sizes, device, dtype, rows_out: list[Row], no
                     notes.append(error_note(f"llama latency {phase} r={r}", e))
                     log(notes[-1])
                     continue
-                base_t = res["base"].median
+                base_t, base_cpu = res["base"].median, res["base"].cpu_median
                 tokens = 1 if phase == "decode" else sizes.prefill_len
                 for label, _ in models:
                     t = res[label]
@@ -714,6 +724,8 @@ def run_latency(base, args, sizes: Sizes, device, dtype, rows_out: list[Row], no
                             note,
                             tgt,
                             t.times,
+                            t.cpu_median,
+                            base_cpu / t.cpu_median if t.cpu_median > 0 else None,
                         )
                     )
                 log(
@@ -766,14 +778,23 @@ def print_tables(rows: list[Row], sizes: Sizes) -> None:
         )
         print(
             "x base latency = time per call relative to the base model in the same run (lower is "
-            "better). diff = max abs diff of the last-token logits vs the method named in the note.\n"
+            "better). CPU = this process's CPU time per call (all its threads), which leaves out the "
+            "time other processes hold the cores: the steadier figure on a shared machine when run "
+            "with --threads 1 (with more threads, idle OpenMP workers spinning count too). diff = max "
+            "abs diff of the last-token logits vs the method named in the note.\n"
         )
-        print("| phase | r | method | ms/call | tokens/s | x base latency | diff | target | note |")
-        print("|---|--:|---|--:|--:|--:|--:|---|---|")
+        print(
+            "| phase | r | method | ms/call | tokens/s | x base latency | CPU ms/call | x base CPU "
+            "| diff | target | note |"
+        )
+        print("|---|--:|---|--:|--:|--:|--:|--:|--:|---|---|")
         for r in lat:
+            cpu = "" if r.cpu_seconds is None else f"{1e3 * r.cpu_seconds:.1f}"
+            cpu_x = "" if not r.cpu_ratio else f"{1 / r.cpu_ratio:.3f}"
             print(
                 f"| {r.phase[len('latency ') :]} | {r.r} | {r.method} | {1e3 * r.seconds:.1f} | "
-                f"{r.tok_s:,.0f} | {1 / r.ratio:.3f} | {fmt_diff(r.diff)} | {r.target} | {r.note} |"
+                f"{r.tok_s:,.0f} | {1 / r.ratio:.3f} | {cpu} | {cpu_x} | {fmt_diff(r.diff)} | "
+                f"{r.target} | {r.note} |"
             )
 
 
