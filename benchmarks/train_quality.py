@@ -383,15 +383,17 @@ def time_worker(method: str, ranks: dict, batch: int, length: int, steps: int, t
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     loaded = status_kb("VmRSS")
     reset_peak_rss()
-    times = []
+    times, cpu = [], []
     for i in range(steps + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         train_step(s, opt, sched, b, y)
         if i:
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     return {
         "method": method,
         "times": times,
+        "cpu_times": cpu,
         "rss_loaded_kb": loaded,
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "load_peak_rss_kb": load_peak,
@@ -401,7 +403,8 @@ def time_worker(method: str, ranks: dict, batch: int, length: int, steps: int, t
 
 def measure_cost(methods: list[str], ranks: dict, args) -> dict[str, dict]:
     out: dict[str, dict] = {
-        m: {"times": [], "peak": [], "loaded": [], "steps_peak": [], "load_peak": []} for m in methods
+        m: {"times": [], "cpu": [], "peak": [], "loaded": [], "steps_peak": [], "load_peak": []}
+        for m in methods
     }
     for rnd in range(args.time_rounds):
         for m in methods if rnd % 2 == 0 else list(reversed(methods)):
@@ -426,12 +429,14 @@ def measure_cost(methods: list[str], ranks: dict, args) -> dict[str, dict]:
                 raise SystemExit(f"timing worker {m} failed:\n{r.stderr[-3000:]}")
             w = json.loads(r.stdout.strip().splitlines()[-1])
             out[m]["times"] += w["times"]
+            out[m]["cpu"] += w["cpu_times"]
             out[m]["peak"].append(w["peak_rss_kb"])
             out[m]["loaded"].append(w["rss_loaded_kb"])
             out[m]["steps_peak"].append(w["steps_peak_rss_kb"])
             out[m]["load_peak"].append(w["load_peak_rss_kb"])
             print(
                 f"  timing round {rnd + 1}/{args.time_rounds} {m:14s} median {statistics.median(w['times']):.3f}s "
+                f"(CPU {statistics.median(w['cpu_times']):.3f}s) "
                 f"peak {w['peak_rss_kb'] / 1024:.0f} MiB (loading {w['load_peak_rss_kb'] / 1024:.0f}, loaded "
                 f"{w['rss_loaded_kb'] / 1024:.0f}, steps {w['steps_peak_rss_kb'] / 1024:.0f})",
                 flush=True,
@@ -443,6 +448,7 @@ def measure_cost(methods: list[str], ranks: dict, args) -> dict[str, dict]:
         steps_peak = statistics.median(d["steps_peak"])
         res[m] = {
             "step_s": statistics.median(d["times"]),
+            "cpu_step_s": statistics.median(d["cpu"]),
             "peak_mib": peak / 1024,
             "load_peak_mib": statistics.median(d["load_peak"]) / 1024,
             "loaded_mib": loaded / 1024,
@@ -457,9 +463,9 @@ def measure_cost(methods: list[str], ranks: dict, args) -> dict[str, dict]:
 def fmt_table(results: list[dict], cost: dict, base: int) -> str:
     full_cost = cost.get("full")
     lines = [
-        "| task | method | rank | trainable (encoder) | % of base | head | accuracy % | step time | x full FT "
-        "| peak RSS in steps | x full | overhead | x full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | method | rank | trainable (encoder) | % of base | head | accuracy % | step CPU time | x full FT "
+        "| wall x full | peak RSS in steps | x full | overhead | x full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -475,10 +481,11 @@ def fmt_table(results: list[dict], cost: dict, base: int) -> str:
             )
         r0 = rs[0]
         c = cost.get(method)
-        cols = ["-"] * 6
+        cols = ["-"] * 7
         if c and full_cost:
             cols = [
-                f"{c['step_s']:.3f}s",
+                f"{c.get('cpu_step_s', float('nan')):.3f}s",
+                f"{c.get('cpu_step_s', float('nan')) / full_cost.get('cpu_step_s', float('nan')):.2f}",
                 f"{c['step_s'] / full_cost['step_s']:.2f}",
                 f"{c['steps_peak_mib']:.0f} MiB",
                 f"{c['steps_peak_mib'] / full_cost['steps_peak_mib']:.2f}",
@@ -496,17 +503,19 @@ def fmt_table(results: list[dict], cost: dict, base: int) -> str:
 
 def fmt_cost(cost: dict) -> str:
     full = cost.get("full")
+    nan = float("nan")
     lines = [
-        "| method | steps timed | median step | x full FT | RSS loaded | peak RSS in steps | x full "
-        "| overhead above loaded | x full | process peak (incl. loading) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps timed | median step CPU | x full FT | median step wall | x full FT | RSS loaded "
+        "| peak RSS in steps | x full | overhead above loaded | x full | process peak (incl. loading) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, c in cost.items():
-        rs = [c[k] / full[k] if full else 0.0 for k in ("step_s", "steps_peak_mib", "overhead_mib")]
+        keys = ("cpu_step_s", "step_s", "steps_peak_mib", "overhead_mib")
+        rs = [c.get(k, nan) / full.get(k, nan) if full else nan for k in keys]
         lines.append(
-            f"| {m} | {c['n_steps']} | {c['step_s']:.3f}s | {rs[0]:.2f} | {c['loaded_mib']:.0f} MiB "
-            f"| {c['steps_peak_mib']:.0f} MiB | {rs[1]:.2f} | {c['overhead_mib']:.0f} MiB | {rs[2]:.2f} "
-            f"| {c['peak_mib']:.0f} MiB |"
+            f"| {m} | {c['n_steps']} | {c.get('cpu_step_s', nan):.3f}s | {rs[0]:.2f} | {c['step_s']:.3f}s | {rs[1]:.2f} "
+            f"| {c['loaded_mib']:.0f} MiB | {c['steps_peak_mib']:.0f} MiB | {rs[2]:.2f} | {c['overhead_mib']:.0f} MiB "
+            f"| {rs[3]:.2f} | {c['peak_mib']:.0f} MiB |"
         )
     return "\n".join(lines)
 
@@ -583,6 +592,12 @@ def parse(argv=None) -> argparse.Namespace:
         "--save-best", default=None, help="save the best parallel adapter per task in DIR/<task>-parallel"
     )
     p.add_argument("--report", action="store_true", help="print the table from --json and exit")
+    p.add_argument(
+        "--cost-only", action="store_true", help="only measure step time / memory, into --cost-json"
+    )
+    p.add_argument(
+        "--cost-json", default=None, help="cost measurement file (written by --cost-only, read by --report)"
+    )
     p.add_argument("--no-cost", action="store_true", help="skip the step-time / memory measurement")
     p.add_argument("--_time-worker", dest="time_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_ranks", dest="ranks", default=None, help=argparse.SUPPRESS)
@@ -699,6 +714,14 @@ def main(argv=None) -> None:
     del probe
     if args.estimate:
         estimate(args, methods, ranks, tok, pad)
+        return
+    if args.cost_only:
+        cost = measure_cost(methods, ranks, args)
+        if args.cost_json:
+            Path(args.cost_json).write_text(
+                json.dumps({"argv": sys.argv, "ranks": ranks, "cost": cost}, indent=1)
+            )
+        print(fmt_cost(cost))
         return
     t_start = time.time()
     results: list[dict] = []
