@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -480,8 +481,6 @@ def test_unwrap_with_a_fused_adapter_and_pissa_gives_base_back():
 
 
 def test_deepcopy_of_a_fused_model_runs_on_its_own_activation_modules():
-    import copy
-
     model = tiny_model("gpt2")
     _add(model, act="relu")
     fuse(model, "a")
