@@ -166,3 +166,14 @@ def test_assets_placeholder_expands(tmp_path, monkeypatch):
     cfg = validate(raw() | {"adapters": [{"name": "a", "data": "${assets}/data/x.tsv"}]})
     train, _ = cfg.data_specs(0)
     assert train.path == str(tmp_path / "data" / "x.tsv")
+
+
+def test_example_config_is_valid(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("PARADAPT_ASSETS", str(tmp_path))
+    cfg, base = load_config(Path(__file__).parents[1] / "examples" / "train_sst2.yaml")
+    assert cfg.adapters[0].kind == "parallel" and cfg.adapter_config(0).head["labels"] == [0, 1]
+    train, evals = cfg.data_specs(0, base)
+    assert train.path == str(tmp_path / "data" / "sst2" / "train.tsv") and train.text_field == "sentence"
+    assert evals.path == str(tmp_path / "data" / "sst2" / "test.tsv")

@@ -41,6 +41,7 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(tmp_path):
             "lr": 1e-2,
             "log_every": 1,
             "eval_every": 5,
+            "eval_batch_size": 1,  # several eval batches, shared by the ranks
         },
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -61,12 +62,14 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(tmp_path):
         assert x.keys() == y.keys() == {"a", "b"}
         for k in x:
             assert y[k] == pytest.approx(x[k], rel=1e-5), (k, x[k], y[k])
-    evals = [
-        json.loads(line)["eval"]
-        for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-        if "eval" in line
-    ]
-    assert len(evals) == 1
+
+    def evals(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["eval"] for line in lines if '"eval"' in line]
+
+    assert len(evals("two")) == len(evals("one")) == 1
+    for k in ("a", "b"):  # eval batches split between the ranks, sums all-reduced
+        assert evals("two")[0][k]["loss"] == pytest.approx(evals("one")[0][k]["loss"], rel=1e-5)
     for k in ("a", "b"):
         w1 = torch.load(tmp_path / "one" / "checkpoints" / "step-5" / "trainer_state.pt", weights_only=True)
         w2 = torch.load(tmp_path / "two" / "checkpoints" / "step-5" / "trainer_state.pt", weights_only=True)

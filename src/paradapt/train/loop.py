@@ -332,7 +332,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Per adapter: accuracy (classification) or loss and perplexity (LM), on its eval set."""
+        """Per adapter: accuracy (classification) or loss and perplexity (LM), on its eval set.
+
+        Distributed, each rank evaluates every world-th batch and the sums are all-reduced.
+        """
         was = self.model.training
         self.model.eval()
         out = {}
@@ -341,7 +344,8 @@ class Trainer:
                 continue
             collate = t.eval.collate_fn()
             hits, loss_sum, weight = 0, 0.0, 0.0
-            for s in range(0, len(t.eval), self.args.eval_batch_size):
+            starts = range(0, len(t.eval), self.args.eval_batch_size)
+            for s in starts[self.dist.rank :: self.dist.world]:
                 batch = collate(
                     [t.eval[i] for i in range(s, min(s + self.args.eval_batch_size, len(t.eval)))]
                 )
@@ -354,6 +358,9 @@ class Trainer:
                     loss = self._losses(batch, names)[t.name]
                     w = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                     loss_sum, weight = loss_sum + float(loss) * w, weight + w
+            if self.dist.enabled:
+                sums = self.dist.sum_(torch.tensor([hits, loss_sum, weight], dtype=torch.float64))
+                hits, loss_sum, weight = int(sums[0]), float(sums[1]), float(sums[2])
             if self.kind == "classification":
                 out[t.name] = {"accuracy": hits / max(weight, 1)}
             else:
