@@ -3,7 +3,7 @@
 paradapt's Scheduler decides each step; transformers 5.23's paged-attention forward executes it
 (packed ``[1, T]`` inputs, ``PagedAttentionCache``, ``ContinuousBatchingIOs``), driven by our own
 loop with no manager thread. These tests fail if a transformers upgrade changes that contract,
-and check the per-token routing that packed sequences need (docs/serving.md, "Runner plan").
+and check the per-token routing (``pa.route(..., packed=True)``) that packed sequences need (docs/serving.md, "Runner plan").
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
 
 import paradapt as pa
-import paradapt.sites as sites
 from paradapt.serve import AdapterCache, Request, Scheduler, SchedulerConfig
 
 
@@ -96,23 +95,7 @@ def test_scheduler_drives_the_paged_forward_and_matches_generate(family):
     ]
 
 
-@contextlib.contextmanager
-def token_routes(model, monkeypatch, names_per_token):
-    """Per-token routing, patched from outside: hook sites see [1, T, H]; as [T, 1, H] tokens are rows."""
-    transform = sites.transform
-
-    def packed(site, plan, groups, h, x, writes):
-        t = None if x is None else x.transpose(0, 1)
-        return transform(site, plan, groups, h.transpose(0, 1), t, writes).transpose(0, 1)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(sites, "transform", packed)
-        mp.setattr(sites, "_batch", lambda v: v.shape[1])
-        with pa.route(model, names_per_token):
-            yield
-
-
-def test_per_token_routes_serve_a_packed_mixed_adapter_batch(monkeypatch):
+def test_per_token_routes_serve_a_packed_mixed_adapter_batch():
     model = tiny_model("llama")
     pa.add_adapter(model, "lo", pa.LoRAConfig(r=8, init="random"))
     pa.add_adapter(model, "par", pa.ParallelConfig(r=16))
@@ -135,8 +118,7 @@ def test_per_token_routes_serve_a_packed_mixed_adapter_batch(monkeypatch):
     with torch.no_grad():
         for step in range(steps):
             batch = [(st, prompts[i] if step == 0 else [out[i][-1]], True) for i, st in enumerate(states)]
-            names = [a for (_, toks, _), a in zip(batch, adapters, strict=True) for _ in toks]
-            with token_routes(model, monkeypatch, names):
+            with pa.route(model, adapters, packed=True, lengths=[len(t) for _, t, _ in batch]):
                 toks = forward(model, cache, io, lp, batch)
             for i, t in enumerate(toks):
                 out[i].append(t)

@@ -129,25 +129,47 @@ def _check_not_merged(st: State, comp) -> None:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, entries):
+def route(model: nn.Module, entries, *, packed: bool = False, lengths: list[int] | None = None):
     """Route row ``i`` of every forward in this block to ``entries[i]`` (a name, composition or None).
 
     Works inside ``model.generate`` (beams and returned sequences repeat each
     entry). A single composition instead of a list applies to every row.
+
+    ``packed=True`` routes the tokens of one packed sequence (continuous batching's
+    ``[1, T]`` input): ``entries[t]`` is token ``t``'s route, or with ``lengths`` (the
+    requests' token counts, ``diff(cu_seq_lens_q)``) ``entries[i]`` is request ``i``'s.
     """
     st = require_state(model)
-    if isinstance(entries, (list, tuple)) and not isinstance(entries, str):
+    if lengths is not None and not packed:
+        raise RoutingError("lengths= describes a packed sequence; pass packed=True with it")
+    if packed:
+        plan = _packed_plan(entries, lengths)
+    elif isinstance(entries, (list, tuple)) and not isinstance(entries, str):
         routes = [normalize(e) for e in entries]
         plan = Plan(routes)
     else:
         plan = Plan.for_all(normalize(entries))
     st.check_names(plan.names())
     _check_not_merged(st, plan.names() or None)
+    if packed:
+        for site in st.sites.values():
+            if site.kind == "attention":
+                site.refuse_packed(plan.names())
     token = st.push_route(plan)
     try:
         yield plan
     finally:
         st.pop_route(token)
+
+
+def _packed_plan(entries, lengths: list[int] | None) -> Plan:
+    """Per-token plan of a packed sequence from per-token entries, or per-request ones and lengths."""
+    if not isinstance(entries, (list, tuple)) or isinstance(entries, str):
+        raise RoutingError("a packed route takes a list: one entry per token, or per request with lengths=")
+    routes = [normalize(e) for e in entries]
+    if lengths is None:
+        return Plan.packed_tokens(routes)
+    return Plan.packed_segments(routes, list(lengths))
 
 
 def split_parallel(output, k: int) -> list:

@@ -14,6 +14,12 @@ A *composition* says how several adapters combine on one input:
 A :class:`Plan` maps every row of the batch to a composition. It groups rows by
 composition once per batch size and device, and every site and layer reuses
 those groups: the model's forward signature never changes.
+
+A *packed* plan (``Plan.packed_tokens`` / ``Plan.packed_segments``) routes the
+tokens of one packed sequence: continuous batching runs every request's tokens
+back to back as a single ``[1, T]`` row. Its entries are per token, and hook
+sites view ``[1, T, H]`` activations as ``[T, 1, H]`` so each token is a row for
+the same groups, segments and banks as a padded batch.
 """
 
 from __future__ import annotations
@@ -146,12 +152,32 @@ class Plan:
 
     routes: list[Route | None]
     uniform: bool = False  # one route for every row, whatever the batch size
+    packed: bool = False  # one route per token of a packed [1, T] sequence (tokens are the rows)
     _cache: dict = field(default_factory=dict)
     segment_builds: int = 0  # how many times rows were sorted for a bank layout (tests check sharing)
 
     @classmethod
     def for_all(cls, route: Route | None) -> Plan:
         return cls([route], uniform=True)
+
+    @classmethod
+    def packed_tokens(cls, routes: list[Route | None]) -> Plan:
+        """A plan for one packed sequence: ``routes[t]`` is token ``t``'s route."""
+        return cls(list(routes), packed=True)
+
+    @classmethod
+    def packed_segments(cls, routes: list[Route | None], lengths: list[int]) -> Plan:
+        """A packed plan from one route per request and the requests' token counts, in order.
+
+        ``lengths`` are the differences of ``cu_seq_lens_q``: request ``i`` owns the next
+        ``lengths[i]`` tokens of the packed sequence.
+        """
+        if len(routes) != len(lengths):
+            raise RoutingError(f"packed route: {len(routes)} entries but {len(lengths)} segment lengths")
+        for i, n in enumerate(lengths):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise RoutingError(f"packed route: lengths[{i}] must be an integer >= 0, got {n!r}")
+        return cls([r for r, n in zip(routes, lengths, strict=True) for _ in range(n)], packed=True)
 
     def groups(self, batch: int, device: torch.device) -> list[Group]:
         key = (batch, device)
@@ -165,6 +191,11 @@ class Plan:
             route = self.routes[0]
             return [] if route is None else [Group(None, route)]
         n = len(self.routes)
+        if self.packed and batch != n:
+            raise RoutingError(
+                f"packed route has {n} token entries but the packed sequence has {batch} tokens; "
+                "give one entry per token (or per request with its segment lengths)"
+            )
         if batch % n != 0:
             raise RoutingError(
                 f"route has {n} entries but the batch has {batch} rows; give one entry per row "

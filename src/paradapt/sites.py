@@ -209,6 +209,27 @@ def _batch(t: torch.Tensor) -> int:
     return t.shape[0]
 
 
+def as_rows(plan: Plan, t: torch.Tensor, key: str) -> torch.Tensor:
+    """The rows a plan routes: the batch rows, or for a packed plan the tokens of ``[1, T, ...]``.
+
+    The packed view is ``t.transpose(0, 1)`` (``[T, 1, ...]``), free since the batch is one row,
+    so groups, segments and banks see tokens exactly as they see rows of a padded batch.
+    """
+    if not plan.packed:
+        return t
+    if t.dim() < 3 or t.shape[0] != 1:
+        raise RoutingError(
+            f"site {key}: a packed route needs one packed row [1, T, hidden], got an activation of shape "
+            f"{tuple(t.shape)}"
+        )
+    return t.transpose(0, 1)
+
+
+def from_rows(plan: Plan, rows: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`as_rows` on a result computed in the row view."""
+    return rows.transpose(0, 1) if plan.packed else rows
+
+
 class HookSite(Site):
     """A site read at an entry module's input and written at an exit module's output."""
 
@@ -228,10 +249,13 @@ class HookSite(Site):
             self._x.pop(threading.get_ident(), None)
             return None
         x = _first_arg(args, kwargs)
-        groups = plan.groups(_batch(x), x.device)
-        x2 = transform(self, plan, groups, x, None, "input") if groups else x
-        self._x[threading.get_ident()] = x2
-        return _replace_first_arg(args, kwargs, x2) if x2 is not x else None
+        xr = as_rows(plan, x, self.key)
+        groups = plan.groups(_batch(xr), x.device)
+        x2 = transform(self, plan, groups, xr, None, "input") if groups else xr
+        self._x[threading.get_ident()] = x2  # kept in row view: the exit transforms in the same view
+        if x2 is xr:
+            return None
+        return _replace_first_arg(args, kwargs, from_rows(plan, x2))
 
     def _post(self, module, args, kwargs, output):
         x = self._x.pop(threading.get_ident(), None)
@@ -243,12 +267,14 @@ class HookSite(Site):
             raise RoutingError(
                 f"site {self.key}: exit {self.exit_name} ran without its entry {self.entry_name}"
             )
-        groups = plan.groups(_batch(h), h.device)
+        hr = as_rows(plan, h, self.key)
+        groups = plan.groups(_batch(hr), h.device)
         if not groups:
             return None
-        h2 = transform(self, plan, groups, h, x, "output")
-        if h2 is h:
+        h2 = transform(self, plan, groups, hr, x, "output")
+        if h2 is hr:
             return None
+        h2 = from_rows(plan, h2)
         return (h2, *output[1:]) if isinstance(output, tuple) else h2
 
 
@@ -309,6 +335,9 @@ class AttentionSite(Site):
     def attend(self, query, key, value, attention_mask, **kwargs):
         fn, additive = self._original()
         plan = self.state.plan()
+        if plan is not None and plan.packed:
+            self.refuse_packed(plan.names())
+            return fn(self.module, query, key, value, attention_mask, **kwargs)
         groups = plan.groups(query.shape[0], query.device) if plan is not None else []
         joint, gated = self._gather(groups, query.shape[0], query.dtype) if groups else (None, None)
         if joint is not None:
@@ -331,6 +360,15 @@ class AttentionSite(Site):
             extra = prefix_math.prefix_only_attention(query, pk, pv, valid, scaling)
             out = out + (torch.tanh(gate)[:, None, :, None] * extra).to(out.dtype)
         return out, weights
+
+    def refuse_packed(self, names) -> None:
+        """Prefixes are not supported under packed (per-token) routes yet: name the adapter."""
+        for n in sorted(set(names) & self.components.keys()):
+            if n not in self.state.merged:
+                raise RoutingError(
+                    f"adapter {n!r} has prefix (attention) components, which packed per-token routing "
+                    "does not support yet; serve it with a padded batch and pa.route per row"
+                )
 
     def _gather(self, groups: list[Group], batch: int, dtype):
         """Per-row prefixes padded to a common length, split into joint and gated ones."""
