@@ -204,3 +204,30 @@ def test_long_sequences_warn_once_with_the_count(bert, tmp_path):
         train(cfg, progress=False)
     msgs = [str(w.message) for w in record if "max_length" in str(w.message)]
     assert msgs == ["2 of 4 records were longer than max_length=10 tokens and were truncated"]
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_ones_intact(llama, lm_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(lm_config(llama, lm_data, out, save_every=2), progress=False, callbacks=[stop_at(2)])
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert before == ["step-2"]
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(lm_config(llama, lm_data, out, save_every=2), resume=True, progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # no partial step-4
+    monkeypatch.undo()
+    assert ckpt.load_state(out / "checkpoints" / "step-2")["step"] == 2
+
+
+def test_resuming_a_finished_run_changes_nothing(bert, cls_data, tmp_path):
+    cfg = cls_config(bert, cls_data, tmp_path / "run", max_steps=2)
+    first = train(cfg, progress=False)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = train(cfg, resume=True, progress=False)
+    assert again.steps == 2 and again.metrics == first.metrics
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
