@@ -263,3 +263,19 @@ def test_sigint_saves_a_checkpoint_and_exits_130(train_setup, tmp_path):
     assert f"{out}/checkpoints/step-{saved.group(1)}" == saved.group(2)
     assert (out / "checkpoints" / f"step-{saved.group(1)}" / "trainer_state.pt").is_file()
     assert "resume with: paradapt train" in err and "Traceback" not in err
+
+
+def test_train_warnings_are_one_line(train_setup, tmp_path, capsys):
+    code, _, err = run(
+        capsys, "train", str(train_setup / "cfg.yaml"), f"--output_dir={tmp_path}/o", "--train.max_steps=1",
+        "--tokenize.max_length=4", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "max_length" in line]
+    assert lines and all(
+        re.fullmatch(
+            r"paradapt: warning: \d+ of \d+ records were longer than max_length=4 tokens and were truncated",
+            x,
+        )
+        for x in lines
+    ), err

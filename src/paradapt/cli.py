@@ -19,6 +19,7 @@ import csv
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -290,19 +291,26 @@ def run_info(args) -> int:
 # -- train ---------------------------------------------------------------------------------------
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. the truncation count) as one ``paradapt: warning:`` line, not a source excerpt."""
+    print(f"paradapt: warning: {message}", file=file or sys.stderr)
+
+
 def run_train(args) -> int:
     from paradapt.train import config as train_config
     from paradapt.train import run as train_run
 
     overrides = train_config.parse_overrides(args.overrides)
     try:
-        result = train_run.train(
-            args.config,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            **overrides,
-        )
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _one_line_warning
+            result = train_run.train(
+                args.config,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                **overrides,
+            )
     except train_run.Interrupted as e:
         if e.checkpoint is not None:
             print(
