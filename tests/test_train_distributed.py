@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,3 +76,40 @@ def test_torchrun_two_processes_give_the_single_process_loss_curve(tmp_path):
         w2 = torch.load(tmp_path / "two" / "checkpoints" / "step-5" / "trainer_state.pt", weights_only=True)
         for name, t in w1["adapters"][k].items():
             torch.testing.assert_close(w2["adapters"][k][name], t, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_one_checkpoint(tmp_path):
+    """The terminal's Ctrl-C reaches torchrun and every worker (then torchrun signals them
+    again): all ranks stop after the same step and rank 0 writes the checkpoint."""
+    import signal
+    import time
+
+    model = make_llama(tmp_path / "llama")
+    data = write_lm_jsonl(tmp_path / "a.jsonl", 24)
+    cfg = {
+        "model": str(model),
+        "output_dir": str(tmp_path / "run"),
+        "adapter": {"name": "a", "kind": "lora", "data": str(data)},
+        "tokenize": {"max_length": 16},
+        "train": {"max_steps": 10**6, "batch_size": 4, "log_every": 1},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "paradapt.cli", "train", str(tmp_path / "cfg.yaml"), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        while not (tmp_path / "run" / "metrics.jsonl").is_file() and proc.poll() is None:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = re.findall(r"interrupted at step (\d+); checkpoint saved to (\S+)", err)
+    assert len(saved) == 1, err[-3000:]
+    step = saved[0][0]
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "trainer_state.pt").is_file()

@@ -49,9 +49,14 @@ class Dist:
         return {k: v[start:stop] for k, v in batch.items()}, names[start:stop]
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """All-reduce SUM in place (a no-op in one process)."""
-        if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        """All-reduce SUM in place (a no-op in one process); CPU tensors travel via CUDA under nccl."""
+        if not self.enabled:
+            return tensor
+        if dist.get_backend() == "nccl" and not tensor.is_cuda:
+            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            return tensor.copy_(moved)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:

@@ -16,7 +16,7 @@ a resumed run continues with the same batches and the same loss curve.
 Under ``torchrun`` every rank takes its share of each global batch and the adapter
 gradients are summed over ranks (``distributed.py``), giving the single-process curve.
 Hooks: ``callbacks`` run after every step (checkpointing, early stops); a first Ctrl-C
-(SIGINT) is deferred to the end of the running step and raised there as
+(SIGINT, or SIGTERM) is deferred to the end of the running step and raised there as
 KeyboardInterrupt, so the state it leaves is a consistent step boundary.
 """
 
@@ -261,6 +261,12 @@ class Trainer:
         self.step += 1
         return totals
 
+    def _stop_requested(self) -> bool:
+        """Ctrl-C seen (by any rank: all ranks stop after the same step)."""
+        if not self.dist.enabled:
+            return self._interrupted
+        return bool(self.dist.sum_(torch.tensor([float(self._interrupted)])).item() > 0)
+
     def _accumulate(self) -> dict[str, float]:
         """Forward/backward ``grad_accum`` batches (this rank's share of each) and sum grads over ranks."""
         names_all = [t.name for t in self.tasks]
@@ -290,7 +296,7 @@ class Trainer:
         bar = _bar(end - self.step, progress and self.dist.is_main)
         elapsed, tokens0, rows = 1e-9, self.tokens, 0  # time in train steps (evals excluded)
         try:
-            with _deferred_sigint(self):
+            with _deferred_signals(self):
                 while self.step < end:
                     t0 = time.perf_counter()
                     losses = self.train_step()
@@ -323,7 +329,7 @@ class Trainer:
                         self._log({"step": self.step, "eval": self.last_eval})
                     for cb in self.callbacks:
                         cb(self)
-                    if self._interrupted:
+                    if self._stop_requested():
                         raise KeyboardInterrupt
         finally:
             if bar is not None:
@@ -437,23 +443,29 @@ def _set_rng_state(state: dict) -> None:
 
 
 @contextmanager
-def _deferred_sigint(trainer: Trainer) -> Iterator[None]:
-    """A first SIGINT marks the trainer interrupted (raised after the step); a second one raises now."""
+def _deferred_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT/SIGTERM mark the trainer interrupted; the loop stops at the end of the step.
+
+    In one process a second signal raises at once. Distributed, launchers send a worker
+    several signals (the terminal's Ctrl-C, then torchrun's own), so signals only set the
+    flag there, and the ranks agree on it each step (``_stop_requested``).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     trainer._interrupted = False
 
     def handler(signum, frame):
-        if trainer._interrupted:
+        if trainer._interrupted and not trainer.dist.enabled:
             raise KeyboardInterrupt
         trainer._interrupted = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _bar(total: int, enabled: bool):
