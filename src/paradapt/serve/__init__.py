@@ -1,7 +1,9 @@
-"""Serving engine: pure-Python policy (workload, adapter cache, scheduler); the model runner comes next.
+"""Serving engine: pure-Python policy (workload, adapter cache, scheduler) and the model side
+(Runner, sampling, Engine).
 
 The policy modules import no torch, so the digital twin (issue 6) runs the very same code
-against a simulated clock.
+against a simulated clock; the model side (``Engine``, ``EncoderEngine``, ``EngineConfig``,
+``Runner``, ``SamplingParams``, ...) is imported on first use.
 """
 
 from .cache import AdapterCache, AdapterPinnedError, CacheStats, MemoryBudget, Move, Residency
@@ -17,7 +19,30 @@ from .scheduler import (
 )
 from .workload import AdapterSpec, Workload, WorkloadRequest, WorkloadSpec, adapter_probabilities, generate
 
+_LAZY = {
+    "AdapterLoadError": "engine",
+    "AdapterStore": "engine",
+    "EncoderEngine": "engine",
+    "Engine": "engine",
+    "EngineConfig": "engine",
+    "RequestHandle": "engine",
+    "Runner": "runner",
+    "SamplingParams": "sampling",
+}
+
+
+def __getattr__(name: str):
+    """The model-side classes, imported on first use (they need torch and transformers)."""
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
+
+
 __all__ = [
+    *_LAZY,
     "AdapterCache",
     "AdapterPinnedError",
     "AdapterSpec",

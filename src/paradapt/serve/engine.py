@@ -1,0 +1,537 @@
+"""The Engine: Scheduler + AdapterCache + Runner, stepping continuous batches of adapter requests.
+
+>>> engine = Engine(model, adapter_root="adapters/", config=EngineConfig(max_slots=4))
+>>> h = engine.add_request([5, 17, 9], adapter="sst2", params=SamplingParams(max_new_tokens=8))
+>>> engine.run()            # or engine.step() in your own loop, or engine.stream(h.id)
+>>> h.tokens, h.finish_reason
+
+Adapters are folders under ``adapter_root`` named by the adapter (``<root>/<name>/``, saved by
+``pa.save_adapter``); a name that is not a plain folder name under the root is refused. The
+cache's three tiers are real here: **disk** (the folder), **host** (the adapter's state dict
+and config kept in CPU memory), **device** (attached to the model, its bottlenecks in banks).
+A folder that fails to load fails only the requests for that adapter; the engine keeps serving.
+
+:class:`EncoderEngine` serves encoders (BERT, MiniLM): classify/embed requests run as one
+padded batch per step with per-row routes, scheduled whole (no chunking, one "token" each).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import heads
+from ..api import add_adapter, check_name, remove_adapter, route
+from ..errors import AdapterNotFoundError, ConfigError, IncompatibleAdapterError, ParadaptError
+from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, load_adapter
+from ..state import get_state, require_state
+from .cache import AdapterCache, Move
+from .runner import Runner
+from .sampling import SamplingParams
+from .scheduler import Request, Scheduler, SchedulerConfig, StepPlan
+
+
+class AdapterLoadError(ParadaptError, RuntimeError):
+    """An adapter folder could not be loaded; the requests for it fail with this error."""
+
+    def __init__(self, adapter: str, cause: Exception):
+        self.adapter, self.cause = adapter, cause
+        super().__init__(f"adapter {adapter!r} could not be loaded: {cause}")
+
+
+# -- adapters: disk (folders under a root) -> host (state dicts in CPU memory) -> device (on the model) --
+
+
+@dataclass
+class _HostCopy:
+    config: object
+    state: dict[str, torch.Tensor]
+
+
+class AdapterStore:
+    """The real engine's cache loader: adapter folders under ``root``, moved between tiers."""
+
+    def __init__(self, model: nn.Module, root: str | Path | None):
+        self.model = model
+        self.root = None if root is None else Path(root).resolve()
+        if self.root is not None and not self.root.is_dir():
+            raise ConfigError("adapter_root", f"{root} is not a folder")
+        self.host: dict[str, _HostCopy] = {}
+
+    def folder(self, name: str) -> Path:
+        """The folder of adapter ``name``; names that are not plain folder names under the root are refused."""
+        try:
+            check_name(name)
+        except ConfigError:
+            raise ConfigError(
+                "adapter", f"{name!r} is not an adapter name (letters, digits, '_' and '-'; no paths)"
+            ) from None
+        if self.root is None:
+            raise AdapterNotFoundError(f"unknown adapter {name!r} (the engine has no adapter_root)")
+        path = (self.root / name).resolve()
+        if path.parent != self.root:  # a symlink out of the root
+            raise ConfigError("adapter", f"adapter {name!r} resolves outside the adapter root {self.root}")
+        if not path.is_dir():
+            raise AdapterNotFoundError(f"unknown adapter {name!r}: no folder {path}")
+        return path
+
+    def size(self, name: str) -> int:
+        """Bytes of the adapter's weights file (0 if missing: loading will say why)."""
+        folder = self.folder(name)
+        for f in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
+            if (folder / f).is_file():
+                return (folder / f).stat().st_size
+        return 0
+
+    def __call__(self, move: Move) -> None:
+        """Carry out one cache decision on real weights."""
+        name = move.adapter
+        try:
+            if move.op == "load_host":
+                self.host[name] = self._read(name)
+            elif move.op == "load_device":
+                self._attach(name)
+            elif move.op == "evict_device":
+                remove_adapter(self.model, name)
+            else:
+                self.host.pop(name, None)
+        except ParadaptError as e:
+            if move.op.startswith("load"):
+                raise AdapterLoadError(name, e) from None
+            raise
+
+    def _read(self, name: str) -> _HostCopy:
+        """Validate the folder by loading it onto the model once, keep its state dict on the CPU."""
+        folder = self.folder(name)
+        if not (folder / CONFIG_FILE).is_file() and not (folder / "adapter_config.json").is_file():
+            raise AdapterNotFoundError(f"adapter {name!r}: {folder} has no {CONFIG_FILE}")
+        load_adapter(self.model, folder, name)
+        try:
+            st = require_state(self.model)
+            if any(s.kind == "attention" and name in s.components for s in st.sites.values()):
+                raise IncompatibleAdapterError(
+                    "kind",
+                    f"adapter {name!r} has prefix components, which the packed engine does not serve yet",
+                )
+            module = st.container[name]
+            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            return _HostCopy(st.record(name).config, state)
+        finally:
+            remove_adapter(self.model, name)
+
+    def _attach(self, name: str) -> None:
+        copy = self.host.get(name)
+        if copy is None:
+            raise AdapterLoadError(name, ParadaptError("not in host memory"))
+        add_adapter(self.model, name, copy.config, trainable=False)
+        try:
+            module = require_state(self.model).container[name]
+            module.load_state_dict(copy.state)
+            module.train(self.model.training)
+        except Exception as e:
+            remove_adapter(self.model, name)
+            raise ParadaptError(f"weights do not fit: {e}") from None
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class RequestHandle:
+    """What the caller holds for one request: its tokens so far and how it ended.
+
+    ``status``: waiting, running, finished, cancelled or failed (``error`` says why).
+    ``finish_reason``: length, eos, stop, cancelled or error.
+    """
+
+    id: str
+    adapter: str | None
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable[[RequestHandle, int], None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    status: str = "waiting"
+    finish_reason: str | None = None
+    error: Exception | None = None
+    result: dict | None = None  # encoder requests: {"label", "logits"} or {"embedding"}
+    task: str = "generate"
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("finished", "cancelled", "failed")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs: KV pages, step budget, batch size, adapter slots and host copies.
+
+    ``max_slots``: distinct adapters on the device (one step's adapters); ``max_served``:
+    adapters kept in host memory; ``prefetch``: queued adapters read ahead into host memory.
+    """
+
+    page_size: int = 16
+    num_blocks: int = 256
+    token_budget: int = 256
+    max_running: int = 32
+    max_slots: int = 4
+    max_served: int = 16
+    queue_bound: int = 4096
+    starvation_after: float = 30.0
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "num_blocks", "token_budget", "max_running", "max_slots", "max_served"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
+        if not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ConfigError("prefetch", f"must be an integer >= 0, got {self.prefetch!r}")
+
+
+class _EngineCore:
+    """What both engines share: the adapter store and cache, the scheduler, handles and failures."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter_root: str | Path | None,
+        config: EngineConfig,
+        sched: SchedulerConfig,
+        clock: Callable[[], float],
+    ):
+        self.model = model
+        self.config = config
+        self.clock = clock
+        self.store = AdapterStore(model, adapter_root)
+        st = get_state(model)
+        if st is not None and st.adapters:
+            raise ConfigError(
+                "model", f"the engine manages the model's adapters; remove {sorted(st.adapters)} first"
+            )
+        self.cache = AdapterCache({}, config.max_served, config.max_slots, loader=self.store)
+        self.scheduler = Scheduler(sched, self.cache)
+        self.handles: dict[str, RequestHandle] = {}
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------
+    def _register(self, adapter: str | None) -> None:
+        """Make an adapter known to the cache (its folder is checked now, read on first use)."""
+        if adapter is not None and adapter not in self.cache:
+            self.cache.add_adapter(adapter, self.store.size(adapter))
+
+    def _queue(self, handle: RequestHandle, prompt_len: int, max_new_tokens: int) -> RequestHandle:
+        self._register(handle.adapter)
+        self.scheduler.add(Request(handle.id, handle.adapter, prompt_len, max_new_tokens, self.clock()))
+        self.handles[handle.id] = handle
+        return handle
+
+    def _new_id(self, request_id: str | None) -> str:
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.handles and not self.handles[rid].done:
+            raise ConfigError("id", f"request id {rid!r} is already in use")
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a waiting or running request; its KV pages and adapter slot free at once."""
+        if not self.scheduler.cancel(request_id, now=self.clock()):
+            return False
+        self._forget(request_id)
+        h = self.handles[request_id]
+        h.status, h.finish_reason = "cancelled", "cancelled"
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _forget(self, request_id: str) -> None:
+        """Drop the per-request execution state (the Runner's KV pages); engines override."""
+
+    # -- residency and failures ------------------------------------------------------
+    def _resident(self, plan: StepPlan) -> StepPlan:
+        """Bring the step's adapters on device; requests of adapters that fail to load fail, others run."""
+        while True:
+            try:
+                res = self.cache.ensure_resident(plan.adapters)
+            except AdapterLoadError as e:
+                self._fail_adapter(e.adapter, e)
+                plan = self._keep(plan, lambda rid: self.scheduler.get(rid) is not None)
+                continue
+            if res.missing:  # cannot happen while the scheduler respects the slots; such requests wait
+                missing = set(res.missing)
+                plan = self._keep(plan, lambda rid, m=missing: self.scheduler.get(rid).adapter not in m)
+            return plan
+
+    def _prefetch(self) -> None:
+        if not self.config.prefetch:
+            return
+        try:
+            self.cache.prefetch(self.scheduler.upcoming_adapters(self.config.prefetch))
+        except AdapterLoadError as e:
+            self._fail_adapter(e.adapter, e)
+
+    def _fail_adapter(self, adapter: str, error: Exception) -> None:
+        """Fail every request (waiting or running) of ``adapter`` and forget it (a later request retries)."""
+        ids = [r.id for r in (*self.scheduler.running, *self.scheduler.waiting) if r.adapter == adapter]
+        for rid in ids:
+            self.scheduler.cancel(rid, now=self.clock())
+            self._forget(rid)
+            h = self.handles[rid]
+            h.status, h.finish_reason, h.error = "failed", "error", error
+        if adapter in self.cache:
+            self.cache.remove_adapter(adapter)
+        self.store.host.pop(adapter, None)
+        st = get_state(self.model)
+        if st is not None and adapter in st.adapters:
+            remove_adapter(self.model, adapter)
+
+    def _keep(self, plan: StepPlan, keep: Callable[[str], bool]) -> StepPlan:
+        """``plan`` without the requests ``keep`` rejects, and without adapters no kept request uses."""
+        prefills = tuple(c for c in plan.prefills if keep(c.request_id))
+        decodes = tuple(r for r in plan.decodes if keep(r))
+        used = {self.scheduler.get(c.request_id).adapter for c in prefills}
+        used |= {self.scheduler.get(r).adapter for r in decodes}
+        adapters = tuple(a for a in plan.adapters if a in used)
+        return StepPlan(prefills, decodes, adapters, tuple(r for r in plan.admitted if keep(r)))
+
+    def _plan(self) -> tuple[StepPlan, float]:
+        now = self.clock()
+        plan = self._resident(self.scheduler.plan(now))
+        self._prefetch()
+        return plan, now
+
+    def run(self, max_steps: int | None = None) -> dict[str, RequestHandle]:
+        """Step until every request is done (or ``max_steps``); returns all handles."""
+        for _ in itertools.count() if max_steps is None else range(max_steps):
+            if not self.has_work():
+                break
+            self.step()
+        return self.handles
+
+    def step(self) -> list[RequestHandle]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class Engine(_EngineCore):
+    """Continuous batching for decoder LMs: packed paged-attention steps under per-token routes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter_root: str | Path | None = None,
+        config: EngineConfig | None = None,
+        *,
+        tokenizer=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        config = config or EngineConfig()
+        self.runner = Runner(
+            model,
+            page_size=config.page_size,
+            num_blocks=config.num_blocks,
+            max_batch_tokens=config.token_budget,
+        )
+        sched = SchedulerConfig(
+            token_budget=config.token_budget,
+            kv_tokens=self.runner.kv_tokens,
+            kv_block=config.page_size,
+            max_running=config.max_running,
+            queue_bound=config.queue_bound,
+            starvation_after=config.starvation_after,
+        )
+        super().__init__(model, adapter_root, config, sched, clock)
+        self.tokenizer = tokenizer
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.default_eos = eos
+
+    def add_request(
+        self,
+        prompt: list[int] | str,
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        on_token: Callable[[RequestHandle, int], None] | None = None,
+    ) -> RequestHandle:
+        """Queue a generation; ``prompt`` is token ids (or text, with a tokenizer). Returns its handle."""
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop", "stop strings need the engine's tokenizer")
+        h = RequestHandle(self._new_id(request_id), adapter, ids, params, on_token)
+        return self._queue(h, len(ids), params.max_new_tokens)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("prompt", "text prompts need the engine's tokenizer; pass token ids")
+            prompt = self.tokenizer(prompt)["input_ids"]
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ConfigError("prompt", "must have at least one token")
+        return ids
+
+    def _forget(self, request_id: str) -> None:
+        self.runner.free(request_id)
+
+    def step(self) -> list[RequestHandle]:
+        """One scheduler step: plan, load adapters, one packed forward, sample; returns finished handles."""
+        plan, now = self._plan()
+        for rid in plan.admitted:
+            h = self.handles[rid]
+            self.runner.add(rid, h.prompt, h.adapter, h.params)
+            h.status = "running"
+        if plan.empty:
+            return []
+        new = self.runner.execute(plan)
+        stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
+        done = []
+        for r in self.scheduler.complete(plan, now, stopped):
+            self.runner.free(r.id)
+            h = self.handles[r.id]
+            h.status = "finished"
+            h.finish_reason = h.finish_reason or "length"
+            done.append(h)
+        return done
+
+    def _emit(self, h: RequestHandle, token: int) -> bool:
+        """Record a sampled token; True if it ends the request (EOS or a stop string)."""
+        eos = h.params.eos_ids() if h.params.eos_token_id is not None or h.params.ignore_eos else self._eos()
+        h.tokens.append(token)
+        if self.tokenizer is not None:
+            h.text = self.tokenizer.decode(h.tokens)
+        if h.on_token is not None:
+            h.on_token(h, token)
+        if token in eos:
+            h.finish_reason = "eos"
+            return True
+        for s in h.params.stop:
+            if h.text is not None and s in h.text:
+                h.text = h.text[: h.text.index(s)]
+                h.finish_reason = "stop"
+                return True
+        return False
+
+    def _eos(self) -> frozenset[int]:
+        e = self.default_eos
+        return frozenset() if e is None else frozenset([e] if isinstance(e, int) else e)
+
+    def stream(self, request_id: str) -> Iterator[int]:
+        """Yield ``request_id``'s tokens as they are sampled, stepping the engine (all requests advance)."""
+        h = self.handles[request_id]
+        sent = 0
+        while True:
+            while sent < len(h.tokens):
+                sent += 1
+                yield h.tokens[sent - 1]
+            if h.done:
+                return
+            self.step()
+
+
+class EncoderEngine(_EngineCore):
+    """Classify/embed requests for encoders: one padded batch of whole prompts per step, per-row routes.
+
+    ``classify`` needs an adapter with a head (``paradapt.heads``); ``embed`` mean-pools the last
+    hidden states (of the base model when ``adapter`` is None).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter_root: str | Path | None = None,
+        config: EngineConfig | None = None,
+        *,
+        pad_token_id: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        config = config or EngineConfig()
+        sched = SchedulerConfig(
+            token_budget=config.token_budget,
+            kv_tokens=config.token_budget * config.max_running * 2,
+            chunked_prefill=False,
+            max_running=min(config.max_running, config.token_budget),
+            queue_bound=config.queue_bound,
+            starvation_after=config.starvation_after,
+        )
+        super().__init__(model, adapter_root, config, sched, clock)
+        self.pad_token_id = pad_token_id
+
+    def add_request(
+        self,
+        tokens: list[int],
+        adapter: str | None = None,
+        *,
+        task: str = "classify",
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        if task not in ("classify", "embed"):
+            raise ConfigError("task", f"must be 'classify' or 'embed', got {task!r}")
+        if task == "classify" and adapter is None:
+            raise ConfigError("adapter", "classify needs an adapter with a classification head")
+        ids = [int(t) for t in tokens]
+        if not ids:
+            raise ConfigError("tokens", "must have at least one token")
+        h = RequestHandle(self._new_id(request_id), adapter, ids, SamplingParams(max_new_tokens=1), task=task)
+        return self._queue(h, len(ids), 1)
+
+    def step(self) -> list[RequestHandle]:
+        plan, now = self._plan()
+        if plan.empty:
+            return []
+        rows = [self.handles[c.request_id] for c in plan.prefills]
+        results = self._forward(rows)
+        for h, res in zip(rows, results, strict=True):
+            if isinstance(res, Exception):
+                h.error, res = res, None
+            h.result = res
+        done = []
+        for r in self.scheduler.complete(plan, now):
+            h = self.handles[r.id]
+            h.status = "failed" if h.error is not None else "finished"
+            h.finish_reason = "error" if h.error is not None else "length"
+            done.append(h)
+        return done
+
+    def _forward(self, rows: list[RequestHandle]) -> list:
+        width = max(len(h.prompt) for h in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, h in enumerate(rows):
+            ids[i, : len(h.prompt)] = torch.tensor(h.prompt)
+            mask[i, : len(h.prompt)] = 1
+        routes = [h.adapter for h in rows]
+        with torch.no_grad():
+            if get_state(self.model) is None:
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            else:
+                with route(self.model, routes):
+                    hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out: list = [None] * len(rows)
+        ok = []
+        for i, h in enumerate(rows):
+            if h.task == "classify":
+                try:
+                    heads.head_of(self.model, h.adapter)
+                    ok.append(i)
+                except ParadaptError as e:  # this adapter has no head: only its requests fail
+                    out[i] = e
+        if ok:
+            idx = torch.tensor(ok)
+            names = [rows[i].adapter for i in ok]
+            logits = heads.classify(self.model, hidden[idx], mask[idx], names)
+            for j, i in enumerate(ok):
+                labels = heads.head_of(self.model, names[j]).labels
+                row = logits[j, : len(labels)]
+                out[i] = {"label": labels[int(row.argmax())], "logits": row.tolist()}
+        emb = heads.pool(hidden, mask, "mean")
+        for i, h in enumerate(rows):
+            if h.task == "embed":
+                out[i] = {"embedding": emb[i].tolist()}
+        return out

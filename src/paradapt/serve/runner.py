@@ -1,0 +1,178 @@
+"""The Runner: executes one :class:`~paradapt.serve.scheduler.StepPlan` as one packed forward.
+
+Every scheduled request's tokens (prompt chunks and decodes) go back to back into one
+``[1, T]`` row, attend through transformers' paged KV cache (``PagedAttentionCache`` and
+``ContinuousBatchingIOs``, pinned by ``transformers==5.23.0``; see docs/serving.md section 4),
+and each token is routed by its request's adapter with ``pa.route(..., packed=True)``.
+The Runner owns the model, the KV pages and the IO buffers; it knows nothing of policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.requests import FutureRequestState
+from transformers.generation.continuous_batching.requests import RequestState as HFRequestState
+
+from ..api import route
+from ..errors import ConfigError, ParadaptError
+from ..state import get_state
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import StepPlan
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A running generation as the Runner sees it: its tokens, adapter and random stream."""
+
+    id: str
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    kv: HFRequestState | None = None
+
+
+class Runner:
+    """Model + paged KV cache + IO buffers; ``execute(plan)`` runs one packed step.
+
+    ``num_blocks`` pages of ``page_size`` tokens hold the KV of every running request; the
+    scheduler must reserve in the same pages (``kv_block=page_size``, ``kv_tokens=kv_tokens``)
+    so that allocation never fails. ``max_batch_tokens`` bounds one step's tokens (the
+    scheduler's ``token_budget``).
+    """
+
+    def __init__(
+        self, model: nn.Module, *, page_size: int = 16, num_blocks: int = 256, max_batch_tokens: int = 256
+    ):
+        for name, v, lo in (
+            ("page_size", page_size, 4),
+            ("num_blocks", num_blocks, 1),
+            ("max_batch_tokens", max_batch_tokens, 1),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(name, f"must be an integer >= {lo}, got {v!r}")
+        self.model = model
+        self.page_size = page_size
+        gc = GenerationConfig(
+            max_new_tokens=1, do_sample=False, eos_token_id=-1
+        )  # we sample and stop ourselves
+        cb = ContinuousBatchingConfig(
+            page_size=page_size,
+            num_blocks=num_blocks,
+            max_batch_tokens=max_batch_tokens,
+            max_blocks_per_request=0,
+            allow_block_sharing=False,  # the scheduler reserves whole pages per request
+            auto_switch_to_flash=False,
+        )
+        bp = model.init_continuous_batching(
+            generation_config=gc, continuous_batching_config=cb
+        )._create_batch_processor()
+        self.cache, self.io, self._lp = bp.cache, bp.inputs_and_outputs, bp.logit_processor
+        self.max_batch_tokens = bp.max_batch_tokens
+        if list(self.cache.cache_allocators) != ["full_attention"]:
+            raise ConfigError(
+                "model",
+                f"only full-attention models are served for now, this one has {list(self.cache.cache_allocators)}",
+            )
+        self.kv_tokens = self.cache.pool.num_free_sectors * self.cache.tokens_per_sector
+        self._seqs: dict[str, Sequence] = {}
+
+    # -- requests -----------------------------------------------------------------
+    def add(
+        self, request_id: str, prompt: list[int], adapter: str | None, params: SamplingParams
+    ) -> Sequence:
+        """Start tracking a request (its KV pages are allocated as its tokens run)."""
+        if request_id in self._seqs:
+            raise ConfigError("id", f"request id {request_id!r} is already running")
+        kv = HFRequestState(
+            request_id=request_id, initial_tokens=list(prompt), max_new_tokens=params.max_new_tokens
+        )
+        seq = Sequence(request_id, list(prompt), adapter, params, make_generator(params), kv=kv)
+        self._seqs[request_id] = seq
+        return seq
+
+    def free(self, request_id: str) -> None:
+        """Forget a finished or cancelled request and give its KV pages back."""
+        if self._seqs.pop(request_id, None) is not None:
+            self.cache.free_blocks(request_id)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    def pages_in_use(self, request_id: str | None = None) -> int:
+        """KV pages held by one request (or by all)."""
+        tables = [a.block_table for a in self.cache.cache_allocators.values()]
+        if request_id is not None:
+            return sum(len(t.get(request_id, ())) for t in tables)
+        return sum(len(b) for t in tables for b in t.values())
+
+    # -- one step -----------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> dict[str, int]:
+        """Run ``plan``'s chunks and decodes in one packed forward; returns ``{request id: new token}``
+        for every request that samples this step (last prompt chunks and decodes)."""
+        batch = self._batch(plan)
+        if not batch:
+            return {}
+        num_q = sum(len(toks) for _, toks, _ in batch)
+        if num_q > self.max_batch_tokens:
+            raise ConfigError(
+                "token_budget",
+                f"the step has {num_q} tokens, over the Runner's max_batch_tokens={self.max_batch_tokens}",
+            )
+        futures = [self._future(seq, toks, samples) for seq, toks, samples in batch]
+        max_kv_read = sum(f.state.position_offset for f in futures)
+        self.io.prepare_batch_tensors(futures, self._lp, False, num_q, max_kv_read, use_padding=False)
+        kw = self.io.get_model_kwargs()
+        samplers = [seq for seq, _, samples in batch if samples]
+        with torch.no_grad(), self._routes(batch):
+            logits = self.model(**kw).logits[0, kw["logits_indices"][: len(samplers)]]
+        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        for seq, tok in zip(samplers, tokens, strict=True):
+            seq.output.append(tok)
+        return {seq.id: tok for seq, tok in zip(samplers, tokens, strict=True)}
+
+    def _batch(self, plan: StepPlan) -> list[tuple[Sequence, list[int], bool]]:
+        """(sequence, tokens to run, samples a token) in plan order: prompt chunks, then decodes."""
+        out = []
+        for c in plan.prefills:
+            seq = self._require(c.request_id)
+            out.append((seq, seq.prompt[c.start : c.start + c.length], c.last))
+        for rid in plan.decodes:
+            seq = self._require(rid)
+            if not seq.output:
+                raise ParadaptError(f"request {rid!r} is scheduled to decode before its prompt finished")
+            out.append((seq, [seq.output[-1]], True))
+        return out
+
+    def _future(self, seq: Sequence, tokens: list[int], samples: bool) -> FutureRequestState:
+        seq.kv.tokens_to_process = tokens
+        if not self.cache.can_store_request_tokens(seq.kv, len(tokens)):  # allocates the pages
+            raise ParadaptError(
+                f"request {seq.id!r}: no free KV page for {len(tokens)} tokens; the scheduler's kv_tokens/kv_block "
+                f"must match the Runner's ({self.kv_tokens} tokens in pages of {self.page_size})"
+            )
+        return FutureRequestState(seq.kv, has_new_token=samples, complete_blocks={}, query_length=len(tokens))
+
+    def _routes(self, batch):
+        """Per-token routes for the packed row (nothing to route on a model without adapters)."""
+        adapters = [seq.adapter for seq, _, _ in batch]
+        if get_state(self.model) is None:
+            if any(a is not None for a in adapters):
+                raise ParadaptError(f"adapters {sorted({a for a in adapters if a})} are not on the model")
+            return contextlib.nullcontext()
+        return route(self.model, adapters, packed=True, lengths=[len(t) for _, t, _ in batch])
+
+    def _require(self, request_id: str) -> Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise ParadaptError(
+                f"request {request_id!r} is scheduled but unknown to the Runner (call add first)"
+            )
+        return seq
