@@ -17,6 +17,7 @@ import paradapt as pa
 from paradapt import heads
 from paradapt.serve.engine import AdapterLoadError, EncoderEngine, Engine, EngineConfig
 from paradapt.serve.sampling import SamplingParams
+from paradapt.serve.scheduler import RequestTooLargeError
 
 ADAPTERS = {
     "lo4": pa.LoRAConfig(r=4, init="random"),
@@ -245,3 +246,20 @@ def test_encoder_classify_and_embed_equal_each_text_alone(tmp_path):
     assert bad.status == "failed" and "no classification head" in str(bad.error)
     with pytest.raises(pa.ConfigError, match="adapter"):
         engine.add_request([1, 2], None, task="classify")
+
+
+def test_kv_capacity_bounds_the_batch_and_oversized_requests_are_refused(tmp_path):
+    ref_model = adapter_root(tmp_path, "llama")
+    cfg = EngineConfig(page_size=4, num_blocks=10, token_budget=16, max_running=6, max_slots=2, max_served=2)
+    engine = Engine(tiny_model("llama"), tmp_path, cfg)
+    assert engine.runner.kv_tokens == 40
+    reqs = [(list(range(3 + i, 15 + i)), ["lo4", "par", None][i % 3], 8) for i in range(5)]  # 20 tokens each
+    handles = [engine.add_request(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in reqs]
+    most = 0
+    while engine.has_work():
+        engine.step()
+        most = max(most, engine.runner.pages_in_use())
+    assert most <= 10 and len({h.status for h in handles}) == 1
+    assert [h.tokens for h in handles] == [alone(ref_model, p, n, a) for p, a, n in reqs]
+    with pytest.raises(RequestTooLargeError, match="max_tokens"):
+        engine.add_request(list(range(3, 30)), None, SamplingParams(max_new_tokens=20))

@@ -340,7 +340,7 @@ class Engine(_EngineCore):
         sched = SchedulerConfig(
             token_budget=config.token_budget,
             kv_tokens=self.runner.kv_tokens,
-            kv_block=config.page_size,
+            kv_block=self.runner.kv_block,
             max_running=config.max_running,
             queue_bound=config.queue_bound,
             starvation_after=config.starvation_after,

@@ -43,8 +43,8 @@ class Runner:
     """Model + paged KV cache + IO buffers; ``execute(plan)`` runs one packed step.
 
     ``num_blocks`` pages of ``page_size`` tokens hold the KV of every running request; the
-    scheduler must reserve in the same pages (``kv_block=page_size``, ``kv_tokens=kv_tokens``)
-    so that allocation never fails. ``max_batch_tokens`` bounds one step's tokens (the
+    scheduler must reserve in the same units (``kv_block=runner.kv_block``,
+    ``kv_tokens=runner.kv_tokens``) so that allocation never fails. ``max_batch_tokens`` bounds one step's tokens (the
     scheduler's ``token_budget``).
     """
 
@@ -81,7 +81,8 @@ class Runner:
                 "model",
                 f"only full-attention models are served for now, this one has {list(self.cache.cache_allocators)}",
             )
-        self.kv_tokens = self.cache.pool.num_free_sectors * self.cache.tokens_per_sector
+        self.kv_block = self.cache.tokens_per_sector  # allocation unit: the scheduler reserves in these
+        self.kv_tokens = self.cache.pool.num_free_sectors * self.kv_block
         self._seqs: dict[str, Sequence] = {}
 
     # -- requests -----------------------------------------------------------------
@@ -131,8 +132,9 @@ class Runner:
         self.io.prepare_batch_tensors(futures, self._lp, False, num_q, max_kv_read, use_padding=False)
         kw = self.io.get_model_kwargs()
         samplers = [seq for seq, _, samples in batch if samples]
+        keep = kw["logits_indices"][: len(samplers)]  # the samplers' last tokens, in batch order
         with torch.no_grad(), self._routes(batch):
-            logits = self.model(**kw).logits[0, kw["logits_indices"][: len(samplers)]]
+            logits = self.model(**kw, logits_to_keep=keep).logits[0]  # LM head on those rows only
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         for seq, tok in zip(samplers, tokens, strict=True):
             seq.output.append(tok)
@@ -156,7 +158,7 @@ class Runner:
         if not self.cache.can_store_request_tokens(seq.kv, len(tokens)):  # allocates the pages
             raise ParadaptError(
                 f"request {seq.id!r}: no free KV page for {len(tokens)} tokens; the scheduler's kv_tokens/kv_block "
-                f"must match the Runner's ({self.kv_tokens} tokens in pages of {self.page_size})"
+                f"must match the Runner's ({self.kv_tokens} tokens in blocks of {self.kv_block})"
             )
         return FutureRequestState(seq.kv, has_new_token=samples, complete_blocks={}, query_length=len(tokens))
 
