@@ -115,16 +115,24 @@ def test_resume_from_an_older_checkpoint_drops_the_later_metrics(llama, lm_data,
 
 
 def test_two_adapters_in_one_run(bert, tmp_path):
+    """Heads of different widths (2 and 3 classes) share each forward; both adapters learn."""
     a = write_cls_jsonl(tmp_path / "a.jsonl", 32, seed=1)
-    b = write_cls_jsonl(tmp_path / "b.jsonl", 32, seed=2, labels=("x", "y"))
-    cfg = cls_config(bert, a, tmp_path / "run", max_steps=3)
+    b = tmp_path / "b.jsonl"
+    rows = [
+        {"text": f"{w} w{i % 7}", "label": w[0]} for i in range(48) for w in [("good", "bad", "plot")[i % 3]]
+    ]
+    b.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = cls_config(bert, a, tmp_path / "run", max_steps=8, batch_size=12)
     first = cfg.pop("adapter")
-    cfg["adapters"] = [first, {"name": "other", "kind": "lora", "data": str(b)}]
+    cfg["adapters"] = [first, {"name": "other", "kind": "lora", "data": str(b), "eval_data": str(b)}]
     result = train(cfg, progress=False)
     assert set(result.adapters) == {"cls", "other"} and all(p.is_dir() for p in result.adapters.values())
-    assert set(losses(tmp_path / "run" / "metrics.jsonl")[0][1]) == {"cls", "other"}
+    curve = losses(tmp_path / "run" / "metrics.jsonl")
+    assert all(set(x) == {"cls", "other"} for _, x in curve)
+    assert curve[-1][1]["other"] < curve[0][1]["other"]  # finite and falling despite the -inf padding
     saved = pa.io.read_config(result.adapters["other"])
-    assert saved["config"]["head"]["labels"] == ["x", "y"]  # head added from the data's labels
+    assert saved["config"]["head"]["labels"] == ["b", "g", "p"]  # head added from the data's labels
+    assert set(result.metrics) == {"cls", "other"}
 
 
 def test_fresh_run_refuses_an_earlier_runs_folder(bert, cls_data, tmp_path):
