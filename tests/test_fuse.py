@@ -489,3 +489,52 @@ def test_deepcopy_of_a_fused_model_runs_on_its_own_activation_modules():
     torch.testing.assert_close(outputs(twin, ids), outputs(model, ids), atol=0, rtol=0)
     for act in (m for m in twin.modules() if isinstance(m, SplitActivation)):
         assert act._base is act.base_act  # the copy's child, not the original's
+
+
+# -- 9. no hook machinery on a fused FFN that holds nothing else --------------------------------
+
+
+def _ffn_hooks(model: nn.Module) -> int:
+    """How many forward (pre-)hooks sit on layer 0's FFN entry and exit modules."""
+    st = get_state(model)
+    site = next(s for k, s in st.sites.items() if s.kind == "block" and ".0." in f"{k}.")
+    return len(site.entry._forward_pre_hooks) + len(site.exit._forward_hooks)
+
+
+def test_fused_ffn_site_runs_without_hooks_and_gets_them_back(family):
+    model = tiny_model(family)
+    ids = _ids()
+    _add(model, "a")
+    assert _ffn_hooks(model) == 2
+    ref = _unfused(model, "a", ids)
+    fuse(model, "a")
+    assert _ffn_hooks(model) == 0
+    torch.testing.assert_close(outputs(model, ids), ref, atol=1e-5, rtol=1e-5)
+    unfuse(model, "a")
+    assert _ffn_hooks(model) == 2
+    assert torch.equal(_unfused(model, "a", ids), ref)  # the hooks route again
+
+
+def test_fused_ffn_site_shared_with_another_adapter_keeps_its_hooks():
+    model = tiny_model("llama")
+    _add(model, "a")
+    _add(model, "b", act="tanh")  # same FFN sites
+    fuse(model, "a")
+    assert _ffn_hooks(model) == 2
+
+
+def test_adapter_added_to_a_fused_ffn_site_puts_its_hooks_back():
+    model = tiny_model("llama")
+    ids = _ids()
+    _add(model, "a")
+    fuse(model, "a")
+    _add(model, "b", act="tanh", layers=[0])
+    assert _ffn_hooks(model) == 2
+    unfuse(model, "a")
+    pa.set_active(model, ["a", "b"])
+    stacked = outputs(model, ids)
+    pa.set_active(model, None)
+    fuse(model, "a")  # b shares layer 0's site: its hooks stay
+    assert _ffn_hooks(model) == 2
+    pa.unfuse(model, "a")
+    assert torch.equal(_unfused(model, ["a", "b"], ids), stacked)

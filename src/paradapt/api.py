@@ -20,7 +20,7 @@ from torch import nn
 from . import inject
 from .config import AdapterConfig
 from .errors import AdapterExistsError, ConfigError, MergeError, RoutingError
-from .fuse import check_addable, check_removable, fused_owner, unfuse
+from .fuse import before_add, check_removable, fused_owner, unfuse
 from .merge import check_mergeable, merge_into
 from .routing import Parallel, Plan, normalize
 from .state import CONTAINER, State, _ChannelPlan, _repeat, get_state, require_state
@@ -73,7 +73,7 @@ def _add(
         if before is not None:
             before(st)
         adapter, parts = inject.build(st, name, config)
-        check_addable(st, name, [spec.entry for spec, _ in parts if spec.kind == "linear"])
+        before_add(st, name, parts)
         if after is not None:
             after(adapter)
     except Exception:

@@ -52,6 +52,7 @@ from torch import nn
 from .archmap import Family, is_linear, linear_dims
 from .bottleneck import _ACTS, Bottleneck
 from .errors import MergeError
+from .sites import HookSite
 from .state import AdapterRecord, State, require_state
 
 # -- the split activation ----------------------------------------------------------------
@@ -171,11 +172,15 @@ class FusedFFN:
     layer: str
     linears: tuple[nn.Module, ...]
     swaps: list[_Swap] = field(default_factory=list)
+    unhooked: HookSite | None = None  # the FFN's site, its hooks taken off while fused
 
     def restore(self) -> None:
         for s in reversed(self.swaps):
             s.restore()
         self.swaps.clear()
+        if self.unhooked is not None:
+            self.unhooked.attach_hooks()
+            self.unhooked = None
 
 
 @dataclass
@@ -195,7 +200,8 @@ class Fused:
 
 @dataclass
 class _Plan:
-    site: str
+    name: str
+    site: HookSite
     layer: str
     comp: Bottleneck
     first: tuple[nn.Module, ...]  # (fc,) or (gate, up)
@@ -252,7 +258,7 @@ def _plan_site(st: State, name: str, key: str, fam: Family) -> _Plan:
     last = st.modules[f"{layer}.{fam.ffn_out}"]
     if not all(is_linear(m) for m in (*first, last)):
         raise _refuse(name, f"the FFN projections of {layer} are not Linear / Conv1D modules")
-    return _Plan(key, layer, comp, first, last, owner, attr)
+    return _Plan(name, site, layer, comp, first, last, owner, attr)
 
 
 def _check_conflicts(st: State, name: str, plans: list[_Plan]) -> None:
@@ -312,7 +318,7 @@ def _widen_in(mod: nn.Module, cols: torch.Tensor, bias: torch.Tensor | None, swa
 
 def _fuse_ffn(p: _Plan) -> FusedFFN:
     comp = p.comp
-    out = FusedFFN(p.site, p.layer, (*p.first, p.last))
+    out = FusedFFN(p.site.key, p.layer, (*p.first, p.last))
     width = linear_dims(p.first[0])[1]
     wd = comp.down.weight.detach()
     bd = comp.down.bias.detach() if comp.down.bias is not None else None
@@ -328,7 +334,22 @@ def _fuse_ffn(p: _Plan) -> FusedFFN:
     except Exception:
         out.restore()
         raise
+    _unhook_if_alone(p, out)
     return out
+
+
+def _unhook_if_alone(p: _Plan, out: FusedFFN) -> None:
+    """Take the FFN site's hooks off while fused, when the fused adapter is all the site holds.
+
+    They could do nothing: while an adapter is fused, activating or routing any adapter is
+    refused (it is merged), so no plan reaches them. Yet a module with hooks leaves
+    ``nn.Module.__call__``'s fast path, which with the hook calls cost tens of microseconds
+    per FFN per decode step. Another adapter added to the site while fused cannot be routed
+    before ``unfuse``, which puts the hooks back.
+    """
+    if set(p.site.components) == {p.name}:
+        p.site.remove_hooks()
+        out.unhooked = p.site
 
 
 # -- public -------------------------------------------------------------------------------
@@ -385,20 +406,29 @@ def fused_owner(model_or_state: nn.Module | State, module: nn.Module) -> str | N
     return None
 
 
-def check_addable(st: State, name: str, linear_keys: list[str]) -> None:
-    """Refuse adapter ``name`` on FFN projections that a fused adapter has widened.
+def before_add(st: State, name: str, parts: list[tuple[object, nn.Module]]) -> None:
+    """Check adapter ``name``'s parts (``(SiteSpec, component)``) against fused FFNs; before attaching.
 
-    Built there, it would take its shapes from the widened weight (``I + r``), not the
-    original one that ``unfuse`` puts back, and a PiSSA LoRA would take its principal part
-    out of the fused copy instead of the original. Called before anything is attached.
+    A part on an FFN projection that a fused adapter has widened is refused: built there it
+    would take its shapes from the widened weight (``I + r``), not the original that
+    ``unfuse`` puts back, and a PiSSA LoRA would take its principal part out of the fused copy
+    instead of the original. A part on a fused FFN's block site puts that site's hooks back,
+    so the new adapter applies wherever a route reaches it.
     """
-    for key in linear_keys:
-        owner = fused_owner(st, st.modules[key])
-        if owner is not None:
-            raise MergeError(
-                f"adapter {name!r} cannot be added on {key}: adapter {owner!r} is fused into it "
-                f"(the weight is widened by the fused adapter's rank); unfuse {owner!r} first"
-            )
+    for spec, _ in parts:
+        if spec.kind == "linear":
+            owner = fused_owner(st, st.modules[spec.key])
+            if owner is not None:
+                raise MergeError(
+                    f"adapter {name!r} cannot be added on {spec.key}: adapter {owner!r} is fused into it "
+                    f"(the weight is widened by the fused adapter's rank); unfuse {owner!r} first"
+                )
+    for spec, _ in parts:
+        for rec in st.adapters.values():
+            for f in rec.fused.ffns if rec.fused is not None else ():
+                if f.site == spec.key and f.unhooked is not None:
+                    f.unhooked.attach_hooks()
+                    f.unhooked = None
 
 
 def check_removable(st: State, name: str) -> None:

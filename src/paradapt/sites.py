@@ -240,8 +240,12 @@ class HookSite(Site):
         self.entry, self.exit = entry, exit
         self.entry_name, self.exit_name = entry_name, exit_name
         self._x: dict[int, torch.Tensor | None] = {}  # per thread: forwards in other threads must not mix
-        self._handles.append(entry.register_forward_pre_hook(self._pre, with_kwargs=True))
-        self._handles.append(exit.register_forward_hook(self._post, with_kwargs=True))
+        self.attach_hooks()
+
+    def attach_hooks(self) -> None:
+        """Register the entry pre-hook and exit hook (``fuse`` takes them off while they can do nothing)."""
+        self._handles.append(self.entry.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self._handles.append(self.exit.register_forward_hook(self._post, with_kwargs=True))
 
     def _pre(self, module, args, kwargs):
         plan = self.state.plan()
