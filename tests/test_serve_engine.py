@@ -243,6 +243,7 @@ def test_encoder_classify_and_embed_equal_each_text_alone(tmp_path):
         assert h.status == "finished"
         assert h.result["label"] == heads.head_of(ref_model, a).labels[int(logits.argmax())]
         torch.testing.assert_close(torch.tensor(h.result["logits"]), logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(h.result["probs"]), logits.softmax(-1), atol=1e-5, rtol=1e-5)
     assert bad.status == "failed" and "no classification head" in str(bad.error)
     with pytest.raises(pa.ConfigError, match="adapter"):
         engine.add_request([1, 2], None, task="classify")
@@ -263,3 +264,28 @@ def test_kv_capacity_bounds_the_batch_and_oversized_requests_are_refused(tmp_pat
     assert [h.tokens for h in handles] == [alone(ref_model, p, n, a) for p, a, n in reqs]
     with pytest.raises(RequestTooLargeError, match="max_tokens"):
         engine.add_request(list(range(3, 30)), None, SamplingParams(max_new_tokens=20))
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tmp_path, monkeypatch):
+    ref_model = adapter_root(tmp_path, "llama")
+    engine = Engine(tiny_model("llama"), tmp_path, BUSY)
+    a = engine.add_request([5, 6, 7], "lo4", SamplingParams(max_new_tokens=3))
+    execute = engine.runner.execute
+
+    def broken(plan):
+        monkeypatch.setattr(engine.runner, "execute", execute)  # only this step fails
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "execute", broken)
+    failed = engine.step()
+    assert failed == [a] and a.status == "failed" and "device lost" in str(a.error)
+    assert engine.runner.pages_in_use() == 0 and engine.scheduler.kv_used == 0
+    b = engine.add_request([5, 6, 7], "lo4", SamplingParams(max_new_tokens=3))
+    engine.run()
+    assert b.tokens == alone(ref_model, [5, 6, 7], 3, "lo4")
+    assert engine.pop(b.id) is b and b.id not in engine.handles
+    with pytest.raises(pa.ConfigError, match="unknown request"):
+        engine.pop(b.id)
+    c = engine.add_request([1, 2], None)
+    with pytest.raises(pa.ConfigError, match="still waiting"):
+        engine.pop(c.id)

@@ -18,6 +18,7 @@ padded batch per step with per-row routes, scheduled whole (no chunking, one "to
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from .cache import AdapterCache, Move
 from .runner import Runner
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, SchedulerConfig, StepPlan
+
+log = logging.getLogger(__name__)
 
 
 class AdapterLoadError(ParadaptError, RuntimeError):
@@ -160,7 +163,7 @@ class RequestHandle:
     status: str = "waiting"
     finish_reason: str | None = None
     error: Exception | None = None
-    result: dict | None = None  # encoder requests: {"label", "logits"} or {"embedding"}
+    result: dict | None = None  # encoder requests: {"label", "logits", "probs"} or {"embedding"}
     task: str = "generate"
 
     @property
@@ -247,6 +250,15 @@ class _EngineCore:
         h.status, h.finish_reason = "cancelled", "cancelled"
         return True
 
+    def pop(self, request_id: str) -> RequestHandle:
+        """Hand back a finished request's handle and stop tracking it (servers call this)."""
+        h = self.handles.get(request_id)
+        if h is None:
+            raise ConfigError("id", f"unknown request id {request_id!r}")
+        if not h.done:
+            raise ConfigError("id", f"request {request_id!r} is still {h.status}; cancel it first")
+        return self.handles.pop(request_id)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -276,14 +288,21 @@ class _EngineCore:
         except AdapterLoadError as e:
             self._fail_adapter(e.adapter, e)
 
-    def _fail_adapter(self, adapter: str, error: Exception) -> None:
-        """Fail every request (waiting or running) of ``adapter`` and forget it (a later request retries)."""
-        ids = [r.id for r in (*self.scheduler.running, *self.scheduler.waiting) if r.adapter == adapter]
-        for rid in ids:
+    def _fail_requests(self, ids: list[str], error: Exception) -> list[RequestHandle]:
+        """End ``ids`` as failed with ``error``, freeing their KV space and pins."""
+        out = []
+        for rid in dict.fromkeys(ids):
             self.scheduler.cancel(rid, now=self.clock())
             self._forget(rid)
             h = self.handles[rid]
             h.status, h.finish_reason, h.error = "failed", "error", error
+            out.append(h)
+        return out
+
+    def _fail_adapter(self, adapter: str, error: Exception) -> None:
+        """Fail every request (waiting or running) of ``adapter`` and forget it (a later request retries)."""
+        ids = [r.id for r in (*self.scheduler.running, *self.scheduler.waiting) if r.adapter == adapter]
+        self._fail_requests(ids, error)
         if adapter in self.cache:
             self.cache.remove_adapter(adapter)
         self.store.host.pop(adapter, None)
@@ -389,7 +408,11 @@ class Engine(_EngineCore):
             h.status = "running"
         if plan.empty:
             return []
-        new = self.runner.execute(plan)
+        try:
+            new = self.runner.execute(plan)
+        except Exception as e:  # the step's requests fail; the engine keeps serving the rest
+            log.exception("step failed; failing its %d requests", len(plan.prefills) + len(plan.decodes))
+            return self._fail_requests([*(c.request_id for c in plan.prefills), *plan.decodes], e)
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
         done = []
         for r in self.scheduler.complete(plan, now, stopped):
@@ -529,7 +552,11 @@ class EncoderEngine(_EngineCore):
             for j, i in enumerate(ok):
                 labels = heads.head_of(self.model, names[j]).labels
                 row = logits[j, : len(labels)]
-                out[i] = {"label": labels[int(row.argmax())], "logits": row.tolist()}
+                out[i] = {
+                    "label": labels[int(row.argmax())],
+                    "logits": row.tolist(),
+                    "probs": row.softmax(-1).tolist(),
+                }
         emb = heads.pool(hidden, mask, "mean")
         for i, h in enumerate(rows):
             if h.task == "embed":
