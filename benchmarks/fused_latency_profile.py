@@ -4,13 +4,14 @@ Two tables, both interleaved (methods in a fresh random order every round) with 
 
 1. One FFN at batch-1 decode (one token), op by op: gate / up projection, activation, product,
    down projection, and the whole MLP module call (with paradapt's site hooks), for the base FFN
-   and the fused one. The 8 layers are cycled so every call streams its weights from memory, as
-   in the model. ``act (slice+cat)`` is the split activation as it was before the in-place
-   version (``torch.cat`` of the two activated slices), on the same fused gate output.
+   and the fused one, as now and as before the fix (``fused before``: the split activation
+   activating both slices and concatenating them, and the FFN site's hooks still on). The 8
+   layers are cycled so every call streams its weights from memory, as in the model.
 2. The whole model, one decode step on a 128-token cache (or a 128-token prefill): ``base``;
    ``base copy`` (a deep copy: same weights, fresh memory, the control for where tensors sit);
-   ``fused, slice+cat`` (the activation as before); ``fused`` (as now); ``fused, no hooks``
-   (paradapt's hooks stripped: their cost); ``unfused`` (the adapter routed as usual).
+   ``fused before`` (as above); ``fused`` (as now); ``fused, no paradapt hooks`` (the model's
+   root hooks stripped too: what is left of paradapt's hook cost); ``unfused`` (the adapter
+   routed as usual).
 
 Times are per call: wall clock and this thread's CPU time. On a shared machine the wall clock
 includes time the thread was not running; thread CPU time leaves that out (not memory
@@ -40,6 +41,7 @@ import mixed_batch as mb  # noqa: E402  (the benchmark's model, cache and adapte
 import paradapt as pa  # noqa: E402
 from paradapt.bottleneck import _ACTS  # noqa: E402
 from paradapt.fuse import SplitActivation  # noqa: E402
+from paradapt.state import get_state  # noqa: E402
 
 CACHE_LEN = 128
 
@@ -54,12 +56,16 @@ def concat_forward(split: SplitActivation) -> Callable[[torch.Tensor], torch.Ten
     return forward
 
 
-def with_concat(model: nn.Module) -> nn.Module:
-    """A copy of a fused model whose split activations slice and concatenate."""
+def as_before(model: nn.Module) -> nn.Module:
+    """A copy of a fused model as the fix found it: slice-and-concatenate, FFN site hooks on."""
     m = copy.deepcopy(model)
     for mod in m.modules():
         if isinstance(mod, SplitActivation):
             mod.forward = concat_forward(mod)
+    for rec in get_state(m).adapters.values():
+        for f in rec.fused.ffns if rec.fused is not None else ():
+            if f.unhooked is not None:
+                f.unhooked.attach_hooks()
     return m
 
 
@@ -110,12 +116,11 @@ def med(xs: list[tuple[float, float]], j: int) -> float:
     return statistics.median(x[j] for x in xs)
 
 
-def ffn_table(base: nn.Module, fused: nn.Module, repeats: int, seed: int) -> None:
-    """Per-op thread CPU time of one FFN at decode, base vs fused."""
-    x = torch.randn(1, 1, base.config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    b_mlps = [layer.mlp for layer in base.model.layers]
-    f_mlps = [layer.mlp for layer in fused.model.layers]
-    n = len(b_mlps)
+def ffn_table(models: dict[str, nn.Module], repeats: int, seed: int) -> None:
+    """Per-op thread CPU time of one FFN at decode: base, fused, fused before."""
+    x = torch.randn(1, 1, models["base"].config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    mlps = {k: [layer.mlp for layer in m.model.layers] for k, m in models.items()}
+    n = len(mlps["base"])
 
     def ops(mlp: nn.Module) -> dict[str, Callable[[], object]]:
         g = mlp.gate_proj(x)
@@ -132,38 +137,36 @@ def ffn_table(base: nn.Module, fused: nn.Module, repeats: int, seed: int) -> Non
         }
 
     rows: dict[str, dict[str, list]] = {}
-    labels = ["base", "fused", "fused, slice+cat"]
+    labels = list(models)
     rng = random.Random(seed)
     with torch.inference_mode():
         for rep in range(repeats + n):
             i = rep % n
             rng.shuffle(labels)
             for label in labels:
-                mlp = b_mlps[i] if label == "base" else f_mlps[i]
-                if label == "fused, slice+cat":
-                    mlp.act_fn.forward = concat_forward(mlp.act_fn)
-                for op, fn in ops(mlp).items():
+                for op, fn in ops(mlps[label][i]).items():
                     t = timed(fn)
                     if rep >= n:  # the first pass over the layers is warm-up
                         rows.setdefault(op, {}).setdefault(label, []).append(t)
-                mlp.act_fn.__dict__.pop("forward", None)
-    print("| op (one FFN, decode) | base us | fused us | fused - base | fused slice+cat us |")
-    print("|---|--:|--:|--:|--:|")
+    print("| op (one FFN, decode) | base us | fused us | fused - base | fused before us | before - base |")
+    print("|---|--:|--:|--:|--:|--:|")
     for op, r in rows.items():
-        b, f, c = (1e6 * med(r[k], 1) for k in ("base", "fused", "fused, slice+cat"))
-        print(f"| {op} | {b:.1f} | {f:.1f} | {f - b:+.1f} | {c:.1f} |")
+        b, f, c = (1e6 * med(r[k], 1) for k in ("base", "fused", "fused before"))
+        print(f"| {op} | {b:.1f} | {f:.1f} | {f - b:+.1f} | {c:.1f} | {c - b:+.1f} |")
 
 
-def model_table(base: nn.Module, fused: nn.Module, unfused: nn.Module, args, r: int) -> None:
+def model_table(
+    base: nn.Module, fused: nn.Module, before: nn.Module, unfused: nn.Module, args, r: int
+) -> None:
     cache = mb.build_cache(base, 1, CACHE_LEN, args.seed + 6, "cpu")
     length = 1 if args.phase == "decode" else CACHE_LEN
     inp = mb.random_inputs(base, 1, length, args.seed + 5, "cpu")
     models = {
         "base": base,
         "base copy": copy.deepcopy(base),
-        "fused, slice+cat": with_concat(fused),
+        "fused before": before,
         "fused": fused,
-        "fused, no hooks": without_hooks(fused),
+        "fused, no paradapt hooks": without_hooks(fused),
         "unfused": unfused,
     }
 
@@ -210,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         pa.add_adapter(fused, "par", mb.adapter_config("parallel", r))
         fused.paradapt["par"].load_state_dict(unfused.paradapt["par"].state_dict())
         pa.fuse(fused, "par")
+        before = as_before(fused)
         print(f"\n### r = {r}\n")
         if not args.no_ffn_table:
-            ffn_table(base, fused, args.repeats * 4, args.seed)
-        model_table(base, fused, unfused, args, r)
-        del unfused, fused
+            ffn_table({"base": base, "fused": fused, "fused before": before}, args.repeats * 4, args.seed)
+        model_table(base, fused, before, unfused, args, r)
+        del unfused, fused, before
         gc.collect()
     return 0
 
