@@ -1,0 +1,463 @@
+"""OpenAI-compatible HTTP API over an :class:`~paradapt.serve.engine.Engine` (FastAPI).
+
+``model`` in a request is an adapter name (a folder under the adapter root) or the base
+model's name. One background thread steps the engine; handlers submit requests under a lock
+and receive tokens through per-request asyncio queues (fed from the engine's ``on_token``).
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (decoders; ``stream`` over SSE), ``POST /classify`` and
+``POST /v1/embeddings`` (encoders), ``POST /v1/adapters`` / ``DELETE /v1/adapters/{name}``,
+``GET /metrics`` (Prometheus text). Errors: 400 bad parameters (naming the field), 404
+unknown adapter, 409 adapter in use, 422 adapter folder that fails to load, 429 queue full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
+from .cache import AdapterPinnedError
+from .engine import AdapterLoadError, EncoderEngine, Engine, RequestHandle
+from .sampling import SamplingParams
+from .scheduler import QueueFullError, RequestTooLargeError
+
+log = logging.getLogger(__name__)
+
+# -- the engine thread ----------------------------------------------------------------------
+
+
+class EngineLoop:
+    """Steps an engine in a background thread; every engine call from handlers goes through ``call``."""
+
+    def __init__(self, engine: Engine | EncoderEngine):
+        self.engine = engine
+        self.lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._done_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.tokens_out = 0
+        self.started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="paradapt-engine", daemon=True)
+        self._thread.start()
+
+    def call(self, fn, *args, **kwargs):
+        with self.lock:
+            out = fn(*args, **kwargs)
+        self._wake.set()
+        return out
+
+    def watch(self, rid: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        """Deliver ``("token", t)`` items and a final ``("done", None)`` for ``rid`` to ``queue``."""
+        self._done_waiters[rid] = (loop, queue)
+
+    def push(self, rid: str, item) -> None:
+        w = self._done_waiters.get(rid)
+        if w is not None:
+            w[0].call_soon_threadsafe(w[1].put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stop:
+            with self.lock:
+                busy = self.engine.has_work()
+                if busy:
+                    try:
+                        self.engine.step()
+                    except Exception:  # keep the thread alive: a dead loop would hang every client
+                        log.exception("engine step failed")
+                    self._notify_done()
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _notify_done(self) -> None:
+        for rid in [
+            r for r in self._done_waiters if self.engine.handles.get(r) is None or self.engine.handles[r].done
+        ]:
+            self.push(rid, ("done", None))
+            del self._done_waiters[rid]
+
+    def cancel(self, rid: str) -> None:
+        with self.lock:
+            self.engine.cancel(rid)
+            self._notify_done()
+
+    def shutdown(self, drain: bool = False, timeout: float = 30.0) -> None:
+        """Stop the thread; with ``drain`` first let running requests finish (up to ``timeout`` s)."""
+        end = time.monotonic() + timeout
+        while drain and time.monotonic() < end:
+            with self.lock:
+                if not self.engine.has_work():
+                    break
+            time.sleep(0.01)
+        with self.lock:
+            for rid, h in list(self.engine.handles.items()):
+                if not h.done:
+                    self.engine.cancel(rid)
+            self._notify_done()
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+# -- schemas ------------------------------------------------------------------------------------
+
+
+class CompletionRequest(BaseModel):
+    model: str
+    prompt: str | list[int]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class ClassifyRequest(BaseModel):
+    model: str
+    input: str | list[str] = Field(min_length=1)
+
+
+class EmbeddingRequest(BaseModel):
+    model: str
+    input: str | list[str] = Field(min_length=1)
+
+
+class AdapterRequest(BaseModel):
+    name: str
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": param}}
+    )
+
+
+def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", tokenizer=None) -> FastAPI:
+    """The FastAPI app serving ``engine``; ``model_name`` is the base model's name in ``model``."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+    loop_ = EngineLoop(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        loop_.shutdown(drain=True)  # SIGTERM under uvicorn: finish running requests, cancel the rest
+
+    app = FastAPI(title="paradapt", lifespan=lifespan)
+    app.state.loop = loop_
+    app.state.model_name = model_name
+    decoder = isinstance(engine, Engine)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error(400, f"{field}: {first.get('msg', 'invalid')}", "invalid_request_error", field)
+
+    @app.exception_handler(ParadaptError)
+    async def _paradapt(request: Request, exc: ParadaptError):
+        if isinstance(exc, AdapterNotFoundError):
+            return _error(404, str(exc), "not_found_error", "model")
+        if isinstance(exc, QueueFullError):
+            return _error(429, str(exc), "rate_limit_error")
+        if isinstance(exc, AdapterPinnedError):
+            return _error(409, str(exc), "conflict_error", "name")
+        if isinstance(exc, AdapterLoadError):
+            return _error(422, str(exc), "adapter_load_error", "model")
+        if isinstance(exc, (ConfigError, RequestTooLargeError)):
+            return _error(400, str(exc), "invalid_request_error", getattr(exc, "field", None))
+        return _error(500, str(exc), "server_error")
+
+    def adapter_of(model: str) -> str | None:
+        return None if model == model_name else model
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        root = engine.store.root
+        names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root is not None else []
+        names = sorted(set(names) | set(engine.cache.on_host))
+        data = [{"id": n, "object": "model", "owned_by": "paradapt", "parent": model_name} for n in names]
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "owned_by": "paradapt"}, *data],
+        }
+
+    @app.post("/v1/adapters")
+    def load_adapter(req: AdapterRequest) -> dict:
+        loop_.call(engine._register, req.name)
+        moves = loop_.call(engine.cache.prefetch, [req.name])  # reads it now: a corrupt folder answers 422
+        if req.name not in engine.cache.on_host and not moves:
+            raise AdapterLoadError(
+                req.name, ParadaptError("no host room to load it now (it loads on demand)")
+            )
+        return {"id": req.name, "object": "model", "loaded": True}
+
+    @app.delete("/v1/adapters/{name}")
+    def unload_adapter(name: str) -> dict:
+        engine.store.folder(name)  # 400/404 for bad names
+        loop_.call(engine.cache.remove_adapter, name)
+        return {"id": name, "deleted": True}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(_metrics(loop_))
+
+    if decoder:
+
+        @app.post("/v1/completions")
+        async def completions(req: CompletionRequest):
+            params = _params(req.max_tokens, req)
+            return await _generate(req.model, req.prompt, params, req.stream, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(req: ChatRequest):
+            prompt = _chat_prompt(tokenizer, req.messages)
+            params = _params(req.max_completion_tokens or req.max_tokens or 16, req)
+            return await _generate(req.model, prompt, params, req.stream, chat=True)
+
+    else:
+
+        @app.post("/classify")
+        async def classify(req: ClassifyRequest):
+            texts = [req.input] if isinstance(req.input, str) else req.input
+            results = await _encode(req.model, texts, "classify")
+            return {
+                "object": "list",
+                "model": req.model,
+                "data": [
+                    {"index": i, "label": r["label"], "probs": r["probs"]} for i, r in enumerate(results)
+                ],
+            }
+
+        @app.post("/v1/embeddings")
+        async def embeddings(req: EmbeddingRequest):
+            texts = [req.input] if isinstance(req.input, str) else req.input
+            results = await _encode(req.model, texts, "embed")
+            data = [
+                {"object": "embedding", "index": i, "embedding": r["embedding"]}
+                for i, r in enumerate(results)
+            ]
+            n = sum(len(_tokens(tokenizer, t)) for t in texts)
+            return {
+                "object": "list",
+                "model": req.model,
+                "data": data,
+                "usage": {"prompt_tokens": n, "total_tokens": n},
+            }
+
+    async def _encode(model: str, texts: list[str], task: str) -> list[dict]:
+        aloop = asyncio.get_running_loop()
+        queues, handles = [], []
+        for t in texts:
+            q: asyncio.Queue = asyncio.Queue()
+            h = loop_.call(
+                _add_encoder, engine, _tokens(tokenizer, t), adapter_of(model), task, loop_, aloop, q
+            )
+            queues.append(q)
+            handles.append(h)
+        for q in queues:
+            while (await q.get())[0] != "done":
+                pass
+        for h in handles:
+            if h.error is not None:
+                raise h.error
+        return [loop_.call(engine.pop, h.id).result for h in handles]
+
+    async def _generate(model: str, prompt, params: SamplingParams, stream: bool, chat: bool):
+        ids = _tokens(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        aloop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        h = loop_.call(_add_decoder, engine, ids, adapter_of(model), params, loop_, aloop, q)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if stream:
+            return StreamingResponse(_sse(h, q, model, rid, chat), media_type="text/event-stream")
+        try:
+            while (await q.get())[0] != "done":
+                pass
+        finally:
+            if not h.done:  # the client went away: free its KV space and slot
+                loop_.cancel(h.id)
+        if h.error is not None:
+            raise h.error
+        loop_.call(engine.pop, h.id)
+        text = h.text if h.text is not None else ""
+        reason = "stop" if h.finish_reason in ("eos", "stop") else "length"
+        usage = {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(h.tokens),
+            "total_tokens": len(ids) + len(h.tokens),
+        }
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+    async def _sse(
+        h: RequestHandle, q: asyncio.Queue, model: str, rid: str, chat: bool
+    ) -> AsyncIterator[str]:
+        sent = ""
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            if chat:
+                yield _chunk(
+                    rid,
+                    obj,
+                    created,
+                    model,
+                    {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None},
+                )
+            while True:
+                kind, _ = await q.get()
+                text = h.text or ""
+                if len(text) > len(sent) and text.startswith(sent):
+                    delta, sent = text[len(sent) :], text
+                    body = {"content": delta} if chat else None
+                    choice = (
+                        {"index": 0, "delta": body, "finish_reason": None}
+                        if chat
+                        else {
+                            "index": 0,
+                            "text": delta,
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    )
+                    yield _chunk(rid, obj, created, model, choice)
+                if kind == "done":
+                    break
+            if h.error is not None:
+                yield f"data: {json.dumps({'error': {'message': str(h.error), 'type': 'server_error'}})}\n\n"
+            else:
+                reason = "stop" if h.finish_reason in ("eos", "stop") else "length"
+                last = (
+                    {"index": 0, "delta": {}, "finish_reason": reason}
+                    if chat
+                    else {
+                        "index": 0,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": reason,
+                    }
+                )
+                yield _chunk(rid, obj, created, model, last)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not h.done:  # the client went away mid-stream: free its KV space and slot
+                loop_.cancel(h.id)
+            if h.id in engine.handles and engine.handles[h.id].done:
+                loop_.call(engine.pop, h.id)
+
+    return app
+
+
+def _chunk(rid: str, obj: str, created: int, model: str, choice: dict) -> str:
+    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _params(max_tokens: int, req: Any) -> SamplingParams:
+    stop = () if req.stop is None else (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        stop=stop,
+    )
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    if tokenizer is None:
+        raise ConfigError("prompt", "text needs the server's tokenizer; send token ids")
+    return list(tokenizer(text)["input_ids"])
+
+
+def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
+    """The tokenizer's chat template when it has one, else ``role: content`` lines."""
+    msgs = [m.model_dump() for m in messages]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+
+
+def _add_decoder(engine: Engine, ids, adapter, params, loop_: EngineLoop, aloop, q) -> RequestHandle:
+    def on_token(h: RequestHandle, tok: int) -> None:
+        loop_.tokens_out += 1
+        loop_.push(h.id, ("token", tok))
+
+    h = engine.add_request(ids, adapter, params, on_token=on_token)
+    loop_.watch(h.id, aloop, q)
+    return h
+
+
+def _add_encoder(engine: EncoderEngine, ids, adapter, task, loop_: EngineLoop, aloop, q) -> RequestHandle:
+    h = engine.add_request(ids, adapter, task=task)
+    loop_.watch(h.id, aloop, q)
+    return h
+
+
+def _metrics(loop_: EngineLoop) -> str:
+    """Prometheus text: queue, running, adapters resident/served, loads, tokens out."""
+    e = loop_.engine
+    with loop_.lock:
+        s = e.cache.stats
+        rows = [
+            ("paradapt_queue_length", "gauge", len(e.scheduler.waiting)),
+            ("paradapt_running_requests", "gauge", len(e.scheduler.running)),
+            ("paradapt_resident_adapters", "gauge", len(e.cache.on_device)),
+            ("paradapt_served_adapters", "gauge", len(e.cache.on_host)),
+            ("paradapt_adapter_device_loads_total", "counter", s.device_loads),
+            ("paradapt_adapter_host_loads_total", "counter", s.host_loads + s.prefetch_loads),
+            ("paradapt_adapter_evictions_total", "counter", s.device_evictions + s.host_evictions),
+            ("paradapt_generated_tokens_total", "counter", loop_.tokens_out),
+        ]
+    return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows)
