@@ -219,3 +219,45 @@ def test_encoder_classify_and_embeddings(tmp_path):
             c.post("/classify", json={"model": "bert", "input": ["x"]}).status_code == 400
         )  # no head on the base
         assert c.post("/v1/completions", json={"model": "sent", "prompt": "x"}).status_code == 404
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_request(served):
+    import httpx
+    import uvicorn
+
+    root, _, tok = served
+    engine = Engine(stories(), root, CFG, tokenizer=tok)
+    seen = []
+    add = engine.add_request
+    engine.add_request = lambda *a, **k: seen.append(add(*a, **k)) or seen[-1]
+    app = create_app(engine, model_name="stories")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        body = {
+            "model": "lo",
+            "prompt": "Once",
+            "max_tokens": 400,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+            next(r.iter_lines())  # the first chunk arrived: the request is running
+            assert len(engine.scheduler.running) == 1
+        for _ in range(400):  # the server notices the closed connection and cancels
+            if not engine.scheduler.has_work():
+                break
+            time.sleep(0.01)
+        assert seen[0].status == "cancelled" and len(seen[0].tokens) < 400
+        assert not engine.scheduler.has_work() and engine.runner.pages_in_use() == 0
+        assert engine.cache.stats.device_loads == 1 and not engine.cache.pinned("lo")
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)

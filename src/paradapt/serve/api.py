@@ -125,6 +125,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
 
 
 class ChatMessage(BaseModel):
@@ -143,6 +144,7 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
 
 
 class ClassifyRequest(BaseModel):
@@ -412,6 +414,7 @@ def _params(max_tokens: int, req: Any) -> SamplingParams:
         top_k=req.top_k,
         seed=req.seed,
         stop=stop,
+        ignore_eos=req.ignore_eos,
     )
 
 
