@@ -141,9 +141,11 @@ def test_models_adapters_health_metrics(client):
     assert client.post("/v1/adapters", json={"name": "par"}).status_code == 200
     assert client.delete("/v1/adapters/par").status_code == 200
     assert client.delete("/v1/adapters/par").status_code == 404  # no longer known
-    client.post("/v1/completions", json={"model": "lo", "prompt": "x", "max_tokens": 3})
+    client.post("/v1/completions", json={"model": "lo", "prompt": "x", "max_tokens": 3, "ignore_eos": True})
     text = client.get("/metrics").text
-    assert "paradapt_queue_length 0" in text and "paradapt_generated_tokens_total" in text
+    assert "paradapt_queue_length 0" in text and "paradapt_generated_tokens_total 3" in text
+    assert "paradapt_time_to_first_token_seconds_count 1" in text
+    assert 'paradapt_time_per_output_token_seconds_bucket{le="+Inf"} 1' in text
 
 
 def _free_port() -> int:

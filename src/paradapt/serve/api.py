@@ -39,6 +39,34 @@ log = logging.getLogger(__name__)
 # -- the engine thread ----------------------------------------------------------------------
 
 
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count) in plain Python."""
+
+    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
+        self.name, self.help, self.buckets = name, help_, buckets
+        self.counts = [0] * len(buckets)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def text(self) -> str:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        lines += [
+            f'{self.name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)
+        ]
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum}"]
+        lines.append(f"{self.name}_count {self.count}")
+        return "\n".join(lines) + "\n"
+
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 class EngineLoop:
     """Steps an engine in a background thread; every engine call from handlers goes through ``call``."""
 
@@ -49,6 +77,8 @@ class EngineLoop:
         self._stop = False
         self._done_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.tokens_out = 0
+        self.ttft = Histogram("paradapt_time_to_first_token_seconds", "queued to first token", _BUCKETS)
+        self.tpot = Histogram("paradapt_time_per_output_token_seconds", "mean gap between tokens", _BUCKETS)
         self.started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="paradapt-engine", daemon=True)
         self._thread.start()
@@ -86,8 +116,18 @@ class EngineLoop:
         for rid in [
             r for r in self._done_waiters if self.engine.handles.get(r) is None or self.engine.handles[r].done
         ]:
+            h = self.engine.handles.get(rid)
+            if h is not None and h.status == "finished":
+                self._observe(h)
             self.push(rid, ("done", None))
             del self._done_waiters[rid]
+
+    def _observe(self, h: RequestHandle) -> None:
+        if h.first_token_at is None or h.arrival is None:
+            return
+        self.ttft.observe(h.first_token_at - h.arrival)
+        if len(h.tokens) > 1 and h.finished_at is not None:
+            self.tpot.observe((h.finished_at - h.first_token_at) / (len(h.tokens) - 1))
 
     def cancel(self, rid: str) -> None:
         with self.lock:
@@ -463,4 +503,5 @@ def _metrics(loop_: EngineLoop) -> str:
             ("paradapt_adapter_evictions_total", "counter", s.device_evictions + s.host_evictions),
             ("paradapt_generated_tokens_total", "counter", loop_.tokens_out),
         ]
-    return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows)
+        hist = loop_.ttft.text() + loop_.tpot.text()
+    return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows) + hist

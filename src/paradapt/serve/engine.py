@@ -165,6 +165,9 @@ class RequestHandle:
     error: Exception | None = None
     result: dict | None = None  # encoder requests: {"label", "logits", "probs"} or {"embedding"}
     task: str = "generate"
+    arrival: float | None = None  # engine clock: queued, first token sampled, ended (TTFT, TPOT)
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -231,7 +234,8 @@ class _EngineCore:
 
     def _queue(self, handle: RequestHandle, prompt_len: int, max_new_tokens: int) -> RequestHandle:
         self._register(handle.adapter)
-        self.scheduler.add(Request(handle.id, handle.adapter, prompt_len, max_new_tokens, self.clock()))
+        handle.arrival = self.clock()
+        self.scheduler.add(Request(handle.id, handle.adapter, prompt_len, max_new_tokens, handle.arrival))
         self.handles[handle.id] = handle
         return handle
 
@@ -414,11 +418,11 @@ class Engine(_EngineCore):
             log.exception("step failed; failing its %d requests", len(plan.prefills) + len(plan.decodes))
             return self._fail_requests([*(c.request_id for c in plan.prefills), *plan.decodes], e)
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
-        done = []
+        done, end = [], self.clock()
         for r in self.scheduler.complete(plan, now, stopped):
             self.runner.free(r.id)
             h = self.handles[r.id]
-            h.status = "finished"
+            h.status, h.finished_at = "finished", end
             h.finish_reason = h.finish_reason or "length"
             done.append(h)
         return done
@@ -426,6 +430,8 @@ class Engine(_EngineCore):
     def _emit(self, h: RequestHandle, token: int) -> bool:
         """Record a sampled token; True if it ends the request (EOS or a stop string)."""
         eos = h.params.eos_ids() if h.params.eos_token_id is not None or h.params.ignore_eos else self._eos()
+        if not h.tokens:
+            h.first_token_at = self.clock()
         h.tokens.append(token)
         if self.tokenizer is not None:
             h.text = self.tokenizer.decode(h.tokens)
