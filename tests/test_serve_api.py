@@ -145,6 +145,10 @@ def test_models_adapters_health_metrics(client):
     text = client.get("/metrics").text
     assert "paradapt_queue_length 0" in text and "paradapt_generated_tokens_total 3" in text
     assert "paradapt_time_to_first_token_seconds_count 1" in text
+    assert (
+        "paradapt_adapter_load_host_seconds_total" in text
+        and "paradapt_adapter_load_device_seconds_total" in text
+    )
     assert 'paradapt_time_per_output_token_seconds_bucket{le="+Inf"} 1' in text
 
 

@@ -59,7 +59,7 @@ def workload(seed: int = 0, n: int = 14, max_prompt: int = 30):
 BUSY = EngineConfig(page_size=4, num_blocks=80, token_budget=16, max_running=6, max_slots=2, max_served=3)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_busy_mixed_batch_equals_each_request_alone(tmp_path, family):
     ref_model = adapter_root(tmp_path, family)
     reqs = workload()

@@ -502,6 +502,10 @@ def _metrics(loop_: EngineLoop) -> str:
             ("paradapt_adapter_host_loads_total", "counter", s.host_loads + s.prefetch_loads),
             ("paradapt_adapter_evictions_total", "counter", s.device_evictions + s.host_evictions),
             ("paradapt_generated_tokens_total", "counter", loop_.tokens_out),
+            *(
+                (f"paradapt_adapter_{op}_seconds_total", "counter", round(sec, 6))
+                for op, sec in sorted(e.store.seconds.items())
+            ),
         ]
         hist = loop_.ttft.text() + loop_.tpot.text()
     return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows) + hist

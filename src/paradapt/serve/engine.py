@@ -66,6 +66,7 @@ class AdapterStore:
         if self.root is not None and not self.root.is_dir():
             raise ConfigError("adapter_root", f"{root} is not a folder")
         self.host: dict[str, _HostCopy] = {}
+        self.seconds: dict[str, float] = {}  # per move op: total wall time spent (metrics)
 
     def folder(self, name: str) -> Path:
         """The folder of adapter ``name``; names that are not plain folder names under the root are refused."""
@@ -95,6 +96,7 @@ class AdapterStore:
     def __call__(self, move: Move) -> None:
         """Carry out one cache decision on real weights."""
         name = move.adapter
+        t0 = time.perf_counter()
         try:
             if move.op == "load_host":
                 self.host[name] = self._read(name)
@@ -108,6 +110,8 @@ class AdapterStore:
             if move.op.startswith("load"):
                 raise AdapterLoadError(name, e) from None
             raise
+        finally:
+            self.seconds[move.op] = self.seconds.get(move.op, 0.0) + time.perf_counter() - t0
 
     def _read(self, name: str) -> _HostCopy:
         """Validate the folder by loading it onto the model once, keep its state dict on the CPU."""
