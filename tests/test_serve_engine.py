@@ -123,8 +123,10 @@ def test_corrupt_adapter_folder_fails_only_its_requests(tmp_path):
     bad.mkdir()
     (bad / "adapter_config.json").write_text((tmp_path / "lo4" / "adapter_config.json").read_text())
     (bad / "adapter.safetensors").write_bytes(b"\x00not safetensors at all")
+    (tmp_path / "empty").mkdir()
     engine = Engine(tiny_model("gpt2"), tmp_path, BUSY)
     reqs = [([5, 6, 7], "lo4", 5), ([8, 9], "bad", 4), ([10, 11, 12, 13], None, 6), ([3, 4], "bad", 2)]
+    empty = engine.add_request([5, 6], "empty", SamplingParams(max_new_tokens=2))
     handles = [engine.add_request(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in reqs]
     engine.run()
     for h, (p, a, n) in zip(handles, reqs, strict=True):
@@ -134,6 +136,7 @@ def test_corrupt_adapter_folder_fails_only_its_requests(tmp_path):
             assert h.tokens == []
         else:
             assert h.status == "finished" and h.tokens == alone(ref_model, p, n, a)
+    assert empty.status == "failed" and "adapter_config.json: missing" in str(empty.error)
     assert "bad" not in engine.cache and "bad" not in pa.list_adapters(engine.model)
     assert engine.runner.pages_in_use() == 0
     late = engine.add_request([5, 5], "bad", SamplingParams(max_new_tokens=2))  # tried again, fails again

@@ -29,7 +29,13 @@ from torch import nn
 
 from .. import heads
 from ..api import add_adapter, check_name, remove_adapter, route
-from ..errors import AdapterNotFoundError, ConfigError, IncompatibleAdapterError, ParadaptError
+from ..errors import (
+    AdapterFileError,
+    AdapterNotFoundError,
+    ConfigError,
+    IncompatibleAdapterError,
+    ParadaptError,
+)
 from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, load_adapter
 from ..state import get_state, require_state
 from .cache import AdapterCache, Move
@@ -106,8 +112,8 @@ class AdapterStore:
                 remove_adapter(self.model, name)
             else:
                 self.host.pop(name, None)
-        except ParadaptError as e:
-            if move.op.startswith("load"):
+        except Exception as e:  # a broken folder must never take the engine down
+            if move.op.startswith("load") and not isinstance(e, AdapterLoadError):
                 raise AdapterLoadError(name, e) from None
             raise
         finally:
@@ -116,8 +122,8 @@ class AdapterStore:
     def _read(self, name: str) -> _HostCopy:
         """Validate the folder by loading it onto the model once, keep its state dict on the CPU."""
         folder = self.folder(name)
-        if not (folder / CONFIG_FILE).is_file() and not (folder / "adapter_config.json").is_file():
-            raise AdapterNotFoundError(f"adapter {name!r}: {folder} has no {CONFIG_FILE}")
+        if not (folder / CONFIG_FILE).is_file():
+            raise AdapterFileError(folder / CONFIG_FILE, "missing")
         load_adapter(self.model, folder, name)
         try:
             st = require_state(self.model)
