@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -168,12 +169,23 @@ def test_assets_placeholder_expands(tmp_path, monkeypatch):
     assert train.path == str(tmp_path / "data" / "x.tsv")
 
 
-def test_example_config_is_valid(tmp_path, monkeypatch):
-    from pathlib import Path
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_are_valid(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARADAPT_ASSETS", str(tmp_path))
+    cfg, base = load_config(path)
+    for i, entry in enumerate(cfg.adapters):
+        assert entry.kind == "parallel" and cfg.adapter_config(i).r == 64
+        train, evals = cfg.data_specs(i, base)
+        assert train.path.startswith(str(tmp_path / "data")) and evals.path.startswith(str(tmp_path / "data"))
+
+
+def test_sst2_example_reads_the_shared_split(tmp_path, monkeypatch):
     monkeypatch.setenv("PARADAPT_ASSETS", str(tmp_path))
     cfg, base = load_config(Path(__file__).parents[1] / "examples" / "train_sst2.yaml")
-    assert cfg.adapters[0].kind == "parallel" and cfg.adapter_config(0).head["labels"] == [0, 1]
+    assert cfg.adapter_config(0).head["labels"] == [0, 1]
     train, evals = cfg.data_specs(0, base)
     assert train.path == str(tmp_path / "data" / "sst2" / "train.tsv") and train.text_field == "sentence"
     assert evals.path == str(tmp_path / "data" / "sst2" / "test.tsv")
