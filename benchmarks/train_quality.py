@@ -38,6 +38,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -566,6 +567,8 @@ def saver(out_dir: Path, data: TaskData, best: dict, cmdline: str, pad: int):
             return
         best[data.name] = res["accuracy"]
         folder = out_dir / f"{data.name}-parallel"
+        if (folder / "card.json").is_file():  # a worse run's: save_adapter keeps folders with extra files
+            shutil.rmtree(folder)
         m = s.encoder
         pa.save_adapter(m, s.adapter_name, folder)
         # A fixed 64-row subset of the test rows (seeded), for a fast reload check.
@@ -609,8 +612,17 @@ def write_cards(folder: Path, tok, pad: int, max_length: int) -> None:
         adapter = sub.name  # shipped under its folder's name: bundled_path(name) and the adapter agree
         pa.load_adapter(base, sub, name=adapter)
         if card["adapter_name"] != adapter:
-            pa.save_adapter(base, adapter, sub)  # replaces the folder: card.json is written again below
+            for extra in ("card.json", "README.md"):  # written again below
+                (sub / extra).unlink(missing_ok=True)
+            pa.save_adapter(base, adapter, sub)
             card["adapter_name"] = adapter
+        steps_flag = "--agnews-steps" if task == "agnews" else "--steps"
+        card.setdefault("run_command", card["command"])
+        card["command"] = (
+            f"python benchmarks/train_quality.py --tasks {task} --methods {card['method']} --seeds {card['seed']} "
+            f"{steps_flag} {card['steps']} --batch {card['batch']} --max-length {max_length} --no-cost "
+            f"--save-best DIR && python benchmarks/train_quality.py --cards DIR"
+        )
         pa.set_active(base, adapter)
         s = Setup("parallel", base, base.paradapt[adapter].head, [], None, 0, adapter)
         ids = tok([t for t, _ in test], truncation=True, max_length=max_length)["input_ids"]
@@ -660,7 +672,14 @@ def card_text(c: dict) -> str:
 | 64-row check | {100 * c["check_subset_accuracy"]:.2f}% on 64 seeded test rows stored in `card.json` (`tests/test_bundled.py` re-runs them) |
 | training loss | {c["loss_first10"]:.3f} (first 10 steps) -> {c["loss_last10"]:.3f} (last 10) |
 
-Made by (from the repository root, CPU, torch threads 1):
+Made in the table run of `benchmarks/RESULTS.md` (section `train_quality.py`), from the repository root
+on CPU with torch threads 1:
+
+```
+{c.get("run_command", c["command"])}
+```
+
+The same adapter alone (same seed, data slice and batch order; `DIR` any empty folder):
 
 ```
 {c["command"]}
