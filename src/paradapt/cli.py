@@ -6,8 +6,10 @@ row by row against single-row runs, plus the zero-init no-op check.
 ``paradapt info``: the version and the adapter kinds.
 ``paradapt train CONFIG.yaml [--resume [PATH]] [--key value ...]``: train adapters
 (docs/training.md); Ctrl-C saves a checkpoint and exits with status 130.
+``paradapt serve [--model PATH] [--adapter-root DIR] [--port P] ...``: the OpenAI-compatible
+server (docs/serving.md) over every adapter folder under DIR; SIGTERM drains and exits 0.
 
-Subcommands register themselves in :func:`build_parser` (``serve`` is planned).
+Subcommands register themselves in :func:`build_parser`.
 Library errors (``pa.ParadaptError``) print as one line and exit with status 2;
 failed demo checks exit with status 1.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -333,10 +337,159 @@ def run_train(args) -> int:
     return 0
 
 
+# -- serve ---------------------------------------------------------------------------------------
+
+DEFAULT_SERVED_NAME = "all-MiniLM-L6-v2"
+
+
+def _serve_sources(args) -> tuple[Path, Path | None, str]:
+    """Model folder, adapter root and the base model's served name.
+
+    With no ``--model``: the bundled MiniLM and, if this install ships them, the bundled adapters.
+    """
+    root = Path(args.adapter_root).expanduser() if args.adapter_root else None
+    if args.model:
+        model_dir = Path(args.model).expanduser()
+        name = args.served_model_name or model_dir.resolve().name
+    else:
+        model_dir, name = default_model_dir(), args.served_model_name or DEFAULT_SERVED_NAME
+        if root is None:
+            root = _bundled_root()
+    if root is not None and not root.is_dir():
+        raise CLIError(f"--adapter-root: {root} is not a folder")
+    if root is not None and (root / name).is_dir():
+        raise CLIError(f"--served-model-name: {name!r} is also an adapter folder under {root}; rename one")
+    return model_dir, root, name
+
+
+def _bundled_root() -> Path | None:
+    """The folder of the adapters shipped in the package, or None when there are none."""
+    try:
+        from paradapt import bundled
+    except ImportError:
+        return None
+    return bundled.ROOT if bundled.bundled() else None
+
+
+def _adapter_count(root: Path | None) -> int:
+    return 0 if root is None else sum(1 for p in root.iterdir() if p.is_dir())
+
+
+def _largest_adapter_bytes(root: Path | None) -> int:
+    """Bytes of the biggest adapter weights file under ``root``: the size of one device slot."""
+    from paradapt.io import PEFT_WEIGHTS_FILE, WEIGHTS_FILE
+
+    sizes = [0]
+    for folder in root.iterdir() if root is not None else ():
+        for f in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
+            if (folder / f).is_file():
+                sizes.append((folder / f).stat().st_size)
+    return max(sizes)
+
+
+def _kv_bytes_per_token(model) -> int:
+    """Float32 K and V of one token in every layer (the paged cache's cost per token)."""
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * 4
+
+
+def _engine_config(args, model, root: Path | None):
+    """EngineConfig from the flags; ``--device-memory-mb`` splits memory between KV pages and slots."""
+    from paradapt.serve import EngineConfig, MemoryBudget
+
+    base = EngineConfig()
+    max_slots = args.max_slots or base.max_slots
+    max_served = args.max_served or max(base.max_served, max_slots)
+    page = base.page_size
+    kv_tokens = args.kv_tokens
+    if args.device_memory_mb is not None:
+        budget = MemoryBudget(
+            total_bytes=int(args.device_memory_mb * 2**20),
+            kv_bytes_per_token=_kv_bytes_per_token(model),
+            max_slots=max_slots,
+            slot_bytes=_largest_adapter_bytes(root),
+        )
+        kv_tokens = min(kv_tokens or budget.kv_tokens, budget.kv_tokens)
+    num_blocks = math.ceil(kv_tokens / page) if kv_tokens else base.num_blocks
+    token_budget = args.token_budget or base.token_budget
+    return EngineConfig(
+        page_size=page,
+        num_blocks=num_blocks,
+        token_budget=token_budget,
+        max_running=min(args.max_running or base.max_running, token_budget),
+        max_slots=max_slots,
+        max_served=max_served,
+        queue_bound=args.queue_bound or base.queue_bound,
+    )
+
+
+def build_server_app(args):
+    """The FastAPI app ``paradapt serve`` runs (also used by benchmarks/serve_load.py in-process)."""
+    try:
+        from paradapt.serve import EncoderEngine, Engine
+        from paradapt.serve.api import create_app
+    except ImportError as e:
+        raise CLIError(f"serve needs fastapi and uvicorn: pip install 'paradapt[serve]' ({e})") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir, root, name = _serve_sources(args)
+    tok, model = load_model(model_dir)
+    config = _engine_config(args, model, root)
+    if model.can_generate():
+        engine = Engine(model, root, config, tokenizer=tok)
+    else:
+        engine = EncoderEngine(model, root, config, pad_token_id=tok.pad_token_id)
+    info = {
+        "model": str(model_dir),
+        "name": name,
+        "kind": "decoder" if model.can_generate() else "encoder",
+        "root": root,
+        "adapters": _adapter_count(root),
+        "config": config,
+    }
+    return create_app(engine, model_name=name, tokenizer=tok), info
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    app, info = build_server_app(args)
+    c = info["config"]
+    print(
+        f"paradapt serve: {info['name']} ({info['kind']}, {info['model']}); "
+        f"{info['adapters']} adapters under {info['root'] or '(none)'}; "
+        f"kv {c.num_blocks * c.page_size} tokens, {c.max_slots} slots, {c.max_served} served; "
+        f"http://{args.host}:{args.port}",
+        flush=True,
+    )
+    got: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda sig, frame: got.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:  # uvicorn handles the signal (drain via the app's lifespan), then re-raises it to these handlers
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
+        )
+        server = uvicorn.Server(config)
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        raise CLIError(f"--port: cannot listen on {args.host}:{args.port} (in use?)") from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if signal.SIGINT in got:
+        print("paradapt serve: interrupted; running requests drained", file=sys.stderr)
+        return 130
+    print("paradapt serve: stopped; running requests drained", file=sys.stderr)
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
-def _rows(value: str) -> int:
+def _positive(value: str) -> int:
     n = int(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
@@ -370,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the kind of the first adapter; two of parallel/lora/series join it (default: parallel)",
     )
     demo.add_argument(
-        "--rows", type=_rows, default=5, metavar="N", help="sentences in the batch (default: 5)"
+        "--rows", type=_positive, default=5, metavar="N", help="sentences in the batch (default: 5)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument(
@@ -402,7 +555,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=run_train, overrides=[])
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server: one base model, every adapter folder under a root",
+        description="Serve the Hugging Face model at --model and every adapter folder under "
+        "--adapter-root (named by its folder) over HTTP (docs/serving.md). Decoders generate "
+        "(/v1/completions, /v1/chat/completions); encoders classify and embed (/classify, "
+        "/v1/embeddings). With no --model: the bundled all-MiniLM-L6-v2 and the bundled adapters. "
+        "SIGTERM lets running requests finish (up to 30 s), then exits 0.",
+    )
+    serve.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder")
+    serve.add_argument(
+        "--adapter-root",
+        metavar="DIR",
+        help="folder of adapter folders (default: none, or the bundled adapters with the default model)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the base model's `model` name (default: the model folder's name)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-served", type=_positive, metavar="S", help="adapters kept in host memory")
+    serve.add_argument(
+        "--max-slots",
+        type=_positive,
+        metavar="K",
+        help="adapters on the model at once (distinct adapters per step)",
+    )
+    serve.add_argument("--token-budget", type=_positive, metavar="N", help="tokens per step (default: 256)")
+    serve.add_argument("--max-running", type=_positive, metavar="N", help="requests per step (default: 32)")
+    serve.add_argument(
+        "--kv-tokens", type=_positive, metavar="N", help="KV cache capacity in tokens (default: 4096)"
+    )
+    serve.add_argument(
+        "--device-memory-mb",
+        type=float,
+        metavar="MB",
+        help="memory for KV cache plus "
+        "adapter slots: the slots (largest adapter x K) are taken out of the KV tokens",
+    )
+    serve.add_argument("--queue-bound", type=_positive, metavar="N", help="waiting requests before 429")
+    serve.add_argument("--threads", type=_positive, metavar="N", help="torch CPU threads")
+    serve.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=run_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

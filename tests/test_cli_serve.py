@@ -1,0 +1,154 @@
+"""``paradapt serve``: the real command in a subprocess over loopback (health, models, a completion,
+SIGTERM drains and exits 0), encoder wiring, memory split, and one-line errors for bad paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from _train_fixtures import make_bert, make_llama
+from fastapi.testclient import TestClient
+
+import paradapt as pa
+from paradapt import cli
+
+START_TIMEOUT = 120.0  # bound for a loaded CI machine; not a performance check
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _save_lora(model_dir: Path, root: Path, name: str) -> None:
+    _, model = cli.load_model(model_dir)
+    pa.add_adapter(model, name, pa.LoRAConfig(r=2))
+    pa.save_adapter(model, name, root / name)
+
+
+@pytest.fixture(scope="module")
+def llama_setup(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("serve_cli")
+    model_dir = make_llama(base / "tiny-llama")
+    root = base / "adapters"
+    root.mkdir()
+    for name in ("alpha", "beta"):
+        _save_lora(model_dir, root, name)
+    return model_dir, root
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    end = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early ({proc.returncode}): {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError("server did not become healthy")
+
+
+def test_serve_subprocess_end_to_end_and_sigterm(llama_setup):
+    model_dir, root = llama_setup
+    port = _free_port()
+    cmd = [sys.executable, "-m", "paradapt.cli", "serve", "--model", str(model_dir)]
+    cmd += ["--adapter-root", str(root), "--port", str(port), "--max-slots", "2", "--threads", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url)
+        ids = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        assert ids == ["tiny-llama", "alpha", "beta"]
+        body = {"model": "beta", "prompt": "the movie", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        assert httpx.post(f"{url}/v1/completions", json={**body, "model": "nope"}).status_code == 404
+
+        # a streaming request in flight when SIGTERM arrives still completes (drain), then exit 0
+        stream = {**body, "model": "alpha", "max_tokens": 40, "stream": True}
+        chunks = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=stream, timeout=60) as resp:
+            lines = resp.iter_lines()
+            chunks.append(next(lines))
+            proc.send_signal(signal.SIGTERM)
+            chunks += [line for line in lines if line]
+        events = [c.removeprefix("data: ") for c in chunks if c.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert finish[-1] == "length"
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, proc.stderr.read()
+        out = proc.stdout.read()
+        assert "2 adapters under" in out and f":{port}" in out
+        assert "drained" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_encoder_model_gets_the_encoder_endpoints(tmp_path):
+    model_dir = make_bert(tmp_path / "tiny-bert")
+    args = cli.build_parser().parse_args(["serve", "--model", str(model_dir), "--served-model-name", "bert"])
+    app, info = cli.build_server_app(args)
+    assert info["kind"] == "encoder" and info["root"] is None
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["bert"]
+        r = client.post("/v1/embeddings", json={"model": "bert", "input": ["good movie"]})
+        assert r.status_code == 200
+        assert len(r.json()["data"][0]["embedding"]) == 32
+        assert client.post("/v1/completions", json={"model": "bert", "prompt": "x"}).status_code == 404
+
+
+def test_device_memory_takes_adapter_slots_out_of_the_kv_tokens(llama_setup):
+    model_dir, root = llama_setup
+    _, model = cli.load_model(model_dir)
+    parse = cli.build_parser().parse_args
+    common = ["serve", "--model", str(model_dir), "--adapter-root", str(root), "--device-memory-mb", "1"]
+    one = cli._engine_config(parse([*common, "--max-slots", "1"]), model, root)
+    many = cli._engine_config(parse([*common, "--max-slots", "8"]), model, root)
+    per_token = cli._kv_bytes_per_token(model)  # 2 (K,V) x 2 layers x 2 heads x 8 dims x 4 B
+    assert per_token == 2 * 2 * 2 * 8 * 4
+    slot = cli._largest_adapter_bytes(root)
+    assert slot > 0
+    for config, slots in ((one, 1), (many, 8)):  # the KV pages get what the slots leave
+        kv_tokens = (2**20 - slots * slot) // per_token
+        assert config.num_blocks == math.ceil(kv_tokens / config.page_size)
+        assert config.max_slots == slots
+    assert many.num_blocks < one.num_blocks
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "/no/such/model"], "--model: /no/such/model is not a folder"),
+        (["--adapter-root", "/no/such/root"], "--adapter-root: /no/such/root is not a folder"),
+    ],
+)
+def test_bad_paths_are_one_line_errors(flags, message, llama_setup, capsys):
+    model_dir, _ = llama_setup
+    argv = ["serve", *(flags if flags[0] == "--model" else ["--model", str(model_dir), *flags])]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"paradapt: error: {message}"
+
+
+def test_served_name_may_not_shadow_an_adapter(llama_setup, capsys):
+    model_dir, root = llama_setup
+    argv = ["serve", "--model", str(model_dir), "--adapter-root", str(root), "--served-model-name", "alpha"]
+    assert cli.main(argv) == 2
+    assert "'alpha' is also an adapter folder" in capsys.readouterr().err
