@@ -1,0 +1,447 @@
+"""Load benchmark for ``paradapt serve``: an S-LoRA-style workload over loopback against the real server.
+
+Side by side, in one run, on a Llama-style decoder built from a config (hidden 512, 8 layers,
+stories260K's 512-token tokenizer; random weights: only speed is measured):
+
+- ``base``: every request asks for the base model (no adapters attached);
+- ``paradapt a=1`` / ``paradapt a=0.1``: N adapters (default 1,000; LoRA / parallel / series,
+  ranks 8/16/32) in a temp root, adapter of each request drawn with popularity exponent alpha;
+- ``one-at-a-time a=1``: the same server with ``--max-slots 1`` (every step serves one adapter,
+  as naive per-adapter batching does), the alpha-1 workload.
+
+Each configuration is a fresh ``paradapt serve`` subprocess on a free loopback port. Requests
+come from ``paradapt.serve.workload`` (Gamma arrivals, seeded) and go out as streaming
+``/v1/completions`` with ``ignore_eos`` (each request generates exactly its output length), so
+TTFT is the first SSE chunk and TPOT the mean gap after it. A run stops sending at
+``--duration`` and stops waiting ``--grace`` seconds later (unfinished requests are cancelled by
+disconnecting, and count as not served).
+
+    python benchmarks/serve_load.py --quick                  # < 2 min
+    python benchmarks/serve_load.py --rates 0.5,1,2 --duration 60 --adapters 1000
+
+Reported per configuration and rate: requests/s and output tokens/s (completed requests over the
+time from the first arrival to the last completion), TTFT and TPOT p50/p90, SLO attainment (the
+share of sent requests that completed within both SLOs), the per-adapter served fraction (min over
+adapters that got requests; "starved" counts adapters with requests and none served), adapter
+loads, and the throughput ratio to ``base`` at the same rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from paradapt.serve.workload import Workload, WorkloadSpec
+
+TOKENIZER = "models/stories260k-hf"  # under the shared assets
+BASE_NAME = "base"
+TEMPLATES_PER_KIND_RANK = 4  # distinct random weight sets per (kind, rank); adapter folders hard-link them
+
+
+# -- the model and the adapters -------------------------------------------------------------------
+
+
+def build_model(folder: Path, layers: int, hidden: int, seed: int) -> Path:
+    """A random Llama-style decoder from a config, saved with stories260K's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from paradapt.cli import find_assets
+
+    assets = find_assets()
+    tok_dir = assets / TOKENIZER if assets is not None else Path(TOKENIZER)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise SystemExit(f"serve_load: no stories260K tokenizer at {tok_dir} (the shared assets)")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, folder / name)
+    return folder
+
+
+def _adapter_config(kind: str, rank: int):
+    import paradapt as pa
+
+    if kind == "lora":
+        return pa.LoRAConfig(r=rank, alpha=2 * rank)
+    if kind == "parallel":
+        return pa.ParallelConfig(r=rank, scale=4.0)
+    if kind == "series":
+        return pa.SeriesConfig(r=rank)
+    raise SystemExit(f"serve_load: --kinds: unknown kind {kind!r} (lora, parallel, series)")
+
+
+def build_adapters(model_dir: Path, root: Path, workload: Workload, seed: int) -> None:
+    """One folder per workload adapter; weights from a few random templates per (kind, rank), hard-linked.
+
+    The server still reads, validates and attaches every folder separately; only disk space is shared.
+    """
+    import torch
+
+    import paradapt as pa
+    from paradapt.cli import load_model
+
+    _, model = load_model(model_dir)
+    torch.manual_seed(seed)
+    templates: dict[tuple[str, int, int], Path] = {}
+    for spec in {(a.kind, a.rank) for a in workload.adapters}:
+        for t in range(TEMPLATES_PER_KIND_RANK):
+            name = f"t-{spec[0]}-{spec[1]}-{t}"
+            pa.add_adapter(model, name, _adapter_config(*spec))
+            with torch.no_grad():  # non-zero weights: a stand-in for training
+                for p in model.paradapt[name].parameters():
+                    p.add_(torch.randn_like(p) * 0.02)
+            templates[(*spec, t)] = root.parent / "templates" / name
+            pa.save_adapter(model, name, templates[(*spec, t)])
+            pa.remove_adapter(model, name)
+    for i, a in enumerate(workload.adapters):
+        src, dst = templates[(a.kind, a.rank, i % TEMPLATES_PER_KIND_RANK)], root / a.name
+        dst.mkdir()
+        for f in src.iterdir():
+            os.link(f, dst / f.name)
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``paradapt serve`` in a subprocess on a free loopback port; SIGTERM on exit."""
+
+    def __init__(self, model_dir: Path, root: Path, flags: list[str], log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "paradapt.cli", "serve", "--model", str(model_dir)]
+        cmd += ["--adapter-root", str(root), "--served-model-name", BASE_NAME, "--port", str(self.port)]
+        self.cmd = cmd + flags
+        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise SystemExit(
+                    f"serve_load: the server exited ({self.proc.returncode}); see {self.log.name}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.5)
+        raise SystemExit(f"serve_load: the server did not start in {timeout:.0f} s")
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus metric's samples (all label sets)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.log.close()
+        return rc
+
+
+# -- the load generator --------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    adapter: str
+    sent: float
+    first: float | None = None
+    end: float | None = None
+    tokens: int = 0
+    status: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.end is not None
+
+
+async def _one(
+    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], n: int, res: Result
+) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+        res.status = r.status_code
+        if r.status_code != 200:
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                res.end = time.monotonic()
+                return
+            choice = json.loads(data).get("choices", [{}])[0]
+            if res.first is None and choice.get("text"):
+                res.first = time.monotonic()
+            if choice.get("finish_reason") == "length":
+                res.tokens = n
+
+
+async def drive(url: str, workload: Workload, base_only: bool, grace: float, seed: int) -> tuple[list, float]:
+    """Send the workload's requests at their arrival times; returns results and the wall time used."""
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    results: list[Result] = []
+    tasks = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+        t0 = time.monotonic()
+        for req in workload.requests:
+            delay = t0 + req.arrival - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            prompt = [rng.randrange(3, 512) for _ in range(req.prompt_len)]
+            res = Result(req.adapter, time.monotonic())
+            results.append(res)
+            model = BASE_NAME if base_only else req.adapter
+            tasks.append(asyncio.create_task(_one(client, url, model, prompt, req.output_len, res)))
+        deadline = t0 + workload.spec.duration + grace
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        for t in pending:  # disconnecting cancels the request on the server
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return results, time.monotonic() - t0
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+@dataclass
+class Row:
+    name: str
+    rate: float
+    stats: dict = field(default_factory=dict)
+
+
+def summarize(results: list[Result], ttft_slo: float, tpot_slo: float) -> dict:
+    done = [r for r in results if r.ok]
+    t_start = min((r.sent for r in results), default=0.0)
+    t_end = max((r.end for r in done), default=t_start)
+    span = max(t_end - t_start, 1e-9)
+    ttft = [r.first - r.sent for r in done if r.first is not None]
+    tpot = [(r.end - r.first) / (r.tokens - 1) for r in done if r.first is not None and r.tokens > 1]
+    in_slo = sum(
+        1
+        for r in done
+        if r.first is not None
+        and r.first - r.sent <= ttft_slo
+        and (r.tokens <= 1 or (r.end - r.first) / (r.tokens - 1) <= tpot_slo)
+    )
+    per: dict[str, list[int]] = {}
+    for r in results:
+        per.setdefault(r.adapter, [0, 0])[0] += 1
+        per[r.adapter][1] += r.ok
+    fractions = [ok / n for n, ok in per.values()]
+    return {
+        "sent": len(results),
+        "done": len(done),
+        "rejected": sum(1 for r in results if r.status not in (None, 200)),
+        "req_s": len(done) / span,
+        "tok_s": sum(r.tokens for r in done) / span,
+        "ttft_p50": _pct(ttft, 0.5),
+        "ttft_p90": _pct(ttft, 0.9),
+        "tpot_p50": _pct(tpot, 0.5),
+        "tpot_p90": _pct(tpot, 0.9),
+        "slo": in_slo / max(1, len(results)),
+        "adapters_with_requests": len(per),
+        "min_served": min(fractions, default=float("nan")),
+        "starved": sum(1 for f in fractions if f == 0),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small and short: finishes in under 2 minutes")
+    p.add_argument("--adapters", type=int, default=1000, help="N adapters (default 1000)")
+    p.add_argument("--rates", type=_csv(float), default=[1.0], help="request rates to sweep, e.g. 0.5,1,2")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
+    p.add_argument("--grace", type=float, default=60.0, help="seconds to wait for stragglers after that")
+    p.add_argument("--max-requests", type=int, default=None, help="cap on requests per run")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps (1 = Poisson)")
+    p.add_argument("--input-len", type=_csv(int), default=[8, 128])
+    p.add_argument("--output-len", type=_csv(int), default=[8, 64])
+    p.add_argument("--kinds", type=_csv(str), default=["lora", "parallel", "series"])
+    p.add_argument("--ranks", type=_csv(int), default=[8, 16, 32])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--max-slots", type=int, default=32, help="adapters per step (paradapt rows)")
+    p.add_argument("--max-served", type=int, default=None, help="host copies (default: N)")
+    p.add_argument("--max-running", type=int, default=32)
+    p.add_argument("--token-budget", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    p.add_argument("--ttft-slo", type=float, default=5.0, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.5, help="seconds per output token")
+    p.add_argument("--only", type=_csv(str), default=None, help="configs to run (base,a1,a0.1,one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=Path, default=None, help="build the model/adapters here and keep them")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.adapters, args.rates, args.duration, args.grace = 100, [2.0], 12.0, 15.0
+        args.layers, args.input_len, args.output_len = 4, [8, 64], [8, 32]
+    return args
+
+
+CONFIGS = {  # name -> (alpha, base_only, one_slot)
+    "base": (1.0, True, False),
+    "a1": (1.0, False, False),
+    "a0.1": (0.1, False, False),
+    "one": (1.0, False, True),
+}
+LABELS = {"base": "base", "a1": "paradapt a=1", "a0.1": "paradapt a=0.1", "one": "one-at-a-time a=1"}
+
+
+def spec_for(args, alpha: float, rate: float) -> WorkloadSpec:
+    return WorkloadSpec(
+        num_adapters=args.adapters,
+        rate=rate,
+        duration=args.duration,
+        alpha=alpha,
+        cv=args.cv,
+        input_len=tuple(args.input_len),
+        output_len=tuple(args.output_len),
+        ranks=args.ranks,
+        kinds=args.kinds,
+        seed=args.seed,
+        max_requests=args.max_requests,
+    )
+
+
+def server_flags(args, one_slot: bool) -> list[str]:
+    slots = 1 if one_slot else min(args.max_slots, args.adapters)
+    flags = ["--max-slots", str(slots), "--max-served", str(args.max_served or args.adapters)]
+    flags += ["--max-running", str(args.max_running), "--token-budget", str(args.token_budget)]
+    flags += ["--kv-tokens", str(args.max_running * (args.input_len[1] + args.output_len[1] + 16))]
+    flags += ["--queue-bound", "100000"]
+    return flags + (["--threads", str(args.threads)] if args.threads else [])
+
+
+def run_config(args, name: str, model_dir: Path, root: Path, work: Path) -> list[Row]:
+    alpha, base_only, one_slot = CONFIGS[name]
+    server = Server(model_dir, root, server_flags(args, one_slot), work / f"server-{name}.log")
+    rows = []
+    try:
+        server.wait_ready()
+        for rate in args.rates:
+            workload = spec_for(args, alpha, rate).generate()
+            loads0 = server.metric("paradapt_adapter_device_loads_total")
+            secs0 = sum(server.metric(m) for m in MOVE_SECONDS)
+            results, wall = asyncio.run(drive(server.url, workload, base_only, args.grace, args.seed))
+            stats = summarize(results, args.ttft_slo, args.tpot_slo)
+            stats["wall"] = wall
+            stats["loads"] = server.metric("paradapt_adapter_device_loads_total") - loads0
+            stats["move_s"] = sum(server.metric(m) for m in MOVE_SECONDS) - secs0
+            rows.append(Row(name, rate, stats))
+            print(_line(LABELS[name], rate, stats, None), flush=True)
+    finally:
+        rc = server.stop()
+        if rc != 0:
+            print(f"  (server exit status {rc}; log {server.log.name})", flush=True)
+    return rows
+
+
+MOVE_SECONDS = [f"paradapt_adapter_{op}_seconds_total" for op in ("load_host", "load_device", "evict_device")]
+HEADER = (
+    f"{'config':<20}{'rate':>5} {'sent':>5} {'done':>5} {'req/s':>6} {'tok/s':>7} {'xbase':>6} "
+    f"{'TTFT p50/p90 s':>15} {'TPOT p50/p90 ms':>16} {'SLO':>5} {'min served':>10} {'starved':>7} {'loads':>6} {'move s':>6}"
+)
+
+
+def _line(label: str, rate: float, s: dict, ratio: float | None) -> str:
+    x = "" if ratio is None else f"{ratio:.2f}"
+    return (
+        f"{label:<20}{rate:>5g} {s['sent']:>5} {s['done']:>5} {s['req_s']:>6.2f} {s['tok_s']:>7.1f} {x:>6} "
+        f"{s['ttft_p50']:>7.2f}/{s['ttft_p90']:<7.2f} {1e3 * s['tpot_p50']:>7.0f}/{1e3 * s['tpot_p90']:<8.0f} "
+        f"{s['slo']:>5.2f} {s['min_served']:>10.2f} {s['starved']:>7} {int(s['loads']):>6} {s['move_s']:>6.1f}"
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="serve_load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, root = work / "model", work / "adapters"
+    if not (model_dir / "config.json").is_file():
+        build_model(model_dir, args.layers, args.hidden, args.seed)
+    if not root.is_dir():
+        root.mkdir()
+        build_adapters(model_dir, root, spec_for(args, 1.0, 1.0).generate(), args.seed)
+    print(
+        f"serve_load: Llama hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters "
+        f"({'/'.join(args.kinds)}, ranks {'/'.join(map(str, args.ranks))}); rates {args.rates}; "
+        f"{args.duration:g} s arrivals (+{args.grace:g} s grace), cv {args.cv}, input {args.input_len}, "
+        f"output {args.output_len}; SLO TTFT {args.ttft_slo} s, TPOT {args.tpot_slo} s; "
+        f"setup {time.monotonic() - t0:.0f} s; cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    print(HEADER, flush=True)
+    rows: list[Row] = []
+    for name in args.only or list(CONFIGS):
+        rows += run_config(args, name, model_dir, root, work)
+    base = {r.rate: r.stats["req_s"] for r in rows if r.name == "base"}
+    print("\nsummary (xbase: requests/s over base at the same rate)")
+    print(HEADER)
+    for r in rows:
+        ratio = r.stats["req_s"] / base[r.rate] if base.get(r.rate) else None
+        print(_line(LABELS[r.name], r.rate, r.stats, ratio))
+    print(f"done in {time.monotonic() - t0:.0f} s; load {os.getloadavg()[0]:.1f}; work folder {work}")
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
