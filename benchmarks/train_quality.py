@@ -830,11 +830,12 @@ def main(argv=None) -> None:
 
     if args.report:
         prev = json.loads(Path(args.json).read_text())
-        print(
-            fmt_cost(prev["cost"])
-            + "\n\n"
-            + fmt_table(prev["results"], prev["cost"], prev["meta"]["base_params"])
-        )
+        cost = json.loads(Path(args.cost_json).read_text())["cost"] if args.cost_json else prev["cost"]
+        results, base = prev["results"], prev["meta"]["base_params"]
+        for extra in args.merge or []:
+            results += json.loads(Path(extra).read_text())["results"]
+        tables = [fmt_cost(cost), fmt_table(results, cost, base), fmt_targets(results, cost, base)]
+        print("\n\n".join(tables))
         return
     if args.quick:
         args.steps, args.agnews_steps, args.time_steps, args.time_rounds = 4, 4, 1, 1
