@@ -343,7 +343,9 @@ CONFIGS = {  # name -> (alpha, base_only, one_slot)
 LABELS = {"base": "base", "a1": "paradapt a=1", "a0.1": "paradapt a=0.1", "one": "one-at-a-time a=1"}
 
 
-def spec_for(args, alpha: float, rate: float) -> WorkloadSpec:
+def spec_for(args, alpha: float, rate: float, traffic: int = 0) -> WorkloadSpec:
+    """The workload; ``traffic`` shifts the seed so each rate of a sweep draws fresh requests
+    (the adapter folders, built once from ``traffic=0``, keep their kinds and ranks)."""
     return WorkloadSpec(
         num_adapters=args.adapters,
         rate=rate,
@@ -354,7 +356,7 @@ def spec_for(args, alpha: float, rate: float) -> WorkloadSpec:
         output_len=tuple(args.output_len),
         ranks=args.ranks,
         kinds=args.kinds,
-        seed=args.seed,
+        seed=args.seed + traffic,
         max_requests=args.max_requests,
     )
 
@@ -374,11 +376,11 @@ def run_config(args, name: str, model_dir: Path, root: Path, work: Path) -> list
     rows = []
     try:
         server.wait_ready()
-        for rate in args.rates:
-            workload = spec_for(args, alpha, rate).generate()
+        for i, rate in enumerate(args.rates):
+            workload = spec_for(args, alpha, rate, traffic=i).generate()
             loads0 = server.metric("paradapt_adapter_device_loads_total")
             secs0 = sum(server.metric(m) for m in MOVE_SECONDS)
-            results, wall = asyncio.run(drive(server.url, workload, base_only, args.grace, args.seed))
+            results, wall = asyncio.run(drive(server.url, workload, base_only, args.grace, args.seed + i))
             stats = summarize(results, args.ttft_slo, args.tpot_slo)
             stats["wall"] = wall
             stats["loads"] = server.metric("paradapt_adapter_device_loads_total") - loads0

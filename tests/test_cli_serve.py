@@ -152,3 +152,14 @@ def test_served_name_may_not_shadow_an_adapter(llama_setup, capsys):
     argv = ["serve", "--model", str(model_dir), "--adapter-root", str(root), "--served-model-name", "alpha"]
     assert cli.main(argv) == 2
     assert "'alpha' is also an adapter folder" in capsys.readouterr().err
+
+
+def test_no_model_serves_the_bundled_minilm_and_bundled_adapters():
+    args = cli.build_parser().parse_args(["serve"])
+    _, info = cli.build_server_app(args)
+    assert info["name"] == "all-MiniLM-L6-v2" and info["kind"] == "encoder"
+    assert info["root"] == cli._bundled_root()  # the shipped adapters, or None on an install without them
+    if info["root"] is not None:
+        from paradapt import bundled
+
+        assert info["adapters"] == len(bundled.bundled())
