@@ -47,12 +47,11 @@ def make_bert(path: Path) -> Path:
     return path
 
 
-def make_llama(path: Path) -> Path:
-    """A 2-layer random Llama folder."""
-    n = save_tokenizer(path, cls_sep=False)
+def save_tiny_llama(path: Path, vocab_size: int, **overrides) -> Path:
+    """A 2-layer random Llama (seed 0) saved to ``path``, next to a tokenizer already there."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=n,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -60,10 +59,15 @@ def make_llama(path: Path) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=0,
-        eos_token_id=4,
+        **overrides,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+def make_llama(path: Path) -> Path:
+    """A 2-layer random Llama folder."""
+    return save_tiny_llama(path, save_tokenizer(path, cls_sep=False), eos_token_id=4)
 
 
 def write_cls_jsonl(path: Path, n: int, seed: int = 0, labels=("neg", "pos")) -> Path:

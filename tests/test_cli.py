@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+from _train_fixtures import save_tiny_llama  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
@@ -35,19 +35,7 @@ def save_word_tokenizer(path) -> int:
 def tiny_llama_dir(tmp_path_factory):
     """A 2-layer random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    vocab_size = save_word_tokenizer(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    save_tiny_llama(path, save_word_tokenizer(path))
     return path
 
 
