@@ -155,11 +155,15 @@ def test_served_name_may_not_shadow_an_adapter(llama_setup, capsys):
 
 
 def test_no_model_serves_the_bundled_minilm_and_bundled_adapters():
-    args = cli.build_parser().parse_args(["serve"])
-    _, info = cli.build_server_app(args)
-    assert info["name"] == "all-MiniLM-L6-v2" and info["kind"] == "encoder"
-    assert info["root"] == cli._bundled_root()  # the shipped adapters, or None on an install without them
-    if info["root"] is not None:
-        from paradapt import bundled
+    from paradapt import bundled
 
-        assert info["adapters"] == len(bundled.bundled())
+    app, info = cli.build_server_app(cli.build_parser().parse_args(["serve"]))
+    assert info["name"] == "all-MiniLM-L6-v2" and info["kind"] == "encoder"
+    assert info["root"] == bundled.ROOT
+    with TestClient(app) as client:
+        ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert ids == ["all-MiniLM-L6-v2", *sorted(bundled.bundled())]
+        texts = ["a charming and affecting journey", "it 's slow -- very , very slow ."]
+        r = client.post("/classify", json={"model": "sst2-parallel", "input": texts})
+        assert r.status_code == 200, r.text
+        assert [d["label"] for d in r.json()["data"]] == ["positive", "negative"]

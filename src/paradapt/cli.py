@@ -364,10 +364,8 @@ def _serve_sources(args) -> tuple[Path, Path | None, str]:
 
 def _bundled_root() -> Path | None:
     """The folder of the adapters shipped in the package, or None when there are none."""
-    try:
-        from paradapt import bundled
-    except ImportError:
-        return None
+    from paradapt import bundled
+
     return bundled.ROOT if bundled.bundled() else None
 
 
