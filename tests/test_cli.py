@@ -267,3 +267,18 @@ def test_train_warnings_are_one_line(train_setup, tmp_path, capsys):
         )
         for x in lines
     ), err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_load_model_keeps_the_lm_head_of_every_causal_lm(tmp_path, family):
+    """GPT-2's class is GPT2LMHeadModel, not *ForCausalLM: it must still load with its head."""
+    from conftest import tiny_model
+
+    tiny_model(family).save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path)
+    _, model = cli.load_model(tmp_path)
+    assert (
+        type(model).__name__
+        == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel"}[family]
+    )
+    assert model.can_generate() == (family != "bert")

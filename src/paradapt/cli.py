@@ -117,6 +117,13 @@ def load_sentences(n: int) -> tuple[list[str], str]:
     return [pool[i % len(pool)] for i in range(n)], source
 
 
+def _causal_lm_classes() -> set[str]:
+    """Class names ``AutoModelForCausalLM`` builds (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+
+
 def load_model(path: Path):
     """Tokenizer and model from a local Hugging Face folder (causal LMs keep their head)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -130,7 +137,7 @@ def load_model(path: Path):
         raise CLIError(f"--model: {path} has no config.json (not a Hugging Face model folder)")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        causal = bool(set(config.architectures or []) & _causal_lm_classes())
         loader = AutoModelForCausalLM if causal else AutoModel
         model = loader.from_pretrained(path, local_files_only=True).float().eval()  # float32 on CPU
     except (OSError, ValueError, KeyError) as e:
