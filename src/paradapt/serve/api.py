@@ -155,10 +155,10 @@ class EngineLoop:
 # -- schemas ------------------------------------------------------------------------------------
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """The sampling fields completions and chat share (OpenAI's names, plus vLLM's top_k/ignore_eos)."""
+
     model: str
-    prompt: str | list[int]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -166,6 +166,11 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+    max_tokens: int = Field(16, ge=1)
 
 
 class ChatMessage(BaseModel):
@@ -173,18 +178,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
 
 
 class ClassifyRequest(BaseModel):
