@@ -5,6 +5,7 @@ Runs on the real stories260K Llama and its tokenizer from the shared assets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -158,12 +159,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_openai_client_works_unchanged(served):
-    openai = pytest.importorskip("openai")
+@contextlib.contextmanager
+def live_server(app):
+    """``app`` under a real uvicorn on a free loopback port (a thread), stopped on exit; yields the port."""
     import uvicorn
 
-    root, _, tok = served
-    app = create_app(Engine(stories(), root, CFG, tokenizer=tok), model_name="stories")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
@@ -173,6 +173,18 @@ def test_the_openai_client_works_unchanged(served):
             if server.started:
                 break
             time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+
+
+def test_the_openai_client_works_unchanged(served):
+    import openai  # a pinned test dependency: a missing install fails, not skips
+
+    root, _, tok = served
+    app = create_app(Engine(stories(), root, CFG, tokenizer=tok), model_name="stories")
+    with live_server(app) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         out = client.completions.create(model="lo", prompt="Once upon a time", max_tokens=8, temperature=0)
         assert out.choices[0].text == alone_text(served, "Once upon a time", 8, "lo")
@@ -190,9 +202,6 @@ def test_the_openai_client_works_unchanged(served):
         assert {"stories", "lo", "par"} <= {m.id for m in client.models.list()}
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="missing", prompt="x", max_tokens=2)
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
 
 
 def test_encoder_classify_and_embeddings(tmp_path):
@@ -229,7 +238,6 @@ def test_encoder_classify_and_embeddings(tmp_path):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_request(served):
     import httpx
-    import uvicorn
 
     root, _, tok = served
     engine = Engine(stories(), root, CFG, tokenizer=tok)
@@ -237,15 +245,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(served):
     add = engine.add_request
     engine.add_request = lambda *a, **k: seen.append(add(*a, **k)) or seen[-1]
     app = create_app(engine, model_name="stories")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with live_server(app) as port:
         body = {
             "model": "lo",
             "prompt": "Once",
@@ -264,6 +264,3 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(served):
         assert seen[0].status == "cancelled" and len(seen[0].tokens) < 400
         assert not engine.scheduler.has_work() and engine.runner.pages_in_use() == 0
         assert engine.cache.stats.device_loads == 1 and not engine.cache.pinned("lo")
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
