@@ -8,6 +8,9 @@ row by row against single-row runs, plus the zero-init no-op check.
 (docs/training.md); Ctrl-C saves a checkpoint and exits with status 130.
 ``paradapt serve [--model PATH] [--adapter-root DIR] [--port P] ...``: the OpenAI-compatible
 server (docs/serving.md) over every adapter folder under DIR; SIGTERM drains and exits 0.
+``paradapt showcase [--train] [--limit N] ...``: serve the SST-2 and AG News adapters, send a mixed
+stream over their test sets, print accuracy and throughput vs the base model (exit 1: accuracy
+under its floor).
 
 Subcommands register themselves in :func:`build_parser`.
 Library errors (``pa.ParadaptError``) print as one line and exit with status 2;
@@ -491,6 +494,59 @@ def run_serve(args) -> int:
     return 0
 
 
+# -- showcase ------------------------------------------------------------------------------------
+
+
+def run_showcase(args) -> int:
+    from paradapt import showcase
+
+    options = showcase.Options(
+        limit=args.limit,
+        agnews=args.agnews_rows,
+        batch=args.batch,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        train=args.train,
+        train_dir=Path(args.train_dir).expanduser(),
+        threads=args.threads,
+    )
+    showcase.check_options(options)  # before looking for data, so a bad flag is the error named
+    return showcase.run(options, find_assets())
+
+
+def _add_showcase_parser(sub) -> None:
+    sc = sub.add_parser(
+        "showcase",
+        help="serve the SST-2 and AG News adapters, stream both test sets, print accuracy and throughput",
+        description="Start `paradapt serve` (bundled MiniLM + the SST-2 and AG News parallel adapters) on "
+        "a free loopback port, send a mixed concurrent stream of /classify requests for both adapters "
+        "over their test sets, then the same texts to the base model, and print each adapter's test "
+        "accuracy, rows/s and throughput ratio to the base model. Exit 0: every accuracy at or above "
+        "its floor (SST-2 0.75, AG News 0.80); 1: one below; 2: an error.",
+    )
+    sc.add_argument("--train", action="store_true", help="retrain both adapters first (examples/*.yaml)")
+    sc.add_argument("--train-dir", default="runs/showcase", metavar="DIR", help="where --train writes")
+    sc.add_argument("--limit", type=int, metavar="N", help="SST-2 test rows (default: all 872)")
+    sc.add_argument(
+        "--agnews-rows",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="seeded AG News test subset (default: 1000)",
+    )
+    sc.add_argument("--batch", type=int, default=8, metavar="N", help="texts per request (default: 8)")
+    sc.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight (default: 8)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the AG News subset (default: 0)")
+    sc.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="the server's torch CPU threads (default: 1, leaving a core to the client stream)",
+    )
+    sc.set_defaults(func=run_showcase)
+
+
 # -- entry point ---------------------------------------------------------------------------------
 
 
@@ -561,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=run_train, overrides=[])
     _add_serve_parser(sub)
+    _add_showcase_parser(sub)
     return parser
 
 

@@ -1,0 +1,89 @@
+"""``paradapt showcase``: the real command end to end (real server subprocess, bundled adapters, a
+small slice of both test sets), the printed table, one-line errors, and the mixed interleaving."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from paradapt import cli, showcase
+
+ASSETS = cli.find_assets()
+needs_assets = pytest.mark.skipif(
+    ASSETS is None or not (ASSETS / "data" / "agnews" / "test.tsv").is_file(),
+    reason="the shared SST-2 / AG News test sets are not here",
+)
+ROW = re.compile(
+    r"^(sst2|agnews)-parallel\s+(SST-2|AG News)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x"
+)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "paradapt.cli", "showcase", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@needs_assets
+def test_showcase_end_to_end_on_bundled_adapters():
+    proc = _run("--limit", "24", "--agnews-rows", "24", "--batch", "4", "--concurrency", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {m.group(1): m for m in map(ROW.match, proc.stdout.splitlines()) if m}
+    assert set(rows) == {"sst2", "agnews"}, proc.stdout
+    for m in rows.values():
+        rows_n, acc, floor = int(m.group(3)), float(m.group(4)), float(m.group(5))
+        mixed, base, ratio = float(m.group(6)), float(m.group(7)), float(m.group(8))
+        assert rows_n == 24
+        assert floor <= acc <= 1.0  # trained adapters: well above chance on these rows
+        assert mixed > 0 and base > 0 and ratio == pytest.approx(mixed / base, abs=0.01)
+    assert "OK: every accuracy is at or above its floor" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--limit", "0"), ("--agnews-rows", "-3"), ("--batch", "0"), ("--concurrency", "0")]
+)
+def test_bad_counts_are_one_line_exit_2(flag, value, capsys):
+    assert cli.main(["showcase", flag, value]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "at least 1" in lines[0], err
+    assert out == ""  # failed before starting a server
+
+
+def test_missing_test_set_is_a_showcase_error(tmp_path):
+    with pytest.raises(showcase.ShowcaseError, match="sst2/test.tsv"):
+        showcase.sst2_task(tmp_path, None, "sst2-parallel")
+
+
+def _task(title: str, n: int) -> showcase.Task:
+    return showcase.Task(title, title.lower(), 0.5, [f"{title}{i}" for i in range(n)], [frozenset()] * n)
+
+
+def test_interleave_spreads_both_tasks_over_the_stream():
+    a, b = _task("A", 40), _task("B", 120)  # 10 and 30 requests of 4
+    reqs = showcase.interleave([a, b], 4)
+    assert len(reqs) == 40
+    covered = {t.title: [] for t in (a, b)}
+    for t, lo, hi in reqs:
+        covered[t.title] += list(range(lo, hi))
+    assert covered == {"A": list(range(40)), "B": list(range(120))}  # every row once, in order
+    firsts = [t.title for t, _, _ in reqs]
+    # Mixed: A's requests are spread out, never all at the start or end of the stream.
+    positions = [i for i, name in enumerate(firsts) if name == "A"]
+    assert (
+        positions[0] < 4
+        and positions[-1] > 35
+        and max(b - a for a, b in zip(positions, positions[1:], strict=False)) <= 4
+    )
+
+
+def test_sst2_gold_accepts_names_and_indices(tmp_path):
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    (tmp_path / "data" / "sst2" / "test.tsv").write_text(
+        "sentence\tlabel\ngood\t1\nbad\t0\n", encoding="utf-8"
+    )
+    task = showcase.sst2_task(tmp_path, None, "x")
+    assert task.texts == ["good", "bad"]
+    assert task.gold == [frozenset({"1", "positive"}), frozenset({"0", "negative"})]
