@@ -35,6 +35,15 @@ class ShowcaseError(ParadaptError):
     """A showcase problem (missing data, server failed, bad option); one line, exit 2."""
 
 
+def _httpx():
+    """httpx, the client (in the ``test`` extra), or a one-line error saying how to get it."""
+    try:
+        import httpx
+    except ImportError:
+        raise ShowcaseError("showcase needs httpx: pip install -e '.[test]'") from None
+    return httpx
+
+
 @dataclass
 class Task:
     """One adapter's test set: texts, the accepted label spellings per row, an accuracy floor."""
@@ -114,8 +123,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
 
     def wait_healthy(self) -> None:
-        import httpx
-
+        httpx = _httpx()
         end = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -166,8 +174,7 @@ async def _send(client, sem, url: str, phase: str, req: tuple[Task, int, int], b
 
 async def _stream(url: str, phase: str, reqs: list, base: bool, concurrency: int) -> float:
     """Send ``reqs`` with at most ``concurrency`` in flight; the wall time in seconds."""
-    import httpx
-
+    httpx = _httpx()
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
