@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -87,3 +89,22 @@ def test_sst2_gold_accepts_names_and_indices(tmp_path):
     task = showcase.sst2_task(tmp_path, None, "x")
     assert task.texts == ["good", "bad"]
     assert task.gold == [frozenset({"1", "positive"}), frozenset({"0", "negative"})]
+
+
+def test_retrain_serves_the_trained_folders_under_the_showcase_names(tmp_path, monkeypatch):
+    from paradapt.train import run as train_run
+
+    seen = []
+
+    def fake_train(config, **kw):  # stands in for minutes of training; the wiring is what is tested
+        seen.append((Path(config).name, kw["output_dir"]))
+        folder = Path(kw["output_dir"]) / "adapters" / "x"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(Path(config).name, encoding="utf-8")
+        return SimpleNamespace(adapters={"x": folder}, steps=1, metrics={"x": {"accuracy": 0.9}})
+
+    monkeypatch.setattr(train_run, "train", fake_train)
+    root = showcase.retrain(tmp_path, "sst2-parallel", "agnews-parallel")
+    assert [name for name, _ in seen] == ["train_sst2.yaml", "train_agnews.yaml"]
+    assert sorted(p.name for p in root.iterdir()) == ["agnews-parallel", "sst2-parallel"]
+    assert (root / "agnews-parallel" / "adapter_config.json").read_text() == "train_agnews.yaml"

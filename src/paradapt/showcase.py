@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +187,10 @@ async def _stream(url: str, phase: str, reqs: list, base: bool, concurrency: int
 # -- training ------------------------------------------------------------------------------------
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"paradapt: warning: {message}", file=file or sys.stderr)
+
+
 def retrain(out_dir: Path, sst2_name: str, agnews_name: str) -> Path:
     """Train both adapters with the examples/ configs; an adapter root holding them under
     the names the showcase serves."""
@@ -197,7 +202,9 @@ def retrain(out_dir: Path, sst2_name: str, agnews_name: str) -> Path:
         if not path.is_file():
             raise ShowcaseError(f"--train needs {path} (run from a repository checkout)")
         print(f"training {name} with {path.name} ...", flush=True)
-        result = train_run.train(path, overwrite=True, progress=False, output_dir=str(out_dir / name))
+        with warnings.catch_warnings():  # e.g. the truncation count: one line, not a source excerpt
+            warnings.showwarning = _one_line_warning
+            result = train_run.train(path, overwrite=True, progress=False, output_dir=str(out_dir / name))
         (trained,) = result.adapters.values()
         metrics = ", ".join(f"{k} {v:.4f}" for m in result.metrics.values() for k, v in m.items())
         print(f"  {result.steps} steps; {metrics}", flush=True)
