@@ -108,3 +108,16 @@ def test_retrain_serves_the_trained_folders_under_the_showcase_names(tmp_path, m
     assert [name for name, _ in seen] == ["train_sst2.yaml", "train_agnews.yaml"]
     assert sorted(p.name for p in root.iterdir()) == ["agnews-parallel", "sst2-parallel"]
     assert (root / "agnews-parallel" / "adapter_config.json").read_text() == "train_agnews.yaml"
+
+
+def test_report_exits_1_when_an_accuracy_is_under_its_floor(capsys):
+    good, bad = _task("A", 10), _task("B", 10)
+    good.correct, bad.correct = 9, 4  # floors are 0.5: 0.9 passes, 0.4 does not
+    for t in (good, bad):
+        t.spans = {"mixed": [0.0, 1.0], "base": [0.0, 2.0]}
+    assert showcase.report([good, bad], 1.0, 2.0, 3.0) == 1
+    out = capsys.readouterr().out
+    assert "0.9000" in out and "0.4000" in out and "BELOW FLOOR" in out and "FAILED" in out
+    assert "2.00x" in out  # 10 rows/s mixed vs 5 rows/s base
+    bad.correct = 6
+    assert showcase.report([good, bad], 1.0, 2.0, 3.0) == 0
