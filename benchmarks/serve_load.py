@@ -34,9 +34,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +42,7 @@ from pathlib import Path
 
 import httpx
 
+from paradapt.serve.process import ServerProcess, ServerStartError
 from paradapt.serve.workload import Workload, WorkloadSpec
 
 TOKENIZER = "models/stories260k-hf"  # under the shared assets
@@ -130,52 +128,23 @@ def build_adapters(model_dir: Path, root: Path, workload: Workload, seed: int) -
 # -- the server --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``paradapt serve`` in a subprocess on a free loopback port; SIGTERM on exit."""
+class Server(ServerProcess):
+    """``paradapt serve`` for one configuration, logging to a file; reads its Prometheus metrics."""
 
     def __init__(self, model_dir: Path, root: Path, flags: list[str], log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "paradapt.cli", "serve", "--model", str(model_dir)]
-        cmd += ["--adapter-root", str(root), "--served-model-name", BASE_NAME, "--port", str(self.port)]
-        self.cmd = cmd + flags
-        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        args = ["--model", str(model_dir), "--adapter-root", str(root), "--served-model-name", BASE_NAME]
+        super().__init__(args + flags, log=log)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise SystemExit(
-                    f"serve_load: the server exited ({self.proc.returncode}); see {self.log.name}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.5)
-        raise SystemExit(f"serve_load: the server did not start in {timeout:.0f} s")
+        try:
+            self.wait_healthy(timeout)
+        except ServerStartError as e:
+            raise SystemExit(f"serve_load: {e}; see {self.log.name}") from None
 
     def metric(self, name: str) -> float:
         """Sum of a Prometheus metric's samples (all label sets)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self.log.close()
-        return rc
 
 
 # -- the load generator --------------------------------------------------------------------------

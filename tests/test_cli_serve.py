@@ -167,3 +167,15 @@ def test_no_model_serves_the_bundled_minilm_and_bundled_adapters():
         r = client.post("/classify", json={"model": "sst2-parallel", "input": texts})
         assert r.status_code == 200, r.text
         assert [d["label"] for d in r.json()["data"]] == ["positive", "negative"]
+
+
+def test_server_process_reports_a_server_that_exits(tmp_path):
+    """The shared child-process helper (showcase, serve_load) quotes the server's own error line."""
+    from paradapt.serve.process import ServerProcess, ServerStartError
+
+    server = ServerProcess(["--model", str(tmp_path / "missing")])
+    try:
+        with pytest.raises(ServerStartError, match=r"exited with status 2: paradapt: error: --model"):
+            server.wait_healthy(60)
+    finally:
+        assert server.stop() == 2

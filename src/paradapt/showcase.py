@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ParadaptError
+from .serve.process import ServerProcess, ServerStartError
 
 BASE_NAME = "all-MiniLM-L6-v2"  # cli.DEFAULT_SERVED_NAME
 START_TIMEOUT_S = 180.0
@@ -102,54 +98,16 @@ def interleave(tasks: list[Task], batch: int) -> list[tuple[Task, int, int]]:
 # -- the server ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``paradapt serve`` in a subprocess on loopback; stopped with SIGTERM (drains), then killed."""
-
-    def __init__(self, adapter_root: Path | None, threads: int | None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "paradapt.cli", "serve", "--port", str(self.port)]
-        if adapter_root is not None:
-            cmd += ["--adapter-root", str(adapter_root)]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        self.log = tempfile.TemporaryFile(mode="w+")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
-
-    def wait_healthy(self) -> None:
-        httpx = _httpx()
-        end = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise ShowcaseError(f"the server exited with status {self.proc.returncode}: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.25)
-        raise ShowcaseError(f"the server did not answer /health within {START_TIMEOUT_S:.0f} s")
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        lines = [ln for ln in self.log.read().splitlines() if ln.strip()]
-        return lines[-1].strip() if lines else "(no output)"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def start_server(adapter_root: Path | None, threads: int | None) -> ServerProcess:
+    """``paradapt serve`` (bundled MiniLM) with the showcase's adapters, healthy or a ShowcaseError."""
+    args = ["--adapter-root", str(adapter_root)] if adapter_root is not None else []
+    server = ServerProcess(args + (["--threads", str(threads)] if threads else []))
+    try:
+        server.wait_healthy(START_TIMEOUT_S)
+    except ServerStartError as e:
+        server.stop()
+        raise ShowcaseError(str(e)) from None
+    return server
 
 
 # -- the stream ----------------------------------------------------------------------------------
@@ -257,9 +215,8 @@ def run(o: Options, assets: Path | None) -> int:
         f"stream: {len(reqs)} /classify requests of up to {o.batch} texts, both adapters interleaved, "
         f"{o.concurrency} in flight; then the same texts to the base model"
     )
-    server = Server(root, o.threads)
+    server = start_server(root, o.threads)
     try:
-        server.wait_healthy()
         warm = [(t, 0, min(o.batch, len(t.texts))) for t in tasks]
         asyncio.run(_stream(server.url, "warmup", warm, False, o.concurrency))  # loads the adapters
         asyncio.run(_stream(server.url, "warmup", warm, True, o.concurrency))
