@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,9 @@ from fastapi.testclient import TestClient
 
 import paradapt as pa
 from paradapt import cli
+from paradapt.serve.process import free_port
 
 START_TIMEOUT = 120.0  # bound for a loaded CI machine; not a performance check
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _save_lora(model_dir: Path, root: Path, name: str) -> None:
@@ -62,7 +56,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
 
 def test_serve_subprocess_end_to_end_and_sigterm(llama_setup):
     model_dir, root = llama_setup
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "paradapt.cli", "serve", "--model", str(model_dir)]
     cmd += ["--adapter-root", str(root), "--port", str(port), "--max-slots", "2", "--threads", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

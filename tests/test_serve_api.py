@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import paradapt as pa
 from paradapt import heads
 from paradapt.serve.api import create_app
 from paradapt.serve.engine import EncoderEngine, Engine, EngineConfig
+from paradapt.serve.process import free_port
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
 CFG = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=8, max_slots=2, max_served=3)
@@ -153,18 +153,12 @@ def test_models_adapters_health_metrics(client):
     assert 'paradapt_time_per_output_token_seconds_bucket{le="+Inf"} 1' in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def live_server(app):
     """``app`` under a real uvicorn on a free loopback port (a thread), stopped on exit; yields the port."""
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
