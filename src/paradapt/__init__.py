@@ -4,25 +4,21 @@
 >>> pa.add_adapter(model, "sst2", pa.ParallelConfig(r=64, scale=4.0))
 >>> with pa.route(model, ["sst2", None]):   # row 0 with the adapter, row 1 the base model
 ...     out = model(input_ids)
+
+The configs and errors are plain Python and load with the package; the functions that touch
+models (``add_adapter``, ``route``, ``save_adapter``, ...) load torch on first use, so
+``import paradapt.serve`` (the scheduler, cache and workload that the digital twin reuses)
+stays cheap and torch-free.
 """
 
-from .api import (
-    ParameterCount,
-    active,
-    add_adapter,
-    fold,
-    list_adapters,
-    merge,
-    parallel,
-    remove_adapter,
-    route,
-    set_active,
-    set_trainable,
-    split_parallel,
-    trainable_parameters,
-    unmerge,
-    unwrap,
-)
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from .config import (
     AdapterConfig,
     IA3Config,
@@ -44,11 +40,96 @@ from .errors import (
     RoutingError,
     TargetNotFoundError,
 )
-from .fuse import fuse, unfuse
-from .io import load_adapter, save_adapter, save_peft_adapter
-from .routing import Average, Parallel, Stack
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on first use
+    from .api import (
+        ParameterCount,
+        active,
+        add_adapter,
+        fold,
+        list_adapters,
+        merge,
+        parallel,
+        remove_adapter,
+        route,
+        set_active,
+        set_trainable,
+        split_parallel,
+        trainable_parameters,
+        unmerge,
+        unwrap,
+    )
+    from .fuse import fuse, unfuse
+    from .io import load_adapter, save_adapter, save_peft_adapter
+    from .routing import Average, Parallel, Stack
 
 __version__ = "0.1.0"
+
+# name -> the submodule that defines it (each of these imports torch)
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "ParameterCount",
+            "active",
+            "add_adapter",
+            "fold",
+            "list_adapters",
+            "merge",
+            "parallel",
+            "remove_adapter",
+            "route",
+            "set_active",
+            "set_trainable",
+            "split_parallel",
+            "trainable_parameters",
+            "unmerge",
+            "unwrap",
+        ),
+        "api",
+    ),
+    "fuse": "fuse",
+    "unfuse": "fuse",
+    "load_adapter": "io",
+    "save_adapter": "io",
+    "save_peft_adapter": "io",
+    "Stack": "routing",
+    "Parallel": "routing",
+    "Average": "routing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load a model-side name (or a submodule, e.g. ``pa.io``) on first use and cache it here."""
+    mod = _LAZY.get(name)
+    if mod is not None:
+        value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``pa.merge`` / ``pa.fuse`` the functions once ``paradapt.merge`` / ``paradapt.fuse`` load.
+
+    Importing a submodule sets it as an attribute of the package; with lazy names that would
+    replace the function of the same name (the eager imports used to rebind it afterwards).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable in sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "AdapterConfig",

@@ -1,0 +1,72 @@
+"""``import paradapt.serve`` loads no torch (the digital twin reuses the policy modules cheaply),
+while ``import paradapt as pa; pa.add_adapter(...)`` keeps working through lazy names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import paradapt as pa
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter, where no earlier test has imported torch yet."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "paradapt",
+        "paradapt.serve",
+        "paradapt.serve.workload, paradapt.serve.scheduler, paradapt.serve.cache",
+    ],
+)
+def test_policy_imports_load_no_torch(modules):
+    code = (
+        f"import sys, {modules}\nheavy = sorted({{'torch', 'transformers'}} & set(sys.modules))\nprint(heavy)"
+    )
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_configs_and_errors_need_no_torch():
+    out = _run(
+        "import sys, paradapt as pa\n"
+        "pa.ParallelConfig(r=8)\n"
+        "try:\n    pa.LoRAConfig(r=0)\nexcept pa.ConfigError as e:\n    print(e.field)\n"
+        "print('torch' in sys.modules)"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["r", "False"]
+
+
+def test_model_side_names_load_on_first_use():
+    out = _run(
+        "import sys, paradapt as pa\n"
+        "f = pa.add_adapter\n"
+        "import paradapt.api\n"
+        "print(f is paradapt.api.add_adapter, 'torch' in sys.modules)"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_function_names_survive_their_submodule_imports():
+    """``paradapt.merge`` / ``paradapt.fuse`` are modules; ``pa.merge`` / ``pa.fuse`` stay the functions."""
+
+    assert callable(pa.merge) and pa.merge.__module__ == "paradapt.api"
+    assert callable(pa.fuse) and pa.fuse.__module__ == "paradapt.fuse"
+    assert sys.modules["paradapt.merge"].__name__ == "paradapt.merge"
+
+
+def test_every_public_name_resolves_and_unknown_names_fail():
+    for name in pa.__all__:
+        assert getattr(pa, name) is not None, name
+    assert set(pa.__all__) <= set(dir(pa))
+    assert pa.io.read_config is not None  # submodules as attributes, as before
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pa.nope  # noqa: B018
