@@ -1,0 +1,84 @@
+"""Interpretable features of a workload, the inputs of the configurator (``paradapt plan``).
+
+Agullo et al. describe a workload by the statistics of its per-adapter request rates and of
+its adapters' sizes; these are the same quantities, read off a
+:class:`~paradapt.serve.workload.WorkloadSpec` without generating a single request, so a
+feature vector is cheap, exact and the same for every seed of a spec. Stds are population
+stds (``ddof=0``); rank statistics weigh each rank by its share of the mix (the generator
+realises the mix exactly, so this is the adapters' own distribution up to rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from ..serve.workload import KNOWN_KINDS, WorkloadSpec
+
+#: Feature names, in the order of :func:`feature_vector` (models store them to check files).
+FEATURE_NAMES: tuple[str, ...] = (
+    "num_adapters",
+    "rate_total",
+    "rate_max",
+    "rate_min",
+    "rate_mean",
+    "rate_std",
+    "rank_max",
+    "rank_min",
+    "rank_mean",
+    "rank_std",
+    *(f"share_{k}" for k in KNOWN_KINDS),
+    "input_mean",
+    "output_mean",
+    "cv",
+)
+
+
+def workload_features(spec: WorkloadSpec) -> dict[str, float]:
+    """The features of ``spec`` by name (see :data:`FEATURE_NAMES`)."""
+    rates = list(spec.adapter_rates().values())
+    rank_mean, rank_std = _weighted_mean_std(spec.ranks)
+    kind_total = sum(spec.kinds.values())
+    feats: dict[str, float] = {
+        "num_adapters": float(spec.num_adapters),
+        "rate_total": float(spec.rate),
+        "rate_max": max(rates),
+        "rate_min": min(rates),
+        "rate_mean": _mean(rates),
+        "rate_std": _std(rates),
+        "rank_max": float(max(spec.ranks)),
+        "rank_min": float(min(spec.ranks)),
+        "rank_mean": rank_mean,
+        "rank_std": rank_std,
+    }
+    for kind in KNOWN_KINDS:
+        feats[f"share_{kind}"] = spec.kinds.get(kind, 0.0) / kind_total
+    feats["input_mean"] = (spec.input_len[0] + spec.input_len[1]) / 2
+    feats["output_mean"] = (spec.output_len[0] + spec.output_len[1]) / 2
+    feats["cv"] = float(spec.cv)
+    return feats
+
+
+def feature_vector(spec: WorkloadSpec) -> list[float]:
+    """The features of ``spec`` as a list in :data:`FEATURE_NAMES` order (one model input row)."""
+    feats = workload_features(spec)
+    return [feats[name] for name in FEATURE_NAMES]
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def _std(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def _weighted_mean_std(mix: Mapping[int, float]) -> tuple[float, float]:
+    """Mean and std of the values of a ``{value: weight}`` mix."""
+    total = sum(mix.values())
+    mean = sum(v * w for v, w in mix.items()) / total
+    var = sum(w * (v - mean) ** 2 for v, w in mix.items()) / total
+    return mean, math.sqrt(var)
