@@ -38,20 +38,13 @@ from ..errors import (
 )
 from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, load_adapter
 from ..state import get_state, require_state
-from .cache import AdapterCache, Move
+from .cache import Move
+from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
 from .runner import Runner
 from .sampling import SamplingParams
-from .scheduler import Request, Scheduler, SchedulerConfig, StepPlan
+from .scheduler import Request, SchedulerConfig
 
 log = logging.getLogger(__name__)
-
-
-class AdapterLoadError(ParadaptError, RuntimeError):
-    """An adapter folder could not be loaded; the requests for it fail with this error."""
-
-    def __init__(self, adapter: str, cause: Exception):
-        self.adapter, self.cause = adapter, cause
-        super().__init__(f"adapter {adapter!r} could not be loaded: {cause}")
 
 
 # -- adapters: disk (folders under a root) -> host (state dicts in CPU memory) -> device (on the model) --
@@ -98,6 +91,19 @@ class AdapterStore:
             if (folder / f).is_file():
                 return (folder / f).stat().st_size
         return 0
+
+    def largest(self) -> int:
+        """Bytes of the largest adapter weights file under the root (0 without a root): the slot size."""
+        if self.root is None:
+            return 0
+        sizes = [
+            (d / f).stat().st_size
+            for d in self.root.iterdir()
+            if d.is_dir()
+            for f in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE)
+            if (d / f).is_file()
+        ]
+        return max(sizes, default=0)
 
     def __call__(self, move: Move) -> None:
         """Carry out one cache decision on real weights."""
@@ -152,6 +158,15 @@ class AdapterStore:
             raise ParadaptError(f"weights do not fit: {e}") from None
 
 
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of K and V of one token in every layer at the model's dtype (the paged cache's cost per token)."""
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
+
+
 # -- requests ------------------------------------------------------------------------------
 
 
@@ -184,55 +199,27 @@ class RequestHandle:
         return self.status in ("finished", "cancelled", "failed")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine knobs: KV pages, step budget, batch size, adapter slots and host copies.
-
-    ``max_slots``: distinct adapters on the device (one step's adapters); ``max_served``:
-    adapters kept in host memory; ``prefetch``: queued adapters read ahead into host memory.
-    """
-
-    page_size: int = 16
-    num_blocks: int = 256
-    token_budget: int = 256
-    max_running: int = 32
-    max_slots: int = 4
-    max_served: int = 16
-    queue_bound: int = 4096
-    starvation_after: float = 30.0
-    prefetch: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("page_size", "num_blocks", "token_budget", "max_running", "max_slots", "max_served"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
-        if not isinstance(self.prefetch, int) or self.prefetch < 0:
-            raise ConfigError("prefetch", f"must be an integer >= 0, got {self.prefetch!r}")
-
-
-class _EngineCore:
-    """What both engines share: the adapter store and cache, the scheduler, handles and failures."""
+class _EngineCore(ServeCore):
+    """What both engines share: the planning core (:class:`ServeCore`) plus the model, the
+    adapter store and the request handles."""
 
     def __init__(
         self,
         model: nn.Module,
-        adapter_root: str | Path | None,
+        store: AdapterStore,
         config: EngineConfig,
         sched: SchedulerConfig,
         clock: Callable[[], float],
+        device_bytes: int | None = None,
     ):
-        self.model = model
-        self.config = config
-        self.clock = clock
-        self.store = AdapterStore(model, adapter_root)
         st = get_state(model)
         if st is not None and st.adapters:
             raise ConfigError(
                 "model", f"the engine manages the model's adapters; remove {sorted(st.adapters)} first"
             )
-        self.cache = AdapterCache({}, config.max_served, config.max_slots, loader=self.store)
-        self.scheduler = Scheduler(sched, self.cache)
+        self.model = model
+        self.store = store
+        super().__init__(config, sched, clock, loader=store, device_bytes=device_bytes)
         self.handles: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
 
@@ -273,71 +260,17 @@ class _EngineCore:
             raise ConfigError("id", f"request {request_id!r} is still {h.status}; cancel it first")
         return self.handles.pop(request_id)
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
+    # -- failures (the ServeCore hooks) ---------------------------------------------------
+    def _mark_failed(self, request_id: str, error: Exception) -> RequestHandle:
+        h = self.handles[request_id]
+        h.status, h.finish_reason, h.error = "failed", "error", error
+        return h
 
-    def _forget(self, request_id: str) -> None:
-        """Drop the per-request execution state (the Runner's KV pages); engines override."""
-
-    # -- residency and failures ------------------------------------------------------
-    def _resident(self, plan: StepPlan) -> StepPlan:
-        """Bring the step's adapters on device; requests of adapters that fail to load fail, others run."""
-        while True:
-            try:
-                res = self.cache.ensure_resident(plan.adapters)
-            except AdapterLoadError as e:
-                self._fail_adapter(e.adapter, e)
-                plan = self._keep(plan, lambda rid: self.scheduler.get(rid) is not None)
-                continue
-            if res.missing:  # cannot happen while the scheduler respects the slots; such requests wait
-                missing = set(res.missing)
-                plan = self._keep(plan, lambda rid, m=missing: self.scheduler.get(rid).adapter not in m)
-            return plan
-
-    def _prefetch(self) -> None:
-        if not self.config.prefetch:
-            return
-        try:
-            self.cache.prefetch(self.scheduler.upcoming_adapters(self.config.prefetch))
-        except AdapterLoadError as e:
-            self._fail_adapter(e.adapter, e)
-
-    def _fail_requests(self, ids: list[str], error: Exception) -> list[RequestHandle]:
-        """End ``ids`` as failed with ``error``, freeing their KV space and pins."""
-        out = []
-        for rid in dict.fromkeys(ids):
-            self.scheduler.cancel(rid, now=self.clock())
-            self._forget(rid)
-            h = self.handles[rid]
-            h.status, h.finish_reason, h.error = "failed", "error", error
-            out.append(h)
-        return out
-
-    def _fail_adapter(self, adapter: str, error: Exception) -> None:
-        """Fail every request (waiting or running) of ``adapter`` and forget it (a later request retries)."""
-        ids = [r.id for r in (*self.scheduler.running, *self.scheduler.waiting) if r.adapter == adapter]
-        self._fail_requests(ids, error)
-        if adapter in self.cache:
-            self.cache.remove_adapter(adapter)
+    def _drop_adapter(self, adapter: str) -> None:
         self.store.host.pop(adapter, None)
         st = get_state(self.model)
         if st is not None and adapter in st.adapters:
             remove_adapter(self.model, adapter)
-
-    def _keep(self, plan: StepPlan, keep: Callable[[str], bool]) -> StepPlan:
-        """``plan`` without the requests ``keep`` rejects, and without adapters no kept request uses."""
-        prefills = tuple(c for c in plan.prefills if keep(c.request_id))
-        decodes = tuple(r for r in plan.decodes if keep(r))
-        used = {self.scheduler.get(c.request_id).adapter for c in prefills}
-        used |= {self.scheduler.get(r).adapter for r in decodes}
-        adapters = tuple(a for a in plan.adapters if a in used)
-        return StepPlan(prefills, decodes, adapters, tuple(r for r in plan.admitted if keep(r)))
-
-    def _plan(self) -> tuple[StepPlan, float]:
-        now = self.clock()
-        plan = self._resident(self.scheduler.plan(now))
-        self._prefetch()
-        return plan, now
 
     def run(self, max_steps: int | None = None) -> dict[str, RequestHandle]:
         """Step until every request is done (or ``max_steps``); returns all handles."""
@@ -364,21 +297,22 @@ class Engine(_EngineCore):
         clock: Callable[[], float] = time.monotonic,
     ):
         config = config or EngineConfig()
+        store = AdapterStore(model, adapter_root)
+        largest = store.largest() if config.device_memory is not None and config.slot_bytes is None else 0
+        split = memory_split(config, kv_bytes_per_token(model), largest)
         self.runner = Runner(
             model,
             page_size=config.page_size,
-            num_blocks=config.num_blocks,
+            num_blocks=split.num_blocks,
             max_batch_tokens=config.token_budget,
         )
-        sched = SchedulerConfig(
-            token_budget=config.token_budget,
-            kv_tokens=self.runner.kv_tokens,
-            kv_block=self.runner.kv_block,
-            max_running=config.max_running,
-            queue_bound=config.queue_bound,
-            starvation_after=config.starvation_after,
-        )
-        super().__init__(model, adapter_root, config, sched, clock)
+        sched = scheduler_config(config, split.num_blocks)
+        if (sched.kv_tokens, sched.kv_block) != (self.runner.kv_tokens, self.runner.kv_block):
+            raise ParadaptError(
+                f"the Runner holds {self.runner.kv_tokens} KV tokens in blocks of {self.runner.kv_block}, "
+                f"the scheduler expected {sched.kv_tokens} in blocks of {sched.kv_block}"
+            )
+        super().__init__(model, store, config, sched, clock, split.device_bytes)
         self.tokenizer = tokenizer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.default_eos = eos
@@ -420,6 +354,14 @@ class Engine(_EngineCore):
             h = self.handles[rid]
             self.runner.add(rid, h.prompt, h.adapter, h.params)
             h.status = "running"
+        shape = self._traced_shape(plan)
+        try:
+            return self._execute(plan, now)
+        finally:
+            self._end_trace(shape)
+
+    def _execute(self, plan, now: float) -> list[RequestHandle]:
+        """The model's part of a step: forward, sample, record; returns finished handles."""
         if plan.empty:
             return []
         try:
@@ -499,7 +441,7 @@ class EncoderEngine(_EngineCore):
             queue_bound=config.queue_bound,
             starvation_after=config.starvation_after,
         )
-        super().__init__(model, adapter_root, config, sched, clock)
+        super().__init__(model, AdapterStore(model, adapter_root), config, sched, clock)
         self.pad_token_id = pad_token_id
 
     def add_request(
