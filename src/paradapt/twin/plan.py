@@ -620,3 +620,140 @@ def check_cost(model: PlanModel, cost: Any, model_source: str, cost_source: str)
             "retrain with --train N for this machine",
             stacklevel=2,
         )
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "runs/plan/plan.json"
+DEFAULT_TRAIN = 200
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``paradapt plan`` on an argparse subparsers object."""
+    p = sub.add_parser(
+        "plan",
+        help="recommend --max-served/--max-slots for a workload (models trained in the twin)",
+        description="Recommend (max_served, max_slots) for WORKLOAD.yaml with interpretable models "
+        "(a depth-limited decision tree and a linear model) trained on configurations searched in "
+        "the digital twin over many sampled workloads. Prints the tree rules that fired and the "
+        "configuration; --check also runs the twin at it and at the searched optimum.",
+    )
+    p.add_argument("workload", metavar="WORKLOAD.yaml", help="the workload (paradapt.serve.workload fields)")
+    p.add_argument(
+        "--cost", metavar="COST.json", help="cost model from `paradapt profile` (default: the twin's)"
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="PLAN.json",
+        help=f"fitted models (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--train",
+        type=int,
+        metavar="N",
+        help=f"(re)train on N sampled workloads first and save to --model (default when the "
+        f"model file is missing: {DEFAULT_TRAIN})",
+    )
+    p.add_argument("--predictor", choices=("tree", "linear"), default="tree", help="which model recommends")
+    p.add_argument(
+        "--check", action="store_true", help="run the twin at the recommendation and search the optimum"
+    )
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="search processes (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled training workloads (default: 0)")
+    p.add_argument("--max-depth", type=int, default=4, metavar="D", help="decision tree depth (default: 4)")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="searched workloads cache (default: a cache/ folder next to --model)",
+    )
+    p.add_argument("--show-model", action="store_true", help="print every tree rule and linear coefficient")
+    p.set_defaults(func=run_cli)
+
+
+def load_cost(path: str | None) -> Any:
+    """The cost model in ``path``, or the twin's default one."""
+    from . import CostModel
+
+    if path is not None:
+        return CostModel.load(path)
+    return CostModel.default()
+
+
+def run_cli(args: Any) -> int:
+    """``paradapt plan``: load or train the models, recommend, optionally check in the twin."""
+    import sys
+
+    spec = WorkloadSpec.from_yaml(args.workload)  # a bad file is a ConfigError naming the field
+    if args.train is not None and args.train < 2:
+        raise ConfigError("train", f"need at least 2 workloads to train on, got {args.train}")
+    cost = load_cost(args.cost)
+    cost_source = args.cost or "the default cost model"
+    model_path = Path(args.model)
+    if args.train is not None or not model_path.is_file():
+        n = args.train if args.train is not None else DEFAULT_TRAIN
+        cache = Path(args.cache_dir) if args.cache_dir else model_path.parent / "cache"
+        print(f"training on {n} workloads searched in the twin ({args.workers} processes, cache {cache}) ...")
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                print(f"  searched {done}/{total}", file=sys.stderr, flush=True)
+
+        model, _, _ = train(
+            cost,
+            n,
+            seed=args.seed,
+            workers=args.workers,
+            cache_dir=cache,
+            max_depth=args.max_depth,
+            progress=progress,
+        )
+        model.save(model_path)
+        print(f"saved {model_path}")
+        print(model.describe())
+    else:
+        model = PlanModel.load(model_path)
+        check_cost(model, cost, str(model_path), cost_source)
+        if args.show_model:
+            print(model.describe())
+    _print_heldout(model)
+    rec = model.recommend(spec, args.predictor)
+    other = model.recommend(spec, "linear" if args.predictor == "tree" else "tree")
+    print(
+        f"\nworkload {args.workload}: {spec.num_adapters} adapters, {spec.rate:g} req/s, alpha {spec.alpha:g}"
+    )
+    tree_rec = rec if rec.predictor == "tree" else other
+    print("rules that fired (decision tree):")
+    for target in TARGETS:
+        conds = " and ".join(tree_rec.rules[target]) or "(root)"
+        print(
+            f"  {target}: {conds}\n    -> log2 {tree_rec.raw[target]:.2f} ({2 ** tree_rec.raw[target]:.1f})"
+        )
+    print(
+        f"recommended ({rec.predictor}): --max-served {rec.max_served} --max-slots {rec.max_slots}"
+        f"   [{other.predictor}: --max-served {other.max_served} --max-slots {other.max_slots}]"
+    )
+    if args.check:
+        _print_check(spec, cost, rec)
+    return 0
+
+
+def _print_heldout(model: PlanModel) -> None:
+    for predictor in ("tree", "linear"):
+        h = model.meta.get(f"heldout_{predictor}")
+        if h:
+            print(
+                f"{predictor}: held-out throughput error mean {100 * h['mean_error']:.2f}%, max "
+                f"{100 * h['max_error']:.2f}% over {h['n']} workloads (trained on {model.meta.get('train_workloads')})"
+            )
+
+
+def _print_check(spec: WorkloadSpec, cost: Any, rec: Recommendation) -> None:
+    result = search_in_twin(spec, cost)
+    at = result.throughput_at(rec.max_served, rec.max_slots)
+    best = result.best
+    err = max(0.0, (result.max_throughput - at) / result.max_throughput) if result.max_throughput > 0 else 0.0
+    print(f"twin check over {len(result.trials)} configurations:")
+    print(f"  recommended ({rec.max_served}, {rec.max_slots}): {at:,.1f} tokens/s")
+    print(f"  searched optimum ({best.max_served}, {best.max_slots}): {best.throughput:,.1f} tokens/s")
+    print(f"  shortfall vs the best on the grid: {100 * err:.2f}%")
