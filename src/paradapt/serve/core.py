@@ -170,6 +170,7 @@ class StepTrace:
     seconds: float
     moves: tuple[MoveTime, ...]
     start: float = 0.0
+    plan_seconds: float = 0.0  # of ``seconds``: the scheduler's planning (and prefetch bookkeeping)
 
 
 def step_shape(scheduler: Scheduler, plan: StepPlan, device_loads: int = 0, resident: int = 0) -> StepShape:
@@ -209,6 +210,7 @@ def step_shape(scheduler: Scheduler, plan: StepPlan, device_loads: int = 0, resi
 @dataclass
 class _StepRecord:
     start: float = 0.0
+    planned: float = 0.0
     moves: list[MoveTime] = field(default_factory=list)
 
 
@@ -270,6 +272,8 @@ class ServeCore:
         plan = self._resident(self.scheduler.plan(now))
         self._prefetch()
         self.last_plan = plan
+        if self._rec is not None:
+            self._rec.planned = time.perf_counter()
         return plan, now
 
     def _traced_shape(self, plan: StepPlan) -> StepShape | None:
@@ -286,7 +290,8 @@ class ServeCore:
             return
         moved = sum(m.seconds for m in rec.moves)
         seconds = time.perf_counter() - rec.start - moved
-        self.trace.append(StepTrace(shape, seconds, tuple(rec.moves), rec.start))
+        planning = max(0.0, rec.planned - rec.start - moved)
+        self.trace.append(StepTrace(shape, seconds, tuple(rec.moves), rec.start, planning))
 
     def _resident(self, plan: StepPlan) -> StepPlan:
         """Bring the step's adapters on device; requests of adapters that fail to load fail, others run."""

@@ -1,0 +1,334 @@
+"""The twin's cost model: seconds per engine step and per adapter move, fitted on this machine.
+
+A step's time is linear in counts the scheduler knows before the model runs
+(:class:`~paradapt.serve.core.StepShape`): a fixed cost per step, per token, per sequence,
+per sampled token, per attended KV position, per adapter attached since the last step, and
+per adapter kind ``k`` the distinct adapters of that kind in the step and the tokens routed
+through them times their rank. Adapter moves cost ``a + b * bytes`` per operation (disk ->
+host, host -> device, the two evictions). Coefficients are non-negative (time never goes down
+with more work) and fitted by non-negative least squares (:func:`fit_linear`).
+
+The file (:meth:`CostModel.save`) carries a fingerprint of the machine and model it was
+measured on; :meth:`CostModel.check` warns, naming both, when it is used elsewhere.
+
+Torch-free: predicting is a dot product in pure Python (numpy and scipy only to fit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..serve.core import StepShape
+
+FORMAT = "paradapt-costmodel/1"
+MOVE_OPS = ("load_host", "load_device", "evict_device", "evict_host")
+BASE_FEATURES = ("step", "tokens", "seqs", "samplers", "attention", "device_loads")
+#: Model config keys that decide its speed (the model part of a fingerprint).
+MODEL_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+class CostModelMismatch(UserWarning):
+    """A cost model measured on another machine or model is being used."""
+
+
+def kind_features(kinds: Sequence[str]) -> tuple[str, ...]:
+    """Feature names of the per-kind terms."""
+    return tuple(f for k in kinds for f in (f"adapters_{k}", f"rank_tokens_{k}"))
+
+
+def featurize(
+    shape: StepShape, adapters: Mapping[str, tuple[str, int]], kinds: Sequence[str]
+) -> dict[str, float]:
+    """The cost features of one step; ``adapters`` maps an adapter name to (kind, rank)."""
+    f = {
+        "step": 1.0,
+        "tokens": float(shape.tokens),
+        "seqs": float(shape.seqs),
+        "samplers": float(shape.samplers),
+        "attention": float(shape.attention),
+        "device_loads": float(shape.device_loads),
+    }
+    for k in kinds:
+        f[f"adapters_{k}"] = 0.0
+        f[f"rank_tokens_{k}"] = 0.0
+    for name, n in shape.adapter_tokens:
+        if name is None:
+            continue
+        kind, rank = adapters[name]
+        if kind not in kinds:
+            raise ConfigError(
+                "kinds",
+                f"the cost model has no coefficients for adapter kind {kind!r} (profiled: {list(kinds)})",
+            )
+        f[f"adapters_{kind}"] += 1.0
+        f[f"rank_tokens_{kind}"] += float(n * rank)
+    return f
+
+
+@dataclass
+class CostModel:
+    """Fitted costs: ``step`` coefficients by feature name, ``moves`` (a, b) per op, adapter sizes.
+
+    Build one from coefficients in code (tests, the configurator) with :meth:`from_coefficients`,
+    from a file with :meth:`load`, or by measuring with :func:`paradapt.twin.profile.profile`.
+    ``adapter_size`` maps a kind to (bytes per rank, fixed bytes) of an adapter on this model;
+    ``kv_bytes_per_token`` is the KV cache's cost per token (for ``EngineConfig.device_memory``).
+    ``submit`` and ``loop`` are the seconds to queue one request and one driver iteration.
+    """
+
+    step: dict[str, float]
+    moves: dict[str, tuple[float, float]]
+    adapter_size: dict[str, tuple[float, float]]
+    kv_bytes_per_token: int = 0
+    submit: float = 0.0
+    loop: float = 0.0
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(sorted(self.adapter_size))
+        names = (*BASE_FEATURES, *kind_features(self.kinds))
+        self.step = {n: float(self.step.get(n, 0.0)) for n in names}
+        for n, v in self.step.items():
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"step.{n}", f"must be a finite number >= 0, got {v!r}")
+        self.moves = {op: (float(a), float(b)) for op, (a, b) in self.moves.items()}
+        for op in MOVE_OPS:
+            self.moves.setdefault(op, (0.0, 0.0))
+        self.adapter_size = {k: (float(a), float(b)) for k, (a, b) in self.adapter_size.items()}
+        self._names = names
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_coefficients(
+        cls,
+        step: Mapping[str, float],
+        *,
+        moves: Mapping[str, tuple[float, float]] | None = None,
+        adapter_size: Mapping[str, tuple[float, float]] | None = None,
+        kv_bytes_per_token: int = 32768,
+        submit: float = 0.0,
+        loop: float = 0.0,
+    ) -> CostModel:
+        """A cost model from given coefficients (no profiling); unknown step features are an error.
+
+        ``adapter_size`` defaults to LoRA/parallel/series at 60 kB per rank (the benchmark model's
+        order of magnitude).
+        """
+        sizes = dict(adapter_size or {k: (60_000.0, 1_000.0) for k in ("lora", "parallel", "series")})
+        known = {*BASE_FEATURES, *kind_features(sorted(sizes))}
+        unknown = sorted(set(step) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown cost feature; known: {sorted(known)}")
+        return cls(
+            dict(step),
+            dict(moves or {}),
+            sizes,
+            kv_bytes_per_token=kv_bytes_per_token,
+            submit=submit,
+            loop=loop,
+            fingerprint={"source": "coefficients"},
+        )
+
+    # -- prediction -------------------------------------------------------------------
+    def step_time(self, shape: StepShape, adapters: Mapping[str, tuple[str, int]]) -> float:
+        """Seconds of one step of ``shape`` (adapters: name -> (kind, rank))."""
+        f = featurize(shape, adapters, self.kinds)
+        return sum(self.step[n] * v for n, v in f.items() if v)
+
+    def move_time(self, op: str, size: int) -> float:
+        a, b = self.moves[op]
+        return a + b * size
+
+    def adapter_bytes(self, kind: str, rank: int) -> int:
+        """Bytes of an adapter of ``kind`` and ``rank`` on the profiled model."""
+        if kind not in self.adapter_size:
+            raise ConfigError(
+                "kinds",
+                f"the cost model has no size for adapter kind {kind!r} (profiled: {list(self.kinds)})",
+            )
+        per_rank, fixed = self.adapter_size[kind]
+        return int(round(per_rank * rank + fixed))
+
+    # -- files ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "moves": {op: list(v) for op, v in self.moves.items()},
+            "adapter_size": {k: list(v) for k, v in self.adapter_size.items()},
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "submit": self.submit,
+            "loop": self.loop,
+            "fingerprint": self.fingerprint,
+            "fit": self.fit,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "cost model") -> CostModel:
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT:
+            raise ConfigError("cost", f"{source}: not a paradapt cost model (format {FORMAT!r} expected)")
+        try:
+            return cls(
+                dict(d["step"]),
+                {op: tuple(v) for op, v in d["moves"].items()},
+                {k: tuple(v) for k, v in d["adapter_size"].items()},
+                kv_bytes_per_token=int(d.get("kv_bytes_per_token", 0)),
+                submit=float(d.get("submit", 0.0)),
+                loop=float(d.get("loop", 0.0)),
+                fingerprint=dict(d.get("fingerprint", {})),
+                fit=dict(d.get("fit", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError("cost", f"{source}: malformed cost model ({type(e).__name__}: {e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> CostModel:
+        """Read a cost file; with ``expect`` (a fingerprint), warn when it was measured elsewhere."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError("cost", f"{path}: cannot read ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError("cost", f"{path}: not JSON ({e})") from None
+        cm = cls.from_dict(d, source=str(path))
+        if expect is not None:
+            cm.check(expect, source=str(path))
+        return cm
+
+    def check(self, current: Mapping[str, Any], source: str = "the cost model") -> list[str]:
+        """Warn (:class:`CostModelMismatch`) about fingerprint keys that differ; returns them."""
+        diffs = [
+            k
+            for k, v in current.items()
+            if k in self.fingerprint and v is not None and self.fingerprint[k] != v
+        ]
+        if diffs:
+            both = "; ".join(f"{k}: file {self.fingerprint[k]!r}, here {current[k]!r}" for k in diffs)
+            warnings.warn(
+                f"{source} was measured on another machine or model ({both}); its times may not hold here",
+                CostModelMismatch,
+                stacklevel=2,
+            )
+        return diffs
+
+    def describe(self) -> str:
+        """Coefficients and fit error, for printing."""
+        lines = ["step time = sum of coefficient x feature:"]
+        units = {"attention": "s per attended KV position", "tokens": "s per token"}
+        for n, v in self.step.items():
+            lines.append(f"  {n:<22}{v * 1e6:>12.3f} us   {units.get(n, '')}".rstrip())
+        lines.append("adapter moves = a + b x bytes:")
+        for op, (a, b) in self.moves.items():
+            lines.append(f"  {op:<14} a = {a * 1e3:8.3f} ms   b = {b * 1e9:8.4f} s/GB")
+        lines.append(f"queue a request: {self.submit * 1e6:.1f} us; driver loop: {self.loop * 1e6:.1f} us")
+        if self.fit:
+            lines.append(
+                "fit: " + ", ".join(f"{k} {v}" for k, v in self.fit.items() if not isinstance(v, dict))
+            )
+        return "\n".join(lines)
+
+
+# -- fitting -----------------------------------------------------------------------------------
+
+
+def fit_linear(rows: Sequence[Sequence[float]], y: Sequence[float], *, relative: bool = True) -> list[float]:
+    """Non-negative least squares ``y ~ X c`` (columns scaled first; ``relative`` weighs rows by 1/y,
+    so the fit minimises relative error, as the twin's sums of step times need)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    X = np.asarray(rows, dtype=float)
+    t = np.asarray(y, dtype=float)
+    if X.ndim != 2 or X.shape[0] != t.shape[0] or X.shape[0] == 0:
+        raise ConfigError("samples", f"need a non-empty matrix of samples with one time each, got {X.shape}")
+    w = 1.0 / np.maximum(t, 1e-9) if relative else np.ones_like(t)
+    scale = np.abs(X).max(axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls((X / scale) * w[:, None], t * w, maxiter=50 * X.shape[1])
+    return (coef / scale).tolist()
+
+
+def errors(pred: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """MAPE (%), R^2 and the error of the sum (%, what a throughput sees) of predictions."""
+    n = len(y)
+    if n == 0:
+        return {"n": 0}
+    mape = 100.0 * sum(abs(p - t) / t for p, t in zip(pred, y, strict=True) if t > 0) / n
+    mean = sum(y) / n
+    ss_res = sum((p - t) ** 2 for p, t in zip(pred, y, strict=True))
+    ss_tot = sum((t - mean) ** 2 for t in y) or 1e-30
+    total = 100.0 * (sum(pred) - sum(y)) / (sum(y) or 1e-30)
+    return {"n": n, "mape": round(mape, 2), "r2": round(1 - ss_res / ss_tot, 4), "sum_err": round(total, 2)}
+
+
+# -- fingerprints ----------------------------------------------------------------------------------
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """CPU model, cores, OS (no torch: the twin calls this); torch details if torch is loaded."""
+    fp: dict[str, Any] = {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.system()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        fp["torch"] = torch.__version__
+        fp["torch_threads"] = torch.get_num_threads()
+        fp["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return fp
+
+
+def model_fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model part: its name and a hash of the config keys that decide its speed."""
+    keys = {k: config[k] for k in MODEL_KEYS if k in config}
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    name = config.get("_name_or_path") or config.get("model_type") or "model"
+    return {"model": str(name), "model_config": digest}
+
+
+def model_fingerprint_of_folder(path: str | Path) -> dict[str, Any]:
+    """:func:`model_fingerprint` of a Hugging Face folder's ``config.json`` (no torch needed)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError("model", f"{path}: no readable config.json ({e})") from None
+    fp = model_fingerprint(cfg)
+    fp["model"] = path.name
+    return fp
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
