@@ -395,7 +395,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
                 )
             while True:
                 kind, _ = await q.get()
-                text = h.text or ""
+                text = streamable(h.text or "", h.params.stop, final=kind == "done")
                 if len(text) > len(sent) and text.startswith(sent):
                     delta, sent = text[len(sent) :], text
                     body = {"content": delta} if chat else None
@@ -435,6 +435,30 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
                 loop_.call(engine.pop, h.id)
 
     return app
+
+
+def streamable(text: str, stop: tuple[str, ...], final: bool) -> str:
+    """The prefix of a running request's ``text`` that a stream may send now.
+
+    A stop string can straddle two token deltas, so the longest tail of ``text`` that could
+    still grow into a stop string (at most ``len(longest stop) - 1`` characters) is held back
+    until the next token shows it cannot, as vLLM does; a stop string already present cuts the
+    text there (the engine is about to end the request). A trailing U+FFFD is held back too: it
+    is half a multi-byte character whose next byte token replaces it. Once the request is done
+    (``final``) its text is the engine's, already cut at the stop string.
+    """
+    if final:
+        return text
+    cuts = [i for s in stop if (i := text.find(s)) >= 0]
+    if cuts:
+        return text[: min(cuts)]
+    held = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return text[: len(text) - held].rstrip("\ufffd")
 
 
 def _chunk(rid: str, obj: str, created: int, model: str, choice: dict) -> str:
