@@ -340,8 +340,7 @@ class AttentionSite(Site):
         fn, additive = self._original()
         plan = self.state.plan()
         if plan is not None and plan.packed:
-            self.refuse_packed(plan.names())
-            return fn(self.module, query, key, value, attention_mask, **kwargs)
+            return self._attend_packed(plan, fn, additive, query, key, value, attention_mask, kwargs)
         groups = plan.groups(query.shape[0], query.device) if plan is not None else []
         joint, gated = self._gather(groups, query.shape[0], query.dtype) if groups else (None, None)
         if joint is not None:
@@ -366,13 +365,92 @@ class AttentionSite(Site):
         return out, weights
 
     def refuse_packed(self, names) -> None:
-        """Prefixes are not supported under packed (per-token) routes yet: name the adapter."""
+        """Packed prefixes need a mask-based attention (sdpa, eager): name the adapter otherwise."""
+        impl = self.original_config._attn_implementation or "eager"
+        if impl.split("|")[-1] in ("sdpa", "eager"):
+            return
         for n in sorted(set(names) & self.components.keys()):
             if n not in self.state.merged:
                 raise RoutingError(
-                    f"adapter {n!r} has prefix (attention) components, which packed per-token routing "
-                    "does not support yet; serve it with a padded batch and pa.route per row"
+                    f"adapter {n!r} has prefix (attention) components; under packed per-token routing they "
+                    f"need the model's attention to be 'sdpa' or 'eager' (a mask), not {impl!r}"
                 )
+
+    def _attend_packed(self, plan, fn, additive, query, key, value, attention_mask, kwargs):
+        """Packed prefixes: each request's prefix K/V sit in front of the keys, visible only to its tokens.
+
+        The tokens of a packed ``[1, T]`` row are the plan's rows; every route with prefix components
+        owns its own prefix columns, and the mask lets exactly that route's tokens see them. A paged
+        KV cache is updated here first (so prefixes never enter the cache), then the model's own
+        attention function runs on ``[prefixes; cached + new keys]``; gated prefixes add their
+        separate softmax per token afterwards.
+        """
+        tokens = query.shape[2]
+        groups = plan.groups(tokens, query.device)
+        joint, gated = self._packed_parts(plan, groups, tokens, query.device) if groups else (None, None)
+        if joint is None and gated is None:
+            return fn(self.module, query, key, value, attention_mask, **kwargs)
+        self.refuse_packed(plan.names())
+        cache = kwargs.pop("cache", None)
+        if cache is not None:  # write the new K/V into the pages and read the request's whole K/V back
+            key, value = cache.update(
+                key_states=key, value_states=value, layer_idx=self.module.layer_idx, kwargs=kwargs
+            )
+        if joint is not None:
+            pk, pv, visible = joint
+            attention_mask = prefix_math.packed_mask(
+                attention_mask,
+                visible,
+                key.shape[2],
+                causal=getattr(self.module, "is_causal", True) and kwargs.get("is_causal", True) is not False,
+                additive=additive,
+                dtype=query.dtype,
+            )
+            key = torch.cat([pk.to(key.dtype), key], dim=2)
+            value = torch.cat([pv.to(value.dtype), value], dim=2)
+        out, weights = fn(self.module, query, key, value, attention_mask, **kwargs)
+        if gated is not None:
+            pk, pv, visible, gate = gated
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            extra = prefix_math.prefix_only_attention(query, pk, pv, visible[None], scaling, per_query=True)
+            out = out + (torch.tanh(gate)[None, :, :, None] * extra).to(out.dtype)
+        return out, weights
+
+    def _packed_parts(self, plan, groups: list[Group], tokens: int, device):
+        """Prefix columns of every route in a packed step: ``(pk [1,Hkv,P,d], pv, visible [T,P])``
+        for joint prefixes, plus per-token gates ``[T, H]`` for gated ones; ``None`` when absent.
+
+        Which token sees which column depends only on the plan and the prefix lengths, so it is
+        built once per forward and shared by every layer (``plan.segments``-style caching).
+        """
+        joint, gated, shape = [], [], []
+        for g in groups:
+            comps = [c for c, _ in self.ops(g.route, "attention")]
+            if not comps:
+                continue
+            if g.route.mode == "average":
+                raise RoutingError(
+                    f"Average over prefix adapters {list(g.route.names)} is not defined; use Stack"
+                )
+            plain = [c.kv() for c in comps if c.gate is None]
+            with_gate = [c for c in comps if c.gate is not None]
+            if len(with_gate) > 1:
+                raise RoutingError(f"at most one gated prefix per row, got {list(g.route.names)}")
+            if plain:
+                k, v = torch.cat([k for k, _ in plain], 1), torch.cat([v for _, v in plain], 1)
+                joint.append((g, k, v))
+            if with_gate:
+                k, v = with_gate[0].kv()
+                gated.append((g, k, v, with_gate[0].gate))
+            shape.append(
+                (g.route, sum(k.shape[1] for k, _ in plain), with_gate[0].num_tokens if with_gate else 0)
+            )
+        if not shape:
+            return None, None
+        return (
+            _packed_columns(plan, joint, tokens, device, ("joint", tuple(shape))) if joint else None,
+            _packed_columns(plan, gated, tokens, device, ("gated", tuple(shape))) if gated else None,
+        )
 
     def _gather(self, groups: list[Group], batch: int, dtype):
         """Per-row prefixes padded to a common length, split into joint and gated ones."""
@@ -399,6 +477,38 @@ class AttentionSite(Site):
         joint = _pad_rows(joint_parts, batch) if joint_parts else None
         gated = _pad_rows(gated_parts, batch, gates=True) if gated_parts else None
         return joint, gated
+
+
+def _packed_columns(plan: Plan, parts: list, tokens: int, device, key: tuple):
+    """Concatenate the routes' prefixes ``(group, k [Hkv,P,d], v[, gate])`` along P into one block;
+    ``visible[t, p]`` says whether token ``t``'s route owns column ``p`` (cached on the plan).
+
+    For gated parts, also each token's gate ``[T, H]`` (zeros for tokens without a gated prefix).
+    """
+    pk = torch.cat([p[1] for p in parts], 1)[None]
+    pv = torch.cat([p[2] for p in parts], 1)[None]
+    cache_key = ("prefix", tokens, device, key)
+    visible = plan._cache.get(cache_key)
+    if visible is None:
+        visible = torch.zeros(tokens, pk.shape[2], dtype=torch.bool, device=device)
+        start = 0
+        for p in parts:
+            g, n = p[0], p[1].shape[1]
+            if g.whole:
+                visible[:, start : start + n] = True
+            else:
+                visible[g.rows, start : start + n] = True
+            start += n
+        plan._cache[cache_key] = visible
+    if len(parts[0]) == 3:
+        return pk, pv, visible
+    gate = pk.new_zeros(tokens, parts[0][3].shape[0])
+    for g, _, _, gt in parts:
+        if g.whole:
+            gate[:] = gt
+        else:
+            gate[g.rows] = gt.to(gate.dtype)
+    return pk, pv, visible, gate
 
 
 def _pad_rows(parts: list, batch: int, gates: bool = False):
