@@ -14,6 +14,7 @@ unknown adapter, 409 adapter in use, 422 adapter folder that fails to load, 429 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -25,7 +26,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
@@ -65,6 +66,33 @@ class Histogram:
 
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RATE_WINDOW = 10.0  # seconds over which the tokens/s gauge averages
+
+
+class TokenRate:
+    """Generated tokens per second over the last ``window`` seconds (a gauge that decays when idle)."""
+
+    def __init__(self, window: float = RATE_WINDOW, clock=time.monotonic):
+        self.window, self.clock = window, clock
+        self.started = clock()
+        self.points: collections.deque[tuple[float, int]] = collections.deque([(self.started, 0)])
+
+    def record(self, total: int) -> None:
+        """Note the running total after a step; keeps one point older than the window as its anchor."""
+        now = self.clock()
+        self.points.append((now, total))
+        while len(self.points) > 1 and self.points[1][0] <= now - self.window:
+            self.points.popleft()
+
+    def rate(self, total: int) -> float:
+        now = self.clock()
+        start = max(now - self.window, self.started)
+        anchor = 0
+        for t, n in self.points:  # the last total recorded at or before the window's start
+            if t > start:
+                break
+            anchor = n
+        return (total - anchor) / (now - start) if now > start else 0.0
 
 
 class EngineLoop:
@@ -77,6 +105,7 @@ class EngineLoop:
         self._stop = False
         self._done_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.tokens_out = 0
+        self.token_rate = TokenRate()
         self.ttft = Histogram("paradapt_time_to_first_token_seconds", "queued to first token", _BUCKETS)
         self.tpot = Histogram("paradapt_time_per_output_token_seconds", "mean gap between tokens", _BUCKETS)
         self.started = time.monotonic()
@@ -107,6 +136,7 @@ class EngineLoop:
                         self.engine.step()
                     except Exception:  # keep the thread alive: a dead loop would hang every client
                         log.exception("engine step failed")
+                    self.token_rate.record(self.tokens_out)
                     self._notify_done()
             if not busy:
                 self._wake.wait(0.05)
@@ -166,6 +196,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
+    n: int = Field(1, ge=1, le=1)  # one choice per request: refused, not silently ignored
 
 
 class CompletionRequest(_Sampling):
@@ -224,23 +255,28 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error(400, f"{field}: {first.get('msg', 'invalid')}", "invalid_request_error", field)
+        return _validation_error(exc.errors())
 
     @app.exception_handler(ParadaptError)
     async def _paradapt(request: Request, exc: ParadaptError):
+        name_field = "name" if request.url.path.startswith("/v1/adapters") else "model"
         if isinstance(exc, AdapterNotFoundError):
-            return _error(404, str(exc), "not_found_error", "model")
+            return _error(404, str(exc), "not_found_error", name_field)
         if isinstance(exc, QueueFullError):
             return _error(429, str(exc), "rate_limit_error")
         if isinstance(exc, AdapterPinnedError):
             return _error(409, str(exc), "conflict_error", "name")
         if isinstance(exc, AdapterLoadError):
-            return _error(422, str(exc), "adapter_load_error", "model")
+            return _error(422, str(exc), "adapter_load_error", name_field)
         if isinstance(exc, (ConfigError, RequestTooLargeError)):
-            return _error(400, str(exc), "invalid_request_error", getattr(exc, "field", None))
+            field = getattr(exc, "field", None)
+            return _error(400, str(exc), "invalid_request_error", name_field if field == "adapter" else field)
         return _error(500, str(exc), "server_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug: still an OpenAI-shaped 500
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     def adapter_of(model: str) -> str | None:
         return None if model == model_name else model
@@ -283,15 +319,15 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
     if decoder:
 
         @app.post("/v1/completions")
-        async def completions(req: CompletionRequest):
+        async def completions(req: CompletionRequest, request: Request):
             params = _params(req.max_tokens, req)
-            return await _generate(req.model, req.prompt, params, req.stream, chat=False)
+            return await _generate(req.model, req.prompt, params, req.stream, chat=False, request=request)
 
         @app.post("/v1/chat/completions")
-        async def chat(req: ChatRequest):
+        async def chat(req: ChatRequest, request: Request):
             prompt = _chat_prompt(tokenizer, req.messages)
             params = _params(req.max_completion_tokens or req.max_tokens or 16, req)
-            return await _generate(req.model, prompt, params, req.stream, chat=True)
+            return await _generate(req.model, prompt, params, req.stream, chat=True, request=request)
 
     else:
 
@@ -341,8 +377,12 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
                 raise h.error
         return [loop_.call(engine.pop, h.id).result for h in handles]
 
-    async def _generate(model: str, prompt, params: SamplingParams, stream: bool, chat: bool):
-        ids = _tokens(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    vocab = _vocab_size(engine)
+
+    async def _generate(
+        model: str, prompt, params: SamplingParams, stream: bool, chat: bool, request: Request
+    ):
+        ids = _tokens(tokenizer, prompt) if isinstance(prompt, str) else _check_ids(prompt, vocab)
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         h = loop_.call(_add_decoder, engine, ids, adapter_of(model), params, loop_, aloop, q)
@@ -350,8 +390,8 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
         if stream:
             return StreamingResponse(_sse(h, q, model, rid, chat), media_type="text/event-stream")
         try:
-            while (await q.get())[0] != "done":
-                pass
+            if not await _until_done(q, request):
+                return Response(status_code=499)  # nobody reads it; the request is cancelled below
         finally:
             if not h.done:  # the client went away: free its KV space and slot
                 loop_.cancel(h.id)
@@ -461,6 +501,58 @@ def streamable(text: str, stop: tuple[str, ...], final: bool) -> str:
     return text[: len(text) - held].rstrip("\ufffd")
 
 
+async def _until_done(q: asyncio.Queue, request: Request, poll: float = 0.25) -> bool:
+    """Wait for the request's ``done``; False as soon as its client has disconnected.
+
+    Starlette does not cancel a handler whose client went away, so a non-streamed request
+    would otherwise generate to the end for nobody, holding its KV pages and adapter slot.
+    """
+    check = time.monotonic() + poll
+    get: asyncio.Future | None = None
+    while True:
+        get = get or asyncio.ensure_future(q.get())
+        await asyncio.wait({get}, timeout=max(0.0, check - time.monotonic()))
+        if get.done():
+            if get.result()[0] == "done":
+                return True
+            get = None  # a token: keep waiting, but still look at the client every ``poll`` s
+        if time.monotonic() >= check:
+            if await request.is_disconnected():
+                if get is not None:
+                    get.cancel()
+                return False
+            check = time.monotonic() + poll
+
+
+def _validation_error(errors: list) -> JSONResponse:
+    """400 naming the first bad field (``body`` when the body is missing or not JSON)."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    msg = first.get("msg", "invalid")
+    if first.get("type") == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return _error(400, f"body: not valid JSON ({msg}){where}", "invalid_request_error", "body")
+    field = ".".join(loc[1:]) or "body"
+    return _error(400, f"{field}: {msg}", "invalid_request_error", field)
+
+
+def _vocab_size(engine) -> int | None:
+    model = getattr(engine, "model", None)
+    emb = (
+        model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
+    )
+    return getattr(emb, "num_embeddings", None)
+
+
+def _check_ids(ids: list[int], vocab: int | None) -> list[int]:
+    """Token-id prompts must index the vocabulary: a bad id would fail the whole engine step."""
+    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        span = f"0..{vocab - 1}" if vocab is not None else ">= 0"
+        raise ConfigError("prompt", f"token id {bad[0]} is outside the vocabulary ({span})")
+    return list(ids)
+
+
 def _chunk(rid: str, obj: str, created: int, model: str, choice: dict) -> str:
     body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
     return f"data: {json.dumps(body)}\n\n"
@@ -523,6 +615,11 @@ def _metrics(loop_: EngineLoop) -> str:
             ("paradapt_adapter_host_loads_total", "counter", s.host_loads + s.prefetch_loads),
             ("paradapt_adapter_evictions_total", "counter", s.device_evictions + s.host_evictions),
             ("paradapt_generated_tokens_total", "counter", loop_.tokens_out),
+            (
+                "paradapt_generation_tokens_per_second",
+                "gauge",
+                round(loop_.token_rate.rate(loop_.tokens_out), 3),
+            ),
             *(
                 (f"paradapt_adapter_{op}_seconds_total", "counter", round(sec, 6))
                 for op, sec in sorted(e.store.seconds.items())

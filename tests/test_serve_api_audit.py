@@ -1,0 +1,173 @@
+"""Issue 5's API guarantees not covered in test_serve_api.py: a non-streamed client that leaves frees
+its request, 429 at the queue bound, 400 naming the field for every kind of bad input (body, token
+ids, n, adapter names), 422 for an adapter of another model, the tokenizer's chat template, and the
+tokens/s gauge. Runs on the real stories260K Llama and tokenizer from the shared assets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import tiny_model
+from fastapi.testclient import TestClient
+from test_serve_api import live_server
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import paradapt as pa
+from paradapt.serve.api import ChatMessage, TokenRate, _chat_prompt, create_app
+from paradapt.serve.engine import Engine, EngineConfig
+
+STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
+CFG = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=8, max_slots=2, max_served=3)
+LONG = {"max_tokens": 900, "temperature": 0, "ignore_eos": True}  # seconds of decoding on this model
+
+
+def stories():
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260k-hf not found at {STORIES.resolve()} (shared assets absent)")
+    return AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """An adapter root with one LoRA of stories260K ("lo") and one of a tiny Llama ("alien")."""
+    root = tmp_path_factory.mktemp("adapters")
+    model = stories()
+    pa.add_adapter(model, "lo", pa.LoRAConfig(r=4, init="random"))
+    pa.save_adapter(model, "lo", root / "lo")
+    other = tiny_model("llama")  # hidden 32, not stories260K's 64: its weights cannot fit
+    pa.add_adapter(other, "alien", pa.LoRAConfig(r=4, init="random"))
+    pa.save_adapter(other, "alien", root / "alien")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok():
+    stories()
+    return AutoTokenizer.from_pretrained(STORIES)
+
+
+def recording_engine(root: Path, tok, config: EngineConfig = CFG) -> tuple[Engine, list]:
+    """An engine that keeps every handle it hands out (the server pops them when done)."""
+    engine = Engine(stories(), root, config, tokenizer=tok)
+    seen: list = []
+    add = engine.add_request
+    engine.add_request = lambda *a, **k: seen.append(add(*a, **k)) or seen[-1]
+    return engine, seen
+
+
+def wait_idle(engine: Engine, seconds: float = 30.0) -> None:
+    end = time.monotonic() + seconds
+    while engine.scheduler.has_work() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def test_a_non_streamed_client_that_leaves_frees_its_request(root, tok):
+    engine, seen = recording_engine(root, tok)
+    with live_server(create_app(engine, model_name="stories")) as port:
+        body = {"model": "lo", "prompt": "Once", **LONG}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=0.3)
+        wait_idle(engine)
+        assert seen[0].status == "cancelled" and len(seen[0].tokens) < LONG["max_tokens"]
+        assert engine.runner.pages_in_use() == 0 and not engine.cache.pinned("lo")
+
+
+def test_the_queue_bound_answers_429(root, tok):
+    config = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=1, queue_bound=1)
+    engine, seen = recording_engine(root, tok, config)
+    url = None
+    with live_server(create_app(engine, model_name="stories")) as port:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "stories", "prompt": "Once", "stream": True, **LONG}
+        with httpx.stream("POST", url, json=body) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # running: the batch (max_running 1) is full
+            with httpx.stream("POST", url, json=body):  # waits: the queue (bound 1) is full
+                r = httpx.post(url, json={**body, "stream": False, "max_tokens": 2})
+                assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        wait_idle(engine)
+        assert [h.status for h in seen] == ["cancelled", "cancelled"]
+        assert httpx.post(url, json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def client(root, tok):
+    with TestClient(create_app(Engine(stories(), root, CFG, tokenizer=tok), model_name="stories")) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", b"{not json", "body"),
+        ("/v1/completions", None, "body"),
+        ("/v1/completions", {"model": "lo", "prompt": [1, 99999]}, "prompt"),  # outside the vocabulary
+        ("/v1/completions", {"model": "lo", "prompt": [-3]}, "prompt"),
+        ("/v1/completions", {"model": "lo", "prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"model": "lo", "prompt": "x", "stop": [""]}, "stop"),
+        ("/v1/completions", {"model": "lo", "prompt": "x", "max_tokens": 5000}, "max_tokens"),  # > KV
+        ("/v1/completions", {"model": "../lo", "prompt": "x"}, "model"),
+        ("/v1/chat/completions", {"model": "lo", "messages": [{"role": "user"}]}, "messages.0.content"),
+        ("/v1/adapters", {"name": "../../etc"}, "name"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field(client, path, body, param):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {}
+    r = client.post(path, json=body, **kw) if not kw else client.post(path, **kw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert err["message"].split(":")[0] in (param, "adapter")
+    ok = client.post("/v1/completions", json={"model": "lo", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200  # nothing above hurt the engine
+
+
+def test_an_adapter_of_another_model_is_422_and_the_rest_keeps_serving(client):
+    r = client.post("/v1/completions", json={"model": "alien", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 422 and "alien" in r.json()["error"]["message"]
+    assert client.post("/v1/adapters", json={"name": "alien"}).status_code == 422
+    r = client.post("/v1/completions", json={"model": "lo", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_chat_uses_the_tokenizer_chat_template(root, tok):
+    templated = AutoTokenizer.from_pretrained(STORIES)
+    templated.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A story"}]
+    prompt = _chat_prompt(templated, [ChatMessage(**m) for m in messages])
+    assert prompt == "[system] Be brief.\n[user] A story\n[assistant]"
+    assert _chat_prompt(tok, [ChatMessage(**messages[1])]) == "user: A story\nassistant:"  # no template
+    app = create_app(Engine(stories(), root, CFG, tokenizer=templated), model_name="stories")
+    body = {"model": "lo", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with TestClient(app) as c:
+        chat = c.post("/v1/chat/completions", json={**body, "messages": messages}).json()
+        plain = c.post("/v1/completions", json={**body, "prompt": prompt}).json()
+    assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+    assert chat["usage"] == plain["usage"]
+
+
+def test_metrics_tokens_per_second(client):
+    body = {"model": "lo", "prompt": "Once", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    rows = dict(line.split() for line in client.get("/metrics").text.splitlines() if not line.startswith("#"))
+    assert float(rows["paradapt_generation_tokens_per_second"]) > 0
+
+
+def test_token_rate_averages_over_its_window_and_decays_when_idle():
+    now = [100.0]
+    rate = TokenRate(window=10.0, clock=lambda: now[0])
+    for total in (10, 20, 30):  # 10 tokens a second for 3 s
+        now[0] += 1.0
+        rate.record(total)
+    assert rate.rate(30) == pytest.approx(30 / 3)  # since start: the window is not full yet
+    now[0] += 10.0
+    rate.record(130)  # 100 tokens in the last 10 s
+    assert rate.rate(130) == pytest.approx(100 / 10)
+    now[0] += 10.5  # idle
+    assert rate.rate(130) == 0.0
