@@ -33,6 +33,16 @@ def test_policy_imports_load_no_torch(modules):
     assert out.stdout.strip() == "[]"
 
 
+def test_engine_config_and_core_need_no_torch():
+    """The twin builds EngineConfig and ServeCore without torch; the engine re-exports the same class."""
+    out = _run(
+        "import sys\nfrom paradapt.serve import EngineConfig, ServeCore\n"
+        "EngineConfig(max_slots=2)\nprint('torch' in sys.modules)"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+
+
 def test_configs_and_errors_need_no_torch():
     out = _run(
         "import sys, paradapt as pa\n"

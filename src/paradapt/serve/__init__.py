@@ -1,12 +1,14 @@
 """Serving engine: pure-Python policy (workload, adapter cache, scheduler) and the model side
 (Runner, sampling, Engine).
 
-The policy modules import no torch, so the digital twin (issue 6) runs the very same code
-against a simulated clock; the model side (``Engine``, ``EncoderEngine``, ``EngineConfig``,
-``Runner``, ``SamplingParams``, ...) is imported on first use.
+The policy modules (workload, cache, scheduler, and ``core``: ``ServeCore``, ``EngineConfig``)
+import no torch, so the digital twin (issue 6) runs the very same code against a simulated
+clock, and ``import paradapt.serve`` stays cheap (tests/test_imports.py); the model side
+(``Engine``, ``EncoderEngine``, ``Runner``, ``SamplingParams``, ...) is imported on first use.
 """
 
 from .cache import AdapterCache, AdapterPinnedError, CacheStats, MemoryBudget, Move, Residency
+from .core import AdapterLoadError, EngineConfig, ServeCore
 from .scheduler import (
     PrefillChunk,
     QueueFullError,
@@ -20,11 +22,9 @@ from .scheduler import (
 from .workload import AdapterSpec, Workload, WorkloadRequest, WorkloadSpec, adapter_probabilities, generate
 
 _LAZY = {
-    "AdapterLoadError": "engine",
     "AdapterStore": "engine",
     "EncoderEngine": "engine",
     "Engine": "engine",
-    "EngineConfig": "engine",
     "RequestHandle": "engine",
     "Runner": "runner",
     "SamplingParams": "sampling",
@@ -45,6 +45,9 @@ def __getattr__(name: str):
 __all__ = [
     *_LAZY,
     "AdapterCache",
+    "AdapterLoadError",
+    "EngineConfig",
+    "ServeCore",
     "AdapterPinnedError",
     "AdapterSpec",
     "CacheStats",
