@@ -93,6 +93,24 @@ def test_the_queue_bound_answers_429(root, tok):
         assert httpx.post(url, json={**body, "stream": False, "max_tokens": 2}).status_code == 200
 
 
+def test_delete_is_refused_while_requests_wait_for_the_adapter(root, tok):
+    config = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=1)
+    engine, seen = recording_engine(root, tok, config)
+    with live_server(create_app(engine, model_name="stories")) as port:
+        url = f"http://127.0.0.1:{port}"
+        body = {"prompt": "Once", "stream": True, **LONG}
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "model": "stories"}) as running:
+            lines = running.iter_lines()
+            next(lines)  # the one running request
+            with httpx.stream("POST", f"{url}/v1/completions", json={**body, "model": "lo"}):
+                r = httpx.delete(f"{url}/v1/adapters/lo")  # "lo" only has a queued request
+                assert r.status_code == 409 and "queued" in r.json()["error"]["message"]
+        wait_idle(engine)
+        assert httpx.delete(f"{url}/v1/adapters/lo").status_code == 200
+        short = {"model": "lo", "prompt": "Once", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(f"{url}/v1/completions", json=short, timeout=60).status_code == 200
+
+
 @pytest.fixture(scope="module")
 def client(root, tok):
     with TestClient(create_app(Engine(stories(), root, CFG, tokenizer=tok), model_name="stories")) as c:

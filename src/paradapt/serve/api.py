@@ -309,7 +309,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
     @app.delete("/v1/adapters/{name}")
     def unload_adapter(name: str) -> dict:
         engine.store.folder(name)  # 400/404 for bad names
-        loop_.call(engine.cache.remove_adapter, name)
+        loop_.call(_unload, engine, name)
         return {"id": name, "deleted": True}
 
     @app.get("/metrics")
@@ -599,6 +599,18 @@ def _add_encoder(engine: EncoderEngine, ids, adapter, task, loop_: EngineLoop, a
     h = engine.add_request(ids, adapter, task=task)
     loop_.watch(h.id, aloop, q)
     return h
+
+
+def _unload(engine: Engine | EncoderEngine, name: str) -> None:
+    """Forget adapter ``name``; refused (409) while running *or queued* requests name it.
+
+    The cache alone refuses only pinned (running) adapters; a queued request for a forgotten
+    adapter would make every later scheduler step fail on the unknown name.
+    """
+    users = sum(1 for r in (*engine.scheduler.running, *engine.scheduler.waiting) if r.adapter == name)
+    if users:
+        raise AdapterPinnedError(f"adapter {name!r} is in use by {users} running or queued request(s)")
+    engine.cache.remove_adapter(name)
 
 
 def _metrics(loop_: EngineLoop) -> str:
