@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=300, help="sampled workloads (default 300)")
     p.add_argument("--holdout", type=float, default=0.25, help="held-out share (default 0.25)")
     p.add_argument(
-        "--duration", type=float, default=20.0, help="seconds of arrivals per workload (default 20)"
+        "--duration", type=float, default=15.0, help="seconds of arrivals per workload (default 15)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
@@ -66,8 +66,7 @@ def main() -> None:
     args = parse_args()
     cost = plan.load_cost(args.cost)
     t0 = time.perf_counter()
-    capacity = plan.estimate_capacity(cost, duration=args.duration)
-    specs = plan.sample_specs(args.n, args.seed, capacity, args.duration)
+    capacity, specs = plan.training_specs(cost, args.n, args.seed, args.duration)
     print(f"twin capacity (1 adapter, overload): {capacity:.3f} req/s; {len(specs)} workloads")
 
     def progress(done: int, total: int) -> None:

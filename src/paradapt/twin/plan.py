@@ -35,7 +35,6 @@ import math
 import os
 import random
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -203,9 +202,10 @@ def sample_specs(
     n: int,
     seed: int,
     capacity: float,
-    duration: float = 20.0,
+    duration: float = 15.0,
     load: tuple[float, float] = (0.2, 3.0),
     max_adapters: int = 512,
+    kinds: Sequence[str] = TRAIN_KINDS,
 ) -> list[WorkloadSpec]:
     """``n`` random workload specs, the same for the same arguments.
 
@@ -229,11 +229,25 @@ def sample_specs(
                 input_len=(input_lo, rng.randint(max(input_lo, 64), 512)),
                 output_len=(output_lo, rng.randint(max(output_lo, 32), 512)),
                 ranks=_random_mix(rng, TRAIN_RANKS),
-                kinds=_random_mix(rng, TRAIN_KINDS),
+                kinds=_random_mix(rng, kinds),
                 seed=seed * 100_003 + i,
             )
         )
     return specs
+
+
+def training_specs(
+    cost: Any,
+    n: int,
+    seed: int,
+    duration: float = 15.0,
+    simulate: Simulate | None = None,
+    knobs: Mapping[str, Any] | None = None,
+) -> tuple[float, list[WorkloadSpec]]:
+    """The twin's capacity (req/s) and ``n`` sampled specs over the kinds the cost model prices."""
+    capacity = estimate_capacity(cost, simulate, knobs, duration)
+    kinds = [k for k in TRAIN_KINDS if k in getattr(cost, "kinds", TRAIN_KINDS)] or list(cost.kinds)
+    return capacity, sample_specs(n, seed, capacity, duration, kinds=kinds)
 
 
 def _random_mix(rng: random.Random, values: Sequence[Any]) -> dict[Any, float]:
@@ -583,7 +597,7 @@ def train(
     holdout: float = 0.2,
     workers: int = 2,
     cache_dir: str | Path | None = None,
-    duration: float = 20.0,
+    duration: float = 15.0,
     simulate: Simulate | None = None,
     knobs: Mapping[str, Any] | None = None,
     max_depth: int = 4,
@@ -591,8 +605,7 @@ def train(
 ) -> tuple[PlanModel, list[SearchResult], list[SearchResult]]:
     """Sample ``n`` workloads, search them in the twin, fit on ``1 - holdout`` of them and
     record the held-out error in the model's ``meta``. Returns (model, train, held-out)."""
-    capacity = estimate_capacity(cost, simulate, knobs)
-    specs = sample_specs(n, seed, capacity, duration)
+    capacity, specs = training_specs(cost, n, seed, duration, simulate, knobs)
     results = build_dataset(
         specs, cost, workers=workers, cache_dir=cache_dir, simulate=simulate, knobs=knobs, progress=progress
     )
@@ -611,14 +624,25 @@ def train(
     return model, train_set, test_set
 
 
-def check_cost(model: PlanModel, cost: Any, model_source: str, cost_source: str) -> None:
-    """Warn when ``model`` was trained on another cost model than ``cost``."""
+def check_cost(
+    model: PlanModel, cost: Any, knobs: Mapping[str, Any], model_source: str, cost_source: str
+) -> None:
+    """Warn (one line each) when ``model`` was trained on another cost model or other engine knobs."""
+    import sys
+
     trained = model.meta.get("cost")
     if trained is not None and trained != cost_key(cost):
-        warnings.warn(
-            f"{model_source} was trained on cost model {trained}, not on {cost_source} ({cost_key(cost)}); "
-            "retrain with --train N for this machine",
-            stacklevel=2,
+        print(
+            f"paradapt: warning: {model_source} was trained on cost model {trained}, not on {cost_source} "
+            f"({cost_key(cost)}); retrain with --train N",
+            file=sys.stderr,
+        )
+    trained_knobs = model.meta.get("knobs")
+    if trained_knobs is not None and dict(trained_knobs) != dict(knobs):
+        print(
+            f"paradapt: warning: {model_source} was trained with engine knobs {trained_knobs}, not {dict(knobs)}; "
+            "retrain with --train N",
+            file=sys.stderr,
         )
 
 
@@ -668,16 +692,35 @@ def add_parser(sub: Any) -> None:
         help="searched workloads cache (default: a cache/ folder next to --model)",
     )
     p.add_argument("--show-model", action="store_true", help="print every tree rule and linear coefficient")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="arrival window of each training workload (default: 15)",
+    )
+    # the engine knobs the twin runs with, as in `paradapt twin` (a model is trained for one setting)
+    p.add_argument("--token-budget", type=int, metavar="N", help="tokens per step (default: 256)")
+    p.add_argument("--max-running", type=int, metavar="N", help="requests per step (default: 32)")
+    p.add_argument("--kv-tokens", type=int, metavar="N", help="KV capacity in tokens (default: 4096)")
+    p.add_argument(
+        "--device-memory-mb",
+        type=float,
+        metavar="MB",
+        help="memory for KV pages plus adapter slots (slots cost KV)",
+    )
+    p.add_argument(
+        "--starvation-after", type=float, metavar="S", help="starvation guard, seconds (default: 30)"
+    )
+    p.add_argument("--prefetch", type=int, metavar="N", help="queued adapters read ahead (default: 2)")
     p.set_defaults(func=run_cli)
 
 
 def load_cost(path: str | None) -> Any:
-    """The cost model in ``path``, or the twin's default one."""
-    from . import CostModel
+    """The cost model in ``path``, or the one shipped; one warning line if measured elsewhere."""
+    from .cli import load_cost as twin_load_cost
 
-    if path is not None:
-        return CostModel.load(path)
-    return CostModel.default()
+    return twin_load_cost(path, None)
 
 
 def run_cli(args: Any) -> int:
@@ -688,7 +731,10 @@ def run_cli(args: Any) -> int:
     if args.train is not None and args.train < 2:
         raise ConfigError("train", f"need at least 2 workloads to train on, got {args.train}")
     cost = load_cost(args.cost)
-    cost_source = args.cost or "the default cost model"
+    cost_source = args.cost or "the shipped cost model"
+    from .cli import knobs_from_args
+
+    knobs = knobs_from_args(args, cost)
     model_path = Path(args.model)
     if args.train is not None or not model_path.is_file():
         n = args.train if args.train is not None else DEFAULT_TRAIN
@@ -713,7 +759,7 @@ def run_cli(args: Any) -> int:
         print(model.describe())
     else:
         model = PlanModel.load(model_path)
-        check_cost(model, cost, str(model_path), cost_source)
+        check_cost(model, cost, knobs, str(model_path), cost_source)
         if args.show_model:
             print(model.describe())
     _print_heldout(model)
@@ -734,7 +780,7 @@ def run_cli(args: Any) -> int:
         f"   [{other.predictor}: --max-served {other.max_served} --max-slots {other.max_slots}]"
     )
     if args.check:
-        _print_check(spec, cost, rec)
+        _print_check(spec, cost, rec, knobs)
     return 0
 
 
@@ -748,8 +794,8 @@ def _print_heldout(model: PlanModel) -> None:
             )
 
 
-def _print_check(spec: WorkloadSpec, cost: Any, rec: Recommendation) -> None:
-    result = search_in_twin(spec, cost)
+def _print_check(spec: WorkloadSpec, cost: Any, rec: Recommendation, knobs: Mapping[str, Any]) -> None:
+    result = search_in_twin(spec, cost, knobs=knobs)
     at = result.throughput_at(rec.max_served, rec.max_slots)
     best = result.best
     err = max(0.0, (result.max_throughput - at) / result.max_throughput) if result.max_throughput > 0 else 0.0
