@@ -170,6 +170,25 @@ def test_chat_uses_the_tokenizer_chat_template(root, tok):
     assert chat["usage"] == plain["usage"]
 
 
+def test_a_step_that_raises_fails_its_requests_with_a_500_and_the_server_goes_on(root, tok):
+    engine = Engine(stories(), root, CFG, tokenizer=tok)
+    step, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return step()
+
+    engine.step = flaky_step
+    body = {"model": "lo", "prompt": "Once", "max_tokens": 3, "temperature": 0}
+    with TestClient(create_app(engine, model_name="stories"), raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json=body).status_code == 200
+    assert not engine.scheduler.has_work() and engine.runner.pages_in_use() == 0
+
+
 def test_metrics_tokens_per_second(client):
     body = {"model": "lo", "prompt": "Once", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     assert client.post("/v1/completions", json=body).status_code == 200

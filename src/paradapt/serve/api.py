@@ -134,13 +134,26 @@ class EngineLoop:
                 if busy:
                     try:
                         self.engine.step()
-                    except Exception:  # keep the thread alive: a dead loop would hang every client
-                        log.exception("engine step failed")
+                    except Exception as e:  # keep the thread alive: a dead loop would hang every client
+                        log.exception("engine step failed; failing every request")
+                        self._fail_all(e)
                     self.token_rate.record(self.tokens_out)
                     self._notify_done()
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def _fail_all(self, error: Exception) -> None:
+        """End every running and queued request with ``error`` (their clients get a 500).
+
+        The engine catches model errors itself, so a step that raises is a bug whose state may
+        repeat: stepping on would fail the same way forever while every client waits.
+        """
+        s = self.engine.scheduler
+        try:
+            self.engine._fail_requests([r.id for r in (*s.running, *s.waiting)], error)
+        except Exception:
+            log.exception("could not fail the requests")
 
     def _notify_done(self) -> None:
         for rid in [
