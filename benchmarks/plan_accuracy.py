@@ -64,6 +64,7 @@ def baseline_errors(results: list[plan.SearchResult]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
+    print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}")
     cost = plan.load_cost(args.cost)
     t0 = time.perf_counter()
     capacity, specs = plan.training_specs(cost, args.n, args.seed, args.duration)
@@ -101,9 +102,18 @@ def main() -> None:
         s = plan.summarize_errors(plan.held_out_errors(model, test_set, "tree"))
         rows.append((f"tree depth {depth}", s))
     chosen = plan.PlanModel.fit(train_set, max_depth=4)
+    for margin in (0.5, 1.0):
+        chosen.margin = margin
+        rows.append(
+            (f"tree depth 4, margin {margin}", plan.summarize_errors(plan.held_out_errors(chosen, test_set)))
+        )
+    chosen.margin = 0.0
+    rows.append(("linear (ridge)", plan.summarize_errors(plan.held_out_errors(chosen, test_set, "linear"))))
+    chosen.margin = plan.choose_margin(train_set, 4)  # what `paradapt plan --train` does
     s_tree4 = plan.summarize_errors(plan.held_out_errors(chosen, test_set, "tree"))
     s_lin = plan.summarize_errors(plan.held_out_errors(chosen, test_set, "linear"))
-    rows.append(("linear (ridge)", s_lin))
+    rows.append((f"**tree depth 4, CV margin {chosen.margin}** (paradapt plan)", s_tree4))
+    rows.append((f"linear, CV margin {chosen.margin}", s_lin))
     rows.append(("default (16, 4)", baseline_errors(test_set)))
     print("| predictor | mean error | max error | exact optimum |")
     print("|---|---|---|---|")
@@ -112,6 +122,7 @@ def main() -> None:
             f"| {name} | {100 * s['mean_error']:.2f}% | {100 * s['max_error']:.2f}% | {100 * s['exact_config']:.0f}% |"
         )
         report[name] = s
+    print(f"\nload average at end: {Path('/proc/loadavg').read_text().strip()}")
     print("\n" + chosen.describe())
     if args.model_out:
         chosen.meta.update({"heldout_tree": s_tree4, "heldout_linear": s_lin, "cost": plan.cost_key(cost)})

@@ -71,7 +71,16 @@ def test_features_match_a_hand_computed_spec():
     assert f["rank_std"] == pytest.approx(math.sqrt(0.25 * 36 + 0.75 * 4))
     assert (f["share_lora"], f["share_parallel"], f["share_series"]) == (0.25, 0.75, 0.0)
     assert (f["input_mean"], f["output_mean"], f["cv"]) == (20, 8, 2.0)
+    assert f["offered_tokens"] == pytest.approx(4.0 * 28)
+    assert f["effective_adapters"] == pytest.approx(1 / (p0**2 + (1 - p0) ** 2))
     assert feature_vector(spec) == [f[n] for n in FEATURE_NAMES]
+
+
+def test_effective_adapters_spans_one_to_n():
+    uniform = WorkloadSpec(num_adapters=50, rate=1.0, duration=1, alpha=1.0)
+    skewed = WorkloadSpec(num_adapters=50, rate=1.0, duration=1, alpha=0.01)
+    assert workload_features(uniform)["effective_adapters"] == pytest.approx(50)
+    assert workload_features(skewed)["effective_adapters"] < 1.2
 
 
 def test_features_do_not_depend_on_the_seed_or_duration():
@@ -169,9 +178,12 @@ def test_models_train_predict_and_round_trip(fake_data, tmp_path):
     ref = DecisionTreeRegressor(max_depth=5, min_samples_leaf=3, random_state=0).fit(X, y)
     assert [model.trees["max_slots"].predict(x)[0] for x in X] == pytest.approx(list(ref.predict(X)))
 
+    model.margin = plan.choose_margin(train_set, max_depth=5)
+    assert model.margin in plan.MARGINS
     path = tmp_path / "plan.json"
     model.save(path)
     loaded = plan.PlanModel.load(path)
+    assert loaded.margin == model.margin
     for r in test_set:
         for predictor in ("tree", "linear"):
             assert loaded.recommend(r.spec, predictor) == model.recommend(r.spec, predictor)

@@ -5,7 +5,8 @@ its adapters' sizes; these are the same quantities, read off a
 :class:`~paradapt.serve.workload.WorkloadSpec` without generating a single request, so a
 feature vector is cheap, exact and the same for every seed of a spec. Stds are population
 stds (``ddof=0``); rank statistics weigh each rank by its share of the mix (the generator
-realises the mix exactly, so this is the adapters' own distribution up to rounding).
+realises the mix exactly, so this is the adapters' own distribution up to rounding). Two
+derived features are added: offered tokens/s and the effective number of adapters.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "input_mean",
     "output_mean",
     "cv",
+    "offered_tokens",
+    "effective_adapters",
 )
 
 
@@ -56,6 +59,11 @@ def workload_features(spec: WorkloadSpec) -> dict[str, float]:
     feats["input_mean"] = (spec.input_len[0] + spec.input_len[1]) / 2
     feats["output_mean"] = (spec.output_len[0] + spec.output_len[1]) / 2
     feats["cv"] = float(spec.cv)
+    # two derived features beyond Agullo et al.'s: the ideal throughput (tokens/s offered), and
+    # how many adapters effectively share the traffic (inverse Simpson index 1 / sum p_i^2: N
+    # under uniform popularity, ~1 when one adapter takes everything); slots track the latter
+    feats["offered_tokens"] = spec.rate * (feats["input_mean"] + feats["output_mean"])
+    feats["effective_adapters"] = spec.rate**2 / sum(r * r for r in rates)
     return feats
 
 

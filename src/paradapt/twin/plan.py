@@ -436,11 +436,17 @@ class Recommendation:
 
 @dataclass
 class PlanModel:
-    """The configurator: a tree and a linear model per target, plus where they came from."""
+    """The configurator: a tree and a linear model per target, plus where they came from.
+
+    ``margin`` (log2 units) is added to both predictions before snapping: too few slots can
+    cost half the throughput while a slot too many costs a little memory, so erring upwards
+    is cheaper (:func:`choose_margin` picks it by cross-validation).
+    """
 
     trees: dict[str, TreeModel]
     linear: dict[str, LinearModel]
     meta: dict[str, Any] = field(default_factory=dict)
+    margin: float = 0.0
 
     @classmethod
     def fit(
@@ -476,7 +482,9 @@ class PlanModel:
                 raw[target] = self.linear[target].predict(x)
             else:
                 raise ConfigError("predictor", f"must be 'tree' or 'linear', got {predictor!r}")
-        served, slots = snap(raw["max_served"], raw["max_slots"], spec.num_adapters)
+        served, slots = snap(
+            raw["max_served"] + self.margin, raw["max_slots"] + self.margin, spec.num_adapters
+        )
         return Recommendation(served, slots, predictor, raw, rules)
 
     def describe(self) -> str:
@@ -496,6 +504,7 @@ class PlanModel:
             "trees": {k: asdict(v) for k, v in self.trees.items()},
             "linear": {k: asdict(v) for k, v in self.linear.items()},
             "meta": self.meta,
+            "margin": self.margin,
         }
 
     @classmethod
@@ -511,7 +520,10 @@ class PlanModel:
             raise ConfigError("model", f"{source}: malformed plan model ({e})") from None
         if set(trees) != set(TARGETS) or set(linear) != set(TARGETS):
             raise ConfigError("model", f"{source}: needs models for {list(TARGETS)}")
-        return cls(trees, linear, dict(d.get("meta", {})))
+        margin = d.get("margin", 0.0)
+        if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise ConfigError("model", f"{source}: margin must be a number, got {margin!r}")
+        return cls(trees, linear, dict(d.get("meta", {})), float(margin))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -589,6 +601,30 @@ def summarize_errors(errors: Sequence[HeldOutError]) -> dict[str, float]:
     }
 
 
+MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def choose_margin(
+    results: Sequence[SearchResult],
+    max_depth: int = 4,
+    predictor: str = "tree",
+    margins: Sequence[float] = MARGINS,
+    folds: int = 5,
+) -> float:
+    """The margin with the lowest mean held-out error in ``folds``-fold cross-validation on
+    ``results`` (no twin runs: every snapped prediction is a searched trial)."""
+    if len(results) < 2 * folds:
+        return 0.0
+    errors = {m: [] for m in margins}
+    for f in range(folds):
+        test = [r for i, r in enumerate(results) if i % folds == f]
+        model = PlanModel.fit([r for i, r in enumerate(results) if i % folds != f], max_depth=max_depth)
+        for m in margins:
+            model.margin = m
+            errors[m] += [e.error for e in held_out_errors(model, test, predictor)]
+    return min(margins, key=lambda m: (sum(errors[m]) / len(errors[m]), m))
+
+
 def train(
     cost: Any,
     n: int,
@@ -618,6 +654,7 @@ def train(
         "knobs": dict(knobs or {}),
     }
     model = PlanModel.fit(train_set, max_depth=max_depth, meta=meta)
+    model.margin = choose_margin(train_set, max_depth)
     for predictor in ("tree", "linear"):
         if test_set:
             model.meta[f"heldout_{predictor}"] = summarize_errors(held_out_errors(model, test_set, predictor))
@@ -776,7 +813,8 @@ def run_cli(args: Any) -> int:
             f"  {target}: {conds}\n    -> log2 {tree_rec.raw[target]:.2f} ({2 ** tree_rec.raw[target]:.1f})"
         )
     print(
-        f"recommended ({rec.predictor}): --max-served {rec.max_served} --max-slots {rec.max_slots}"
+        f"recommended ({rec.predictor}, margin {model.margin:+.2f} log2): "
+        f"--max-served {rec.max_served} --max-slots {rec.max_slots}"
         f"   [{other.predictor}: --max-served {other.max_served} --max-slots {other.max_slots}]"
     )
     if args.check:
