@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import paradapt as pa
 from paradapt.serve.api import ChatMessage, TokenRate, _chat_prompt, create_app
-from paradapt.serve.engine import Engine, EngineConfig
+from paradapt.serve.engine import EncoderEngine, Engine, EngineConfig
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
 CFG = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=8, max_slots=2, max_served=3)
-LONG = {"max_tokens": 900, "temperature": 0, "ignore_eos": True}  # seconds of decoding on this model
+LONG = {"max_tokens": 480, "temperature": 0, "ignore_eos": True}  # >= 2.4 s with recording_engine's pause
 
 
 def stories():
@@ -50,11 +50,13 @@ def tok():
 
 
 def recording_engine(root: Path, tok, config: EngineConfig = CFG) -> tuple[Engine, list]:
-    """An engine that keeps every handle it hands out (the server pops them when done)."""
+    """An engine that keeps every handle it hands out (the server pops them when done), and pauses
+    5 ms per step, so a LONG request outlives the client's actions however fast the machine is."""
     engine = Engine(stories(), root, config, tokenizer=tok)
     seen: list = []
-    add = engine.add_request
+    add, step = engine.add_request, engine.step
     engine.add_request = lambda *a, **k: seen.append(add(*a, **k)) or seen[-1]
+    engine.step = lambda: time.sleep(0.005) or step()
     return engine, seen
 
 
@@ -126,7 +128,12 @@ def client(root, tok):
         ("/v1/completions", {"model": "lo", "prompt": [-3]}, "prompt"),
         ("/v1/completions", {"model": "lo", "prompt": "x", "n": 2}, "n"),
         ("/v1/completions", {"model": "lo", "prompt": "x", "stop": [""]}, "stop"),
-        ("/v1/completions", {"model": "lo", "prompt": "x", "max_tokens": 5000}, "max_tokens"),  # > KV
+        (
+            "/v1/completions",
+            {"model": "lo", "prompt": "x", "max_tokens": 600},
+            "max_tokens",
+        ),  # > 512 positions
+        ("/v1/completions", {"model": "lo", "prompt": [5] * 600}, "prompt"),
         ("/v1/completions", {"model": "../lo", "prompt": "x"}, "model"),
         ("/v1/chat/completions", {"model": "lo", "messages": [{"role": "user"}]}, "messages.0.content"),
         ("/v1/adapters", {"name": "../../etc"}, "name"),
@@ -141,6 +148,25 @@ def test_bad_input_is_400_naming_the_field(client, path, body, param):
     assert err["message"].split(":")[0] in (param, "adapter")
     ok = client.post("/v1/completions", json={"model": "lo", "prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200  # nothing above hurt the engine
+
+
+def test_encoder_texts_over_the_position_limit_are_400_naming_input(tmp_path):
+    model = tiny_model("bert")  # 64 positions
+    pa.add_adapter(model, "sent", pa.LoRAConfig(r=4, init="random", head={"labels": ["neg", "pos"]}))
+    pa.save_adapter(model, "sent", tmp_path / "sent")
+
+    class Tok:  # characters -> ids
+        def __call__(self, text):
+            return {"input_ids": [3 + (ord(c) % 90) for c in text]}
+
+    engine = EncoderEngine(tiny_model("bert"), tmp_path, EngineConfig(token_budget=256))
+    with TestClient(create_app(engine, model_name="bert", tokenizer=Tok())) as c:
+        for path, model in (("/classify", "sent"), ("/v1/embeddings", "bert")):
+            r = c.post(path, json={"model": model, "input": ["fine", "x" * 100]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+            assert "text 1 has 100 tokens" in r.json()["error"]["message"]
+        assert c.post("/classify", json={"model": "sent", "input": ["fine"]}).status_code == 200
+    assert not engine.handles and not engine.scheduler.has_work()  # nothing queued or left behind
 
 
 def test_an_adapter_of_another_model_is_422_and_the_rest_keeps_serving(client):

@@ -283,7 +283,11 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
             return _error(422, str(exc), "adapter_load_error", name_field)
         if isinstance(exc, (ConfigError, RequestTooLargeError)):
             field = getattr(exc, "field", None)
-            return _error(400, str(exc), "invalid_request_error", name_field if field == "adapter" else field)
+            if field == "adapter":
+                field = name_field
+            elif field in ("prompt", "tokens") and not decoder:
+                field = "input"  # the encoder endpoints' name for the texts
+            return _error(400, str(exc), "invalid_request_error", field)
         return _error(500, str(exc), "server_error")
 
     @app.exception_handler(Exception)
@@ -347,7 +351,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
         @app.post("/classify")
         async def classify(req: ClassifyRequest):
             texts = [req.input] if isinstance(req.input, str) else req.input
-            results = await _encode(req.model, texts, "classify")
+            results, _ = await _encode(req.model, texts, "classify")
             return {
                 "object": "list",
                 "model": req.model,
@@ -359,12 +363,11 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
         @app.post("/v1/embeddings")
         async def embeddings(req: EmbeddingRequest):
             texts = [req.input] if isinstance(req.input, str) else req.input
-            results = await _encode(req.model, texts, "embed")
+            results, n = await _encode(req.model, texts, "embed")
             data = [
                 {"object": "embedding", "index": i, "embedding": r["embedding"]}
                 for i, r in enumerate(results)
             ]
-            n = sum(len(_tokens(tokenizer, t)) for t in texts)
             return {
                 "object": "list",
                 "model": req.model,
@@ -372,30 +375,43 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
                 "usage": {"prompt_tokens": n, "total_tokens": n},
             }
 
-    async def _encode(model: str, texts: list[str], task: str) -> list[dict]:
+    async def _encode(model: str, texts: list[str], task: str) -> tuple[list[dict], int]:
+        """Each text's result, and the token count; every text is checked before any is queued."""
+        ids = [_tokens(tokenizer, t) for t in texts]
+        for i, one in enumerate(ids):
+            if max_len is not None and len(one) > max_len:
+                raise ConfigError(
+                    "input", f"text {i} has {len(one)} tokens, over the model's {max_len} positions"
+                )
         aloop = asyncio.get_running_loop()
         queues, handles = [], []
-        for t in texts:
-            q: asyncio.Queue = asyncio.Queue()
-            h = loop_.call(
-                _add_encoder, engine, _tokens(tokenizer, t), adapter_of(model), task, loop_, aloop, q
-            )
-            queues.append(q)
-            handles.append(h)
-        for q in queues:
-            while (await q.get())[0] != "done":
-                pass
+        try:
+            for one in ids:
+                q: asyncio.Queue = asyncio.Queue()
+                handles.append(
+                    loop_.call(_add_encoder, engine, one, adapter_of(model), task, loop_, aloop, q)
+                )
+                queues.append(q)
+            for q in queues:
+                while (await q.get())[0] != "done":
+                    pass
+        finally:  # also when a later text is refused (429): nothing stays queued or tracked
+            for h in handles:
+                if not h.done:
+                    loop_.cancel(h.id)
+            loop_.call(_forget, engine, handles)
         for h in handles:
             if h.error is not None:
                 raise h.error
-        return [loop_.call(engine.pop, h.id).result for h in handles]
+        return [h.result for h in handles], sum(map(len, ids))
 
-    vocab = _vocab_size(engine)
+    vocab, max_len = _vocab_size(engine), _max_positions(engine)
 
     async def _generate(
         model: str, prompt, params: SamplingParams, stream: bool, chat: bool, request: Request
     ):
         ids = _tokens(tokenizer, prompt) if isinstance(prompt, str) else _check_ids(prompt, vocab)
+        _check_positions(len(ids), params.max_new_tokens, max_len)
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         h = loop_.call(_add_decoder, engine, ids, adapter_of(model), params, loop_, aloop, q)
@@ -555,6 +571,31 @@ def _vocab_size(engine) -> int | None:
         model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
     )
     return getattr(emb, "num_embeddings", None)
+
+
+def _max_positions(engine) -> int | None:
+    """The model's position limit (vLLM's max_model_len): learned positions fail past it."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _check_positions(prompt: int, new: int, max_len: int | None) -> None:
+    if max_len is None or prompt + new <= max_len:
+        return
+    if prompt >= max_len:
+        raise ConfigError("prompt", f"{prompt} tokens, over the model's {max_len} positions")
+    raise ConfigError(
+        "max_tokens",
+        f"{prompt} prompt + {new} new tokens = {prompt + new}, over the model's {max_len} positions "
+        f"(at most {max_len - prompt} new tokens for this prompt)",
+    )
+
+
+def _forget(engine, handles: list[RequestHandle]) -> None:
+    """Stop tracking finished handles (the engine keeps them until popped)."""
+    for h in handles:
+        if h.done and h.id in engine.handles:
+            engine.pop(h.id)
 
 
 def _check_ids(ids: list[int], vocab: int | None) -> list[int]:
