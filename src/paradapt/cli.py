@@ -433,6 +433,19 @@ def _engine_config(args, model, root: Path | None):
     )
 
 
+def default_threads() -> int:
+    """Torch threads for the server: every core this process may use but one, and at least 1.
+
+    The engine thread's torch ops share the cores with the HTTP event loop (JSON, tokenizer) and
+    the clients; on a 2-core machine 1 thread serves faster than 2 (benchmarks/serve_threads.py).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def build_server_app(args):
     """The FastAPI app ``paradapt serve`` runs (also used by benchmarks/serve_load.py in-process)."""
     try:
@@ -440,8 +453,8 @@ def build_server_app(args):
         from paradapt.serve.api import create_app
     except ImportError as e:
         raise CLIError(f"serve needs fastapi and uvicorn: pip install 'paradapt[serve]' ({e})") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
     model_dir, root, name = _serve_sources(args)
     tok, model = load_model(model_dir)
     config = _engine_config(args, model, root)
@@ -456,6 +469,7 @@ def build_server_app(args):
         "root": root,
         "adapters": _adapter_count(root),
         "config": config,
+        "threads": threads,
     }
     return create_app(engine, model_name=name, tokenizer=tok), info
 
@@ -469,6 +483,7 @@ def run_serve(args) -> int:
         f"paradapt serve: {info['name']} ({info['kind']}, {info['model']}); "
         f"{info['adapters']} adapters under {info['root'] or '(none)'}; "
         f"kv {c.num_blocks * c.page_size} tokens, {c.max_slots} slots, {c.max_served} served; "
+        f"{info['threads']} torch threads; "
         f"http://{args.host}:{args.port}",
         flush=True,
     )
@@ -664,7 +679,12 @@ def _add_serve_parser(sub) -> None:
         "adapter slots: the slots (largest adapter x K) are taken out of the KV tokens",
     )
     serve.add_argument("--queue-bound", type=_positive, metavar="N", help="waiting requests before 429")
-    serve.add_argument("--threads", type=_positive, metavar="N", help="torch CPU threads")
+    serve.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="torch CPU threads (default: the usable cores minus one, at least 1; printed at startup)",
+    )
     serve.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
