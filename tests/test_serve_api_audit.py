@@ -215,6 +215,14 @@ def test_a_step_that_raises_fails_its_requests_with_a_500_and_the_server_goes_on
     assert not engine.scheduler.has_work() and engine.runner.pages_in_use() == 0
 
 
+def test_models_carry_the_openai_model_fields(client):
+    data = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in data] == ["stories", "alien", "lo"]
+    for m in data:
+        assert m["object"] == "model" and m["owned_by"] == "paradapt" and isinstance(m["created"], int)
+    assert all(m["parent"] == "stories" for m in data[1:])
+
+
 def test_metrics_tokens_per_second(client):
     body = {"model": "lo", "prompt": "Once", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     assert client.post("/v1/completions", json=body).status_code == 200

@@ -265,6 +265,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
     app.state.loop = loop_
     app.state.model_name = model_name
     decoder = isinstance(engine, Engine)
+    created = int(time.time())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -307,10 +308,11 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
         root = engine.store.root
         names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root is not None else []
         names = sorted(set(names) | set(engine.cache.on_host))
-        data = [{"id": n, "object": "model", "owned_by": "paradapt", "parent": model_name} for n in names]
+        card = {"object": "model", "created": created, "owned_by": "paradapt"}  # OpenAI's Model fields
+        data = [{"id": n, **card, "parent": model_name} for n in names]
         return {
             "object": "list",
-            "data": [{"id": model_name, "object": "model", "owned_by": "paradapt"}, *data],
+            "data": [{"id": model_name, **card}, *data],
         }
 
     @app.post("/v1/adapters")
