@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import CONFIG_CLASSES, AdapterConfig
 from ..errors import ConfigError
@@ -65,6 +65,22 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints to keep")
+    micro_batches: int | Literal["auto"] = Field(
+        "auto", description="forwards per batch, rows bucketed by length ('auto': up to one per adapter)"
+    )
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="most padded tokens (rows x longest row) in one forward"
+    )
+
+    @field_validator("micro_batches", mode="before")
+    @classmethod
+    def _micro_batches(cls, value: Any) -> Any:
+        """One clear message instead of pydantic's per-union-member errors."""
+        if value == "auto" and isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise ValueError(f"must be 'auto' or an integer >= 1, got {value!r}")
 
 
 class AdapterEntry(_Section):
@@ -278,6 +294,8 @@ def _to_config_error(e: ValidationError) -> ConfigError:
         return ConfigError(where, _unknown(loc[-1], known, ".".join(loc[:-1]) or "the top level"))
     if err["type"] == "missing":
         return ConfigError(where, "required key is missing")
+    if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        return ConfigError(where, str(err["ctx"]["error"]))
     got = err.get("input")
     return ConfigError(where, f"{err['msg'][0].lower()}{err['msg'][1:]} (got {got!r})")
 

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -742,6 +743,67 @@ def collate(batch: Sequence[dict], pad_id: int, padding_side: str = "right") -> 
             rows.append(list(v) + pad if padding_side == "right" else pad + list(v))
         out[key] = torch.tensor(rows, dtype=torch.long)
     return out
+
+
+def length_buckets(
+    lengths: Sequence[int],
+    parts: int,
+    max_tokens: int | None = None,
+    pad_tolerance: float | None = None,
+) -> list[list[int]]:
+    """Row indices grouped into micro-batches that are padded as little as possible.
+
+    A micro-batch pads every row to its longest, so its cost is ``rows x longest row``
+    ("padded tokens"). The rows are sorted by length and cut into contiguous runs by an exact
+    dynamic programme over the cut points; some optimal partition into g groups is always
+    such a run of the sorted rows, so no other grouping into g micro-batches pads less.
+
+    * ``pad_tolerance=None``: exactly ``parts`` micro-batches (fewer only when there are fewer rows);
+    * ``pad_tolerance=t``: the fewest micro-batches, at most ``parts``, whose padded tokens are
+      within ``(1 + t)`` x the real tokens (``parts`` when none is);
+    * ``max_tokens``: no micro-batch holds more padded tokens (more micro-batches when needed).
+      A row longer than ``max_tokens`` is an error (the trainer checks the data up front).
+
+    Each micro-batch lists its rows in their original order (so the result is deterministic).
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    if parts < 1:
+        raise ConfigError("micro_batches", f"must be >= 1, got {parts}")
+    longest = max(lengths)
+    if max_tokens is not None and longest > max_tokens:
+        raise ConfigError(
+            "micro_batch_tokens", f"a row of {longest} tokens does not fit a budget of {max_tokens}"
+        )
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    width = torch.tensor([0] + [lengths[i] for i in order], dtype=torch.float64)  # width[j]: row j-1
+    first = torch.arange(n + 1, dtype=torch.float64).unsqueeze(1)
+    stop = torch.arange(n + 1, dtype=torch.float64).unsqueeze(0)
+    cost = (stop - first) * width.unsqueeze(0)  # cost[i, j]: sorted rows i..j-1 in one micro-batch
+    ok = stop > first
+    if max_tokens is not None:
+        ok &= cost <= max_tokens
+    cost = torch.where(ok, cost, torch.full_like(cost, math.inf))
+    real = float(sum(lengths))
+    best = torch.full((n + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    choices: list[torch.Tensor] = []  # per group count: the best start of the last group, per end
+    parts = min(parts, n)
+    while True:
+        best, arg = (best.unsqueeze(1) + cost).min(0)
+        choices.append(arg)
+        g, total = len(choices), float(best[n])
+        if math.isfinite(total) and (
+            g >= parts or (pad_tolerance is not None and total <= (1 + pad_tolerance) * real)
+        ):
+            break
+    cuts, end = [n], n
+    for arg in reversed(choices):
+        end = int(arg[end])
+        cuts.append(end)
+    cuts.reverse()
+    return [sorted(order[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
 # --------------------------------------------------------------------------- splitting and order

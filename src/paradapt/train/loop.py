@@ -3,11 +3,17 @@
 Each adapter is a *task* with its own data, optimizer (AdamW), schedule (linear
 warmup, then cosine or constant) and metrics. A step draws ``batch_size``
 rows, split round-robin between the tasks, routes each row to its adapter
-(``pa.route``) and runs ONE forward of the base model. The loss is the sum over
+(``pa.route``) and runs the base model on them, mixed. The loss is the sum over
 tasks of each task's mean loss, so every adapter receives exactly the gradient
 it would get training alone on its share of the batch, and each optimizer
-steps only its own parameters. K adapters therefore cost about one base
-forward per step instead of K.
+steps only its own parameters.
+
+The rows of a step form one pool: ``micro_batches`` sorts them by length and cuts
+them into micro-batches that pad as little as possible (``data.length_buckets``),
+each forwarded and backpropagated on its own, its losses divided by the adapters'
+weights in the whole batch, so the summed gradient is the one-forward gradient.
+K separate runs pad each adapter's b rows to their longest; the joint pool can
+put SST-2's short rows with each other and AG News' long rows with each other.
 
 Data order is a seeded permutation per task and epoch
 (``data.seeded_order``), and the position in it is part of the checkpoint, so
@@ -43,7 +49,9 @@ from ..errors import ConfigError
 from ..heads import classify
 from ..io import save_adapter
 from . import distributed
-from .data import IGNORE_INDEX, TokenizedDataset, seeded_order
+from .data import IGNORE_INDEX, TokenizedDataset, length_buckets, seeded_order
+
+AUTO_PAD_TOLERANCE = 0.05  # micro_batches "auto": stop splitting once padding is this small
 
 
 @dataclass
@@ -67,6 +75,8 @@ class TrainArgs:
     output_dir: str | None = None
     save_every: int = 0  # used by paradapt.train.train(): checkpoint every N steps (0: at the end)
     keep_checkpoints: int = 2  # ... keeping the latest N checkpoints
+    micro_batches: int | str = "auto"  # forwards per batch, rows bucketed by length (see _plan)
+    micro_batch_tokens: int | None = None  # cap on rows x longest row in one forward (memory)
 
 
 @dataclass
@@ -120,6 +130,7 @@ class Trainer:
             raise ConfigError(
                 "train.batch_size", f"{args.batch_size} rows cannot be shared by {self.dist.world} processes"
             )
+        _check_micro_batching(args, tasks)
         self.kind = tasks[0].train.task
         for t in tasks:
             if t.train.task != self.kind:
@@ -138,6 +149,8 @@ class Trainer:
         self.history: list[dict] = []
         self.last_eval: dict | None = None
         self.tokens = 0  # real (non-pad) tokens of the global batches trained on
+        self.padded_tokens = 0  # rows x width of this rank's forwards: what the base computed on
+        self._index = {t.name: i for i, t in enumerate(tasks)}
         self._interrupted = False
         self._routed: list[str] = []  # the rows' adapters of the forward running now
         if args.gradient_checkpointing:
@@ -154,17 +167,35 @@ class Trainer:
         c.pos += 1
         return ex
 
-    def _batch(self) -> tuple[dict, list[str]]:
-        """The next global batch (every rank draws the same one) and its rows' adapters."""
+    def _batch(self) -> tuple[list[dict], list[str]]:
+        """The next global batch's rows (every rank draws the same ones) and their adapters."""
         rows, names = [], []
         for i in range(self.args.batch_size):
             task = self.tasks[i % len(self.tasks)]
             rows.append(self._next(task))
             names.append(task.name)
-        batch = self.tasks[0].train.collate_fn()(rows)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch, names
+        self.tokens += sum(_real_tokens(ex) for ex in rows)
+        return rows, names
+
+    def _plan(self, rows: list[dict]) -> list[list[int]]:
+        """This rank's rows split into micro-batches (row indices), by ``data.length_buckets``.
+
+        ``micro_batches: auto`` on CPU splits a mixed batch into at most one micro-batch per
+        adapter, stopping as soon as padding is within 5% of the real tokens: K forwards of
+        length-sorted rows never pad more than K separate runs of b rows, and the pool of all
+        tasks' rows pads far less. On CUDA ``auto`` is one forward (small steps are bound by
+        kernel launches, not by the padded FLOPs); ``micro_batch_tokens`` adds forwards there too.
+        """
+        mb = self.args.micro_batches
+        if mb == "auto":
+            on_cuda = next(self.model.parameters()).device.type == "cuda"
+            parts, tolerance = (1, None) if on_cuda else (len(self.tasks), AUTO_PAD_TOLERANCE)
+        else:
+            parts, tolerance = int(mb), None
+        if parts == 1 and self.args.micro_batch_tokens is None:
+            return [list(range(len(rows)))]
+        lengths = [len(ex["input_ids"]) for ex in rows]
+        return length_buckets(lengths, parts, self.args.micro_batch_tokens, tolerance)
 
     def _recompute_contexts(self) -> tuple:
         """For activation checkpointing: the layer's recompute (in backward, after the forward's
@@ -193,29 +224,37 @@ class Trainer:
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return classify(self.model, hidden.float(), inputs.get("attention_mask"), names), labels
 
-    def _row_weights(self, batch: dict) -> torch.Tensor:
+    def _row_weights(self, labels: torch.Tensor) -> torch.Tensor:
         """What each row counts for in its adapter's mean: 1 (classification) or its target tokens."""
-        labels = batch["labels"]
         if self.kind == "classification":
             return torch.ones(labels.shape[0])
         return (labels[:, 1:] != IGNORE_INDEX).float().sum(1)
 
-    def _denominators(self, batch: dict, names: list[str]) -> dict[str, torch.Tensor]:
-        """Each adapter's total weight in a (global) batch: its loss is a sum over rows / this."""
-        w = self._row_weights(batch)
-        out = {}
-        for n in dict.fromkeys(names):
-            idx = torch.tensor([i for i, m in enumerate(names) if m == n])
-            out[n] = w.index_select(0, idx).sum().clamp(min=1)
-        return out
+    def _ids(self, names: list[str], device: torch.device | None = None) -> torch.Tensor:
+        """Each row's adapter as its task index."""
+        return torch.tensor([self._index[n] for n in names], device=device)
 
-    def _losses(
-        self, batch: dict, names: list[str], denominators: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Mean loss of each adapter's rows, from one forward of the mixed batch.
+    def _denominators(self, weights: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Each adapter's total weight in a (global) batch, by task index: its loss is a sum over
+        rows / this (at least 1, so an adapter without rows divides by 1)."""
+        total = torch.zeros(len(self.tasks), dtype=weights.dtype)
+        return total.index_add_(0, self._ids(names), weights).clamp(min=1)
 
-        With ``denominators`` (from the global batch) a rank's losses are its partial sums,
-        which add up over ranks to the global means.
+    def _global_denominators(self, rows: list[dict], names: list[str]) -> torch.Tensor:
+        """:meth:`_denominators` of a global batch from its rows, before they are collated."""
+        if self.kind == "classification":
+            weights = torch.ones(len(rows))
+        else:
+            weights = torch.tensor([float(_targets(ex["labels"])) for ex in rows])
+        return self._denominators(weights, names)
+
+    def _loss_vector(
+        self, batch: dict, names: list[str], denominators: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each adapter's summed row losses / its denominator, by task index, from one routed forward.
+
+        With the global batch's ``denominators`` the partial sums of micro-batches (and of
+        ranks) add up to each adapter's mean over the global batch.
         """
         logits, labels = self._forward(batch, names)
         if self.kind == "classification":
@@ -227,13 +266,18 @@ class Trainer:
             )
             per_row = tok.sum(1)
         if denominators is None:
-            denominators = self._denominators(batch, names)
+            denominators = self._denominators(self._row_weights(batch["labels"]), names)
         dev = per_row.device
-        losses = {}
-        for n in dict.fromkeys(names):
-            idx = torch.tensor([i for i, m in enumerate(names) if m == n], device=dev)
-            losses[n] = per_row.index_select(0, idx).sum() / denominators[n].to(dev)
-        return losses
+        sums = torch.zeros(len(self.tasks), dtype=per_row.dtype, device=dev)
+        sums = sums.index_add(0, self._ids(names, dev), per_row)
+        return sums / denominators.to(dev, per_row.dtype)
+
+    def _losses(
+        self, batch: dict, names: list[str], denominators: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Mean loss of each adapter present in ``batch``, from one forward of the mixed batch."""
+        vec = self._loss_vector(batch, names, denominators)
+        return {n: vec[self._index[n]] for n in dict.fromkeys(names)}
 
     # -- the loop -------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -243,11 +287,12 @@ class Trainer:
         the gradients, so the trainer stays at the previous step boundary.
         """
         self.model.train()
-        saved = ({n: _Cursor(c.epoch, c.pos, c.order) for n, c in self.cursors.items()}, self.tokens)
+        cursors = {n: _Cursor(c.epoch, c.pos, c.order) for n, c in self.cursors.items()}
+        saved = (cursors, self.tokens, self.padded_tokens)
         try:
             totals = self._accumulate()
         except BaseException:
-            self.cursors, self.tokens = saved
+            self.cursors, self.tokens, self.padded_tokens = saved
             for opt in self.opts.values():
                 opt.zero_grad(set_to_none=True)
             raise
@@ -268,17 +313,27 @@ class Trainer:
         return bool(self.dist.sum_(torch.tensor([float(self._interrupted)])).item() > 0)
 
     def _accumulate(self) -> dict[str, float]:
-        """Forward/backward ``grad_accum`` batches (this rank's share of each) and sum grads over ranks."""
+        """Forward/backward ``grad_accum`` batches (this rank's share of each, in micro-batches)
+        and sum the gradients over ranks.
+
+        Every micro-batch's losses are divided by the adapters' weights in the whole global
+        batch and backpropagated at once (its activations freed before the next forward), so
+        the summed gradient is exactly the one of a single forward of the global batch.
+        """
         names_all = [t.name for t in self.tasks]
         totals = torch.zeros(len(names_all), dtype=torch.float64)
+        collate = self.tasks[0].train.collate_fn()
         for _ in range(self.args.grad_accum):
-            batch, names = self._batch()
-            denominators = self._denominators(batch, names) if self.dist.enabled else None
-            batch, names = self.dist.shard(batch, names)
-            losses = self._losses(batch, names, denominators)
-            (sum(losses.values()) / self.args.grad_accum).backward()
-            for n, v in losses.items():
-                totals[names_all.index(n)] += float(v.detach()) / self.args.grad_accum
+            rows, names = self._batch()
+            denominators = self._global_denominators(rows, names)
+            start, stop = self.dist.share(len(rows))
+            rows, names = rows[start:stop], names[start:stop]
+            for part in self._plan(rows):
+                batch = collate([rows[i] for i in part])
+                self.padded_tokens += batch["input_ids"].numel()
+                vec = self._loss_vector(batch, [names[i] for i in part], denominators)
+                (vec.sum() / self.args.grad_accum).backward()
+                totals += vec.detach().to("cpu", torch.float64) / self.args.grad_accum
         if self.dist.enabled:
             for opt in self.opts.values():
                 self.dist.sum_grads([p for g in opt.param_groups for p in g["params"]])
@@ -412,6 +467,35 @@ class Trainer:
         self.tokens = state.get("tokens", 0)
         if "rng" in state:
             _set_rng_state(state["rng"])
+
+
+def _real_tokens(example: dict) -> int:
+    mask = example.get("attention_mask")
+    return int(sum(mask)) if mask is not None else len(example["input_ids"])
+
+
+def _targets(labels: list[int]) -> int:
+    """Target tokens of an LM row: its labels after the first that the loss does not skip."""
+    return sum(1 for y in labels[1:] if y != IGNORE_INDEX)
+
+
+def _check_micro_batching(args: TrainArgs, tasks: list[Task]) -> None:
+    """``micro_batches`` is "auto" or >= 1; every training row fits ``micro_batch_tokens``."""
+    mb = args.micro_batches
+    if mb != "auto" and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
+        raise ConfigError("train.micro_batches", f"must be 'auto' or an integer >= 1, got {mb!r}")
+    cap = args.micro_batch_tokens
+    if cap is None:
+        return
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise ConfigError("train.micro_batch_tokens", f"must be an integer >= 1 or null, got {cap!r}")
+    for t in tasks:
+        longest = max(len(ex["input_ids"]) for ex in t.train.examples)
+        if longest > cap:
+            raise ConfigError(
+                "train.micro_batch_tokens",
+                f"{cap} is less than the longest training row of {t.name} ({longest} tokens)",
+            )
 
 
 def _enable_checkpointing(model: nn.Module, contexts: Callable[[], tuple]) -> None:
