@@ -479,8 +479,8 @@ class Row:
     note: str = ""
     target: str = ""
     times: list[float] = field(default_factory=list)
-    cpu_seconds: float | None = None  # latency rows: median process CPU time per call
-    cpu_ratio: float | None = None  # latency rows: base CPU time / this CPU time
+    cpu_seconds: float | None = None  # median process CPU time per call
+    cpu_ratio: float | None = None  # base CPU time / this CPU time (higher is better, like ratio)
 
 
 def random_inputs(base, rows: int, length: int, seed: int, device) -> dict:
@@ -575,6 +575,7 @@ def run_mixed(
                             continue
                         ref = res["paradapt"].check if "paradapt" in res else None
                         base_t = res["base"].median if "base" in res else None
+                        base_cpu = res["base"].cpu_median if "base" in res else None
                         tol = tolerance(dtype, ref) if ref is not None else None
                         for m in methods:
                             t = res[m.name]
@@ -604,6 +605,8 @@ def run_mixed(
                                     note,
                                     target_for(phase, m.name, r, n, ratio),
                                     t.times,
+                                    t.cpu_median,
+                                    base_cpu / t.cpu_median if base_cpu and t.cpu_median > 0 else None,
                                 )
                             )
                         if peft is not None and "peft" in res and ref is not None:
@@ -759,16 +762,20 @@ def print_tables(rows: list[Row], sizes: Sizes) -> None:
             "N = adapters on the model; row i uses adapter i % N, so only min(N, rows) distinct adapters "
             "are in a batch ('in batch'). x base = tokens/s relative to the base model in the same "
             "run (higher is better). diff = max abs diff of the output vs paradapt's over the whole "
-            "batch (for base: how much the adapters change the output).\n"
+            "batch (for base: how much the adapters change the output). x base CPU = the same ratio "
+            "from this process's CPU time per call, which leaves out time other processes hold the "
+            "cores: the steadier figure on a shared machine when run with --threads 1.\n"
         )
         print(
-            "| model | phase | kind | r | N | in batch | method | tokens/s | x base | diff | target | note |"
+            "| model | phase | kind | r | N | in batch | method | tokens/s | x base | x base CPU | diff "
+            "| target | note |"
         )
-        print("|---|---|---|--:|--:|--:|---|--:|--:|--:|---|---|")
+        print("|---|---|---|--:|--:|--:|---|--:|--:|--:|--:|---|---|")
         for r in mixed:
+            cpu_x = "" if not r.cpu_ratio else f"{r.cpu_ratio:.2f}"
             print(
                 f"| {r.model} | {r.phase} | {r.kind} | {r.r} | {r.n} | {r.in_batch} | {r.method} | "
-                f"{r.tok_s:,.0f} | {r.ratio:.2f} | {fmt_diff(r.diff)} | {r.target} | {r.note} |"
+                f"{r.tok_s:,.0f} | {r.ratio:.2f} | {cpu_x} | {fmt_diff(r.diff)} | {r.target} | {r.note} |"
             )
     lat = [r for r in rows if r.phase.startswith("latency")]
     if lat:
