@@ -633,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=run_train, overrides=[])
     _add_serve_parser(sub)
     _add_showcase_parser(sub)
+    from paradapt.twin.cli import add_parsers as _add_twin_parsers
+
+    _add_twin_parsers(sub)  # profile, twin
     return parser
 
 

@@ -32,6 +32,9 @@ from ..errors import ConfigError
 from ..serve.core import StepShape
 
 FORMAT = "paradapt-costmodel/1"
+#: The cost model shipped with the package: the default random Llama (hidden 512, 8 layers),
+#: measured by ``paradapt profile --threads 1`` on the machine that built this release.
+DEFAULT_COST = Path(__file__).with_name("default_cost.json")
 MOVE_OPS = ("load_host", "load_device", "evict_device", "evict_host")
 BASE_FEATURES = ("step", "tokens", "seqs", "samplers", "attention", "device_loads")
 #: Model config keys that decide its speed (the model part of a fingerprint).
@@ -250,10 +253,12 @@ class CostModel:
         for op, (a, b) in self.moves.items():
             lines.append(f"  {op:<14} a = {a * 1e3:8.3f} ms   b = {b * 1e9:8.4f} s/GB")
         lines.append(f"queue a request: {self.submit * 1e6:.1f} us; driver loop: {self.loop * 1e6:.1f} us")
-        if self.fit:
-            lines.append(
-                "fit: " + ", ".join(f"{k} {v}" for k, v in self.fit.items() if not isinstance(v, dict))
-            )
+        for k, v in self.fit.items():
+            if isinstance(v, dict):
+                lines.append(f"step-time fit, {k}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
+        flat = [f"{k} {v}" for k, v in self.fit.items() if not isinstance(v, dict)]
+        if flat:
+            lines.append("profile: " + ", ".join(flat))
         return "\n".join(lines)
 
 
