@@ -32,7 +32,7 @@ def _csv(kind):
 
 
 def add_parsers(sub) -> None:
-    """Register ``profile`` and ``twin`` on the ``paradapt`` subparsers."""
+    """Register ``profile``, ``twin`` and ``plan`` on the ``paradapt`` subparsers."""
     p = sub.add_parser(
         "profile",
         help="measure the serving engine's cost model on this machine (for paradapt twin)",
@@ -97,6 +97,10 @@ def add_parsers(sub) -> None:
     t.add_argument("--drain", type=float, default=0.0, metavar="S", help="keep running S s after the window")
     t.add_argument("--json", metavar="FILE", help="also save the metrics as JSON")
     t.set_defaults(func=run_twin)
+
+    from .plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)  # paradapt plan (twin/plan.py)
 
 
 def _print_warnings(caught) -> None:

@@ -1,0 +1,112 @@
+"""``paradapt plan`` on the command line, with the real twin (small workloads, short windows)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from test_twin_plan import fake_simulate
+
+from paradapt import cli
+from paradapt.serve.workload import WorkloadSpec
+from paradapt.twin import CostModel, plan
+
+
+def small_cost() -> CostModel:
+    """A cost model from coefficients (the order of magnitude of a small CPU decoder)."""
+    step = {"step": 4e-3, "tokens": 8e-5, "seqs": 1e-4, "device_loads": 1e-3}
+    for kind in ("lora", "parallel", "series"):
+        step[f"adapters_{kind}"] = 3e-4
+    moves = {"load_host": (2e-3, 2e-9), "load_device": (3e-4, 5e-10)}
+    return CostModel.from_coefficients(step, moves=moves)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A cost file, and a model fitted on the fake surface (the CLI loads it; --check runs the real twin)."""
+    folder = tmp_path_factory.mktemp("plan")
+    cost = folder / "cost.json"
+    small_cost().save(cost)
+    specs = plan.sample_specs(40, seed=7, capacity=2.0, duration=5)
+    results = plan.build_dataset(specs, None, workers=1, simulate=fake_simulate)
+    model = folder / "plan.json"
+    plan.PlanModel.fit(results, max_depth=3).save(model)
+    return cost, model
+
+
+def write_workload(path, **fields):
+    d = {
+        "num_adapters": 3,
+        "rate": 2.0,
+        "duration": 5.0,
+        "alpha": 0.5,
+        "input_len": [8, 64],
+        "output_len": [8, 32],
+    }
+    d.update(fields)
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_plan_prints_rules_and_a_recommendation(files, tmp_path, capsys):
+    cost, model = files
+    wl = write_workload(tmp_path / "wl.yaml")
+    rc = cli.main(["plan", str(wl), "--model", str(model), "--cost", str(cost), "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "rules that fired" in out
+    line = next(x for x in out.splitlines() if x.startswith("recommended (tree"))
+    served, slots = (
+        int(line.split("--max-served ")[1].split()[0]),
+        int(line.split("--max-slots ")[1].split()[0]),
+    )
+    assert (served, slots) in plan.config_grid(3)
+    assert "searched optimum" in out and "tokens/s" in out
+    # --check's searched optimum is the twin's, recomputed here the same way
+    spec = WorkloadSpec.from_yaml(wl)
+    best = plan.search_in_twin(spec, CostModel.load(cost), knobs={"max_running": 32}).best
+    assert f"searched optimum ({best.max_served}, {best.max_slots})" in out
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        ({"rate": -1.0}, "rate"),
+        ({"input_len": [50, 10]}, "input_len"),
+        ({"num_adapters": None}, "num_adapters"),
+    ],
+)
+def test_bad_workload_is_one_line_naming_the_field(files, tmp_path, capsys, fields, named):
+    wl = write_workload(tmp_path / "bad.yaml", **fields)
+    if fields.get("num_adapters", 0) is None:  # missing field
+        d = yaml.safe_load(wl.read_text())
+        del d["num_adapters"]
+        wl.write_text(yaml.safe_dump(d))
+    rc = cli.main(["plan", str(wl), "--model", str(files[1]), "--cost", str(files[0])])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and named in err and "Traceback" not in err
+
+
+def test_bad_model_file_and_train_count_are_one_line_errors(files, tmp_path, capsys):
+    wl = write_workload(tmp_path / "wl.yaml")
+    bad = tmp_path / "plan.json"
+    bad.write_text("[]")
+    assert cli.main(["plan", str(wl), "--model", str(bad), "--cost", str(files[0])]) == 2
+    assert "not a paradapt plan model" in capsys.readouterr().err
+    assert cli.main(["plan", str(wl), "--model", str(bad), "--cost", str(files[0]), "--train", "1"]) == 2
+    assert "train" in capsys.readouterr().err
+
+
+def test_train_on_the_real_twin_saves_a_model_that_warns_on_another_cost(files, tmp_path, capsys):
+    cost, _ = files
+    wl = write_workload(tmp_path / "wl.yaml")
+    model = tmp_path / "m" / "plan.json"
+    args = ["plan", str(wl), "--model", str(model), "--cost", str(cost), "--train", "3", "--workers", "1"]
+    assert cli.main([*args, "--duration", "2", "--max-depth", "2"]) == 0
+    out = capsys.readouterr().out
+    assert model.is_file() and "|---" in out and "recommended (tree" in out
+    assert len(list((model.parent / "cache").glob("*.json"))) == 3
+    other = tmp_path / "other.json"
+    CostModel.from_coefficients({"step": 1e-2}).save(other)
+    assert cli.main(["plan", str(wl), "--model", str(model), "--cost", str(other)]) == 0
+    assert "trained on cost model" in capsys.readouterr().err
