@@ -16,16 +16,23 @@ For K > 4 (cost phase only) the tasks repeat with other adapter seeds and anothe
 Setups, with the same per-adapter batch ``b``, steps, lr, warmup + cosine schedule, adapter init
 (``torch.manual_seed`` per adapter before ``add_adapter``) and data order:
 
-- joint:    one ``Trainer`` with K tasks and ``batch_size = K*b``. Its round-robin split gives
+- joint:    one ``Trainer`` with K tasks and ``batch_size = K*b``, ``micro_batches`` as given by
+  ``--joint-micro`` (default: both ``1``, one forward of all K*b rows padded to the longest,
+  and ``auto``, the rows sorted by length and cut into the micro-batches that minimise padded
+  tokens + a fixed cost per forward; the quality phase trains with the last setting). Its
+  round-robin split gives
   task i the rows i, i+K, ... of each step: exactly b rows per step, taken in order from that
   task's own seeded permutation (``seeded_order(len, seed, epoch)``), i.e. the same rows a
   separate run with ``batch_size = b`` and the same seed draws. The script checks this: each
   adapter's data cursor (epoch, position) must be the same at the end of both setups.
-- separate: K ``Trainer`` runs, one adapter each, ``batch_size = b``, each on a fresh base.
+- separate: K ``Trainer`` runs, one adapter each, ``batch_size = b``, each on a fresh base, with
+  ``micro_batches`` from ``--separate-micro`` (default both ``1`` and ``auto``: a separate run
+  buckets its own b rows the same way, so the comparison is auto against auto).
 
 What differs: dropout masks (MiniLM and the heads keep dropout 0.1; the joint run draws them
-for a K*b-row tensor, so each row gets another mask) and padding (a joint batch pads every row
-to the longest row of ANY task: SST-2 rows pay for AG News lengths). So the final accuracies
+for other tensors, so each row gets another mask) and padding (one joint forward pads every row
+to the longest row of ANY task; micro-batches group rows of similar length across tasks, and
+pad less than the separate runs' batches of b rows can). So the final accuracies
 agree within noise, not bit for bit (tests/test_train_loop.py checks bit-level equality of
 joint vs separate training without dropout).
 
@@ -34,8 +41,10 @@ all threads); (2) a cost phase for K in {2, 4, 8} (``--cost-k``): one joint trai
 separate trainers, timed alternately (``--rounds`` rounds of ``--cost-steps`` steps each);
 per round the joint time and the SUM of the K separate times; median over rounds; ratio
 separate / joint (> 1: joint is faster), and the padded tokens (rows x longest row, summed over
-the batches) the joint trainer ran over those of the K separate ones. The CPU is shared, so only the interleaved ratios are
-robust; the full-run totals are given for completeness.
+the forwards: ``Trainer.padded_tokens``) the joint trainer ran over those of the K separate ones.
+The CPU is shared, so only the interleaved ratios are robust; the full-run totals are given for
+completeness. ``--threads 1`` keeps the comparison steady next to other jobs; the load average
+is printed at the start and the end.
 
 The defaults are small (60 steps of 8 rows per adapter, max_length 48, 200 eval rows) to stay
 under ~10 minutes on a busy 2-core CPU: the accuracies are of briefly trained adapters, fit for
@@ -44,6 +53,7 @@ comparing joint with separate, not as task results (see train_quality.py for tho
     python benchmarks/train_multi.py            # full: K=4, 60 steps, b=8 (~5-10 min on 2 cores)
     python benchmarks/train_multi.py --quick    # < 1 min smoke run
     python benchmarks/train_multi.py --k 2 --steps 60 --json out.json
+    python benchmarks/train_multi.py --skip-quality --threads 1 --rounds 5 --joint-micro 1 4 auto
 """
 
 from __future__ import annotations
@@ -165,10 +175,12 @@ def with_adapters(base: nn.Module, specs: list[Spec], labels: dict[str, list]) -
     return model
 
 
-def train_args(a: argparse.Namespace, batch: int, steps: int) -> TrainArgs:
+def train_args(a: argparse.Namespace, batch: int, steps: int, micro: str = "auto") -> TrainArgs:
+    """Shared settings; ``micro``: the ``micro_batches`` value (``"auto"`` is 1 for one adapter)."""
     return TrainArgs(
         max_steps=steps,
         batch_size=batch,
+        micro_batches=micro if micro == "auto" else int(micro),
         lr=a.lr,
         warmup_steps=max(1, steps // 10),
         log_every=10**9,
@@ -196,7 +208,8 @@ def quality_phase(a, base, tasks, labels, specs) -> dict:
 
     def joint():
         torch.manual_seed(0)
-        tr = Trainer(with_adapters(base, specs, labels), list(tasks.values()), train_args(a, k * b, a.steps))
+        args = train_args(a, k * b, a.steps, micro=a.joint_micro[-1])
+        tr = Trainer(with_adapters(base, specs, labels), list(tasks.values()), args)
         tr.train(progress=False)
         return tr, tr.evaluate()
 
@@ -207,7 +220,8 @@ def quality_phase(a, base, tasks, labels, specs) -> dict:
 
         def alone(s=s):
             torch.manual_seed(0)
-            tr = Trainer(with_adapters(base, [s], labels), [tasks[s.name]], train_args(a, b, a.steps))
+            args = train_args(a, b, a.steps, micro=a.separate_micro[-1])
+            tr = Trainer(with_adapters(base, [s], labels), [tasks[s.name]], args)
             tr.train(progress=False)
             return tr, tr.evaluate()
 
@@ -237,65 +251,48 @@ def quality_phase(a, base, tasks, labels, specs) -> dict:
 
 
 def cost_phase(a, base, tok, k: int) -> dict:
-    """Interleaved per-step cost of one joint trainer vs K separate ones (training steps only)."""
+    """Interleaved per-step cost of joint trainers (one per ``--joint-micro`` setting) and K
+    separate ones (one set per ``--separate-micro`` setting; training steps only)."""
     specs = specs_for(k)
     built = {s.name: build_task(s, tok, a.cost_train_rows, 1, a.max_length) for s in specs}
     tasks = {n: t for n, (t, _) in built.items()}
     labels = {n: lab for n, (_, lab) in built.items()}
     steps = a.cost_steps * (a.rounds + 1)
-    joint = Trainer(
-        with_adapters(base, specs, labels), list(tasks.values()), train_args(a, k * a.batch, steps)
-    )
-    alone = [
-        Trainer(with_adapters(base, [s], labels), [tasks[s.name]], train_args(a, a.batch, steps))
-        for s in specs
-    ]
-    padded = {id(tr): 0 for tr in [joint, *alone]}
-    for tr in [joint, *alone]:
-        tr._batch = count_padded(tr, padded)
+    setups: dict[str, list[Trainer]] = {}
+    for m in a.joint_micro:
+        args = train_args(a, k * a.batch, steps, micro=m)
+        setups[f"joint {m}"] = [Trainer(with_adapters(base, specs, labels), list(tasks.values()), args)]
+    for m in a.separate_micro:
+        setups[f"separate {m}"] = [
+            Trainer(with_adapters(base, [s], labels), [tasks[s.name]], train_args(a, a.batch, steps, micro=m))
+            for s in specs
+        ]
     run = lambda tr: [tr.train_step() for _ in range(a.cost_steps)]  # noqa: E731
-    run(joint)  # warm-up round, not timed
-    for tr in alone:
-        run(tr)
-    jw, jc, sw, sc = [], [], [], []
+    for trainers in setups.values():
+        for tr in trainers:
+            run(tr)  # warm-up round, not timed
+    counted = {id(tr): tr.padded_tokens for trainers in setups.values() for tr in trainers}
+    wall: dict[str, list[float]] = {name: [] for name in setups}
+    cpu: dict[str, list[float]] = {name: [] for name in setups}
     for r in range(a.rounds):
-        order = [joint, *alone] if r % 2 == 0 else [*alone, joint]
-        t_sep_w = t_sep_c = 0.0
-        for tr in order:
-            _, w, c = timed(lambda tr=tr: run(tr))
-            if tr is joint:
-                jw.append(w / a.cost_steps)
-                jc.append(c / a.cost_steps)
-            else:
-                t_sep_w, t_sep_c = t_sep_w + w / a.cost_steps, t_sep_c + c / a.cost_steps
-        sw.append(t_sep_w)
-        sc.append(t_sep_c)
+        names = list(setups) if r % 2 == 0 else list(setups)[::-1]
+        for name in names:
+            w = c = 0.0
+            for tr in setups[name]:
+                _, tw, tc = timed(lambda tr=tr: run(tr))
+                w, c = w + tw / a.cost_steps, c + tc / a.cost_steps
+            wall[name].append(w)
+            cpu[name].append(c)
     med = statistics.median
-    return {
-        "k": k,
-        "rows_per_step": k * a.batch,
-        "joint_step_wall_s": med(jw),
-        "separate_steps_wall_s": med(sw),
-        "ratio_wall": med(sw) / med(jw),
-        "joint_step_cpu_s": med(jc),
-        "separate_steps_cpu_s": med(sc),
-        "ratio_cpu": med(sc) / med(jc),
-        "padded_tokens_joint": padded[id(joint)],
-        "padded_tokens_separate": sum(padded[id(tr)] for tr in alone),
-    }
-
-
-def count_padded(tr: Trainer, counts: dict[int, int]) -> Callable[[], tuple[dict, list[str]]]:
-    """``tr._batch`` that also adds the batch's padded size (rows x longest row) to ``counts``:
-    a joint batch pads every row to the longest row of any task."""
-    draw = tr._batch
-
-    def batch() -> tuple[dict, list[str]]:
-        out, names = draw()
-        counts[id(tr)] += out["input_ids"].numel()
-        return out, names
-
-    return batch
+    out = {"k": k, "rows_per_step": k * a.batch, "setups": {}}
+    for name, trainers in setups.items():
+        out["setups"][name] = {
+            "step_wall_s": med(wall[name]),
+            "step_cpu_s": med(cpu[name]),
+            "padded_tokens": sum(tr.padded_tokens - counted[id(tr)] for tr in trainers),
+            "forwards": a.rounds * a.cost_steps,
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -314,6 +311,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cost-train-rows", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--joint-micro",
+        nargs="+",
+        default=["1", "auto"],
+        help="joint runs' micro_batches settings timed in the cost phase (the last one also "
+        "trains the quality phase); 1 = one forward of the whole batch, as before micro-batching",
+    )
+    p.add_argument(
+        "--separate-micro",
+        nargs="+",
+        default=["1", "auto"],
+        help="the separate runs' micro_batches settings timed in the cost phase (the last one also "
+        "trains the quality phase)",
+    )
+    p.add_argument("--skip-quality", action="store_true", help="cost phase only")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     if not 1 <= a.k <= len(BASE_SPECS):
@@ -324,40 +336,49 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def report(a, q: dict, costs: list[dict]) -> None:
-    print(
-        f"quality phase: K={a.k}, {a.steps} steps, b={a.batch} rows/adapter/step, lr {a.lr}, max_length {a.max_length}"
-    )
-    print(f"{'adapter':<12}{'kind':<10}{'eval rows':>10}{'joint acc':>11}{'separate acc':>14}{'diff':>8}")
-    for r in q["adapters"]:
-        d = r["joint_acc"] - r["separate_acc"]
+def report(a, q: dict | None, costs: list[dict]) -> None:
+    if q is not None:
         print(
-            f"{r['adapter']:<12}{r['kind']:<10}{r['eval_rows']:>10}{r['joint_acc']:>11.3f}"
-            f"{r['separate_acc']:>14.3f}{d:>+8.3f}"
+            f"quality phase: K={a.k}, {a.steps} steps, b={a.batch} rows/adapter/step, lr {a.lr}, "
+            f"max_length {a.max_length}, micro_batches joint {a.joint_micro[-1]}, "
+            f"separate {a.separate_micro[-1]}"
+        )
+        print(f"{'adapter':<12}{'kind':<10}{'eval rows':>10}{'joint acc':>11}{'separate acc':>14}{'diff':>8}")
+        for r in q["adapters"]:
+            d = r["joint_acc"] - r["separate_acc"]
+            print(
+                f"{r['adapter']:<12}{r['kind']:<10}{r['eval_rows']:>10}{r['joint_acc']:>11.3f}"
+                f"{r['separate_acc']:>14.3f}{d:>+8.3f}"
+            )
+        print(
+            "same rows per adapter in both setups (data cursors equal):",
+            all(r["same_rows"] for r in q["adapters"]),
+        )
+        print(
+            f"train+eval totals: joint {q['joint_wall_s']:.1f} s wall / {q['joint_cpu_s']:.1f} s CPU; "
+            f"separate (sum of {a.k}) {q['separate_wall_s']:.1f} s wall / {q['separate_cpu_s']:.1f} s CPU; "
+            f"ratio separate/joint {q['separate_wall_s'] / q['joint_wall_s']:.2f} wall, "
+            f"{q['separate_cpu_s'] / q['joint_cpu_s']:.2f} CPU"
         )
     print(
-        "same rows per adapter in both setups (data cursors equal):",
-        all(r["same_rows"] for r in q["adapters"]),
+        f"\ncost phase (interleaved, {a.rounds} rounds x {a.cost_steps} steps, medians; per training step; "
+        f"{torch.get_num_threads()} threads); ratio = separate / joint (> 1: joint is faster):"
     )
     print(
-        f"train+eval totals: joint {q['joint_wall_s']:.1f} s wall / {q['joint_cpu_s']:.1f} s CPU; "
-        f"separate (sum of {a.k}) {q['separate_wall_s']:.1f} s wall / {q['separate_cpu_s']:.1f} s CPU; "
-        f"ratio separate/joint {q['separate_wall_s'] / q['joint_wall_s']:.2f} wall, "
-        f"{q['separate_cpu_s'] / q['joint_cpu_s']:.2f} CPU"
-    )
-    print(
-        f"\ncost phase (interleaved, {a.rounds} rounds x {a.cost_steps} steps, medians; per training step):"
-    )
-    print(
-        f"{'K':>3}{'rows':>6}{'joint s':>10}{'K separate s':>14}{'ratio wall':>12}{'ratio CPU':>11}"
-        f"{'padded tok joint/sep':>22}"
+        f"{'K':>3}{'rows':>6}{'joint':>12}{'separate':>12}{'joint s':>10}{'separate s':>12}"
+        f"{'ratio wall':>12}{'ratio CPU':>11}{'padded tok joint/sep':>22}"
     )
     for c in costs:
-        print(
-            f"{c['k']:>3}{c['rows_per_step']:>6}{c['joint_step_wall_s']:>10.3f}{c['separate_steps_wall_s']:>14.3f}"
-            f"{c['ratio_wall']:>12.2f}{c['ratio_cpu']:>11.2f}"
-            f"{c['padded_tokens_joint'] / c['padded_tokens_separate']:>22.2f}"
-        )
+        st = c["setups"]
+        for jm in a.joint_micro:
+            for sm in a.separate_micro:
+                j, s = st[f"joint {jm}"], st[f"separate {sm}"]
+                print(
+                    f"{c['k']:>3}{c['rows_per_step']:>6}{jm:>12}{sm:>12}{j['step_wall_s']:>10.3f}"
+                    f"{s['step_wall_s']:>12.3f}{s['step_wall_s'] / j['step_wall_s']:>12.2f}"
+                    f"{s['step_cpu_s'] / j['step_cpu_s']:>11.2f}"
+                    f"{j['padded_tokens'] / s['padded_tokens']:>22.2f}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,13 +396,19 @@ def main(argv: list[str] | None = None) -> int:
     built = {s.name: build_task(s, tok, a.train_rows, a.eval_rows, a.max_length) for s in specs}
     tasks = {n: t for n, (t, _) in built.items()}
     labels = {n: lab for n, (_, lab) in built.items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; base {model_dir}", flush=True)
-    q = quality_phase(a, base, tasks, labels, specs)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; base {model_dir}; "
+        f"load average at start {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    q = None if a.skip_quality else quality_phase(a, base, tasks, labels, specs)
     costs = []
     for k in a.cost_k:
         costs.append(cost_phase(a, base, tok, k))
-        log(f"cost phase K={k}: ratio {costs[-1]['ratio_wall']:.2f} wall")
+        times = ", ".join(f"{n} {v['step_wall_s']:.3f} s" for n, v in costs[-1]["setups"].items())
+        log(f"cost phase K={k}: {times}")
     report(a, q, costs)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "quality": q, "cost": costs}, indent=2))
     return 0

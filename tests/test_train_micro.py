@@ -13,6 +13,7 @@ from conftest import tiny_model
 
 import paradapt as pa
 from paradapt.errors import ConfigError
+from paradapt.train import loop
 from paradapt.train.config import validate
 from paradapt.train.data import TokenizedDataset, length_buckets
 from paradapt.train.loop import Task, TrainArgs, Trainer
@@ -51,9 +52,14 @@ def test_length_buckets_token_cap_and_tolerance():
     capped = length_buckets(lengths, 1, max_tokens=64)
     assert all(len(g) * max(lengths[i] for i in g) <= 64 for g in capped)
     assert len(capped) == 3  # 29, 30, 31 need two (3 x 31 > 64); the five short rows fit one (5 x 8)
-    # the fewest groups (<= 8) whose padding is within 5% of the 119 real tokens: 4
-    assert len(length_buckets(lengths, 8, pad_tolerance=0.05)) == 4
-    assert length_buckets([10] * 6, 4, pad_tolerance=0.05) == [list(range(6))]  # no padding to save
+    # as many micro-batches as minimise padded tokens + forward_cost each (brute force agrees)
+    six = lengths[:6]
+    for cost in (0.5, 4, 20, 64, 1000):
+        got = length_buckets(six, 6, forward_cost=cost)
+        want = min(best_padding(six, g) + cost * g for g in range(1, 7))
+        assert padded(six, got) + cost * len(got) == want, cost
+    assert len(length_buckets(lengths, 8, forward_cost=1000)) == 1
+    assert length_buckets([10] * 6, 4, forward_cost=1) == [list(range(6))]  # no padding to save
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         length_buckets(lengths, 1, max_tokens=20)
 
@@ -106,7 +112,9 @@ def adapter_grads(tr: Trainer) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "micro", [{"micro_batches": 2}, {"micro_batches": "auto"}, {"micro_batch_tokens": 40}]
 )
-def test_micro_batches_give_the_one_forward_gradients_and_losses(micro):
+def test_micro_batches_give_the_one_forward_gradients_and_losses(micro, monkeypatch):
+    # tiny rows (3-14 tokens) save less than 64 tokens a forward: let auto split them
+    monkeypatch.setattr(loop, "AUTO_FORWARD_COST_TOKENS", 4)
     names = ["a", "b", "c"]
     data = {n: cls_varlen(24, i) for i, n in enumerate(names)}
     base = bert_with(names)
@@ -184,7 +192,7 @@ def test_resume_with_micro_batches_and_dropout_continues_the_same_curve():
         model = tiny_model("bert")  # dropout 0.1: masks must come out the same after resuming
         for n in names:
             pa.add_adapter(model, n, pa.ParallelConfig(r=4, head={"num_labels": 2, "dropout": 0.1}))
-        args = TrainArgs(max_steps=6, batch_size=8, log_every=1, warmup_steps=2, micro_batches="auto")
+        args = TrainArgs(max_steps=6, batch_size=8, log_every=1, warmup_steps=2, micro_batches=2)
         tr = Trainer(model, [Task(n, data[n]) for n in names], args)
         if state is not None:
             tr.load_state_dict(state)

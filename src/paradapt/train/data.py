@@ -749,7 +749,7 @@ def length_buckets(
     lengths: Sequence[int],
     parts: int,
     max_tokens: int | None = None,
-    pad_tolerance: float | None = None,
+    forward_cost: float | None = None,
 ) -> list[list[int]]:
     """Row indices grouped into micro-batches that are padded as little as possible.
 
@@ -758,9 +758,9 @@ def length_buckets(
     dynamic programme over the cut points; some optimal partition into g groups is always
     such a run of the sorted rows, so no other grouping into g micro-batches pads less.
 
-    * ``pad_tolerance=None``: exactly ``parts`` micro-batches (fewer only when there are fewer rows);
-    * ``pad_tolerance=t``: the fewest micro-batches, at most ``parts``, whose padded tokens are
-      within ``(1 + t)`` x the real tokens (``parts`` when none is);
+    * ``forward_cost=None``: exactly ``parts`` micro-batches (fewer only when there are fewer rows);
+    * ``forward_cost=c``: at most ``parts`` micro-batches, as many as minimise padded tokens +
+      ``c`` x micro-batches (``c``: the fixed cost of one forward and backward, in tokens);
     * ``max_tokens``: no micro-batch holds more padded tokens (more micro-batches when needed).
       A row longer than ``max_tokens`` is an error (the trainer checks the data up front).
 
@@ -788,18 +788,23 @@ def length_buckets(
     real = float(sum(lengths))
     best = torch.full((n + 1,), math.inf, dtype=torch.float64)
     best[0] = 0.0
-    choices: list[torch.Tensor] = []  # per group count: the best start of the last group, per end
+    choices: list[torch.Tensor] = []  # per group count g: the best start of the g-th group, per end
     parts = min(parts, n)
+    chosen, score = 0, math.inf  # the group count kept, and its padded tokens + forward costs
     while True:
         best, arg = (best.unsqueeze(1) + cost).min(0)
         choices.append(arg)
         g, total = len(choices), float(best[n])
-        if math.isfinite(total) and (
-            g >= parts or (pad_tolerance is not None and total <= (1 + pad_tolerance) * real)
-        ):
+        if not math.isfinite(total):
+            continue  # max_tokens needs more micro-batches
+        here = total + (forward_cost or 0.0) * g
+        if here < score or forward_cost is None:  # without a cost: the last count, ``parts``
+            chosen, score = g, here
+        # more micro-batches cannot pad less than the real tokens: stop once they cannot win
+        if g >= parts or (forward_cost is not None and real + forward_cost * (g + 1) >= score):
             break
     cuts, end = [n], n
-    for arg in reversed(choices):
+    for arg in reversed(choices[:chosen]):
         end = int(arg[end])
         cuts.append(end)
     cuts.reverse()

@@ -51,7 +51,9 @@ from ..io import save_adapter
 from . import distributed
 from .data import IGNORE_INDEX, TokenizedDataset, length_buckets, seeded_order
 
-AUTO_PAD_TOLERANCE = 0.05  # micro_batches "auto": stop splitting once padding is this small
+# micro_batches "auto" on CPU: the fixed cost of one forward + backward, in tokens (MiniLM on
+# one core: ~70 ms a step plus ~1.2 ms a token; benchmarks/RESULTS.md "train_multi.py")
+AUTO_FORWARD_COST_TOKENS = 64
 
 
 @dataclass
@@ -180,22 +182,24 @@ class Trainer:
     def _plan(self, rows: list[dict]) -> list[list[int]]:
         """This rank's rows split into micro-batches (row indices), by ``data.length_buckets``.
 
-        ``micro_batches: auto`` on CPU splits a mixed batch into at most one micro-batch per
-        adapter, stopping as soon as padding is within 5% of the real tokens: K forwards of
-        length-sorted rows never pad more than K separate runs of b rows, and the pool of all
-        tasks' rows pads far less. On CUDA ``auto`` is one forward (small steps are bound by
-        kernel launches, not by the padded FLOPs); ``micro_batch_tokens`` adds forwards there too.
+        ``micro_batches: auto`` on CPU, where a step costs about its padded tokens plus a small
+        fixed cost per forward, picks the count that minimises padded tokens + 64 tokens per
+        forward: a mixed batch of SST-2 and AG News rows becomes several length buckets, a batch
+        of equal-length rows stays one forward. On CUDA ``auto`` is one forward (small steps are
+        bound by kernel launches rather than padded FLOPs; not measured here), and
+        ``micro_batch_tokens`` adds forwards there too.
         """
         mb = self.args.micro_batches
+        cost: float | None = None
         if mb == "auto":
             on_cuda = next(self.model.parameters()).device.type == "cuda"
-            parts, tolerance = (1, None) if on_cuda else (len(self.tasks), AUTO_PAD_TOLERANCE)
+            parts, cost = (1, None) if on_cuda else (len(rows), AUTO_FORWARD_COST_TOKENS)
         else:
-            parts, tolerance = int(mb), None
+            parts = int(mb)
         if parts == 1 and self.args.micro_batch_tokens is None:
             return [list(range(len(rows)))]
         lengths = [len(ex["input_ids"]) for ex in rows]
-        return length_buckets(lengths, parts, self.args.micro_batch_tokens, tolerance)
+        return length_buckets(lengths, parts, self.args.micro_batch_tokens, cost)
 
     def _recompute_contexts(self) -> tuple:
         """For activation checkpointing: the layer's recompute (in backward, after the forward's
