@@ -325,3 +325,34 @@ def test_cli_twin_bad_knobs_and_cost_file(tmp_path, capsys):
         == 2
     )
     assert "none.json" in capsys.readouterr().err
+
+
+def test_profile_measures_a_cost_model_on_the_real_engine(tmp_path):
+    from paradapt.twin.profile import profile
+
+    model = tiny_model("llama")
+    cost = profile(
+        model,
+        ranks=(4, 8),
+        scenarios=3,
+        copies=1,
+        move_repeats=1,
+        workload_rates=(20.0,),
+        workload_seconds=0.5,
+        log=lambda s: None,
+    )
+    assert cost.fit["steps"] > 10 and cost.fit["held_out"]["n"] > 0 and "mape" in cost.fit["train"]
+    assert cost.fingerprint["model_config"] and cost.fingerprint["cores"] and cost.fingerprint["torch"]
+    assert sum(cost.step.values()) > 0 and all(v >= 0 for v in cost.step.values())
+    assert cost.moves["load_host"][0] + cost.moves["load_host"][1] > 0
+    assert cost.adapter_bytes("lora", 8) > cost.adapter_bytes("lora", 4) > 0
+    assert cost.kv_bytes_per_token == 2 * 2 * 2 * 8 * 4  # K and V, 2 layers, 2 kv heads of 8, float32
+    back = CostModel.load(cost.save(tmp_path / "c.json"))
+    assert back.to_dict() == cost.to_dict()
+    assert pa_bare(model)
+
+
+def pa_bare(model) -> bool:
+    import paradapt as pa
+
+    return not pa.list_adapters(model)

@@ -266,8 +266,13 @@ class CostModel:
 
 
 def fit_linear(rows: Sequence[Sequence[float]], y: Sequence[float], *, relative: bool = True) -> list[float]:
-    """Non-negative least squares ``y ~ X c`` (columns scaled first; ``relative`` weighs rows by 1/y,
-    so the fit minimises relative error, as the twin's sums of step times need)."""
+    """Non-negative least squares ``y ~ X c`` on scaled columns.
+
+    ``relative`` minimises relative error, weighing each row by 1 / its *predicted* time
+    (iteratively reweighted, starting from 1 / observed): weights from the observations would
+    favour the rows that happened to run fast and bias every prediction low, and the twin sums
+    many predicted steps, so an unbiased mean is what its throughput needs.
+    """
     import numpy as np
     from scipy.optimize import nnls
 
@@ -275,10 +280,14 @@ def fit_linear(rows: Sequence[Sequence[float]], y: Sequence[float], *, relative:
     t = np.asarray(y, dtype=float)
     if X.ndim != 2 or X.shape[0] != t.shape[0] or X.shape[0] == 0:
         raise ConfigError("samples", f"need a non-empty matrix of samples with one time each, got {X.shape}")
-    w = 1.0 / np.maximum(t, 1e-9) if relative else np.ones_like(t)
     scale = np.abs(X).max(axis=0)
     scale[scale == 0] = 1.0
-    coef, _ = nnls((X / scale) * w[:, None], t * w, maxiter=50 * X.shape[1])
+    Xs = X / scale
+    floor = max(float(np.median(t)) * 1e-3, 1e-12)
+    w = 1.0 / np.maximum(t, floor) if relative else np.ones_like(t)
+    for _ in range(4 if relative else 1):
+        coef, _ = nnls(Xs * w[:, None], t * w, maxiter=50 * X.shape[1])
+        w = 1.0 / np.maximum(Xs @ coef, floor)
     return (coef / scale).tolist()
 
 

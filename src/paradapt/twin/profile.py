@@ -98,11 +98,13 @@ def build_adapter_root(
     for kind, rank in sorted({(a.kind, a.rank) for a in adapters}):
         for t in range(TEMPLATES):
             name = f"t-{kind}-{rank}-{t}"
+            templates[(kind, rank, t)] = tdir / name
+            if (tdir / name).is_dir():  # made by an earlier call for the same root
+                continue
             pa.add_adapter(model, name, adapter_config(kind, rank))
             with torch.no_grad():  # non-zero weights: a stand-in for training
                 for p in model.paradapt[name].parameters():
                     p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-            templates[(kind, rank, t)] = tdir / name
             pa.save_adapter(model, name, tdir / name)
             pa.remove_adapter(model, name)
     for i, a in enumerate(adapters):
@@ -212,6 +214,53 @@ def measure_moves(model, root: Path, names: Sequence[str], repeats: int, samples
     clear_adapters(model)
 
 
+def run_workload(
+    model,
+    root: Path,
+    config: EngineConfig,
+    kinds: Sequence[str],
+    ranks: Sequence[int],
+    rate: float,
+    seconds: float,
+    seed: int,
+    samples: Samples,
+    idx: int,
+) -> dict[str, tuple[str, int]]:
+    """Replay a synthetic workload on the real engine (wall clock) and keep its traced steps.
+
+    The designed scenarios cover the shapes; these runs add the shapes serving actually makes
+    (a moderate rate, and a saturating one whose steps are full), in their real proportions.
+    Their steps are grouped 20 at a time into scenarios for the held-out split.
+    """
+    from ..serve.workload import WorkloadSpec
+    from .replay import RealBackend, replay
+
+    spec = WorkloadSpec(
+        num_adapters=24,
+        rate=rate,
+        duration=seconds,
+        alpha=0.5,
+        input_len=(8, 128),
+        output_len=(8, 64),
+        ranks=list(ranks),
+        kinds=list(kinds),
+        seed=seed,
+        adapter_prefix=f"prof{idx}",
+    )
+    workload = spec.generate()
+    build_adapter_root(model, root, workload.adapters, seed)
+    clear_adapters(model)
+    clock = RealBackend.make_clock()
+    engine = Engine(model, root, config, clock=clock)
+    engine.enable_trace()
+    replay(workload, RealBackend(engine, clock, vocab=model.config.vocab_size, seed=seed))
+    for k, t in enumerate(engine.trace):
+        samples.steps.append((idx + k // 20, t))
+        samples.moves.extend((m.op, m.size, m.seconds) for m in t.moves)
+    clear_adapters(model)
+    return {a.name: (a.kind, a.rank) for a in workload.adapters}
+
+
 # -- fitting -------------------------------------------------------------------------------------------
 
 
@@ -276,6 +325,8 @@ def profile(
     move_repeats: int = 2,
     token_budget: int = 256,
     max_running: int = 32,
+    workload_rates: Sequence[float] = (3.0, 30.0),
+    workload_seconds: float = 8.0,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> CostModel:
@@ -308,6 +359,21 @@ def profile(
         warm = Samples([], [], [])
         for i, sc in enumerate(plan):
             run_scenario(model, root, sc, config, rng, warm if i < 2 else samples, i)
+        for j, rate in enumerate(workload_rates):
+            info.update(
+                run_workload(
+                    model,
+                    root,
+                    config,
+                    kinds,
+                    ranks,
+                    rate,
+                    workload_seconds,
+                    seed + 1 + j,
+                    samples,
+                    1000 * (j + 1),
+                )
+            )
         measure_moves(model, root, [a.name for a in adapters], move_repeats, samples)
         step, fit = fit_steps(samples, info, kinds)
         fit["steps"] = len(samples.steps)

@@ -1,0 +1,290 @@
+"""How well does the digital twin predict the real engine? Predicted vs measured over many workloads.
+
+Each workload (S-LoRA-style, :class:`paradapt.serve.workload.WorkloadSpec`) runs twice, with the
+same replay driver (:func:`paradapt.twin.replay.replay`) and the same metric definitions
+(:func:`paradapt.twin.metrics.summarize`):
+
+- **real**: the real decoder :class:`~paradapt.serve.engine.Engine`, in process (no HTTP, no
+  tokenizer), on the wall clock: requests are queued at their arrival times between steps,
+  every step is a real packed forward of the random Llama-style decoder of
+  ``benchmarks/serve_load.py`` (hidden 512, 8 layers) with real adapter folders read, attached
+  and evicted;
+- **twin**: :func:`paradapt.twin.simulate`, the engine's own scheduler and cache code on a
+  simulated clock, priced by the cost model profiled in the same run (``paradapt profile``'s
+  code) or given with ``--cost``.
+
+Workloads span alpha (1, 0.5, 0.1), rate (below and above the knee), adapter count (20 to 500),
+rank and kind mixes and (max_served, max_slots), a few with ``device_memory`` (slots cost KV
+pages) and a short starvation guard. Reported: SMAPE per metric over the workloads (throughput,
+TTFT p50/p90, TPOT p50/p90, adapter loads), the twin's speed-up over the real run, the error of
+the summed step times (real trace vs cost model on the real steps: what drives the throughput
+error), and a PNG of predicted vs real.
+
+    python benchmarks/twin_accuracy.py --threads 1                   # ~10 min
+    python benchmarks/twin_accuracy.py --threads 1 --quick           # ~2 min, 4 workloads
+    python benchmarks/twin_accuracy.py --threads 1 --cost cost.json  # skip the profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from paradapt.serve.engine import Engine
+from paradapt.serve.workload import WorkloadSpec
+from paradapt.twin import CostModel, RealBackend, replay, simulate, summarize
+from paradapt.twin.profile import build_adapter_root, build_model, clear_adapters, profile
+from paradapt.twin.sim import engine_config
+
+METRICS = ("throughput", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "loads")
+SHORT = dict(input_len=(8, 64), output_len=(8, 32))
+MIX3 = dict(ranks=[8, 16, 32], kinds=["lora", "parallel", "series"])
+
+
+def workloads(duration: float) -> list[tuple[str, WorkloadSpec, dict]]:
+    """(label, spec, engine knobs incl. max_served/max_slots): the validation set."""
+    rows = [
+        # label, adapters, rate, alpha, mix, served, slots, extra knobs
+        ("a1 low", 100, 1.0, 1.0, MIX3, 32, 8, {}),
+        ("a1 mid", 100, 3.0, 1.0, MIX3, 32, 8, {}),
+        ("a1 high", 100, 6.0, 1.0, MIX3, 32, 8, {}),
+        ("a0.1 mid", 100, 3.0, 0.1, MIX3, 16, 4, {}),
+        ("a0.1 high", 100, 6.0, 0.1, MIX3, 16, 4, {}),
+        ("a0.5 slots1", 50, 2.5, 0.5, MIX3, 8, 1, {"starvation_after": 3.0}),
+        ("a0.5 slots2", 50, 4.0, 0.5, MIX3, 4, 2, {}),
+        ("n500 a1", 500, 3.0, 1.0, MIX3, 64, 16, {}),
+        ("n20 lora", 20, 4.0, 1.0, dict(ranks=[8], kinds=["lora"]), 20, 8, {}),
+        ("r32 parallel", 50, 3.0, 0.5, dict(ranks=[32], kinds=["parallel"]), 16, 8, {}),
+        ("series r8/16", 50, 5.0, 0.3, dict(ranks=[8, 16], kinds=["series"]), 8, 4, {}),
+        ("mem slots4", 100, 4.0, 0.5, MIX3, 32, 4, {"device_memory": 96 * 2**20}),
+        ("mem slots16", 100, 4.0, 0.5, MIX3, 32, 16, {"device_memory": 96 * 2**20}),
+        ("burst cv3", 100, 3.0, 0.5, MIX3, 16, 8, {"cv": 3.0}),
+        ("long prompts", 100, 1.5, 1.0, {**MIX3}, 32, 8, {"input_len": (64, 256)}),
+        ("a0.1 overload", 200, 9.0, 0.1, MIX3, 8, 8, {}),
+    ]
+    out = []
+    for i, (label, n, rate, alpha, mix, served, slots, extra) in enumerate(rows):
+        spec_kw = {k: extra.pop(k) for k in ("cv", "input_len") if k in extra}
+        spec = WorkloadSpec(
+            num_adapters=n,
+            rate=rate,
+            duration=duration,
+            alpha=alpha,
+            **{**SHORT, **spec_kw},
+            **mix,
+            seed=100 + i,
+            adapter_prefix=f"w{i:02d}",
+        )
+        out.append((label, spec, {"max_served": served, "max_slots": slots, **extra}))
+    return out
+
+
+class Clock:
+    """Seconds since :meth:`reset` (the real engine's clock; the replay starts it)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def run_real(model, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel) -> tuple[dict, dict]:
+    """The workload on the real engine; returns its metrics and the step-time check of the cost model."""
+    workload = spec.generate()
+    clear_adapters(model)
+    clock = Clock()
+    cfg = engine_config(queue_bound=max(1, len(workload.requests)), **knobs)
+    engine = Engine(model, root, cfg, clock=clock)
+    engine.enable_trace()
+    backend = RealBackend(engine, clock, vocab=model.config.vocab_size, seed=spec.seed)
+    clock.reset()
+    log = replay(workload, backend)
+    result = summarize(log)
+    info = {a.name: (a.kind, a.rank) for a in workload.adapters}
+    real_s = sum(t.seconds for t in engine.trace)
+    pred_s = sum(cost.step_time(t.shape, info) for t in engine.trace)
+    real_m = sum(m.seconds for t in engine.trace for m in t.moves)
+    pred_m = sum(cost.move_time(m.op, m.size) for t in engine.trace for m in t.moves)
+    buckets: dict[str, list[float]] = {}
+    for t in engine.trace:
+        b = buckets.setdefault(bucket(t.shape), [0, 0.0, 0.0])
+        b[0] += 1
+        b[1] += t.seconds
+        b[2] += cost.step_time(t.shape, info)
+    check = {
+        "buckets": buckets,
+        "steps": len(engine.trace),
+        "step_s": real_s,
+        "step_err": 100 * (pred_s - real_s) / max(real_s, 1e-9),
+        "move_s": real_m,
+        "move_err": 100 * (pred_m - real_m) / max(real_m, 1e-9),
+        "busy": (real_s + real_m) / spec.duration,
+    }
+    clear_adapters(model)
+    return result.to_dict(), check
+
+
+def bucket(shape) -> str:
+    """Step kinds for the residual table: what a linear step-time model may get wrong differently."""
+    if shape.prefill_tokens == 0:
+        return "decode 1-7" if shape.decodes < 8 else "decode 8+"
+    return "prefill only" if shape.decodes == 0 else "prefill+decode"
+
+
+def smape(pred: list[float], real: list[float]) -> float:
+    """Symmetric MAPE in %, over pairs where either is non-zero and both are numbers."""
+    terms = [
+        2 * abs(p - r) / (abs(p) + abs(r))
+        for p, r in zip(pred, real, strict=True)
+        if not (math.isnan(p) or math.isnan(r)) and (p or r)
+    ]
+    return 100 * sum(terms) / len(terms) if terms else float("nan")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8))
+    for ax, m in zip(axes.flat, METRICS, strict=True):
+        r = [row["real"][m] for row in rows]
+        p = [row["twin"][m] for row in rows]
+        ax.scatter(r, p, s=18)
+        good = [v for v in r + p if not math.isnan(v)]
+        lo, hi = (min(good), max(good)) if good else (0, 1)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_title(f"{m}  (SMAPE {smape(p, r):.1f}%)")
+        ax.set_xlabel("real engine")
+        ax.set_ylabel("twin")
+    fig.suptitle("paradapt twin vs the real engine (benchmarks/twin_accuracy.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> str:
+    lines = [
+        f"Command: `python benchmarks/twin_accuracy.py {' '.join(sys.argv[1:])}`; {len(rows)} workloads, "
+        f"{args.duration:g} s windows, real engine in process (no HTTP), torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load average before/after {load}; total {total:.0f} s.",
+        "",
+        "| workload | S/K | rate | real tok/s | twin tok/s | ideal | real TTFT p50/p90 s | twin | "
+        "real TPOT p50/p90 ms | twin | loads real/twin | step-time err | twin speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r, t, c = row["real"], row["twin"], row["check"]
+        lines.append(
+            f"| {row['label']} | {row['knobs']['max_served']}/{row['knobs']['max_slots']} | {row['rate']:g} | "
+            f"{r['throughput']:.1f} | {t['throughput']:.1f} | {r['ideal_throughput']:.1f} | "
+            f"{r['ttft_p50']:.2f}/{r['ttft_p90']:.2f} | {t['ttft_p50']:.2f}/{t['ttft_p90']:.2f} | "
+            f"{1e3 * r['tpot_p50']:.0f}/{1e3 * r['tpot_p90']:.0f} | {1e3 * t['tpot_p50']:.0f}/{1e3 * t['tpot_p90']:.0f} | "
+            f"{r['loads']}/{t['loads']} | {c['step_err']:+.1f}% | {row['speedup']:.0f}x |"
+        )
+    lines += ["", "| metric | SMAPE % |", "|---|---|"]
+    for m in (*METRICS, "requests_per_s"):
+        lines.append(f"| {m} | {smape([x['twin'][m] for x in rows], [x['real'][m] for x in rows]):.2f} |")
+    sp = sorted(x["speedup"] for x in rows)
+    lines.append(f"| twin speed-up (min / median) | {sp[0]:.0f}x / {sp[len(sp) // 2]:.0f}x |")
+    agree = sum(x["real"]["starvation_free"] == x["twin"]["starvation_free"] for x in rows)
+    lines.append(f"| starvation verdict agrees | {agree}/{len(rows)} |")
+    totals: dict[str, list[float]] = {}
+    for row in rows:
+        for k, (n, real_s, pred_s) in row["check"]["buckets"].items():
+            t = totals.setdefault(k, [0, 0.0, 0.0])
+            t[0], t[1], t[2] = t[0] + n, t[1] + real_s, t[2] + pred_s
+    lines += ["", "Residuals of the cost model on the real runs' traced steps (all workloads):", ""]
+    lines += ["| step kind | steps | real s | predicted s | error of the sum |", "|---|---|---|---|---|"]
+    for k, (n, real_s, pred_s) in sorted(totals.items()):
+        lines.append(
+            f"| {k} | {n} | {real_s:.1f} | {pred_s:.1f} | {100 * (pred_s - real_s) / real_s:+.1f}% |"
+        )
+    held = cost.fit.get("held_out", {})
+    lines.append(
+        f"\nCost model: {cost.fit.get('steps')} profiled steps, held-out step MAPE {held.get('mape')}%, "
+        f"R^2 {held.get('r2')}, held-out sum error {held.get('sum_err')}%; profile {cost.fit.get('seconds')} s."
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per workload")
+    p.add_argument("--cost", type=Path, help="a cost model from paradapt profile (default: profile now)")
+    p.add_argument("--scenarios", type=int, default=40, help="profile scenarios")
+    p.add_argument("--quick", action="store_true", help="4 workloads of 8 s")
+    p.add_argument("--only", type=str, help="comma-separated workload indices")
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/twin_accuracy"), help="prefix of .png/.json/.md"
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    if args.quick:
+        args.duration = 8.0
+    specs = workloads(args.duration)
+    if args.quick:
+        specs = [specs[i] for i in (0, 2, 4, 11)]
+    if args.only:
+        specs = [specs[int(i)] for i in args.only.split(",")]
+    model = build_model()
+    if args.cost:
+        cost = CostModel.load(args.cost)
+    else:
+        cost = profile(model, scenarios=args.scenarios)
+        cost.save(args.out.with_suffix(".cost.json"))
+    print(cost.describe(), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="twin_accuracy-"))
+    adapters = [a for _, s, _ in specs for a in s.generate().adapters]
+    root = build_adapter_root(model, work / "adapters", adapters)
+    clear_adapters(model)
+    warm = WorkloadSpec(num_adapters=10, rate=4.0, duration=3.0, **SHORT, **MIX3, adapter_prefix="warm")
+    build_adapter_root(model, root, warm.generate().adapters)
+    run_real(model, root, warm, {"max_served": 8, "max_slots": 4}, cost)  # warm-up, not reported
+    rows = []
+    for label, spec, knobs in specs:
+        real, check = run_real(model, root, spec, knobs, cost)
+        twin = simulate(spec, cost, **knobs).to_dict()
+        row = {"label": label, "rate": spec.rate, "spec": spec.to_dict(), "knobs": knobs}
+        row.update(
+            real=real, twin=twin, check=check, speedup=real["sim_seconds"] / max(twin["sim_seconds"], 1e-9)
+        )
+        rows.append(row)
+        print(
+            f"{label:<14} real {real['throughput']:7.1f} tok/s  twin {twin['throughput']:7.1f}  "
+            f"ideal {real['ideal_throughput']:7.1f}  TTFT p50 {real['ttft_p50']:.2f}/{twin['ttft_p50']:.2f}  "
+            f"TPOT p50 {1e3 * real['tpot_p50']:.0f}/{1e3 * twin['tpot_p50']:.0f} ms  loads {real['loads']}/{twin['loads']}  "
+            f"step-time err {check['step_err']:+.1f}%  move err {check['move_err']:+.0f}%  busy {check['busy']:.2f}  "
+            f"speed-up {row['speedup']:.0f}x",
+            flush=True,
+        )
+    load = f"{load0:.1f}/{os.getloadavg()[0]:.1f}"
+    md = report(rows, args, cost, load, time.perf_counter() - t0)
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, args.out.with_suffix(".png"))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"rows": rows, "cost": cost.to_dict()}, indent=1, default=str)
+    )
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(f"saved {args.out.with_suffix('.png')}, .json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
