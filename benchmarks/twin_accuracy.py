@@ -55,20 +55,20 @@ def workloads(duration: float) -> list[tuple[str, WorkloadSpec, dict]]:
         # label, adapters, rate, alpha, mix, served, slots, extra knobs
         ("a1 low", 100, 1.0, 1.0, MIX3, 32, 8, {}),
         ("a1 mid", 100, 3.0, 1.0, MIX3, 32, 8, {}),
-        ("a1 high", 100, 6.0, 1.0, MIX3, 32, 8, {}),
+        ("a1 high", 100, 8.0, 1.0, MIX3, 32, 8, {}),
         ("a0.1 mid", 100, 3.0, 0.1, MIX3, 16, 4, {}),
-        ("a0.1 high", 100, 6.0, 0.1, MIX3, 16, 4, {}),
+        ("a0.1 high", 100, 8.0, 0.1, MIX3, 16, 4, {}),
         ("a0.5 slots1", 50, 2.5, 0.5, MIX3, 8, 1, {"starvation_after": 3.0}),
         ("a0.5 slots2", 50, 4.0, 0.5, MIX3, 4, 2, {}),
         ("n500 a1", 500, 3.0, 1.0, MIX3, 64, 16, {}),
         ("n20 lora", 20, 4.0, 1.0, dict(ranks=[8], kinds=["lora"]), 20, 8, {}),
         ("r32 parallel", 50, 3.0, 0.5, dict(ranks=[32], kinds=["parallel"]), 16, 8, {}),
-        ("series r8/16", 50, 5.0, 0.3, dict(ranks=[8, 16], kinds=["series"]), 8, 4, {}),
+        ("series r8/16", 50, 6.0, 0.3, dict(ranks=[8, 16], kinds=["series"]), 8, 4, {}),
         ("mem slots4", 100, 4.0, 0.5, MIX3, 32, 4, {"device_memory": 96 * 2**20}),
         ("mem slots16", 100, 4.0, 0.5, MIX3, 32, 16, {"device_memory": 96 * 2**20}),
         ("burst cv3", 100, 3.0, 0.5, MIX3, 16, 8, {"cv": 3.0}),
         ("long prompts", 100, 1.5, 1.0, {**MIX3}, 32, 8, {"input_len": (64, 256)}),
-        ("a0.1 overload", 200, 9.0, 0.1, MIX3, 8, 8, {}),
+        ("a0.1 overload", 200, 12.0, 0.1, MIX3, 8, 8, {}),
     ]
     out = []
     for i, (label, n, rate, alpha, mix, served, slots, extra) in enumerate(rows):
@@ -223,7 +223,7 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per workload")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per workload")
     p.add_argument("--cost", type=Path, help="a cost model from paradapt profile (default: profile now)")
     p.add_argument("--scenarios", type=int, default=40, help="profile scenarios")
     p.add_argument("--quick", action="store_true", help="4 workloads of 8 s")

@@ -223,6 +223,7 @@ def test_cost_fit_recovers_known_coefficients():
             context=0,
             adapter_tokens=per,
             device_loads=rng.randint(0, 2),
+            resident=rng.randint(0, 16),
         )
         f = featurize(shape, info, kinds)
         rows.append([f[n] for n in names])

@@ -2,7 +2,8 @@
 
 A step's time is linear in counts the scheduler knows before the model runs
 (:class:`~paradapt.serve.core.StepShape`): a fixed cost per step, per token, per sequence,
-per sampled token, per attended KV position, per adapter attached since the last step, and
+per sampled token, per attended KV position, per adapter attached since the last step, per adapter resident on
+the device (attached adapters cost a little even when a step does not route to them), and
 per adapter kind ``k`` the distinct adapters of that kind in the step and the tokens routed
 through them times their rank. Adapter moves cost ``a + b * bytes`` per operation (disk ->
 host, host -> device, the two evictions). Coefficients are non-negative (time never goes down
@@ -36,7 +37,7 @@ FORMAT = "paradapt-costmodel/1"
 #: measured by ``paradapt profile --threads 1`` on the machine that built this release.
 DEFAULT_COST = Path(__file__).with_name("default_cost.json")
 MOVE_OPS = ("load_host", "load_device", "evict_device", "evict_host")
-BASE_FEATURES = ("step", "tokens", "seqs", "samplers", "attention", "device_loads")
+BASE_FEATURES = ("step", "tokens", "seqs", "samplers", "attention", "device_loads", "resident")
 #: Model config keys that decide its speed (the model part of a fingerprint).
 MODEL_KEYS = (
     "model_type",
@@ -69,6 +70,7 @@ def featurize(
         "samplers": float(shape.samplers),
         "attention": float(shape.attention),
         "device_loads": float(shape.device_loads),
+        "resident": float(shape.resident),
     }
     for k in kinds:
         f[f"adapters_{k}"] = 0.0

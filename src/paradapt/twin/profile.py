@@ -135,6 +135,7 @@ class Scenario:
     prefill: int
     adapters: tuple[str, ...]
     steps: int
+    extra: tuple[str, ...] = ()  # adapters made resident first (one-token requests), not used after
 
 
 def design(
@@ -151,8 +152,10 @@ def design(
             c //= 2
         a = min(d, rng.choice([0, 1, 1, 2, 4, 8]))
         p = min(rng.choice([0, 0, 16, 64, 128, 224]), token_budget - d)
-        names = tuple(x.name for x in rng.sample(list(adapters), a)) if a else ()
-        out.append(Scenario(d, c, max(p, 0), names, steps=4))
+        picked = rng.sample(list(adapters), min(len(adapters), a + 12))
+        names = tuple(x.name for x in picked[:a])
+        extra = tuple(x.name for x in picked[a:])[: rng.choice([0, 0, 4, 12])]
+        out.append(Scenario(d, c, max(p, 0), names, steps=4, extra=extra))
     return out
 
 
@@ -181,6 +184,9 @@ def run_scenario(
         engine.add_request(prompt, adapter, SamplingParams(max_new_tokens=n_new, ignore_eos=True))
         samples.submit.append(time.perf_counter() - t0)
 
+    for name in sc.extra:
+        add(4, 1, name)
+    engine.run()  # the extra adapters stay resident (LRU evicts only when the slots are full)
     for i in range(sc.decodes):
         add(sc.context, sc.steps + 64, sc.adapters[i % len(sc.adapters)] if sc.adapters else None)
     for _ in range(64):  # prefill the decoders (these steps are samples too)
@@ -347,7 +353,7 @@ def profile(
             num_blocks=(2048 + 64 * max_running + token_budget) // 16 + max_running + 8,
             token_budget=token_budget,
             max_running=max_running,
-            max_slots=min(8, len(adapters)),
+            max_slots=min(20, len(adapters)),
             max_served=len(adapters),
             prefetch=0,
         )

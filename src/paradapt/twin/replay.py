@@ -125,7 +125,7 @@ class RealBackend:
         self.clock = clock
         self._params = SamplingParams
         self._rng = random.Random(seed)
-        self._vocab = vocab
+        self._ids = range(3, vocab)
 
     @staticmethod
     def make_clock() -> Callable[[], float]:
@@ -142,7 +142,7 @@ class RealBackend:
             time.sleep(delay)
 
     def submit(self, req: WorkloadRequest) -> str:
-        prompt = [self._rng.randrange(3, self._vocab) for _ in range(req.prompt_len)]
+        prompt = self._rng.choices(self._ids, k=req.prompt_len)
         params = self._params(max_new_tokens=req.output_len, ignore_eos=True)
         return self.engine.add_request(prompt, req.adapter, params, request_id=f"w{req.id}").id
 
