@@ -357,3 +357,26 @@ def pa_bare(model) -> bool:
     import paradapt as pa
 
     return not pa.list_adapters(model)
+
+
+def test_model_fingerprint_of_a_folder_matches_the_loaded_models(tmp_path):
+    from paradapt.twin.costmodel import model_fingerprint, model_fingerprint_of_folder
+    from paradapt.twin.profile import build_model
+
+    model = build_model(layers=1, hidden=64)
+    model.save_pretrained(tmp_path / "m")
+    assert (
+        model_fingerprint_of_folder(tmp_path / "m")["model_config"]
+        == model_fingerprint(model.config.to_dict())["model_config"]
+    )
+    other = build_model(layers=2, hidden=64)
+    assert (
+        model_fingerprint(other.config.to_dict())["model_config"]
+        != model_fingerprint(model.config.to_dict())["model_config"]
+    )
+
+
+def test_cli_profile_bad_model_is_one_line(tmp_path, capsys):
+    assert cli.main(["profile", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err
