@@ -44,7 +44,76 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cache-dir", default="runs/plan/cache", help="search cache (default runs/plan/cache)")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--model-out", help="save the depth-4 model here (JSON)")
+    p.add_argument(
+        "--real",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also run K held-out workloads on the real engine (benchmarks/twin_accuracy.py's in-process "
+        "replay) at the recommended and at the searched configuration; needs --cost to be this machine's "
+        "profile of the default model (the shipped one is)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the real runs (default 1)")
     return p.parse_args()
+
+
+def spread(r: plan.SearchResult) -> float:
+    """How much the configuration matters for a workload: (best - worst) / best on its grid."""
+    worst = min(t.throughput for t in r.trials)
+    return (r.max_throughput - worst) / r.max_throughput if r.max_throughput > 0 else 0.0
+
+
+def confirm_real(
+    model: plan.PlanModel, test_set: list[plan.SearchResult], k: int, cost, threads: int
+) -> list[dict]:
+    """Run ``k`` held-out workloads on the real engine at the recommendation and the searched
+    optimum (and at (1, 1) when those coincide), picking those where the configuration matters most."""
+    import sys
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import twin_accuracy as ta  # the real in-process replay (same driver and metrics as the twin)
+
+    from paradapt.twin import simulate
+    from paradapt.twin.profile import build_adapter_root, build_model
+
+    torch.set_num_threads(threads)
+    picks = sorted((r for r in test_set if r.spec.num_adapters <= 200), key=spread, reverse=True)[:k]
+    net = build_model()
+    root = Path(tempfile.mkdtemp(prefix="plan_accuracy-")) / "adapters"
+    build_adapter_root(net, root, [a for r in picks for a in r.spec.generate().adapters])
+    rows = []
+    for r in picks:
+        rec = model.recommend(r.spec)
+        configs = {
+            "recommended": (rec.max_served, rec.max_slots),
+            "searched": (r.best.max_served, r.best.max_slots),
+        }
+        if configs["recommended"] == configs["searched"]:
+            configs["(1, 1)"] = (1, 1)
+        for name, (served, slots) in configs.items():
+            knobs = {"max_served": served, "max_slots": slots}
+            real, check = ta.run_real(net, root, r.spec, knobs, cost)
+            twin = simulate(r.spec, cost, **knobs)
+            rows.append(
+                {
+                    "workload": f"N={r.spec.num_adapters} rate={r.spec.rate:g} alpha={r.spec.alpha:g}",
+                    "config": name,
+                    "served_slots": (served, slots),
+                    "real": real["throughput"],
+                    "twin": twin.throughput,
+                    "ideal": twin.ideal_throughput,
+                    "step_err": check["step_err"],
+                }
+            )
+            print(
+                f"  {rows[-1]['workload']:<32} {name:<11} {served:>3}/{slots:<3} real {real['throughput']:7.1f} "
+                f"twin {twin.throughput:7.1f} tok/s (ideal {twin.ideal_throughput:.1f})",
+                flush=True,
+            )
+    return rows
 
 
 def baseline_errors(results: list[plan.SearchResult]) -> dict[str, float]:
@@ -127,6 +196,10 @@ def main() -> None:
     if args.model_out:
         chosen.meta.update({"heldout_tree": s_tree4, "heldout_linear": s_lin, "cost": plan.cost_key(cost)})
         chosen.save(args.model_out)
+    if args.real:
+        print(f"\nreal engine, {args.real} held-out workloads (threads {args.threads}):")
+        report["real"] = confirm_real(chosen, test_set, args.real, cost, args.threads)
+        print(f"load average after the real runs: {Path('/proc/loadavg').read_text().strip()}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

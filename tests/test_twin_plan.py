@@ -73,6 +73,7 @@ def test_features_match_a_hand_computed_spec():
     assert (f["input_mean"], f["output_mean"], f["cv"]) == (20, 8, 2.0)
     assert f["offered_tokens"] == pytest.approx(4.0 * 28)
     assert f["effective_adapters"] == pytest.approx(1 / (p0**2 + (1 - p0) ** 2))
+    assert f["batch_adapters"] == pytest.approx(2 - (1 - p0) ** 32 - p0**32)
     assert feature_vector(spec) == [f[n] for n in FEATURE_NAMES]
 
 

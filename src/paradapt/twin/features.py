@@ -6,7 +6,8 @@ its adapters' sizes; these are the same quantities, read off a
 feature vector is cheap, exact and the same for every seed of a spec. Stds are population
 stds (``ddof=0``); rank statistics weigh each rank by its share of the mix (the generator
 realises the mix exactly, so this is the adapters' own distribution up to rounding). Two
-derived features are added: offered tokens/s and the effective number of adapters.
+derived features are added: offered tokens/s, the effective number of adapters and the
+expected distinct adapters in a full step of 32 requests.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ FEATURE_NAMES: tuple[str, ...] = (
     "cv",
     "offered_tokens",
     "effective_adapters",
+    "batch_adapters",
 )
+
+#: Requests in a full step (the engine's default ``max_running``), for ``batch_adapters``.
+FULL_BATCH = 32
 
 
 def workload_features(spec: WorkloadSpec) -> dict[str, float]:
@@ -64,6 +69,9 @@ def workload_features(spec: WorkloadSpec) -> dict[str, float]:
     # under uniform popularity, ~1 when one adapter takes everything); slots track the latter
     feats["offered_tokens"] = spec.rate * (feats["input_mean"] + feats["output_mean"])
     feats["effective_adapters"] = spec.rate**2 / sum(r * r for r in rates)
+    # expected distinct adapters among FULL_BATCH requests drawn from the popularity law: the
+    # slots a full step would use, sum_i 1 - (1 - p_i)^32
+    feats["batch_adapters"] = sum(1 - (1 - r / spec.rate) ** FULL_BATCH for r in rates)
     return feats
 
 
