@@ -41,6 +41,7 @@ import torch
 from paradapt.serve.engine import Engine
 from paradapt.serve.workload import WorkloadSpec
 from paradapt.twin import CostModel, RealBackend, replay, simulate, summarize
+from paradapt.twin.costmodel import featurize
 from paradapt.twin.profile import build_adapter_root, build_model, clear_adapters, profile
 from paradapt.twin.sim import engine_config
 
@@ -123,7 +124,15 @@ def run_real(model, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
         b[0] += 1
         b[1] += t.seconds
         b[2] += cost.step_time(t.shape, info)
+    names = list(cost.step)
     check = {
+        "trace": {  # per step: cost features and measured seconds (for refits: --resim)
+            "features": names,
+            "rows": [
+                [round(v, 6) for v in featurize(t.shape, info, cost.kinds).values()] for t in engine.trace
+            ],
+            "seconds": [round(t.seconds, 6) for t in engine.trace],
+        },
         "buckets": buckets,
         "steps": len(engine.trace),
         "step_s": real_s,
@@ -220,6 +229,38 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
     return "\n".join(lines)
 
 
+def resim(args, specs) -> int:
+    """Twin only, against the real measurements saved by an earlier run (diagnosis of the cost model)."""
+    from paradapt.twin.costmodel import errors, fit_linear
+
+    saved = json.loads(args.resim.read_text())
+    rows = saved["rows"]
+    by_label = {
+        label: (spec, knobs) for label, spec, knobs in workloads(saved["rows"][0]["spec"]["duration"])
+    }
+    cost = CostModel.load(args.cost) if args.cost else CostModel.from_dict(saved["cost"])
+    if not args.cost:  # refit the step costs on the even workloads' real traces, judge on the odd ones
+        names = rows[0]["check"]["trace"]["features"]
+        X = [r for row in rows[::2] for r in row["check"]["trace"]["rows"]]
+        y = [t for row in rows[::2] for t in row["check"]["trace"]["seconds"]]
+        coef = fit_linear(X, y)
+        cost.step = dict(zip(names, coef, strict=True))
+        Xt = [r for row in rows[1::2] for r in row["check"]["trace"]["rows"]]
+        yt = [t for row in rows[1::2] for t in row["check"]["trace"]["seconds"]]
+        pred = [sum(c * x for c, x in zip(coef, r, strict=True)) for r in Xt]
+        cost.fit = {"held_out": errors(pred, yt), "steps": len(y), "seconds": 0}
+        print("refitted on the even workloads' traces; odd workloads' steps:", errors(pred, yt))
+    for row in rows:
+        spec, knobs = by_label[row["label"]]
+        t0 = time.perf_counter()
+        row["twin"] = simulate(spec, cost, **knobs).to_dict()
+        row["speedup"] = row["real"]["sim_seconds"] / (time.perf_counter() - t0)
+        row["check"]["buckets"] = {}
+    sel = rows if args.cost else rows[1::2]
+    print(report(sel, args, cost, "n/a (re-simulation)", 0.0))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -228,6 +269,12 @@ def main(argv=None) -> int:
     p.add_argument("--scenarios", type=int, default=40, help="profile scenarios")
     p.add_argument("--quick", action="store_true", help="4 workloads of 8 s")
     p.add_argument("--only", type=str, help="comma-separated workload indices")
+    p.add_argument(
+        "--resim",
+        type=Path,
+        help="a saved .json of an earlier run: re-run only the twin (with --cost, or a cost model refitted on "
+        "the real runs' traces of half the workloads, tested on the other half) against its real measurements",
+    )
     p.add_argument(
         "--out", type=Path, default=Path("benchmarks/twin_accuracy"), help="prefix of .png/.json/.md"
     )
@@ -242,6 +289,8 @@ def main(argv=None) -> int:
         specs = [specs[i] for i in (0, 2, 4, 11)]
     if args.only:
         specs = [specs[int(i)] for i in args.only.split(",")]
+    if args.resim:
+        return resim(args, specs)
     model = build_model()
     if args.cost:
         cost = CostModel.load(args.cost)
