@@ -87,7 +87,7 @@ def test_serve_subprocess_end_to_end_and_sigterm(llama_setup):
         proc.wait(timeout=60)
         assert proc.returncode == 0, proc.stderr.read()
         out = proc.stdout.read()
-        assert "2 adapters under" in out and f":{port}" in out
+        assert "2 adapters under" in out and f":{port}" in out and "1 torch threads" in out
         assert "drained" in proc.stderr.read()
     finally:
         if proc.poll() is None:
@@ -173,3 +173,29 @@ def test_server_process_reports_a_server_that_exits(tmp_path):
             server.wait_healthy(60)
     finally:
         assert server.stop() == 2
+
+
+@pytest.mark.parametrize(
+    "cores, torch_default, threads", [(1, 1, 1), (2, 2, 1), (4, 4, 3), (16, 8, 8), (16, 16, 15)]
+)
+def test_default_threads_leave_a_core_to_the_http_loop(monkeypatch, cores, torch_default, threads):
+    import torch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_default)
+    assert cli.default_threads() == threads
+
+
+def test_threads_flag_overrides_the_default(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(cli, "default_threads", lambda: 3)
+    model_dir = make_bert(tmp_path / "tiny-bert")
+    before = torch.get_num_threads()
+    try:
+        for flags, expected in (([], 3), (["--threads", "2"], 2)):
+            args = cli.build_parser().parse_args(["serve", "--model", str(model_dir), *flags])
+            _, info = cli.build_server_app(args)
+            assert info["threads"] == expected == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -434,7 +434,7 @@ def _engine_config(args, model, root: Path | None):
 
 
 def default_threads() -> int:
-    """Torch threads for the server: every core this process may use but one, and at least 1.
+    """Torch threads for the server: torch's own default, but leaving one usable core, at least 1.
 
     The engine thread's torch ops share the cores with the HTTP event loop (JSON, tokenizer) and
     the clients; on a 2-core machine 1 thread serves faster than 2 (benchmarks/serve_threads.py).
@@ -443,7 +443,7 @@ def default_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, min(torch.get_num_threads(), cores - 1))
 
 
 def build_server_app(args):
@@ -686,7 +686,8 @@ def _add_serve_parser(sub) -> None:
         "--threads",
         type=_positive,
         metavar="N",
-        help="torch CPU threads (default: the usable cores minus one, at least 1; printed at startup)",
+        help="torch CPU threads (default: torch's default but at most the usable cores minus one, "
+        "at least 1; printed at startup)",
     )
     serve.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
