@@ -249,7 +249,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(served):
             "stream": True,
         }
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
-            next(r.iter_lines())  # the first chunk arrived: the request is running
+            lines = r.iter_lines()  # kept: dropping the iterator would close the connection here
+            next(lines)  # the first chunk arrived: the request is running
             assert len(engine.scheduler.running) == 1
         for _ in range(400):  # the server notices the closed connection and cancels
             if not engine.scheduler.has_work():
