@@ -203,7 +203,7 @@ def sample_specs(
     seed: int,
     capacity: float,
     duration: float = 15.0,
-    load: tuple[float, float] = (0.2, 3.0),
+    load: tuple[float, float] = (0.1, 2.5),
     max_adapters: int = 512,
     kinds: Sequence[str] = TRAIN_KINDS,
 ) -> list[WorkloadSpec]:
@@ -599,12 +599,13 @@ def held_out_errors(
 
 
 def summarize_errors(errors: Sequence[HeldOutError]) -> dict[str, float]:
-    """Mean and max relative error (vs the searched optimum and vs the grid's best), and the
-    share of workloads predicted exactly right."""
+    """Mean and max relative error (vs the searched optimum and vs the grid's best), the share
+    of workloads predicted exactly right, and how many slots the predictions use vs the optima."""
     if not errors:
         raise ValueError("no held-out workloads")
     errs = [e.error for e in errors]
     vs_max = [e.error_vs_max for e in errors]
+    slots = [math.log2(e.predicted[1] / e.optimum[1]) for e in errors]
     return {
         "n": len(errs),
         "mean_error": sum(errs) / len(errs),
@@ -612,10 +613,12 @@ def summarize_errors(errors: Sequence[HeldOutError]) -> dict[str, float]:
         "mean_error_vs_max": sum(vs_max) / len(vs_max),
         "max_error_vs_max": max(vs_max),
         "exact_config": sum(e.predicted == e.optimum for e in errors) / len(errs),
+        # memory side: geometric mean of predicted / optimum slots (> 1: over-provisioned)
+        "slots_ratio": 2 ** (sum(slots) / len(slots)),
     }
 
 
-MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # at most one grid step up: more buys throughput with memory
 
 
 def choose_margin(
