@@ -194,6 +194,19 @@ def test_chat_uses_the_tokenizer_chat_template(root, tok):
         plain = c.post("/v1/completions", json={**body, "prompt": prompt}).json()
     assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
     assert chat["usage"] == plain["usage"]
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    assert _chat_prompt(templated, [ChatMessage(**m) for m in parts]) == prompt  # OpenAI's list form
+
+
+def test_chat_content_parts_other_than_text_are_400(client):
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    body = {"model": "lo", "messages": [{"role": "user", "content": [image]}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages.0.content.0.type" and "text" in err["message"]
+    text = {"type": "text", "text": "Hi"}
+    body["messages"][0]["content"] = [text, text]
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
 def test_a_step_that_raises_fails_its_requests_with_a_500_and_the_server_goes_on(root, tok):

@@ -18,11 +18,12 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -217,9 +218,20 @@ class CompletionRequest(_Sampling):
     max_tokens: int = Field(16, ge=1)
 
 
+class TextPart(BaseModel):
+    """One part of a message in OpenAI's list form; only text parts (this server serves text models)."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     role: str
-    content: str
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The content as one string (list-form text parts joined, as OpenAI's server does)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(_Sampling):
@@ -555,15 +567,23 @@ async def _until_done(q: asyncio.Queue, request: Request, poll: float = 0.25) ->
             check = time.monotonic() + poll
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
 def _validation_error(errors: list) -> JSONResponse:
-    """400 naming the first bad field (``body`` when the body is missing or not JSON)."""
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    msg = first.get("msg", "invalid")
-    if first.get("type") == "json_invalid":
+    """400 naming the bad field (``body`` when the body is missing or not JSON).
+
+    For a union field (``content: str | list[TextPart]``) pydantic reports one error per member,
+    located under the member's type (``content.str``, ``content.list[TextPart].0.type``): the
+    deepest one says the most, and the type tags are not part of the field's name.
+    """
+    worst = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+    loc = [str(p) for p in worst.get("loc", ())]
+    msg = worst.get("msg", "invalid")
+    if worst.get("type") == "json_invalid":
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         return _error(400, f"body: not valid JSON ({msg}){where}", "invalid_request_error", "body")
-    field = ".".join(loc[1:]) or "body"
+    field = ".".join(p for p in loc[1:] if not _UNION_TAG.match(p)) or "body"
     return _error(400, f"{field}: {msg}", "invalid_request_error", field)
 
 
@@ -635,7 +655,7 @@ def _tokens(tokenizer, text: str) -> list[int]:
 
 def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
     """The tokenizer's chat template when it has one, else ``role: content`` lines."""
-    msgs = [m.model_dump() for m in messages]
+    msgs = [{"role": m.role, "content": m.text()} for m in messages]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
