@@ -87,12 +87,11 @@ def confirm_real(
     rows = []
     for r in picks:
         rec = model.recommend(r.spec)
-        configs = {
-            "recommended": (rec.max_served, rec.max_slots),
-            "searched": (r.best.max_served, r.best.max_slots),
-        }
-        if configs["recommended"] == configs["searched"]:
-            configs["(1, 1)"] = (1, 1)
+        predicted, searched = (rec.max_served, rec.max_slots), (r.best.max_served, r.best.max_slots)
+        if predicted == searched:  # one run, and a contrast: the smallest configuration
+            configs = {"rec = searched": predicted, "(1, 1)": (1, 1)}
+        else:
+            configs = {"recommended": predicted, "searched": searched}
         for name, (served, slots) in configs.items():
             knobs = {"max_served": served, "max_slots": slots}
             real, check = ta.run_real(net, root, r.spec, knobs, cost)
@@ -109,7 +108,7 @@ def confirm_real(
                 }
             )
             print(
-                f"  {rows[-1]['workload']:<32} {name:<11} {served:>3}/{slots:<3} real {real['throughput']:7.1f} "
+                f"  {rows[-1]['workload']:<32} {name:<14} {served:>3}/{slots:<3} real {real['throughput']:7.1f} "
                 f"twin {twin.throughput:7.1f} tok/s (ideal {twin.ideal_throughput:.1f})",
                 flush=True,
             )
