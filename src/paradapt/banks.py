@@ -66,15 +66,18 @@ class Segments:
     present: torch.Tensor  # slots present, as a tensor
     _offs: dict = field(default_factory=dict)
 
-    def offsets(self, tokens: int, capacity: int) -> torch.Tensor:
-        """End offset in flattened tokens of every slot's segment, ``capacity`` slots (absent slots are
-        empty groups), int32 as grouped GEMMs take them: the bank is used whole, never compacted."""
+    def offsets(self, tokens: int, capacity: int | None) -> torch.Tensor:
+        """End offset in flattened tokens of each segment, int32 as grouped GEMMs take them: of the
+        present slots only (``capacity=None``), or of all ``capacity`` slots, absent ones empty."""
         key = (tokens, capacity)
         got = self._offs.get(key)
         if got is None:
-            per_slot = [0] * capacity
-            for s, c in zip(self.slots, self.counts, strict=True):
-                per_slot[s] = c * tokens
+            if capacity is None:
+                per_slot = [c * tokens for c in self.counts]
+            else:
+                per_slot = [0] * capacity
+                for s, c in zip(self.slots, self.counts, strict=True):
+                    per_slot[s] = c * tokens
             got = self._offs[key] = torch.tensor(per_slot, device=self.present.device).cumsum(0).int()
         return got
 
@@ -286,16 +289,19 @@ class Bank:
                 a = a + bd
             return self.act(a) * scale
 
-        n, t = x.shape[0], x.shape[1]
-        key = kernels.shape_key(x.device, self.dtype, n, t, len(seg.slots), (self.d_in, self.r, self.d_out))
+        n, t, k = x.shape[0], x.shape[1], len(seg.slots)
+        key = kernels.shape_key(x.device, self.dtype, n, t, k, (self.d_in, self.r, self.d_out))
         candidates = {
             "segments": lambda: kernels.segments(x, self.wd, self.wu, seg.slots, seg.counts, post),
             "gather": lambda: kernels.gather(x, self.wd, self.wu, seg.row_slot, post),
         }
         if kernels.grouped_ok(x, self.r, self.d_out):
-            candidates["grouped"] = lambda: kernels.grouped(
-                x, self.wd, self.wu, seg.offsets(t, self.capacity), post
-            )
+            # CUDA's grouped GEMM skips empty groups, so the whole bank is used as is; the CPU one
+            # loops over every group, so there the present slots are gathered first.
+            whole = x.device.type == "cuda" or k == self.capacity
+            present = None if whole else seg.present
+            offs = seg.offsets(t, self.capacity if whole else None)
+            candidates["grouped"] = lambda: kernels.grouped(x, self.wd, self.wu, present, offs, post)
         out = kernels.run(key, x.device, candidates)
         if self.has_bu:
             out = out + self.bu.index_select(0, seg.row_slot)[:, None, :]

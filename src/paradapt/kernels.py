@@ -8,7 +8,8 @@ Three ways to compute it for all rows at once:
 - ``segments``: one matmul pair per segment on views of the bank (Punica's SGMV
   semantics as a loop; no weight copies, one launch pair per distinct adapter);
 - ``grouped``: the same segments in one ``torch.nn.functional.grouped_mm`` call
-  per matrix (SGMV proper) over the whole bank, absent slots being empty groups;
+  per matrix (SGMV proper): on CUDA over the whole bank, absent slots being empty
+  groups; on the CPU, whose grouped GEMM loops over groups, over the present slots;
 - ``gather``: gather each row's weights and ``bmm`` (Punica's BGMV; best for
   small decode batches where rows and segments are few).
 
@@ -135,9 +136,11 @@ def grouped_ok(x: torch.Tensor, r: int, d_out: int) -> bool:
     return hasattr(F, "grouped_mm") and all(d * size % 16 == 0 for d in (x.shape[-1], r, d_out))
 
 
-def grouped(x, wd, wu, offs: torch.Tensor, post) -> torch.Tensor:
-    """Both matmuls as one grouped GEMM each over every slot of the bank; ``offs`` ends each slot's
-    rows (absent slots are empty groups), so the bank is never compacted or copied."""
+def grouped(x, wd, wu, present: torch.Tensor | None, offs: torch.Tensor, post) -> torch.Tensor:
+    """Both matmuls as one grouped GEMM each: over every slot of the bank (``present=None``; absent
+    slots are empty groups, nothing is copied) or over the ``present`` slots gathered first."""
+    if present is not None:
+        wd, wu = wd.index_select(0, present), wu.index_select(0, present)
     n, t, d = x.shape
     a = F.grouped_mm(x.reshape(n * t, d), wd, offs=offs)
     a = post(a.view(n, t, -1))
