@@ -3,7 +3,9 @@
 Issue 4's memory target is peak RSS <= 0.5x full fine-tuning. In ``train_quality.py`` the
 parallel adapter at 0.5% of the parameters peaks at 0.72x: the frozen encoder's activations
 (~600 MiB at 32 x 64 tokens) are kept for the backward in every method. Gradient checkpointing
-keeps only each layer's input and recomputes the layer in the backward pass.
+keeps only each layer's input and recomputes the layer in the backward pass; micro-batches
+(``+mbN``: the batch's rows in N forward/backward passes, as the Trainer's ``micro_batch_tokens``
+does) keep only one micro-batch's activations at a time, without recomputing anything.
 
 Same measurement as ``train_quality.py`` (its ``build``, ``optimizer``, ``train_step`` and RSS
 helpers): each setup runs in a FRESH subprocess on one fixed SST-2-shaped batch (``--batch`` x
@@ -11,7 +13,7 @@ helpers): each setup runs in a FRESH subprocess on one fixed SST-2-shaped batch 
 is VmHWM after resetting it once the model, method and optimizer are set up; setups are
 interleaved round-robin over ``--rounds`` rounds and the medians are reported.
 
-    python benchmarks/train_memory.py                # full, parallel-s, both with checkpointing
+    python benchmarks/train_memory.py                # every setup in SETUPS
     python benchmarks/train_memory.py --rounds 1 --time-steps 1   # quick
 """
 
@@ -30,19 +32,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_quality as tq  # noqa: E402
 
-SETUPS = ["full", "full+ckpt", "parallel-s", "parallel-s+ckpt"]
+SETUPS = ["full", "full+ckpt", "parallel-s", "parallel-s+ckpt", "parallel-s+mb2", "parallel-s+mb4"]
+
+
+def micro_step(s: tq.Setup, opt, sched, batch: dict, y: torch.Tensor, parts: int) -> None:
+    """``train_quality.train_step`` in ``parts`` micro-batches of rows, each backpropagated at once:
+    what the Trainer's ``micro_batch_tokens`` does (the summed gradient is the full batch's)."""
+    s.encoder.train()
+    s.head.train()
+    n = y.shape[0]
+    for rows in torch.arange(n).chunk(parts):
+        sub = {k: v[rows] for k, v in batch.items()}
+        (F.cross_entropy(s.logits(sub), y[rows], reduction="sum") / n).backward()
+    torch.nn.utils.clip_grad_norm_(s.body_params + list(s.head.parameters()), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def worker(setup: str, rank: int, batch: int, length: int, steps: int, threads: int) -> dict:
     """In a fresh process: build the setup, time 1 warm-up + ``steps`` steps, read peak RSS."""
     torch.set_num_threads(threads)
-    method, _, ckpt = setup.partition("+")
+    method, *flags = setup.split("+")
+    parts = int(flags[-1][2:]) if flags and flags[-1].startswith("mb") else 1
     s = tq.build(method, tq.LABELS["sst2"], 0, {"parallel-s": rank})
-    if ckpt:
+    if "ckpt" in flags:
         s.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt, sched = tq.optimizer(s, 1000)
     torch.manual_seed(0)
@@ -55,7 +74,10 @@ def worker(setup: str, rank: int, batch: int, length: int, steps: int, threads: 
     wall, cpu = [], []
     for i in range(steps + 1):
         t, c = time.perf_counter(), time.process_time()
-        tq.train_step(s, opt, sched, b, y)
+        if parts > 1:
+            micro_step(s, opt, sched, b, y, parts)
+        else:
+            tq.train_step(s, opt, sched, b, y)
         if i:
             wall.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
