@@ -6,6 +6,8 @@ parallel adapter at 0.5% of the parameters peaks at 0.72x: the frozen encoder's 
 keeps only each layer's input and recomputes the layer in the backward pass; micro-batches
 (``+mbN``: the batch's rows in N forward/backward passes, as the Trainer's ``micro_batch_tokens``
 does) keep only one micro-batch's activations at a time, without recomputing anything.
+``trainer`` / ``trainer+tok512``: the same adapter trained by ``paradapt.train.Trainer`` itself
+(one forward, or ``micro_batch_tokens: 512``) on random rows of the same shape.
 
 Same measurement as ``train_quality.py`` (its ``build``, ``optimizer``, ``train_step`` and RSS
 helpers): each setup runs in a FRESH subprocess on one fixed SST-2-shaped batch (``--batch`` x
@@ -37,7 +39,47 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_quality as tq  # noqa: E402
 
-SETUPS = ["full", "full+ckpt", "parallel-s", "parallel-s+ckpt", "parallel-s+mb2", "parallel-s+mb4"]
+SETUPS = [
+    "full",
+    "full+ckpt",
+    "parallel-s",
+    "parallel-s+ckpt",
+    "parallel-s+mb2",
+    "parallel-s+mb4",
+    "trainer",
+    "trainer+tok512",
+]
+
+
+def trainer_setup(rank: int, batch: int, length: int, flags: list[str]):
+    """``parallel-s`` trained by ``paradapt.train.Trainer`` itself (``+tokN``: ``micro_batch_tokens``
+    N, ``+ckpt``: gradient checkpointing) on ``4 x batch`` random rows of ``length`` tokens."""
+    import paradapt as pa
+    from paradapt.train.data import TokenizedDataset
+    from paradapt.train.loop import Task, TrainArgs, Trainer
+
+    model = tq.load_base()
+    head = {"labels": tq.LABELS["sst2"], "pooling": "mean", "dropout": 0.1}
+    pa.add_adapter(model, "a", pa.ParallelConfig(r=rank, scale=4.0, head=head))
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "input_ids": torch.randint(1000, 20000, (length,), generator=g).tolist(),
+            "attention_mask": [1] * length,
+            "labels": i % 2,
+        }
+        for i in range(4 * batch)
+    ]
+    cap = next((int(f[3:]) for f in flags if f.startswith("tok")), None)
+    args = TrainArgs(
+        max_steps=1000,
+        batch_size=batch,
+        micro_batch_tokens=cap,
+        gradient_checkpointing="ckpt" in flags,
+        weight_decay=0.01,
+    )
+    data = TokenizedDataset(rows, "classification", pad_id=0)
+    return Trainer(model, [Task("a", data)], args)
 
 
 def micro_step(s: tq.Setup, opt, sched, batch: dict, y: torch.Tensor, parts: int) -> None:
@@ -60,6 +102,8 @@ def worker(setup: str, rank: int, batch: int, length: int, steps: int, threads: 
     torch.set_num_threads(threads)
     method, *flags = setup.split("+")
     parts = int(flags[-1][2:]) if flags and flags[-1].startswith("mb") else 1
+    if method == "trainer":
+        return measure_trainer(setup, trainer_setup(rank, batch, length, flags), steps)
     s = tq.build(method, tq.LABELS["sst2"], 0, {"parallel-s": rank})
     if "ckpt" in flags:
         s.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,6 +128,28 @@ def worker(setup: str, rank: int, batch: int, length: int, steps: int, threads: 
     return {
         "setup": setup,
         "trainable": s.body_count,
+        "wall": wall,
+        "cpu": cpu,
+        "loaded_kb": loaded,
+        "steps_peak_kb": tq.status_kb("VmHWM"),
+    }
+
+
+def measure_trainer(setup: str, tr, steps: int) -> dict:
+    """The worker's timing and RSS readings for a ``Trainer`` (its ``train_step``)."""
+    loaded = tq.status_kb("VmRSS")
+    tq.reset_peak_rss()
+    wall, cpu = [], []
+    for i in range(steps + 1):
+        t, c = time.perf_counter(), time.process_time()
+        tr.train_step()
+        if i:
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    trainable = sum(p.numel() for n, p in tr.model.paradapt["a"].named_parameters() if "head" not in n)
+    return {
+        "setup": setup,
+        "trainable": trainable,
         "wall": wall,
         "cpu": cpu,
         "loaded_kb": loaded,
