@@ -51,8 +51,8 @@ from ..io import save_adapter
 from . import distributed
 from .data import IGNORE_INDEX, TokenizedDataset, length_buckets, seeded_order
 
-# micro_batches "auto" on CPU: the fixed cost of one forward + backward, in tokens (MiniLM on
-# one core: ~70 ms a step plus ~1.2 ms a token; benchmarks/RESULTS.md "train_multi.py")
+# micro_batches "auto" on CPU: the fixed cost of one forward + backward, in tokens (routed MiniLM
+# on one busy core: ~55-110 ms a forward plus ~1.2 ms a token, i.e. 50-90 tokens; RESULTS.md)
 AUTO_FORWARD_COST_TOKENS = 64
 
 
