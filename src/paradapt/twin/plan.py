@@ -703,7 +703,7 @@ def check_cost(
 # -- command line ----------------------------------------------------------------------------------
 
 DEFAULT_MODEL = "runs/plan/plan.json"
-DEFAULT_TRAIN = 200
+DEFAULT_TRAIN = 300
 
 
 def add_parser(sub: Any) -> None:
