@@ -95,6 +95,11 @@ def test_bad_model_file_and_train_count_are_one_line_errors(files, tmp_path, cap
     assert "not a paradapt plan model" in capsys.readouterr().err
     assert cli.main(["plan", str(wl), "--model", str(bad), "--cost", str(files[0]), "--train", "1"]) == 2
     assert "train" in capsys.readouterr().err
+    assert (
+        cli.main(["plan", str(wl), "--model", str(files[1]), "--cost", str(files[0]), "--max-depth", "0"])
+        == 2
+    )
+    assert "max_depth" in capsys.readouterr().err
 
 
 def test_train_on_the_real_twin_saves_a_model_that_warns_on_another_cost(files, tmp_path, capsys):

@@ -784,6 +784,11 @@ def run_cli(args: Any) -> int:
     spec = WorkloadSpec.from_yaml(args.workload)  # a bad file is a ConfigError naming the field
     if args.train is not None and args.train < 2:
         raise ConfigError("train", f"need at least 2 workloads to train on, got {args.train}")
+    for name in ("workers", "max_depth"):
+        if getattr(args, name) < 1:
+            raise ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
+    if not args.duration > 0:
+        raise ConfigError("duration", f"must be positive, got {args.duration}")
     cost = load_cost(args.cost)
     cost_source = args.cost or "the shipped cost model"
     from .cli import knobs_from_args
