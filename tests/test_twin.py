@@ -380,3 +380,12 @@ def test_cli_profile_bad_model_is_one_line(tmp_path, capsys):
     assert cli.main(["profile", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope" in err
+
+
+def test_cli_twin_without_cost_uses_the_shipped_cost_model(capsys):
+    from paradapt.twin.costmodel import DEFAULT_COST
+
+    shipped = CostModel.load(DEFAULT_COST)
+    assert shipped.fingerprint["model"] == "random-llama-h512-l8" and shipped.fit["steps"] > 100
+    assert cli.main(["twin", str(EXAMPLES / "workload.yaml"), "--max-served", "16", "--max-slots", "4"]) == 0
+    assert "throughput" in capsys.readouterr().out
