@@ -142,8 +142,12 @@ class Server(ServerProcess):
             raise SystemExit(f"serve_load: {e}; see {self.log.name}") from None
 
     def metric(self, name: str) -> float:
-        """Sum of a Prometheus metric's samples (all label sets)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        """Sum of a Prometheus metric's samples (all label sets); NaN if an overloaded server does not
+        answer within a minute (the run's other numbers stay valid)."""
+        try:
+            text = httpx.get(f"{self.url}/metrics", timeout=60).text
+        except httpx.HTTPError:
+            return float("nan")
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
 
 
@@ -375,7 +379,7 @@ def _line(label: str, rate: float, s: dict, ratio: float | None) -> str:
     return (
         f"{label:<20}{rate:>5g} {s['sent']:>5} {s['done']:>5} {s['req_s']:>6.2f} {s['tok_s']:>7.1f} {x:>6} "
         f"{s['ttft_p50']:>7.2f}/{s['ttft_p90']:<7.2f} {1e3 * s['tpot_p50']:>7.0f}/{1e3 * s['tpot_p90']:<8.0f} "
-        f"{s['slo']:>5.2f} {s['min_served']:>10.2f} {s['starved']:>7} {int(s['loads']):>6} {s['move_s']:>6.1f}"
+        f"{s['slo']:>5.2f} {s['min_served']:>10.2f} {s['starved']:>7} {s['loads']:>6.0f} {s['move_s']:>6.1f}"
     )
 
 
