@@ -162,14 +162,17 @@ def test_adapter_names_cannot_leave_the_root(tmp_path):
     assert not engine.has_work()
 
 
-def test_prefix_adapters_fail_with_a_clear_error(tmp_path):
+def test_prefix_adapter_in_a_busy_step_equals_it_alone(tmp_path):
     model = tiny_model("llama")
     pa.add_adapter(model, "pre", pa.PrefixConfig(num_virtual_tokens=2, init="random"))
     pa.save_adapter(model, "pre", tmp_path / "pre")
+    ref = alone(model, [5, 6, 7], 4, "pre")
     engine = Engine(tiny_model("llama"), tmp_path, BUSY)
-    h = engine.add_request([5, 6], "pre", SamplingParams(max_new_tokens=2))
+    others = [engine.add_request([1 + i, 2, 3], None, SamplingParams(max_new_tokens=4)) for i in range(3)]
+    h = engine.add_request([5, 6, 7], "pre", SamplingParams(max_new_tokens=4))
     engine.run()
-    assert h.status == "failed" and "prefix" in str(h.error)
+    assert h.status == "finished" and h.tokens == ref
+    assert all(o.status == "finished" for o in others)
 
 
 class CharTokenizer:
@@ -190,7 +193,16 @@ def test_stop_strings_and_eos_end_a_request(tmp_path):
     engine.run()
     assert s.tokens == full[: k + 1] and s.finish_reason == "stop"
     assert s.text == "".join(f"<{t}>" for t in full[:k])
+    # two stop strings: the text is cut at the earliest one in the text, whatever their list order
+    # (token k completes both "<N>" and "N>"; no earlier token's text contains "N>")
+    k = next(i for i, t in enumerate(full) if not any(str(u).endswith(str(t)) for u in full[:i]))
+    engine = Engine(tiny_model("llama"), tmp_path, BUSY, tokenizer=CharTokenizer())
+    stops = (f"{full[k]}>", f"<{full[k]}>")  # the first listed starts one character later in the text
+    two = engine.add_request([9, 8, 7], "lo2", SamplingParams(max_new_tokens=10, stop=stops))
+    engine.run()
+    assert two.text == "".join(f"<{t}>" for t in full[:k]) and two.finish_reason == "stop"
     assert e.tokens == full[: j + 1] and e.finish_reason == "eos"
+    assert e.text == "".join(f"<{t}>" for t in full[:j])  # the EOS token's text is not in the answer
     with pytest.raises(pa.ConfigError, match="stop"):
         Engine(tiny_model("llama"), tmp_path, BUSY).add_request([1], None, SamplingParams(stop=("x",)))
 
@@ -201,6 +213,13 @@ def test_engine_refuses_bad_requests_by_field(tmp_path):
         engine.add_request([], None)
     with pytest.raises(pa.ConfigError, match="prompt"):
         engine.add_request("text without a tokenizer", None)
+    vocab, positions = engine.model.config.vocab_size, engine.model.config.max_position_embeddings
+    with pytest.raises(pa.ConfigError, match="prompt.*vocabulary"):
+        engine.add_request([1, vocab], None)
+    with pytest.raises(pa.ConfigError, match="prompt.*vocabulary"):
+        engine.add_request([-1], None)
+    with pytest.raises(pa.ConfigError, match="max_tokens.*positions"):
+        engine.add_request([1] * positions, None, SamplingParams(max_new_tokens=1))
     with pytest.raises(pa.ConfigError, match="max_running"):
         EngineConfig(max_running=0)
     engine.add_request([1, 2], None, request_id="x")

@@ -90,10 +90,6 @@ def test_prefix_requests_in_a_busy_packed_batch_equal_each_alone(family):
     assert sum(len(r) for r in ref) >= 50  # most requests ran their 6 tokens before any EOS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py's AdapterStore._read still refuses prefix adapters; remove that check, then this marker",
-)
 def test_engine_serves_prefix_adapters_in_busy_mixed_steps(tmp_path):
     from paradapt.serve.engine import Engine, EngineConfig
 

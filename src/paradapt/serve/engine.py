@@ -33,7 +33,6 @@ from ..errors import (
     AdapterFileError,
     AdapterNotFoundError,
     ConfigError,
-    IncompatibleAdapterError,
     ParadaptError,
 )
 from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, load_adapter
@@ -133,11 +132,6 @@ class AdapterStore:
         load_adapter(self.model, folder, name)
         try:
             st = require_state(self.model)
-            if any(s.kind == "attention" and name in s.components for s in st.sites.values()):
-                raise IncompatibleAdapterError(
-                    "kind",
-                    f"adapter {name!r} has prefix components, which the packed engine does not serve yet",
-                )
             module = st.container[name]
             state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
             return _HostCopy(st.record(name).config, state)
@@ -331,6 +325,13 @@ class Engine(_EngineCore):
         ids = self._encode(prompt)
         if params.stop and self.tokenizer is None:
             raise ConfigError("stop", "stop strings need the engine's tokenizer")
+        _check_ids(self.model, ids, "prompt")
+        limit = _max_positions(self.model)
+        if limit is not None and len(ids) + params.max_new_tokens > limit:
+            raise ConfigError(
+                "max_tokens",
+                f"{len(ids)} prompt + {params.max_new_tokens} new tokens exceed the model's {limit} positions",
+            )
         h = RequestHandle(self._new_id(request_id), adapter, ids, params, on_token)
         return self._queue(h, len(ids), params.max_new_tokens)
 
@@ -385,16 +386,18 @@ class Engine(_EngineCore):
         if not h.tokens:
             h.first_token_at = self.clock()
         h.tokens.append(token)
-        if self.tokenizer is not None:
-            h.text = self.tokenizer.decode(h.tokens)
+        ended = token in eos
+        if self.tokenizer is not None:  # the EOS token's own text ("</s>") is not part of the answer
+            h.text = self.tokenizer.decode(h.tokens[:-1] if ended else h.tokens)
         if h.on_token is not None:
             h.on_token(h, token)
-        if token in eos:
+        if ended:
             h.finish_reason = "eos"
             return True
-        for s in h.params.stop:
-            if h.text is not None and s in h.text:
-                h.text = h.text[: h.text.index(s)]
+        if h.text is not None and h.params.stop:  # cut at the earliest stop string in the text
+            hits = [i for s in h.params.stop if (i := h.text.find(s)) >= 0]
+            if hits:
+                h.text = h.text[: min(hits)]
                 h.finish_reason = "stop"
                 return True
         return False
@@ -459,6 +462,10 @@ class EncoderEngine(_EngineCore):
         ids = [int(t) for t in tokens]
         if not ids:
             raise ConfigError("tokens", "must have at least one token")
+        _check_ids(self.model, ids, "tokens")
+        limit = _max_positions(self.model)
+        if limit is not None and len(ids) > limit:
+            raise ConfigError("tokens", f"{len(ids)} tokens exceed the model's {limit} positions")
         h = RequestHandle(self._new_id(request_id), adapter, ids, SamplingParams(max_new_tokens=1), task=task)
         return self._queue(h, len(ids), 1)
 
@@ -520,3 +527,19 @@ class EncoderEngine(_EngineCore):
             if h.task == "embed":
                 out[i] = {"embedding": emb[i].tolist()}
         return out
+
+
+def _check_ids(model: nn.Module, ids: list[int], field: str) -> None:
+    """Token ids outside the vocabulary would fail the whole step inside the embedding: refuse them here."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise ConfigError(
+            field, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1 if vocab else '?'})"
+        )
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    """The model's position limit (None when it has none, e.g. rotary models without a set maximum)."""
+    v = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return v if isinstance(v, int) and v > 0 else None
