@@ -1,14 +1,11 @@
 """Banks: the bottlenecks of many adapters at one site, stacked for mixed-batch inference.
 
 A bank holds every loaded adapter of one *signature* at a site (what it reads,
-its activation, whether it has biases, dtype and device) stacked along a slot
-axis: ``wd: [slots, d_in, r]``, ``wu: [slots, r, d_out]``, ``bd: [slots, r]``,
-``bu: [slots, d_out]``, ``scale: [slots]``. Mixed ranks share one bank: ``r`` is
-the largest rank inserted, rounded up to a multiple of 8 (so grouped GEMMs always
-apply), and a smaller adapter's extra columns of ``wd``/``bd`` and rows of ``wu``
-are zero. The zero rows of ``wu`` make the padded units add exactly nothing
-whatever the activation, and the extra FLOPs are tiny next to the base model;
-what it saves is one matmul pair (and its dispatch) per rank present per site.
+its activation, its rank, whether it has biases, dtype and device) stacked
+along a slot axis: ``wd: [slots, d_in, r]``, ``wu: [slots, r, d_out]``,
+``bd: [slots, r]``, ``bu: [slots, d_out]``, ``scale: [slots]``. Adapters of
+other ranks live in their own bank at the same site, so mixed ranks cost one
+matmul pair per rank present in the batch and nothing is padded.
 
 A bank is an inference copy of the adapters' parameters, which stay the
 source of truth (training, saving and merging use them). Each slot remembers
@@ -66,51 +63,37 @@ class Segments:
     present: torch.Tensor  # slots present, as a tensor
     _offs: dict = field(default_factory=dict)
 
-    def offsets(self, tokens: int, capacity: int | None) -> torch.Tensor:
-        """End offset in flattened tokens of each segment, int32 as grouped GEMMs take them: of the
-        present slots only (``capacity=None``), or of all ``capacity`` slots, absent ones empty."""
-        key = (tokens, capacity)
-        got = self._offs.get(key)
+    def offsets(self, tokens: int) -> torch.Tensor:
+        """End offset of each segment in flattened tokens (int32, as grouped GEMMs take them)."""
+        got = self._offs.get(tokens)
         if got is None:
-            if capacity is None:
-                per_slot = [c * tokens for c in self.counts]
-            else:
-                per_slot = [0] * capacity
-                for s, c in zip(self.slots, self.counts, strict=True):
-                    per_slot[s] = c * tokens
-            got = self._offs[key] = torch.tensor(per_slot, device=self.present.device).cumsum(0).int()
+            got = self._offs[tokens] = self.present.new_tensor(self.counts).cumsum(0).mul_(tokens).int()
         return got
 
     @classmethod
-    def build(
-        cls, runs: list[tuple[str | None, int, int]], batch: int, layout: Layout, device: torch.device
-    ) -> Segments | None:
-        """Sort the rows whose adapter has a slot in ``layout``; ``None`` if there are none.
-
-        ``runs`` are ``(adapter, first row, row count)`` of consecutive rows with one adapter (a
-        packed request's tokens, a row's beams), so the work is per run, not per row.
-        """
-        index = layout.index
-        keyed = sorted((index[n], start, count) for n, start, count in runs if n is not None and n in index)
-        if not keyed:
+    def build(cls, row_names: list[str | None], layout: Layout, device: torch.device) -> Segments | None:
+        """Sort the rows whose adapter has a slot in ``layout``; ``None`` if there are none."""
+        pairs = sorted(
+            (layout.index[n], i) for i, n in enumerate(row_names) if n is not None and n in layout.index
+        )
+        if not pairs:
             return None
-        rows: list[int] = []
+        rows = [i for _, i in pairs]
+        slot_of_row = [s for s, _ in pairs]
         slots, counts = [], []
-        for s, start, count in keyed:
-            rows.extend(range(start, start + count))
+        for s in slot_of_row:
             if slots and slots[-1] == s:
-                counts[-1] += count
+                counts[-1] += 1
             else:
                 slots.append(s)
-                counts.append(count)
-        identity = len(rows) == batch and all(keyed[i][1] < keyed[i + 1][1] for i in range(len(keyed) - 1))
-        slot_t = torch.tensor(slots, device=device)
+                counts.append(1)
+        identity = rows == list(range(len(row_names)))
         return cls(
             perm=None if identity else torch.tensor(rows, device=device),
-            row_slot=slot_t.repeat_interleave(torch.tensor(counts, device=device)),
+            row_slot=torch.tensor(slot_of_row, device=device),
             slots=slots,
             counts=counts,
-            present=slot_t,
+            present=torch.tensor(slots, device=device),
         )
 
 
@@ -119,26 +102,17 @@ def bankable(comp) -> bool:
     return isinstance(comp, Bottleneck) and comp.writes == "output"
 
 
-RANK_ALIGN = 8  # bank ranks round up to this: 16-byte rows for grouped GEMMs in fp32 and bf16
-
-
 def signature(comp: Bottleneck, device: torch.device) -> tuple:
-    """What adapters must share to sit in one bank (not the rank: ranks are padded)."""
     w = comp.down.weight
     return (
         comp.reads,
         comp.act_name,
-        comp.d_in,
-        comp.d_out,
+        comp.r,
         comp.down.bias is not None,
         comp.up.bias is not None,
         w.dtype,
         device,
     )
-
-
-def _aligned(r: int) -> int:
-    return -(-r // RANK_ALIGN) * RANK_ALIGN
 
 
 def _sources(comp: Bottleneck) -> list[tuple[dict, str]]:
@@ -174,44 +148,32 @@ class Bank:
         self.sig = signature(comp, device)
         self.reads = comp.reads
         self.act = _ACTS[comp.act_name]
-        self.r, self.d_in, self.d_out = _aligned(comp.r), comp.d_in, comp.d_out
+        self.r, self.d_in, self.d_out = comp.r, comp.d_in, comp.d_out
         self.dtype, self.device = comp.down.weight.dtype, device
         self.has_bd, self.has_bu = comp.down.bias is not None, comp.up.bias is not None
         self.names: list[str | None] = []
         self.stamps: list[_Stamp | None] = []
         self.free: list[int] = []
         self.layout = layout_of(())
-        self._alloc(capacity, self.r)
+        self._alloc(capacity)
 
-    def _alloc(self, cap: int, r: int) -> None:
-        """(Re)allocate for ``cap`` slots of rank ``r``, keeping the slots written so far (zero-padded)."""
-
+    def _alloc(self, cap: int) -> None:
         def new(*shape):
             return torch.zeros(cap, *shape, dtype=self.dtype, device=self.device)
 
         old = getattr(self, "wd", None)
         tensors = {
-            "wd": new(self.d_in, r),
-            "wu": new(r, self.d_out),
+            "wd": new(self.d_in, self.r),
+            "wu": new(self.r, self.d_out),
             "scale": new(),
-            "bd": new(r) if self.has_bd else None,
+            "bd": new(self.r) if self.has_bd else None,
             "bu": new(self.d_out) if self.has_bu else None,
         }
         if old is not None:
-            n, r0 = old.shape[0], self.r
+            n = old.shape[0]
             for k, t in tensors.items():
-                if t is None:
-                    continue
-                src = getattr(self, k)
-                if k == "wd":
-                    t[:n, :, :r0] = src
-                elif k == "wu":
-                    t[:n, :r0] = src
-                elif k == "bd":
-                    t[:n, :r0] = src
-                else:
-                    t[:n] = src
-        self.r = r
+                if t is not None:
+                    t[:n] = getattr(self, k)
         for k, t in tensors.items():
             setattr(self, k, t)
 
@@ -224,24 +186,16 @@ class Bank:
 
     @torch.no_grad()
     def _write(self, slot: int, comp: Bottleneck) -> None:
-        """Copy ``comp`` into ``slot``: its rank's units, zeros in the padded rest."""
-        if comp.r > self.r:
-            self._alloc(self.capacity, _aligned(comp.r))
-        r = comp.r
-
         def put(dst, src):
-            dst.copy_(src.detach().to(self.device, self.dtype))
+            dst[slot].copy_(src.detach().to(self.device, self.dtype))
 
-        for t in (self.wd, self.wu, self.bd):
-            if t is not None:
-                t[slot].zero_()
-        put(self.wd[slot, :, :r], comp.down.weight.t())
-        put(self.wu[slot, :r], comp.up.weight.t())
-        put(self.scale[slot], comp.scale)
+        put(self.wd, comp.down.weight.t())
+        put(self.wu, comp.up.weight.t())
+        put(self.scale, comp.scale)
         if self.has_bd:
-            put(self.bd[slot, :r], comp.down.bias)
+            put(self.bd, comp.down.bias)
         if self.has_bu:
-            put(self.bu[slot], comp.up.bias)
+            put(self.bu, comp.up.bias)
         self.stamps[slot] = _Stamp(comp)
 
     def insert(self, name: str, comp: Bottleneck) -> None:
@@ -251,7 +205,7 @@ class Bank:
         else:
             slot = len(self.names)
             if slot == self.capacity:
-                self._alloc(2 * self.capacity, self.r)
+                self._alloc(2 * self.capacity)
             self.names.append(name)
             self.stamps.append(None)
         self._write(slot, comp)
@@ -289,19 +243,18 @@ class Bank:
                 a = a + bd
             return self.act(a) * scale
 
-        n, t, k = x.shape[0], x.shape[1], len(seg.slots)
-        key = kernels.shape_key(x.device, self.dtype, n, t, k, (self.d_in, self.r, self.d_out))
+        n, t = x.shape[0], x.shape[1]
+        whole = len(seg.slots) == self.capacity  # every slot present: no compaction needed
+        offs = seg.offsets(t)
+        key = kernels.shape_key(x.device, self.dtype, n, t, len(seg.slots), (self.d_in, self.r, self.d_out))
         candidates = {
             "segments": lambda: kernels.segments(x, self.wd, self.wu, seg.slots, seg.counts, post),
             "gather": lambda: kernels.gather(x, self.wd, self.wu, seg.row_slot, post),
         }
         if kernels.grouped_ok(x, self.r, self.d_out):
-            # CUDA's grouped GEMM skips empty groups, so the whole bank is used as is; the CPU one
-            # loops over every group, so there the present slots are gathered first.
-            whole = x.device.type == "cuda" or k == self.capacity
-            present = None if whole else seg.present
-            offs = seg.offsets(t, self.capacity if whole else None)
-            candidates["grouped"] = lambda: kernels.grouped(x, self.wd, self.wu, present, offs, post)
+            candidates["grouped"] = lambda: kernels.grouped(
+                x, self.wd, self.wu, None if whole else seg.present, offs, post
+            )
         out = kernels.run(key, x.device, candidates)
         if self.has_bu:
             out = out + self.bu.index_select(0, seg.row_slot)[:, None, :]

@@ -8,8 +8,7 @@ Three ways to compute it for all rows at once:
 - ``segments``: one matmul pair per segment on views of the bank (Punica's SGMV
   semantics as a loop; no weight copies, one launch pair per distinct adapter);
 - ``grouped``: the same segments in one ``torch.nn.functional.grouped_mm`` call
-  per matrix (SGMV proper): on CUDA over the whole bank, absent slots being empty
-  groups; on the CPU, whose grouped GEMM loops over groups, over the present slots;
+  per matrix (SGMV proper), after compacting the bank to the slots present;
 - ``gather``: gather each row's weights and ``bmm`` (Punica's BGMV; best for
   small decode batches where rows and segments are few).
 
@@ -137,8 +136,7 @@ def grouped_ok(x: torch.Tensor, r: int, d_out: int) -> bool:
 
 
 def grouped(x, wd, wu, present: torch.Tensor | None, offs: torch.Tensor, post) -> torch.Tensor:
-    """Both matmuls as one grouped GEMM each: over every slot of the bank (``present=None``; absent
-    slots are empty groups, nothing is copied) or over the ``present`` slots gathered first."""
+    """Both matmuls as one grouped GEMM each over the slots present (``present=None``: all)."""
     if present is not None:
         wd, wu = wd.index_select(0, present), wu.index_select(0, present)
     n, t, d = x.shape

@@ -153,7 +153,6 @@ class Plan:
     routes: list[Route | None]
     uniform: bool = False  # one route for every row, whatever the batch size
     packed: bool = False  # one route per token of a packed [1, T] sequence (tokens are the rows)
-    lengths: list[int] | None = None  # packed per request: routes[i] covers the next lengths[i] tokens
     _cache: dict = field(default_factory=dict)
     segment_builds: int = 0  # how many times rows were sorted for a bank layout (tests check sharing)
 
@@ -178,33 +177,7 @@ class Plan:
         for i, n in enumerate(lengths):
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise RoutingError(f"packed route: lengths[{i}] must be an integer >= 0, got {n!r}")
-        return cls(list(routes), packed=True, lengths=list(lengths))
-
-    @property
-    def size(self) -> int:
-        """Rows (tokens, for a packed plan) this plan routes (``len(routes)`` unless given per request)."""
-        return len(self.routes) if self.lengths is None else sum(self.lengths)
-
-    def runs(self, batch: int) -> list[tuple[Route | None, int, int]]:
-        """``(route, first row, row count)`` per entry: a packed request's tokens, a row's beams.
-
-        Everything per step (groups, segments) is built from these, so its cost grows with the
-        requests in the step, not with their tokens.
-        """
-        key = ("runs", batch)
-        got = self._cache.get(key)
-        if got is None:
-            if self.lengths is not None:
-                counts = self.lengths
-            else:
-                counts = [max(batch // len(self.routes), 1)] * len(self.routes)
-            got, start = [], 0
-            for route, n in zip(self.routes, counts, strict=True):
-                if n:
-                    got.append((route, start, n))
-                start += n
-            self._cache[key] = got
-        return got
+        return cls([r for r, n in zip(routes, lengths, strict=True) for _ in range(n)], packed=True)
 
     def groups(self, batch: int, device: torch.device) -> list[Group]:
         key = (batch, device)
@@ -217,7 +190,7 @@ class Plan:
         if self.uniform:
             route = self.routes[0]
             return [] if route is None else [Group(None, route)]
-        n = self.size
+        n = len(self.routes)
         if self.packed and batch != n:
             raise RoutingError(
                 f"packed route has {n} token entries but the packed sequence has {batch} tokens; "
@@ -228,34 +201,26 @@ class Plan:
                 f"route has {n} entries but the batch has {batch} rows; give one entry per row "
                 "(beam search and num_return_sequences repeat each entry automatically)"
             )
+        per = batch // n  # beams / returned sequences repeat each row contiguously
         rows_of: dict[Route, list[int]] = {}
-        for route, start, count in self.runs(batch):  # beams / returned sequences repeat rows contiguously
+        for i, route in enumerate(self.routes):
             if route is not None:
-                rows_of.setdefault(route, []).extend(range(start, start + count))
+                rows_of.setdefault(route, []).extend(range(i * per, (i + 1) * per))
         if len(rows_of) == 1 and sum(len(v) for v in rows_of.values()) == batch:
             return [Group(None, next(iter(rows_of)))]
         return [Group(rows, route, device) for route, rows in rows_of.items()]
 
     def names(self) -> set[str]:
-        got = self._cache.get("all_names")
-        if got is None:
-            got = self._cache["all_names"] = {n for r in set(self.routes) if r is not None for n in r.names}
-        return got
+        return {n for r in self.routes if r is not None for n in r.names}
 
-    def singles(self, batch: int, device: torch.device) -> tuple[list[tuple[str, Group]], list[Group]]:
-        """The groups split once per forward: ``(name, group)`` for one-adapter routes (what banks
-        batch), and the rest (compositions). Every site's bank pass walks these lists."""
-        key = ("singles", batch, device)
+    def row_names(self, batch: int) -> list[str | None]:
+        """Per row, its adapter's name when the row uses exactly one adapter (else ``None``)."""
+        key = ("names", batch)
         got = self._cache.get(key)
         if got is None:
-            one, rest = [], []
-            for g in self.groups(batch, device):
-                name = single_name(g.route)
-                if name is None:
-                    rest.append(g)
-                else:
-                    one.append((name, g))
-            got = self._cache[key] = (one, rest)
+            simple = [single_name(r) for r in self.routes]
+            per = max(batch // len(simple), 1)  # rows repeat contiguously (beams, Parallel channels)
+            got = self._cache[key] = [simple[min(i // per, len(simple) - 1)] for i in range(batch)]
         return got
 
     def segments(self, layout, batch: int, device: torch.device):
@@ -263,8 +228,7 @@ class Plan:
         key = ("seg", batch, device, layout)
         if key not in self._cache:
             self.segment_builds += 1
-            runs = [(single_name(r), start, n) for r, start, n in self.runs(batch)]
-            self._cache[key] = Segments.build(runs, batch, layout, device)
+            self._cache[key] = Segments.build(self.row_names(batch), layout, device)
         return self._cache[key]
 
 

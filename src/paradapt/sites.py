@@ -33,7 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from . import prefix as prefix_math
 from .banks import Bank, bankable, signature
 from .errors import RoutingError
-from .routing import Group, Plan, Route
+from .routing import Group, Plan, Route, single_name
 
 if TYPE_CHECKING:
     from .state import State
@@ -132,27 +132,27 @@ def run_ops(
     return h if acc is None else h + acc.to(h.dtype)
 
 
-def apply_banks(site: Site, plan: Plan, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list[Group]]:
+def apply_banks(
+    site: Site, plan: Plan, groups: list[Group], h: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, list[Group]]:
     """Add every one-adapter row's bottleneck delta through the site's banks, in one pass per bank.
 
     Returns the new ``h`` and the groups still to do the general way (compositions,
     non-bottleneck components, adapters in training mode).
     """
-    singles, rest = plan.singles(h.shape[0], h.device)
-    rest = list(rest)
-    used = {}
-    components, merged, bank_of = site.components, site.state.merged, site._bank_of
-    for name, g in singles:
-        comp = components.get(name)
-        if comp is None or name in merged:
+    rest, used = [], {}
+    merged = site.state.merged
+    for g in groups:
+        name = single_name(g.route)
+        comp = site.components.get(name) if name is not None else None
+        if name is not None and (comp is None or name in merged):
             continue  # nothing of this adapter here
-        if comp.training or not bankable(comp):
-            site.unbank(name)  # else its slot would still match these rows' segments
+        if comp is None or not bankable(comp) or comp.training:
+            if name is not None:
+                site.unbank(name)  # else its slot would still match these rows' segments
             rest.append(g)
             continue
-        bank = bank_of.get(name)
-        if bank is None or bank.device != h.device or not bank.fresh(name, comp):
-            bank = site.bank_for(name, comp, h.device)
+        bank = site.bank_for(name, comp, h.device)
         used[id(bank)] = bank
     batch = h.shape[0]
     out = h
@@ -180,10 +180,8 @@ def transform(
     if len(groups) == 1 and groups[0].whole:
         ops = site.ops(groups[0].route, writes)
         return run_ops(ops, groups[0].route.mode, h, x) if ops else h
-    if not any(c.writes == writes for c in site.components.values()):
-        return h  # nothing here writes there (e.g. no input-side scaling): skip the per-group walk
     if writes == "output" and not torch.is_grad_enabled():
-        h, groups = apply_banks(site, plan, h, x)
+        h, groups = apply_banks(site, plan, groups, h, x)
     out = None
     for g in groups:
         ops = site.ops(g.route, writes)

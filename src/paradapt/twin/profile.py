@@ -177,8 +177,13 @@ def run_scenario(
     engine = Engine(model, root, config)
     engine.enable_trace()
     vocab = model.config.vocab_size
+    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
 
-    def add(n_prompt: int, n_new: int, adapter: str | None) -> None:
+    def add(n_prompt: int, n_new: int, adapter: str | None, min_new: int = 1) -> None:
+        # prompt + new tokens stay within the model's positions (the engine refuses more): the new
+        # tokens give way down to ``min_new`` (what the scenario needs), then the prompt shrinks
+        n_new = max(min(n_new, max(min_new, limit - n_prompt)), 1)
+        n_prompt = max(min(n_prompt, limit - n_new), 1)
         prompt = [rng.randrange(3, vocab) for _ in range(n_prompt)]
         t0 = time.perf_counter()
         engine.add_request(prompt, adapter, SamplingParams(max_new_tokens=n_new, ignore_eos=True))
@@ -188,7 +193,12 @@ def run_scenario(
         add(4, 1, name)
     engine.run()  # the extra adapters stay resident (LRU evicts only when the slots are full)
     for i in range(sc.decodes):
-        add(sc.context, sc.steps + 64, sc.adapters[i % len(sc.adapters)] if sc.adapters else None)
+        add(
+            sc.context,
+            sc.steps + 64,
+            sc.adapters[i % len(sc.adapters)] if sc.adapters else None,
+            sc.steps + 1,
+        )
     for _ in range(64):  # prefill the decoders (these steps are samples too)
         if not any(r.in_prefill for r in engine.scheduler.running) and not engine.scheduler.waiting:
             break
@@ -241,13 +251,14 @@ def run_workload(
     from ..serve.workload import WorkloadSpec
     from .replay import RealBackend, replay
 
+    half = (getattr(model.config, "max_position_embeddings", None) or 1024) // 2  # prompt + output fit
     spec = WorkloadSpec(
         num_adapters=24,
         rate=rate,
         duration=seconds,
         alpha=0.5,
-        input_len=(8, 128),
-        output_len=(8, 64),
+        input_len=(min(8, half), min(128, half)),
+        output_len=(min(8, half), min(64, half)),
         ranks=list(ranks),
         kinds=list(kinds),
         seed=seed,
