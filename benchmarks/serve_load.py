@@ -55,29 +55,14 @@ TEMPLATES_PER_KIND_RANK = 4  # distinct random weight sets per (kind, rank); ada
 
 def build_model(folder: Path, layers: int, hidden: int, seed: int) -> Path:
     """A random Llama-style decoder from a config, saved with stories260K's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from paradapt.cli import find_assets
+    from paradapt.twin.profile import build_model as random_llama  # the twin profiles the same model
 
     assets = find_assets()
     tok_dir = assets / TOKENIZER if assets is not None else Path(TOKENIZER)
     if not (tok_dir / "tokenizer.json").is_file():
         raise SystemExit(f"serve_load: no stories260K tokenizer at {tok_dir} (the shared assets)")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    random_llama(layers, hidden, seed).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, folder / name)
     return folder
