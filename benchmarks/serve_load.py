@@ -69,15 +69,14 @@ def build_model(folder: Path, layers: int, hidden: int, seed: int) -> Path:
 
 
 def _adapter_config(kind: str, rank: int):
-    import paradapt as pa
+    """The twin profiles the same adapter configs; an unknown kind stops the benchmark with its name."""
+    from paradapt.errors import ConfigError
+    from paradapt.twin.profile import adapter_config
 
-    if kind == "lora":
-        return pa.LoRAConfig(r=rank, alpha=2 * rank)
-    if kind == "parallel":
-        return pa.ParallelConfig(r=rank, scale=4.0)
-    if kind == "series":
-        return pa.SeriesConfig(r=rank)
-    raise SystemExit(f"serve_load: --kinds: unknown kind {kind!r} (lora, parallel, series)")
+    try:
+        return adapter_config(kind, rank)
+    except ConfigError as e:
+        raise SystemExit(f"serve_load: --kinds: {e}") from None
 
 
 def build_adapters(model_dir: Path, root: Path, workload: Workload, seed: int) -> None:

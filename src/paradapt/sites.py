@@ -350,12 +350,11 @@ class AttentionSite(Site):
                 valid,
                 query.shape[2],
                 key.shape[2],
-                causal=getattr(self.module, "is_causal", True) and kwargs.get("is_causal", True) is not False,
+                causal=self._causal(kwargs),
                 additive=additive,
                 dtype=query.dtype,
             )
-            key = torch.cat([pk.to(key.dtype), key], dim=2)
-            value = torch.cat([pv.to(value.dtype), value], dim=2)
+            key, value = _prepend(pk, key), _prepend(pv, value)
         out, weights = fn(self.module, query, key, value, attention_mask, **kwargs)
         if gated is not None:
             pk, pv, valid, gate = gated
@@ -363,6 +362,10 @@ class AttentionSite(Site):
             extra = prefix_math.prefix_only_attention(query, pk, pv, valid, scaling)
             out = out + (torch.tanh(gate)[:, None, :, None] * extra).to(out.dtype)
         return out, weights
+
+    def _causal(self, kwargs) -> bool:
+        """Whether this attention call is causal (the module's flag, unless the call turns it off)."""
+        return getattr(self.module, "is_causal", True) and kwargs.get("is_causal", True) is not False
 
     def refuse_packed(self, names) -> None:
         """Packed prefixes need a mask-based attention (sdpa, eager): name the adapter otherwise."""
@@ -402,12 +405,11 @@ class AttentionSite(Site):
                 attention_mask,
                 visible,
                 key.shape[2],
-                causal=getattr(self.module, "is_causal", True) and kwargs.get("is_causal", True) is not False,
+                causal=self._causal(kwargs),
                 additive=additive,
                 dtype=query.dtype,
             )
-            key = torch.cat([pk.to(key.dtype), key], dim=2)
-            value = torch.cat([pv.to(value.dtype), value], dim=2)
+            key, value = _prepend(pk, key), _prepend(pv, value)
         out, weights = fn(self.module, query, key, value, attention_mask, **kwargs)
         if gated is not None:
             pk, pv, visible, gate = gated
@@ -533,3 +535,8 @@ def _pad_rows(parts: list, batch: int, gates: bool = False):
         if gates:
             g_all[rows] = gate.unsqueeze(0).expand(len(rows), -1)
     return (pk, pv, valid, g_all) if gates else (pk, pv, valid)
+
+
+def _prepend(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Prefix keys or values in front of the attention's own (``[B, H, P + S, d]``)."""
+    return torch.cat([prefix.to(states.dtype), states], dim=2)

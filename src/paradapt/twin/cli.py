@@ -79,21 +79,7 @@ def add_parsers(sub) -> None:
     t.add_argument(
         "--model", metavar="PATH", help="check the cost model's fingerprint against this model folder"
     )
-    t.add_argument("--token-budget", type=_positive_int, metavar="N", help="tokens per step (default: 256)")
-    t.add_argument("--max-running", type=_positive_int, metavar="N", help="requests per step (default: 32)")
-    t.add_argument(
-        "--kv-tokens", type=_positive_int, metavar="N", help="KV capacity in tokens (default: 4096)"
-    )
-    t.add_argument(
-        "--device-memory-mb",
-        type=float,
-        metavar="MB",
-        help="memory for KV pages plus adapter slots (slots cost KV)",
-    )
-    t.add_argument(
-        "--starvation-after", type=float, metavar="S", help="starvation guard, seconds (default: 30)"
-    )
-    t.add_argument("--prefetch", type=int, metavar="N", help="queued adapters read ahead (default: 2)")
+    add_engine_knob_args(t)
     t.add_argument("--drain", type=float, default=0.0, metavar="S", help="keep running S s after the window")
     t.add_argument("--json", metavar="FILE", help="also save the metrics as JSON")
     t.set_defaults(func=run_twin)
@@ -135,6 +121,25 @@ def run_profile(args) -> int:
     print(cost.describe())
     print(f"saved {cost.save(args.out)}")
     return 0
+
+
+def add_engine_knob_args(p) -> None:
+    """The engine knobs a twin run takes (read by :func:`knobs_from_args`); ``twin`` and ``plan`` share them."""
+    p.add_argument("--token-budget", type=_positive_int, metavar="N", help="tokens per step (default: 256)")
+    p.add_argument("--max-running", type=_positive_int, metavar="N", help="requests per step (default: 32)")
+    p.add_argument(
+        "--kv-tokens", type=_positive_int, metavar="N", help="KV capacity in tokens (default: 4096)"
+    )
+    p.add_argument(
+        "--device-memory-mb",
+        type=float,
+        metavar="MB",
+        help="memory for KV pages plus adapter slots (slots cost KV)",
+    )
+    p.add_argument(
+        "--starvation-after", type=float, metavar="S", help="starvation guard, seconds (default: 30)"
+    )
+    p.add_argument("--prefetch", type=int, metavar="N", help="queued adapters read ahead (default: 2)")
 
 
 def knobs_from_args(args, cost) -> dict:

@@ -708,6 +708,8 @@ DEFAULT_TRAIN = 300
 
 def add_parser(sub: Any) -> None:
     """Register ``paradapt plan`` on an argparse subparsers object."""
+    from .cli import add_engine_knob_args
+
     p = sub.add_parser(
         "plan",
         help="recommend --max-served/--max-slots for a workload (models trained in the twin)",
@@ -753,20 +755,7 @@ def add_parser(sub: Any) -> None:
         metavar="S",
         help="arrival window of each training workload (default: 15)",
     )
-    # the engine knobs the twin runs with, as in `paradapt twin` (a model is trained for one setting)
-    p.add_argument("--token-budget", type=int, metavar="N", help="tokens per step (default: 256)")
-    p.add_argument("--max-running", type=int, metavar="N", help="requests per step (default: 32)")
-    p.add_argument("--kv-tokens", type=int, metavar="N", help="KV capacity in tokens (default: 4096)")
-    p.add_argument(
-        "--device-memory-mb",
-        type=float,
-        metavar="MB",
-        help="memory for KV pages plus adapter slots (slots cost KV)",
-    )
-    p.add_argument(
-        "--starvation-after", type=float, metavar="S", help="starvation guard, seconds (default: 30)"
-    )
-    p.add_argument("--prefetch", type=int, metavar="N", help="queued adapters read ahead (default: 2)")
+    add_engine_knob_args(p)  # the engine knobs the twin runs with (a model is trained for one setting)
     p.set_defaults(func=run_cli)
 
 
