@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP API over an :class:`~paradapt.serve.engine.Engine` (FastAPI).
 
 ``model`` in a request is an adapter name (a folder under the adapter root) or the base
-model's name. One background thread steps the engine; handlers submit requests under a lock
-and receive tokens through per-request asyncio queues (fed from the engine's ``on_token``).
+model's name. One background thread steps the engine and runs every command handlers queue
+for it between steps (:class:`EngineLoop`); handlers receive tokens through per-request
+asyncio queues (fed from the engine's ``on_token``).
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (decoders; ``stream`` over SSE), ``POST /classify`` and
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
+import queue
 import re
 import threading
 import time
@@ -97,11 +100,21 @@ class TokenRate:
 
 
 class EngineLoop:
-    """Steps an engine in a background thread; every engine call from handlers goes through ``call``."""
+    """Steps an engine in its own thread; handlers reach the engine only through that thread.
+
+    Why a command queue and not a lock: a handler that took a lock around the engine ran on
+    the event loop and blocked it for up to a whole step, and the engine thread took the lock
+    straight back after each step (locks are not fair), so over HTTP requests joined about one
+    per step and tokens left in bursts. Now ``acall`` (event loop), ``call`` (other threads)
+    and ``post`` (fire and forget) queue commands; the thread runs every pending command
+    between two steps, so all requests that arrived during a step join the next one.
+    """
 
     def __init__(self, engine: Engine | EncoderEngine):
         self.engine = engine
-        self.lock = threading.Lock()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._gate = threading.Lock()  # orders "closed" against submissions
+        self._closed = False
         self._wake = threading.Event()
         self._stop = False
         self._done_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -113,36 +126,81 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="paradapt-engine", daemon=True)
         self._thread.start()
 
+    # -- commands -----------------------------------------------------------------------------
     def call(self, fn, *args, **kwargs):
-        with self.lock:
-            out = fn(*args, **kwargs)
-        self._wake.set()
-        return out
+        """Run ``fn`` on the engine thread between steps and return its result (blocks the caller:
+        never use it on the event loop, use ``acall``)."""
+        fut = self._submit(fn, args, kwargs)
+        return fn(*args, **kwargs) if fut is None else fut.result()
 
-    def watch(self, rid: str, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        """Deliver ``("token", t)`` items and a final ``("done", None)`` for ``rid`` to ``queue``."""
-        self._done_waiters[rid] = (loop, queue)
+    async def acall(self, fn, *args, **kwargs):
+        """``call`` for coroutines: waits for the engine thread without blocking the event loop."""
+        fut = self._submit(fn, args, kwargs)
+        return fn(*args, **kwargs) if fut is None else await asyncio.wrap_future(fut)
+
+    def post(self, fn, *args, **kwargs) -> None:
+        """Queue ``fn`` without waiting for it (cancellations from ``finally`` blocks)."""
+        if self._submit(fn, args, kwargs) is None:
+            fn(*args, **kwargs)
+
+    def _submit(self, fn, args, kwargs) -> concurrent.futures.Future | None:
+        """Queue a command; None when the engine thread is gone or is the caller (run it inline)."""
+        if threading.current_thread() is self._thread:
+            return None
+        with self._gate:
+            if self._closed:
+                return None
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            self._inbox.put((fn, args, kwargs, fut))
+        self._wake.set()
+        return fut
+
+    def _drain(self) -> None:
+        """Run every queued command in arrival order, answering each through its future."""
+        while True:
+            try:
+                fn, args, kwargs, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue  # its caller stopped waiting before it ran
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # the caller re-raises it (404, 429, ...)
+                fut.set_exception(e)
+
+    # -- the thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain()
+                if self.engine.has_work():
+                    self._step()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        finally:
+            with self._gate:
+                self._closed = True
+            self._drain()  # answer what came in while stopping
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as e:  # keep the thread alive: a dead loop would hang every client
+            log.exception("engine step failed; failing every request")
+            self._fail_all(e)
+        self.token_rate.record(self.tokens_out)
+        self._notify_done()
+
+    def watch(self, rid: str, loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> None:
+        """Deliver ``("token", t)`` items and a final ``("done", None)`` for ``rid`` to ``q``."""
+        self._done_waiters[rid] = (loop, q)
 
     def push(self, rid: str, item) -> None:
         w = self._done_waiters.get(rid)
         if w is not None:
             w[0].call_soon_threadsafe(w[1].put_nowait, item)
-
-    def _run(self) -> None:
-        while not self._stop:
-            with self.lock:
-                busy = self.engine.has_work()
-                if busy:
-                    try:
-                        self.engine.step()
-                    except Exception as e:  # keep the thread alive: a dead loop would hang every client
-                        log.exception("engine step failed; failing every request")
-                        self._fail_all(e)
-                    self.token_rate.record(self.tokens_out)
-                    self._notify_done()
-            if not busy:
-                self._wake.wait(0.05)
-                self._wake.clear()
 
     def _fail_all(self, error: Exception) -> None:
         """End every running and queued request with ``error`` (their clients get a 500).
@@ -173,24 +231,26 @@ class EngineLoop:
         if len(h.tokens) > 1 and h.finished_at is not None:
             self.tpot.observe((h.finished_at - h.first_token_at) / (len(h.tokens) - 1))
 
+    def _cancel(self, rid: str) -> None:
+        self.engine.cancel(rid)
+        self._notify_done()
+
     def cancel(self, rid: str) -> None:
-        with self.lock:
-            self.engine.cancel(rid)
-            self._notify_done()
+        """Cancel ``rid`` on the engine thread (does not wait: safe from ``finally`` on the event loop)."""
+        self.post(self._cancel, rid)
+
+    def _cancel_all(self) -> None:
+        for rid, h in list(self.engine.handles.items()):
+            if not h.done:
+                self.engine.cancel(rid)
+        self._notify_done()
 
     def shutdown(self, drain: bool = False, timeout: float = 30.0) -> None:
         """Stop the thread; with ``drain`` first let running requests finish (up to ``timeout`` s)."""
         end = time.monotonic() + timeout
-        while drain and time.monotonic() < end:
-            with self.lock:
-                if not self.engine.has_work():
-                    break
+        while drain and time.monotonic() < end and self.call(self.engine.has_work):
             time.sleep(0.01)
-        with self.lock:
-            for rid, h in list(self.engine.handles.items()):
-                if not h.done:
-                    self.engine.cancel(rid)
-            self._notify_done()
+        self.call(self._cancel_all)
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
@@ -271,7 +331,9 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        loop_.shutdown(drain=True)  # SIGTERM under uvicorn: finish running requests, cancel the rest
+        # SIGTERM under uvicorn: finish running requests, cancel the rest; off the event loop,
+        # which must keep delivering the draining requests' tokens
+        await asyncio.to_thread(loop_.shutdown, drain=True)
 
     app = FastAPI(title="paradapt", lifespan=lifespan)
     app.state.loop = loop_
@@ -319,7 +381,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
     def models() -> dict:
         root = engine.store.root
         names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root is not None else []
-        names = sorted(set(names) | set(engine.cache.on_host))
+        names = sorted(set(names) | loop_.call(lambda: set(engine.cache.on_host)))
         card = {"object": "model", "created": created, "owned_by": "paradapt"}  # OpenAI's Model fields
         data = [{"id": n, **card, "parent": model_name} for n in names]
         return {
@@ -329,12 +391,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
 
     @app.post("/v1/adapters")
     def load_adapter(req: AdapterRequest) -> dict:
-        loop_.call(engine._register, req.name)
-        moves = loop_.call(engine.cache.prefetch, [req.name])  # reads it now: a corrupt folder answers 422
-        if req.name not in engine.cache.on_host and not moves:
-            raise AdapterLoadError(
-                req.name, ParadaptError("no host room to load it now (it loads on demand)")
-            )
+        loop_.call(_load, engine, req.name)
         return {"id": req.name, "object": "model", "loaded": True}
 
     @app.delete("/v1/adapters/{name}")
@@ -345,7 +402,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
-        return PlainTextResponse(_metrics(loop_))
+        return PlainTextResponse(loop_.call(_metrics, loop_))
 
     if decoder:
 
@@ -398,22 +455,16 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
                     "input", f"text {i} has {len(one)} tokens, over the model's {max_len} positions"
                 )
         aloop = asyncio.get_running_loop()
-        queues, handles = [], []
+        queues = [asyncio.Queue() for _ in ids]
+        # one command for every text: they join the same step, and a refusal (429) of a later
+        # text takes the earlier ones back before anything else runs
+        handles = await loop_.acall(_add_encoders, engine, ids, adapter_of(model), task, loop_, aloop, queues)
         try:
-            for one in ids:
-                q: asyncio.Queue = asyncio.Queue()
-                handles.append(
-                    loop_.call(_add_encoder, engine, one, adapter_of(model), task, loop_, aloop, q)
-                )
-                queues.append(q)
             for q in queues:
                 while (await q.get())[0] != "done":
                     pass
-        finally:  # also when a later text is refused (429): nothing stays queued or tracked
-            for h in handles:
-                if not h.done:
-                    loop_.cancel(h.id)
-            loop_.call(_forget, engine, handles)
+        finally:  # also when the client goes away: nothing stays queued or tracked
+            loop_.post(_drop, engine, handles)
         for h in handles:
             if h.error is not None:
                 raise h.error
@@ -428,7 +479,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
         _check_positions(len(ids), params.max_new_tokens, max_len)
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        h = loop_.call(_add_decoder, engine, ids, adapter_of(model), params, loop_, aloop, q)
+        h = await loop_.acall(_add_decoder, engine, ids, adapter_of(model), params, loop_, aloop, q)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if stream:
             return StreamingResponse(_sse(h, q, model, rid, chat), media_type="text/event-stream")
@@ -440,7 +491,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
                 loop_.cancel(h.id)
         if h.error is not None:
             raise h.error
-        loop_.call(engine.pop, h.id)
+        loop_.post(engine.pop, h.id)
         text = h.text if h.text is not None else ""
         reason = "stop" if h.finish_reason in ("eos", "stop") else "length"
         usage = {
@@ -514,8 +565,7 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
         finally:
             if not h.done:  # the client went away mid-stream: free its KV space and slot
                 loop_.cancel(h.id)
-            if h.id in engine.handles and engine.handles[h.id].done:
-                loop_.call(engine.pop, h.id)
+            loop_.post(_drop, engine, [h])  # runs after the cancel: commands keep their order
 
     return app
 
@@ -613,13 +663,6 @@ def _check_positions(prompt: int, new: int, max_len: int | None) -> None:
     )
 
 
-def _forget(engine, handles: list[RequestHandle]) -> None:
-    """Stop tracking finished handles (the engine keeps them until popped)."""
-    for h in handles:
-        if h.done and h.id in engine.handles:
-            engine.pop(h.id)
-
-
 def _check_ids(ids: list[int], vocab: int | None) -> list[int]:
     """Token-id prompts must index the vocabulary: a bad id would fail the whole engine step."""
     bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
@@ -671,10 +714,38 @@ def _add_decoder(engine: Engine, ids, adapter, params, loop_: EngineLoop, aloop,
     return h
 
 
-def _add_encoder(engine: EncoderEngine, ids, adapter, task, loop_: EngineLoop, aloop, q) -> RequestHandle:
-    h = engine.add_request(ids, adapter, task=task)
-    loop_.watch(h.id, aloop, q)
-    return h
+def _add_encoders(
+    engine: EncoderEngine, ids: list[list[int]], adapter, task, loop_: EngineLoop, aloop, queues
+) -> list[RequestHandle]:
+    """Queue every text or none: a refusal takes back the ones queued before it."""
+    handles: list[RequestHandle] = []
+    try:
+        for one, q in zip(ids, queues, strict=True):
+            h = engine.add_request(one, adapter, task=task)
+            handles.append(h)
+            loop_.watch(h.id, aloop, q)
+    except BaseException:
+        _drop(engine, handles)
+        raise
+    return handles
+
+
+def _drop(engine: Engine | EncoderEngine, handles: list[RequestHandle]) -> None:
+    """Stop tracking ``handles``: cancel the unfinished ones, forget them all (the engine keeps a
+    handle until a server pops it)."""
+    for h in handles:
+        if not h.done:
+            engine.cancel(h.id)
+        if h.done:
+            engine.handles.pop(h.id, None)
+
+
+def _load(engine: Engine | EncoderEngine, name: str) -> None:
+    """POST /v1/adapters: register ``name`` and read it into host memory now (a corrupt folder: 422)."""
+    engine._register(name)
+    moves = engine.cache.prefetch([name])
+    if name not in engine.cache.on_host and not moves:
+        raise AdapterLoadError(name, ParadaptError("no host room to load it now (it loads on demand)"))
 
 
 def _unload(engine: Engine | EncoderEngine, name: str) -> None:
@@ -690,28 +761,30 @@ def _unload(engine: Engine | EncoderEngine, name: str) -> None:
 
 
 def _metrics(loop_: EngineLoop) -> str:
-    """Prometheus text: queue, running, adapters resident/served, loads, tokens out."""
+    """Prometheus text: queue, running, adapters resident/served, loads, tokens out.
+
+    Runs on the engine thread (``loop_.call``), so it reads the engine between steps.
+    """
     e = loop_.engine
-    with loop_.lock:
-        s = e.cache.stats
-        rows = [
-            ("paradapt_queue_length", "gauge", len(e.scheduler.waiting)),
-            ("paradapt_running_requests", "gauge", len(e.scheduler.running)),
-            ("paradapt_resident_adapters", "gauge", len(e.cache.on_device)),
-            ("paradapt_served_adapters", "gauge", len(e.cache.on_host)),
-            ("paradapt_adapter_device_loads_total", "counter", s.device_loads),
-            ("paradapt_adapter_host_loads_total", "counter", s.host_loads + s.prefetch_loads),
-            ("paradapt_adapter_evictions_total", "counter", s.device_evictions + s.host_evictions),
-            ("paradapt_generated_tokens_total", "counter", loop_.tokens_out),
-            (
-                "paradapt_generation_tokens_per_second",
-                "gauge",
-                round(loop_.token_rate.rate(loop_.tokens_out), 3),
-            ),
-            *(
-                (f"paradapt_adapter_{op}_seconds_total", "counter", round(sec, 6))
-                for op, sec in sorted(e.store.seconds.items())
-            ),
-        ]
-        hist = loop_.ttft.text() + loop_.tpot.text()
+    s = e.cache.stats
+    rows = [
+        ("paradapt_queue_length", "gauge", len(e.scheduler.waiting)),
+        ("paradapt_running_requests", "gauge", len(e.scheduler.running)),
+        ("paradapt_resident_adapters", "gauge", len(e.cache.on_device)),
+        ("paradapt_served_adapters", "gauge", len(e.cache.on_host)),
+        ("paradapt_adapter_device_loads_total", "counter", s.device_loads),
+        ("paradapt_adapter_host_loads_total", "counter", s.host_loads + s.prefetch_loads),
+        ("paradapt_adapter_evictions_total", "counter", s.device_evictions + s.host_evictions),
+        ("paradapt_generated_tokens_total", "counter", loop_.tokens_out),
+        (
+            "paradapt_generation_tokens_per_second",
+            "gauge",
+            round(loop_.token_rate.rate(loop_.tokens_out), 3),
+        ),
+        *(
+            (f"paradapt_adapter_{op}_seconds_total", "counter", round(sec, 6))
+            for op, sec in sorted(e.store.seconds.items())
+        ),
+    ]
+    hist = loop_.ttft.text() + loop_.tpot.text()
     return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows) + hist
