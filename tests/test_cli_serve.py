@@ -4,7 +4,6 @@ SIGTERM drains and exits 0), encoder wiring, memory split, and one-line errors f
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -109,21 +108,36 @@ def test_serve_encoder_model_gets_the_encoder_endpoints(tmp_path):
 
 
 def test_device_memory_takes_adapter_slots_out_of_the_kv_tokens(llama_setup):
+    """--device-memory-mb reaches the engine whole: slots of the largest adapter come out of the
+    KV pages, and the adapter cache is held to the slots' bytes."""
+    from paradapt.serve.engine import AdapterStore, Engine, kv_bytes_per_token
+
     model_dir, root = llama_setup
-    _, model = cli.load_model(model_dir)
     parse = cli.build_parser().parse_args
     common = ["serve", "--model", str(model_dir), "--adapter-root", str(root), "--device-memory-mb", "1"]
-    one = cli._engine_config(parse([*common, "--max-slots", "1"]), model, root)
-    many = cli._engine_config(parse([*common, "--max-slots", "8"]), model, root)
-    per_token = cli._kv_bytes_per_token(model)  # 2 (K,V) x 2 layers x 2 heads x 8 dims x 4 B
+    engines = {}
+    for slots in (1, 8):
+        config = cli._engine_config(parse([*common, "--max-slots", str(slots)]))
+        assert config.device_memory == 2**20 and config.max_slots == slots
+        _, model = cli.load_model(model_dir)
+        engines[slots] = Engine(model, root, config)
+    per_token = kv_bytes_per_token(engines[1].model)  # 2 (K,V) x 2 layers x 2 heads x 8 dims x 4 B
     assert per_token == 2 * 2 * 2 * 8 * 4
-    slot = cli._largest_adapter_bytes(root)
+    slot = AdapterStore(engines[1].model, root).largest()
     assert slot > 0
-    for config, slots in ((one, 1), (many, 8)):  # the KV pages get what the slots leave
-        kv_tokens = (2**20 - slots * slot) // per_token
-        assert config.num_blocks == math.ceil(kv_tokens / config.page_size)
-        assert config.max_slots == slots
-    assert many.num_blocks < one.num_blocks
+    for slots, engine in engines.items():  # the KV pages get what the slots leave
+        pages = (2**20 - slots * slot) // per_token // engine.config.page_size
+        assert engine.runner.kv_tokens == pages * engine.config.page_size
+    assert engines[8].runner.kv_tokens < engines[1].runner.kv_tokens
+
+
+def test_kv_tokens_and_device_memory_together_are_refused(llama_setup):
+    model_dir, root = llama_setup
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", str(model_dir), "--kv-tokens", "512", "--device-memory-mb", "1"]
+    )
+    with pytest.raises(pa.ConfigError, match="--kv-tokens or --device-memory-mb"):
+        cli._engine_config(args)
 
 
 @pytest.mark.parametrize(

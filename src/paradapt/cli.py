@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import signal
 import sys
@@ -383,52 +382,23 @@ def _adapter_count(root: Path | None) -> int:
     return 0 if root is None else sum(1 for p in root.iterdir() if p.is_dir())
 
 
-def _largest_adapter_bytes(root: Path | None) -> int:
-    """Bytes of the biggest adapter weights file under ``root``: the size of one device slot."""
-    from paradapt.io import PEFT_WEIGHTS_FILE, WEIGHTS_FILE
+def _engine_config(args):
+    """EngineConfig from the flags; the engine knobs mean what they mean to ``paradapt twin``/``plan``.
 
-    sizes = [0]
-    for folder in root.iterdir() if root is not None else ():
-        for f in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
-            if (folder / f).is_file():
-                sizes.append((folder / f).stat().st_size)
-    return max(sizes)
-
-
-def _kv_bytes_per_token(model) -> int:
-    """Float32 K and V of one token in every layer (the paged cache's cost per token)."""
-    cfg = model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * 4
-
-
-def _engine_config(args, model, root: Path | None):
-    """EngineConfig from the flags; ``--device-memory-mb`` splits memory between KV pages and slots."""
-    from paradapt.serve import EngineConfig, MemoryBudget
+    ``--device-memory-mb`` goes to the engine whole: it sets aside ``--max-slots`` slots of the
+    largest adapter under the root and gives the rest to KV pages (``serve.core.memory_split``).
+    """
+    from paradapt.serve import EngineConfig
+    from paradapt.twin.cli import knobs_from_args
 
     base = EngineConfig()
+    knobs = knobs_from_args(args)
     max_slots = args.max_slots or base.max_slots
-    max_served = args.max_served or max(base.max_served, max_slots)
-    page = base.page_size
-    kv_tokens = args.kv_tokens
-    if args.device_memory_mb is not None:
-        budget = MemoryBudget(
-            total_bytes=int(args.device_memory_mb * 2**20),
-            kv_bytes_per_token=_kv_bytes_per_token(model),
-            max_slots=max_slots,
-            slot_bytes=_largest_adapter_bytes(root),
-        )
-        kv_tokens = min(kv_tokens or budget.kv_tokens, budget.kv_tokens)
-    num_blocks = math.ceil(kv_tokens / page) if kv_tokens else base.num_blocks
-    token_budget = args.token_budget or base.token_budget
+    knobs["max_running"] = min(knobs["max_running"], knobs.get("token_budget", base.token_budget))
     return EngineConfig(
-        page_size=page,
-        num_blocks=num_blocks,
-        token_budget=token_budget,
-        max_running=min(args.max_running or base.max_running, token_budget),
+        **knobs,
         max_slots=max_slots,
-        max_served=max_served,
+        max_served=args.max_served or max(base.max_served, max_slots),
         queue_bound=args.queue_bound or base.queue_bound,
     )
 
@@ -457,7 +427,7 @@ def build_server_app(args):
     torch.set_num_threads(threads)
     model_dir, root, name = _serve_sources(args)
     tok, model = load_model(model_dir)
-    config = _engine_config(args, model, root)
+    config = _engine_config(args)
     if model.can_generate():
         engine = Engine(model, root, config, tokenizer=tok)
     else:
@@ -669,18 +639,9 @@ def _add_serve_parser(sub) -> None:
         metavar="K",
         help="adapters on the model at once (distinct adapters per step)",
     )
-    serve.add_argument("--token-budget", type=_positive, metavar="N", help="tokens per step (default: 256)")
-    serve.add_argument("--max-running", type=_positive, metavar="N", help="requests per step (default: 32)")
-    serve.add_argument(
-        "--kv-tokens", type=_positive, metavar="N", help="KV cache capacity in tokens (default: 4096)"
-    )
-    serve.add_argument(
-        "--device-memory-mb",
-        type=float,
-        metavar="MB",
-        help="memory for KV cache plus "
-        "adapter slots: the slots (largest adapter x K) are taken out of the KV tokens",
-    )
+    from paradapt.twin.cli import add_engine_knob_args
+
+    add_engine_knob_args(serve)  # --token-budget, --max-running, --kv-tokens, --device-memory-mb, ...
     serve.add_argument("--queue-bound", type=_positive, metavar="N", help="waiting requests before 429")
     serve.add_argument(
         "--threads",

@@ -124,7 +124,8 @@ def run_profile(args) -> int:
 
 
 def add_engine_knob_args(p) -> None:
-    """The engine knobs a twin run takes (read by :func:`knobs_from_args`); ``twin`` and ``plan`` share them."""
+    """The engine knobs (read by :func:`knobs_from_args`); ``serve``, ``twin`` and ``plan`` share them,
+    so a configuration the twin recommends is typed into ``paradapt serve`` unchanged."""
     p.add_argument("--token-budget", type=_positive_int, metavar="N", help="tokens per step (default: 256)")
     p.add_argument("--max-running", type=_positive_int, metavar="N", help="requests per step (default: 32)")
     p.add_argument(
@@ -142,13 +143,19 @@ def add_engine_knob_args(p) -> None:
     p.add_argument("--prefetch", type=int, metavar="N", help="queued adapters read ahead (default: 2)")
 
 
-def knobs_from_args(args, cost) -> dict:
-    """EngineConfig knobs from the twin's flags (the same meanings as ``paradapt serve``'s)."""
+def knobs_from_args(args) -> dict:
+    """EngineConfig knobs from the flags of :func:`add_engine_knob_args` (unset flags: the defaults)."""
     knobs: dict = {}
     if args.token_budget:
         knobs["token_budget"] = args.token_budget
     if args.max_running:
         knobs["max_running"] = args.max_running
+    if args.kv_tokens and args.device_memory_mb is not None:
+        raise ConfigError(
+            "kv_tokens",
+            "give --kv-tokens or --device-memory-mb, not both: with device memory the KV cache gets "
+            "what the adapter slots leave",
+        )
     if args.kv_tokens:
         knobs["num_blocks"] = math.ceil(args.kv_tokens / 16)
     if args.device_memory_mb is not None:
@@ -199,7 +206,7 @@ def run_twin(args) -> int:
         max_served=args.max_served,
         max_slots=args.max_slots,
         drain=args.drain,
-        **knobs_from_args(args, cost),
+        **knobs_from_args(args),
     )
     print(
         f"twin: {args.workload}: {spec.num_adapters} adapters, {spec.rate:g} req/s for {spec.duration:g} s, "

@@ -782,7 +782,7 @@ def run_cli(args: Any) -> int:
     cost_source = args.cost or "the shipped cost model"
     from .cli import knobs_from_args
 
-    knobs = knobs_from_args(args, cost)
+    knobs = knobs_from_args(args)
     model_path = Path(args.model)
     if args.train is not None or not model_path.is_file():
         n = args.train if args.train is not None else DEFAULT_TRAIN
