@@ -356,3 +356,37 @@ def test_adapter_from_another_model_of_the_same_family_loads(tmp_path):
     pa.load_adapter(llama, folder)
     for k, v in model.paradapt["a"].state_dict().items():
         assert torch.equal(llama.paradapt["a"].state_dict()[k], v), k
+
+
+# -- read without attaching (what a server keeps in host memory) -----------------------------
+
+
+@pytest.mark.parametrize("layout", ["paradapt", "peft"])
+def test_read_adapter_validates_and_returns_the_weights_without_touching_the_model(layout, tmp_path):
+    src, _ = with_lora(3, targets=["q_proj", "v_proj"])
+    save = pa.save_adapter if layout == "paradapt" else pa.save_peft_adapter
+    folder = save(src, "a", tmp_path / "f")
+    model = tiny_model("llama")
+    pa.add_adapter(model, "other", pa.ParallelConfig(r=4, init="random"))
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    config, weights = pio.read_adapter(model, folder, "x")
+    assert pa.list_adapters(model) == ["other"]
+    assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    pa.load_adapter(model, folder, name="x")  # what load_adapter builds is what read_adapter returned
+    assert isinstance(config, pa.LoRAConfig) and config.r == 4
+    loaded = model.paradapt["x"].state_dict()
+    assert loaded.keys() == weights.keys()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def test_read_adapter_refuses_what_load_adapter_refuses_and_leaves_a_fresh_model_bare(tmp_path):
+    src, _ = with_lora(3)
+    folder = pa.save_adapter(src, "a", tmp_path / "f")
+    other = tiny_model("llama", hidden_size=48)  # another width: the weights cannot fit
+    with pytest.raises(pa.ParadaptError, match="hidden_size"):
+        pio.read_adapter(other, folder)
+    assert pa.list_adapters(other) == [] and getattr(other, "paradapt", None) is None
+    config, _ = pio.read_adapter(tiny_model("llama"), folder)  # a model without paradapt state
+    assert config.r == 4

@@ -59,11 +59,13 @@ def _add(
     before: Callable[[State], None] | None = None,
     after: Callable[[nn.Module], None] | None = None,
     taken_hint: str = "remove it first or pick another name",
+    dry_run: bool = False,
 ) -> nn.Module:
     """Build, validate and attach one adapter; on any error the model is left as it was.
 
     ``before(state)`` runs before the adapter is built, ``after(adapter)`` once it is built
-    but not yet attached (loading checks a file against it there).
+    but not yet attached (loading checks a file against it there). ``dry_run`` stops there:
+    the built adapter is returned and the model is left as it was.
     """
     fresh = get_state(model) is None
     st = get_state(model, create=True)
@@ -73,13 +75,18 @@ def _add(
         if before is not None:
             before(st)
         adapter, parts = inject.build(st, name, config)
-        before_add(st, name, parts)
+        if not dry_run:
+            before_add(st, name, parts)  # may put a fused FFN's hooks back: only when attaching
         if after is not None:
             after(adapter)
     except Exception:
         if fresh:
             _drop_state(model, st)
         raise
+    if dry_run:
+        if fresh:
+            _drop_state(model, st)
+        return adapter
     if fresh and freeze_base:
         st.frozen = _freeze(st)
     inject.attach(st, name, config, adapter, parts, trainable)

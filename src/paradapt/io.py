@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -228,15 +229,49 @@ def _copy_weights(adapter: AdapterModule, tensors: dict[str, torch.Tensor]) -> N
         target.copy_(tensors[k])
 
 
+@dataclass(frozen=True)
+class _Folder:
+    """A parsed adapter folder: what to build and the weights to check against it."""
+
+    name: str
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    file: Path
+    base: dict
+    cfg_file: Path
+    file_keys: dict[str, str] = field(default_factory=dict)  # our weight name -> its name in the file
+
+
 def load_adapter(model, path: str | Path, name: str | None = None, *, trainable: bool = False):
     """Load an adapter folder (paradapt's or PEFT's LoRA layout) onto ``model`` as ``name``.
 
     Everything is validated before the model changes; on error the model is as before.
     """
-    path = Path(path)
+    return _add_with_weights(model, _parse(Path(path), name), trainable)
+
+
+def read_adapter(
+    model, path: str | Path, name: str | None = None
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Validate a folder against ``model`` as :func:`load_adapter` does, but leave the model alone.
+
+    Returns the adapter's config and its weights (named as its module's state dict, in the
+    dtype it would have on ``model``): what a server keeps in host memory to attach later
+    with ``add_adapter`` + ``load_state_dict``, without building and hooking it in twice.
+    """
+    f = _parse(Path(path), name)
+    adapter = _add_with_weights(model, f, trainable=False, dry_run=True)
+    return f.config, {k: v.detach() for k, v in adapter.state_dict().items()}
+
+
+def _parse(path: Path, name: str | None) -> _Folder:
     data = read_config(path)
     if "peft_type" in data:
-        return load_peft_adapter(model, path, name, data=data, trainable=trainable)
+        return _parse_peft(path, name, data)
+    return _parse_ours(path, name, data)
+
+
+def _parse_ours(path: Path, name: str | None, data: dict) -> _Folder:
     cfg_file = path / CONFIG_FILE
     _warn_unknown_keys(data, cfg_file)
     version = data.get("format_version")
@@ -255,7 +290,7 @@ def load_adapter(model, path: str | Path, name: str | None = None, *, trainable:
         raise AdapterFileError(cfg_file, f"'base_model' must be an object, got {base!r}")
     name = _name_for(path, name or data.get("name") or None)
     tensors = _read_tensors(path / WEIGHTS_FILE)
-    return _add_with_weights(model, name, config, tensors, path / WEIGHTS_FILE, base, cfg_file, trainable)
+    return _Folder(name, config, tensors, path / WEIGHTS_FILE, base, cfg_file)
 
 
 def _name_for(path: Path, name: str | None) -> str:
@@ -300,25 +335,27 @@ def _naming_file(e: ConfigError, cfg_file: Path) -> ConfigError:
     return type(e)(e.field, f"{message} (in {cfg_file})")
 
 
-def _add_with_weights(model, name, config, tensors, file, base, cfg_file, trainable, file_keys=None):
+def _add_with_weights(model, f: _Folder, trainable: bool, dry_run: bool = False):
     """Build the adapter and check it against the file; only then attach it and copy the weights in.
 
     Copying after ``attach`` matters for PiSSA: attaching subtracts the principal part the
-    adapter was *initialised* with from the base, the file holds the *trained* factors.
+    adapter was *initialised* with from the base, the file holds the *trained* factors. With
+    ``dry_run`` the built adapter gets the weights but is never attached.
     """
     try:
         adapter = _add(
             model,
-            name,
-            config,
+            f.name,
+            f.config,
             trainable=trainable,
-            before=lambda st: _check_base(base, st, cfg_file),
-            after=lambda built: _check_weights(built, tensors, file, file_keys or {}),
+            before=lambda st: _check_base(f.base, st, f.cfg_file),
+            after=lambda built: _check_weights(built, f.tensors, f.file, f.file_keys),
             taken_hint="pass name=... to load it under another",
+            dry_run=dry_run,
         )
     except ConfigError as e:  # e.g. targets that match nothing on this model
-        raise _naming_file(e, cfg_file) from None
-    _copy_weights(adapter, tensors)
+        raise _naming_file(e, f.cfg_file) from None
+    _copy_weights(adapter, f.tensors)
     return adapter
 
 
@@ -394,8 +431,12 @@ def load_peft_adapter(
 ):
     """Load a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     path = Path(path)
-    cfg_file = path / CONFIG_FILE
     data = data if data is not None else read_config(path)
+    return _add_with_weights(model, _parse_peft(path, name, data), trainable)
+
+
+def _parse_peft(path: Path, name: str | None, data: dict) -> _Folder:
+    cfg_file = path / CONFIG_FILE
     _check_peft_config(data, cfg_file)
     file = path / PEFT_WEIGHTS_FILE
     modules = _peft_modules(_read_tensors(file), file)
@@ -418,8 +459,7 @@ def load_peft_adapter(
         for ours, theirs in (("down", "lora_A"), ("up", "lora_B")):
             tensors[f"{slot}.{ours}.weight"] = parts[theirs]
             file_keys[f"{slot}.{ours}.weight"] = f"{PEFT_PREFIX}{mod}.{theirs}.weight"
-    name = _name_for(path, name)
-    return _add_with_weights(model, name, config, tensors, file, {}, cfg_file, trainable, file_keys)
+    return _Folder(_name_for(path, name), config, tensors, file, {}, cfg_file, file_keys)
 
 
 def save_peft_adapter(model, name: str, path: str | Path) -> Path:

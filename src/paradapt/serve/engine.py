@@ -35,7 +35,7 @@ from ..errors import (
     ConfigError,
     ParadaptError,
 )
-from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, load_adapter
+from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, read_adapter
 from ..state import get_state, require_state
 from .cache import Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
@@ -125,18 +125,12 @@ class AdapterStore:
             self.seconds[move.op] = self.seconds.get(move.op, 0.0) + time.perf_counter() - t0
 
     def _read(self, name: str) -> _HostCopy:
-        """Validate the folder by loading it onto the model once, keep its state dict on the CPU."""
+        """Validate the folder against the model (without attaching it), keep its weights on the CPU."""
         folder = self.folder(name)
         if not (folder / CONFIG_FILE).is_file():
             raise AdapterFileError(folder / CONFIG_FILE, "missing")
-        load_adapter(self.model, folder, name)
-        try:
-            st = require_state(self.model)
-            module = st.container[name]
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-            return _HostCopy(st.record(name).config, state)
-        finally:
-            remove_adapter(self.model, name)
+        config, state = read_adapter(self.model, folder, name)
+        return _HostCopy(config, {k: v.to("cpu", copy=True) for k, v in state.items()})
 
     def _attach(self, name: str) -> None:
         copy = self.host.get(name)
