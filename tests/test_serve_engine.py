@@ -311,3 +311,40 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tmp_path
     c = engine.add_request([1, 2], None)
     with pytest.raises(pa.ConfigError, match="still waiting"):
         engine.pop(c.id)
+
+
+def test_prefetched_folders_are_read_on_the_reader_thread_and_checked_when_needed(tmp_path, monkeypatch):
+    """Queued requests' adapters are read while steps run (file I/O off the engine thread); a
+    folder that fails its check still fails only its own requests."""
+    import threading
+
+    import paradapt.serve.engine as eng
+
+    ref_model = adapter_root(tmp_path, "llama")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tmp_path / "lo4" / "adapter_config.json").read_text())
+    (bad / "adapter.safetensors").write_bytes(b"\x00not safetensors at all")
+    readers: dict[str, str] = {}
+    parse = eng.parse_folder
+
+    def spy(folder, name=None):
+        readers[name] = threading.current_thread().name
+        return parse(folder, name)
+
+    monkeypatch.setattr(eng, "parse_folder", spy)
+    config = EngineConfig(
+        page_size=4, num_blocks=80, token_budget=16, max_running=6, max_slots=1, max_served=4
+    )
+    engine = Engine(tiny_model("llama"), tmp_path, config)
+    reqs = [([5, 6, 7], "lo4", 4), ([8, 9], "par", 3), ([3, 4], "bad", 2), ([4, 4, 4], "ser", 3)]
+    handles = [engine.add_request(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in reqs]
+    engine.run()
+    for h, (p, a, n) in zip(handles, reqs, strict=True):
+        if a == "bad":
+            assert h.status == "failed" and "adapter.safetensors" in str(h.error)
+        else:
+            assert h.status == "finished" and h.tokens == alone(ref_model, p, n, a)
+    assert readers["lo4"] == "MainThread"  # needed at once: read on demand
+    assert all(readers[a].startswith("paradapt-reader") for a in ("par", "bad", "ser"))  # read ahead
+    assert engine.cache.stats.prefetch_loads >= 3 and not engine.store.pending

@@ -259,9 +259,19 @@ def read_adapter(
     dtype it would have on ``model``): what a server keeps in host memory to attach later
     with ``add_adapter`` + ``load_state_dict``, without building and hooking it in twice.
     """
-    f = _parse(Path(path), name)
-    adapter = _add_with_weights(model, f, trainable=False, dry_run=True)
-    return f.config, {k: v.detach() for k, v in adapter.state_dict().items()}
+    return check_folder(model, parse_folder(path, name))
+
+
+def parse_folder(path: str | Path, name: str | None = None) -> _Folder:
+    """Read and parse an adapter folder (config and tensors) without a model: only file I/O,
+    safe to run on another thread (a server reads ahead with it while a step runs)."""
+    return _parse(Path(path), name)
+
+
+def check_folder(model, folder: _Folder) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The second half of :func:`read_adapter`: check a parsed folder against ``model``."""
+    adapter = _add_with_weights(model, folder, trainable=False, dry_run=True)
+    return folder.config, {k: v.detach() for k, v in adapter.state_dict().items()}
 
 
 def _parse(path: Path, name: str | None) -> _Folder:

@@ -746,6 +746,11 @@ def _load(engine: Engine | EncoderEngine, name: str) -> None:
     moves = engine.cache.prefetch([name])
     if name not in engine.cache.on_host and not moves:
         raise AdapterLoadError(name, ParadaptError("no host room to load it now (it loads on demand)"))
+    try:
+        engine.store.settle(name)  # the prefetch reads in the background: check it now
+    except AdapterLoadError as e:
+        engine._fail_adapter(name, e)
+        raise
 
 
 def _unload(engine: Engine | EncoderEngine, name: str) -> None:

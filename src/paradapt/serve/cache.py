@@ -42,6 +42,7 @@ class Move:
     op: MoveOp
     adapter: str
     size: int
+    ahead: bool = False  # a prefetch: the loader may do it in the background, nothing waits for it yet
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,8 @@ class AdapterCache:
         """Load adapters of queued requests from disk into host memory (not onto the device).
 
         Only evicts unpinned host residents that are neither on device nor asked for here;
-        stops quietly when there is no such room. Meant to run while the current step runs.
+        stops quietly when there is no such room. Its moves are ``ahead``: the real engine reads
+        those folders on a background thread while the step's forward runs.
         """
         wanted = [n for n in dict.fromkeys(names) if n in self._sizes]
         protect = set(wanted)
@@ -267,7 +269,7 @@ class AdapterCache:
                 continue
             if not self._make_host_room(self._sizes[n], protect, moves):
                 break
-            moves.append(self._do(Move("load_host", n, self._sizes[n])))
+            moves.append(self._do(Move("load_host", n, self._sizes[n], ahead=True)))
             self.stats.prefetch_loads += 1
         return moves
 

@@ -21,6 +21,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from ..errors import (
     ConfigError,
     ParadaptError,
 )
-from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, read_adapter
+from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, check_folder, parse_folder
 from ..state import get_state, require_state
 from .cache import Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
@@ -64,6 +65,8 @@ class AdapterStore:
         if self.root is not None and not self.root.is_dir():
             raise ConfigError("adapter_root", f"{root} is not a folder")
         self.host: dict[str, _HostCopy] = {}
+        self.pending: dict[str, Future] = {}  # prefetched folders being read on the reader thread
+        self._reader: ThreadPoolExecutor | None = None
         self.seconds: dict[str, float] = {}  # per move op: total wall time spent (metrics)
 
     def folder(self, name: str) -> Path:
@@ -109,7 +112,9 @@ class AdapterStore:
         name = move.adapter
         t0 = time.perf_counter()
         try:
-            if move.op == "load_host":
+            if move.op == "load_host" and move.ahead:
+                self._read_ahead(name)
+            elif move.op == "load_host":
                 self.host[name] = self._read(name)
             elif move.op == "load_device":
                 self._attach(name)
@@ -117,6 +122,9 @@ class AdapterStore:
                 remove_adapter(self.model, name)
             else:
                 self.host.pop(name, None)
+                fut = self.pending.pop(name, None)
+                if fut is not None:
+                    fut.cancel()
         except Exception as e:  # a broken folder must never take the engine down
             if move.op.startswith("load") and not isinstance(e, AdapterLoadError):
                 raise AdapterLoadError(name, e) from None
@@ -126,13 +134,42 @@ class AdapterStore:
 
     def _read(self, name: str) -> _HostCopy:
         """Validate the folder against the model (without attaching it), keep its weights on the CPU."""
+        return self._check(name, parse_folder(self._config_folder(name), name))
+
+    def _config_folder(self, name: str) -> Path:
         folder = self.folder(name)
         if not (folder / CONFIG_FILE).is_file():
             raise AdapterFileError(folder / CONFIG_FILE, "missing")
-        config, state = read_adapter(self.model, folder, name)
+        return folder
+
+    def _check(self, name: str, parsed) -> _HostCopy:
+        config, state = check_folder(self.model, parsed)
         return _HostCopy(config, {k: v.to("cpu", copy=True) for k, v in state.items()})
 
+    def _read_ahead(self, name: str) -> None:
+        """Start reading a prefetched folder on the reader thread (file I/O only: the model is
+        not touched there); it is checked against the model when first needed (``settle``)."""
+        folder = self._config_folder(name)
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="paradapt-reader")
+        self.pending[name] = self._reader.submit(parse_folder, folder, name)
+
+    def settle(self, name: str) -> None:
+        """Finish a read-ahead of ``name``: wait for its file read, check it against the model.
+
+        Raises :class:`AdapterLoadError` for a folder that does not load (the cache still
+        lists it on host: the caller fails the adapter, as for a failed move).
+        """
+        fut = self.pending.pop(name, None)
+        if fut is None:
+            return
+        try:
+            self.host[name] = self._check(name, fut.result())
+        except Exception as e:
+            raise AdapterLoadError(name, e) from None
+
     def _attach(self, name: str) -> None:
+        self.settle(name)
         copy = self.host.get(name)
         if copy is None:
             raise AdapterLoadError(name, ParadaptError("not in host memory"))
@@ -256,6 +293,7 @@ class _EngineCore(ServeCore):
 
     def _drop_adapter(self, adapter: str) -> None:
         self.store.host.pop(adapter, None)
+        self.store.pending.pop(adapter, None)
         st = get_state(self.model)
         if st is not None and adapter in st.adapters:
             remove_adapter(self.model, adapter)
