@@ -70,10 +70,13 @@ def workloads(duration: float) -> list[tuple[str, WorkloadSpec, dict]]:
         ("burst cv3", 100, 3.0, 0.5, MIX3, 16, 8, {"cv": 3.0}),
         ("long prompts", 100, 1.5, 1.0, {**MIX3}, 32, 8, {"input_len": (64, 256)}),
         ("a0.1 overload", 200, 12.0, 0.1, MIX3, 8, 8, {}),
+        # contexts up to ~1,000 tokens, like the planner's workloads (the rows above stay under 200)
+        ("long outputs", 186, 0.7, 0.5, MIX3, 16, 8, {"input_len": (64, 256), "output_len": (128, 448)}),
+        ("long both high", 100, 1.5, 1.0, MIX3, 32, 8, {"input_len": (128, 512), "output_len": (64, 384)}),
     ]
     out = []
     for i, (label, n, rate, alpha, mix, served, slots, extra) in enumerate(rows):
-        spec_kw = {k: extra.pop(k) for k in ("cv", "input_len") if k in extra}
+        spec_kw = {k: extra.pop(k) for k in ("cv", "input_len", "output_len") if k in extra}
         spec = WorkloadSpec(
             num_adapters=n,
             rate=rate,

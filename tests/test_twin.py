@@ -207,6 +207,8 @@ def test_cost_fit_recovers_known_coefficients():
     rng = random.Random(0)
     truth = {n: rng.uniform(1e-6, 1e-3) for n in (*BASE_FEATURES, *kind_features(kinds))}
     truth["attention"] = 3e-8
+    truth["context"] = 2e-7
+    truth["packed_attention"] = 1e-9
     info = {f"a{i}": (kinds[i % 3], rng.choice([8, 16, 32])) for i in range(12)}
     rows, ys = [], []
     names = list(truth)
@@ -220,7 +222,7 @@ def test_cost_fit_recovers_known_coefficients():
             decodes=3,
             samplers=rng.randint(1, 6),
             attention=rng.randint(0, 20000),
-            context=0,
+            context=rng.randint(0, 4000),
             adapter_tokens=per,
             device_loads=rng.randint(0, 2),
             resident=rng.randint(0, 16),

@@ -37,7 +37,17 @@ FORMAT = "paradapt-costmodel/1"
 #: measured by ``paradapt profile --threads 1`` on the machine that built this release.
 DEFAULT_COST = Path(__file__).with_name("default_cost.json")
 MOVE_OPS = ("load_host", "load_device", "evict_device", "evict_host")
-BASE_FEATURES = ("step", "tokens", "seqs", "samplers", "attention", "device_loads", "resident")
+BASE_FEATURES = (
+    "step",
+    "tokens",
+    "seqs",
+    "samplers",
+    "attention",
+    "context",
+    "packed_attention",
+    "device_loads",
+    "resident",
+)
 #: Model config keys that decide its speed (the model part of a fingerprint).
 MODEL_KEYS = (
     "model_type",
@@ -69,6 +79,11 @@ def featurize(
         "seqs": float(shape.seqs),
         "samplers": float(shape.samplers),
         "attention": float(shape.attention),
+        # the packed step reads back every sequence's KV (``context``) and its one [1, T] row
+        # attends over all of it under a block-diagonal mask: T x context products, not the sum
+        # over sequences that ``attention`` counts; that term dominates long-context decodes
+        "context": float(shape.context),
+        "packed_attention": float(shape.tokens * shape.context),
         "device_loads": float(shape.device_loads),
         "resident": float(shape.resident),
     }
@@ -248,9 +263,14 @@ class CostModel:
     def describe(self) -> str:
         """Coefficients and fit error, for printing."""
         lines = ["step time = sum of coefficient x feature:"]
-        units = {"attention": "s per attended KV position", "tokens": "s per token"}
+        units = {
+            "attention": "s per attended KV position",
+            "tokens": "s per token",
+            "context": "s per KV position read",
+            "packed_attention": "s per query token x KV position",
+        }
         for n, v in self.step.items():
-            lines.append(f"  {n:<22}{v * 1e6:>12.3f} us   {units.get(n, '')}".rstrip())
+            lines.append(f"  {n:<22}{v * 1e6:>12.4g} us   {units.get(n, '')}".rstrip())
         lines.append("adapter moves = a + b x bytes:")
         for op, (a, b) in self.moves.items():
             lines.append(f"  {op:<14} a = {a * 1e3:8.3f} ms   b = {b * 1e9:8.4f} s/GB")

@@ -53,6 +53,9 @@ TEMPLATES = 4  # distinct random weight sets per (kind, rank); adapter folders h
 # -- the model and its adapters ---------------------------------------------------------------------
 
 
+MAX_DESIGN_KV = 4096  # KV tokens of a scenario's decoders (decodes x context)
+
+
 def build_model(layers: int = 8, hidden: int = 512, seed: int = 0) -> torch.nn.Module:
     """The random Llama-style decoder of ``benchmarks/serve_load.py`` (vocab 512), built from a config."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -147,8 +150,8 @@ def design(
     for _ in range(n):
         d = rng.choice([1, 2, 4, 8, 12, 16, 24, max_running - 1])
         d = max(1, min(d, max_running - 1))
-        c = rng.choice([8, 32, 64, 128, 192])
-        while d * c > 2048 and c > 8:
+        c = rng.choice([8, 32, 64, 128, 192, 384, 768])  # contexts as long as served workloads reach
+        while d * c > MAX_DESIGN_KV and c > 8:
             c //= 2
         a = min(d, rng.choice([0, 1, 1, 2, 4, 8]))
         p = min(rng.choice([0, 0, 16, 64, 128, 224]), token_budget - d)
@@ -361,7 +364,7 @@ def profile(
         root = build_adapter_root(model, work / "adapters", adapters, seed)
         samples = Samples([], [], [])
         config = EngineConfig(
-            num_blocks=(2048 + 64 * max_running + token_budget) // 16 + max_running + 8,
+            num_blocks=(MAX_DESIGN_KV + 64 * max_running + token_budget) // 16 + max_running + 8,
             token_budget=token_budget,
             max_running=max_running,
             max_slots=min(20, len(adapters)),
