@@ -65,6 +65,9 @@ def test_plan_prints_rules_and_a_recommendation(files, tmp_path, capsys):
     spec = WorkloadSpec.from_yaml(wl)
     best = plan.search_in_twin(spec, CostModel.load(cost), knobs={"max_running": 32}).best
     assert f"searched optimum ({best.max_served}, {best.max_slots})" in out
+    shortfall = float(out.split("shortfall vs the searched optimum: ")[1].split("%")[0])
+    advice = f"use the searched optimum instead: --max-served {best.max_served} --max-slots {best.max_slots}"
+    assert (advice in out) == (shortfall > 100 * plan.TIE_TOL)
 
 
 @pytest.mark.parametrize(

@@ -852,3 +852,7 @@ def _print_check(spec: WorkloadSpec, cost: Any, rec: Recommendation, knobs: Mapp
     print(f"  recommended ({rec.max_served}, {rec.max_slots}): {at:,.1f} tokens/s")
     print(f"  searched optimum ({best.max_served}, {best.max_slots}): {best.throughput:,.1f} tokens/s")
     print(f"  shortfall vs the searched optimum: {100 * err:.2f}%")
+    if err > TIE_TOL:  # the models missed this workload: the search's answer is the one to use
+        print(
+            f"  use the searched optimum instead: --max-served {best.max_served} --max-slots {best.max_slots}"
+        )
