@@ -348,3 +348,26 @@ def test_prefetched_folders_are_read_on_the_reader_thread_and_checked_when_neede
     assert readers["lo4"] == "MainThread"  # needed at once: read on demand
     assert all(readers[a].startswith("paradapt-reader") for a in ("par", "bad", "ser"))  # read ahead
     assert engine.cache.stats.prefetch_loads >= 3 and not engine.store.pending
+
+
+def test_an_adapter_is_built_once_per_host_read_and_serves_the_same_after_evictions(tmp_path, monkeypatch):
+    """The module checked when a folder is read is the one attached (no second build), and it
+    serves identically after being evicted from the device and attached again."""
+    import paradapt.inject as inject
+
+    ref_model = adapter_root(tmp_path, "llama")
+    builds: list[str] = []
+    build = inject.build
+    monkeypatch.setattr(inject, "build", lambda st, name, cfg: builds.append(name) or build(st, name, cfg))
+    config = EngineConfig(
+        page_size=4, num_blocks=80, token_budget=16, max_running=6, max_slots=1, max_served=6
+    )
+    engine = Engine(tiny_model("llama"), tmp_path, config)
+    order = ["lo4", "par", "lo4", "ser", "par", "lo4"]  # one slot: every switch evicts and re-attaches
+    for i, a in enumerate(order):
+        prompt = [5 + i, 6, 7]
+        h = engine.add_request(prompt, a, SamplingParams(max_new_tokens=3))
+        engine.run()
+        assert h.status == "finished" and h.tokens == alone(ref_model, prompt, 3, a)
+    assert sorted(builds) == ["lo4", "par", "ser"]  # one build per folder read, none per attach
+    assert engine.cache.stats.device_loads == len(order)

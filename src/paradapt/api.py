@@ -59,14 +59,65 @@ def _add(
     before: Callable[[State], None] | None = None,
     after: Callable[[nn.Module], None] | None = None,
     taken_hint: str = "remove it first or pick another name",
-    dry_run: bool = False,
 ) -> nn.Module:
     """Build, validate and attach one adapter; on any error the model is left as it was.
 
     ``before(state)`` runs before the adapter is built, ``after(adapter)`` once it is built
-    but not yet attached (loading checks a file against it there). ``dry_run`` stops there:
-    the built adapter is returned and the model is left as it was.
+    but not yet attached (loading checks a file against it there).
     """
+    st, fresh, adapter, parts = _build(model, name, config, before, after, taken_hint, attaching=True)
+    if fresh and freeze_base:
+        st.frozen = _freeze(st)
+    inject.attach(st, name, config, adapter, parts, trainable)
+    return adapter
+
+
+def build_detached(
+    model: nn.Module,
+    name: str,
+    config: AdapterConfig,
+    *,
+    before: Callable[[State], None] | None = None,
+    after: Callable[[nn.Module], None] | None = None,
+) -> tuple[nn.Module, list]:
+    """Build and check an adapter for ``model`` without attaching it: ``(adapter, parts)``.
+
+    The model is left as it was. :func:`attach_built` attaches the result later, so a server
+    that checked a folder when reading it does not build it a second time to serve it.
+    """
+    st, fresh, adapter, parts = _build(model, name, config, before, after, "", attaching=False)
+    if fresh:
+        _drop_state(model, st)
+    return adapter, parts
+
+
+def attach_built(
+    model: nn.Module,
+    name: str,
+    config: AdapterConfig,
+    adapter: nn.Module,
+    parts: list,
+    *,
+    trainable: bool = False,
+) -> None:
+    """Attach what :func:`build_detached` built (for this model, not attached meanwhile)."""
+    fresh = get_state(model) is None
+    st = get_state(model, create=True)
+    try:
+        if name in st.adapters:
+            raise AdapterExistsError(f"an adapter named {name!r} is already on this model")
+        before_add(st, name, parts)
+    except Exception:
+        if fresh:
+            _drop_state(model, st)
+        raise
+    if fresh:
+        st.frozen = _freeze(st)
+    inject.attach(st, name, config, adapter, parts, trainable)
+
+
+def _build(model, name, config, before, after, taken_hint: str, *, attaching: bool):
+    """(state, created it, adapter, parts): the adapter built and checked, not attached."""
     fresh = get_state(model) is None
     st = get_state(model, create=True)
     try:
@@ -75,7 +126,7 @@ def _add(
         if before is not None:
             before(st)
         adapter, parts = inject.build(st, name, config)
-        if not dry_run:
+        if attaching:
             before_add(st, name, parts)  # may put a fused FFN's hooks back: only when attaching
         if after is not None:
             after(adapter)
@@ -83,14 +134,7 @@ def _add(
         if fresh:
             _drop_state(model, st)
         raise
-    if dry_run:
-        if fresh:
-            _drop_state(model, st)
-        return adapter
-    if fresh and freeze_base:
-        st.frozen = _freeze(st)
-    inject.attach(st, name, config, adapter, parts, trainable)
-    return adapter
+    return st, fresh, adapter, parts
 
 
 def _freeze(st: State) -> list[tuple[nn.Parameter, bool]]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import inject
-from .api import _add, check_name
+from .api import _add, build_detached, check_name
 from .config import FORMAT_VERSION, AdapterConfig, LoRAConfig
 from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from .state import AdapterModule, require_state
@@ -270,8 +270,26 @@ def parse_folder(path: str | Path, name: str | None = None) -> _Folder:
 
 def check_folder(model, folder: _Folder) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The second half of :func:`read_adapter`: check a parsed folder against ``model``."""
-    adapter = _add_with_weights(model, folder, trainable=False, dry_run=True)
+    adapter, _ = build_folder(model, folder)
     return folder.config, {k: v.detach() for k, v in adapter.state_dict().items()}
+
+
+def build_folder(model, folder: _Folder) -> tuple[AdapterModule, list]:
+    """Check a parsed folder against ``model`` and build it with its weights, unattached:
+    ``(adapter, parts)`` for ``api.attach_built`` (not for PiSSA, whose attach changes the base
+    from the adapter's *initial* factors: attach those with :func:`load_adapter`)."""
+    try:
+        adapter, parts = build_detached(
+            model,
+            folder.name,
+            folder.config,
+            before=lambda st: _check_base(folder.base, st, folder.cfg_file),
+            after=lambda built: _check_weights(built, folder.tensors, folder.file, folder.file_keys),
+        )
+    except ConfigError as e:
+        raise _naming_file(e, folder.cfg_file) from None
+    _copy_weights(adapter, folder.tensors)
+    return adapter, parts
 
 
 def _parse(path: Path, name: str | None) -> _Folder:
@@ -345,12 +363,11 @@ def _naming_file(e: ConfigError, cfg_file: Path) -> ConfigError:
     return type(e)(e.field, f"{message} (in {cfg_file})")
 
 
-def _add_with_weights(model, f: _Folder, trainable: bool, dry_run: bool = False):
+def _add_with_weights(model, f: _Folder, trainable: bool):
     """Build the adapter and check it against the file; only then attach it and copy the weights in.
 
     Copying after ``attach`` matters for PiSSA: attaching subtracts the principal part the
-    adapter was *initialised* with from the base, the file holds the *trained* factors. With
-    ``dry_run`` the built adapter gets the weights but is never attached.
+    adapter was *initialised* with from the base, the file holds the *trained* factors.
     """
     try:
         adapter = _add(
@@ -361,7 +378,6 @@ def _add_with_weights(model, f: _Folder, trainable: bool, dry_run: bool = False)
             before=lambda st: _check_base(f.base, st, f.cfg_file),
             after=lambda built: _check_weights(built, f.tensors, f.file, f.file_keys),
             taken_hint="pass name=... to load it under another",
-            dry_run=dry_run,
         )
     except ConfigError as e:  # e.g. targets that match nothing on this model
         raise _naming_file(e, f.cfg_file) from None

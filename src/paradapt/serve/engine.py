@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 from .. import heads
-from ..api import add_adapter, check_name, remove_adapter, route
+from ..api import add_adapter, attach_built, check_name, remove_adapter, route
 from ..errors import (
     AdapterFileError,
     AdapterNotFoundError,
     ConfigError,
     ParadaptError,
 )
-from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, check_folder, parse_folder
+from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder
 from ..state import get_state, require_state
 from .cache import Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
@@ -52,8 +52,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _HostCopy:
+    """An adapter in host memory: its config and weights, and (except PiSSA) the module built
+    and checked when it was read, attached as is when it goes on the device."""
+
     config: object
     state: dict[str, torch.Tensor]
+    built: tuple[nn.Module, list] | None = None
 
 
 class AdapterStore:
@@ -120,6 +124,9 @@ class AdapterStore:
                 self._attach(name)
             elif move.op == "evict_device":
                 remove_adapter(self.model, name)
+                copy = self.host.get(name)
+                if copy is not None and copy.built is not None:
+                    copy.built[0].to("cpu")  # back to host memory (a no-op on a CPU model)
             else:
                 self.host.pop(name, None)
                 fut = self.pending.pop(name, None)
@@ -143,8 +150,12 @@ class AdapterStore:
         return folder
 
     def _check(self, name: str, parsed) -> _HostCopy:
-        config, state = check_folder(self.model, parsed)
-        return _HostCopy(config, {k: v.to("cpu", copy=True) for k, v in state.items()})
+        adapter, parts = build_folder(self.model, parsed)
+        adapter.to("cpu")
+        state = {k: v.detach() for k, v in adapter.state_dict().items()}
+        if getattr(parsed.config, "init", None) == "pissa":  # its attach needs a fresh build
+            return _HostCopy(parsed.config, {k: v.clone() for k, v in state.items()})
+        return _HostCopy(parsed.config, state, (adapter, parts))
 
     def _read_ahead(self, name: str) -> None:
         """Start reading a prefetched folder on the reader thread (file I/O only: the model is
@@ -168,11 +179,19 @@ class AdapterStore:
         except Exception as e:
             raise AdapterLoadError(name, e) from None
 
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _attach(self, name: str) -> None:
         self.settle(name)
         copy = self.host.get(name)
         if copy is None:
             raise AdapterLoadError(name, ParadaptError("not in host memory"))
+        if copy.built is not None:  # checked and built when read: attach it as is
+            adapter, parts = copy.built
+            adapter.to(self._device())
+            attach_built(self.model, name, copy.config, adapter, parts)
+            return
         add_adapter(self.model, name, copy.config, trainable=False)
         try:
             module = require_state(self.model).container[name]
