@@ -425,6 +425,9 @@ def build_server_app(args):
         raise CLIError(f"serve needs fastapi and uvicorn: pip install 'paradapt[serve]' ({e})") from None
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
+    from paradapt.serve.malloc import keep_freed_memory
+
+    heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
     model_dir, root, name = _serve_sources(args)
     tok, model = load_model(model_dir)
     config = _engine_config(args)
@@ -440,6 +443,7 @@ def build_server_app(args):
         "adapters": _adapter_count(root),
         "config": config,
         "threads": threads,
+        "heap": heap,
     }
     return create_app(engine, model_name=name, tokenizer=tok), info
 
@@ -453,7 +457,7 @@ def run_serve(args) -> int:
         f"paradapt serve: {info['name']} ({info['kind']}, {info['model']}); "
         f"{info['adapters']} adapters under {info['root'] or '(none)'}; "
         f"kv {c.num_blocks * c.page_size} tokens, {c.max_slots} slots, {c.max_served} served; "
-        f"{info['threads']} torch threads; "
+        f"{info['threads']} torch threads{', large blocks kept in the heap' if info['heap'] else ''}; "
         f"http://{args.host}:{args.port}",
         flush=True,
     )

@@ -1,0 +1,46 @@
+"""serve/malloc.py: after keep_freed_memory a freed 64 MiB block stays in the process (no munmap);
+without it glibc hands the block straight back. Each case runs in its own process (mallopt is
+process-wide)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, ctypes.util, sys
+from paradapt.serve.malloc import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+n = 64 << 20
+p = libc.malloc(n)
+ctypes.memset(p, 1, n)
+touched = rss_mib()
+libc.free(p)
+print(kept, round(touched - rss_mib()))
+"""
+
+
+def run(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    kept, released = out.stdout.split()
+    return kept, int(released)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_freed_large_blocks_stay_in_the_heap_only_after_keep_freed_memory():
+    kept, released = run("keep")
+    assert kept == "True" and released < 8  # MiB given back to the OS on free
+    kept, released = run("default")
+    assert kept == "False" and released > 56
