@@ -80,6 +80,9 @@ def confirm_real(
     from paradapt.twin.profile import build_adapter_root, build_model
 
     torch.set_num_threads(threads)
+    from paradapt.serve.malloc import keep_freed_memory
+
+    keep_freed_memory()  # the real engine as `paradapt serve` runs it (serve/malloc.py)
     picks = sorted((r for r in test_set if r.spec.num_adapters <= 200), key=spread, reverse=True)[:k]
     net = build_model()
     root = Path(tempfile.mkdtemp(prefix="plan_accuracy-")) / "adapters"

@@ -283,6 +283,9 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from paradapt.serve.malloc import keep_freed_memory
+
+    keep_freed_memory()  # the real engine as `paradapt serve` runs it (serve/malloc.py)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     if args.quick:

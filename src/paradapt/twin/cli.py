@@ -101,6 +101,9 @@ def run_profile(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..serve.malloc import keep_freed_memory
+
+    keep_freed_memory()  # the engine runs as under `paradapt serve`, which sets the same heap thresholds
     if args.model:
         from ..cli import load_model
 
