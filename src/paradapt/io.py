@@ -256,22 +256,18 @@ def read_adapter(
     """Validate a folder against ``model`` as :func:`load_adapter` does, but leave the model alone.
 
     Returns the adapter's config and its weights (named as its module's state dict, in the
-    dtype it would have on ``model``): what a server keeps in host memory to attach later
-    with ``add_adapter`` + ``load_state_dict``, without building and hooking it in twice.
+    dtype it would have on ``model``). A server that wants the built module too, to attach it
+    later without building it again, uses :func:`parse_folder` + :func:`build_folder`.
     """
-    return check_folder(model, parse_folder(path, name))
+    folder = parse_folder(path, name)
+    adapter, _ = build_folder(model, folder)
+    return folder.config, {k: v.detach() for k, v in adapter.state_dict().items()}
 
 
 def parse_folder(path: str | Path, name: str | None = None) -> _Folder:
     """Read and parse an adapter folder (config and tensors) without a model: only file I/O,
     safe to run on another thread (a server reads ahead with it while a step runs)."""
     return _parse(Path(path), name)
-
-
-def check_folder(model, folder: _Folder) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The second half of :func:`read_adapter`: check a parsed folder against ``model``."""
-    adapter, _ = build_folder(model, folder)
-    return folder.config, {k: v.detach() for k, v in adapter.state_dict().items()}
 
 
 def build_folder(model, folder: _Folder) -> tuple[AdapterModule, list]:

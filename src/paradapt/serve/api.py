@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterPinnedError
-from .engine import AdapterLoadError, EncoderEngine, Engine, RequestHandle
+from .engine import AdapterLoadError, EncoderEngine, Engine, RequestHandle, check_token_ids, max_positions
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, RequestTooLargeError
 
@@ -470,12 +470,16 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
                 raise h.error
         return [h.result for h in handles], sum(map(len, ids))
 
-    vocab, max_len = _vocab_size(engine), _max_positions(engine)
+    max_len = max_positions(engine.model)
 
     async def _generate(
         model: str, prompt, params: SamplingParams, stream: bool, chat: bool, request: Request
     ):
-        ids = _tokens(tokenizer, prompt) if isinstance(prompt, str) else _check_ids(prompt, vocab)
+        if isinstance(prompt, str):
+            ids = _tokens(tokenizer, prompt)
+        else:
+            ids = list(prompt)
+            check_token_ids(engine.model, ids, "prompt")
         _check_positions(len(ids), params.max_new_tokens, max_len)
         aloop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -637,20 +641,6 @@ def _validation_error(errors: list) -> JSONResponse:
     return _error(400, f"{field}: {msg}", "invalid_request_error", field)
 
 
-def _vocab_size(engine) -> int | None:
-    model = getattr(engine, "model", None)
-    emb = (
-        model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
-    )
-    return getattr(emb, "num_embeddings", None)
-
-
-def _max_positions(engine) -> int | None:
-    """The model's position limit (vLLM's max_model_len): learned positions fail past it."""
-    config = getattr(getattr(engine, "model", None), "config", None)
-    return getattr(config, "max_position_embeddings", None)
-
-
 def _check_positions(prompt: int, new: int, max_len: int | None) -> None:
     if max_len is None or prompt + new <= max_len:
         return
@@ -661,15 +651,6 @@ def _check_positions(prompt: int, new: int, max_len: int | None) -> None:
         f"{prompt} prompt + {new} new tokens = {prompt + new}, over the model's {max_len} positions "
         f"(at most {max_len - prompt} new tokens for this prompt)",
     )
-
-
-def _check_ids(ids: list[int], vocab: int | None) -> list[int]:
-    """Token-id prompts must index the vocabulary: a bad id would fail the whole engine step."""
-    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
-    if bad:
-        span = f"0..{vocab - 1}" if vocab is not None else ">= 0"
-        raise ConfigError("prompt", f"token id {bad[0]} is outside the vocabulary ({span})")
-    return list(ids)
 
 
 def _chunk(rid: str, obj: str, created: int, model: str, choice: dict) -> str:

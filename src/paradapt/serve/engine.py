@@ -52,12 +52,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _HostCopy:
-    """An adapter in host memory: its config and weights, and (except PiSSA) the module built
-    and checked when it was read, attached as is when it goes on the device."""
+    """An adapter in host memory: the module built and checked when its folder was read
+    (``built``), attached as is when it goes on the device; for PiSSA, whose attach changes the
+    base from the adapter's initial factors, only its weights (``state``), loaded into a fresh
+    build on attach."""
 
     config: object
-    state: dict[str, torch.Tensor]
     built: tuple[nn.Module, list] | None = None
+    state: dict[str, torch.Tensor] | None = None
 
 
 class AdapterStore:
@@ -141,7 +143,7 @@ class AdapterStore:
 
     def _read(self, name: str) -> _HostCopy:
         """Validate the folder against the model (without attaching it), keep its weights on the CPU."""
-        return self._check(name, parse_folder(self._config_folder(name), name))
+        return self._check(parse_folder(self._config_folder(name), name))
 
     def _config_folder(self, name: str) -> Path:
         folder = self.folder(name)
@@ -149,13 +151,12 @@ class AdapterStore:
             raise AdapterFileError(folder / CONFIG_FILE, "missing")
         return folder
 
-    def _check(self, name: str, parsed) -> _HostCopy:
+    def _check(self, parsed) -> _HostCopy:
         adapter, parts = build_folder(self.model, parsed)
         adapter.to("cpu")
-        state = {k: v.detach() for k, v in adapter.state_dict().items()}
         if getattr(parsed.config, "init", None) == "pissa":  # its attach needs a fresh build
-            return _HostCopy(parsed.config, {k: v.clone() for k, v in state.items()})
-        return _HostCopy(parsed.config, state, (adapter, parts))
+            return _HostCopy(parsed.config, state={k: v.detach() for k, v in adapter.state_dict().items()})
+        return _HostCopy(parsed.config, built=(adapter, parts))
 
     def _read_ahead(self, name: str) -> None:
         """Start reading a prefetched folder on the reader thread (file I/O only: the model is
@@ -175,7 +176,7 @@ class AdapterStore:
         if fut is None:
             return
         try:
-            self.host[name] = self._check(name, fut.result())
+            self.host[name] = self._check(fut.result())
         except Exception as e:
             raise AdapterLoadError(name, e) from None
 
@@ -376,8 +377,8 @@ class Engine(_EngineCore):
         ids = self._encode(prompt)
         if params.stop and self.tokenizer is None:
             raise ConfigError("stop", "stop strings need the engine's tokenizer")
-        _check_ids(self.model, ids, "prompt")
-        limit = _max_positions(self.model)
+        check_token_ids(self.model, ids, "prompt")
+        limit = max_positions(self.model)
         if limit is not None and len(ids) + params.max_new_tokens > limit:
             raise ConfigError(
                 "max_tokens",
@@ -513,8 +514,8 @@ class EncoderEngine(_EngineCore):
         ids = [int(t) for t in tokens]
         if not ids:
             raise ConfigError("tokens", "must have at least one token")
-        _check_ids(self.model, ids, "tokens")
-        limit = _max_positions(self.model)
+        check_token_ids(self.model, ids, "tokens")
+        limit = max_positions(self.model)
         if limit is not None and len(ids) > limit:
             raise ConfigError("tokens", f"{len(ids)} tokens exceed the model's {limit} positions")
         h = RequestHandle(self._new_id(request_id), adapter, ids, SamplingParams(max_new_tokens=1), task=task)
@@ -580,17 +581,16 @@ class EncoderEngine(_EngineCore):
         return out
 
 
-def _check_ids(model: nn.Module, ids: list[int], field: str) -> None:
+def check_token_ids(model: nn.Module, ids: list[int], field: str) -> None:
     """Token ids outside the vocabulary would fail the whole step inside the embedding: refuse them here."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
     if bad:
-        raise ConfigError(
-            field, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1 if vocab else '?'})"
-        )
+        span = f"0..{vocab - 1}" if vocab is not None else ">= 0"
+        raise ConfigError(field, f"token id {bad[0]} is outside the vocabulary ({span})")
 
 
-def _max_positions(model: nn.Module) -> int | None:
+def max_positions(model: nn.Module) -> int | None:
     """The model's position limit (None when it has none, e.g. rotary models without a set maximum)."""
     v = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return v if isinstance(v, int) and v > 0 else None

@@ -148,6 +148,8 @@ def add_engine_knob_args(p) -> None:
 
 def knobs_from_args(args) -> dict:
     """EngineConfig knobs from the flags of :func:`add_engine_knob_args` (unset flags: the defaults)."""
+    from ..serve.core import EngineConfig
+
     knobs: dict = {}
     if args.token_budget:
         knobs["token_budget"] = args.token_budget
@@ -160,7 +162,7 @@ def knobs_from_args(args) -> dict:
             "what the adapter slots leave",
         )
     if args.kv_tokens:
-        knobs["num_blocks"] = math.ceil(args.kv_tokens / 16)
+        knobs["num_blocks"] = math.ceil(args.kv_tokens / EngineConfig.page_size)
     if args.device_memory_mb is not None:
         if args.device_memory_mb <= 0:
             raise ConfigError("device_memory_mb", f"must be positive, got {args.device_memory_mb}")
