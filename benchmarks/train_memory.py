@@ -8,6 +8,9 @@ keeps only each layer's input and recomputes the layer in the backward pass; mic
 does) keep only one micro-batch's activations at a time, without recomputing anything.
 ``trainer`` / ``trainer+tok512``: the same adapter trained by ``paradapt.train.Trainer`` itself
 (one forward, or ``micro_batch_tokens: 512``) on random rows of the same shape.
+``parallel-top-s`` / ``trainer-top``: the parallel adapter at the same 0.5% budget on the top 3
+of MiniLM's 6 layers only (``layers: [3, 4, 5]``, r=49; AdapterDrop): the backward stops at
+layer 3, so layers 0-2 neither run backward nor keep activations.
 
 Same measurement as ``train_quality.py`` (its ``build``, ``optimizer``, ``train_step`` and RSS
 helpers): each setup runs in a FRESH subprocess on one fixed SST-2-shaped batch (``--batch`` x
@@ -48,10 +51,12 @@ SETUPS = [
     "parallel-s+mb4",
     "trainer",
     "trainer+tok512",
+    "parallel-top-s",
+    "trainer-top",
 ]
 
 
-def trainer_setup(rank: int, batch: int, length: int, flags: list[str]):
+def trainer_setup(rank: int, batch: int, length: int, flags: list[str], layers: list[int] | None = None):
     """``parallel-s`` trained by ``paradapt.train.Trainer`` itself (``+tokN``: ``micro_batch_tokens``
     N, ``+ckpt``: gradient checkpointing) on ``4 x batch`` random rows of ``length`` tokens."""
     import paradapt as pa
@@ -60,7 +65,7 @@ def trainer_setup(rank: int, batch: int, length: int, flags: list[str]):
 
     model = tq.load_base()
     head = {"labels": tq.LABELS["sst2"], "pooling": "mean", "dropout": 0.1}
-    pa.add_adapter(model, "a", pa.ParallelConfig(r=rank, scale=4.0, head=head))
+    pa.add_adapter(model, "a", pa.ParallelConfig(r=rank, scale=4.0, head=head, layers=layers))
     g = torch.Generator().manual_seed(0)
     rows = [
         {
@@ -97,14 +102,18 @@ def micro_step(s: tq.Setup, opt, sched, batch: dict, y: torch.Tensor, parts: int
     opt.zero_grad(set_to_none=True)
 
 
-def worker(setup: str, rank: int, batch: int, length: int, steps: int, threads: int) -> dict:
+def worker(setup: str, ranks: dict, batch: int, length: int, steps: int, threads: int) -> dict:
     """In a fresh process: build the setup, time 1 warm-up + ``steps`` steps, read peak RSS."""
     torch.set_num_threads(threads)
     method, *flags = setup.split("+")
     parts = int(flags[-1][2:]) if flags and flags[-1].startswith("mb") else 1
     if method == "trainer":
-        return measure_trainer(setup, trainer_setup(rank, batch, length, flags), steps)
-    s = tq.build(method, tq.LABELS["sst2"], 0, {"parallel-s": rank})
+        return measure_trainer(setup, trainer_setup(ranks["parallel-s"], batch, length, flags), steps)
+    if method == "trainer-top":
+        top = list(range(tq.N_LAYERS - tq.TOP_LAYERS, tq.N_LAYERS))
+        tr = trainer_setup(ranks["parallel-top-s"], batch, length, flags, layers=top)
+        return measure_trainer(setup, tr, steps)
+    s = tq.build(method, tq.LABELS["sst2"], 0, ranks)
     if "ckpt" in flags:
         s.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt, sched = tq.optimizer(s, 1000)
@@ -168,6 +177,8 @@ def measure(a: argparse.Namespace) -> dict[str, dict]:
                 setup,
                 "--rank",
                 str(a.rank),
+                "--top-rank",
+                str(a.top_rank),
                 "--batch",
                 str(a.batch),
             ]
@@ -232,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         default=24,
         help="parallel-s rank (train_quality.py's solve_rank for 0.5%% of the base)",
     )
+    p.add_argument("--top-rank", type=int, default=49, help="parallel-top-s rank (0.5%% on the top 3 layers)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--time-steps", type=int, default=3)
@@ -241,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker, a.rank, a.batch, a.max_length, a.time_steps, a.threads)))
+        ranks = {"parallel-s": a.rank, "parallel-top-s": a.top_rank}
+        print(json.dumps(worker(a.worker, ranks, a.batch, a.max_length, a.time_steps, a.threads)))
         return
     print(f"load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
     res = measure(a)

@@ -64,9 +64,15 @@ LABELS = {
 # fraction of the base's parameters: the issue's ~0.5% and ~2%, and "m", the largest budget its
 # target allows (<= 1%: 0.98% solves to r=48 for bottlenecks; 1% itself would round to r=49, 1.006%)
 BUDGETS = {"s": 0.005, "m": 0.0098, "l": 0.02}
-KINDS = ("parallel", "series", "lora", "peft-lora")
+KINDS = ("parallel", "series", "lora", "peft-lora", "parallel-top", "parallel-top4")
+# "parallel-top" / "parallel-top4": the parallel adapter on the top 3 / 4 of MiniLM's 6 layers only
+# (AdapterDrop, Ruckle et al. 2021: adapters dropped from the lower layers keep most of the task
+# quality, and the backward then stops at the lowest adapter, so the frozen layers below it
+# neither run backward nor keep activations)
+TOP_LAYERS = 3
+N_LAYERS = 6
 ALL_METHODS = ["full"] + [f"{k}-{b}" for k in KINDS for b in BUDGETS]
-DEFAULT_METHODS = ["full"] + [f"{k}-{b}" for k in KINDS for b in ("s", "l")]  # the table
+DEFAULT_METHODS = ["full"] + [f"{k}-{b}" for k in KINDS[:4] for b in ("s", "l")]  # the table
 LR = {"full": 5e-5, "adapter": 1e-3, "head": 1e-3}
 
 
@@ -204,6 +210,9 @@ def paradapt_config(kind: str, r: int, labels: list[str] | None):
     head = {"labels": labels, "pooling": "mean", "dropout": 0.1} if labels else None
     if kind == "parallel":
         return pa.ParallelConfig(r=r, scale=4.0, head=head)
+    if kind.startswith("parallel-top"):
+        n = int(kind[len("parallel-top") :] or TOP_LAYERS)
+        return pa.ParallelConfig(r=r, scale=4.0, head=head, layers=list(range(N_LAYERS - n, N_LAYERS)))
     if kind == "series":
         return pa.SeriesConfig(r=r, head=head)
     if kind == "lora":

@@ -94,3 +94,28 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     want = [h["loss"]["a"] for h in full.history if "loss" in h][4:]
     got = [h["loss"]["a"] for h in resumed.history if "loss" in h]
     assert got == want
+
+
+def test_adapters_on_top_layers_stop_the_backward_there():
+    """``layers=[1]`` (AdapterDrop-style): layer 0 keeps no graph, so it runs no backward and
+    stores no activations; only the adapter and its head get gradients."""
+    for ckpt in (False, True):
+        model = tiny_model("bert")
+        head = {"num_labels": 2, "dropout": 0.0}
+        pa.add_adapter(model, "a", pa.ParallelConfig(r=4, head=head, layers=[1], init="random"))
+        graph = {}
+        for i, layer in enumerate(model.encoder.layer):
+            layer.register_forward_hook(
+                lambda _m, _a, out, i=i: graph.__setitem__(
+                    i, (out[0] if isinstance(out, tuple) else out).requires_grad
+                )
+            )
+        args = TrainArgs(max_steps=2, batch_size=8, gradient_checkpointing=ckpt, max_grad_norm=None)
+        tr = Trainer(model, [Task("a", cls_data(16, 0))], args)
+        tr.train_step()
+        assert graph == {0: False, 1: True}, (ckpt, graph)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        tr.train_step()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert changed and all(n.startswith("paradapt.") for n in changed), changed
+        assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("paradapt."))

@@ -514,6 +514,11 @@ def _enable_checkpointing(model: nn.Module, contexts: Callable[[], tuple]) -> No
             "train.gradient_checkpointing",
             f"{type(model).__name__} does not support activation checkpointing",
         )
+    # Hugging Face also makes the embeddings' output require grad, which only reentrant
+    # checkpointing needs; left on, it pulls the backward (and the recompute) through every
+    # frozen layer below the lowest adapter.
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
 
 
 def _rng_state() -> dict:
