@@ -263,3 +263,20 @@ def test_fold_keeps_trainability():
 def test_out_of_range_layers_name_the_field():
     with pytest.raises(pa.ConfigError, match="layers: \\[5\\] out of range"):
         pa.add_adapter(tiny_model("llama"), "x", pa.LoRAConfig(layers=[5]))
+    with pytest.raises(pa.ConfigError, match="layers: \\[-3\\] out of range"):
+        pa.add_adapter(tiny_model("llama"), "x", pa.LoRAConfig(layers=[-3]))
+    with pytest.raises(pa.ConfigError, match="layers: must be a list of layer indices"):
+        pa.LoRAConfig(layers=[True])
+
+
+def test_negative_layers_count_from_the_top(tmp_path):
+    """``layers=[-1]`` is the top layer of a model of any depth, and stays so after save/load."""
+    model = tiny_model("llama")
+    pa.add_adapter(model, "top", pa.ParallelConfig(r=4, layers=[-1], init="random"))
+    pa.add_adapter(model, "one", pa.ParallelConfig(r=4, layers=[1], init="random"))
+    top, one = (sorted(k for k, _ in model.paradapt[n].named_parameters()) for n in ("top", "one"))
+    assert top == one and all("/layers/1/" in k for k in top), top
+    pa.save_adapter(model, "top", tmp_path / "top")
+    other = tiny_model("llama")
+    pa.load_adapter(other, tmp_path / "top", name="top")
+    assert sorted(k for k, _ in other.paradapt["top"].named_parameters()) == top

@@ -96,6 +96,13 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert got == want
 
 
+def _record_requires_grad(graph: dict, i: int):
+    def hook(_module, _args, out):
+        graph[i] = (out[0] if isinstance(out, tuple) else out).requires_grad
+
+    return hook
+
+
 def test_adapters_on_top_layers_stop_the_backward_there():
     """``layers=[1]`` (AdapterDrop-style): layer 0 keeps no graph, so it runs no backward and
     stores no activations; only the adapter and its head get gradients."""
@@ -105,11 +112,7 @@ def test_adapters_on_top_layers_stop_the_backward_there():
         pa.add_adapter(model, "a", pa.ParallelConfig(r=4, head=head, layers=[1], init="random"))
         graph = {}
         for i, layer in enumerate(model.encoder.layer):
-            layer.register_forward_hook(
-                lambda _m, _a, out, i=i: graph.__setitem__(
-                    i, (out[0] if isinstance(out, tuple) else out).requires_grad
-                )
-            )
+            layer.register_forward_hook(_record_requires_grad(graph, i))
         args = TrainArgs(max_steps=2, batch_size=8, gradient_checkpointing=ckpt, max_grad_norm=None)
         tr = Trainer(model, [Task("a", cls_data(16, 0))], args)
         tr.train_step()

@@ -52,7 +52,7 @@ class AdapterConfig:
     """Fields every adapter kind shares."""
 
     kind: ClassVar[str] = ""
-    layers: list[int] | None = None  # restrict to these layer indices (None = all)
+    layers: list[int] | None = None  # only these layers (None = all); -1 is the top one, as in Python
     init: str = "default"  # "default" starts as a no-op where the method allows; "random" for tests
     dtype: str | None = None  # parameter dtype; None = the base model's
     head: dict | None = None  # a classifier trained with the adapter: {"labels": [...], "pooling", "dropout"}
@@ -64,10 +64,11 @@ class AdapterConfig:
     def validate(self) -> None:
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(
-                isinstance(i, int) and i >= 0 for i in self.layers
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
             ):
                 raise ConfigError(
-                    "layers", f"must be a list of non-negative layer indices, got {self.layers!r}"
+                    "layers",
+                    f"must be a list of layer indices (negative counts from the top), got {self.layers!r}",
                 )
             self.layers = list(self.layers)
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):

@@ -109,6 +109,18 @@ def resolve(state: State, p: Placement, layers: list[int] | None) -> list[SiteSp
     return specs
 
 
+def _layer_indices(state: State, layers: list[int] | None) -> list[int] | None:
+    """``config.layers`` as non-negative indices: ``-k`` is the k-th layer from the top, so
+    ``[-3, -2, -1]`` means "the top three" on a model of any depth."""
+    if layers is None:
+        return None
+    n = len(state.arch.layers)
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ConfigError("layers", f"{bad} out of range: {type(state.model).__name__} has {n} layers")
+    return sorted({i % n for i in layers})
+
+
 def _ref_param(module: nn.Module) -> torch.Tensor:
     for prm in module.parameters():
         return prm
@@ -123,17 +135,14 @@ def build(
     state: State, name: str, config: AdapterConfig
 ) -> tuple[AdapterModule, list[tuple[SiteSpec, nn.Module]]]:
     """Resolve and build every component; raises before anything is attached."""
-    n_layers = len(state.arch.layers)
-    bad = [i for i in config.layers or [] if i >= n_layers]
-    if bad:
-        raise ConfigError("layers", f"{bad} out of range: {type(state.model).__name__} has {n_layers} layers")
+    layers = _layer_indices(state, config.layers)
     tcfg = text_config(state.model)
     hidden = tcfg.hidden_size
     adapter = AdapterModule()
     parts: list[tuple[SiteSpec, nn.Module]] = []
     seen: set[str] = set()
     for p in config.placements():
-        specs = resolve(state, p, config.layers)
+        specs = resolve(state, p, layers)
         encoder = None
         for li, spec in enumerate(specs):
             if spec.key in seen:
