@@ -10,7 +10,8 @@ does) keep only one micro-batch's activations at a time, without recomputing any
 (one forward, or ``micro_batch_tokens: 512``) on random rows of the same shape.
 ``parallel-top-s`` / ``trainer-top``: the parallel adapter at the same 0.5% budget on the top 3
 of MiniLM's 6 layers only (``layers: [3, 4, 5]``, r=49; AdapterDrop): the backward stops at
-layer 3, so layers 0-2 neither run backward nor keep activations.
+layer 3, so layers 0-2 neither run backward nor keep activations. ``+heap``: glibc's mmap and trim
+thresholds raised first (``paradapt.serve.malloc.keep_freed_memory``, as ``paradapt serve`` does).
 
 Same measurement as ``train_quality.py`` (its ``build``, ``optimizer``, ``train_step`` and RSS
 helpers): each setup runs in a FRESH subprocess on one fixed SST-2-shaped batch (``--batch`` x
@@ -53,6 +54,9 @@ SETUPS = [
     "trainer+tok512",
     "parallel-top-s",
     "trainer-top",
+    "trainer-top+tok1024",
+    "full+heap",
+    "trainer+heap",
 ]
 
 
@@ -107,6 +111,10 @@ def worker(setup: str, ranks: dict, batch: int, length: int, steps: int, threads
     torch.set_num_threads(threads)
     method, *flags = setup.split("+")
     parts = int(flags[-1][2:]) if flags and flags[-1].startswith("mb") else 1
+    if "heap" in flags:
+        from paradapt.serve.malloc import keep_freed_memory
+
+        keep_freed_memory()
     if method == "trainer":
         return measure_trainer(setup, trainer_setup(ranks["parallel-s"], batch, length, flags), steps)
     if method == "trainer-top":

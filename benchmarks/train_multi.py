@@ -139,11 +139,13 @@ BASE_SPECS = [
 ]
 
 
-def specs_for(k: int) -> list[Spec]:
-    """The first ``k`` adapters; beyond 4 the tasks repeat with new seeds."""
+def specs_for(k: int, order: list[str] | None = None) -> list[Spec]:
+    """The first ``k`` adapters (in ``order``, names of BASE_SPECS); beyond 4 they repeat with new seeds."""
+    by_name = {s.name: s for s in BASE_SPECS}
+    base = [by_name[n] for n in order] if order else BASE_SPECS
     out = []
     for i in range(k):
-        s = BASE_SPECS[i % len(BASE_SPECS)]
+        s = base[i % len(base)]
         rep = i // len(BASE_SPECS)
         out.append(Spec(s.name if rep == 0 else f"{s.name}_{rep}", s.task, s.kind, s.seed + 10 * rep))
     return out
@@ -253,7 +255,7 @@ def quality_phase(a, base, tasks, labels, specs) -> dict:
 def cost_phase(a, base, tok, k: int) -> dict:
     """Interleaved per-step cost of joint trainers (one per ``--joint-micro`` setting) and K
     separate ones (one set per ``--separate-micro`` setting; training steps only)."""
-    specs = specs_for(k)
+    specs = specs_for(k, a.order)
     built = {s.name: build_task(s, tok, a.cost_train_rows, 1, a.max_length) for s in specs}
     tasks = {n: t for n, (t, _) in built.items()}
     labels = {n: lab for n, (_, lab) in built.items()}
@@ -295,6 +297,43 @@ def cost_phase(a, base, tok, k: int) -> dict:
     return out
 
 
+def fit_forward_cost(base: nn.Module, reps: int = 5) -> dict:
+    """The fixed cost of one routed forward + backward, in tokens: the ``micro_batches: auto``
+    constant (``paradapt.train.loop.AUTO_FORWARD_COST_TOKENS``). Times one parallel adapter (r=64,
+    2-class head) at rows x width from 1 x 16 to 16 x 48 and fits ``cpu = a * tokens + b``."""
+    from paradapt.heads import classify
+
+    model = with_adapters(base, [Spec("a", "sst2", "parallel", 0)], {"a": [0, 1]})
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    points = []
+    for rows in (1, 2, 4, 8, 16):
+        for width in (16, 32, 48):
+            ids = torch.randint(1000, 20000, (rows, width), generator=g)
+            mask, y = torch.ones_like(ids), torch.zeros(rows, dtype=torch.long)
+
+            def step(ids=ids, mask=mask, y=y):
+                with pa.route(model, ["a"] * len(ids)):
+                    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                logits = classify(model, hidden, mask, ["a"] * len(ids))
+                torch.nn.functional.cross_entropy(logits, y).backward()
+
+            step()
+            times = [timed(step)[2] for _ in range(reps)]
+            points.append((rows * width, statistics.median(times)))
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(c for _, c in points) / n
+    a = sum((t - mx) * (c - my) for t, c in points) / sum((t - mx) ** 2 for t, _ in points)
+    b = my - a * mx
+    return {
+        "ms_per_token": 1000 * a,
+        "ms_per_forward": 1000 * b,
+        "tokens_per_forward": b / a,
+        "points": points,
+    }
+
+
 # ----------------------------------------------------------------------------- main
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -325,11 +364,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="the separate runs' micro_batches settings timed in the cost phase (the last one also "
         "trains the quality phase)",
     )
+    p.add_argument(
+        "--order",
+        type=lambda v: v.split(","),
+        default=None,
+        help="adapters in this order (comma list of sst2, agnews, sms, sst2_lora): K=2 takes the first "
+        "two, e.g. sst2,sms for two tasks of similar lengths (default: sst2,agnews,sms,sst2_lora)",
+    )
     p.add_argument("--skip-quality", action="store_true", help="cost phase only")
+    p.add_argument(
+        "--fit-forward-cost",
+        action="store_true",
+        help="only fit the fixed cost of one forward + backward in tokens (micro_batches: auto's constant)",
+    )
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     if not 1 <= a.k <= len(BASE_SPECS):
         p.error(f"--k must be 1..{len(BASE_SPECS)} (the quality phase has {len(BASE_SPECS)} real tasks)")
+    names = [s.name for s in BASE_SPECS]
+    if a.order is not None and (sorted(a.order) != sorted(names)):
+        p.error(f"--order must list each of {names} once, got {a.order}")
     if a.quick:
         a.steps, a.batch, a.train_rows, a.eval_rows = 2, 2, 32, 16
         a.cost_k, a.cost_steps, a.rounds, a.cost_train_rows = [2], 1, 1, 16
@@ -392,7 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModel.from_pretrained(model_dir)
-    specs = specs_for(a.k)
+    if a.fit_forward_cost:
+        fit = fit_forward_cost(base)
+        print(
+            f"routed forward + backward, 1 adapter, {torch.get_num_threads()} threads, load "
+            f"{os.getloadavg()[0]:.2f}: {fit['ms_per_token']:.3f} ms a token + {fit['ms_per_forward']:.1f} ms "
+            f"a forward = {fit['tokens_per_forward']:.0f} tokens a forward"
+        )
+        for t, c in fit["points"]:
+            print(f"  {t:5d} tokens: {1000 * c:7.1f} ms")
+        return 0
+    specs = specs_for(a.k, a.order)
     built = {s.name: build_task(s, tok, a.train_rows, a.eval_rows, a.max_length) for s in specs}
     tasks = {n: t for n, (t, _) in built.items()}
     labels = {n: lab for n, (_, lab) in built.items()}

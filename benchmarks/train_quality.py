@@ -64,11 +64,11 @@ LABELS = {
 # fraction of the base's parameters: the issue's ~0.5% and ~2%, and "m", the largest budget its
 # target allows (<= 1%: 0.98% solves to r=48 for bottlenecks; 1% itself would round to r=49, 1.006%)
 BUDGETS = {"s": 0.005, "m": 0.0098, "l": 0.02}
-KINDS = ("parallel", "series", "lora", "peft-lora", "parallel-top", "parallel-top4")
-# "parallel-top" / "parallel-top4": the parallel adapter on the top 3 / 4 of MiniLM's 6 layers only
-# (AdapterDrop, Ruckle et al. 2021: adapters dropped from the lower layers keep most of the task
-# quality, and the backward then stops at the lowest adapter, so the frozen layers below it
-# neither run backward nor keep activations)
+KINDS = ("parallel", "series", "lora", "peft-lora", "parallel-top", "parallel-top4", "parallel-top5")
+# "parallel-top", "parallel-top4", "parallel-top5": the parallel adapter on the top 3 / 4 / 5 of
+# MiniLM's 6 layers only (AdapterDrop, Ruckle et al. 2021: adapters dropped from the lower layers
+# keep most of the task quality, and the backward then stops at the lowest adapter, so the frozen
+# layers below it neither run backward nor keep activations)
 TOP_LAYERS = 3
 N_LAYERS = 6
 ALL_METHODS = ["full"] + [f"{k}-{b}" for k in KINDS for b in BUDGETS]
