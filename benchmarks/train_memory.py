@@ -12,6 +12,7 @@ does) keep only one micro-batch's activations at a time, without recomputing any
 of MiniLM's 6 layers only (``layers: [3, 4, 5]``, r=49; AdapterDrop): the backward stops at
 layer 3, so layers 0-2 neither run backward nor keep activations. ``+heap``: glibc's mmap and trim
 thresholds raised first (``paradapt.serve.malloc.keep_freed_memory``, as ``paradapt serve`` does).
+``trainer-top5m``: the Trainer with the parallel adapter at ~1% on the top 5 layers (r=57).
 
 Same measurement as ``train_quality.py`` (its ``build``, ``optimizer``, ``train_step`` and RSS
 helpers): each setup runs in a FRESH subprocess on one fixed SST-2-shaped batch (``--batch`` x
@@ -57,6 +58,9 @@ SETUPS = [
     "trainer-top+tok1024",
     "full+heap",
     "trainer+heap",
+    "trainer-top5m",
+    "trainer-top5m+tok1024",
+    "trainer-top5m+tok512",
 ]
 
 
@@ -117,9 +121,9 @@ def worker(setup: str, ranks: dict, batch: int, length: int, steps: int, threads
         keep_freed_memory()
     if method == "trainer":
         return measure_trainer(setup, trainer_setup(ranks["parallel-s"], batch, length, flags), steps)
-    if method == "trainer-top":
-        top = list(range(tq.N_LAYERS - tq.TOP_LAYERS, tq.N_LAYERS))
-        tr = trainer_setup(ranks["parallel-top-s"], batch, length, flags, layers=top)
+    if method in ("trainer-top", "trainer-top5m"):
+        n, rank = (5, ranks["parallel-top5-m"]) if method == "trainer-top5m" else (3, ranks["parallel-top-s"])
+        tr = trainer_setup(rank, batch, length, flags, layers=list(range(tq.N_LAYERS - n, tq.N_LAYERS)))
         return measure_trainer(setup, tr, steps)
     s = tq.build(method, tq.LABELS["sst2"], 0, ranks)
     if "ckpt" in flags:
@@ -187,6 +191,8 @@ def measure(a: argparse.Namespace) -> dict[str, dict]:
                 str(a.rank),
                 "--top-rank",
                 str(a.top_rank),
+                "--top5m-rank",
+                str(a.top5m_rank),
                 "--batch",
                 str(a.batch),
             ]
@@ -252,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
         help="parallel-s rank (train_quality.py's solve_rank for 0.5%% of the base)",
     )
     p.add_argument("--top-rank", type=int, default=49, help="parallel-top-s rank (0.5%% on the top 3 layers)")
+    p.add_argument(
+        "--top5m-rank", type=int, default=57, help="trainer-top5m rank (0.98%% on the top 5 layers)"
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--time-steps", type=int, default=3)
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        ranks = {"parallel-s": a.rank, "parallel-top-s": a.top_rank}
+        ranks = {"parallel-s": a.rank, "parallel-top-s": a.top_rank, "parallel-top5-m": a.top5m_rank}
         print(json.dumps(worker(a.worker, ranks, a.batch, a.max_length, a.time_steps, a.threads)))
         return
     print(f"load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
