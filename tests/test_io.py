@@ -390,3 +390,35 @@ def test_read_adapter_refuses_what_load_adapter_refuses_and_leaves_a_fresh_model
     assert pa.list_adapters(other) == [] and getattr(other, "paradapt", None) is None
     config, _ = pio.read_adapter(tiny_model("llama"), folder)  # a model without paradapt state
     assert config.r == 4
+
+
+@pytest.mark.parametrize("kind", ["parallel", "lora", "ia3", "prefix"])
+def test_reading_a_folder_skips_the_random_init_the_file_overwrites(tmp_path, monkeypatch, kind):
+    """A load builds the modules without initialising them (every weight comes from the file,
+    checked), and still reproduces the saved adapter bit for bit; a new adapter is initialised."""
+    import paradapt.inject as inject
+
+    configs = {
+        "parallel": pa.ParallelConfig(r=4, init="random"),
+        "lora": pa.LoRAConfig(r=4, init="random"),
+        "ia3": pa.IA3Config(init="random"),
+        "prefix": pa.PrefixConfig(num_virtual_tokens=3, init="random"),
+    }
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", configs[kind])
+    pa.save_adapter(model, "a", tmp_path / "a")
+    saved = load_file(tmp_path / "a" / WEIGHTS)  # prefix: the folded form, as loaded
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("initialised weights the file overwrites")
+
+    for fn in ("init_bottleneck", "init_scale_shift", "init_prefix", "init_prefix_encoder"):
+        monkeypatch.setattr(inject, fn, refuse)
+    other = tiny_model("llama")
+    pa.load_adapter(other, tmp_path / "a", name="a")
+    adapter, _ = pio.build_folder(other, pio.parse_folder(tmp_path / "a", "b"))
+    for got in (other.paradapt["a"].state_dict(), adapter.state_dict()):
+        assert got.keys() == saved.keys()
+        assert all(torch.equal(got[k], saved[k]) for k in saved)
+    with pytest.raises(AssertionError, match="initialised"):
+        pa.add_adapter(other, "new", configs[kind])

@@ -358,7 +358,9 @@ def test_an_adapter_is_built_once_per_host_read_and_serves_the_same_after_evicti
     ref_model = adapter_root(tmp_path, "llama")
     builds: list[str] = []
     build = inject.build
-    monkeypatch.setattr(inject, "build", lambda st, name, cfg: builds.append(name) or build(st, name, cfg))
+    monkeypatch.setattr(
+        inject, "build", lambda st, name, cfg, **kw: builds.append(name) or build(st, name, cfg, **kw)
+    )
     config = EngineConfig(
         page_size=4, num_blocks=80, token_budget=16, max_running=6, max_slots=1, max_served=6
     )

@@ -59,13 +59,17 @@ def _add(
     before: Callable[[State], None] | None = None,
     after: Callable[[nn.Module], None] | None = None,
     taken_hint: str = "remove it first or pick another name",
+    initialise: bool = True,
 ) -> nn.Module:
     """Build, validate and attach one adapter; on any error the model is left as it was.
 
     ``before(state)`` runs before the adapter is built, ``after(adapter)`` once it is built
-    but not yet attached (loading checks a file against it there).
+    but not yet attached (loading checks a file against it there). ``initialise=False`` skips
+    the random init of weights the caller overwrites (``inject.build``).
     """
-    st, fresh, adapter, parts = _build(model, name, config, before, after, taken_hint, attaching=True)
+    st, fresh, adapter, parts = _build(
+        model, name, config, before, after, taken_hint, attaching=True, initialise=initialise
+    )
     if fresh and freeze_base:
         st.frozen = _freeze(st)
     inject.attach(st, name, config, adapter, parts, trainable)
@@ -79,13 +83,16 @@ def build_detached(
     *,
     before: Callable[[State], None] | None = None,
     after: Callable[[nn.Module], None] | None = None,
+    initialise: bool = True,
 ) -> tuple[nn.Module, list]:
     """Build and check an adapter for ``model`` without attaching it: ``(adapter, parts)``.
 
     The model is left as it was. :func:`attach_built` attaches the result later, so a server
     that checked a folder when reading it does not build it a second time to serve it.
     """
-    st, fresh, adapter, parts = _build(model, name, config, before, after, "", attaching=False)
+    st, fresh, adapter, parts = _build(
+        model, name, config, before, after, "", attaching=False, initialise=initialise
+    )
     if fresh:
         _drop_state(model, st)
     return adapter, parts
@@ -116,7 +123,7 @@ def attach_built(
     inject.attach(st, name, config, adapter, parts, trainable)
 
 
-def _build(model, name, config, before, after, taken_hint: str, *, attaching: bool):
+def _build(model, name, config, before, after, taken_hint: str, *, attaching: bool, initialise: bool = True):
     """(state, created it, adapter, parts): the adapter built and checked, not attached."""
     fresh = get_state(model) is None
     st = get_state(model, create=True)
@@ -125,7 +132,7 @@ def _build(model, name, config, before, after, taken_hint: str, *, attaching: bo
             raise AdapterExistsError(f"an adapter named {name!r} is already on this model; {taken_hint}")
         if before is not None:
             before(st)
-        adapter, parts = inject.build(st, name, config)
+        adapter, parts = inject.build(st, name, config, initialise=initialise)
         if attaching:
             before_add(st, name, parts)  # may put a fused FFN's hooks back: only when attaching
         if after is not None:

@@ -132,10 +132,16 @@ def _rank(params: dict, d_in: int) -> int:
 
 
 def build(
-    state: State, name: str, config: AdapterConfig
+    state: State, name: str, config: AdapterConfig, *, initialise: bool = True
 ) -> tuple[AdapterModule, list[tuple[SiteSpec, nn.Module]]]:
-    """Resolve and build every component; raises before anything is attached."""
+    """Resolve and build every component; raises before anything is attached.
+
+    ``initialise=False``: leave the weights uninitialised, for a caller that overwrites every
+    one of them (a load from a file). PiSSA always initialises: its attach subtracts the
+    initial factors from the base.
+    """
     layers = _layer_indices(state, config.layers)
+    init = initialise or config.init == "pissa"
     tcfg = text_config(state.model)
     hidden = tcfg.hidden_size
     adapter = AdapterModule()
@@ -166,11 +172,13 @@ def build(
                     dropout=p.params["dropout"],
                     reads=p.reads,
                     writes=p.writes,
+                    initialise=init,
                 )
                 base_w = None
                 if config.init == "pissa":
                     base_w = archmap.weight_out_in(state.modules[spec.entry]).detach()
-                init_bottleneck(comp, config.init, base_weight=base_w)
+                if init:
+                    init_bottleneck(comp, config.init, base_weight=base_w)
             elif p.function == "scale_shift":
                 if spec.kind == "linear":
                     d_in, d_out = archmap.linear_dims(state.modules[spec.entry])
@@ -178,7 +186,8 @@ def build(
                 else:
                     dim = hidden
                 comp = ScaleShift(dim, shift=p.params["shift"], reads=p.reads, writes=p.writes)
-                init_scale_shift(comp, config.init)
+                if init:
+                    init_scale_shift(comp, config.init)
             else:
                 n_heads = tcfg.num_attention_heads
                 n_kv = getattr(tcfg, "num_key_value_heads", None) or n_heads
@@ -186,7 +195,8 @@ def build(
                 comp = Prefix(
                     p.params["num_virtual_tokens"], n_heads, n_kv, head_dim, gated=p.params["gated"]
                 )
-                init_prefix(comp, config.init)
+                if init:
+                    init_prefix(comp, config.init)
                 if p.params["reparam"]:
                     if encoder is None:
                         encoder = PrefixEncoder(
@@ -196,7 +206,8 @@ def build(
                             len(specs),
                             n_kv * head_dim,
                         )
-                        init_prefix_encoder(encoder, config.init)
+                        if init:
+                            init_prefix_encoder(encoder, config.init)
                         adapter.prefix_encoder = encoder
                     comp.attach_encoder(encoder, li)
             comp.to(device=ref.device, dtype=dtype)

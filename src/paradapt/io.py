@@ -281,6 +281,7 @@ def build_folder(model, folder: _Folder) -> tuple[AdapterModule, list]:
             folder.config,
             before=lambda st: _check_base(folder.base, st, folder.cfg_file),
             after=lambda built: _check_weights(built, folder.tensors, folder.file, folder.file_keys),
+            initialise=False,  # _check_weights: the file holds every weight
         )
     except ConfigError as e:
         raise _naming_file(e, folder.cfg_file) from None
@@ -374,6 +375,7 @@ def _add_with_weights(model, f: _Folder, trainable: bool):
             before=lambda st: _check_base(f.base, st, f.cfg_file),
             after=lambda built: _check_weights(built, f.tensors, f.file, f.file_keys),
             taken_hint="pass name=... to load it under another",
+            initialise=False,  # _check_weights: the file holds every weight
         )
     except ConfigError as e:  # e.g. targets that match nothing on this model
         raise _naming_file(e, f.cfg_file) from None
