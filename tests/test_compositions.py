@@ -277,6 +277,7 @@ def test_negative_layers_count_from_the_top(tmp_path):
     top, one = (sorted(k for k, _ in model.paradapt[n].named_parameters()) for n in ("top", "one"))
     assert top == one and all("/layers/1/" in k for k in top), top
     pa.save_adapter(model, "top", tmp_path / "top")
+    assert pa.io.read_config(tmp_path / "top")["config"]["layers"] == [1]  # written resolved
     other = tiny_model("llama")
     pa.load_adapter(other, tmp_path / "top", name="top")
     assert sorted(k for k, _ in other.paradapt["top"].named_parameters()) == top

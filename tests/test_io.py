@@ -392,7 +392,7 @@ def test_read_adapter_refuses_what_load_adapter_refuses_and_leaves_a_fresh_model
     assert config.r == 4
 
 
-@pytest.mark.parametrize("kind", ["parallel", "lora", "ia3", "prefix"])
+@pytest.mark.parametrize("kind", ["parallel", "lora", "ia3", "prefix", "series-head"])
 def test_reading_a_folder_skips_the_random_init_the_file_overwrites(tmp_path, monkeypatch, kind):
     """A load builds the modules without initialising them (every weight comes from the file,
     checked), and still reproduces the saved adapter bit for bit; a new adapter is initialised."""
@@ -403,6 +403,7 @@ def test_reading_a_folder_skips_the_random_init_the_file_overwrites(tmp_path, mo
         "lora": pa.LoRAConfig(r=4, init="random"),
         "ia3": pa.IA3Config(init="random"),
         "prefix": pa.PrefixConfig(num_virtual_tokens=3, init="random"),
+        "series-head": pa.SeriesConfig(r=4, scale="learned", init="random", head={"num_labels": 3}),
     }
     model = tiny_model("llama")
     pa.add_adapter(model, "a", configs[kind])

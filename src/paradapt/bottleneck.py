@@ -32,12 +32,19 @@ _ACTS = {
 
 
 class _Uninitialised(nn.Linear):
-    """An ``nn.Linear`` that skips its own random init, for a load whose file sets every weight
-    (that init was a third of the time to read a 56-site LoRA folder). A new adapter keeps
-    ``nn.Linear``'s init, so seeded runs draw the same weights as before."""
-
     def reset_parameters(self) -> None:
         pass
+
+
+def _linear(d_in: int, d_out: int, bias: bool, initialise: bool) -> nn.Linear:
+    """``nn.Linear``, without its random init for a load whose file sets every weight (that init
+    was a third of the time to read a 56-site LoRA folder; ``torch.nn.utils.skip_init`` costs
+    more than the init). A new adapter keeps the init, so seeded runs draw the same weights."""
+    if initialise:
+        return nn.Linear(d_in, d_out, bias=bias)
+    lin = _Uninitialised(d_in, d_out, bias=bias)
+    lin.__class__ = nn.Linear  # a plain Linear from here on (repr, reset_parameters)
+    return lin
 
 
 class Bottleneck(nn.Module):
@@ -60,11 +67,10 @@ class Bottleneck(nn.Module):
     ):
         super().__init__()
         self.d_in, self.d_out, self.r = d_in, d_out, r
-        linear = nn.Linear if initialise else _Uninitialised
         self.act_name = act
         self.reads, self.writes = reads, writes
-        self.down = linear(d_in, r, bias=bias)
-        self.up = linear(r, d_out, bias=bias)
+        self.down = _linear(d_in, r, bias, initialise)
+        self.up = _linear(r, d_out, bias, initialise)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if scale == "learned":
             self.scale = nn.Parameter(torch.ones(()))

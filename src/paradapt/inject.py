@@ -109,9 +109,10 @@ def resolve(state: State, p: Placement, layers: list[int] | None) -> list[SiteSp
     return specs
 
 
-def _layer_indices(state: State, layers: list[int] | None) -> list[int] | None:
-    """``config.layers`` as non-negative indices: ``-k`` is the k-th layer from the top, so
-    ``[-3, -2, -1]`` means "the top three" on a model of any depth."""
+def layer_indices(state: State, layers: list[int] | None) -> list[int] | None:
+    """``config.layers`` as sorted non-negative indices: ``-k`` is the k-th layer from the top,
+    so ``[-3, -2, -1]`` means "the top three" on a model of any depth; two indices naming the
+    same layer count once."""
     if layers is None:
         return None
     n = len(state.arch.layers)
@@ -140,7 +141,7 @@ def build(
     one of them (a load from a file). PiSSA always initialises: its attach subtracts the
     initial factors from the base.
     """
-    layers = _layer_indices(state, config.layers)
+    layers = layer_indices(state, config.layers)
     init = initialise or config.init == "pissa"
     tcfg = text_config(state.model)
     hidden = tcfg.hidden_size

@@ -132,6 +132,10 @@ def _export_tensors(st, name: str, fold_prefix: bool) -> tuple[dict[str, torch.T
         s = config.scaling
         alpha = s * (r2**0.5) if config.use_rslora else s * r2
         config = LoRAConfig(**{**_fields(config), "r": r2, "alpha": alpha, "init": "default"})
+    if config.layers is not None and any(i < 0 for i in config.layers):
+        # written resolved ([-1] -> [5]): readers need no "from the top", and _check_base
+        # already insists on the same number of layers
+        config = type(config)(**{**_fields(config), "layers": inject.layer_indices(st, config.layers)})
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, config
 
 

@@ -29,6 +29,7 @@ KeyboardInterrupt, so the state it leaves is a consistent step boundary.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -516,8 +517,11 @@ def _enable_checkpointing(model: nn.Module, contexts: Callable[[], tuple]) -> No
         )
     # Hugging Face also makes the embeddings' output require grad, which only reentrant
     # checkpointing needs; left on, it pulls the backward (and the recompute) through every
-    # frozen layer below the lowest adapter.
-    if getattr(model, "_require_grads_hook", None) is not None:
+    # frozen layer below the lowest adapter. A model with the old checkpointing API ignores
+    # our kwargs (and may checkpoint reentrantly): it keeps the hook.
+    setter = getattr(model, "_set_gradient_checkpointing", None)
+    old_api = setter is not None and "value" in inspect.signature(setter).parameters
+    if not old_api and getattr(model, "_require_grads_hook", None) is not None:
         model.disable_input_require_grads()
 
 
