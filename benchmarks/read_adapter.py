@@ -4,8 +4,8 @@ A read parses the folder (config + safetensors) and builds the adapter's modules
 unattached, with the file's weights (``io.parse_folder`` + ``io.build_folder``). The build now
 skips the random init of every weight the file overwrites; this times it side by side with the
 same build *with* the init (``api.build_detached(..., initialise=True)`` + the weight copy: what
-a read cost before), per adapter kind, interleaved over ``--reps`` rounds, on a random Llama
-(hidden 512, 8 layers, built from a config).
+a read cost before), per adapter kind, interleaved over ``--reps`` rounds, on the serving
+benchmarks' random Llama (``twin.profile.build_model``: hidden 512, 8 layers).
 
     python benchmarks/read_adapter.py
 """
@@ -22,11 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import paradapt as pa  # noqa: E402
 from paradapt import io  # noqa: E402
 from paradapt.api import build_detached  # noqa: E402
+from paradapt.twin.profile import build_model  # noqa: E402  (the serving benchmarks' random Llama)
 
 KINDS = {
     "lora r=8 (q,v)": lambda: pa.LoRAConfig(r=8),
@@ -36,19 +36,6 @@ KINDS = {
     "ia3": lambda: pa.IA3Config(),
     "prefix 16": lambda: pa.PrefixConfig(num_virtual_tokens=16),
 }
-
-
-def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def with_init(m, folder) -> None:
@@ -63,7 +50,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    m = model()
+    m = build_model(layers=8, hidden=512)
     root = tempfile.mkdtemp()
     for i, cfg in enumerate(KINDS.values()):
         pa.add_adapter(m, f"a{i}", cfg())

@@ -123,7 +123,7 @@ def worker(setup: str, ranks: dict, batch: int, length: int, steps: int, threads
         return measure_trainer(setup, trainer_setup(ranks["parallel-s"], batch, length, flags), steps)
     if method in ("trainer-top", "trainer-top5m"):
         n, rank = (5, ranks["parallel-top5-m"]) if method == "trainer-top5m" else (3, ranks["parallel-top-s"])
-        tr = trainer_setup(rank, batch, length, flags, layers=list(range(tq.N_LAYERS - n, tq.N_LAYERS)))
+        tr = trainer_setup(rank, batch, length, flags, layers=tq.top_layers(n))
         return measure_trainer(setup, tr, steps)
     s = tq.build(method, tq.LABELS["sst2"], 0, ranks)
     if "ckpt" in flags:

@@ -204,6 +204,11 @@ def make_head(labels: list[str], seed: int):
     return ClassificationHead(384, labels, pooling="mean", dropout=0.1)
 
 
+def top_layers(n: int) -> list[int]:
+    """The indices of MiniLM's top ``n`` layers."""
+    return list(range(N_LAYERS - n, N_LAYERS))
+
+
 def paradapt_config(kind: str, r: int, labels: list[str] | None):
     import paradapt as pa
 
@@ -212,7 +217,7 @@ def paradapt_config(kind: str, r: int, labels: list[str] | None):
         return pa.ParallelConfig(r=r, scale=4.0, head=head)
     if kind.startswith("parallel-top"):
         n = int(kind[len("parallel-top") :] or TOP_LAYERS)
-        return pa.ParallelConfig(r=r, scale=4.0, head=head, layers=list(range(N_LAYERS - n, N_LAYERS)))
+        return pa.ParallelConfig(r=r, scale=4.0, head=head, layers=top_layers(n))
     if kind == "series":
         return pa.SeriesConfig(r=r, head=head)
     if kind == "lora":

@@ -108,28 +108,33 @@ def attach_built(
     trainable: bool = False,
 ) -> None:
     """Attach what :func:`build_detached` built (for this model, not attached meanwhile)."""
-    fresh = get_state(model) is None
-    st = get_state(model, create=True)
-    try:
-        if name in st.adapters:
-            raise AdapterExistsError(f"an adapter named {name!r} is already on this model")
+    with _state_for(model, name) as (st, fresh):
         before_add(st, name, parts)
-    except Exception:
-        if fresh:
-            _drop_state(model, st)
-        raise
     if fresh:
         st.frozen = _freeze(st)
     inject.attach(st, name, config, adapter, parts, trainable)
 
 
-def _build(model, name, config, before, after, taken_hint: str, *, attaching: bool, initialise: bool = True):
-    """(state, created it, adapter, parts): the adapter built and checked, not attached."""
+@contextlib.contextmanager
+def _state_for(model: nn.Module, name: str, taken_hint: str = ""):
+    """``(state, created)`` for adding ``name``: the model's state, created if need be and
+    dropped again when the block raises, so a failed add leaves the model as it was."""
     fresh = get_state(model) is None
     st = get_state(model, create=True)
     try:
         if name in st.adapters:
-            raise AdapterExistsError(f"an adapter named {name!r} is already on this model; {taken_hint}")
+            hint = f"; {taken_hint}" if taken_hint else ""
+            raise AdapterExistsError(f"an adapter named {name!r} is already on this model{hint}")
+        yield st, fresh
+    except Exception:
+        if fresh:
+            _drop_state(model, st)
+        raise
+
+
+def _build(model, name, config, before, after, taken_hint: str, *, attaching: bool, initialise: bool = True):
+    """(state, created it, adapter, parts): the adapter built and checked, not attached."""
+    with _state_for(model, name, taken_hint) as (st, fresh):
         if before is not None:
             before(st)
         adapter, parts = inject.build(st, name, config, initialise=initialise)
@@ -137,10 +142,6 @@ def _build(model, name, config, before, after, taken_hint: str, *, attaching: bo
             before_add(st, name, parts)  # may put a fused FFN's hooks back: only when attaching
         if after is not None:
             after(adapter)
-    except Exception:
-        if fresh:
-            _drop_state(model, st)
-        raise
     return st, fresh, adapter, parts
 
 

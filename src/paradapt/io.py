@@ -279,14 +279,7 @@ def build_folder(model, folder: _Folder) -> tuple[AdapterModule, list]:
     ``(adapter, parts)`` for ``api.attach_built`` (not for PiSSA, whose attach changes the base
     from the adapter's *initial* factors: attach those with :func:`load_adapter`)."""
     try:
-        adapter, parts = build_detached(
-            model,
-            folder.name,
-            folder.config,
-            before=lambda st: _check_base(folder.base, st, folder.cfg_file),
-            after=lambda built: _check_weights(built, folder.tensors, folder.file, folder.file_keys),
-            initialise=False,  # _check_weights: the file holds every weight
-        )
+        adapter, parts = build_detached(model, folder.name, folder.config, **_file_checks(folder))
     except ConfigError as e:
         raise _naming_file(e, folder.cfg_file) from None
     _copy_weights(adapter, folder.tensors)
@@ -364,6 +357,16 @@ def _naming_file(e: ConfigError, cfg_file: Path) -> ConfigError:
     return type(e)(e.field, f"{message} (in {cfg_file})")
 
 
+def _file_checks(f: _Folder) -> dict:
+    """How a folder's adapter is built: its base checked first, then every weight it needs
+    against the file; the file then sets every weight, so the build skips the random init."""
+    return {
+        "before": lambda st: _check_base(f.base, st, f.cfg_file),
+        "after": lambda built: _check_weights(built, f.tensors, f.file, f.file_keys),
+        "initialise": False,
+    }
+
+
 def _add_with_weights(model, f: _Folder, trainable: bool):
     """Build the adapter and check it against the file; only then attach it and copy the weights in.
 
@@ -376,10 +379,8 @@ def _add_with_weights(model, f: _Folder, trainable: bool):
             f.name,
             f.config,
             trainable=trainable,
-            before=lambda st: _check_base(f.base, st, f.cfg_file),
-            after=lambda built: _check_weights(built, f.tensors, f.file, f.file_keys),
             taken_hint="pass name=... to load it under another",
-            initialise=False,  # _check_weights: the file holds every weight
+            **_file_checks(f),
         )
     except ConfigError as e:  # e.g. targets that match nothing on this model
         raise _naming_file(e, f.cfg_file) from None

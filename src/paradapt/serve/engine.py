@@ -130,16 +130,20 @@ class AdapterStore:
                 if copy is not None and copy.built is not None:
                     copy.built[0].to("cpu")  # back to host memory (a no-op on a CPU model)
             else:
-                self.host.pop(name, None)
-                fut = self.pending.pop(name, None)
-                if fut is not None:
-                    fut.cancel()
+                self.forget(name)
         except Exception as e:  # a broken folder must never take the engine down
             if move.op.startswith("load") and not isinstance(e, AdapterLoadError):
                 raise AdapterLoadError(name, e) from None
             raise
         finally:
             self.seconds[move.op] = self.seconds.get(move.op, 0.0) + time.perf_counter() - t0
+
+    def forget(self, name: str) -> None:
+        """Drop ``name`` from host memory, and its read-ahead if one is still queued."""
+        self.host.pop(name, None)
+        fut = self.pending.pop(name, None)
+        if fut is not None:
+            fut.cancel()
 
     def _read(self, name: str) -> _HostCopy:
         """Validate the folder against the model (without attaching it), keep its weights on the CPU."""
@@ -312,8 +316,7 @@ class _EngineCore(ServeCore):
         return h
 
     def _drop_adapter(self, adapter: str) -> None:
-        self.store.host.pop(adapter, None)
-        self.store.pending.pop(adapter, None)
+        self.store.forget(adapter)
         st = get_state(self.model)
         if st is not None and adapter in st.adapters:
             remove_adapter(self.model, adapter)
