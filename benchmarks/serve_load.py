@@ -47,7 +47,6 @@ from paradapt.serve.workload import Workload, WorkloadSpec
 
 TOKENIZER = "models/stories260k-hf"  # under the shared assets
 BASE_NAME = "base"
-TEMPLATES_PER_KIND_RANK = 4  # distinct random weight sets per (kind, rank); adapter folders hard-link them
 
 
 # -- the model and the adapters -------------------------------------------------------------------
@@ -68,45 +67,22 @@ def build_model(folder: Path, layers: int, hidden: int, seed: int) -> Path:
     return folder
 
 
-def _adapter_config(kind: str, rank: int):
-    """The twin profiles the same adapter configs; an unknown kind stops the benchmark with its name."""
-    from paradapt.errors import ConfigError
-    from paradapt.twin.profile import adapter_config
-
-    try:
-        return adapter_config(kind, rank)
-    except ConfigError as e:
-        raise SystemExit(f"serve_load: --kinds: {e}") from None
-
-
 def build_adapters(model_dir: Path, root: Path, workload: Workload, seed: int) -> None:
-    """One folder per workload adapter; weights from a few random templates per (kind, rank), hard-linked.
+    """One folder per workload adapter, for the model in ``model_dir``: the twin's ``build_adapter_root``
+    (weights from a few random templates per (kind, rank), hard-linked).
 
     The server still reads, validates and attaches every folder separately; only disk space is shared.
+    An adapter kind the engine benchmarks do not serve stops the benchmark with its name.
     """
-    import torch
-
-    import paradapt as pa
     from paradapt.cli import load_model
+    from paradapt.errors import ConfigError
+    from paradapt.twin.profile import build_adapter_root
 
     _, model = load_model(model_dir)
-    torch.manual_seed(seed)
-    templates: dict[tuple[str, int, int], Path] = {}
-    for spec in {(a.kind, a.rank) for a in workload.adapters}:
-        for t in range(TEMPLATES_PER_KIND_RANK):
-            name = f"t-{spec[0]}-{spec[1]}-{t}"
-            pa.add_adapter(model, name, _adapter_config(*spec))
-            with torch.no_grad():  # non-zero weights: a stand-in for training
-                for p in model.paradapt[name].parameters():
-                    p.add_(torch.randn_like(p) * 0.02)
-            templates[(*spec, t)] = root.parent / "templates" / name
-            pa.save_adapter(model, name, templates[(*spec, t)])
-            pa.remove_adapter(model, name)
-    for i, a in enumerate(workload.adapters):
-        src, dst = templates[(a.kind, a.rank, i % TEMPLATES_PER_KIND_RANK)], root / a.name
-        dst.mkdir()
-        for f in src.iterdir():
-            os.link(f, dst / f.name)
+    try:
+        build_adapter_root(model, root, workload.adapters, seed)
+    except ConfigError as e:
+        raise SystemExit(f"serve_load: --kinds: {e}") from None
 
 
 # -- the server --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..checks import is_int, read_structured
 from ..errors import ConfigError
 
 #: Adapter kinds a workload may ask for (the core's config kinds).
@@ -132,12 +133,7 @@ class WorkloadSpec:
         import yaml
 
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise ConfigError("workload", f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError("workload", f"{path}: not valid YAML ({e})") from None
+        data = read_structured(path, "workload", yaml.safe_load, "YAML")
         return cls.from_dict(data if data is not None else {}, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,7 +244,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _check_int(name: str, v: Any, minimum: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    if not is_int(v) or v < minimum:
         raise ConfigError(name, f"must be an integer >= {minimum}, got {v!r}")
 
 
@@ -263,7 +259,7 @@ def _check_range(name: str, v: Any) -> tuple[int, int]:
         raise ConfigError(name, f"must be a [min, max] pair of token counts, got {v!r}")
     lo, hi = v
     for x in (lo, hi):
-        if not isinstance(x, int) or isinstance(x, bool):
+        if not is_int(x):
             raise ConfigError(name, f"bounds must be integers, got {v!r}")
     if lo < 1 or hi < lo:
         raise ConfigError(name, f"impossible length range [{lo}, {hi}]: need 1 <= min <= max")

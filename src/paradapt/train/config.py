@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from ..checks import is_int
 from ..config import CONFIG_CLASSES, AdapterConfig
 from ..errors import ConfigError
 from .data import DataSpec
@@ -46,41 +55,42 @@ class TokenizeSection(_Section):
     add_eos: bool = Field(True, description="LM/completion data: end each document with EOS")
 
 
-class TrainSection(_Section):
-    """The loop settings: the fields of :class:`paradapt.train.loop.TrainArgs` except ``output_dir``."""
+def _micro_batches(cls: type, value: Any) -> Any:
+    """One clear message instead of pydantic's per-union-member errors."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    if is_int(value) and value >= 1:
+        return value
+    raise ValueError(f"must be 'auto' or an integer >= 1, got {value!r}")
 
-    max_steps: int = Field(100, ge=1)
-    batch_size: int = Field(16, ge=1, description="rows per step, shared round-robin by the adapters")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
-    eval_batch_size: int = Field(64, ge=1)
-    log_every: int = Field(10, ge=1)
-    seed: int = 0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = Field(2, ge=1, description="how many of the latest checkpoints to keep")
-    micro_batches: int | Literal["auto"] = Field(
-        "auto", description="forwards per batch, rows bucketed by length ('auto': up to one per adapter)"
-    )
-    micro_batch_tokens: int | None = Field(
-        None, ge=1, description="most padded tokens (rows x longest row) in one forward"
+
+def _train_section() -> type[_Section]:
+    """The ``train:`` schema, built from :class:`TrainArgs` so each option is declared once.
+
+    Each dataclass field gives its type, default, description and bounds (``metadata``);
+    ``output_dir`` is the config's top-level key, so the section leaves it out.
+    """
+    hints = typing.get_type_hints(TrainArgs)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainArgs):
+        if f.name == "output_dir":
+            continue
+        meta = f.metadata
+        fields[f.name] = (
+            hints[f.name],
+            Field(f.default, description=meta.get("help") or None, **meta.get("bounds", {})),
+        )
+    return create_model(
+        "TrainSection",
+        __base__=_Section,
+        __module__=__name__,
+        __doc__="The loop settings: the fields of :class:`paradapt.train.loop.TrainArgs` except ``output_dir``.",
+        __validators__={"_micro_batches": field_validator("micro_batches", mode="before")(_micro_batches)},
+        **fields,
     )
 
-    @field_validator("micro_batches", mode="before")
-    @classmethod
-    def _micro_batches(cls, value: Any) -> Any:
-        """One clear message instead of pydantic's per-union-member errors."""
-        if value == "auto" and isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-        raise ValueError(f"must be 'auto' or an integer >= 1, got {value!r}")
+
+TrainSection = _train_section()
 
 
 class AdapterEntry(_Section):

@@ -40,12 +40,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import api
+from ..checks import is_int
 from ..errors import ConfigError
 from ..heads import classify
 from ..io import save_adapter
@@ -57,29 +59,44 @@ from .data import IGNORE_INDEX, TokenizedDataset, length_buckets, seeded_order
 AUTO_FORWARD_COST_TOKENS = 64
 
 
+def _option(default: Any, help: str = "", **bounds: float) -> Any:
+    """A :class:`TrainArgs` field: its default, what it does, and the bounds the YAML schema checks.
+
+    ``bounds`` are pydantic ``Field`` keywords (``ge``, ``gt``); :mod:`.config` builds the
+    ``train:`` section from these fields, so an option is declared here and only here.
+    """
+    return field(default=default, metadata={"help": help, "bounds": bounds})
+
+
 @dataclass
 class TrainArgs:
-    """Loop settings (the YAML ``train:`` section)."""
+    """Loop settings (the YAML ``train:`` section, whose schema is built from these fields)."""
 
-    max_steps: int = 100
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # "cosine" | "constant"
-    max_grad_norm: float | None = 1.0
-    eval_every: int = 0  # 0: only at the end
-    eval_batch_size: int = 64
-    log_every: int = 10
+    max_steps: int = _option(100, ge=1)
+    batch_size: int = _option(16, "rows per step, shared round-robin by the adapters", ge=1)
+    grad_accum: int = _option(1, ge=1)
+    lr: float = _option(1e-3, gt=0)
+    weight_decay: float = _option(0.0, ge=0)
+    warmup_steps: int = _option(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = _option(1.0, gt=0)
+    eval_every: int = _option(0, "0: evaluate only at the end", ge=0)
+    eval_batch_size: int = _option(64, ge=1)
+    log_every: int = _option(10, ge=1)
     seed: int = 0
-    bf16: bool = False  # autocast to bfloat16 where the device supports it
+    bf16: bool = _option(False, "autocast to bfloat16 where the device supports it")
     gradient_checkpointing: bool = False
-    output_dir: str | None = None
-    save_every: int = 0  # used by paradapt.train.train(): checkpoint every N steps (0: at the end)
-    keep_checkpoints: int = 2  # ... keeping the latest N checkpoints
-    micro_batches: int | str = "auto"  # forwards per batch, rows bucketed by length (see _plan)
-    micro_batch_tokens: int | None = None  # cap on rows x longest row in one forward (memory)
+    output_dir: str | None = _option(None, "checkpoints and adapters go here (the config's top-level key)")
+    save_every: int = _option(
+        0, "used by paradapt.train.train(): checkpoint every N steps (0: only at the end)", ge=0
+    )
+    keep_checkpoints: int = _option(2, "how many of the latest checkpoints to keep", ge=1)
+    micro_batches: int | Literal["auto"] = _option(
+        "auto", "forwards per batch, rows bucketed by length ('auto': up to one per adapter)"
+    )
+    micro_batch_tokens: int | None = _option(
+        None, "most padded tokens (rows x longest row) in one forward (memory)", ge=1
+    )
 
 
 @dataclass
@@ -487,12 +504,12 @@ def _targets(labels: list[int]) -> int:
 def _check_micro_batching(args: TrainArgs, tasks: list[Task]) -> None:
     """``micro_batches`` is "auto" or >= 1; every training row fits ``micro_batch_tokens``."""
     mb = args.micro_batches
-    if mb != "auto" and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
+    if mb != "auto" and (not is_int(mb) or mb < 1):
         raise ConfigError("train.micro_batches", f"must be 'auto' or an integer >= 1, got {mb!r}")
     cap = args.micro_batch_tokens
     if cap is None:
         return
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+    if not is_int(cap) or cap < 1:
         raise ConfigError("train.micro_batch_tokens", f"must be an integer >= 1 or null, got {cap!r}")
     for t in tasks:
         longest = max(len(ex["input_ids"]) for ex in t.train.examples)

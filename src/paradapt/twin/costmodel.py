@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import read_structured
 from ..errors import ConfigError
 from ..serve.core import StepShape
 
@@ -233,12 +234,7 @@ class CostModel:
     def load(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> CostModel:
         """Read a cost file; with ``expect`` (a fingerprint), warn when it was measured elsewhere."""
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except OSError as e:
-            raise ConfigError("cost", f"{path}: cannot read ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError("cost", f"{path}: not JSON ({e})") from None
+        d = read_structured(path, "cost")
         cm = cls.from_dict(d, source=str(path))
         if expect is not None:
             cm.check(expect, source=str(path))

@@ -1,0 +1,55 @@
+"""``build_datasets``: a training config's data entries to train and eval data sets, steps in the right order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import ConfigError
+from .labels import LabelMap
+from .records import DataError, infer_task, source_of
+from .sampling import split
+from .sources import load_records
+from .spec import DataSpec
+from .tokens import TokenizedDataset, tokenize
+
+
+def build_datasets(
+    train: DataSpec,
+    tokenizer: Any,
+    *,
+    eval_spec: DataSpec | None = None,
+    eval_fraction: float | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    packing: bool = True,
+    add_eos: bool = True,
+    pad_id: int | None = None,
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Train (and eval) data sets in the right order of steps.
+
+    Eval comes from its own file, else from ``split(train, eval_fraction, seed)``, else none.
+    The label map comes from the training records (or ``train.labels``) and every eval
+    label is checked against it, so an eval-only class fails naming its line.
+    """
+    if eval_spec is not None and eval_fraction is not None:
+        raise ConfigError("eval_fraction", "give either an eval file or eval_fraction, not both")
+    train_records = load_records(train)
+    if eval_spec is not None:
+        eval_records: list[dict] | None = load_records(eval_spec)
+    elif eval_fraction is not None:
+        train_records, eval_records = split(train_records, eval_fraction, seed)
+    else:
+        eval_records = None
+    task = infer_task(train_records)
+    if eval_records is not None and infer_task(eval_records) != task:
+        path, line = source_of(eval_records[0])
+        raise DataError(
+            path, line, f"eval records are for task {infer_task(eval_records)!r}, training ones for {task!r}"
+        )
+    label_map = LabelMap.build(train_records, train.labels) if task == "classification" else None
+    if label_map is not None and eval_records is not None:
+        label_map.check(eval_records)
+    kw = {"max_length": max_length, "task": task, "packing": packing, "add_eos": add_eos, "pad_id": pad_id}
+    train_ds = tokenize(train_records, tokenizer, labels=label_map, **kw)
+    eval_ds = tokenize(eval_records, tokenizer, labels=label_map, **kw) if eval_records else None
+    return train_ds, eval_ds
