@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import inject
-from .api import _add, build_detached, check_name
 from .config import FORMAT_VERSION, AdapterConfig, LoRAConfig
 from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError
+from .lifecycle import _add, build_detached, check_name
 from .state import AdapterModule, require_state
 
 CONFIG_FILE = "adapter_config.json"
@@ -276,7 +276,7 @@ def parse_folder(path: str | Path, name: str | None = None) -> _Folder:
 
 def build_folder(model, folder: _Folder) -> tuple[AdapterModule, list]:
     """Check a parsed folder against ``model`` and build it with its weights, unattached:
-    ``(adapter, parts)`` for ``api.attach_built`` (not for PiSSA, whose attach changes the base
+    ``(adapter, parts)`` for ``lifecycle.attach_built`` (not for PiSSA, whose attach changes the base
     from the adapter's *initial* factors: attach those with :func:`load_adapter`)."""
     try:
         adapter, parts = build_detached(model, folder.name, folder.config, **_file_checks(folder))

@@ -122,7 +122,7 @@ def init_prefix_encoder(enc: PrefixEncoder, scheme: str = "default") -> None:
         nn.init.zeros_(lin.bias)
 
 
-# -- attention-core math (used by sites.AttentionSite) ----------------------------------
+# -- attention-core math (used by prefix_attention.AttentionSite) -----------------------
 
 
 def joint_mask(
