@@ -11,16 +11,17 @@ original attention function (eager, sdpa, flash, ...): no modeling code is copie
 Two layouts of the same computation:
 
 - padded batches: each row's prefixes, padded to the longest, ``[B, Hkv, Pmax, d]``
-  with a validity mask per row (:func:`_pad_rows`, :func:`prefix.joint_mask`);
+  with a validity mask per row (:func:`_pad_rows`);
 - packed sequences (one ``[1, T]`` row of many requests' tokens): every route's
   prefixes are their own columns of one ``[1, Hkv, P, d]`` block, each visible only to
-  that route's tokens (:func:`_packed_columns`, :func:`prefix.packed_mask`). A paged KV
-  cache is updated first (``paged_kv.py``), so prefixes never enter the cache.
+  that route's tokens (:func:`_packed_columns`). A paged KV cache is updated first
+  (``paged_kv.py``), so prefixes never enter the cache.
 
 Both collect each route's prefixes the same way (:func:`_route_prefixes`) and run the
-same tail (:meth:`AttentionSite._with_prefixes`): joint prefixes share the softmax with
-the keys (Li & Liang 2021); gated ones add ``tanh(g) * softmax(q P_k^T) P_v`` after it
-(LLaMA-Adapter, Zhang et al. 2023; see ``prefix.py``).
+same tail (:meth:`AttentionSite._with_prefixes`, :func:`prefix_mask`): joint prefixes
+share the softmax with the keys (Li & Liang 2021); gated ones add
+``tanh(g) * softmax(q P_k^T) P_v`` after it (:func:`prefix_only_attention`;
+LLaMA-Adapter, Zhang et al. 2023; see ``prefix.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from . import prefix as prefix_math
 from .errors import RoutingError
 from .paged_kv import update_pages
 from .routing import Group, RouteMap
@@ -125,31 +125,27 @@ class AttentionSite(Site):
         """
         if joint is not None:
             pk, pv, visible = joint
-            causal = self._causal(kwargs)
-            if packed:
-                attention_mask = prefix_math.packed_mask(
-                    attention_mask, visible, key.shape[2], causal=causal, additive=additive, dtype=query.dtype
-                )
-            else:
-                attention_mask = prefix_math.joint_mask(
-                    attention_mask,
-                    visible,
-                    query.shape[2],
-                    key.shape[2],
-                    causal=causal,
-                    additive=additive,
-                    dtype=query.dtype,
-                )
+            q_len = visible.shape[0] if packed else query.shape[2]
+            attention_mask = prefix_mask(
+                attention_mask,
+                visible,
+                q_len,
+                key.shape[2],
+                causal=self._causal(kwargs),
+                additive=additive,
+                dtype=query.dtype,
+                per_query=packed,
+            )
             key, value = _prepend(pk, key), _prepend(pv, value)
         out, weights = fn(self.module, query, key, value, attention_mask, **kwargs)
         if gated is not None:
             pk, pv, visible, gate = gated
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            if packed:
-                extra = prefix_math.prefix_only_attention(query, pk, pv, visible[None], scaling, per_query=True)
+            if packed:  # one row; visible and gate per token
+                extra = prefix_only_attention(query, pk, pv, visible[None], scaling, per_query=True)
                 weight = torch.tanh(gate)[None, :, :, None]
             else:
-                extra = prefix_math.prefix_only_attention(query, pk, pv, visible, scaling)
+                extra = prefix_only_attention(query, pk, pv, visible, scaling)
                 weight = torch.tanh(gate)[:, None, :, None]
             out = out + (weight * extra).to(out.dtype)
         return out, weights
@@ -296,3 +292,68 @@ def _pad_rows(parts: list, batch: int, gates: bool = False):
 def _prepend(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """Prefix keys or values in front of the attention's own (``[B, H, P + S, d]``)."""
     return torch.cat([prefix.to(states.dtype), states], dim=2)
+
+
+# -- the attention math ----------------------------------------------------------------
+
+
+def prefix_mask(
+    mask: torch.Tensor | None,
+    visible: torch.Tensor,
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    additive: bool,
+    dtype: torch.dtype,
+    *,
+    per_query: bool = False,
+) -> torch.Tensor:
+    """The attention mask with ``P`` prefix columns in front, open where ``visible`` says.
+
+    ``visible`` is ``[B, P]`` (one prefix set per batch row), or with ``per_query`` ``[T, P]``:
+    the tokens of one packed row belong to different requests, so each query token sees only
+    its own request's prefix columns. ``mask`` is whatever the model built (None, a boolean
+    mask, or an additive float mask); the result keeps its format so the model's own attention
+    function reads it as before.
+    """
+    batch, device = (1 if per_query else visible.shape[0]), visible.device
+    if mask is None:
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+        if causal and q_len > 1:
+            allowed = allowed.tril(diagonal=kv_len - q_len)
+        mask = allowed[None, None].expand(batch, 1, q_len, kv_len)
+        if additive:
+            mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    if per_query:
+        pre = visible[None, None].expand(mask.shape[0], mask.shape[1], q_len, visible.shape[1])
+    else:
+        if mask.shape[0] != batch:
+            mask = mask.expand(batch, *mask.shape[1:])
+        pre = visible[:, None, None, :].expand(batch, mask.shape[1], mask.shape[2], visible.shape[1])
+    if mask.dtype != torch.bool:
+        pre = torch.zeros((), dtype=mask.dtype, device=device).masked_fill(~pre, torch.finfo(mask.dtype).min)
+    return torch.cat([pre, mask], dim=-1)
+
+
+def prefix_only_attention(
+    query: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    per_query: bool = False,
+) -> torch.Tensor:
+    """``softmax(q P_k^T * scaling) P_v`` over valid prefix slots; rows with none give zeros.
+
+    query ``[B, H, q, d]``, pk/pv ``[B, Hkv, P, d]``, valid ``[B, P]`` (``[B, q, P]`` with
+    ``per_query``: a packed row, whose tokens see different prefixes); returns ``[B, q, H, d]``
+    (the layout the model's attention functions return).
+    """
+    rep = query.shape[1] // pk.shape[1]
+    if rep > 1:
+        pk, pv = pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(query, pk.transpose(-1, -2).to(query.dtype)) * scaling
+    allowed = valid[:, None, :, :] if per_query else valid[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
+    return torch.matmul(probs, pv.to(query.dtype)).transpose(1, 2)
