@@ -125,11 +125,10 @@ class AttentionSite(Site):
         """
         if joint is not None:
             pk, pv, visible = joint
-            q_len = visible.shape[0] if packed else query.shape[2]
             attention_mask = prefix_mask(
                 attention_mask,
                 visible,
-                q_len,
+                query.shape[2],
                 key.shape[2],
                 causal=self._causal(kwargs),
                 additive=additive,
