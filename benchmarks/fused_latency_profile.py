@@ -40,7 +40,7 @@ import mixed_batch as mb  # noqa: E402  (the benchmark's model, cache and adapte
 
 import paradapt as pa  # noqa: E402
 from paradapt.bottleneck import _ACTS  # noqa: E402
-from paradapt.fuse import SplitActivation  # noqa: E402
+from paradapt.fusing import SplitActivation  # noqa: E402
 from paradapt.state import get_state  # noqa: E402
 
 CACHE_LEN = 128

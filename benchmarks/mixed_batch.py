@@ -24,7 +24,7 @@ each, and reports the median per method, as tokens/s and as a ratio to ``base`` 
 same run. The warm-up outputs are checked against paradapt's (max abs diff, over the whole batch).
 
 ``latency`` (Llama, batch 1, decode one token on a 128-token cache and prefill 128 tokens):
-base / parallel adapter unfused / parallel adapter fused (``paradapt.fuse``, if present) /
+base / parallel adapter unfused / parallel adapter fused (``paradapt.fusing``, if present) /
 LoRA unmerged / LoRA merged; wall clock and process CPU time per call (on a shared machine, run
 it with ``--threads 1`` and read the CPU columns; ``benchmarks/fused_latency_profile.py`` breaks
 the fused adapter's time down op by op).
@@ -633,10 +633,10 @@ def run_mixed(
 def run_latency(base, args, sizes: Sizes, device, dtype, rows_out: list[Row], notes: list[str]) -> None:
     """Batch 1 on Llama: base / parallel unfused / fused / LoRA unmerged / merged."""
     try:
-        from paradapt.fuse import fuse
+        from paradapt.fusing import fuse
     except Exception as e:  # noqa: BLE001 - the module is being written; the table runs without it
         fuse = None
-        notes.append(f"fused: not available (import paradapt.fuse failed: {_one_line(e)})")
+        notes.append(f"fused: not available (import paradapt.fusing failed: {_one_line(e)})")
         log(notes[-1])
     prefill_in = random_inputs(base, 1, sizes.prefill_len, args.seed + 4, device)
     decode_in = random_inputs(base, 1, 1, args.seed + 5, device)

@@ -3,7 +3,7 @@
 A read parses the folder (config + safetensors) and builds the adapter's modules for the model,
 unattached, with the file's weights (``io.parse_folder`` + ``io.build_folder``). The build now
 skips the random init of every weight the file overwrites; this times it side by side with the
-same build *with* the init (``api.build_detached(..., initialise=True)`` + the weight copy: what
+same build *with* the init (``lifecycle.build_detached(..., initialise=True)`` + the weight copy: what
 a read cost before), per adapter kind, interleaved over ``--reps`` rounds, on the serving
 benchmarks' random Llama (``twin.profile.build_model``: hidden 512, 8 layers).
 
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import paradapt as pa  # noqa: E402
 from paradapt import io  # noqa: E402
-from paradapt.api import build_detached  # noqa: E402
+from paradapt.lifecycle import build_detached  # noqa: E402
 from paradapt.twin.profile import build_model  # noqa: E402  (the serving benchmarks' random Llama)
 
 KINDS = {

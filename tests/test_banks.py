@@ -87,10 +87,10 @@ def test_segments_are_built_once_per_forward_and_shared_by_all_sites():
     for i in range(3):
         pa.add_adapter(model, f"a{i}", pa.LoRAConfig(r=4, init="random"))  # same slot order at q and v
     ids = torch.randint(0, 96, (4, 5))
-    with torch.no_grad(), pa.route(model, ["a2", "a0", "a1", "a0"]) as plan:
+    with torch.no_grad(), pa.route(model, ["a2", "a0", "a1", "a0"]) as route_map:
         outputs(model, ids)
         outputs(model, ids)  # a second forward (e.g. a decode step) reuses them too
-    assert plan.segment_builds == 1  # 2 layers x 2 linears share one sort of the rows
+    assert route_map.segment_builds == 1  # 2 layers x 2 linears share one sort of the rows
     sites = get_state(model).sites
     layouts = {id(b.layout) for s in sites.values() for b in s.banks.values()}
     assert len(layouts) == 1

@@ -13,7 +13,7 @@ from conftest import FAMILIES, outputs, tiny_model
 from test_banks import ROWS, STRATEGIES, add_zoo, mixed, per_row_reference
 
 import paradapt as pa
-from paradapt.fuse import fuse
+from paradapt.fusing import fuse
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

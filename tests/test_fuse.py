@@ -11,7 +11,7 @@ from conftest import FAMILIES, outputs, tiny_model
 from torch import nn
 
 import paradapt as pa
-from paradapt.fuse import SplitActivation, fuse, fused_owner, unfuse
+from paradapt.fusing import SplitActivation, fuse, fused_owner, unfuse
 from paradapt.state import get_state
 
 VARIANTS = {
@@ -379,7 +379,7 @@ def test_split_activation_is_exact_without_concatenating(base_name, act, monkeyp
 def test_activations_written_into_a_tensor_are_the_adapter_activations():
     """Every adapter activation has an ``out=`` form, bit-equal to it (NaN, inf and -0 included)."""
     from paradapt.bottleneck import _ACTS
-    from paradapt.fuse import _ACTS_INTO
+    from paradapt.fusing import _ACTS_INTO
 
     assert set(_ACTS_INTO) == set(_ACTS)
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))

@@ -83,6 +83,20 @@ def test_save_creates_missing_parents(tmp_path):
     assert torch.equal(loaded_output(tmp_path / "deep" / "er" / "a"), want)
 
 
+@pytest.mark.parametrize("peft", [False, True])
+def test_saved_files_honour_the_umask(tmp_path, peft):
+    """Adapter files are ordinary files: 0o666 less the umask (safetensors alone writes 0o600)."""
+    model, _ = with_lora(1)
+    old = os.umask(0o022)
+    try:
+        folder = (pa.save_peft_adapter if peft else pa.save_adapter)(model, "a", tmp_path / "a")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+    assert folder.stat().st_mode & 0o777 == 0o755
+
+
 def test_bf16_adapter_round_trips_bit_exact(tmp_path):
     model = tiny_model("llama").to(torch.bfloat16)
     pa.add_adapter(model, "a", pa.ParallelConfig(r=4, init="random"))

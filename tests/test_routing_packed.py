@@ -95,11 +95,11 @@ def test_per_token_entries_equal_segments_and_share_one_segment_build():
         a = packed_forward(model, seqs, ROUTES)
         b = packed_forward(model, seqs, ROUTES, per_token=True)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
-    with torch.no_grad(), pa.route(model, ROUTES, packed=True, lengths=LENGTHS) as plan:
+    with torch.no_grad(), pa.route(model, ROUTES, packed=True, lengths=LENGTHS) as route_map:
         kw = packed_inputs(seqs)
         outputs(model, kw.pop("input_ids"), **kw)
     layouts = {id(b.layout) for site in get_state(model).sites.values() for b in site.banks.values()}
-    assert plan.segment_builds == len(layouts)  # once per bank layout in the forward, not per site or layer
+    assert route_map.segment_builds == len(layouts)  # once per bank layout in the forward, not per site or layer
     assert len(layouts) < sum(len(site.banks) for site in get_state(model).sites.values())
 
 

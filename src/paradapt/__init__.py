@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from .config import (
@@ -42,7 +40,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on first use
-    from .api import (
+    from .fusing import fuse, unfuse
+    from .io import load_adapter, save_adapter, save_peft_adapter
+    from .lifecycle import (
         ParameterCount,
         active,
         add_adapter,
@@ -59,8 +59,6 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
         unmerge,
         unwrap,
     )
-    from .fuse import fuse, unfuse
-    from .io import load_adapter, save_adapter, save_peft_adapter
     from .routing import Average, Parallel, Stack
 
 __version__ = "0.1.0"
@@ -85,10 +83,10 @@ _LAZY = {
             "unmerge",
             "unwrap",
         ),
-        "api",
+        "lifecycle",
     ),
-    "fuse": "fuse",
-    "unfuse": "fuse",
+    "fuse": "fusing",
+    "unfuse": "fusing",
     "load_adapter": "io",
     "save_adapter": "io",
     "save_peft_adapter": "io",
@@ -113,22 +111,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
-
-
-class _Package(types.ModuleType):
-    """Keeps ``pa.merge`` / ``pa.fuse`` the functions once ``paradapt.merge`` / ``paradapt.fuse`` load.
-
-    Importing a submodule sets it as an attribute of the package; with lazy names that would
-    replace the function of the same name (the eager imports used to rebind it afterwards).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return  # the submodule stays reachable in sys.modules
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

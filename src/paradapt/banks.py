@@ -17,7 +17,7 @@ adapter as at the first.
 
 Rows are assigned to slots by a :class:`Layout` (slot order) and sorted into
 :class:`Segments` once per forward and layout; every site and layer whose
-bank has the same layout shares them (see ``routing.Plan.segments``).
+bank has the same layout shares them (see ``routing.RouteMap.segments``).
 """
 
 from __future__ import annotations

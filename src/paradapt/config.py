@@ -4,7 +4,7 @@ The unified view (He et al. 2022, "Towards a Unified View of Parameter-Efficient
 Transfer Learning") writes every method as ``h <- h + delta`` at a site. A config
 here only says *which* function goes *where*: it compiles to a list of
 :class:`Placement`. The math lives in ``bottleneck.py``, ``scale_shift.py`` and
-``prefix.py``; the sites in ``sites.py``. Adding a method means adding a preset,
+``prefix.py``; the sites in ``sites.py`` and ``prefix_attention.py``. Adding a method means adding a preset,
 not a code path.
 """
 
@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from .checks import is_int
 from .errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -63,9 +64,7 @@ class AdapterConfig:
     # -- validation -------------------------------------------------------
     def validate(self) -> None:
         if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
-            ):
+            if not isinstance(self.layers, (list, tuple)) or not all(is_int(i) for i in self.layers):
                 raise ConfigError(
                     "layers",
                     f"must be a list of layer indices (negative counts from the top), got {self.layers!r}",
@@ -117,7 +116,7 @@ def _check_head(head: Any) -> dict:
     labels = head.get("labels")
     if labels is None:
         n = head.get("num_labels")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        if not is_int(n) or n < 2:
             raise ConfigError("head.num_labels", f"give labels or num_labels >= 2, got {n!r}")
         labels = list(range(n))
     if not isinstance(labels, (list, tuple)) or len(labels) < 2 or len(set(map(str, labels))) != len(labels):
@@ -133,7 +132,7 @@ def _check_head(head: Any) -> dict:
 
 
 def _check_rank(r: Any, name: str = "r") -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    if not is_int(r) or r < 1:
         raise ConfigError(name, f"must be a positive integer, got {r!r}")
 
 

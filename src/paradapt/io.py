@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import inject
-from .api import _add, build_detached, check_name
+from .checks import is_int
 from .config import FORMAT_VERSION, AdapterConfig, LoRAConfig
 from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError
+from .lifecycle import _add, build_detached, check_name
 from .state import AdapterModule, require_state
 
 CONFIG_FILE = "adapter_config.json"
@@ -68,9 +69,24 @@ def _write_file(target: Path, content) -> None:
             f.flush()
             os.fsync(f.fileno())
     else:
+        mode = _umask_mode(target)
         save_file(content, str(target), metadata={"format": "pt"})
+        os.chmod(target, mode)
         with open(target, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _umask_mode(target: Path) -> int:
+    """The mode any file a program writes at ``target`` gets: ``0o666`` less the user's umask.
+
+    safetensors' ``save_file`` writes a private temporary file (mode 0600) and renames it over
+    the target, so a saved adapter would be unreadable to the group and others whatever the
+    umask says. Creating the (empty) target first with a plain ``open`` reads the umask's
+    effect without changing the process umask (``os.umask`` would, for every thread).
+    """
+    with open(target, "wb"):
+        pass
+    return target.stat().st_mode & 0o777
 
 
 def write_folder_atomically(path: str | Path, files: dict[str, object]) -> Path:
@@ -276,7 +292,7 @@ def parse_folder(path: str | Path, name: str | None = None) -> _Folder:
 
 def build_folder(model, folder: _Folder) -> tuple[AdapterModule, list]:
     """Check a parsed folder against ``model`` and build it with its weights, unattached:
-    ``(adapter, parts)`` for ``api.attach_built`` (not for PiSSA, whose attach changes the base
+    ``(adapter, parts)`` for ``lifecycle.attach_built`` (not for PiSSA, whose attach changes the base
     from the adapter's *initial* factors: attach those with :func:`load_adapter`)."""
     try:
         adapter, parts = build_detached(model, folder.name, folder.config, **_file_checks(folder))
@@ -297,7 +313,7 @@ def _parse_ours(path: Path, name: str | None, data: dict) -> _Folder:
     cfg_file = path / CONFIG_FILE
     _warn_unknown_keys(data, cfg_file)
     version = data.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_int(version):
         raise IncompatibleAdapterError("format_version", f"{cfg_file} has no integer format_version")
     if version > FORMAT_VERSION:
         raise IncompatibleAdapterError(

@@ -13,7 +13,8 @@ no-op, which the joint form can never be.
 Prefix keys are used as given (no rotary embedding), as in PEFT; they never
 enter the KV cache, so generation and positions are unaffected. Under packed
 (continuous-batching) routes each request's prefix columns are visible only to
-its own tokens (:func:`packed_mask`).
+its own tokens. This module holds the prefix's weights; ``prefix_attention.py``
+puts them into the attention.
 """
 
 from __future__ import annotations
@@ -120,88 +121,3 @@ def init_prefix_encoder(enc: PrefixEncoder, scheme: str = "default") -> None:
     for lin in (enc.mlp[0], enc.mlp[2]):
         nn.init.normal_(lin.weight, std=(0.5 if scheme == "random" else 0.02) / lin.in_features**0.5)
         nn.init.zeros_(lin.bias)
-
-
-# -- attention-core math (used by sites.AttentionSite) ----------------------------------
-
-
-def joint_mask(
-    mask: torch.Tensor | None,
-    valid: torch.Tensor,
-    q_len: int,
-    kv_len: int,
-    causal: bool,
-    additive: bool,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The attention mask with ``P`` prefix columns in front: visible where ``valid[b, p]``.
-
-    ``mask`` is whatever the model built (None, a boolean mask, or an additive
-    float mask); the result keeps its format so the model's own attention
-    function reads it as before.
-    """
-    batch, device = valid.shape[0], valid.device
-    if mask is None:
-        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-        if causal and q_len > 1:
-            allowed = allowed.tril(diagonal=kv_len - q_len)
-        mask = allowed[None, None].expand(batch, 1, q_len, kv_len)
-        if additive:
-            mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    if mask.shape[0] != batch:
-        mask = mask.expand(batch, *mask.shape[1:])
-    pre = valid[:, None, None, :].expand(batch, mask.shape[1], mask.shape[2], valid.shape[1])
-    if mask.dtype != torch.bool:
-        pre = torch.zeros((), dtype=mask.dtype, device=device).masked_fill(~pre, torch.finfo(mask.dtype).min)
-    return torch.cat([pre, mask], dim=-1)
-
-
-def packed_mask(
-    mask: torch.Tensor | None,
-    visible: torch.Tensor,
-    kv_len: int,
-    causal: bool,
-    additive: bool,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """A packed row's attention mask with prefix columns in front, ``visible[t, p]`` per query token.
-
-    Unlike :func:`joint_mask` (one prefix set per batch row), the tokens of one packed row belong to
-    different requests, so each query token sees only its own request's prefix columns.
-    """
-    q_len, device = visible.shape[0], visible.device
-    if mask is None:
-        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-        if causal and q_len > 1:
-            allowed = allowed.tril(diagonal=kv_len - q_len)
-        mask = allowed[None, None]
-        if additive:
-            mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    pre = visible[None, None].expand(mask.shape[0], mask.shape[1], q_len, visible.shape[1])
-    if mask.dtype != torch.bool:
-        pre = torch.zeros((), dtype=mask.dtype, device=device).masked_fill(~pre, torch.finfo(mask.dtype).min)
-    return torch.cat([pre, mask], dim=-1)
-
-
-def prefix_only_attention(
-    query: torch.Tensor,
-    pk: torch.Tensor,
-    pv: torch.Tensor,
-    valid: torch.Tensor,
-    scaling: float,
-    per_query: bool = False,
-) -> torch.Tensor:
-    """``softmax(q P_k^T * scaling) P_v`` over valid prefix slots; rows with none give zeros.
-
-    query ``[B, H, q, d]``, pk/pv ``[B, Hkv, P, d]``, valid ``[B, P]`` (``[B, q, P]`` with
-    ``per_query``: a packed row, whose tokens see different prefixes); returns ``[B, q, H, d]``
-    (the layout the model's attention functions return).
-    """
-    rep = query.shape[1] // pk.shape[1]
-    if rep > 1:
-        pk, pv = pk.repeat_interleave(rep, dim=1), pv.repeat_interleave(rep, dim=1)
-    scores = torch.matmul(query, pk.transpose(-1, -2).to(query.dtype)) * scaling
-    allowed = valid[:, None, :, :] if per_query else valid[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
-    return torch.matmul(probs, pv.to(query.dtype)).transpose(1, 2)

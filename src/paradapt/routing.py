@@ -11,11 +11,11 @@ A *composition* says how several adapters combine on one input:
 - ``Parallel("a", "b", None)``: one input through K adapters in one pass: the
   batch is replicated K times, channel ``c`` routed to the c-th entry.
 
-A :class:`Plan` maps every row of the batch to a composition. It groups rows by
+A :class:`RouteMap` maps every row of the batch to a composition. It groups rows by
 composition once per batch size and device, and every site and layer reuses
 those groups: the model's forward signature never changes.
 
-A *packed* plan (``Plan.packed_tokens`` / ``Plan.packed_segments``) routes the
+A *packed* route map (``RouteMap.packed_tokens`` / ``RouteMap.packed_segments``) routes the
 tokens of one packed sequence: continuous batching runs every request's tokens
 back to back as a single ``[1, T]`` row. Its entries are per token, and hook
 sites view ``[1, T, H]`` activations as ``[T, 1, H]`` so each token is a row for
@@ -24,11 +24,14 @@ the same groups, segments and banks as a padded batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .banks import Segments
+from .checks import is_int
 from .errors import RoutingError
 
 Composable = "str | Stack | Average | None"
@@ -147,8 +150,8 @@ class Group:
 
 
 @dataclass
-class Plan:
-    """Per-row routes for one batch; groups are computed once per (batch size, device)."""
+class RouteMap:
+    """Which route each row of one batch takes; groups are computed once per (batch size, device)."""
 
     routes: list[Route | None]
     uniform: bool = False  # one route for every row, whatever the batch size
@@ -157,17 +160,17 @@ class Plan:
     segment_builds: int = 0  # how many times rows were sorted for a bank layout (tests check sharing)
 
     @classmethod
-    def for_all(cls, route: Route | None) -> Plan:
+    def for_all(cls, route: Route | None) -> RouteMap:
         return cls([route], uniform=True)
 
     @classmethod
-    def packed_tokens(cls, routes: list[Route | None]) -> Plan:
-        """A plan for one packed sequence: ``routes[t]`` is token ``t``'s route."""
+    def packed_tokens(cls, routes: list[Route | None]) -> RouteMap:
+        """A route map for one packed sequence: ``routes[t]`` is token ``t``'s route."""
         return cls(list(routes), packed=True)
 
     @classmethod
-    def packed_segments(cls, routes: list[Route | None], lengths: list[int]) -> Plan:
-        """A packed plan from one route per request and the requests' token counts, in order.
+    def packed_segments(cls, routes: list[Route | None], lengths: list[int]) -> RouteMap:
+        """A packed route map from one route per request and the requests' token counts, in order.
 
         ``lengths`` are the differences of ``cu_seq_lens_q``: request ``i`` owns the next
         ``lengths[i]`` tokens of the packed sequence.
@@ -175,7 +178,7 @@ class Plan:
         if len(routes) != len(lengths):
             raise RoutingError(f"packed route: {len(routes)} entries but {len(lengths)} segment lengths")
         for i, n in enumerate(lengths):
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            if not is_int(n) or n < 0:
                 raise RoutingError(f"packed route: lengths[{i}] must be an integer >= 0, got {n!r}")
         return cls([r for r, n in zip(routes, lengths, strict=True) for _ in range(n)], packed=True)
 
@@ -221,6 +224,13 @@ class Plan:
             simple = [single_name(r) for r in self.routes]
             per = max(batch // len(simple), 1)  # rows repeat contiguously (beams, Parallel channels)
             got = self._cache[key] = [simple[min(i // per, len(simple) - 1)] for i in range(batch)]
+        return got
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` once per ``key`` for this forward: what every site and layer of it shares."""
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = build()
         return got
 
     def segments(self, layout, batch: int, device: torch.device):

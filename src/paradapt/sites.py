@@ -2,7 +2,7 @@
 
 Three kinds, each attached with hooks on the *original* modules, so the base
 model's module tree and state-dict keys never change and ``unwrap`` restores it
-exactly:
+exactly (the first two live here, with what every site shares):
 
 - ``BlockSite``: a block (FFN or attention) given by an *entry* module, whose
   input ``x`` it reads, and an *exit* module, whose output ``h`` (before the
@@ -12,28 +12,26 @@ exactly:
   still adds before that norm, as He et al. define it.
 - ``LinearSite``: one linear (or GPT-2 ``Conv1D``); entry and exit are the same
   module. Components here may be merged into its weight.
-- ``AttentionSite``: the attention function of one self-attention module, for
-  prefixes. Hooked through transformers' own ``AttentionInterface`` registry.
+- ``AttentionSite`` (``prefix_attention.py``): the attention function of one
+  self-attention module, for prefixes. Hooked through transformers' own
+  ``AttentionInterface`` registry.
 
-Every component exposes ``delta(src)``; a site computes ``h <- h + delta`` for
-the rows each route of the current :class:`~paradapt.routing.Plan` covers.
+Every component of a block or linear site exposes ``delta(src)``; the site computes
+``h <- h + delta`` for the rows each route of the current
+:class:`~paradapt.routing.RouteMap` covers.
 """
 
 from __future__ import annotations
 
-import copy
-import sys
 import threading
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from . import prefix as prefix_math
 from .banks import Bank, bankable, signature
 from .errors import RoutingError
-from .routing import Group, Plan, Route, single_name
+from .routing import Group, Route, RouteMap, single_name
 
 if TYPE_CHECKING:
     from .state import State
@@ -133,7 +131,7 @@ def run_ops(
 
 
 def apply_banks(
-    site: Site, plan: Plan, groups: list[Group], h: torch.Tensor, x: torch.Tensor
+    site: Site, route_map: RouteMap, groups: list[Group], h: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, list[Group]]:
     """Add every one-adapter row's bottleneck delta through the site's banks, in one pass per bank.
 
@@ -157,7 +155,7 @@ def apply_banks(
     batch = h.shape[0]
     out = h
     for bank in used.values():
-        seg = plan.segments(bank.layout, batch, h.device)
+        seg = route_map.segments(bank.layout, batch, h.device)
         if seg is None:
             continue
         src = x if bank.reads == "input" else h
@@ -170,7 +168,7 @@ def apply_banks(
 
 
 def transform(
-    site: Site, plan: Plan, groups: list[Group], h: torch.Tensor, x: torch.Tensor | None, writes: str
+    site: Site, route_map: RouteMap, groups: list[Group], h: torch.Tensor, x: torch.Tensor | None, writes: str
 ) -> torch.Tensor:
     """Apply each group's route to its rows; rows of no group pass through unchanged.
 
@@ -181,7 +179,7 @@ def transform(
         ops = site.ops(groups[0].route, writes)
         return run_ops(ops, groups[0].route.mode, h, x) if ops else h
     if writes == "output" and not torch.is_grad_enabled():
-        h, groups = apply_banks(site, plan, groups, h, x)
+        h, groups = apply_banks(site, route_map, groups, h, x)
     out = None
     for g in groups:
         ops = site.ops(g.route, writes)
@@ -209,13 +207,13 @@ def _batch(t: torch.Tensor) -> int:
     return t.shape[0]
 
 
-def as_rows(plan: Plan, t: torch.Tensor, key: str) -> torch.Tensor:
-    """The rows a plan routes: the batch rows, or for a packed plan the tokens of ``[1, T, ...]``.
+def as_rows(route_map: RouteMap, t: torch.Tensor, key: str) -> torch.Tensor:
+    """The rows a route map routes: the batch rows, or for a packed one the tokens of ``[1, T, ...]``.
 
     The packed view is ``t.transpose(0, 1)`` (``[T, 1, ...]``), free since the batch is one row,
     so groups, segments and banks see tokens exactly as they see rows of a padded batch.
     """
-    if not plan.packed:
+    if not route_map.packed:
         return t
     if t.dim() < 3 or t.shape[0] != 1:
         raise RoutingError(
@@ -225,9 +223,9 @@ def as_rows(plan: Plan, t: torch.Tensor, key: str) -> torch.Tensor:
     return t.transpose(0, 1)
 
 
-def from_rows(plan: Plan, rows: torch.Tensor) -> torch.Tensor:
+def from_rows(route_map: RouteMap, rows: torch.Tensor) -> torch.Tensor:
     """Undo :func:`as_rows` on a result computed in the row view."""
-    return rows.transpose(0, 1) if plan.packed else rows
+    return rows.transpose(0, 1) if route_map.packed else rows
 
 
 class HookSite(Site):
@@ -248,37 +246,37 @@ class HookSite(Site):
         self._handles.append(self.exit.register_forward_hook(self._post, with_kwargs=True))
 
     def _pre(self, module, args, kwargs):
-        plan = self.state.plan()
-        if plan is None:
+        route_map = self.state.route_map()
+        if route_map is None:
             self._x.pop(threading.get_ident(), None)
             return None
         x = _first_arg(args, kwargs)
-        xr = as_rows(plan, x, self.key)
-        groups = plan.groups(_batch(xr), x.device)
-        x2 = transform(self, plan, groups, xr, None, "input") if groups else xr
+        xr = as_rows(route_map, x, self.key)
+        groups = route_map.groups(_batch(xr), x.device)
+        x2 = transform(self, route_map, groups, xr, None, "input") if groups else xr
         self._x[threading.get_ident()] = x2  # kept in row view: the exit transforms in the same view
         if x2 is xr:
             return None
-        return _replace_first_arg(args, kwargs, from_rows(plan, x2))
+        return _replace_first_arg(args, kwargs, from_rows(route_map, x2))
 
     def _post(self, module, args, kwargs, output):
         x = self._x.pop(threading.get_ident(), None)
-        plan = self.state.plan()
-        if plan is None:
+        route_map = self.state.route_map()
+        if route_map is None:
             return None
         h = output[0] if isinstance(output, tuple) else output
         if x is None:
             raise RoutingError(
                 f"site {self.key}: exit {self.exit_name} ran without its entry {self.entry_name}"
             )
-        hr = as_rows(plan, h, self.key)
-        groups = plan.groups(_batch(hr), h.device)
+        hr = as_rows(route_map, h, self.key)
+        groups = route_map.groups(_batch(hr), h.device)
         if not groups:
             return None
-        h2 = transform(self, plan, groups, hr, x, "output")
+        h2 = transform(self, route_map, groups, hr, x, "output")
         if h2 is hr:
             return None
-        h2 = from_rows(plan, h2)
+        h2 = from_rows(route_map, h2)
         return (h2, *output[1:]) if isinstance(output, tuple) else h2
 
 
@@ -292,251 +290,3 @@ class LinearSite(HookSite):
     @property
     def module(self) -> nn.Module:
         return self.entry
-
-
-# -- attention --------------------------------------------------------------------------
-
-IMPL = "paradapt"
-
-
-def _paradapt_attention(module, query, key, value, attention_mask, **kwargs):
-    """Registered in transformers' AttentionInterface; delegates to the module's site."""
-    return module.__dict__["_paradapt_site"].attend(query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(IMPL, _paradapt_attention)
-
-
-class AttentionSite(Site):
-    """Prefixes at one self-attention module, applied inside its attention function."""
-
-    kind = "attention"
-
-    def __init__(self, key: str, state: State, module: nn.Module):
-        super().__init__(key, state)
-        self.module = module
-        self.original_config = module.config
-        cfg = copy.copy(module.config)
-        cfg.__dict__["_attn_implementation_internal"] = IMPL  # this module only; masks stay the model's
-        module.config = cfg
-        module.__dict__["_paradapt_site"] = self
-
-    def remove_hooks(self) -> None:
-        self.module.config = self.original_config
-        self.module.__dict__.pop("_paradapt_site", None)
-
-    def _original(self):
-        impl = self.original_config._attn_implementation or "eager"
-        default = getattr(sys.modules[type(self.module).__module__], "eager_attention_forward", None)
-        if impl == "eager":
-            if default is None:
-                raise RoutingError(
-                    f"{self.key}: no eager attention function found for {type(self.module).__name__}"
-                )
-            return default, True
-        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, default), False
-
-    def attend(self, query, key, value, attention_mask, **kwargs):
-        fn, additive = self._original()
-        plan = self.state.plan()
-        if plan is not None and plan.packed:
-            return self._attend_packed(plan, fn, additive, query, key, value, attention_mask, kwargs)
-        groups = plan.groups(query.shape[0], query.device) if plan is not None else []
-        joint, gated = self._gather(groups, query.shape[0], query.dtype) if groups else (None, None)
-        if joint is not None:
-            pk, pv, valid = joint
-            attention_mask = prefix_math.joint_mask(
-                attention_mask,
-                valid,
-                query.shape[2],
-                key.shape[2],
-                causal=self._causal(kwargs),
-                additive=additive,
-                dtype=query.dtype,
-            )
-            key, value = _prepend(pk, key), _prepend(pv, value)
-        out, weights = fn(self.module, query, key, value, attention_mask, **kwargs)
-        if gated is not None:
-            pk, pv, valid, gate = gated
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            extra = prefix_math.prefix_only_attention(query, pk, pv, valid, scaling)
-            out = out + (torch.tanh(gate)[:, None, :, None] * extra).to(out.dtype)
-        return out, weights
-
-    def _causal(self, kwargs) -> bool:
-        """Whether this attention call is causal (the module's flag, unless the call turns it off)."""
-        return getattr(self.module, "is_causal", True) and kwargs.get("is_causal", True) is not False
-
-    def refuse_packed(self, names) -> None:
-        """Packed prefixes need a mask-based attention (sdpa, eager): name the adapter otherwise."""
-        impl = self.original_config._attn_implementation or "eager"
-        if impl.split("|")[-1] in ("sdpa", "eager"):
-            return
-        for n in sorted(set(names) & self.components.keys()):
-            if n not in self.state.merged:
-                raise RoutingError(
-                    f"adapter {n!r} has prefix (attention) components; under packed per-token routing they "
-                    f"need the model's attention to be 'sdpa' or 'eager' (a mask), not {impl!r}"
-                )
-
-    def _attend_packed(self, plan, fn, additive, query, key, value, attention_mask, kwargs):
-        """Packed prefixes: each request's prefix K/V sit in front of the keys, visible only to its tokens.
-
-        The tokens of a packed ``[1, T]`` row are the plan's rows; every route with prefix components
-        owns its own prefix columns, and the mask lets exactly that route's tokens see them. A paged
-        KV cache is updated here first (so prefixes never enter the cache), then the model's own
-        attention function runs on ``[prefixes; cached + new keys]``; gated prefixes add their
-        separate softmax per token afterwards.
-        """
-        tokens = query.shape[2]
-        groups = plan.groups(tokens, query.device)
-        joint, gated = self._packed_parts(plan, groups, tokens, query.device) if groups else (None, None)
-        if joint is None and gated is None:
-            return fn(self.module, query, key, value, attention_mask, **kwargs)
-        self.refuse_packed(plan.names())
-        cache = kwargs.pop("cache", None)
-        if cache is not None:  # write the new K/V into the pages and read the request's whole K/V back
-            key, value = cache.update(
-                key_states=key, value_states=value, layer_idx=self.module.layer_idx, kwargs=kwargs
-            )
-        if joint is not None:
-            pk, pv, visible = joint
-            attention_mask = prefix_math.packed_mask(
-                attention_mask,
-                visible,
-                key.shape[2],
-                causal=self._causal(kwargs),
-                additive=additive,
-                dtype=query.dtype,
-            )
-            key, value = _prepend(pk, key), _prepend(pv, value)
-        out, weights = fn(self.module, query, key, value, attention_mask, **kwargs)
-        if gated is not None:
-            pk, pv, visible, gate = gated
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            extra = prefix_math.prefix_only_attention(query, pk, pv, visible[None], scaling, per_query=True)
-            out = out + (torch.tanh(gate)[None, :, :, None] * extra).to(out.dtype)
-        return out, weights
-
-    def _packed_parts(self, plan, groups: list[Group], tokens: int, device):
-        """Prefix columns of every route in a packed step: ``(pk [1,Hkv,P,d], pv, visible [T,P])``
-        for joint prefixes, plus per-token gates ``[T, H]`` for gated ones; ``None`` when absent.
-
-        Which token sees which column depends only on the plan and the prefix lengths, so it is
-        built once per forward and shared by every layer (``plan.segments``-style caching).
-        """
-        joint, gated, shape = [], [], []
-        for g in groups:
-            comps = [c for c, _ in self.ops(g.route, "attention")]
-            if not comps:
-                continue
-            if g.route.mode == "average":
-                raise RoutingError(
-                    f"Average over prefix adapters {list(g.route.names)} is not defined; use Stack"
-                )
-            plain = [c.kv() for c in comps if c.gate is None]
-            with_gate = [c for c in comps if c.gate is not None]
-            if len(with_gate) > 1:
-                raise RoutingError(f"at most one gated prefix per row, got {list(g.route.names)}")
-            if plain:
-                k, v = torch.cat([k for k, _ in plain], 1), torch.cat([v for _, v in plain], 1)
-                joint.append((g, k, v))
-            if with_gate:
-                k, v = with_gate[0].kv()
-                gated.append((g, k, v, with_gate[0].gate))
-            shape.append(
-                (g.route, sum(k.shape[1] for k, _ in plain), with_gate[0].num_tokens if with_gate else 0)
-            )
-        if not shape:
-            return None, None
-        return (
-            _packed_columns(plan, joint, tokens, device, ("joint", tuple(shape))) if joint else None,
-            _packed_columns(plan, gated, tokens, device, ("gated", tuple(shape))) if gated else None,
-        )
-
-    def _gather(self, groups: list[Group], batch: int, dtype):
-        """Per-row prefixes padded to a common length, split into joint and gated ones."""
-        joint_parts, gated_parts = [], []
-        for g in groups:
-            comps = [c for c, _ in self.ops(g.route, "attention")]
-            if not comps:
-                continue
-            if g.route.mode == "average":
-                raise RoutingError(
-                    f"Average over prefix adapters {list(g.route.names)} is not defined; use Stack"
-                )
-            plain = [c.kv() for c in comps if c.gate is None]
-            if plain:
-                joint_parts.append(
-                    (g.rows, torch.cat([k for k, _ in plain], 1), torch.cat([v for _, v in plain], 1), None)
-                )
-            with_gate = [c for c in comps if c.gate is not None]
-            if len(with_gate) > 1:
-                raise RoutingError(f"at most one gated prefix per row, got {[n for n in g.route.names]}")
-            if with_gate:
-                k, v = with_gate[0].kv()
-                gated_parts.append((g.rows, k, v, with_gate[0].gate))
-        joint = _pad_rows(joint_parts, batch) if joint_parts else None
-        gated = _pad_rows(gated_parts, batch, gates=True) if gated_parts else None
-        return joint, gated
-
-
-def _packed_columns(plan: Plan, parts: list, tokens: int, device, key: tuple):
-    """Concatenate the routes' prefixes ``(group, k [Hkv,P,d], v[, gate])`` along P into one block;
-    ``visible[t, p]`` says whether token ``t``'s route owns column ``p`` (cached on the plan).
-
-    For gated parts, also each token's gate ``[T, H]`` (zeros for tokens without a gated prefix).
-    """
-    pk = torch.cat([p[1] for p in parts], 1)[None]
-    pv = torch.cat([p[2] for p in parts], 1)[None]
-    cache_key = ("prefix", tokens, device, key)
-    visible = plan._cache.get(cache_key)
-    if visible is None:
-        visible = torch.zeros(tokens, pk.shape[2], dtype=torch.bool, device=device)
-        start = 0
-        for p in parts:
-            g, n = p[0], p[1].shape[1]
-            if g.whole:
-                visible[:, start : start + n] = True
-            else:
-                visible[g.rows, start : start + n] = True
-            start += n
-        plan._cache[cache_key] = visible
-    if len(parts[0]) == 3:
-        return pk, pv, visible
-    gate = pk.new_zeros(tokens, parts[0][3].shape[0])
-    for g, _, _, gt in parts:
-        if g.whole:
-            gate[:] = gt
-        else:
-            gate[g.rows] = gt.to(gate.dtype)
-    return pk, pv, visible, gate
-
-
-def _pad_rows(parts: list, batch: int, gates: bool = False):
-    """Stack ``(rows, k [Hkv,P,d], v, gate)`` parts into ``[B, Hkv, Pmax, d]`` with a validity mask."""
-    k0 = parts[0][1]
-    if len(parts) == 1 and parts[0][0] is None:
-        rows, k, v, gate = parts[0]
-        valid = torch.ones(batch, k.shape[1], dtype=torch.bool, device=k.device)
-        out = (k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1), valid)
-        return (*out, gate.unsqueeze(0).expand(batch, -1)) if gates else out
-    pmax = max(p[1].shape[1] for p in parts)
-    hkv, d = k0.shape[0], k0.shape[2]
-    pk = k0.new_zeros(batch, hkv, pmax, d)
-    pv = k0.new_zeros(batch, hkv, pmax, d)
-    valid = torch.zeros(batch, pmax, dtype=torch.bool, device=k0.device)
-    g_all = k0.new_zeros(batch, parts[0][3].shape[0]) if gates else None
-    for rows, k, v, gate in parts:
-        p = k.shape[1]
-        pk[rows, :, :p] = k.unsqueeze(0).expand(len(rows), -1, -1, -1)
-        pv[rows, :, :p] = v.unsqueeze(0).expand(len(rows), -1, -1, -1)
-        valid[rows, :p] = True
-        if gates:
-            g_all[rows] = gate.unsqueeze(0).expand(len(rows), -1)
-    return (pk, pv, valid, g_all) if gates else (pk, pv, valid)
-
-
-def _prepend(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """Prefix keys or values in front of the attention's own (``[B, H, P + S, d]``)."""
-    return torch.cat([prefix.to(states.dtype), states], dim=2)

@@ -22,8 +22,9 @@ from torch import nn
 from . import archmap
 from .config import AdapterConfig
 from .errors import AdapterNotFoundError, RoutingError
-from .routing import Group, Parallel, Plan, Route, normalize
-from .sites import AttentionSite, BlockSite, LinearSite, Site
+from .prefix_attention import AttentionSite
+from .routing import Group, Parallel, Route, RouteMap, normalize
+from .sites import BlockSite, LinearSite, Site
 
 CONTAINER = "paradapt"
 ATTR = "_paradapt_state"
@@ -52,7 +53,7 @@ class AdapterRecord:
     config: AdapterConfig
     sites: list[str] = field(default_factory=list)
     merged: bool = False
-    fused: object = None  # set by paradapt.fuse while the adapter lives inside the FFN's weights
+    fused: object = None  # set by paradapt.fusing while the adapter lives inside the FFN's weights
     base_info: dict = field(default_factory=dict)
 
 
@@ -76,7 +77,7 @@ class State:
         self.adapters: dict[str, AdapterRecord] = {}
         self.merged: set[str] = set()
         self.active: Route | Parallel | None = None
-        self._active_plan: Plan | None = None
+        self._active_map: RouteMap | None = None
         self._route = _new_route_var()
         self._parallel_tokens: dict[int, contextvars.Token] = {}  # per thread, like the route itself
         self.container = nn.ModuleDict()
@@ -121,10 +122,10 @@ class State:
         return site
 
     # -- routing ----------------------------------------------------------------------
-    def plan(self) -> Plan | None:
-        """The plan in force for the forward running now (route context first, then the active one)."""
-        p = self._route.get()
-        return p if p is not None else self._active_plan
+    def route_map(self) -> RouteMap | None:
+        """The route map in force for the forward running now (route context first, then the active one)."""
+        m = self._route.get()
+        return m if m is not None else self._active_map
 
     def set_active(self, comp) -> None:
         if isinstance(comp, Parallel):
@@ -132,16 +133,16 @@ class State:
                 route = normalize(c)
                 if route is not None:
                     self.check_names(route.names)
-            self.active, self._active_plan = comp, None
+            self.active, self._active_map = comp, None
             return
         route = normalize(comp)
         if route is not None:
             self.check_names(route.names)
         self.active = route
-        self._active_plan = None if route is None else Plan.for_all(route)
+        self._active_map = None if route is None else RouteMap.for_all(route)
 
-    def push_route(self, plan: Plan):
-        return self._route.set(plan)
+    def push_route(self, route_map: RouteMap):
+        return self._route.set(route_map)
 
     def pop_route(self, token) -> None:
         self._route.reset(token)
@@ -161,7 +162,7 @@ class State:
         args = tuple(_repeat(a, k) for a in args)
         kwargs = {key: (_repeat(v, k) if key in self._BATCH_KEYS else v) for key, v in kwargs.items()}
         routes = [normalize(c) for c in comp.channels]
-        self._parallel_tokens[threading.get_ident()] = self._route.set(_ChannelPlan(routes))
+        self._parallel_tokens[threading.get_ident()] = self._route.set(_ChannelRouteMap(routes))
         return args, kwargs
 
     def _parallel_post(self, module, args, output):
@@ -196,7 +197,7 @@ def _repeat(t, k: int):
     return t.repeat(k, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) else t
 
 
-class _ChannelPlan(Plan):
+class _ChannelRouteMap(RouteMap):
     """Rows ``[c*B, (c+1)*B)`` follow channel ``c``'s route (the layout ``Parallel`` builds)."""
 
     def __init__(self, routes: list[Route | None]):

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from .. import heads
-from ..api import add_adapter, attach_built, check_name, remove_adapter, route
 from ..errors import (
     AdapterFileError,
     AdapterNotFoundError,
@@ -37,6 +36,7 @@ from ..errors import (
     ParadaptError,
 )
 from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder
+from ..lifecycle import add_adapter, attach_built, check_name, remove_adapter, route
 from ..state import get_state, require_state
 from .cache import Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config

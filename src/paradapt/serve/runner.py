@@ -19,8 +19,8 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import FutureRequestState
 from transformers.generation.continuous_batching.requests import RequestState as HFRequestState
 
-from ..api import route
 from ..errors import ConfigError, ParadaptError
+from ..lifecycle import route
 from ..state import get_state
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import StepPlan

@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from .data import DataSpec
 from .loop import TrainArgs
 
-Kind = Literal["parallel", "series", "lora", "ia3", "ssf", "prefix", "mam"]
+Kind = Literal[tuple(CONFIG_CLASSES)]  # the adapter kinds, from the one registry (pydantic checks them)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 

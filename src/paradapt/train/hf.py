@@ -32,7 +32,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from .. import api
+from .. import lifecycle
 from ..errors import AdapterFileError, AdapterNotFoundError, IncompatibleAdapterError, ParadaptError
 from ..heads import ClassificationHead
 from ..io import CONFIG_FILE, WEIGHTS_FILE, save_adapter
@@ -47,7 +47,7 @@ class ParadaptTrainerError(ParadaptError, ValueError):
 
 def resolve_adapters(model: nn.Module, adapters: str | list[str] | None) -> list[str]:
     """The adapters to train: the given names (checked), or every adapter on the model."""
-    have = api.list_adapters(model)
+    have = lifecycle.list_adapters(model)
     if not have:
         raise ParadaptTrainerError("model has no paradapt adapters; add one with pa.add_adapter first")
     if adapters is None:
@@ -125,14 +125,14 @@ class ParadaptTrainer(transformers.Trainer):
         if get_state(model) is None:
             raise ParadaptTrainerError("model has no paradapt adapters; add one with pa.add_adapter first")
         names = resolve_adapters(model, adapters)
-        api.set_trainable(model, names, True)
+        lifecycle.set_trainable(model, names, True)
         check_base_frozen(model, names)
-        if api.active(model) is None:
+        if lifecycle.active(model) is None:
             if len(names) != 1:
                 raise ParadaptTrainerError(
                     f"no active composition for adapters {names}; call pa.set_active(model, ...) first"
                 )
-            api.set_active(model, names[0])
+            lifecycle.set_active(model, names[0])
         self.adapters = names
         self.head = head_of(model, names)
         super().__init__(model=model, args=args, **kwargs)

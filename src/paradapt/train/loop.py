@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import api
+from .. import lifecycle
 from ..checks import is_int
 from ..errors import ConfigError
 from ..heads import classify
@@ -155,7 +155,7 @@ class Trainer:
         for t in tasks:
             if t.train.task != self.kind:
                 raise ValueError(f"all tasks of one run need the same task type; {t.name} is {t.train.task}")
-        api.set_trainable(model, [t.name for t in tasks], True)
+        lifecycle.set_trainable(model, [t.name for t in tasks], True)
         self.opts, self.scheds = {}, {}
         for t in tasks:
             params = [p for p in model.paradapt[t.name].parameters() if p.requires_grad]
@@ -222,7 +222,7 @@ class Trainer:
     def _recompute_contexts(self) -> tuple:
         """For activation checkpointing: the layer's recompute (in backward, after the forward's
         ``route`` block has closed) runs under the same routing as its forward."""
-        return contextlib.nullcontext(), api.route(self.model, list(self._routed))
+        return contextlib.nullcontext(), lifecycle.route(self.model, list(self._routed))
 
     # -- loss -----------------------------------------------------------------------------
     def _forward(self, batch: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +238,7 @@ class Trainer:
             torch.autocast(
                 dev.type, dtype=torch.bfloat16, enabled=self.args.bf16 and dev.type in ("cuda", "cpu")
             ),
-            api.route(self.model, names),
+            lifecycle.route(self.model, names),
         ):
             out = self.model(**inputs)
         if self.kind != "classification":

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import api
+from .. import lifecycle
 from ..errors import ConfigError
 from ..io import save_adapter
 from . import checkpoint, distributed
@@ -85,7 +85,7 @@ def train(
     tasks, adapter_cfgs = _build_tasks(cfg, tok, base_dir)
     torch.manual_seed(cfg.train.seed)
     for name, acfg in adapter_cfgs.items():
-        api.add_adapter(model, name, acfg)
+        lifecycle.add_adapter(model, name, acfg)
     model.to(distributed.local_device())
     keeper = checkpoint.BestKeeper(out) if dist.is_main else None
     args = cfg.train_args()

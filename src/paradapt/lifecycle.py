@@ -1,4 +1,6 @@
-"""The public functions: add, activate, route, merge, remove, unwrap, count.
+"""An adapter's life on a model, as the public functions: add, activate, route, merge, fold,
+remove, unwrap, count (``pa.add_adapter``, ``pa.route``, ...; fusing is ``fusing.py``, files
+are ``io.py``).
 
 Nothing here flips ``requires_grad`` behind the user's back: the base model is
 frozen once, when its first adapter is added (``freeze_base=True``), adapters
@@ -20,10 +22,10 @@ from torch import nn
 from . import inject
 from .config import AdapterConfig
 from .errors import AdapterExistsError, ConfigError, MergeError, RoutingError
-from .fuse import before_add, check_removable, fused_owner, unfuse
-from .merge import check_mergeable, merge_into
-from .routing import Parallel, Plan, normalize
-from .state import CONTAINER, State, _ChannelPlan, _repeat, get_state, require_state
+from .fusing import before_add, check_removable, fused_owner, unfuse
+from .merging import check_mergeable, merge_into
+from .routing import Parallel, RouteMap, normalize
+from .state import CONTAINER, State, _ChannelRouteMap, _repeat, get_state, require_state
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -202,33 +204,33 @@ def route(model: nn.Module, entries, *, packed: bool = False, lengths: list[int]
     if lengths is not None and not packed:
         raise RoutingError("lengths= describes a packed sequence; pass packed=True with it")
     if packed:
-        plan = _packed_plan(entries, lengths)
+        route_map = _packed_route_map(entries, lengths)
     elif isinstance(entries, (list, tuple)) and not isinstance(entries, str):
         routes = [normalize(e) for e in entries]
-        plan = Plan(routes)
+        route_map = RouteMap(routes)
     else:
-        plan = Plan.for_all(normalize(entries))
-    st.check_names(plan.names())
-    _check_not_merged(st, plan.names() or None)
+        route_map = RouteMap.for_all(normalize(entries))
+    st.check_names(route_map.names())
+    _check_not_merged(st, route_map.names() or None)
     if packed:
         for site in st.sites.values():
             if site.kind == "attention":
-                site.refuse_packed(plan.names())
-    token = st.push_route(plan)
+                site.refuse_packed(route_map.names())
+    token = st.push_route(route_map)
     try:
-        yield plan
+        yield route_map
     finally:
         st.pop_route(token)
 
 
-def _packed_plan(entries, lengths: list[int] | None) -> Plan:
-    """Per-token plan of a packed sequence from per-token entries, or per-request ones and lengths."""
+def _packed_route_map(entries, lengths: list[int] | None) -> RouteMap:
+    """Per-token route map of a packed sequence from per-token entries, or per-request ones and lengths."""
     if not isinstance(entries, (list, tuple)) or isinstance(entries, str):
         raise RoutingError("a packed route takes a list: one entry per token, or per request with lengths=")
     routes = [normalize(e) for e in entries]
     if lengths is None:
-        return Plan.packed_tokens(routes)
-    return Plan.packed_segments(routes, list(lengths))
+        return RouteMap.packed_tokens(routes)
+    return RouteMap.packed_segments(routes, list(lengths))
 
 
 def split_parallel(output, k: int) -> list:
@@ -260,7 +262,7 @@ def parallel(model: nn.Module, composition: Parallel, *args, **inputs) -> list:
     k = len(routes)
     args = tuple(_repeat(a, k) for a in args)
     inputs = {key: (_repeat(v, k) if key in State._BATCH_KEYS else v) for key, v in inputs.items()}
-    token = st.push_route(_ChannelPlan(routes))
+    token = st.push_route(_ChannelRouteMap(routes))
     try:
         out = model(*args, **inputs)
     finally:

@@ -199,7 +199,9 @@ class Fused:
 
 
 @dataclass
-class _Plan:
+class _FuseTarget:
+    """One FFN an adapter is about to be fused into, checked: its site, layer, projections, activation."""
+
     name: str
     site: HookSite
     layer: str
@@ -239,7 +241,7 @@ def _check_record(st: State, rec: AdapterRecord) -> Family:
     return fam
 
 
-def _plan_site(st: State, name: str, key: str, fam: Family) -> _Plan:
+def _check_site(st: State, name: str, key: str, fam: Family) -> _FuseTarget:
     site = st.sites[key]
     comp = site.components[name]
     if site.kind != "block" or not isinstance(comp, Bottleneck):
@@ -258,13 +260,13 @@ def _plan_site(st: State, name: str, key: str, fam: Family) -> _Plan:
     last = st.modules[f"{layer}.{fam.ffn_out}"]
     if not all(is_linear(m) for m in (*first, last)):
         raise _refuse(name, f"the FFN projections of {layer} are not Linear / Conv1D modules")
-    return _Plan(name, site, layer, comp, first, last, owner, attr)
+    return _FuseTarget(name, site, layer, comp, first, last, owner, attr)
 
 
-def _check_conflicts(st: State, name: str, plans: list[_Plan]) -> None:
+def _check_conflicts(st: State, name: str, targets: list[_FuseTarget]) -> None:
     """One fused adapter per FFN; no merged adapter inside the linears about to be widened."""
-    layers = {p.layer for p in plans}
-    linears = {id(m) for p in plans for m in (*p.first, p.last)}
+    layers = {t.layer for t in targets}
+    linears = {id(m) for t in targets for m in (*t.first, t.last)}
     for other in st.adapters.values():
         if other.name == name:
             continue
@@ -316,7 +318,7 @@ def _widen_in(mod: nn.Module, cols: torch.Tensor, bias: torch.Tensor | None, swa
     _replace(mod, "nx" if conv else "in_features", new_w.shape[0 if conv else 1], swaps)
 
 
-def _fuse_ffn(p: _Plan) -> FusedFFN:
+def _fuse_ffn(p: _FuseTarget) -> FusedFFN:
     comp = p.comp
     out = FusedFFN(p.site.key, p.layer, (*p.first, p.last))
     width = linear_dims(p.first[0])[1]
@@ -338,11 +340,11 @@ def _fuse_ffn(p: _Plan) -> FusedFFN:
     return out
 
 
-def _unhook_if_alone(p: _Plan, out: FusedFFN) -> None:
+def _unhook_if_alone(p: _FuseTarget, out: FusedFFN) -> None:
     """Take the FFN site's hooks off while fused, when the fused adapter is all the site holds.
 
     They could do nothing: while an adapter is fused, activating or routing any adapter is
-    refused (it is merged), so no plan reaches them. Yet a module with hooks leaves
+    refused (it is merged), so no route reaches them. Yet a module with hooks leaves
     ``nn.Module.__call__``'s fast path, which with the hook calls cost tens of microseconds
     per FFN per decode step. Another adapter added to the site while fused cannot be routed
     before ``unfuse``, which puts the hooks back.
@@ -367,12 +369,12 @@ def fuse(model: nn.Module, name: str) -> None:
     st = require_state(model)
     rec = st.record(name)
     fam = _check_record(st, rec)
-    plans = [_plan_site(st, name, k, fam) for k in rec.sites]
-    _check_conflicts(st, name, plans)
+    targets = [_check_site(st, name, k, fam) for k in rec.sites]
+    _check_conflicts(st, name, targets)
     handle = Fused(name)
     try:
-        for p in plans:
-            handle.ffns.append(_fuse_ffn(p))
+        for t in targets:
+            handle.ffns.append(_fuse_ffn(t))
     except Exception:
         handle.restore()
         raise
