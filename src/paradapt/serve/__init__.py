@@ -28,7 +28,7 @@ _LAZY = {
     "RequestHandle": "engine",
     "Runner": "runner",
     "SamplingParams": "sampling",
-    "create_app": "api",  # needs the [serve] extra (fastapi, uvicorn)
+    "create_app": "app",  # needs the [serve] extra (fastapi, uvicorn)
 }
 
 

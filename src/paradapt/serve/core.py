@@ -299,7 +299,7 @@ class ServeCore:
             try:
                 res = self.cache.ensure_resident(plan.adapters)
             except AdapterLoadError as e:
-                self._fail_adapter(e.adapter, e)
+                self.fail_adapter(e.adapter, e)
                 plan = self._keep(plan, lambda rid: self.scheduler.get(rid) is not None)
                 continue
             if res.missing:  # cannot happen while the scheduler respects the slots; such requests wait
@@ -313,7 +313,7 @@ class ServeCore:
         try:
             self.cache.prefetch(self.scheduler.upcoming_adapters(self.config.prefetch))
         except AdapterLoadError as e:
-            self._fail_adapter(e.adapter, e)
+            self.fail_adapter(e.adapter, e)
 
     def _keep(self, plan: StepPlan, keep: Callable[[str], bool]) -> StepPlan:
         """``plan`` without the requests ``keep`` rejects, and without adapters no kept request uses."""
@@ -324,8 +324,8 @@ class ServeCore:
         adapters = tuple(a for a in plan.adapters if a in used)
         return StepPlan(prefills, decodes, adapters, tuple(r for r in plan.admitted if keep(r)))
 
-    # -- failures ----------------------------------------------------------------------
-    def _fail_requests(self, ids: list[str], error: Exception) -> list:
+    # -- failures and queue reads (public: the HTTP layer's admin operations use them) ------------
+    def fail_requests(self, ids: list[str], error: Exception) -> list:
         """End ``ids`` as failed with ``error``, freeing their KV space and pins."""
         out = []
         for rid in dict.fromkeys(ids):
@@ -334,19 +334,44 @@ class ServeCore:
             out.append(self._mark_failed(rid, error))
         return out
 
-    def _fail_adapter(self, adapter: str, error: Exception) -> None:
+    def fail_adapter(self, adapter: str, error: Exception) -> None:
         """Fail every request (waiting or running) of ``adapter`` and forget it (a later request retries)."""
-        ids = [r.id for r in (*self.scheduler.running, *self.scheduler.waiting) if r.adapter == adapter]
-        self._fail_requests(ids, error)
+        ids = [r.id for r in self._in_flight() if r.adapter == adapter]
+        self.fail_requests(ids, error)
         if adapter in self.cache:
             self.cache.remove_adapter(adapter)
         self._drop_adapter(adapter)
+
+    def fail_all(self, error: Exception) -> list:
+        """End every running and queued request with ``error``.
+
+        For a step that raised although the engine catches model errors itself: that is a bug
+        whose state may repeat, so stepping on would fail the same way while every client waits.
+        """
+        return self.fail_requests([r.id for r in self._in_flight()], error)
+
+    def adapter_users(self, adapter: str) -> int:
+        """Running or queued requests that name ``adapter`` (an unload must wait for them)."""
+        return sum(1 for r in self._in_flight() if r.adapter == adapter)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not yet admitted."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests admitted and not yet finished."""
+        return len(self.scheduler.running)
+
+    def _in_flight(self) -> list:
+        return [*self.scheduler.running, *self.scheduler.waiting]
 
     def _forget(self, request_id: str) -> None:
         """Drop the per-request execution state (the Runner's KV pages); engines override."""
 
     def _mark_failed(self, request_id: str, error: Exception):
-        """Record that ``request_id`` failed; returns what ``_fail_requests`` hands back."""
+        """Record that ``request_id`` failed; returns what ``fail_requests`` hands back."""
         return request_id
 
     def _drop_adapter(self, adapter: str) -> None:

@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder
 from ..state import get_state, require_state
-from .cache import Move
+from .cache import AdapterPinnedError, Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
 from .runner import Runner
 from .sampling import SamplingParams
@@ -272,14 +272,44 @@ class _EngineCore(ServeCore):
         self.handles: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
 
-    # -- requests -------------------------------------------------------------------
-    def _register(self, adapter: str | None) -> None:
+    # -- adapters (the admin operations a server runs between steps) -----------------------
+    def register_adapter(self, adapter: str | None) -> None:
         """Make an adapter known to the cache (its folder is checked now, read on first use)."""
         if adapter is not None and adapter not in self.cache:
             self.cache.add_adapter(adapter, self.store.size(adapter))
 
+    def load_adapter(self, name: str) -> None:
+        """Register ``name`` and read it into host memory now, so a broken folder fails here
+        (:class:`AdapterLoadError`) and not in a later request (POST /v1/adapters)."""
+        self.register_adapter(name)
+        moves = self.cache.prefetch([name])
+        if name not in self.cache.on_host and not moves:
+            raise AdapterLoadError(name, ParadaptError("no host room to load it now (it loads on demand)"))
+        try:
+            self.store.settle(name)  # the prefetch reads in the background: check it now
+        except AdapterLoadError as e:
+            self.fail_adapter(name, e)
+            raise
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name``; refused (:class:`AdapterPinnedError`) while running *or
+        queued* requests name it.
+
+        The cache alone refuses only pinned (running) adapters; a queued request for a forgotten
+        adapter would make every later scheduler step fail on the unknown name.
+        """
+        users = self.adapter_users(name)
+        if users:
+            raise AdapterPinnedError(f"adapter {name!r} is in use by {users} running or queued request(s)")
+        self.cache.remove_adapter(name)
+
+    def served_adapters(self) -> list[str]:
+        """Adapters held in host memory (device residents included), least recently used first."""
+        return self.cache.on_host
+
+    # -- requests -------------------------------------------------------------------
     def _queue(self, handle: RequestHandle, prompt_len: int, max_new_tokens: int) -> RequestHandle:
-        self._register(handle.adapter)
+        self.register_adapter(handle.adapter)
         handle.arrival = self.clock()
         self.scheduler.add(Request(handle.id, handle.adapter, prompt_len, max_new_tokens, handle.arrival))
         self.handles[handle.id] = handle
@@ -308,6 +338,17 @@ class _EngineCore(ServeCore):
         if not h.done:
             raise ConfigError("id", f"request {request_id!r} is still {h.status}; cancel it first")
         return self.handles.pop(request_id)
+
+    def discard(self, request_id: str) -> None:
+        """Stop tracking a request a server no longer watches: cancel it if unfinished, then
+        forget its handle (the engine keeps a handle until it is popped or discarded)."""
+        h = self.handles.get(request_id)
+        if h is None:
+            return
+        if not h.done:
+            self.cancel(request_id)
+        if h.done:
+            self.handles.pop(request_id, None)
 
     # -- failures (the ServeCore hooks) ---------------------------------------------------
     def _mark_failed(self, request_id: str, error: Exception) -> RequestHandle:
@@ -424,7 +465,7 @@ class Engine(_EngineCore):
             new = self.runner.execute(plan)
         except Exception as e:  # the step's requests fail; the engine keeps serving the rest
             log.exception("step failed; failing its %d requests", len(plan.prefills) + len(plan.decodes))
-            return self._fail_requests([*(c.request_id for c in plan.prefills), *plan.decodes], e)
+            return self.fail_requests([*(c.request_id for c in plan.prefills), *plan.decodes], e)
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
         done, end = [], self.clock()
         for r in self.scheduler.complete(plan, now, stopped):
