@@ -76,7 +76,7 @@ def test_scheduler_drives_the_paged_forward_and_matches_generate(family):
     chunked = False
     with torch.no_grad():
         while sched.has_work():
-            plan = sched.plan(now=0.0)
+            plan = sched.schedule(now=0.0)
             batch = [
                 (states[c.request_id], prompts[int(c.request_id)][c.start : c.start + c.length], c.last)
                 for c in plan.prefills

@@ -15,9 +15,9 @@ from .scheduler import (
     Request,
     RequestState,
     RequestTooLargeError,
+    ScheduledStep,
     Scheduler,
     SchedulerConfig,
-    StepPlan,
 )
 from .workload import AdapterSpec, Workload, WorkloadRequest, WorkloadSpec, adapter_probabilities, generate
 
@@ -61,7 +61,7 @@ __all__ = [
     "Residency",
     "Scheduler",
     "SchedulerConfig",
-    "StepPlan",
+    "ScheduledStep",
     "Workload",
     "WorkloadRequest",
     "WorkloadSpec",

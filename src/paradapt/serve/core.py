@@ -2,7 +2,7 @@
 
 :class:`ServeCore` holds the :class:`~paradapt.serve.scheduler.Scheduler`, the
 :class:`~paradapt.serve.cache.AdapterCache` and a clock, and does everything a step decides
-before the model runs: plan, bring the plan's adapters on device (failing the requests of an
+before the model runs: schedule it, bring its adapters on device (failing the requests of an
 adapter that cannot load), prefetch queued adapters into host memory. The real
 :class:`~paradapt.serve.engine.Engine` subclasses it with a model and a Runner; the twin
 (:mod:`paradapt.twin.sim`) subclasses it with a simulated clock and a cost model. Both
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, ParadaptError
 from .cache import AdapterCache, MemoryBudget, Move
-from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 
 class AdapterLoadError(ParadaptError, RuntimeError):
@@ -173,29 +173,31 @@ class StepTrace:
     plan_seconds: float = 0.0  # of ``seconds``: the scheduler's planning (and prefetch bookkeeping)
 
 
-def step_shape(scheduler: Scheduler, plan: StepPlan, device_loads: int = 0, resident: int = 0) -> StepShape:
-    """The shape of ``plan`` (call before ``scheduler.complete``: it reads progress so far)."""
+def step_shape(
+    scheduler: Scheduler, step: ScheduledStep, device_loads: int = 0, resident: int = 0
+) -> StepShape:
+    """The shape of ``step`` (call before ``scheduler.complete``: it reads progress so far)."""
     per: dict[str | None, int] = {}
     attention = context = samplers = 0
-    for c in plan.prefills:
+    for c in step.prefills:
         r = scheduler.get(c.request_id)
         per[r.adapter] = per.get(r.adapter, 0) + c.length
         end = c.start + c.length
         attention += c.length * c.start + c.length * (c.length + 1) // 2
         context += end
         samplers += c.last
-    for rid in plan.decodes:
+    for rid in step.decodes:
         r = scheduler.get(rid)
         per[r.adapter] = per.get(r.adapter, 0) + 1
         pos = r.prompt_len + r.generated
         attention += pos
         context += pos
-    prefill = sum(c.length for c in plan.prefills)
+    prefill = sum(c.length for c in step.prefills)
     return StepShape(
         prefill_tokens=prefill,
-        prefill_seqs=len(plan.prefills),
-        decodes=len(plan.decodes),
-        samplers=samplers + len(plan.decodes),
+        prefill_seqs=len(step.prefills),
+        decodes=len(step.decodes),
+        samplers=samplers + len(step.decodes),
         attention=attention,
         context=context,
         adapter_tokens=tuple(per.items()),
@@ -239,7 +241,7 @@ class ServeCore:
             {}, config.max_served, config.max_slots, device_bytes=device_bytes, loader=self._move
         )
         self.scheduler = Scheduler(sched, self.cache)
-        self.last_plan: StepPlan | None = None  # the latest step's plan (replay drivers read it)
+        self.last_step: ScheduledStep | None = None  # the latest scheduled step (replay drivers read it)
         self.trace: list[StepTrace] | None = None
         self._rec: _StepRecord | None = None
 
@@ -264,24 +266,24 @@ class ServeCore:
             self._rec.moves.append(MoveTime(move.op, move.adapter, move.size, time.perf_counter() - t0))
 
     # -- planning ----------------------------------------------------------------------
-    def _plan(self) -> tuple[StepPlan, float]:
-        """Plan the step, bring its adapters on device and prefetch; returns (plan, plan time)."""
+    def _schedule(self) -> tuple[ScheduledStep, float]:
+        """Schedule the step, bring its adapters on device and prefetch; returns (step, its clock time)."""
         if self.trace is not None:
             self._rec = _StepRecord(start=time.perf_counter())
         now = self.clock()
-        plan = self._resident(self.scheduler.plan(now))
+        step = self._resident(self.scheduler.schedule(now))
         self._prefetch()
-        self.last_plan = plan
+        self.last_step = step
         if self._rec is not None:
             self._rec.planned = time.perf_counter()
-        return plan, now
+        return step, now
 
-    def _traced_shape(self, plan: StepPlan) -> StepShape | None:
-        """The plan's shape when tracing (read it before ``scheduler.complete``)."""
-        if self._rec is None or plan.empty:
+    def _traced_shape(self, step: ScheduledStep) -> StepShape | None:
+        """The step's shape when tracing (read it before ``scheduler.complete``)."""
+        if self._rec is None or step.empty:
             return None
         loads = sum(m.op == "load_device" for m in self._rec.moves)
-        return step_shape(self.scheduler, plan, loads, len(self.cache.on_device))
+        return step_shape(self.scheduler, step, loads, len(self.cache.on_device))
 
     def _end_trace(self, shape: StepShape | None) -> None:
         """Close the step's trace record: wall time of the step minus its moves."""
@@ -293,19 +295,19 @@ class ServeCore:
         planning = max(0.0, rec.planned - rec.start - moved)
         self.trace.append(StepTrace(shape, seconds, tuple(rec.moves), rec.start, planning))
 
-    def _resident(self, plan: StepPlan) -> StepPlan:
+    def _resident(self, step: ScheduledStep) -> ScheduledStep:
         """Bring the step's adapters on device; requests of adapters that fail to load fail, others run."""
         while True:
             try:
-                res = self.cache.ensure_resident(plan.adapters)
+                res = self.cache.ensure_resident(step.adapters)
             except AdapterLoadError as e:
                 self.fail_adapter(e.adapter, e)
-                plan = self._keep(plan, lambda rid: self.scheduler.get(rid) is not None)
+                step = self._keep(step, lambda rid: self.scheduler.get(rid) is not None)
                 continue
             if res.missing:  # cannot happen while the scheduler respects the slots; such requests wait
                 missing = set(res.missing)
-                plan = self._keep(plan, lambda rid, m=missing: self.scheduler.get(rid).adapter not in m)
-            return plan
+                step = self._keep(step, lambda rid, m=missing: self.scheduler.get(rid).adapter not in m)
+            return step
 
     def _prefetch(self) -> None:
         if not self.config.prefetch:
@@ -315,14 +317,14 @@ class ServeCore:
         except AdapterLoadError as e:
             self.fail_adapter(e.adapter, e)
 
-    def _keep(self, plan: StepPlan, keep: Callable[[str], bool]) -> StepPlan:
-        """``plan`` without the requests ``keep`` rejects, and without adapters no kept request uses."""
-        prefills = tuple(c for c in plan.prefills if keep(c.request_id))
-        decodes = tuple(r for r in plan.decodes if keep(r))
+    def _keep(self, step: ScheduledStep, keep: Callable[[str], bool]) -> ScheduledStep:
+        """``step`` without the requests ``keep`` rejects, and without adapters no kept request uses."""
+        prefills = tuple(c for c in step.prefills if keep(c.request_id))
+        decodes = tuple(r for r in step.decodes if keep(r))
         used = {self.scheduler.get(c.request_id).adapter for c in prefills}
         used |= {self.scheduler.get(r).adapter for r in decodes}
-        adapters = tuple(a for a in plan.adapters if a in used)
-        return StepPlan(prefills, decodes, adapters, tuple(r for r in plan.admitted if keep(r)))
+        adapters = tuple(a for a in step.adapters if a in used)
+        return ScheduledStep(prefills, decodes, adapters, tuple(r for r in step.admitted if keep(r)))
 
     # -- failures and queue reads (public: the HTTP layer's admin operations use them) ------------
     def fail_requests(self, ids: list[str], error: Exception) -> list:

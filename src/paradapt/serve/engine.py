@@ -42,7 +42,7 @@ from .cache import AdapterPinnedError, Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
 from .runner import Runner
 from .sampling import SamplingParams
-from .scheduler import Request, SchedulerConfig
+from .scheduler import Request, ScheduledStep, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -445,30 +445,30 @@ class Engine(_EngineCore):
         self.runner.free(request_id)
 
     def step(self) -> list[RequestHandle]:
-        """One scheduler step: plan, load adapters, one packed forward, sample; returns finished handles."""
-        plan, now = self._plan()
-        for rid in plan.admitted:
+        """One scheduler step: schedule, load adapters, one packed forward, sample; returns finished handles."""
+        step, now = self._schedule()
+        for rid in step.admitted:
             h = self.handles[rid]
             self.runner.add(rid, h.prompt, h.adapter, h.params)
             h.status = "running"
-        shape = self._traced_shape(plan)
+        shape = self._traced_shape(step)
         try:
-            return self._execute(plan, now)
+            return self._execute(step, now)
         finally:
             self._end_trace(shape)
 
-    def _execute(self, plan, now: float) -> list[RequestHandle]:
+    def _execute(self, step: ScheduledStep, now: float) -> list[RequestHandle]:
         """The model's part of a step: forward, sample, record; returns finished handles."""
-        if plan.empty:
+        if step.empty:
             return []
         try:
-            new = self.runner.execute(plan)
+            new = self.runner.execute(step)
         except Exception as e:  # the step's requests fail; the engine keeps serving the rest
-            log.exception("step failed; failing its %d requests", len(plan.prefills) + len(plan.decodes))
-            return self.fail_requests([*(c.request_id for c in plan.prefills), *plan.decodes], e)
+            log.exception("step failed; failing its %d requests", len(step.prefills) + len(step.decodes))
+            return self.fail_requests([*(c.request_id for c in step.prefills), *step.decodes], e)
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
         done, end = [], self.clock()
-        for r in self.scheduler.complete(plan, now, stopped):
+        for r in self.scheduler.complete(step, now, stopped):
             self.runner.free(r.id)
             h = self.handles[r.id]
             h.status, h.finished_at = "finished", end
@@ -566,17 +566,17 @@ class EncoderEngine(_EngineCore):
         return self._queue(h, len(ids), 1)
 
     def step(self) -> list[RequestHandle]:
-        plan, now = self._plan()
-        if plan.empty:
+        step, now = self._schedule()
+        if step.empty:
             return []
-        rows = [self.handles[c.request_id] for c in plan.prefills]
+        rows = [self.handles[c.request_id] for c in step.prefills]
         results = self._forward(rows)
         for h, res in zip(rows, results, strict=True):
             if isinstance(res, Exception):
                 h.error, res = res, None
             h.result = res
         done = []
-        for r in self.scheduler.complete(plan, now):
+        for r in self.scheduler.complete(step, now):
             h = self.handles[r.id]
             h.status = "failed" if h.error is not None else "finished"
             h.finish_reason = "error" if h.error is not None else "length"

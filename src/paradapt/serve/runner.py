@@ -1,4 +1,4 @@
-"""The Runner: executes one :class:`~paradapt.serve.scheduler.StepPlan` as one packed forward.
+"""The Runner: executes one :class:`~paradapt.serve.scheduler.ScheduledStep` as one packed forward.
 
 Every scheduled request's tokens (prompt chunks and decodes) go back to back into one
 ``[1, T]`` row, attend through transformers' paged KV cache (``PagedAttentionCache`` and
@@ -23,7 +23,7 @@ from ..api import route
 from ..errors import ConfigError, ParadaptError
 from ..state import get_state
 from .sampling import SamplingParams, make_generator, sample
-from .scheduler import StepPlan
+from .scheduler import ScheduledStep
 
 
 @dataclass(eq=False)
@@ -40,7 +40,7 @@ class Sequence:
 
 
 class Runner:
-    """Model + paged KV cache + IO buffers; ``execute(plan)`` runs one packed step.
+    """Model + paged KV cache + IO buffers; ``execute(step)`` runs one packed step.
 
     ``num_blocks`` pages of ``page_size`` tokens hold the KV of every running request; the
     scheduler must reserve in the same units (``kv_block=runner.kv_block``,
@@ -115,10 +115,10 @@ class Runner:
         return sum(len(b) for t in tables for b in t.values())
 
     # -- one step -----------------------------------------------------------------
-    def execute(self, plan: StepPlan) -> dict[str, int]:
-        """Run ``plan``'s chunks and decodes in one packed forward; returns ``{request id: new token}``
+    def execute(self, step: ScheduledStep) -> dict[str, int]:
+        """Run ``step``'s chunks and decodes in one packed forward; returns ``{request id: new token}``
         for every request that samples this step (last prompt chunks and decodes)."""
-        batch = self._batch(plan)
+        batch = self._batch(step)
         if not batch:
             return {}
         num_q = sum(len(toks) for _, toks, _ in batch)
@@ -140,13 +140,13 @@ class Runner:
             seq.output.append(tok)
         return {seq.id: tok for seq, tok in zip(samplers, tokens, strict=True)}
 
-    def _batch(self, plan: StepPlan) -> list[tuple[Sequence, list[int], bool]]:
-        """(sequence, tokens to run, samples a token) in plan order: prompt chunks, then decodes."""
+    def _batch(self, step: ScheduledStep) -> list[tuple[Sequence, list[int], bool]]:
+        """(sequence, tokens to run, samples a token) in step order: prompt chunks, then decodes."""
         out = []
-        for c in plan.prefills:
+        for c in step.prefills:
             seq = self._require(c.request_id)
             out.append((seq, seq.prompt[c.start : c.start + c.length], c.last))
-        for rid in plan.decodes:
+        for rid in step.decodes:
             seq = self._require(rid)
             if not seq.output:
                 raise ParadaptError(f"request {rid!r} is scheduled to decode before its prompt finished")
