@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..checks import is_int
 from ..errors import ConfigError, ParadaptError
 from .cache import AdapterCache, MemoryBudget, Move
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
@@ -64,13 +65,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("page_size", "num_blocks", "token_budget", "max_running", "max_slots", "max_served"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
         if not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ConfigError("prefetch", f"must be an integer >= 0, got {self.prefetch!r}")
         for name in ("device_memory", "slot_bytes"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            if v is not None and (not is_int(v) or v < 0):
                 raise ConfigError(name, f"must be a number of bytes >= 0 or None, got {v!r}")
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..api import route
+from ..checks import is_int
 from ..errors import ConfigError, ParadaptError
 from ..state import get_state
 from .hf_paged import KVState, PagedKV
@@ -54,7 +55,7 @@ class Runner:
             ("num_blocks", num_blocks, 1),
             ("max_batch_tokens", max_batch_tokens, 1),
         ):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ConfigError(name, f"must be an integer >= {lo}, got {v!r}")
         self.model = model
         self.page_size = page_size

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..checks import is_int
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterCache
 
@@ -81,7 +82,7 @@ class Request:
     def __post_init__(self) -> None:
         for name in ("prompt_len", "max_new_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {v!r} (request {self.id!r})")
 
     @property
@@ -141,7 +142,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("token_budget", "kv_tokens", "kv_block", "max_running", "queue_bound"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
         if self.max_running > self.token_budget:
             raise ConfigError(

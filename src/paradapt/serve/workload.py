@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..checks import is_int
 from ..errors import ConfigError
 
 #: Adapter kinds a workload may ask for (the core's config kinds).
@@ -248,7 +249,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _check_int(name: str, v: Any, minimum: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    if not is_int(v) or v < minimum:
         raise ConfigError(name, f"must be an integer >= {minimum}, got {v!r}")
 
 
@@ -263,7 +264,7 @@ def _check_range(name: str, v: Any) -> tuple[int, int]:
         raise ConfigError(name, f"must be a [min, max] pair of token counts, got {v!r}")
     lo, hi = v
     for x in (lo, hi):
-        if not isinstance(x, int) or isinstance(x, bool):
+        if not is_int(x):
             raise ConfigError(name, f"bounds must be integers, got {v!r}")
     if lo < 1 or hi < lo:
         raise ConfigError(name, f"impossible length range [{lo}, {hi}]: need 1 <= min <= max")
