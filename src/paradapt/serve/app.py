@@ -202,9 +202,8 @@ class _Server:
 
     def models(self) -> dict:
         """GET /v1/models: the base model, then every adapter folder and every served adapter."""
-        root = self.engine.store.root
-        names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root is not None else []
-        names = sorted(set(names) | set(self.loop.call(self.engine.served_adapters)))
+        folders = self.engine.store.names()  # the disk only: read here, off the engine thread
+        names = sorted(set(folders) | set(self.loop.call(self.engine.served_adapters)))
         card = {"object": "model", "created": self.created, "owned_by": "paradapt"}  # OpenAI's Model fields
         data = [{"id": n, **card, "parent": self.model_name} for n in names]
         return {"object": "list", "data": [{"id": self.model_name, **card}, *data]}

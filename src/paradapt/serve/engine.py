@@ -92,6 +92,12 @@ class AdapterStore:
             raise AdapterNotFoundError(f"unknown adapter {name!r}: no folder {path}")
         return path
 
+    def names(self) -> list[str]:
+        """The folder names under the root, sorted (none without a root); reads only the disk."""
+        if self.root is None:
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
     def size(self, name: str) -> int:
         """Bytes of the adapter's weights file (0 if missing: loading will say why)."""
         folder = self.folder(name)
