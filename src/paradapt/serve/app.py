@@ -27,11 +27,10 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
-from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
-from .cache import AdapterPinnedError
-from .engine import AdapterLoadError, EncoderEngine, Engine, RequestHandle, check_token_ids, max_positions
+from ..errors import ConfigError, ParadaptError
+from .engine import EncoderEngine, Engine, RequestHandle, check_token_ids, max_positions
 from .engine_thread import EngineLoop
 from .metrics import prometheus_text
 from .protocol import (
@@ -47,13 +46,13 @@ from .protocol import (
     error_event,
     error_response,
     finish_reason,
+    paradapt_error,
     sampling_params,
     streamable,
     tokenize,
     validation_error,
 )
 from .sampling import SamplingParams
-from .scheduler import QueueFullError, RequestTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -84,33 +83,12 @@ def _error_handlers(app: FastAPI, decoder: bool) -> None:
 
     @app.exception_handler(ParadaptError)
     async def _paradapt(request: Request, exc: ParadaptError):
-        return _paradapt_error(exc, request.url.path, decoder)
+        return paradapt_error(exc, request.url.path, decoder)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # a bug: still an OpenAI-shaped 500
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-
-
-def _paradapt_error(exc: ParadaptError, path: str, decoder: bool) -> JSONResponse:
-    """The status and field of a library error: 404, 429, 409, 422, 400, else 500."""
-    name_field = "name" if path.startswith("/v1/adapters") else "model"
-    if isinstance(exc, AdapterNotFoundError):
-        return error_response(404, str(exc), "not_found_error", name_field)
-    if isinstance(exc, QueueFullError):
-        return error_response(429, str(exc), "rate_limit_error")
-    if isinstance(exc, AdapterPinnedError):
-        return error_response(409, str(exc), "conflict_error", "name")
-    if isinstance(exc, AdapterLoadError):
-        return error_response(422, str(exc), "adapter_load_error", name_field)
-    if isinstance(exc, (ConfigError, RequestTooLargeError)):
-        field = getattr(exc, "field", None)
-        if field == "adapter":
-            field = name_field
-        elif field in ("prompt", "tokens") and not decoder:
-            field = "input"  # the encoder endpoints' name for the texts
-        return error_response(400, str(exc), "invalid_request_error", field)
-    return error_response(500, str(exc), "server_error")
 
 
 # -- routes -----------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from ..errors import ConfigError
+from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
+from .cache import AdapterPinnedError
+from .core import AdapterLoadError
 from .sampling import SamplingParams
+from .scheduler import QueueFullError, RequestTooLargeError
 
 # -- requests -------------------------------------------------------------------------------------
 
@@ -102,6 +105,29 @@ def validation_error(errors: list) -> JSONResponse:
         return error_response(400, f"body: not valid JSON ({msg}){where}", "invalid_request_error", "body")
     field = ".".join(p for p in loc[1:] if not _UNION_TAG.match(p)) or "body"
     return error_response(400, f"{field}: {msg}", "invalid_request_error", field)
+
+
+def paradapt_error(exc: ParadaptError, path: str, decoder: bool) -> JSONResponse:
+    """A library error as an HTTP error: 404 unknown adapter, 429 queue full, 409 adapter in
+    use, 422 adapter folder that fails to load, 400 bad parameter (naming the request's field:
+    ``name`` on the adapter routes, ``model`` elsewhere, ``input`` for encoder texts), else 500."""
+    name_field = "name" if path.startswith("/v1/adapters") else "model"
+    if isinstance(exc, AdapterNotFoundError):
+        return error_response(404, str(exc), "not_found_error", name_field)
+    if isinstance(exc, QueueFullError):
+        return error_response(429, str(exc), "rate_limit_error")
+    if isinstance(exc, AdapterPinnedError):
+        return error_response(409, str(exc), "conflict_error", "name")
+    if isinstance(exc, AdapterLoadError):
+        return error_response(422, str(exc), "adapter_load_error", name_field)
+    if isinstance(exc, (ConfigError, RequestTooLargeError)):
+        field = getattr(exc, "field", None)
+        if field == "adapter":
+            field = name_field
+        elif field in ("prompt", "tokens") and not decoder:
+            field = "input"  # the encoder endpoints' name for the texts
+        return error_response(400, str(exc), "invalid_request_error", field)
+    return error_response(500, str(exc), "server_error")
 
 
 # -- from requests to the engine ------------------------------------------------------------------
