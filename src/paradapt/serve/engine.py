@@ -256,7 +256,9 @@ class RequestHandle:
 
 class _EngineCore(ServeCore):
     """What both engines share: the planning core (:class:`ServeCore`) plus the model, the
-    adapter store and the request handles."""
+    adapter store, the request handles, and the admin operations a server runs between steps
+    (``load_adapter``, ``unload_adapter``, ``discard``; ``fail_*`` and the queue counts come from
+    :class:`ServeCore`)."""
 
     def __init__(
         self,
