@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import paradapt as pa
 from paradapt import heads
-from paradapt.serve.api import create_app
+from paradapt.serve.app import create_app
 from paradapt.serve.engine import EncoderEngine, Engine, EngineConfig
 from paradapt.serve.process import free_port
 

@@ -16,8 +16,10 @@ from test_serve_api import live_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import paradapt as pa
-from paradapt.serve.api import ChatMessage, TokenRate, _chat_prompt, create_app
+from paradapt.serve.app import create_app
 from paradapt.serve.engine import EncoderEngine, Engine, EngineConfig
+from paradapt.serve.metrics import TokenRate
+from paradapt.serve.protocol import ChatMessage, chat_prompt
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
 CFG = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=8, max_slots=2, max_served=3)
@@ -184,9 +186,9 @@ def test_chat_uses_the_tokenizer_chat_template(root, tok):
         "{% if add_generation_prompt %}[assistant]{% endif %}"
     )
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A story"}]
-    prompt = _chat_prompt(templated, [ChatMessage(**m) for m in messages])
+    prompt = chat_prompt(templated, [ChatMessage(**m) for m in messages])
     assert prompt == "[system] Be brief.\n[user] A story\n[assistant]"
-    assert _chat_prompt(tok, [ChatMessage(**messages[1])]) == "user: A story\nassistant:"  # no template
+    assert chat_prompt(tok, [ChatMessage(**messages[1])]) == "user: A story\nassistant:"  # no template
     app = create_app(Engine(stories(), root, CFG, tokenizer=templated), model_name="stories")
     body = {"model": "lo", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     with TestClient(app) as c:
@@ -195,7 +197,7 @@ def test_chat_uses_the_tokenizer_chat_template(root, tok):
     assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
     assert chat["usage"] == plain["usage"]
     parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-    assert _chat_prompt(templated, [ChatMessage(**m) for m in parts]) == prompt  # OpenAI's list form
+    assert chat_prompt(templated, [ChatMessage(**m) for m in parts]) == prompt  # OpenAI's list form
 
 
 def test_chat_content_parts_other_than_text_are_400(client):

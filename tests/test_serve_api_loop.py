@@ -14,8 +14,9 @@ import time
 from fastapi.testclient import TestClient
 from test_serve_api_audit import CFG, root, stories, tok  # noqa: F401  (fixtures)
 
-from paradapt.serve.api import EngineLoop, create_app
+from paradapt.serve.app import create_app
 from paradapt.serve.engine import Engine
+from paradapt.serve.engine_thread import EngineLoop
 
 
 class Idle:

@@ -13,8 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from paradapt.serve.api import ChatMessage, _chat_prompt, create_app, streamable
+from paradapt.serve.app import create_app
 from paradapt.serve.engine import Engine, EngineConfig
+from paradapt.serve.protocol import ChatMessage, chat_prompt, streamable
 from paradapt.serve.sampling import SamplingParams
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
@@ -102,7 +103,7 @@ def _post(client, path: str, body: dict, stream: bool) -> tuple[str, str, list[s
 def test_a_stop_string_across_two_token_deltas_is_never_streamed(tok, path):
     chat = "chat" in path
     messages = [{"role": "user", "content": "Tell me about the little dog"}]
-    prompt = _chat_prompt(tok, [ChatMessage(**m) for m in messages]) if chat else "Once upon a time"
+    prompt = chat_prompt(tok, [ChatMessage(**m) for m in messages]) if chat else "Once upon a time"
     stop, full, at = straddling_stop(tok, reference_tokens(tok, prompt))
     decoy = stop[:3] + "\u00a7"  # shares the stop string's start, never completes: held, then released
     body = {"model": "stories", "max_tokens": N, "temperature": 0, "ignore_eos": True, "stop": [decoy, stop]}

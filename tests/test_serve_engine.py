@@ -15,6 +15,7 @@ from transformers import GenerationConfig
 
 import paradapt as pa
 from paradapt import heads
+from paradapt.serve.cache import AdapterPinnedError
 from paradapt.serve.engine import AdapterLoadError, EncoderEngine, Engine, EngineConfig
 from paradapt.serve.sampling import SamplingParams
 from paradapt.serve.scheduler import RequestTooLargeError
@@ -373,3 +374,36 @@ def test_an_adapter_is_built_once_per_host_read_and_serves_the_same_after_evicti
         assert h.status == "finished" and h.tokens == alone(ref_model, prompt, 3, a)
     assert sorted(builds) == ["lo4", "par", "ser"]  # one build per folder read, none per attach
     assert engine.cache.stats.device_loads == len(order)
+
+
+def test_admin_operations_load_unload_discard_and_fail(tmp_path):
+    """The public operations a server runs between steps (serve/app.py uses only these)."""
+    adapter_root(tmp_path, "llama")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tmp_path / "lo4" / "adapter_config.json").read_text())
+    (bad / "adapter.safetensors").write_bytes(b"\x00not safetensors at all")
+    engine = Engine(tiny_model("llama"), tmp_path, BUSY)
+    assert engine.store.names() == sorted([*ADAPTERS, "bad"])
+    engine.load_adapter("lo4")  # read into host memory now
+    assert "lo4" in engine.served_adapters()
+    with pytest.raises(AdapterLoadError, match="'bad'"):
+        engine.load_adapter("bad")
+    assert "bad" not in engine.cache
+    h = engine.add_request([4, 5, 6], "lo4", SamplingParams(max_new_tokens=4))
+    assert (engine.num_waiting, engine.num_running, engine.adapter_users("lo4")) == (1, 0, 1)
+    with pytest.raises(AdapterPinnedError, match="1 running or queued"):
+        engine.unload_adapter("lo4")  # queued, not yet pinned: still refused
+    engine.step()
+    assert (engine.num_waiting, engine.num_running) == (0, 1)
+    engine.discard(h.id)  # unfinished: cancelled, then forgotten
+    assert h.status == "cancelled" and h.id not in engine.handles
+    engine.unload_adapter("lo4")
+    assert "lo4" not in engine.cache
+    a = engine.add_request([4, 5], "lo2", SamplingParams(max_new_tokens=4))
+    b = engine.add_request([6, 7], None, SamplingParams(max_new_tokens=4))
+    engine.step()
+    boom = RuntimeError("boom")
+    assert {x.id for x in engine.fail_all(boom)} == {a.id, b.id}
+    assert a.error is boom and b.status == "failed" and not engine.has_work()
+    assert engine.runner.pages_in_use() == 0

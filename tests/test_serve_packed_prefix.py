@@ -51,7 +51,7 @@ def serve(model, reqs, token_budget: int = 16, max_running: int = 6) -> tuple[li
         sched.add(Request(str(i), a, len(p), n, float(i)))
     widest, out = 0, {str(i): [] for i in range(len(reqs))}
     while sched.has_work():
-        plan = sched.plan(now=0.0)
+        plan = sched.schedule(now=0.0)
         for rid in plan.admitted:
             p, a, n = reqs[int(rid)]
             runner.add(rid, p, a, SamplingParams(max_new_tokens=n, temperature=0))

@@ -1,9 +1,11 @@
-"""The contract the Runner (next increment) will rely on, checked against the pinned transformers.
+"""The contract with transformers that the Runner relies on, checked against the pinned version.
 
 paradapt's Scheduler decides each step; transformers 5.23's paged-attention forward executes it
 (packed ``[1, T]`` inputs, ``PagedAttentionCache``, ``ContinuousBatchingIOs``), driven by our own
-loop with no manager thread. These tests fail if a transformers upgrade changes that contract,
-and check the per-token routing (``pa.route(..., packed=True)``) that packed sequences need (docs/serving.md, "Runner plan").
+loop with no manager thread. All of that private API sits behind ``paradapt.serve.hf_paged``
+(``PagedKV``); these tests drive it directly and fail if a transformers upgrade changes the
+contract, and check the per-token routing (``pa.route(..., packed=True)``) that packed sequences
+need (docs/serving.md, "Runner plan").
 """
 
 from __future__ import annotations
@@ -14,23 +16,15 @@ import pytest
 import torch
 from conftest import tiny_model
 from transformers import GenerationConfig
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState
 
 import paradapt as pa
 from paradapt.serve import AdapterCache, Request, Scheduler, SchedulerConfig
+from paradapt.serve.hf_paged import PagedKV
 
 
-def paged(model, max_batch_tokens: int):
+def paged(model, max_batch_tokens: int, page_size: int = 16, num_blocks: int = 32) -> PagedKV:
     """transformers' paged KV cache and packed-batch builder, without the manager's thread."""
-    gc = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1)
-    cb = ContinuousBatchingConfig(
-        auto_switch_to_flash=False, num_blocks=32, max_batch_tokens=max_batch_tokens, max_blocks_per_request=0
-    )
-    bp = model.init_continuous_batching(
-        generation_config=gc, continuous_batching_config=cb
-    )._create_batch_processor()
-    return bp.cache, bp.inputs_and_outputs, bp.logit_processor
+    return PagedKV(model, page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens)
 
 
 def alone(model, prompt, n, adapter=None, routed=True):
@@ -40,23 +34,13 @@ def alone(model, prompt, n, adapter=None, routed=True):
         return model.generate(torch.tensor([prompt]), generation_config=gc)[0, len(prompt) :].tolist()
 
 
-def forward(model, cache, io, lp, batch):
-    """One packed step: ``batch`` is [(RequestState, tokens, samples_next)]; returns next tokens."""
-    fut = []
-    for st, tokens, samples in batch:
-        st.tokens_to_process = tokens
-        assert cache.can_store_request_tokens(st, len(tokens))  # allocates the pages
-        fut.append(
-            FutureRequestState(st, has_new_token=samples, complete_blocks={}, query_length=len(tokens))
-        )
+def forward(model, kv: PagedKV, batch):
+    """One packed step: ``batch`` is [(KVState, tokens, samples_next)]; returns next tokens."""
+    kw = kv.step_inputs(batch)
     num_q = sum(len(t) for _, t, _ in batch)
-    io.prepare_batch_tensors(
-        fut, lp, False, num_q, sum(f.state.position_offset for f in fut), use_padding=False
-    )
-    kw = io.get_model_kwargs()
     assert kw["input_ids"].shape == (1, num_q)  # packed: one row, every request's tokens
-    samplers = sum(s for _, _, s in batch)  # logits_indices is sized per sequence; samplers come first
-    return model(**kw).logits[0, kw["logits_indices"][:samplers]].argmax(-1).tolist()
+    samplers = sum(s for _, _, s in batch)  # the samplers' rows come first
+    return model(**kw).logits[0, kv.sampler_rows(kw, samplers)].argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -66,30 +50,29 @@ def test_scheduler_drives_the_paged_forward_and_matches_generate(family):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (5, 2, 12, 30, 7)]
     new = [6, 3, 8, 4, 9]
-    cache, io, lp = paged(model, max_batch_tokens=16)
+    kv = paged(model, max_batch_tokens=16)
     sched = Scheduler(SchedulerConfig(token_budget=16, kv_tokens=256, max_running=4), AdapterCache({}, 1, 1))
     states, out = {}, {}
     for i, (p, n) in enumerate(zip(prompts, new, strict=True)):
         sched.add(Request(str(i), None, len(p), n, float(i)))
-        states[str(i)] = RequestState(request_id=str(i), initial_tokens=p, max_new_tokens=n)
+        states[str(i)] = kv.new_request(str(i), p, n)
         out[str(i)] = []
     chunked = False
     with torch.no_grad():
         while sched.has_work():
-            plan = sched.plan(now=0.0)
+            plan = sched.schedule(now=0.0)
             batch = [
                 (states[c.request_id], prompts[int(c.request_id)][c.start : c.start + c.length], c.last)
                 for c in plan.prefills
             ]
             batch += [(states[rid], [out[rid][-1]], True) for rid in plan.decodes]
             chunked |= any(not c.last for c in plan.prefills)
-            for (st, _, _), tok in zip(
-                [b for b in batch if b[2]], forward(model, cache, io, lp, batch), strict=True
-            ):
+            for (st, _, _), tok in zip([b for b in batch if b[2]], forward(model, kv, batch), strict=True):
                 out[st.request_id].append(tok)
             for r in sched.complete(plan, now=0.0):
-                cache.free_blocks(r.id)
+                kv.free(r.id)
     assert chunked
+    assert kv.pages_in_use() == 0
     assert [out[str(i)] for i in range(len(prompts))] == [
         alone(model, p, n, routed=False) for p, n in zip(prompts, new, strict=True)
     ]
@@ -110,16 +93,29 @@ def test_per_token_routes_serve_a_packed_mixed_adapter_batch():
     ref = [alone(model, p, steps, a) for p, a in zip(prompts, adapters, strict=True)]
     base = [alone(model, p, steps) for p in prompts]
     assert ref[0] != base[0] and ref[1] != base[1]  # the adapters matter
-    cache, io, lp = paged(model, max_batch_tokens=64)
-    states = [
-        RequestState(request_id=str(i), initial_tokens=p, max_new_tokens=steps) for i, p in enumerate(prompts)
-    ]
+    kv = paged(model, max_batch_tokens=64)
+    states = [kv.new_request(str(i), p, steps) for i, p in enumerate(prompts)]
     out: list[list[int]] = [[] for _ in prompts]
     with torch.no_grad():
         for step in range(steps):
             batch = [(st, prompts[i] if step == 0 else [out[i][-1]], True) for i, st in enumerate(states)]
             with pa.route(model, adapters, packed=True, lengths=[len(t) for _, t, _ in batch]):
-                toks = forward(model, cache, io, lp, batch)
+                toks = forward(model, kv, batch)
             for i, t in enumerate(toks):
                 out[i].append(t)
     assert out == ref
+
+
+def test_pages_are_counted_in_the_schedulers_units_and_given_back():
+    """What the Runner and the scheduler share: ``kv_block``/``kv_tokens`` are whole pages, a
+    request's tokens take ceil(tokens / page) pages as they run, and ``free`` returns them."""
+    model = tiny_model("llama")
+    kv = paged(model, max_batch_tokens=32, page_size=8, num_blocks=12)
+    assert kv.attention_kinds == ["full_attention"]
+    assert (kv.kv_block, kv.kv_tokens) == (8, 12 * 8)
+    a, b = kv.new_request("a", list(range(3, 20)), 4), kv.new_request("b", [5, 6, 7], 4)
+    with torch.no_grad():
+        forward(model, kv, [(a, list(range(3, 20)), True), (b, [5, 6, 7], True)])
+    assert (kv.pages_in_use("a"), kv.pages_in_use("b"), kv.pages_in_use()) == (3, 1, 4)
+    kv.free("a")
+    assert kv.pages_in_use() == 1 and kv.kv_tokens == 12 * 8  # the capacity read at start stays

@@ -35,7 +35,7 @@ def req(rid, adapter="a0", prompt=8, new=4, t=0.0) -> Request:
 
 def step(s: Scheduler, now: float = 0.0, stopped=()):
     """Plan, make the adapters resident (as the engine does), complete."""
-    plan = s.plan(now)
+    plan = s.schedule(now)
     assert s.cache.ensure_resident(plan.adapters).ok
     return plan, s.complete(plan, now, stopped)
 
@@ -44,7 +44,7 @@ def test_token_budget_is_respected_and_prompts_are_chunked():
     s = make(token_budget=16)
     for i in range(4):
         s.add(req(i, prompt=10))
-    plan = s.plan(0.0)
+    plan = s.schedule(0.0)
     assert plan.num_tokens == 16
     assert [(c.request_id, c.start, c.length, c.last) for c in plan.prefills] == [
         ("0", 0, 10, True),
@@ -88,7 +88,7 @@ def test_decodes_come_first_and_prompt_chunks_use_the_rest():
     s.add(req("a", prompt=4, new=5))
     step(s)  # a prefilled, now decoding
     s.add(req("b", prompt=20))
-    plan = s.plan(0.0)
+    plan = s.schedule(0.0)
     assert plan.decodes == ("a",)
     assert [(c.request_id, c.length) for c in plan.prefills] == [("b", 7)]
     assert plan.num_tokens == 8
@@ -98,7 +98,7 @@ def test_kv_capacity_is_respected_with_worst_case_reservation():
     s = make(kv_tokens=30)
     s.add(req("a", prompt=10, new=10))  # 20
     s.add(req("b", prompt=10, new=10))  # 20: would make 40 > 30
-    plan = s.plan(0.0)
+    plan = s.schedule(0.0)
     assert plan.admitted == ("a",) and s.kv_used == 20
     s.cache.ensure_resident(plan.adapters)
     s.complete(plan, 0.0)
@@ -116,7 +116,7 @@ def test_kv_reservations_round_up_to_whole_blocks():
     s.add(req("b", prompt=3, new=2))  # 5 -> 16
     s.add(req("c", prompt=3, new=2))  # 5 -> 16: 64 in all
     s.add(req("d", prompt=1, new=1))  # no block left
-    assert s.plan(0.0).admitted == ("a", "b", "c") and s.kv_used == 64
+    assert s.schedule(0.0).admitted == ("a", "b", "c") and s.kv_used == 64
     with pytest.raises(RequestTooLargeError, match="80 in blocks of 16"):
         s.add(req("e", prompt=60, new=10))
 
@@ -126,7 +126,7 @@ def test_kv_head_of_line_blocks_later_small_requests():
     s.add(req("a", prompt=10, new=10))
     s.add(req("big", prompt=15, new=10))
     s.add(req("small", prompt=2, new=2))
-    plan = s.plan(0.0)
+    plan = s.schedule(0.0)
     assert plan.admitted == ("a",)  # 'small' would fit but must not overtake 'big'
 
 
@@ -135,7 +135,7 @@ def test_request_waiting_for_a_slot_does_not_block_others_on_kv():
     s.add(req("hot", adapter="a0", prompt=10, new=10, t=0.0))
     s.add(req("cold", adapter="a1", prompt=10, new=15, t=1.0))  # no slot; would not fit KV either
     s.add(req("hot2", adapter="a0", prompt=5, new=5, t=2.0))
-    assert s.plan(2.0).admitted == ("hot", "hot2")
+    assert s.schedule(2.0).admitted == ("hot", "hot2")
 
 
 def test_cancelled_waiting_request_is_never_admitted_and_order_survives():
@@ -144,7 +144,7 @@ def test_cancelled_waiting_request_is_never_admitted_and_order_survives():
         s.add(req(i, adapter=a, t=float(i)))
     assert s.cancel("1")
     assert [r.id for r in s.waiting] == ["0", "2", "3"]
-    assert s.plan(5.0).admitted == ("0", "2", "3")
+    assert s.schedule(5.0).admitted == ("0", "2", "3")
     assert s.get("1") is None
 
 
@@ -152,7 +152,7 @@ def test_distinct_adapters_per_step_bounded_by_slots_and_same_adapter_keeps_flow
     s = make(slots=2)
     for i, a in enumerate(["a0", "a1", "a2", "a0", "a1", "a3"]):
         s.add(req(i, adapter=a, t=float(i)))
-    plan = s.plan(0.0)
+    plan = s.schedule(0.0)
     assert plan.admitted == ("0", "1", "3", "4")  # a2 and a3 skipped: no third slot
     assert set(plan.adapters) == {"a0", "a1"} and len(plan.adapters) <= 2
     assert [r.id for r in s.waiting] == ["2", "5"]
@@ -163,7 +163,7 @@ def test_base_model_requests_need_no_slot():
     s.add(req("x", adapter="a0"))
     s.add(req("y", adapter="a1"))
     s.add(req("base", adapter=None))
-    plan = s.plan(0.0)
+    plan = s.schedule(0.0)
     assert plan.admitted == ("x", "base") and plan.adapters == ("a0",)
 
 
@@ -173,14 +173,14 @@ def test_fcfs_order_by_arrival_even_if_added_out_of_order():
     s.add(req("early", t=1.0))
     s.add(req("mid", t=3.0))
     assert [r.id for r in s.waiting] == ["early", "mid", "late"]
-    assert s.plan(10.0).admitted == ("early", "mid")
+    assert s.schedule(10.0).admitted == ("early", "mid")
 
 
 def test_max_running_bounds_the_batch():
     s = make(max_running=3)
     for i in range(5):
         s.add(req(i))
-    assert len(s.plan(0.0).admitted) == 3 and len(s.running) == 3
+    assert len(s.schedule(0.0).admitted) == 3 and len(s.running) == 3
 
 
 def test_starved_request_goes_first_and_drains_the_batch_until_it_fits():
@@ -192,7 +192,7 @@ def test_starved_request_goes_first_and_drains_the_batch_until_it_fits():
     plan, _ = step(s, now=2.0)  # not starved yet: hot2 shares the slot, cold skipped
     assert plan.admitted == ("hot2",)
     s.add(req("hot3", adapter="a0", new=1, t=11.0))
-    plan = s.plan(11.5)  # cold waited 10.5 s: starved and blocked, so hot3 must not be admitted
+    plan = s.schedule(11.5)  # cold waited 10.5 s: starved and blocked, so hot3 must not be admitted
     assert plan.admitted == ()
     s.cache.ensure_resident(plan.adapters)
     s.complete(plan, 11.5)
@@ -230,11 +230,11 @@ def test_starved_request_is_admitted_ahead_of_older_fcfs_order():
     s.add(req("r2", adapter="a1", t=0.0))
     s.add(req("r3", adapter="a2", t=0.0))
     # with starvation_after=5, at t=6 all three are starved: oldest first (stable by arrival)
-    assert s.plan(6.0).admitted == ("r1",)
+    assert s.schedule(6.0).admitted == ("r1",)
     s2 = make(slots=2, starvation_after=5.0, max_running=1)
     s2.add(req("young", adapter="a0", t=4.0))
     s2.add(req("old", adapter="a1", t=0.0))
-    assert s2.plan(6.0).admitted == ("old",)
+    assert s2.schedule(6.0).admitted == ("old",)
 
 
 def test_cancel_running_request_frees_kv_and_slot_at_once():
@@ -242,10 +242,10 @@ def test_cancel_running_request_frees_kv_and_slot_at_once():
     s.add(req("a", adapter="a0", prompt=10, new=10))
     step(s)
     s.add(req("b", adapter="a1", prompt=10, new=10))
-    assert s.plan(0.0).admitted == ()  # neither KV nor the slot is free
+    assert s.schedule(0.0).admitted == ()  # neither KV nor the slot is free
     assert s.cancel("a", now=1.0)
     assert s.kv_used == 0 and not s.cache.pinned("a0")
-    plan = s.plan(1.0)
+    plan = s.schedule(1.0)
     assert plan.admitted == ("b",)
     assert s.cache.ensure_resident(plan.adapters).ok
 
@@ -260,7 +260,7 @@ def test_cancel_waiting_and_unknown():
 def test_request_cancelled_mid_step_is_skipped_on_complete():
     s = make()
     s.add(req("a", new=1))
-    plan = s.plan(0.0)
+    plan = s.schedule(0.0)
     s.cancel("a")
     assert s.complete(plan, 0.0) == [] and s.kv_used == 0
 

@@ -70,7 +70,7 @@ def run(
         if not sched.has_work():
             now = pending[0].arrival
             continue
-        plan = sched.plan(now)
+        plan = sched.schedule(now)
         assert not plan.empty, "work is waiting but nothing was scheduled (deadlock)"
         assert plan.num_tokens <= token_budget
         assert len(plan.adapters) <= max_slots
@@ -221,7 +221,7 @@ def test_invariants_hold_under_random_traffic_cancellations_and_byte_budgets(see
         if not sched.has_work():
             now = pending[0].arrival
             continue
-        plan = sched.plan(now)
+        plan = sched.schedule(now)
         running = sched.running
         users = {r.adapter for r in running if r.adapter is not None}
         assert not plan.empty

@@ -420,7 +420,7 @@ def build_server_app(args):
     """The FastAPI app ``paradapt serve`` runs (also used by benchmarks/serve_load.py in-process)."""
     try:
         from paradapt.serve import EncoderEngine, Engine
-        from paradapt.serve.api import create_app
+        from paradapt.serve.app import create_app
     except ImportError as e:
         raise CLIError(f"serve needs fastapi and uvicorn: pip install 'paradapt[serve]' ({e})") from None
     threads = args.threads or default_threads()

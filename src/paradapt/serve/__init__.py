@@ -5,6 +5,11 @@ The policy modules (workload, cache, scheduler, and ``core``: ``ServeCore``, ``E
 import no torch, so the digital twin (issue 6) runs the very same code against a simulated
 clock, and ``import paradapt.serve`` stays cheap (tests/test_imports.py); the model side
 (``Engine``, ``EncoderEngine``, ``Runner``, ``SamplingParams``, ...) is imported on first use.
+``hf_paged`` is the one module that uses transformers' private continuous-batching API.
+
+The HTTP server (the ``[serve]`` extra) is four modules: ``app`` (``create_app``, the routes),
+``engine_thread`` (the thread that alone steps the engine), ``protocol`` (the OpenAI wire
+format) and ``metrics`` (Prometheus text).
 """
 
 from .cache import AdapterCache, AdapterPinnedError, CacheStats, MemoryBudget, Move, Residency
@@ -15,9 +20,9 @@ from .scheduler import (
     Request,
     RequestState,
     RequestTooLargeError,
+    ScheduledStep,
     Scheduler,
     SchedulerConfig,
-    StepPlan,
 )
 from .workload import AdapterSpec, Workload, WorkloadRequest, WorkloadSpec, adapter_probabilities, generate
 
@@ -28,7 +33,7 @@ _LAZY = {
     "RequestHandle": "engine",
     "Runner": "runner",
     "SamplingParams": "sampling",
-    "create_app": "api",  # needs the [serve] extra (fastapi, uvicorn)
+    "create_app": "app",  # needs the [serve] extra (fastapi, uvicorn)
 }
 
 
@@ -61,7 +66,7 @@ __all__ = [
     "Residency",
     "Scheduler",
     "SchedulerConfig",
-    "StepPlan",
+    "ScheduledStep",
     "Workload",
     "WorkloadRequest",
     "WorkloadSpec",

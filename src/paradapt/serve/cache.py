@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..checks import is_int
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 
 MoveOp = Literal["load_host", "load_device", "evict_device", "evict_host"]
@@ -93,7 +94,7 @@ class MemoryBudget:
     def __post_init__(self) -> None:
         for name in ("total_bytes", "kv_bytes_per_token", "max_slots", "slot_bytes"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not is_int(v) or v < 0:
                 raise ConfigError(name, f"must be a non-negative integer, got {v!r}")
         if self.kv_bytes_per_token == 0:
             raise ConfigError("kv_bytes_per_token", "must be positive")
@@ -358,5 +359,5 @@ class AdapterCache:
 
 
 def _check_count(name: str, v: object, minimum: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    if not is_int(v) or v < minimum:
         raise ConfigError(name, f"must be an integer >= {minimum}, got {v!r}")

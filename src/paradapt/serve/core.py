@@ -2,7 +2,7 @@
 
 :class:`ServeCore` holds the :class:`~paradapt.serve.scheduler.Scheduler`, the
 :class:`~paradapt.serve.cache.AdapterCache` and a clock, and does everything a step decides
-before the model runs: plan, bring the plan's adapters on device (failing the requests of an
+before the model runs: schedule it, bring its adapters on device (failing the requests of an
 adapter that cannot load), prefetch queued adapters into host memory. The real
 :class:`~paradapt.serve.engine.Engine` subclasses it with a model and a Runner; the twin
 (:mod:`paradapt.twin.sim`) subclasses it with a simulated clock and a cost model. Both
@@ -25,9 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..checks import is_int
 from ..errors import ConfigError, ParadaptError
 from .cache import AdapterCache, MemoryBudget, Move
-from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 
 class AdapterLoadError(ParadaptError, RuntimeError):
@@ -64,13 +65,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("page_size", "num_blocks", "token_budget", "max_running", "max_slots", "max_served"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
         if not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ConfigError("prefetch", f"must be an integer >= 0, got {self.prefetch!r}")
         for name in ("device_memory", "slot_bytes"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            if v is not None and (not is_int(v) or v < 0):
                 raise ConfigError(name, f"must be a number of bytes >= 0 or None, got {v!r}")
 
 
@@ -173,29 +174,31 @@ class StepTrace:
     plan_seconds: float = 0.0  # of ``seconds``: the scheduler's planning (and prefetch bookkeeping)
 
 
-def step_shape(scheduler: Scheduler, plan: StepPlan, device_loads: int = 0, resident: int = 0) -> StepShape:
-    """The shape of ``plan`` (call before ``scheduler.complete``: it reads progress so far)."""
+def step_shape(
+    scheduler: Scheduler, step: ScheduledStep, device_loads: int = 0, resident: int = 0
+) -> StepShape:
+    """The shape of ``step`` (call before ``scheduler.complete``: it reads progress so far)."""
     per: dict[str | None, int] = {}
     attention = context = samplers = 0
-    for c in plan.prefills:
+    for c in step.prefills:
         r = scheduler.get(c.request_id)
         per[r.adapter] = per.get(r.adapter, 0) + c.length
         end = c.start + c.length
         attention += c.length * c.start + c.length * (c.length + 1) // 2
         context += end
         samplers += c.last
-    for rid in plan.decodes:
+    for rid in step.decodes:
         r = scheduler.get(rid)
         per[r.adapter] = per.get(r.adapter, 0) + 1
         pos = r.prompt_len + r.generated
         attention += pos
         context += pos
-    prefill = sum(c.length for c in plan.prefills)
+    prefill = sum(c.length for c in step.prefills)
     return StepShape(
         prefill_tokens=prefill,
-        prefill_seqs=len(plan.prefills),
-        decodes=len(plan.decodes),
-        samplers=samplers + len(plan.decodes),
+        prefill_seqs=len(step.prefills),
+        decodes=len(step.decodes),
+        samplers=samplers + len(step.decodes),
         attention=attention,
         context=context,
         adapter_tokens=tuple(per.items()),
@@ -239,7 +242,7 @@ class ServeCore:
             {}, config.max_served, config.max_slots, device_bytes=device_bytes, loader=self._move
         )
         self.scheduler = Scheduler(sched, self.cache)
-        self.last_plan: StepPlan | None = None  # the latest step's plan (replay drivers read it)
+        self.last_step: ScheduledStep | None = None  # the latest scheduled step (replay drivers read it)
         self.trace: list[StepTrace] | None = None
         self._rec: _StepRecord | None = None
 
@@ -264,24 +267,24 @@ class ServeCore:
             self._rec.moves.append(MoveTime(move.op, move.adapter, move.size, time.perf_counter() - t0))
 
     # -- planning ----------------------------------------------------------------------
-    def _plan(self) -> tuple[StepPlan, float]:
-        """Plan the step, bring its adapters on device and prefetch; returns (plan, plan time)."""
+    def _schedule(self) -> tuple[ScheduledStep, float]:
+        """Schedule the step, bring its adapters on device and prefetch; returns (step, its clock time)."""
         if self.trace is not None:
             self._rec = _StepRecord(start=time.perf_counter())
         now = self.clock()
-        plan = self._resident(self.scheduler.plan(now))
+        step = self._resident(self.scheduler.schedule(now))
         self._prefetch()
-        self.last_plan = plan
+        self.last_step = step
         if self._rec is not None:
             self._rec.planned = time.perf_counter()
-        return plan, now
+        return step, now
 
-    def _traced_shape(self, plan: StepPlan) -> StepShape | None:
-        """The plan's shape when tracing (read it before ``scheduler.complete``)."""
-        if self._rec is None or plan.empty:
+    def _traced_shape(self, step: ScheduledStep) -> StepShape | None:
+        """The step's shape when tracing (read it before ``scheduler.complete``)."""
+        if self._rec is None or step.empty:
             return None
         loads = sum(m.op == "load_device" for m in self._rec.moves)
-        return step_shape(self.scheduler, plan, loads, len(self.cache.on_device))
+        return step_shape(self.scheduler, step, loads, len(self.cache.on_device))
 
     def _end_trace(self, shape: StepShape | None) -> None:
         """Close the step's trace record: wall time of the step minus its moves."""
@@ -293,19 +296,19 @@ class ServeCore:
         planning = max(0.0, rec.planned - rec.start - moved)
         self.trace.append(StepTrace(shape, seconds, tuple(rec.moves), rec.start, planning))
 
-    def _resident(self, plan: StepPlan) -> StepPlan:
+    def _resident(self, step: ScheduledStep) -> ScheduledStep:
         """Bring the step's adapters on device; requests of adapters that fail to load fail, others run."""
         while True:
             try:
-                res = self.cache.ensure_resident(plan.adapters)
+                res = self.cache.ensure_resident(step.adapters)
             except AdapterLoadError as e:
-                self._fail_adapter(e.adapter, e)
-                plan = self._keep(plan, lambda rid: self.scheduler.get(rid) is not None)
+                self.fail_adapter(e.adapter, e)
+                step = self._keep(step, lambda rid: self.scheduler.get(rid) is not None)
                 continue
             if res.missing:  # cannot happen while the scheduler respects the slots; such requests wait
                 missing = set(res.missing)
-                plan = self._keep(plan, lambda rid, m=missing: self.scheduler.get(rid).adapter not in m)
-            return plan
+                step = self._keep(step, lambda rid, m=missing: self.scheduler.get(rid).adapter not in m)
+            return step
 
     def _prefetch(self) -> None:
         if not self.config.prefetch:
@@ -313,19 +316,19 @@ class ServeCore:
         try:
             self.cache.prefetch(self.scheduler.upcoming_adapters(self.config.prefetch))
         except AdapterLoadError as e:
-            self._fail_adapter(e.adapter, e)
+            self.fail_adapter(e.adapter, e)
 
-    def _keep(self, plan: StepPlan, keep: Callable[[str], bool]) -> StepPlan:
-        """``plan`` without the requests ``keep`` rejects, and without adapters no kept request uses."""
-        prefills = tuple(c for c in plan.prefills if keep(c.request_id))
-        decodes = tuple(r for r in plan.decodes if keep(r))
+    def _keep(self, step: ScheduledStep, keep: Callable[[str], bool]) -> ScheduledStep:
+        """``step`` without the requests ``keep`` rejects, and without adapters no kept request uses."""
+        prefills = tuple(c for c in step.prefills if keep(c.request_id))
+        decodes = tuple(r for r in step.decodes if keep(r))
         used = {self.scheduler.get(c.request_id).adapter for c in prefills}
         used |= {self.scheduler.get(r).adapter for r in decodes}
-        adapters = tuple(a for a in plan.adapters if a in used)
-        return StepPlan(prefills, decodes, adapters, tuple(r for r in plan.admitted if keep(r)))
+        adapters = tuple(a for a in step.adapters if a in used)
+        return ScheduledStep(prefills, decodes, adapters, tuple(r for r in step.admitted if keep(r)))
 
-    # -- failures ----------------------------------------------------------------------
-    def _fail_requests(self, ids: list[str], error: Exception) -> list:
+    # -- failures and queue reads (public: the HTTP layer's admin operations use them) ------------
+    def fail_requests(self, ids: list[str], error: Exception) -> list:
         """End ``ids`` as failed with ``error``, freeing their KV space and pins."""
         out = []
         for rid in dict.fromkeys(ids):
@@ -334,19 +337,44 @@ class ServeCore:
             out.append(self._mark_failed(rid, error))
         return out
 
-    def _fail_adapter(self, adapter: str, error: Exception) -> None:
+    def fail_adapter(self, adapter: str, error: Exception) -> None:
         """Fail every request (waiting or running) of ``adapter`` and forget it (a later request retries)."""
-        ids = [r.id for r in (*self.scheduler.running, *self.scheduler.waiting) if r.adapter == adapter]
-        self._fail_requests(ids, error)
+        ids = [r.id for r in self._in_flight() if r.adapter == adapter]
+        self.fail_requests(ids, error)
         if adapter in self.cache:
             self.cache.remove_adapter(adapter)
         self._drop_adapter(adapter)
+
+    def fail_all(self, error: Exception) -> list:
+        """End every running and queued request with ``error``.
+
+        For a step that raised although the engine catches model errors itself: that is a bug
+        whose state may repeat, so stepping on would fail the same way while every client waits.
+        """
+        return self.fail_requests([r.id for r in self._in_flight()], error)
+
+    def adapter_users(self, adapter: str) -> int:
+        """Running or queued requests that name ``adapter`` (an unload must wait for them)."""
+        return sum(1 for r in self._in_flight() if r.adapter == adapter)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not yet admitted."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests admitted and not yet finished."""
+        return len(self.scheduler.running)
+
+    def _in_flight(self) -> list:
+        return [*self.scheduler.running, *self.scheduler.waiting]
 
     def _forget(self, request_id: str) -> None:
         """Drop the per-request execution state (the Runner's KV pages); engines override."""
 
     def _mark_failed(self, request_id: str, error: Exception):
-        """Record that ``request_id`` failed; returns what ``_fail_requests`` hands back."""
+        """Record that ``request_id`` failed; returns what ``fail_requests`` hands back."""
         return request_id
 
     def _drop_adapter(self, adapter: str) -> None:

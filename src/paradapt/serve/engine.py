@@ -38,11 +38,11 @@ from ..errors import (
 from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder
 from ..lifecycle import add_adapter, attach_built, check_name, remove_adapter, route
 from ..state import get_state, require_state
-from .cache import Move
+from .cache import AdapterPinnedError, Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
 from .runner import Runner
 from .sampling import SamplingParams
-from .scheduler import Request, SchedulerConfig
+from .scheduler import Request, ScheduledStep, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,12 @@ class AdapterStore:
         if not path.is_dir():
             raise AdapterNotFoundError(f"unknown adapter {name!r}: no folder {path}")
         return path
+
+    def names(self) -> list[str]:
+        """The folder names under the root, sorted (none without a root); reads only the disk."""
+        if self.root is None:
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def size(self, name: str) -> int:
         """Bytes of the adapter's weights file (0 if missing: loading will say why)."""
@@ -250,7 +256,9 @@ class RequestHandle:
 
 class _EngineCore(ServeCore):
     """What both engines share: the planning core (:class:`ServeCore`) plus the model, the
-    adapter store and the request handles."""
+    adapter store, the request handles, and the admin operations a server runs between steps
+    (``load_adapter``, ``unload_adapter``, ``discard``; ``fail_*`` and the queue counts come from
+    :class:`ServeCore`)."""
 
     def __init__(
         self,
@@ -272,14 +280,44 @@ class _EngineCore(ServeCore):
         self.handles: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
 
-    # -- requests -------------------------------------------------------------------
-    def _register(self, adapter: str | None) -> None:
+    # -- adapters (the admin operations a server runs between steps) -----------------------
+    def register_adapter(self, adapter: str | None) -> None:
         """Make an adapter known to the cache (its folder is checked now, read on first use)."""
         if adapter is not None and adapter not in self.cache:
             self.cache.add_adapter(adapter, self.store.size(adapter))
 
+    def load_adapter(self, name: str) -> None:
+        """Register ``name`` and read it into host memory now, so a broken folder fails here
+        (:class:`AdapterLoadError`) and not in a later request (POST /v1/adapters)."""
+        self.register_adapter(name)
+        moves = self.cache.prefetch([name])
+        if name not in self.cache.on_host and not moves:
+            raise AdapterLoadError(name, ParadaptError("no host room to load it now (it loads on demand)"))
+        try:
+            self.store.settle(name)  # the prefetch reads in the background: check it now
+        except AdapterLoadError as e:
+            self.fail_adapter(name, e)
+            raise
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name``; refused (:class:`AdapterPinnedError`) while running *or
+        queued* requests name it.
+
+        The cache alone refuses only pinned (running) adapters; a queued request for a forgotten
+        adapter would make every later scheduler step fail on the unknown name.
+        """
+        users = self.adapter_users(name)
+        if users:
+            raise AdapterPinnedError(f"adapter {name!r} is in use by {users} running or queued request(s)")
+        self.cache.remove_adapter(name)
+
+    def served_adapters(self) -> list[str]:
+        """Adapters held in host memory (device residents included), least recently used first."""
+        return self.cache.on_host
+
+    # -- requests -------------------------------------------------------------------
     def _queue(self, handle: RequestHandle, prompt_len: int, max_new_tokens: int) -> RequestHandle:
-        self._register(handle.adapter)
+        self.register_adapter(handle.adapter)
         handle.arrival = self.clock()
         self.scheduler.add(Request(handle.id, handle.adapter, prompt_len, max_new_tokens, handle.arrival))
         self.handles[handle.id] = handle
@@ -308,6 +346,17 @@ class _EngineCore(ServeCore):
         if not h.done:
             raise ConfigError("id", f"request {request_id!r} is still {h.status}; cancel it first")
         return self.handles.pop(request_id)
+
+    def discard(self, request_id: str) -> None:
+        """Stop tracking a request a server no longer watches: cancel it if unfinished, then
+        forget its handle (the engine keeps a handle until it is popped or discarded)."""
+        h = self.handles.get(request_id)
+        if h is None:
+            return
+        if not h.done:
+            self.cancel(request_id)
+        if h.done:
+            self.handles.pop(request_id, None)
 
     # -- failures (the ServeCore hooks) ---------------------------------------------------
     def _mark_failed(self, request_id: str, error: Exception) -> RequestHandle:
@@ -404,30 +453,30 @@ class Engine(_EngineCore):
         self.runner.free(request_id)
 
     def step(self) -> list[RequestHandle]:
-        """One scheduler step: plan, load adapters, one packed forward, sample; returns finished handles."""
-        plan, now = self._plan()
-        for rid in plan.admitted:
+        """One scheduler step: schedule, load adapters, one packed forward, sample; returns finished handles."""
+        step, now = self._schedule()
+        for rid in step.admitted:
             h = self.handles[rid]
             self.runner.add(rid, h.prompt, h.adapter, h.params)
             h.status = "running"
-        shape = self._traced_shape(plan)
+        shape = self._traced_shape(step)
         try:
-            return self._execute(plan, now)
+            return self._execute(step, now)
         finally:
             self._end_trace(shape)
 
-    def _execute(self, plan, now: float) -> list[RequestHandle]:
+    def _execute(self, step: ScheduledStep, now: float) -> list[RequestHandle]:
         """The model's part of a step: forward, sample, record; returns finished handles."""
-        if plan.empty:
+        if step.empty:
             return []
         try:
-            new = self.runner.execute(plan)
+            new = self.runner.execute(step)
         except Exception as e:  # the step's requests fail; the engine keeps serving the rest
-            log.exception("step failed; failing its %d requests", len(plan.prefills) + len(plan.decodes))
-            return self._fail_requests([*(c.request_id for c in plan.prefills), *plan.decodes], e)
+            log.exception("step failed; failing its %d requests", len(step.prefills) + len(step.decodes))
+            return self.fail_requests([*(c.request_id for c in step.prefills), *step.decodes], e)
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
         done, end = [], self.clock()
-        for r in self.scheduler.complete(plan, now, stopped):
+        for r in self.scheduler.complete(step, now, stopped):
             self.runner.free(r.id)
             h = self.handles[r.id]
             h.status, h.finished_at = "finished", end
@@ -525,17 +574,17 @@ class EncoderEngine(_EngineCore):
         return self._queue(h, len(ids), 1)
 
     def step(self) -> list[RequestHandle]:
-        plan, now = self._plan()
-        if plan.empty:
+        step, now = self._schedule()
+        if step.empty:
             return []
-        rows = [self.handles[c.request_id] for c in plan.prefills]
+        rows = [self.handles[c.request_id] for c in step.prefills]
         results = self._forward(rows)
         for h, res in zip(rows, results, strict=True):
             if isinstance(res, Exception):
                 h.error, res = res, None
             h.result = res
         done = []
-        for r in self.scheduler.complete(plan, now):
+        for r in self.scheduler.complete(step, now):
             h = self.handles[r.id]
             h.status = "failed" if h.error is not None else "finished"
             h.finish_reason = "error" if h.error is not None else "length"

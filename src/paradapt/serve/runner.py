@@ -1,9 +1,10 @@
-"""The Runner: executes one :class:`~paradapt.serve.scheduler.StepPlan` as one packed forward.
+"""The Runner: executes one :class:`~paradapt.serve.scheduler.ScheduledStep` as one packed forward.
 
 Every scheduled request's tokens (prompt chunks and decodes) go back to back into one
-``[1, T]`` row, attend through transformers' paged KV cache (``PagedAttentionCache`` and
-``ContinuousBatchingIOs``, pinned by ``transformers==5.23.0``; see docs/serving.md section 4),
-and each token is routed by its request's adapter with ``pa.route(..., packed=True)``.
+``[1, T]`` row, attend through transformers' paged KV cache (behind
+:class:`~paradapt.serve.hf_paged.PagedKV`, the one module that uses transformers' private
+continuous-batching API; see docs/serving.md section 4), and each token is routed by its
+request's adapter with ``pa.route(..., packed=True)``.
 The Runner owns the model, the KV pages and the IO buffers; it knows nothing of policy.
 """
 
@@ -14,16 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.requests import FutureRequestState
-from transformers.generation.continuous_batching.requests import RequestState as HFRequestState
 
+from ..checks import is_int
 from ..errors import ConfigError, ParadaptError
 from ..lifecycle import route
 from ..state import get_state
+from .hf_paged import KVState, PagedKV
 from .sampling import SamplingParams, make_generator, sample
-from .scheduler import StepPlan
+from .scheduler import ScheduledStep
 
 
 @dataclass(eq=False)
@@ -36,11 +35,11 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
-    kv: HFRequestState | None = None
+    kv: KVState | None = None
 
 
 class Runner:
-    """Model + paged KV cache + IO buffers; ``execute(plan)`` runs one packed step.
+    """Model + paged KV cache + IO buffers; ``execute(step)`` runs one packed step.
 
     ``num_blocks`` pages of ``page_size`` tokens hold the KV of every running request; the
     scheduler must reserve in the same units (``kv_block=runner.kv_block``,
@@ -56,33 +55,21 @@ class Runner:
             ("num_blocks", num_blocks, 1),
             ("max_batch_tokens", max_batch_tokens, 1),
         ):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ConfigError(name, f"must be an integer >= {lo}, got {v!r}")
         self.model = model
         self.page_size = page_size
-        gc = GenerationConfig(
-            max_new_tokens=1, do_sample=False, eos_token_id=-1
-        )  # we sample and stop ourselves
-        cb = ContinuousBatchingConfig(
-            page_size=page_size,
-            num_blocks=num_blocks,
-            max_batch_tokens=max_batch_tokens,
-            max_blocks_per_request=0,
-            allow_block_sharing=False,  # the scheduler reserves whole pages per request
-            auto_switch_to_flash=False,
+        self.kv = PagedKV(
+            model, page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens
         )
-        bp = model.init_continuous_batching(
-            generation_config=gc, continuous_batching_config=cb
-        )._create_batch_processor()
-        self.cache, self.io, self._lp = bp.cache, bp.inputs_and_outputs, bp.logit_processor
-        self.max_batch_tokens = bp.max_batch_tokens
-        if list(self.cache.cache_allocators) != ["full_attention"]:
+        self.max_batch_tokens = self.kv.max_batch_tokens
+        if self.kv.attention_kinds != ["full_attention"]:
             raise ConfigError(
                 "model",
-                f"only full-attention models are served for now, this one has {list(self.cache.cache_allocators)}",
+                f"only full-attention models are served for now, this one has {self.kv.attention_kinds}",
             )
-        self.kv_block = self.cache.tokens_per_sector  # allocation unit: the scheduler reserves in these
-        self.kv_tokens = self.cache.pool.num_free_sectors * self.kv_block
+        self.kv_block = self.kv.kv_block  # allocation unit: the scheduler reserves in these
+        self.kv_tokens = self.kv.kv_tokens
         self._seqs: dict[str, Sequence] = {}
 
     # -- requests -----------------------------------------------------------------
@@ -92,9 +79,7 @@ class Runner:
         """Start tracking a request (its KV pages are allocated as its tokens run)."""
         if request_id in self._seqs:
             raise ConfigError("id", f"request id {request_id!r} is already running")
-        kv = HFRequestState(
-            request_id=request_id, initial_tokens=list(prompt), max_new_tokens=params.max_new_tokens
-        )
+        kv = self.kv.new_request(request_id, prompt, params.max_new_tokens)
         seq = Sequence(request_id, list(prompt), adapter, params, make_generator(params), kv=kv)
         self._seqs[request_id] = seq
         return seq
@@ -102,23 +87,20 @@ class Runner:
     def free(self, request_id: str) -> None:
         """Forget a finished or cancelled request and give its KV pages back."""
         if self._seqs.pop(request_id, None) is not None:
-            self.cache.free_blocks(request_id)
+            self.kv.free(request_id)
 
     def get(self, request_id: str) -> Sequence | None:
         return self._seqs.get(request_id)
 
     def pages_in_use(self, request_id: str | None = None) -> int:
         """KV pages held by one request (or by all)."""
-        tables = [a.block_table for a in self.cache.cache_allocators.values()]
-        if request_id is not None:
-            return sum(len(t.get(request_id, ())) for t in tables)
-        return sum(len(b) for t in tables for b in t.values())
+        return self.kv.pages_in_use(request_id)
 
     # -- one step -----------------------------------------------------------------
-    def execute(self, plan: StepPlan) -> dict[str, int]:
-        """Run ``plan``'s chunks and decodes in one packed forward; returns ``{request id: new token}``
+    def execute(self, step: ScheduledStep) -> dict[str, int]:
+        """Run ``step``'s chunks and decodes in one packed forward; returns ``{request id: new token}``
         for every request that samples this step (last prompt chunks and decodes)."""
-        batch = self._batch(plan)
+        batch = self._batch(step)
         if not batch:
             return {}
         num_q = sum(len(toks) for _, toks, _ in batch)
@@ -127,12 +109,9 @@ class Runner:
                 "token_budget",
                 f"the step has {num_q} tokens, over the Runner's max_batch_tokens={self.max_batch_tokens}",
             )
-        futures = [self._future(seq, toks, samples) for seq, toks, samples in batch]
-        max_kv_read = sum(f.state.position_offset for f in futures)
-        self.io.prepare_batch_tensors(futures, self._lp, False, num_q, max_kv_read, use_padding=False)
-        kw = self.io.get_model_kwargs()
+        kw = self.kv.step_inputs([(seq.kv, toks, samples) for seq, toks, samples in batch])
         samplers = [seq for seq, _, samples in batch if samples]
-        keep = kw["logits_indices"][: len(samplers)]  # the samplers' last tokens, in batch order
+        keep = self.kv.sampler_rows(kw, len(samplers))  # the samplers' last tokens, in batch order
         with torch.no_grad(), self._routes(batch):
             logits = self.model(**kw, logits_to_keep=keep).logits[0]  # LM head on those rows only
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
@@ -140,27 +119,18 @@ class Runner:
             seq.output.append(tok)
         return {seq.id: tok for seq, tok in zip(samplers, tokens, strict=True)}
 
-    def _batch(self, plan: StepPlan) -> list[tuple[Sequence, list[int], bool]]:
-        """(sequence, tokens to run, samples a token) in plan order: prompt chunks, then decodes."""
+    def _batch(self, step: ScheduledStep) -> list[tuple[Sequence, list[int], bool]]:
+        """(sequence, tokens to run, samples a token) in step order: prompt chunks, then decodes."""
         out = []
-        for c in plan.prefills:
+        for c in step.prefills:
             seq = self._require(c.request_id)
             out.append((seq, seq.prompt[c.start : c.start + c.length], c.last))
-        for rid in plan.decodes:
+        for rid in step.decodes:
             seq = self._require(rid)
             if not seq.output:
                 raise ParadaptError(f"request {rid!r} is scheduled to decode before its prompt finished")
             out.append((seq, [seq.output[-1]], True))
         return out
-
-    def _future(self, seq: Sequence, tokens: list[int], samples: bool) -> FutureRequestState:
-        seq.kv.tokens_to_process = tokens
-        if not self.cache.can_store_request_tokens(seq.kv, len(tokens)):  # allocates the pages
-            raise ParadaptError(
-                f"request {seq.id!r}: no free KV page for {len(tokens)} tokens; the scheduler's kv_tokens/kv_block "
-                f"must match the Runner's ({self.kv_tokens} tokens in blocks of {self.kv_block})"
-            )
-        return FutureRequestState(seq.kv, has_new_token=samples, complete_blocks={}, query_length=len(tokens))
 
     def _routes(self, batch):
         """Per-token routes for the packed row (nothing to route on a model without adapters)."""

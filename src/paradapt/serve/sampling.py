@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import is_int
 from ..errors import ConfigError
 
 
@@ -63,7 +64,7 @@ def _number(name: str, v: object, ok, what: str) -> None:
 
 
 def _integer(name: str, v: object, minimum: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+    if not is_int(v) or v < minimum:
         raise ConfigError(name, f"must be an integer >= {minimum}, got {v!r}")
 
 

@@ -1,6 +1,6 @@
 """Iteration-level (continuous batching) scheduler: which requests run in the next step.
 
-Each :meth:`Scheduler.plan` builds one step under four limits:
+Each :meth:`Scheduler.schedule` builds one step under four limits:
 
 * ``token_budget``: prompt-chunk tokens plus one token per decode (chunked prefill);
 * ``kv_tokens``: KV capacity. A request is admitted only if ``prompt_len + max_new_tokens``
@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..checks import is_int
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterCache
 
@@ -81,7 +82,7 @@ class Request:
     def __post_init__(self) -> None:
         for name in ("prompt_len", "max_new_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {v!r} (request {self.id!r})")
 
     @property
@@ -109,7 +110,7 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class ScheduledStep:
     """One step: prompt chunks, decodes, the adapters that must be on device, and who was admitted."""
 
     prefills: tuple[PrefillChunk, ...]
@@ -141,7 +142,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("token_budget", "kv_tokens", "kv_block", "max_running", "queue_bound"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
         if self.max_running > self.token_budget:
             raise ConfigError(
@@ -155,7 +156,7 @@ class SchedulerConfig:
 
 @dataclass
 class _Step:
-    """Working state while one plan is built."""
+    """Working state while one step is scheduled."""
 
     budget: int
     prefills: list[PrefillChunk] = field(default_factory=list)
@@ -268,18 +269,18 @@ class Scheduler:
                 out[r.adapter] = None
         return list(out)
 
-    # -- planning ---------------------------------------------------------------
-    def plan(self, now: float) -> StepPlan:
+    # -- scheduling -------------------------------------------------------------
+    def schedule(self, now: float) -> ScheduledStep:
         """Build the next step and admit the requests it starts (pinning their adapters)."""
         step = _Step(budget=self.config.token_budget)
-        self._plan_running(step)
+        self._schedule_running(step)
         self._admit(step, now)
         adapters = {self._requests[i].adapter for i in step.decodes}
         adapters |= {self._requests[c.request_id].adapter for c in step.prefills}
         ordered = tuple(a for a in self._adapter_users if a in adapters)
-        return StepPlan(tuple(step.prefills), tuple(step.decodes), ordered, tuple(step.admitted))
+        return ScheduledStep(tuple(step.prefills), tuple(step.decodes), ordered, tuple(step.admitted))
 
-    def _plan_running(self, step: _Step) -> None:
+    def _schedule_running(self, step: _Step) -> None:
         """Every decode (always fits: max_running <= token_budget), then prompt chunks, oldest first."""
         for r in self._running.values():
             if not r.in_prefill:
@@ -413,7 +414,7 @@ class Scheduler:
             self.cache.pin(r.adapter)
 
     # -- after the step ---------------------------------------------------------
-    def complete(self, plan: StepPlan, now: float, stopped: Iterable[str] = ()) -> list[Request]:
+    def complete(self, step: ScheduledStep, now: float, stopped: Iterable[str] = ()) -> list[Request]:
         """Record a finished step: prompt progress, one token per decode or last chunk.
 
         ``stopped`` names requests the runner ended early (EOS, stop string). Returns the
@@ -422,18 +423,18 @@ class Scheduler:
         """
         stopped = set(stopped)
         finished = []
-        for c in plan.prefills:
+        for c in step.prefills:
             r = self._running.get(c.request_id)
             if r is None:
                 continue
             r.prefilled += c.length
             if c.last:
                 r.generated += 1
-        for rid in plan.decodes:
+        for rid in step.decodes:
             r = self._running.get(rid)
             if r is not None:
                 r.generated += 1
-        for rid in [*plan.decodes, *(c.request_id for c in plan.prefills if c.last)]:
+        for rid in [*step.decodes, *(c.request_id for c in step.prefills if c.last)]:
             r = self._running.get(rid)
             if r is not None and (r.generated >= r.max_new_tokens or rid in stopped):
                 self._release(r)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..serve.cache import CacheStats
-from ..serve.scheduler import StepPlan
+from ..serve.scheduler import ScheduledStep
 from ..serve.workload import Workload, WorkloadRequest
 
 
@@ -30,7 +30,7 @@ class Backend(Protocol):
     def now(self) -> float: ...
     def wait_until(self, t: float) -> None: ...
     def submit(self, req: WorkloadRequest) -> str: ...
-    def step(self) -> StepPlan | None: ...
+    def step(self) -> ScheduledStep | None: ...
     def has_work(self) -> bool: ...
     def first_token_at(self, rid: str) -> float | None: ...
     def finished_at(self, rid: str) -> float | None: ...
@@ -101,7 +101,7 @@ def replay(workload: Workload, backend: Backend, *, drain: float = 0.0) -> Repla
     return log
 
 
-def _event(end: float, plan: StepPlan) -> StepEvent:
+def _event(end: float, plan: ScheduledStep) -> StepEvent:
     prompt = tuple((c.request_id, c.length) for c in plan.prefills)
     sampled = (*(c.request_id for c in plan.prefills if c.last), *plan.decodes)
     return StepEvent(end, prompt, sampled)
@@ -146,9 +146,9 @@ class RealBackend:
         params = self._params(max_new_tokens=req.output_len, ignore_eos=True)
         return self.engine.add_request(prompt, req.adapter, params, request_id=f"w{req.id}").id
 
-    def step(self) -> StepPlan | None:
+    def step(self) -> ScheduledStep | None:
         self.engine.step()
-        return self.engine.last_plan
+        return self.engine.last_step
 
     def has_work(self) -> bool:
         return self.engine.has_work()

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..serve.cache import CacheStats, Move
 from ..serve.core import EngineConfig, ServeCore, memory_split, scheduler_config, step_shape
-from ..serve.scheduler import Request, StepPlan
+from ..serve.scheduler import Request, ScheduledStep
 from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec
 from .costmodel import CostModel
 from .metrics import TwinResult, summarize
@@ -76,11 +76,11 @@ class SimEngine(ServeCore):
         self.scheduler.add(Request(rid, adapter, prompt_len, max_new_tokens, self.t))
         return rid
 
-    def step(self) -> StepPlan:
+    def step(self) -> ScheduledStep:
         """Plan with the engine's code, then charge the step's modelled time."""
         self._loads = 0
         self.t += self.cost.loop
-        plan, now = self._plan()
+        plan, now = self._schedule()
         if plan.empty:
             return plan
         shape = step_shape(self.scheduler, plan, self._loads, len(self.cache.on_device))
@@ -110,7 +110,7 @@ class SimBackend:
     def submit(self, req: WorkloadRequest) -> str:
         return self.engine.add(f"w{req.id}", req.adapter, req.prompt_len, req.output_len)
 
-    def step(self) -> StepPlan:
+    def step(self) -> ScheduledStep:
         return self.engine.step()
 
     def has_work(self) -> bool:

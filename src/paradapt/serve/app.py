@@ -1,0 +1,303 @@
+"""OpenAI-compatible HTTP API over an :class:`~paradapt.serve.engine.Engine` (FastAPI).
+
+``model`` in a request is an adapter name (a folder under the adapter root) or the base
+model's name. One background thread steps the engine and runs every command handlers queue
+for it between steps (:class:`~paradapt.serve.engine_thread.EngineLoop`); handlers receive
+tokens through per-request asyncio queues (fed from the engine's ``on_token``). Handlers use
+only the engine's public methods, and only through that thread (file reads of the adapter
+root aside).
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (decoders; ``stream`` over SSE), ``POST /classify`` and
+``POST /v1/embeddings`` (encoders), ``POST /v1/adapters`` / ``DELETE /v1/adapters/{name}``,
+``GET /metrics`` (Prometheus text). Errors: 400 bad parameters (naming the field), 404
+unknown adapter, 409 adapter in use, 422 adapter folder that fails to load, 429 queue full.
+The wire format lives in :mod:`paradapt.serve.protocol`, the metrics in
+:mod:`paradapt.serve.metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+
+from ..errors import ConfigError, ParadaptError
+from .engine import EncoderEngine, Engine, RequestHandle, check_token_ids, max_positions
+from .engine_thread import EngineLoop
+from .metrics import prometheus_text
+from .protocol import (
+    AdapterRequest,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_prompt,
+    check_positions,
+    choice,
+    chunk,
+    error_event,
+    error_response,
+    finish_reason,
+    paradapt_error,
+    sampling_params,
+    streamable,
+    tokenize,
+    validation_error,
+)
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", tokenizer=None) -> FastAPI:
+    """The FastAPI app serving ``engine``; ``model_name`` is the base model's name in ``model``."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+    server = _Server(engine, EngineLoop(engine), model_name, tokenizer)
+    app = FastAPI(title="paradapt", lifespan=server.lifespan)
+    app.state.loop = server.loop
+    app.state.model_name = model_name
+    _error_handlers(app, decoder=server.decoder)
+    _admin_routes(app, server)
+    if server.decoder:
+        _generation_routes(app, server)
+    else:
+        _encoder_routes(app, server)
+    return app
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def _error_handlers(app: FastAPI, decoder: bool) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return validation_error(exc.errors())
+
+    @app.exception_handler(ParadaptError)
+    async def _paradapt(request: Request, exc: ParadaptError):
+        return paradapt_error(exc, request.url.path, decoder)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug: still an OpenAI-shaped 500
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+
+def _admin_routes(app: FastAPI, server: _Server) -> None:
+    engine, loop_ = server.engine, server.loop
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return server.models()
+
+    @app.post("/v1/adapters")
+    def load_adapter(req: AdapterRequest) -> dict:
+        loop_.call(engine.load_adapter, req.name)
+        return {"id": req.name, "object": "model", "loaded": True}
+
+    @app.delete("/v1/adapters/{name}")
+    def unload_adapter(name: str) -> dict:
+        engine.store.folder(name)  # 400/404 for bad names
+        loop_.call(engine.unload_adapter, name)
+        return {"id": name, "deleted": True}
+
+    @app.get("/metrics")
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(loop_.call(prometheus_text, engine, loop_.metrics))
+
+
+def _generation_routes(app: FastAPI, server: _Server) -> None:
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        params = sampling_params(req.max_tokens, req)
+        return await server.generate(req.model, req.prompt, params, req.stream, chat=False, request=request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        prompt = chat_prompt(server.tokenizer, req.messages)
+        params = sampling_params(req.max_completion_tokens or req.max_tokens or 16, req)
+        return await server.generate(req.model, prompt, params, req.stream, chat=True, request=request)
+
+
+def _encoder_routes(app: FastAPI, server: _Server) -> None:
+    @app.post("/classify")
+    async def classify(req: ClassifyRequest):
+        results, _ = await server.encode(req.model, _texts(req.input), "classify")
+        data = [{"index": i, "label": r["label"], "probs": r["probs"]} for i, r in enumerate(results)]
+        return {"object": "list", "model": req.model, "data": data}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        results, n = await server.encode(req.model, _texts(req.input), "embed")
+        data = [
+            {"object": "embedding", "index": i, "embedding": r["embedding"]} for i, r in enumerate(results)
+        ]
+        usage = {"prompt_tokens": n, "total_tokens": n}
+        return {"object": "list", "model": req.model, "data": data, "usage": usage}
+
+
+def _texts(inp: str | list[str]) -> list[str]:
+    return [inp] if isinstance(inp, str) else inp
+
+
+# -- what the routes share ----------------------------------------------------------------------------
+
+
+class _Server:
+    """The engine, its thread and the names a running app shares between its route handlers."""
+
+    def __init__(self, engine: Engine | EncoderEngine, loop_: EngineLoop, model_name: str, tokenizer):
+        self.engine, self.loop = engine, loop_
+        self.model_name, self.tokenizer = model_name, tokenizer
+        self.decoder = isinstance(engine, Engine)
+        self.created = int(time.time())
+        self.max_len = max_positions(engine.model)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        yield
+        # SIGTERM under uvicorn: finish running requests, cancel the rest; off the event loop,
+        # which must keep delivering the draining requests' tokens
+        await asyncio.to_thread(self.loop.shutdown, drain=True)
+
+    def adapter_of(self, model: str) -> str | None:
+        return None if model == self.model_name else model
+
+    def models(self) -> dict:
+        """GET /v1/models: the base model, then every adapter folder and every served adapter."""
+        folders = self.engine.store.names()  # the disk only: read here, off the engine thread
+        names = sorted(set(folders) | set(self.loop.call(self.engine.served_adapters)))
+        card = {"object": "model", "created": self.created, "owned_by": "paradapt"}  # OpenAI's Model fields
+        data = [{"id": n, **card, "parent": self.model_name} for n in names]
+        return {"object": "list", "data": [{"id": self.model_name, **card}, *data]}
+
+    # -- encoders ------------------------------------------------------------------------------
+    async def encode(self, model: str, texts: list[str], task: str) -> tuple[list[dict], int]:
+        """Each text's result, and the token count; every text is checked before any is queued."""
+        ids = [tokenize(self.tokenizer, t) for t in texts]
+        for i, one in enumerate(ids):
+            if self.max_len is not None and len(one) > self.max_len:
+                raise ConfigError(
+                    "input", f"text {i} has {len(one)} tokens, over the model's {self.max_len} positions"
+                )
+        queues = [asyncio.Queue() for _ in ids]
+        handles = await self.loop.encode(ids, self.adapter_of(model), task, queues)
+        try:
+            for q in queues:
+                while (await q.get())[0] != "done":
+                    pass
+        finally:  # also when the client goes away: nothing stays queued or tracked
+            self.loop.release(handles)
+        for h in handles:
+            if h.error is not None:
+                raise h.error
+        return [h.result for h in handles], sum(map(len, ids))
+
+    # -- decoders ------------------------------------------------------------------------------
+    async def generate(
+        self, model: str, prompt, params: SamplingParams, stream: bool, chat: bool, request: Request
+    ):
+        """A completion or chat completion: streamed (SSE) or whole."""
+        if isinstance(prompt, str):
+            ids = tokenize(self.tokenizer, prompt)
+        else:
+            ids = list(prompt)
+            check_token_ids(self.engine.model, ids, "prompt")
+        check_positions(len(ids), params.max_new_tokens, self.max_len)
+        q: asyncio.Queue = asyncio.Queue()
+        h = await self.loop.generate(ids, self.adapter_of(model), params, q)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if stream:
+            return StreamingResponse(self._sse(h, q, model, rid, chat), media_type="text/event-stream")
+        try:
+            if not await _until_done(q, request):
+                return Response(status_code=499)  # nobody reads it; the request is cancelled below
+        finally:
+            if not h.done:  # the client went away: free its KV space and slot
+                self.loop.cancel(h.id)
+        if h.error is not None:
+            raise h.error
+        self.loop.post(self.engine.pop, h.id)
+        text = h.text if h.text is not None else ""
+        usage = {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(h.tokens),
+            "total_tokens": len(ids) + len(h.tokens),
+        }
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice(chat, text, finish_reason(h.finish_reason), delta=False)],
+            "usage": usage,
+        }
+
+    async def _sse(
+        self, h: RequestHandle, q: asyncio.Queue, model: str, rid: str, chat: bool
+    ) -> AsyncIterator[str]:
+        """The stream's events: the role (chat), text deltas held back at possible stop strings,
+        the finish reason (or the error), ``[DONE]``."""
+        sent = ""
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            if chat:
+                first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+                yield chunk(rid, obj, created, model, first)
+            while True:
+                kind, _ = await q.get()
+                text = streamable(h.text or "", h.params.stop, final=kind == "done")
+                if len(text) > len(sent) and text.startswith(sent):
+                    delta, sent = text[len(sent) :], text
+                    yield chunk(rid, obj, created, model, choice(chat, delta, None, delta=True))
+                if kind == "done":
+                    break
+            if h.error is not None:
+                yield error_event(h.error)
+            else:
+                last = choice(chat, None, finish_reason(h.finish_reason), delta=True)
+                yield chunk(rid, obj, created, model, last)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not h.done:  # the client went away mid-stream: free its KV space and slot
+                self.loop.cancel(h.id)
+            self.loop.release([h])  # runs after the cancel: commands keep their order
+
+
+async def _until_done(q: asyncio.Queue, request: Request, poll: float = 0.25) -> bool:
+    """Wait for the request's ``done``; False as soon as its client has disconnected.
+
+    Starlette does not cancel a handler whose client went away, so a non-streamed request
+    would otherwise generate to the end for nobody, holding its KV pages and adapter slot.
+    """
+    check = time.monotonic() + poll
+    get: asyncio.Future | None = None
+    while True:
+        get = get or asyncio.ensure_future(q.get())
+        await asyncio.wait({get}, timeout=max(0.0, check - time.monotonic()))
+        if get.done():
+            if get.result()[0] == "done":
+                return True
+            get = None  # a token: keep waiting, but still look at the client every ``poll`` s
+        if time.monotonic() >= check:
+            if await request.is_disconnected():
+                if get is not None:
+                    get.cancel()
+                return False
+            check = time.monotonic() + poll

@@ -1,0 +1,109 @@
+"""transformers' paged KV cache and packed-batch inputs: the one module that uses their private API.
+
+The :class:`~paradapt.serve.runner.Runner` runs our scheduler's steps through transformers'
+own paged-attention forward (docs/serving.md, section 4): one packed ``[1, T]`` row per step,
+KV in a ``PagedAttentionCache``, inputs built by ``ContinuousBatchingIOs``, driven by our loop
+with no manager thread. Those classes are internals of
+``transformers.generation.continuous_batching`` (created through the private
+``model.init_continuous_batching(...)._create_batch_processor()``), pinned by
+``transformers==5.23.0``. Everything paradapt uses of them is here, in :class:`PagedKV`, so a
+transformers upgrade touches this file only; ``tests/test_serve_runner_contract.py`` checks the
+contract (greedy outputs of our scheduler's packed steps equal ``model.generate``) and fails
+first when an upgrade changes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.requests import FutureRequestState
+from transformers.generation.continuous_batching.requests import RequestState as KVState
+
+from ..errors import ParadaptError
+
+__all__ = ["KVState", "PagedKV"]
+
+
+class PagedKV:
+    """Paged KV pages for every running request, and the packed inputs of one step.
+
+    ``num_blocks`` pages of ``page_size`` tokens; ``max_batch_tokens`` bounds one step's
+    tokens. Block sharing (prefix caching) is off: the scheduler reserves whole pages per
+    request, in the units :attr:`kv_block` and :attr:`kv_tokens` say.
+    """
+
+    def __init__(self, model: nn.Module, *, page_size: int, num_blocks: int, max_batch_tokens: int):
+        gc = GenerationConfig(
+            max_new_tokens=1, do_sample=False, eos_token_id=-1
+        )  # we sample and stop ourselves
+        cb = ContinuousBatchingConfig(
+            page_size=page_size,
+            num_blocks=num_blocks,
+            max_batch_tokens=max_batch_tokens,
+            max_blocks_per_request=0,
+            allow_block_sharing=False,  # the scheduler reserves whole pages per request
+            auto_switch_to_flash=False,
+        )
+        # creates the cache and IO buffers without starting the manager's thread
+        bp = model.init_continuous_batching(
+            generation_config=gc, continuous_batching_config=cb
+        )._create_batch_processor()
+        self.cache, self.io, self._lp = bp.cache, bp.inputs_and_outputs, bp.logit_processor
+        self.max_batch_tokens: int = bp.max_batch_tokens
+        self.kv_block: int = self.cache.tokens_per_sector  # allocation unit: the scheduler reserves in these
+        self.kv_tokens: int = self.cache.pool.num_free_sectors * self.kv_block  # all pages, free at start
+
+    @property
+    def attention_kinds(self) -> list[str]:
+        """The model's attention layer types (``["full_attention"]`` for the models served today)."""
+        return list(self.cache.cache_allocators)
+
+    # -- requests -----------------------------------------------------------------
+    @staticmethod
+    def new_request(request_id: str, prompt: list[int], max_new_tokens: int) -> KVState:
+        """A request's KV bookkeeping (its pages are allocated as its tokens run)."""
+        return KVState(request_id=request_id, initial_tokens=list(prompt), max_new_tokens=max_new_tokens)
+
+    def free(self, request_id: str) -> None:
+        """Give a request's pages back."""
+        self.cache.free_blocks(request_id)
+
+    def pages_in_use(self, request_id: str | None = None) -> int:
+        """KV pages held by one request (or by all)."""
+        tables = [a.block_table for a in self.cache.cache_allocators.values()]
+        if request_id is not None:
+            return sum(len(t.get(request_id, ())) for t in tables)
+        return sum(len(b) for t in tables for b in t.values())
+
+    # -- one step -----------------------------------------------------------------
+    def step_inputs(self, batch: list[tuple[KVState, list[int], bool]]) -> dict[str, Any]:
+        """The model kwargs of one packed step: ``batch`` is (request, tokens to run, samples a
+        token) per sequence; allocates the pages the tokens need.
+
+        The samplers' rows come first in ``logits_indices`` (see :meth:`sampler_rows`).
+        """
+        futures = [self._future(kv, tokens, samples) for kv, tokens, samples in batch]
+        num_q = sum(len(tokens) for _, tokens, _ in batch)
+        max_kv_read = sum(f.state.position_offset for f in futures)
+        self.io.prepare_batch_tensors(futures, self._lp, False, num_q, max_kv_read, use_padding=False)
+        return self.io.get_model_kwargs()
+
+    @staticmethod
+    def sampler_rows(inputs: dict[str, Any], samplers: int) -> torch.Tensor:
+        """Positions in the packed row of the samplers' last tokens, in batch order (the
+        ``logits_to_keep`` of the forward); ``logits_indices`` is sized per sequence."""
+        return inputs["logits_indices"][:samplers]
+
+    def _future(self, kv: KVState, tokens: list[int], samples: bool) -> FutureRequestState:
+        kv.tokens_to_process = tokens
+        if not self.cache.can_store_request_tokens(kv, len(tokens)):  # allocates the pages
+            raise ParadaptError(
+                f"request {kv.request_id!r}: no free KV page for {len(tokens)} tokens; the scheduler's "
+                f"kv_tokens/kv_block must match the Runner's ({self.kv_tokens} tokens in blocks of "
+                f"{self.kv_block})"
+            )
+        return FutureRequestState(kv, has_new_token=samples, complete_blocks={}, query_length=len(tokens))
