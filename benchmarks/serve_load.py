@@ -55,7 +55,7 @@ TEMPLATES_PER_KIND_RANK = 4  # distinct random weight sets per (kind, rank); ada
 
 def build_model(folder: Path, layers: int, hidden: int, seed: int) -> Path:
     """A random Llama-style decoder from a config, saved with stories260K's tokenizer."""
-    from paradapt.cli import find_assets
+    from paradapt.loading import find_assets
     from paradapt.twin.profile import build_model as random_llama  # the twin profiles the same model
 
     assets = find_assets()
@@ -87,7 +87,7 @@ def build_adapters(model_dir: Path, root: Path, workload: Workload, seed: int) -
     import torch
 
     import paradapt as pa
-    from paradapt.cli import load_model
+    from paradapt.loading import load_model
 
     _, model = load_model(model_dir)
     torch.manual_seed(seed)

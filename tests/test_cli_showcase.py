@@ -11,9 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from paradapt import cli, showcase
+from paradapt import cli
+from paradapt.cli import showcase
+from paradapt.loading import find_assets
 
-ASSETS = cli.find_assets()
+ASSETS = find_assets()
 needs_assets = pytest.mark.skipif(
     ASSETS is None or not (ASSETS / "data" / "agnews" / "test.tsv").is_file(),
     reason="the shared SST-2 / AG News test sets are not here",
