@@ -157,6 +157,21 @@ def test_bad_paths_are_one_line_errors(flags, message, llama_setup, capsys):
     assert err == f"paradapt: error: {message}"
 
 
+def test_port_in_use_is_one_line_before_the_start_banner(llama_setup, capsys):
+    """A taken port is the error, exit 2, and no start banner was printed before it."""
+    import socket
+
+    model_dir, _ = llama_setup
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--model", str(model_dir), "--port", str(port), "--threads", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "paradapt serve:" not in out
+    assert err.strip() == f"paradapt: error: --port: cannot listen on 127.0.0.1:{port} (in use?)"
+
+
 def test_served_name_may_not_shadow_an_adapter(llama_setup, capsys):
     model_dir, root = llama_setup
     argv = ["serve", "--model", str(model_dir), "--adapter-root", str(root), "--served-model-name", "alpha"]
