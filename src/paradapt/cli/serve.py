@@ -132,7 +132,7 @@ def default_threads() -> int:
 
 
 def build_server_app(args: argparse.Namespace):
-    """The FastAPI app ``paradapt serve`` runs (also used by benchmarks/serve_load.py in-process)."""
+    """The FastAPI app ``paradapt serve`` runs, and what it prints at startup (tests build it in-process)."""
     try:  # the HTTP layer, through the package's lazy names (whichever module holds it)
         from ..serve import EncoderEngine, Engine, create_app
     except ImportError as e:
