@@ -170,7 +170,7 @@ def retrain(out_dir: Path, sst2_name: str, agnews_name: str) -> Path:
     return root
 
 
-# -- the command -------------------------------------------------------------------------------
+# -- the command ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -264,7 +264,7 @@ def report(tasks: list[Task], t_mixed: float, t_base: float, total: float) -> in
     return status
 
 
-# -- the command line -----------------------------------------------------------------------------
+# -- flags ---------------------------------------------------------------------------------------
 
 
 def run_command(args: argparse.Namespace) -> int:
