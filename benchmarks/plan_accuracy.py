@@ -1,7 +1,7 @@
 """Held-out accuracy of ``paradapt plan``: throughput at the predicted configuration vs at the
 configuration searched in the twin (issue 6; Agullo et al. report 7.2%, the target is <= 5%).
 
-Samples ``--n`` workloads (:func:`paradapt.twin.plan.sample_specs`: adapter count 2-512,
+Samples ``--n`` workloads (:func:`paradapt.twin.search.sample_specs`: adapter count 2-512,
 alpha 0.05-1, load 0.1-2.5x the twin's saturated capacity, rank/kind mixes, lengths, cv),
 searches each one's best (max_served, max_slots) over the log grid in the twin (cached on disk,
 ``--workers`` processes), fits the decision tree (each ``--depths``) and the linear model on
@@ -27,7 +27,8 @@ import math
 import time
 from pathlib import Path
 
-from paradapt.twin import plan
+from paradapt.twin import configurator, search
+from paradapt.twin.costmodel import load_cost
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,14 +58,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def spread(r: plan.SearchResult) -> float:
+def spread(r: search.SearchResult) -> float:
     """How much the configuration matters for a workload: (best - worst) / best on its grid."""
     worst = min(t.throughput for t in r.trials)
     return (r.max_throughput - worst) / r.max_throughput if r.max_throughput > 0 else 0.0
 
 
 def confirm_real(
-    model: plan.PlanModel, test_set: list[plan.SearchResult], k: int, cost, threads: int
+    model: configurator.Configurator, test_set: list[search.SearchResult], k: int, cost, threads: int
 ) -> list[dict]:
     """Run ``k`` held-out workloads on the real engine at the recommendation and the searched
     optimum (and at (1, 1) when those coincide), picking those where the configuration matters most."""
@@ -130,31 +131,31 @@ def confirm_real(
     return rows
 
 
-def baseline_errors(results: list[plan.SearchResult]) -> dict[str, float]:
+def baseline_errors(results: list[search.SearchResult]) -> dict[str, float]:
     """The engine's default (16 served, 4 slots), snapped to each workload's grid."""
     errors = []
     for r in results:
-        cfg = plan.snap(math.log2(16), math.log2(4), r.spec.num_adapters)
+        cfg = configurator.snap(math.log2(16), math.log2(4), r.spec.num_adapters)
         best = (r.best.max_served, r.best.max_slots)
         errors.append(
-            plan.HeldOutError(cfg, best, r.throughput_at(*cfg), r.best.throughput, r.max_throughput)
+            configurator.HeldOutError(cfg, best, r.throughput_at(*cfg), r.best.throughput, r.max_throughput)
         )
-    return plan.summarize_errors(errors)
+    return configurator.summarize_errors(errors)
 
 
 def main() -> None:
     args = parse_args()
     print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}")
-    cost = plan.load_cost(args.cost)
+    cost = load_cost(args.cost)
     t0 = time.perf_counter()
-    capacity, specs = plan.training_specs(cost, args.n, args.seed, args.duration)
+    capacity, specs = search.training_specs(cost, args.n, args.seed, args.duration)
     print(f"twin capacity (1 adapter, overload): {capacity:.3f} req/s; {len(specs)} workloads")
 
     def progress(done: int, total: int) -> None:
         if done % max(1, total // 10) == 0 or done == total:
             print(f"  searched {done}/{total} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    results = plan.build_dataset(
+    results = search.build_dataset(
         specs, cost, workers=args.workers, cache_dir=args.cache_dir, progress=progress
     )
     search_s = time.perf_counter() - t0
@@ -178,20 +179,20 @@ def main() -> None:
         "test": len(test_set),
     }
     for depth in [int(d) for d in args.depths.split(",")]:
-        model = plan.PlanModel.fit(train_set, max_depth=depth)
-        s = plan.summarize_errors(plan.held_out_errors(model, test_set, "tree"))
+        model = configurator.Configurator.fit(train_set, max_depth=depth)
+        s = configurator.summarize_errors(configurator.held_out_errors(model, test_set, "tree"))
         rows.append((f"tree depth {depth}", s))
-    chosen = plan.PlanModel.fit(train_set, max_depth=4)
+    chosen = configurator.Configurator.fit(train_set, max_depth=4)
     for margin in (0.5, 1.0, 2.0):
         chosen.margin = margin
         rows.append(
-            (f"tree depth 4, margin {margin}", plan.summarize_errors(plan.held_out_errors(chosen, test_set)))
+            (f"tree depth 4, margin {margin}", configurator.summarize_errors(configurator.held_out_errors(chosen, test_set)))
         )
     chosen.margin = 0.0
-    rows.append(("linear (ridge)", plan.summarize_errors(plan.held_out_errors(chosen, test_set, "linear"))))
-    chosen.margin = plan.choose_margin(train_set, 4)  # what `paradapt plan --train` does
-    s_tree4 = plan.summarize_errors(plan.held_out_errors(chosen, test_set, "tree"))
-    s_lin = plan.summarize_errors(plan.held_out_errors(chosen, test_set, "linear"))
+    rows.append(("linear (ridge)", configurator.summarize_errors(configurator.held_out_errors(chosen, test_set, "linear"))))
+    chosen.margin = configurator.choose_margin(train_set, 4)  # what `paradapt plan --train` does
+    s_tree4 = configurator.summarize_errors(configurator.held_out_errors(chosen, test_set, "tree"))
+    s_lin = configurator.summarize_errors(configurator.held_out_errors(chosen, test_set, "linear"))
     rows.append((f"**tree depth 4, CV margin {chosen.margin}** (paradapt plan)", s_tree4))
     rows.append((f"linear, CV margin {chosen.margin}", s_lin))
     rows.append(("default (16, 4)", baseline_errors(test_set)))
@@ -210,7 +211,7 @@ def main() -> None:
     print(f"\nload average at end: {Path('/proc/loadavg').read_text().strip()}")
     print("\n" + chosen.describe())
     if args.model_out:
-        chosen.meta.update({"heldout_tree": s_tree4, "heldout_linear": s_lin, "cost": plan.cost_key(cost)})
+        chosen.meta.update({"heldout_tree": s_tree4, "heldout_linear": s_lin, "cost": search.cost_key(cost)})
         chosen.save(args.model_out)
     if args.real:
         print(f"\nreal engine, {args.real} held-out workloads (threads {args.threads}):")

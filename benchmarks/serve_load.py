@@ -54,7 +54,7 @@ BASE_NAME = "base"
 
 def build_model(folder: Path, layers: int, hidden: int, seed: int) -> Path:
     """A random Llama-style decoder from a config, saved with stories260K's tokenizer."""
-    from paradapt.cli import find_assets
+    from paradapt.loading import find_assets
     from paradapt.twin.profile import build_model as random_llama  # the twin profiles the same model
 
     assets = find_assets()
@@ -74,8 +74,8 @@ def build_adapters(model_dir: Path, root: Path, workload: Workload, seed: int) -
     The server still reads, validates and attaches every folder separately; only disk space is shared.
     An adapter kind the engine benchmarks do not serve stops the benchmark with its name.
     """
-    from paradapt.cli import load_model
     from paradapt.errors import ConfigError
+    from paradapt.loading import load_model
     from paradapt.twin.profile import build_adapter_root
 
     _, model = load_model(model_dir)

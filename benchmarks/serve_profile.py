@@ -42,7 +42,7 @@ import serve_load  # noqa: E402  (the same model and adapter folders as the load
 
 import paradapt as pa  # noqa: E402
 from paradapt import kernels  # noqa: E402
-from paradapt.cli import load_model  # noqa: E402
+from paradapt.loading import load_model  # noqa: E402
 from paradapt.serve import Engine, EngineConfig, SamplingParams  # noqa: E402
 from paradapt.serve.workload import WorkloadSpec  # noqa: E402
 from paradapt.state import get_state  # noqa: E402

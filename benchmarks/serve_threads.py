@@ -45,7 +45,7 @@ def build(work: Path, spec: str) -> tuple[str, Path | None, Path | None]:
     import torch
 
     import paradapt as pa
-    from paradapt.cli import find_assets, load_model
+    from paradapt.loading import find_assets, load_model
 
     if spec == "minilm":
         return "MiniLM (bundled)", None, None

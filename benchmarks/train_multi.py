@@ -1,6 +1,6 @@
 """K adapters trained in ONE paradapt Trainer run vs K separate runs (issue 4), on real MiniLM.
 
-Base: the bundled all-MiniLM-L6-v2 encoder (``paradapt.cli.default_model_dir()``), frozen.
+Base: the bundled all-MiniLM-L6-v2 encoder (``paradapt.loading.default_model_dir()``), frozen.
 Tasks (real data from ``shared/assets/data``), one adapter each, kinds mixed:
 
 - ``sst2``      parallel r=64: seeded 2,000 rows of ``sst2/train.tsv``, eval on the first
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     from transformers import AutoModel, AutoTokenizer
 
-    from paradapt.cli import default_model_dir
+    from paradapt.loading import default_model_dir
 
     model_dir = str(default_model_dir())
     tok = AutoTokenizer.from_pretrained(model_dir)

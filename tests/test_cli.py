@@ -16,14 +16,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 import paradapt as pa  # noqa: E402
-from paradapt import cli  # noqa: E402
+from paradapt import cli, loading  # noqa: E402
 
 ROW = re.compile(r"^\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(match|MISMATCH)\b", re.M)
 
 
 def save_word_tokenizer(path) -> int:
     """A word-level tokenizer over the demo's built-in sentences (no download); returns its size."""
-    words = sorted({w for s in cli.BUILTIN_SENTENCES for w in s.lower().split()})
+    words = sorted({w for s in loading.BUILTIN_SENTENCES for w in s.lower().split()})
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -42,7 +42,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture
 def builtin_sentences(tmp_path, monkeypatch):
     """Point PARADAPT_ASSETS at an empty folder: the demo falls back to its built-in sentences."""
-    monkeypatch.setenv(cli.ASSETS_ENV, str(tmp_path / "no-assets"))
+    monkeypatch.setenv(loading.ASSETS_ENV, str(tmp_path / "no-assets"))
     (tmp_path / "no-assets").mkdir()
 
 
@@ -82,7 +82,7 @@ def test_demo_reads_sentences_from_assets(tiny_llama_dir, tmp_path, monkeypatch,
     tsv = tmp_path / "assets" / "data" / "sst2" / "test.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("sentence\tlabel\ntom had a red ball .\t1\nbad .\t0\n", encoding="utf-8")
-    monkeypatch.setenv(cli.ASSETS_ENV, str(tmp_path / "assets"))
+    monkeypatch.setenv(loading.ASSETS_ENV, str(tmp_path / "assets"))
     code, out, _ = run(capsys, "demo", "--model", str(tiny_llama_dir), "--rows", "3")
     assert code == 0
     assert str(tsv) in out and "tom had a red ball ." in out and "bad ." in out
@@ -139,11 +139,11 @@ def test_folder_without_tokenizer_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_bad_assets_env_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(cli.ASSETS_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(loading.ASSETS_ENV, str(tmp_path / "nowhere"))
     code, _, err = run(capsys, "demo")
     assert (
         code == 2
-        and err.strip() == f"paradapt: error: {cli.ASSETS_ENV}={tmp_path / 'nowhere'}: no such folder"
+        and err.strip() == f"paradapt: error: {loading.ASSETS_ENV}={tmp_path / 'nowhere'}: no such folder"
     )
 
 
@@ -276,7 +276,7 @@ def test_load_model_keeps_the_lm_head_of_every_causal_lm(tmp_path, family):
 
     tiny_model(family).save_pretrained(tmp_path)
     save_word_tokenizer(tmp_path)
-    _, model = cli.load_model(tmp_path)
+    _, model = loading.load_model(tmp_path)
     assert (
         type(model).__name__
         == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel"}[family]

@@ -18,13 +18,15 @@ from fastapi.testclient import TestClient
 
 import paradapt as pa
 from paradapt import cli
+from paradapt.cli import serve as serve_cli
+from paradapt.loading import load_model
 from paradapt.serve.process import free_port
 
 START_TIMEOUT = 120.0  # bound for a loaded CI machine; not a performance check
 
 
 def _save_lora(model_dir: Path, root: Path, name: str) -> None:
-    _, model = cli.load_model(model_dir)
+    _, model = load_model(model_dir)
     pa.add_adapter(model, name, pa.LoRAConfig(r=2))
     pa.save_adapter(model, name, root / name)
 
@@ -97,7 +99,7 @@ def test_serve_subprocess_end_to_end_and_sigterm(llama_setup):
 def test_serve_encoder_model_gets_the_encoder_endpoints(tmp_path):
     model_dir = make_bert(tmp_path / "tiny-bert")
     args = cli.build_parser().parse_args(["serve", "--model", str(model_dir), "--served-model-name", "bert"])
-    app, info = cli.build_server_app(args)
+    app, info = serve_cli.build_server_app(args)
     assert info["kind"] == "encoder" and info["root"] is None
     with TestClient(app) as client:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["bert"]
@@ -117,9 +119,9 @@ def test_device_memory_takes_adapter_slots_out_of_the_kv_tokens(llama_setup):
     common = ["serve", "--model", str(model_dir), "--adapter-root", str(root), "--device-memory-mb", "1"]
     engines = {}
     for slots in (1, 8):
-        config = cli._engine_config(parse([*common, "--max-slots", str(slots)]))
+        config = serve_cli.engine_config(parse([*common, "--max-slots", str(slots)]))
         assert config.device_memory == 2**20 and config.max_slots == slots
-        _, model = cli.load_model(model_dir)
+        _, model = load_model(model_dir)
         engines[slots] = Engine(model, root, config)
     per_token = kv_bytes_per_token(engines[1].model)  # 2 (K,V) x 2 layers x 2 heads x 8 dims x 4 B
     assert per_token == 2 * 2 * 2 * 8 * 4
@@ -137,7 +139,7 @@ def test_kv_tokens_and_device_memory_together_are_refused(llama_setup):
         ["serve", "--model", str(model_dir), "--kv-tokens", "512", "--device-memory-mb", "1"]
     )
     with pytest.raises(pa.ConfigError, match="--kv-tokens or --device-memory-mb"):
-        cli._engine_config(args)
+        serve_cli.engine_config(args)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +157,21 @@ def test_bad_paths_are_one_line_errors(flags, message, llama_setup, capsys):
     assert err == f"paradapt: error: {message}"
 
 
+def test_port_in_use_is_one_line_before_the_start_banner(llama_setup, capsys):
+    """A taken port is the error, exit 2, and no start banner was printed before it."""
+    import socket
+
+    model_dir, _ = llama_setup
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--model", str(model_dir), "--port", str(port), "--threads", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "paradapt serve:" not in out
+    assert err.strip() == f"paradapt: error: --port: cannot listen on 127.0.0.1:{port} (in use?)"
+
+
 def test_served_name_may_not_shadow_an_adapter(llama_setup, capsys):
     model_dir, root = llama_setup
     argv = ["serve", "--model", str(model_dir), "--adapter-root", str(root), "--served-model-name", "alpha"]
@@ -165,7 +182,7 @@ def test_served_name_may_not_shadow_an_adapter(llama_setup, capsys):
 def test_no_model_serves_the_bundled_minilm_and_bundled_adapters():
     from paradapt import bundled
 
-    app, info = cli.build_server_app(cli.build_parser().parse_args(["serve"]))
+    app, info = serve_cli.build_server_app(cli.build_parser().parse_args(["serve"]))
     assert info["name"] == "all-MiniLM-L6-v2" and info["kind"] == "encoder"
     assert info["root"] == bundled.ROOT
     with TestClient(app) as client:
@@ -197,19 +214,19 @@ def test_default_threads_leave_a_core_to_the_http_loop(monkeypatch, cores, torch
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: torch_default)
-    assert cli.default_threads() == threads
+    assert serve_cli.default_threads() == threads
 
 
 def test_threads_flag_overrides_the_default(tmp_path, monkeypatch):
     import torch
 
-    monkeypatch.setattr(cli, "default_threads", lambda: 3)
+    monkeypatch.setattr(serve_cli, "default_threads", lambda: 3)
     model_dir = make_bert(tmp_path / "tiny-bert")
     before = torch.get_num_threads()
     try:
         for flags, expected in (([], 3), (["--threads", "2"], 2)):
             args = cli.build_parser().parse_args(["serve", "--model", str(model_dir), *flags])
-            _, info = cli.build_server_app(args)
+            _, info = serve_cli.build_server_app(args)
             assert info["threads"] == expected == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

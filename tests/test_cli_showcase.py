@@ -10,14 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import needs_asset
 
-from paradapt import cli, showcase
+from paradapt import cli
+from paradapt.cli import showcase
 
-ASSETS = cli.find_assets()
-needs_assets = pytest.mark.skipif(
-    ASSETS is None or not (ASSETS / "data" / "agnews" / "test.tsv").is_file(),
-    reason="the shared SST-2 / AG News test sets are not here",
-)
+needs_assets = needs_asset("data", "agnews", "test.tsv")  # and the SST-2 test set beside it
 ROW = re.compile(
     r"^(sst2|agnews)-parallel\s+(SST-2|AG News)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x"
 )

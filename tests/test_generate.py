@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from conftest import asset_path, require_asset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,8 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import paradapt as pa  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STORIES = os.path.join(REPO, "..", "shared", "assets", "models", "stories260k-hf")
+STORIES = asset_path("models", "stories260k-hf")
 
 PROMPTS = [
     "Once upon a time, there was a little girl",
@@ -48,8 +48,7 @@ ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def stories():
-    if not os.path.isdir(STORIES):
-        pytest.skip(f"stories260k-hf not found at {os.path.normpath(STORIES)} (shared assets absent)")
+    require_asset(STORIES)
     tok = AutoTokenizer.from_pretrained(STORIES)
     model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
     torch.manual_seed(0)

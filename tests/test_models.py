@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from conftest import asset_path, require_asset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,9 +37,7 @@ from transformers import (  # noqa: E402
 
 import paradapt as pa  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(REPO, "..", "shared", "assets")
-STORIES = os.path.join(ASSETS, "models", "stories260k-hf")
+STORIES = asset_path("models", "stories260k-hf")
 
 STORY_TEXTS = [
     "Once upon a time, there was a little girl named Lily.",
@@ -91,9 +90,8 @@ def rnd(kind: str):
 # -- loading -------------------------------------------------------------------------------
 
 
-def _need(path: str, what: str) -> None:
-    if not os.path.isdir(path):
-        pytest.skip(f"{what} not found at {os.path.normpath(path)} (the shared assets folder is absent)")
+def _need(path, what: str) -> None:
+    require_asset(path, what)
 
 
 @pytest.fixture(scope="module")

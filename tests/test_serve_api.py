@@ -9,11 +9,10 @@ import contextlib
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import asset_path, require_asset, tiny_model
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -23,13 +22,12 @@ from paradapt.serve.app import create_app
 from paradapt.serve.engine import EncoderEngine, Engine, EngineConfig
 from paradapt.serve.process import free_port
 
-STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
+STORIES = asset_path("models", "stories260k-hf")
 CFG = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=8, max_slots=2, max_served=3)
 
 
 def _need_stories() -> None:
-    if not STORIES.is_dir():
-        pytest.skip(f"stories260k-hf not found at {STORIES.resolve()} (shared assets absent)")
+    require_asset(STORIES)
 
 
 def stories():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import tiny_model
+from conftest import asset_path, require_asset, tiny_model
 from fastapi.testclient import TestClient
 from test_serve_api import live_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,14 +21,13 @@ from paradapt.serve.engine import EncoderEngine, Engine, EngineConfig
 from paradapt.serve.metrics import TokenRate
 from paradapt.serve.protocol import ChatMessage, chat_prompt
 
-STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
+STORIES = asset_path("models", "stories260k-hf")
 CFG = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=8, max_slots=2, max_served=3)
 LONG = {"max_tokens": 480, "temperature": 0, "ignore_eos": True}  # >= 2.4 s with recording_engine's pause
 
 
 def stories():
-    if not STORIES.is_dir():
-        pytest.skip(f"stories260k-hf not found at {STORIES.resolve()} (shared assets absent)")
+    require_asset(STORIES)
     return AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa").eval()
 
 

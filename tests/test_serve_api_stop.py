@@ -7,9 +7,9 @@ Runs on the real stories260K Llama and its sentencepiece tokenizer from the shar
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import asset_path, require_asset
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,7 +18,7 @@ from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.serve.protocol import ChatMessage, chat_prompt, streamable
 from paradapt.serve.sampling import SamplingParams
 
-STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260k-hf"
+STORIES = asset_path("models", "stories260k-hf")
 CFG = EngineConfig(page_size=16, num_blocks=64, token_budget=64, max_running=8, max_slots=2, max_served=3)
 N = 32  # new tokens per request (ignore_eos: every request generates all of them)
 
@@ -41,8 +41,7 @@ def test_streamable_holds_back_what_may_start_a_stop_string(text, stop, expected
 
 
 def _stories():
-    if not STORIES.is_dir():
-        pytest.skip(f"stories260k-hf not found at {STORIES.resolve()} (shared assets absent)")
+    require_asset(STORIES)
     return AutoModelForCausalLM.from_pretrained(STORIES, attn_implementation="sdpa").eval()
 
 

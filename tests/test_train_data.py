@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import asset_path, needs_asset, require_asset
 
 from paradapt.errors import ConfigError, ParadaptError
 from paradapt.train.data import (
@@ -23,16 +24,14 @@ from paradapt.train.data import (
     tokenize,
 )
 
-ASSETS = Path(__file__).parents[2] / "shared" / "assets"
-DATA = ASSETS / "data"
-STORIES = ASSETS / "models" / "stories260k-hf"
-needs_assets = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared assets not found at {ASSETS}")
+DATA = asset_path("data")
+STORIES = asset_path("models", "stories260k-hf")
+needs_assets = needs_asset("data")
 
 
 @pytest.fixture(scope="module")
 def llama_tok():
-    if not STORIES.is_dir():
-        pytest.skip(f"stories260k-hf tokenizer not found at {STORIES}")
+    require_asset(STORIES, "stories260k-hf tokenizer")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(STORIES))

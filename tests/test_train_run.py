@@ -17,9 +17,9 @@ from _train_fixtures import (
 )
 
 import paradapt as pa
-from paradapt.cli import load_model
 from paradapt.errors import ConfigError
 from paradapt.heads import classify
+from paradapt.loading import load_model
 from paradapt.train import Interrupted, train
 from paradapt.train import checkpoint as ckpt
 from paradapt.train.data import DataError

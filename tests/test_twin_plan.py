@@ -15,7 +15,7 @@ import pytest
 
 from paradapt.errors import ConfigError
 from paradapt.serve.workload import WorkloadSpec
-from paradapt.twin import plan
+from paradapt.twin import configurator, search
 from paradapt.twin.features import FEATURE_NAMES, feature_vector, workload_features
 
 
@@ -94,9 +94,9 @@ def test_features_do_not_depend_on_the_seed_or_duration():
 
 
 def test_grid_holds_powers_of_two_and_the_adapter_count():
-    assert plan.config_grid(1) == [(1, 1)]
-    assert plan.config_grid(3) == [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3)]
-    grid = plan.config_grid(100, slot_cap=32)
+    assert search.config_grid(1) == [(1, 1)]
+    assert search.config_grid(3) == [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3)]
+    grid = search.config_grid(100, slot_cap=32)
     assert all(k <= s for s, k in grid)
     assert {s for s, _ in grid} == {1, 2, 4, 8, 16, 32, 64, 100}
     assert max(k for _, k in grid) == 32
@@ -105,23 +105,23 @@ def test_grid_holds_powers_of_two_and_the_adapter_count():
 @pytest.mark.parametrize("n,rate,alpha", [(50, 8.0, 1.0), (300, 100.0, 1.0), (20, 1.0, 0.1), (3, 40.0, 1.0)])
 def test_search_finds_the_optimum_of_a_fake_surface(n, rate, alpha):
     spec = WorkloadSpec(num_adapters=n, rate=rate, duration=10, alpha=alpha)
-    result = plan.search_in_twin(spec, cost=None, simulate=fake_simulate, tie_tol=0.0)
+    result = search.search_in_twin(spec, cost=None, simulate=fake_simulate, tie_tol=0.0)
     assert (result.best.max_served, result.best.max_slots) == fake_optimum(spec)
-    assert len(result.trials) == len(plan.config_grid(n))
+    assert len(result.trials) == len(search.config_grid(n))
     assert result.best.throughput == result.max_throughput
 
 
 def test_ties_go_to_the_smallest_configuration_and_starvation_free_wins():
     trials = [
-        plan.Trial(8, 4, 100.0, True),
-        plan.Trial(4, 2, 99.5, True),  # within 1%: ties, needs fewer slots
-        plan.Trial(2, 2, 99.5, True),  # same slots, fewer served
-        plan.Trial(16, 8, 98.0, True),
+        search.Trial(8, 4, 100.0, True),
+        search.Trial(4, 2, 99.5, True),  # within 1%: ties, needs fewer slots
+        search.Trial(2, 2, 99.5, True),  # same slots, fewer served
+        search.Trial(16, 8, 98.0, True),
     ]
-    assert plan.choose_best(trials) == trials[2]
-    assert plan.choose_best(trials, tie_tol=0.0) == trials[0]
-    starving = [plan.Trial(8, 8, 200.0, False), plan.Trial(4, 4, 150.0, True)]
-    assert plan.choose_best(starving) == starving[1]
+    assert search.choose_best(trials) == trials[2]
+    assert search.choose_best(trials, tie_tol=0.0) == trials[0]
+    starving = [search.Trial(8, 8, 200.0, False), search.Trial(4, 4, 150.0, True)]
+    assert search.choose_best(starving) == starving[1]
 
 
 # -- training data, models and files ---------------------------------------------------------------
@@ -129,20 +129,20 @@ def test_ties_go_to_the_smallest_configuration_and_starvation_free_wins():
 
 @pytest.fixture(scope="module")
 def fake_data(tmp_path_factory):
-    specs = plan.sample_specs(120, seed=3, capacity=4.0, duration=10)
+    specs = search.sample_specs(120, seed=3, capacity=4.0, duration=10)
     cache = tmp_path_factory.mktemp("plan-cache")
-    results = plan.build_dataset(specs, None, workers=1, cache_dir=cache, simulate=fake_simulate)
+    results = search.build_dataset(specs, None, workers=1, cache_dir=cache, simulate=fake_simulate)
     return specs, results, cache
 
 
 def test_sampled_specs_are_seeded_and_valid():
-    a = plan.sample_specs(30, seed=1, capacity=2.0)
-    assert a == plan.sample_specs(30, seed=1, capacity=2.0)
-    assert a != plan.sample_specs(30, seed=2, capacity=2.0)
+    a = search.sample_specs(30, seed=1, capacity=2.0)
+    assert a == search.sample_specs(30, seed=1, capacity=2.0)
+    assert a != search.sample_specs(30, seed=2, capacity=2.0)
     assert len({s.num_adapters for s in a}) > 10
     assert all(0.1 * 2.0 * 0.99 <= s.rate <= 2.5 * 2.0 * 1.01 for s in a)
     with pytest.raises(ConfigError, match="train"):
-        plan.sample_specs(0, seed=1, capacity=2.0)
+        search.sample_specs(0, seed=1, capacity=2.0)
 
 
 def test_dataset_is_cached_on_disk(fake_data):
@@ -154,22 +154,22 @@ def test_dataset_is_cached_on_disk(fake_data):
         calls.append(1)
         return fake_simulate(*a, **k)
 
-    again = plan.build_dataset(specs, None, workers=1, cache_dir=cache, simulate=counting)
+    again = search.build_dataset(specs, None, workers=1, cache_dir=cache, simulate=counting)
     assert calls == []
     assert [r.to_dict() for r in again] == [r.to_dict() for r in results]
 
 
 def test_dataset_in_two_processes_matches_one(tmp_path):
-    specs = plan.sample_specs(6, seed=5, capacity=4.0)
-    one = plan.build_dataset(specs, None, workers=1, simulate=fake_simulate)
-    two = plan.build_dataset(specs, None, workers=2, simulate=fake_simulate)
+    specs = search.sample_specs(6, seed=5, capacity=4.0)
+    one = search.build_dataset(specs, None, workers=1, simulate=fake_simulate)
+    two = search.build_dataset(specs, None, workers=2, simulate=fake_simulate)
     assert [r.to_dict() for r in one] == [r.to_dict() for r in two]
 
 
 def test_models_train_predict_and_round_trip(fake_data, tmp_path):
     _, results, _ = fake_data
     train_set, test_set = results[:96], results[96:]
-    model = plan.PlanModel.fit(train_set, max_depth=5)
+    model = configurator.Configurator.fit(train_set, max_depth=5)
     # the JSON tree walks to the same leaves as sklearn's tree would
     import numpy as np
     from sklearn.tree import DecisionTreeRegressor
@@ -179,17 +179,17 @@ def test_models_train_predict_and_round_trip(fake_data, tmp_path):
     ref = DecisionTreeRegressor(max_depth=5, min_samples_leaf=3, random_state=0).fit(X, y)
     assert [model.trees["max_slots"].predict(x)[0] for x in X] == pytest.approx(list(ref.predict(X)))
 
-    model.margin = plan.choose_margin(train_set, max_depth=5)
-    assert model.margin in plan.MARGINS
+    model.margin = configurator.choose_margin(train_set, max_depth=5)
+    assert model.margin in configurator.MARGINS
     path = tmp_path / "plan.json"
     model.save(path)
-    loaded = plan.PlanModel.load(path)
+    loaded = configurator.Configurator.load(path)
     assert loaded.margin == model.margin
     for r in test_set:
         for predictor in ("tree", "linear"):
             assert loaded.recommend(r.spec, predictor) == model.recommend(r.spec, predictor)
     rec = loaded.recommend(test_set[0].spec)
-    assert (rec.max_served, rec.max_slots) in plan.config_grid(test_set[0].spec.num_adapters)
+    assert (rec.max_served, rec.max_slots) in search.config_grid(test_set[0].spec.num_adapters)
     assert rec.rules["max_slots"] and all(
         any(n in cond for n in FEATURE_NAMES) for cond in rec.rules["max_slots"]
     )
@@ -197,7 +197,7 @@ def test_models_train_predict_and_round_trip(fake_data, tmp_path):
     assert "|---" in text and "x std(" in text  # export_text rules and linear coefficients
 
     # the fake surface is learnable: the tree lands close to the optimum on held-out workloads
-    summary = plan.summarize_errors(plan.held_out_errors(model, test_set, "tree"))
+    summary = configurator.summarize_errors(configurator.held_out_errors(model, test_set, "tree"))
     assert summary["n"] == len(test_set)
     assert summary["mean_error"] < 0.05
 
@@ -206,15 +206,15 @@ def test_bad_model_files_name_the_problem(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        plan.PlanModel.load(bad)
+        configurator.Configurator.load(bad)
     bad.write_text(json.dumps({"format": 999}))
     with pytest.raises(ConfigError, match="not a paradapt plan model"):
-        plan.PlanModel.load(bad)
+        configurator.Configurator.load(bad)
     with pytest.raises(ConfigError, match="cannot read"):
-        plan.PlanModel.load(tmp_path / "missing.json")
+        configurator.Configurator.load(tmp_path / "missing.json")
 
 
 def test_snap_stays_on_the_grid():
-    assert plan.snap(10.0, 10.0, 5) == (5, 5)
-    assert plan.snap(-3.0, -3.0, 5) == (1, 1)
-    assert plan.snap(3.0, 1.0, 100) == (8, 2)
+    assert configurator.snap(10.0, 10.0, 5) == (5, 5)
+    assert configurator.snap(-3.0, -3.0, 5) == (1, 1)
+    assert configurator.snap(3.0, 1.0, 100) == (8, 2)

@@ -8,7 +8,7 @@ from test_twin_plan import fake_simulate
 
 from paradapt import cli
 from paradapt.serve.workload import WorkloadSpec
-from paradapt.twin import CostModel, plan
+from paradapt.twin import CostModel, configurator, search
 
 
 def small_cost() -> CostModel:
@@ -26,10 +26,10 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("plan")
     cost = folder / "cost.json"
     small_cost().save(cost)
-    specs = plan.sample_specs(40, seed=7, capacity=2.0, duration=5)
-    results = plan.build_dataset(specs, None, workers=1, simulate=fake_simulate)
+    specs = search.sample_specs(40, seed=7, capacity=2.0, duration=5)
+    results = search.build_dataset(specs, None, workers=1, simulate=fake_simulate)
     model = folder / "plan.json"
-    plan.PlanModel.fit(results, max_depth=3).save(model)
+    configurator.Configurator.fit(results, max_depth=3).save(model)
     return cost, model
 
 
@@ -59,15 +59,15 @@ def test_plan_prints_rules_and_a_recommendation(files, tmp_path, capsys):
         int(line.split("--max-served ")[1].split()[0]),
         int(line.split("--max-slots ")[1].split()[0]),
     )
-    assert (served, slots) in plan.config_grid(3)
+    assert (served, slots) in search.config_grid(3)
     assert "searched optimum" in out and "tokens/s" in out
     # --check's searched optimum is the twin's, recomputed here the same way
     spec = WorkloadSpec.from_yaml(wl)
-    best = plan.search_in_twin(spec, CostModel.load(cost), knobs={"max_running": 32}).best
+    best = search.search_in_twin(spec, CostModel.load(cost), knobs={"max_running": 32}).best
     assert f"searched optimum ({best.max_served}, {best.max_slots})" in out
     shortfall = float(out.split("shortfall vs the searched optimum: ")[1].split("%")[0])
     advice = f"use the searched optimum instead: --max-served {best.max_served} --max-slots {best.max_slots}"
-    assert (advice in out) == (shortfall > 100 * plan.TIE_TOL)
+    assert (advice in out) == (shortfall > 100 * search.TIE_TOL)
 
 
 @pytest.mark.parametrize(

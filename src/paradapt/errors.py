@@ -56,3 +56,15 @@ class MergeError(ParadaptError, ValueError):
 
 class RoutingError(ParadaptError, ValueError):
     """A route or composition cannot be applied to this batch."""
+
+
+class SetupError(ParadaptError):
+    """Something the environment should provide is missing or wrong: ``$PARADAPT_ASSETS`` names
+    no folder, or the package that ships the default model is not installed. The message says
+    how to fix it."""
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line (its class name if it has none): how the command line
+    prints an error, and how a load failure is quoted inside another message."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -340,7 +340,7 @@ def _expand(spec: dict | str) -> dict | str:
     path = spec if isinstance(spec, str) else spec.get("path")
     if not isinstance(path, str) or "${assets}" not in path:
         return spec
-    from ..cli import find_assets
+    from ..loading import find_assets
 
     assets = find_assets()
     if assets is None:

@@ -151,7 +151,7 @@ def _prepare_fresh(out: Path, overwrite: bool, delete: bool) -> None:
 
 
 def _load_model(cfg: RunConfig, base_dir: Path | None):
-    from ..cli import default_model_dir, load_model
+    from ..loading import default_model_dir, load_model
 
     if cfg.model is None:
         return load_model(default_model_dir())

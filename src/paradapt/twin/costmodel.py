@@ -356,6 +356,25 @@ def model_fingerprint_of_folder(path: str | Path) -> dict[str, Any]:
     return fp
 
 
+def load_cost(path: str | Path | None = None, model: str | Path | None = None) -> CostModel:
+    """The cost model in ``path`` (None: the one shipped), warning (:class:`CostModelMismatch`)
+    when it was measured on another machine or, given ``model`` (a folder), for another model.
+
+    The twin runs no torch: this process's torch threads say nothing, so they are not compared.
+    """
+    if path is None:
+        if not DEFAULT_COST.is_file():
+            raise ConfigError(
+                "cost", "no cost model given and none shipped: run paradapt profile, then --cost FILE"
+            )
+        path = DEFAULT_COST
+    expect = machine_fingerprint()
+    expect.pop("torch_threads", None)
+    if model is not None:
+        expect["model_config"] = model_fingerprint_of_folder(model)["model_config"]
+    return CostModel.load(path, expect=expect)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -18,6 +18,7 @@ do), failing adapter folders, HTTP and tokenization, and other processes on the 
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 from typing import Any
 
 from ..errors import ConfigError
@@ -29,18 +30,8 @@ from .costmodel import CostModel
 from .metrics import TwinResult, summarize
 from .replay import replay
 
-#: Engine knobs ``simulate`` accepts besides max_served/max_slots (EngineConfig's fields).
-ENGINE_KNOBS = (
-    "page_size",
-    "num_blocks",
-    "token_budget",
-    "max_running",
-    "queue_bound",
-    "starvation_after",
-    "prefetch",
-    "device_memory",
-    "slot_bytes",
-)
+#: Engine knobs ``simulate`` accepts besides max_served/max_slots: EngineConfig's other fields.
+ENGINE_KNOBS = tuple(f.name for f in fields(EngineConfig) if f.name not in ("max_served", "max_slots"))
 
 
 class SimEngine(ServeCore):

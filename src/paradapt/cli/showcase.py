@@ -10,22 +10,25 @@ Exit 0 when every accuracy clears its floor, 1 when one does not, 2 on an error 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import random
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ParadaptError
-from .serve.process import ServerProcess, ServerStartError
+from ..errors import ParadaptError
+from ..loading import find_assets
+from ..serve.process import ServerProcess, ServerStartError
+from .common import one_line_warning, positive_int
+from .serve import DEFAULT_SERVED_NAME
 
-BASE_NAME = "all-MiniLM-L6-v2"  # cli.DEFAULT_SERVED_NAME
+BASE_NAME = DEFAULT_SERVED_NAME
 START_TIMEOUT_S = 180.0
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the repository's examples/ folder
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"  # the repository's examples/ folder
 
 
 class ShowcaseError(ParadaptError):
@@ -145,14 +148,10 @@ async def _stream(url: str, phase: str, reqs: list, base: bool, concurrency: int
 # -- training ------------------------------------------------------------------------------------
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"paradapt: warning: {message}", file=file or sys.stderr)
-
-
 def retrain(out_dir: Path, sst2_name: str, agnews_name: str) -> Path:
     """Train both adapters with the examples/ configs; an adapter root holding them under
     the names the showcase serves."""
-    from .train import run as train_run
+    from ..train import run as train_run
 
     root = out_dir / "adapters"
     for config, name in (("train_sst2.yaml", sst2_name), ("train_agnews.yaml", agnews_name)):
@@ -161,7 +160,7 @@ def retrain(out_dir: Path, sst2_name: str, agnews_name: str) -> Path:
             raise ShowcaseError(f"--train needs {path} (run from a repository checkout)")
         print(f"training {name} with {path.name} ...", flush=True)
         with warnings.catch_warnings():  # e.g. the truncation count: one line, not a source excerpt
-            warnings.showwarning = _one_line_warning
+            warnings.showwarning = one_line_warning
             result = train_run.train(path, overwrite=True, progress=False, output_dir=str(out_dir / name))
         (trained,) = result.adapters.values()
         metrics = ", ".join(f"{k} {v:.4f}" for m in result.metrics.values() for k, v in m.items())
@@ -265,4 +264,57 @@ def report(tasks: list[Task], t_mixed: float, t_base: float, total: float) -> in
     return status
 
 
-__all__ = ["Options", "ShowcaseError", "run"]
+# -- flags ---------------------------------------------------------------------------------------
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``paradapt showcase`` from its flags."""
+    options = Options(
+        limit=args.limit,
+        agnews=args.agnews_rows,
+        batch=args.batch,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        train=args.train,
+        train_dir=Path(args.train_dir).expanduser(),
+        threads=args.threads,
+    )
+    check_options(options)  # before looking for data, so a bad flag is the error named
+    return run(options, find_assets())
+
+
+def add_parser(sub) -> None:
+    """Register ``paradapt showcase`` on the ``paradapt`` subparsers."""
+    sc = sub.add_parser(
+        "showcase",
+        help="serve the SST-2 and AG News adapters, stream both test sets, print accuracy and throughput",
+        description="Start `paradapt serve` (bundled MiniLM + the SST-2 and AG News parallel adapters) on "
+        "a free loopback port, send a mixed concurrent stream of /classify requests for both adapters "
+        "over their test sets, then the same texts to the base model, and print each adapter's test "
+        "accuracy, rows/s and throughput ratio to the base model. Exit 0: every accuracy at or above "
+        "its floor (SST-2 0.75, AG News 0.80); 1: one below; 2: an error.",
+    )
+    sc.add_argument("--train", action="store_true", help="retrain both adapters first (examples/*.yaml)")
+    sc.add_argument("--train-dir", default="runs/showcase", metavar="DIR", help="where --train writes")
+    sc.add_argument("--limit", type=int, metavar="N", help="SST-2 test rows (default: all 872)")
+    sc.add_argument(
+        "--agnews-rows",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="seeded AG News test subset (default: 1000)",
+    )
+    sc.add_argument("--batch", type=int, default=8, metavar="N", help="texts per request (default: 8)")
+    sc.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight (default: 8)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the AG News subset (default: 0)")
+    sc.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="the server's torch CPU threads (default: 1, leaving a core to the client stream)",
+    )
+    sc.set_defaults(func=run_command)
+
+
+__all__ = ["Options", "ShowcaseError", "add_parser", "run"]

@@ -1,0 +1,41 @@
+"""What every ``paradapt`` command shares: its error class, argument types, one-line warnings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ..errors import ParadaptError
+
+
+class CLIError(ParadaptError):
+    """A command-line problem (bad path, missing package); printed as one line, exit 2."""
+
+
+def positive_int(s: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def csv_of(kind):
+    """An argparse type: a comma-separated list of ``kind`` values (``8,16,32``)."""
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ``warnings.showwarning``: warnings (e.g. the truncation count) as one
+    ``paradapt: warning:`` line, not a source excerpt."""
+    print(f"paradapt: warning: {message}", file=file or sys.stderr)
+
+
+def print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Recorded warnings, one ``paradapt: warning:`` line each."""
+    for w in caught:
+        print(f"paradapt: warning: {' '.join(str(w.message).split())}", file=sys.stderr)

@@ -1,0 +1,36 @@
+"""``paradapt info``: the version, the adapter kinds, what merges, the architecture families."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import paradapt as pa
+
+from ..config import CONFIG_CLASSES
+
+
+def add_parser(sub) -> None:
+    """Register ``paradapt info`` on the ``paradapt`` subparsers."""
+    info = sub.add_parser("info", help="version and adapter kinds")
+    info.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``paradapt info``."""
+    import transformers
+
+    from ..archmap import FAMILIES
+
+    print(f"paradapt {pa.__version__} (torch {torch.__version__}, transformers {transformers.__version__})")
+    print("adapter kinds:")
+    for kind, cls in CONFIG_CLASSES.items():
+        first = (cls.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        print(f"  {kind:<9} {cls.__name__:<15} {first}")
+    print("mergeable into the base weights: lora, ia3, ssf")
+    print("compositions: Stack, Average, Parallel (and per-row mixing with pa.route)")
+    print(
+        "architecture families: " + ", ".join(f.name for f in FAMILIES) + " (others: name modules by pattern)"
+    )
+    return 0

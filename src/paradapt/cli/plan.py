@@ -1,0 +1,184 @@
+"""``paradapt plan WORKLOAD.yaml``: recommend ``--max-served``/``--max-slots`` for a workload.
+
+The models and how they are trained live in :mod:`paradapt.twin.configurator`, the search they
+learn from in :mod:`paradapt.twin.search`; this module loads or trains them as the flags say,
+prints the rules that fired and the recommendation, and with ``--check`` compares it with the
+searched optimum in the twin (docs/twin.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..serve.workload import WorkloadSpec
+from ..twin.configurator import TARGETS, Configurator, Recommendation, shortfall, train
+from ..twin.search import TIE_TOL, cost_key, search_in_twin
+from .engine_flags import add_engine_flags, knobs_from_args
+from .twin import cost_from_flags
+
+DEFAULT_MODEL = "runs/plan/plan.json"
+DEFAULT_TRAIN = 300
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``paradapt plan`` on an argparse subparsers object."""
+    p = sub.add_parser(
+        "plan",
+        help="recommend --max-served/--max-slots for a workload (models trained in the twin)",
+        description="Recommend (max_served, max_slots) for WORKLOAD.yaml with interpretable models "
+        "(a depth-limited decision tree and a linear model) trained on configurations searched in "
+        "the digital twin over many sampled workloads. Prints the tree rules that fired and the "
+        "configuration; --check also runs the twin at it and at the searched optimum.",
+    )
+    p.add_argument("workload", metavar="WORKLOAD.yaml", help="the workload (paradapt.serve.workload fields)")
+    p.add_argument(
+        "--cost", metavar="COST.json", help="cost model from `paradapt profile` (default: the twin's)"
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="PLAN.json",
+        help=f"fitted models (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--train",
+        type=int,
+        metavar="N",
+        help=f"(re)train on N sampled workloads first and save to --model (default when the "
+        f"model file is missing: {DEFAULT_TRAIN})",
+    )
+    p.add_argument("--predictor", choices=("tree", "linear"), default="tree", help="which model recommends")
+    p.add_argument(
+        "--check", action="store_true", help="run the twin at the recommendation and search the optimum"
+    )
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="search processes (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled training workloads (default: 0)")
+    p.add_argument("--max-depth", type=int, default=4, metavar="D", help="decision tree depth (default: 4)")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="searched workloads cache (default: a cache/ folder next to --model)",
+    )
+    p.add_argument("--show-model", action="store_true", help="print every tree rule and linear coefficient")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="arrival window of each training workload (default: 15)",
+    )
+    add_engine_flags(p)  # the engine knobs the twin runs with (a model is trained for one setting)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``paradapt plan``: load or train the models, recommend, optionally check in the twin."""
+    spec = WorkloadSpec.from_yaml(args.workload)  # a bad file is a ConfigError naming the field
+    if args.train is not None and args.train < 2:
+        raise ConfigError("train", f"need at least 2 workloads to train on, got {args.train}")
+    for name in ("workers", "max_depth"):
+        if getattr(args, name) < 1:
+            raise ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
+    if not args.duration > 0:
+        raise ConfigError("duration", f"must be positive, got {args.duration}")
+    cost = cost_from_flags(args.cost, None)
+    cost_source = args.cost or "the shipped cost model"
+    knobs = knobs_from_args(args)
+    model_path = Path(args.model)
+    if args.train is not None or not model_path.is_file():
+        n = args.train if args.train is not None else DEFAULT_TRAIN
+        cache = Path(args.cache_dir) if args.cache_dir else model_path.parent / "cache"
+        print(f"training on {n} workloads searched in the twin ({args.workers} processes, cache {cache}) ...")
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                print(f"  searched {done}/{total}", file=sys.stderr, flush=True)
+
+        model, _, _ = train(
+            cost,
+            n,
+            seed=args.seed,
+            workers=args.workers,
+            cache_dir=cache,
+            max_depth=args.max_depth,
+            progress=progress,
+        )
+        model.save(model_path)
+        print(f"saved {model_path}")
+        print(model.describe())
+    else:
+        model = Configurator.load(model_path)
+        check_cost(model, cost, knobs, str(model_path), cost_source)
+        if args.show_model:
+            print(model.describe())
+    _print_heldout(model)
+    rec = model.recommend(spec, args.predictor)
+    other = model.recommend(spec, "linear" if args.predictor == "tree" else "tree")
+    print(
+        f"\nworkload {args.workload}: {spec.num_adapters} adapters, {spec.rate:g} req/s, alpha {spec.alpha:g}"
+    )
+    tree_rec = rec if rec.predictor == "tree" else other
+    print("rules that fired (decision tree):")
+    for target in TARGETS:
+        conds = " and ".join(tree_rec.rules[target]) or "(root)"
+        print(
+            f"  {target}: {conds}\n    -> log2 {tree_rec.raw[target]:.2f} ({2 ** tree_rec.raw[target]:.1f})"
+        )
+    print(
+        f"recommended ({rec.predictor}, margin {model.margin:+.2f} log2): "
+        f"--max-served {rec.max_served} --max-slots {rec.max_slots}"
+        f"   [{other.predictor}: --max-served {other.max_served} --max-slots {other.max_slots}]"
+    )
+    if args.check:
+        _print_check(spec, cost, rec, knobs)
+    return 0
+
+
+def _print_heldout(model: Configurator) -> None:
+    for predictor in ("tree", "linear"):
+        h = model.meta.get(f"heldout_{predictor}")
+        if h:
+            print(
+                f"{predictor}: held-out throughput error mean {100 * h['mean_error']:.2f}%, max "
+                f"{100 * h['max_error']:.2f}% over {h['n']} workloads (trained on {model.meta.get('train_workloads')})"
+            )
+
+
+def _print_check(spec: WorkloadSpec, cost: Any, rec: Recommendation, knobs: Mapping[str, Any]) -> None:
+    result = search_in_twin(spec, cost, knobs=knobs)
+    at = result.throughput_at(rec.max_served, rec.max_slots)
+    best = result.best
+    err = shortfall(at, best.throughput)
+    print(f"twin check over {len(result.trials)} configurations:")
+    print(f"  recommended ({rec.max_served}, {rec.max_slots}): {at:,.1f} tokens/s")
+    print(f"  searched optimum ({best.max_served}, {best.max_slots}): {best.throughput:,.1f} tokens/s")
+    print(f"  shortfall vs the searched optimum: {100 * err:.2f}%")
+    if err > TIE_TOL:  # the models missed this workload: the search's answer is the one to use
+        print(
+            f"  use the searched optimum instead: --max-served {best.max_served} --max-slots {best.max_slots}"
+        )
+
+
+def check_cost(
+    model: Configurator, cost: Any, knobs: Mapping[str, Any], model_source: str, cost_source: str
+) -> None:
+    """Warn (one line each) when ``model`` was trained on another cost model or other engine knobs."""
+    trained = model.meta.get("cost")
+    if trained is not None and trained != cost_key(cost):
+        print(
+            f"paradapt: warning: {model_source} was trained on cost model {trained}, not on {cost_source} "
+            f"({cost_key(cost)}); retrain with --train N",
+            file=sys.stderr,
+        )
+    trained_knobs = model.meta.get("knobs")
+    if trained_knobs is not None and dict(trained_knobs) != dict(knobs):
+        print(
+            f"paradapt: warning: {model_source} was trained with engine knobs {trained_knobs}, not {dict(knobs)}; "
+            "retrain with --train N",
+            file=sys.stderr,
+        )

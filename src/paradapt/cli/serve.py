@@ -1,0 +1,213 @@
+"""``paradapt serve [--model PATH] [--adapter-root DIR] [--port P] ...``: the OpenAI-compatible
+server (docs/serving.md) over every adapter folder under DIR; SIGTERM drains and exits 0.
+
+:func:`build_server_app` is the app ``paradapt serve`` runs, also built in-process by tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from ..loading import default_model_dir, load_model
+from ..serve.core import EngineConfig
+from .common import CLIError, positive_int
+from .engine_flags import add_engine_flags, knobs_from_args
+
+DEFAULT_SERVED_NAME = "all-MiniLM-L6-v2"  # the bundled MiniLM's `model` name
+
+
+def add_parser(sub) -> None:
+    """Register ``paradapt serve`` on the ``paradapt`` subparsers."""
+    serve = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server: one base model, every adapter folder under a root",
+        description="Serve the Hugging Face model at --model and every adapter folder under "
+        "--adapter-root (named by its folder) over HTTP (docs/serving.md). Decoders generate "
+        "(/v1/completions, /v1/chat/completions); encoders classify and embed (/classify, "
+        "/v1/embeddings). With no --model: the bundled all-MiniLM-L6-v2 and the bundled adapters. "
+        "SIGTERM lets running requests finish (up to 30 s), then exits 0.",
+    )
+    serve.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder")
+    serve.add_argument(
+        "--adapter-root",
+        metavar="DIR",
+        help="folder of adapter folders (default: none, or the bundled adapters with the default model)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the base model's `model` name (default: the model folder's name)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-served", type=positive_int, metavar="S", help="adapters kept in host memory")
+    serve.add_argument(
+        "--max-slots",
+        type=positive_int,
+        metavar="K",
+        help="adapters on the model at once (distinct adapters per step)",
+    )
+    add_engine_flags(serve)  # --token-budget, --max-running, --kv-tokens, --device-memory-mb, ...
+    serve.add_argument("--queue-bound", type=positive_int, metavar="N", help="waiting requests before 429")
+    serve.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch CPU threads (default: torch's default but at most the usable cores minus one, "
+        "at least 1; printed at startup)",
+    )
+    serve.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=run)
+
+
+def _serve_sources(args) -> tuple[Path, Path | None, str]:
+    """Model folder, adapter root and the base model's served name.
+
+    With no ``--model``: the bundled MiniLM and, if this install ships them, the bundled adapters.
+    """
+    root = Path(args.adapter_root).expanduser() if args.adapter_root else None
+    if args.model:
+        model_dir = Path(args.model).expanduser()
+        name = args.served_model_name or model_dir.resolve().name
+    else:
+        model_dir, name = default_model_dir(), args.served_model_name or DEFAULT_SERVED_NAME
+        if root is None:
+            root = _bundled_root()
+    if root is not None and not root.is_dir():
+        raise CLIError(f"--adapter-root: {root} is not a folder")
+    if root is not None and (root / name).is_dir():
+        raise CLIError(f"--served-model-name: {name!r} is also an adapter folder under {root}; rename one")
+    return model_dir, root, name
+
+
+def _bundled_root() -> Path | None:
+    """The folder of the adapters shipped in the package, or None when there are none."""
+    from .. import bundled
+
+    return bundled.ROOT if bundled.bundled() else None
+
+
+def _adapter_count(root: Path | None) -> int:
+    return 0 if root is None else sum(1 for p in root.iterdir() if p.is_dir())
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from the flags; the engine knobs mean what they mean to ``paradapt twin``/``plan``.
+
+    ``--device-memory-mb`` goes to the engine whole: it sets aside ``--max-slots`` slots of the
+    largest adapter under the root and gives the rest to KV pages (``serve.core.memory_split``).
+    """
+    base = EngineConfig()
+    knobs = knobs_from_args(args)
+    max_slots = args.max_slots or base.max_slots
+    knobs["max_running"] = min(knobs["max_running"], knobs.get("token_budget", base.token_budget))
+    return EngineConfig(
+        **knobs,
+        max_slots=max_slots,
+        max_served=args.max_served or max(base.max_served, max_slots),
+        queue_bound=args.queue_bound or base.queue_bound,
+    )
+
+
+def default_threads() -> int:
+    """Torch threads for the server: torch's own default, but leaving one usable core, at least 1.
+
+    The engine thread's torch ops share the cores with the HTTP event loop (JSON, tokenizer) and
+    the clients; on a 2-core machine 1 thread serves faster than 2 (benchmarks/serve_threads.py).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - 1))
+
+
+def build_server_app(args: argparse.Namespace):
+    """The FastAPI app ``paradapt serve`` runs, and what it prints at startup (tests build it in-process)."""
+    try:  # the HTTP layer, through the package's lazy names (whichever module holds it)
+        from ..serve import EncoderEngine, Engine, create_app
+    except ImportError as e:
+        raise CLIError(f"serve needs fastapi and uvicorn: pip install 'paradapt[serve]' ({e})") from None
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    from ..serve.malloc import keep_freed_memory
+
+    heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
+    model_dir, root, name = _serve_sources(args)
+    tok, model = load_model(model_dir)
+    config = engine_config(args)
+    if model.can_generate():
+        engine = Engine(model, root, config, tokenizer=tok)
+    else:
+        engine = EncoderEngine(model, root, config, pad_token_id=tok.pad_token_id)
+    info = {
+        "model": str(model_dir),
+        "name": name,
+        "kind": "decoder" if model.can_generate() else "encoder",
+        "root": root,
+        "adapters": _adapter_count(root),
+        "config": config,
+        "threads": threads,
+        "heap": heap,
+    }
+    return create_app(engine, model_name=name, tokenizer=tok), info
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind (host, port) once and let it go, as uvicorn will (``SO_REUSEADDR``), so that a port in
+    use is a one-line error before the start banner rather than after it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError:
+        raise CLIError(f"--port: cannot listen on {host}:{port} (in use?)") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """``paradapt serve``: 0 after SIGTERM (running requests drained), 130 after SIGINT."""
+    import uvicorn
+
+    app, info = build_server_app(args)
+    check_port(args.host, args.port)
+    c = info["config"]
+    print(
+        f"paradapt serve: {info['name']} ({info['kind']}, {info['model']}); "
+        f"{info['adapters']} adapters under {info['root'] or '(none)'}; "
+        f"kv {c.num_blocks * c.page_size} tokens, {c.max_slots} slots, {c.max_served} served; "
+        f"{info['threads']} torch threads{', large blocks kept in the heap' if info['heap'] else ''}; "
+        f"http://{args.host}:{args.port}",
+        flush=True,
+    )
+    got: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda sig, frame: got.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:  # uvicorn handles the signal (drain via the app's lifespan), then re-raises it to these handlers
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
+        )
+        server = uvicorn.Server(config)
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind (taken since check_port)
+        raise CLIError(f"--port: cannot listen on {args.host}:{args.port} (in use?)") from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if signal.SIGINT in got:
+        print("paradapt serve: interrupted; running requests drained", file=sys.stderr)
+        return 130
+    print("paradapt serve: stopped; running requests drained", file=sys.stderr)
+    return 0

@@ -1,0 +1,152 @@
+"""``paradapt profile`` and ``paradapt twin``: the command-line side of the digital twin.
+
+Errors are :class:`~paradapt.errors.ParadaptError` (one line, exit 2, printed by
+``paradapt.cli.main``); a cost file measured on another machine or model prints one
+``paradapt: warning:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import csv_of, positive_int, print_warnings
+from .engine_flags import DEFAULTS, add_engine_flags, knobs_from_args
+
+
+def add_parsers(sub) -> None:
+    """Register ``profile`` and ``twin`` on the ``paradapt`` subparsers."""
+    p = sub.add_parser(
+        "profile",
+        help="measure the serving engine's cost model on this machine (for paradapt twin)",
+        description="Drive the real decoder Engine over a designed grid of step shapes and adapter "
+        "mixes, fit step time and adapter load/evict times, print the coefficients and their "
+        "held-out error, and save them as JSON with this machine's and model's fingerprint "
+        "(docs/twin.md). With no --model: the random Llama-style decoder of "
+        "benchmarks/serve_load.py (hidden 512, 8 layers).",
+    )
+    p.add_argument("--model", metavar="PATH", help="a local Hugging Face decoder folder")
+    p.add_argument("--out", default="cost.json", metavar="FILE", help="where to save (default: cost.json)")
+    p.add_argument("--kinds", type=csv_of(str), default=["lora", "parallel", "series"], help="adapter kinds")
+    p.add_argument("--ranks", type=csv_of(int), default=[8, 16, 32], help="adapter ranks (default: 8,16,32)")
+    p.add_argument("--scenarios", type=positive_int, default=40, help="step-shape scenarios (default: 40)")
+    p.add_argument(
+        "--token-budget",
+        type=positive_int,
+        default=DEFAULTS.token_budget,
+        help=f"tokens per step (default: {DEFAULTS.token_budget})",
+    )
+    p.add_argument(
+        "--max-running",
+        type=positive_int,
+        default=DEFAULTS.max_running,
+        help=f"requests per step (default: {DEFAULTS.max_running})",
+    )
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--layers", type=positive_int, default=8, help="default model's layers (default: 8)")
+    p.add_argument("--hidden", type=positive_int, default=512, help="default model's width (default: 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_profile)
+
+    t = sub.add_parser(
+        "twin",
+        help="simulate the serving engine on a workload (digital twin)",
+        description="Run WORKLOAD.yaml (a paradapt.serve.workload.WorkloadSpec: num_adapters, rate, "
+        "duration, alpha, cv, input_len, output_len, ranks, kinds, seed) through the engine's own "
+        "scheduler and adapter cache on a simulated clock priced by a cost model (docs/twin.md); "
+        "print throughput, TTFT/TPOT, adapter loads, served fractions and starvation.",
+    )
+    t.add_argument("workload", metavar="WORKLOAD.yaml")
+    t.add_argument(
+        "--max-served", type=positive_int, required=True, metavar="S", help="adapters in host memory"
+    )
+    t.add_argument(
+        "--max-slots", type=positive_int, required=True, metavar="K", help="adapters on the device"
+    )
+    t.add_argument(
+        "--cost",
+        metavar="FILE",
+        help="cost model from paradapt profile (default: the one shipped, measured "
+        "for the default model on the machine that built it)",
+    )
+    t.add_argument(
+        "--model", metavar="PATH", help="check the cost model's fingerprint against this model folder"
+    )
+    add_engine_flags(t)
+    t.add_argument("--drain", type=float, default=0.0, metavar="S", help="keep running S s after the window")
+    t.add_argument("--json", metavar="FILE", help="also save the metrics as JSON")
+    t.set_defaults(func=run_twin)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """``paradapt profile``: measure, print and save the cost model."""
+    import torch
+
+    from ..serve.malloc import keep_freed_memory
+    from ..twin.profile import build_model, profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the engine runs as under `paradapt serve`, which sets the same heap thresholds
+    if args.model:
+        from ..loading import load_model
+
+        _, model = load_model(Path(args.model))
+        if not hasattr(model, "init_continuous_batching"):
+            raise ConfigError("model", f"{args.model} is not a decoder the serving engine can run")
+    else:
+        model = build_model(args.layers, args.hidden, args.seed)
+    cost = profile(
+        model,
+        kinds=args.kinds,
+        ranks=args.ranks,
+        scenarios=args.scenarios,
+        token_budget=args.token_budget,
+        max_running=min(args.max_running, args.token_budget),
+        seed=args.seed,
+    )
+    print(cost.describe())
+    print(f"saved {cost.save(args.out)}")
+    return 0
+
+
+def cost_from_flags(path: str | None, model: str | None):
+    """The cost model of ``--cost`` (None: the one shipped), each mismatch warning as one line."""
+    from ..twin.costmodel import load_cost
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cost = load_cost(path, model)
+    print_warnings(caught)
+    return cost
+
+
+def run_twin(args: argparse.Namespace) -> int:
+    """``paradapt twin``: simulate the workload, print (and optionally save) the metrics."""
+    from ..serve.workload import WorkloadSpec
+    from ..twin.sim import simulate
+
+    spec = WorkloadSpec.from_yaml(args.workload)
+    if args.max_slots > args.max_served:
+        raise ConfigError("max_slots", f"{args.max_slots} exceeds --max-served {args.max_served}")
+    cost = cost_from_flags(args.cost, args.model)
+    result = simulate(
+        spec,
+        cost,
+        max_served=args.max_served,
+        max_slots=args.max_slots,
+        drain=args.drain,
+        **knobs_from_args(args),
+    )
+    print(
+        f"twin: {args.workload}: {spec.num_adapters} adapters, {spec.rate:g} req/s for {spec.duration:g} s, "
+        f"alpha {spec.alpha:g}; --max-served {args.max_served} --max-slots {args.max_slots}"
+    )
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"saved {args.json}")
+    return 0

