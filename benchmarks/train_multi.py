@@ -33,7 +33,7 @@ What differs: dropout masks (MiniLM and the heads keep dropout 0.1; the joint ru
 for other tensors, so each row gets another mask) and padding (one joint forward pads every row
 to the longest row of ANY task; micro-batches group rows of similar length across tasks, and
 pad less than the separate runs' batches of b rows can). So the final accuracies
-agree within noise, not bit for bit (tests/test_train_loop.py checks bit-level equality of
+agree within noise, not bit for bit (tests/train/test_train_loop.py checks bit-level equality of
 joint vs separate training without dropout).
 
 Timing: (1) the two full runs, wall (``perf_counter``) and process CPU time (``process_time``,

@@ -693,7 +693,7 @@ def card_text(c: dict) -> str:
 | training data | `{files[0]}` from `shared/assets/data`: {c["train_rows"]:,} rows, a seeded sample (seed 1234; row indices in `card.json`) |
 | training | {c["steps"]} steps x batch {c["batch"]}, max_length {c["max_length"]}, AdamW (weight decay 0.01), lr {c["lr_adapter"]} adapter / {c["lr_head"]} head, 10% linear warmup then cosine, grad clip 1.0, seed {c["seed"]} |
 | test accuracy | **{100 * c["full_test_accuracy"]:.2f}%** on all {c["full_test_rows"]:,} rows of `{files[1]}`; {eval_note} |
-| 64-row check | {100 * c["check_subset_accuracy"]:.2f}% on 64 seeded test rows stored in `card.json` (`tests/test_bundled.py` re-runs them) |
+| 64-row check | {100 * c["check_subset_accuracy"]:.2f}% on 64 seeded test rows stored in `card.json` (`tests/core/test_bundled.py` re-runs them) |
 | training loss | {c["loss_first10"]:.3f} (first 10 steps) -> {c["loss_last10"]:.3f} (last 10) |
 
 Made in the table run of `benchmarks/RESULTS.md` (section `train_quality.py`), from the repository root

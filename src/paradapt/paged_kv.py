@@ -11,7 +11,7 @@ space and shift every later position.
 So when prefixes are present the cache is updated here first, on the new keys and
 values alone, and the attention function runs on ``[prefixes; cached + new keys]``
 with no cache. Prefixes never enter the KV pages and positions are unchanged
-(docs/routing.md, "Prefix adapters in packed mode"; ``tests/test_serve_packed_prefix.py``).
+(docs/routing.md, "Prefix adapters in packed mode"; ``tests/serve/test_serve_packed_prefix.py``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 The policy modules (workload, cache, scheduler, and ``core``: ``ServeCore``, ``EngineConfig``)
 import no torch, so the digital twin (issue 6) runs the very same code against a simulated
-clock, and ``import paradapt.serve`` stays cheap (tests/test_imports.py); the model side
+clock, and ``import paradapt.serve`` stays cheap (tests/core/test_imports.py); the model side
 (``Engine``, ``EncoderEngine``, ``Runner``, ``SamplingParams``, ...) is imported on first use.
 ``hf_paged`` is the one module that uses transformers' private continuous-batching API.
 

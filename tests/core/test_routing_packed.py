@@ -140,7 +140,7 @@ def test_prefix_adapter_on_the_model_but_not_routed_is_fine():
     pa.add_adapter(model, "lo", pa.LoRAConfig(r=4, init="random"))
     pa.add_adapter(model, "pre", pa.PrefixConfig(num_virtual_tokens=2, init="random"))
     seqs = seqs_for([2, 3])
-    with torch.no_grad():  # packed prefixes themselves: tests/test_routing_packed_prefix.py
+    with torch.no_grad():  # packed prefixes themselves: tests/core/test_routing_packed_prefix.py
         torch.testing.assert_close(
             packed_forward(model, seqs, ["lo", None]), alone(model, seqs, ["lo", None]), atol=1e-5, rtol=1e-5
         )

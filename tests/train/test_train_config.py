@@ -169,7 +169,7 @@ def test_assets_placeholder_expands(tmp_path, monkeypatch):
     assert train.path == str(tmp_path / "data" / "x.tsv")
 
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("train_*.yaml"))  # other examples: serving
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("train_*.yaml"))  # other examples: serving
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -184,7 +184,7 @@ def test_example_configs_are_valid(path, tmp_path, monkeypatch):
 
 def test_sst2_example_reads_the_shared_split(tmp_path, monkeypatch):
     monkeypatch.setenv("PARADAPT_ASSETS", str(tmp_path))
-    cfg, base = load_config(Path(__file__).parents[1] / "examples" / "train_sst2.yaml")
+    cfg, base = load_config(Path(__file__).parents[2] / "examples" / "train_sst2.yaml")
     assert cfg.adapter_config(0).head["labels"] == [0, 1]
     train, evals = cfg.data_specs(0, base)
     assert train.path == str(tmp_path / "data" / "sst2" / "train.tsv") and train.text_field == "sentence"

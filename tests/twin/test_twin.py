@@ -28,7 +28,7 @@ from paradapt.twin import (
 from paradapt.twin.costmodel import BASE_FEATURES, featurize, fit_linear, kind_features
 from paradapt.twin.profile import build_adapter_root, clear_adapters
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 COST = CostModel.from_coefficients(
     {
