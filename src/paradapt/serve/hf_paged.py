@@ -7,7 +7,7 @@ with no manager thread. Those classes are internals of
 ``transformers.generation.continuous_batching`` (created through the private
 ``model.init_continuous_batching(...)._create_batch_processor()``), pinned by
 ``transformers==5.23.0``. Everything paradapt uses of them is here, in :class:`PagedKV`, so a
-transformers upgrade touches this file only; ``tests/serve/test_serve_runner_contract.py`` checks the
+transformers upgrade touches this file only; ``tests/serve/test_serve_hf_paged.py`` checks the
 contract (greedy outputs of our scheduler's packed steps equal ``model.generate``) and fails
 first when an upgrade changes it.
 """

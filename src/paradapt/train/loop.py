@@ -197,7 +197,7 @@ class Trainer:
         self.tokens += sum(_real_tokens(ex) for ex in rows)
         return rows, names
 
-    def _plan(self, rows: list[dict]) -> list[list[int]]:
+    def _micro_batch_split(self, rows: list[dict]) -> list[list[int]]:
         """This rank's rows split into micro-batches (row indices), by ``data.length_buckets``.
 
         ``micro_batches: auto`` on CPU, where a step costs about its padded tokens plus a small
@@ -350,7 +350,7 @@ class Trainer:
             denominators = self._global_denominators(rows, names)
             start, stop = self.dist.share(len(rows))
             rows, names = rows[start:stop], names[start:stop]
-            for part in self._plan(rows):
+            for part in self._micro_batch_split(rows):
                 batch = collate([rows[i] for i in part])
                 self.padded_tokens += batch["input_ids"].numel()
                 vec = self._loss_vector(batch, [names[i] for i in part], denominators)

@@ -17,13 +17,13 @@ Fitted models are saved as plain JSON (tree arrays, coefficients): loading never
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import read_structured
 from ..errors import ConfigError
 from ..serve.workload import WorkloadSpec
 from .features import FEATURE_NAMES, feature_vector
@@ -235,14 +235,7 @@ class Configurator:
 
     @classmethod
     def load(cls, path: str | Path) -> Configurator:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as e:
-            raise ConfigError("model", f"{path}: cannot read ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError("model", f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_structured(path, "model"), source=str(path))
 
 
 def snap(log2_served: float, log2_slots: float, num_adapters: int) -> tuple[int, int]:

@@ -372,12 +372,12 @@ def profile(
             prefetch=0,
         )
         rng = random.Random(seed)
-        plan = design(scenarios + 2, adapters, max_running=max_running, token_budget=token_budget, seed=seed)
+        runs = design(scenarios + 2, adapters, max_running=max_running, token_budget=token_budget, seed=seed)
         log(
-            f"profile: {len(plan) - 2} scenarios on {len(adapters)} adapters ({'/'.join(kinds)}, ranks {list(ranks)})"
+            f"profile: {len(runs) - 2} scenarios on {len(adapters)} adapters ({'/'.join(kinds)}, ranks {list(ranks)})"
         )
         warm = Samples([], [], [])
-        for i, sc in enumerate(plan):
+        for i, sc in enumerate(runs):
             run_scenario(model, root, sc, config, rng, warm if i < 2 else samples, i)
         for j, rate in enumerate(workload_rates):
             info.update(

@@ -78,9 +78,9 @@ def replay(workload: Workload, backend: Backend, *, drain: float = 0.0) -> Repla
         if now >= log.stop:
             break
         if backend.has_work():
-            plan = backend.step()
-            if plan is not None and not plan.empty:
-                log.steps.append(_event(backend.now(), plan))
+            step = backend.step()
+            if step is not None and not step.empty:
+                log.steps.append(_event(backend.now(), step))
                 continue
         if i < len(reqs):
             backend.wait_until(min(reqs[i].arrival, log.stop))
@@ -101,9 +101,9 @@ def replay(workload: Workload, backend: Backend, *, drain: float = 0.0) -> Repla
     return log
 
 
-def _event(end: float, plan: ScheduledStep) -> StepEvent:
-    prompt = tuple((c.request_id, c.length) for c in plan.prefills)
-    sampled = (*(c.request_id for c in plan.prefills if c.last), *plan.decodes)
+def _event(end: float, step: ScheduledStep) -> StepEvent:
+    prompt = tuple((c.request_id, c.length) for c in step.prefills)
+    sampled = (*(c.request_id for c in step.prefills if c.last), *step.decodes)
     return StepEvent(end, prompt, sampled)
 
 

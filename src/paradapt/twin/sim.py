@@ -68,22 +68,22 @@ class SimEngine(ServeCore):
         return rid
 
     def step(self) -> ScheduledStep:
-        """Plan with the engine's code, then charge the step's modelled time."""
+        """Schedule with the engine's code, then charge the step's modelled time."""
         self._loads = 0
         self.t += self.cost.loop
-        plan, now = self._schedule()
-        if plan.empty:
-            return plan
-        shape = step_shape(self.scheduler, plan, self._loads, len(self.cache.on_device))
+        step, now = self._schedule()
+        if step.empty:
+            return step
+        shape = step_shape(self.scheduler, step, self._loads, len(self.cache.on_device))
         dt = self.cost.step_time(shape, self.info)
         self.t += dt
         self.busy += dt
-        for c in plan.prefills:
+        for c in step.prefills:
             if c.last:
                 self.first.setdefault(c.request_id, self.t)
-        for r in self.scheduler.complete(plan, now):
+        for r in self.scheduler.complete(step, now):
             self.end[r.id] = self.t
-        return plan
+        return step
 
 
 class SimBackend:
