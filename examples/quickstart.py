@@ -1,6 +1,6 @@
 """paradapt quickstart: three adapters of different kinds on one frozen encoder, one mixed batch.
 
-Run from the repository root after `python3 -m pip install -e '.[test]'`:
+Run from the repository root after `python3 -m pip install -c constraints.txt -e '.[showcase]'`:
 
     python3 examples/quickstart.py
 
