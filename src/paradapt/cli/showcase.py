@@ -40,7 +40,7 @@ def _httpx():
     try:
         import httpx
     except ImportError:
-        raise ShowcaseError("showcase needs httpx: pip install -e '.[test]'") from None
+        raise ShowcaseError("showcase needs httpx: pip install 'paradapt[showcase]'") from None
     return httpx
 
 

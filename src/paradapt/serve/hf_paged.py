@@ -5,8 +5,8 @@ own paged-attention forward (docs/serving.md, section 4): one packed ``[1, T]`` 
 KV in a ``PagedAttentionCache``, inputs built by ``ContinuousBatchingIOs``, driven by our loop
 with no manager thread. Those classes are internals of
 ``transformers.generation.continuous_batching`` (created through the private
-``model.init_continuous_batching(...)._create_batch_processor()``), pinned by
-``transformers==5.23.0``. Everything paradapt uses of them is here, in :class:`PagedKV`, so a
+``model.init_continuous_batching(...)._create_batch_processor()``), tested on transformers
+5.19 to 5.23 (pyproject's range; 5.18 lacks a config field used here). Everything paradapt uses of them is here, in :class:`PagedKV`, so a
 transformers upgrade touches this file only; ``tests/serve/test_serve_hf_paged.py`` checks the
 contract (greedy outputs of our scheduler's packed steps equal ``model.generate``) and fails
 first when an upgrade changes it.

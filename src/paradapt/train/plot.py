@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 
@@ -19,12 +20,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def plot_curves(records: list[dict], path: str | os.PathLike) -> Path:
+def plot_curves(records: list[dict], path: str | os.PathLike) -> Path | None:
     """Two panels, one line per adapter: train loss by step, and the eval metric by step.
 
-    The eval metric is accuracy for classification and loss for language modelling.
+    The eval metric is accuracy for classification and loss for language modelling. matplotlib
+    comes with the ``train`` extra, not the core install: without it the run still finishes
+    (adapters and metrics.jsonl are what matter) and this returns None with a warning.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn(
+            "curves.png not written: matplotlib is not installed (pip install 'paradapt[train]')", stacklevel=2
+        )
+        return None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
