@@ -97,6 +97,7 @@ def load_model(model: str | Path) -> tuple[Any, Any]:
 
 
 def _load_folder(path: Path) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -111,7 +112,7 @@ def _load_folder(path: Path) -> tuple[Any, Any]:
         causal = bool(set(config.architectures or []) & _causal_lm_classes())
         loader = AutoModelForCausalLM if causal else AutoModel
         model = loader.from_pretrained(path, local_files_only=True).float().eval()  # float32 on CPU
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # a corrupt weights file too
         raise ConfigError(MODEL_FIELD, f"cannot load {path}: {one_line(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

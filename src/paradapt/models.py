@@ -112,7 +112,8 @@ def convert_gguf(gguf: Path, out: Path) -> None:
             gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype="float32"
         )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise SetupError(f"{gguf.name} is not a GGUF file transformers can read: {one_line(e)}") from None
+        why = one_line(e).replace(str(gguf), gguf.name)  # the file by name, not by absolute path
+        raise SetupError(f"{gguf.name} is not a GGUF file transformers can read: {why}") from None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.hf_quantizer = None
