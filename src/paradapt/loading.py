@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +90,11 @@ def load_model(model: str | Path) -> tuple[Any, Any]:
     path = resolve_model(model)
     try:
         return _load_folder(path)
-    except ConfigError:
+    except ConfigError as e:
         entry = named_model(model)
         if entry is None or not entry.cached:
             raise  # a plain folder, or a package's own folder: nothing to rebuild
+        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=2)
     return _load_folder(resolve_model(model, rebuild=True))
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,8 +131,11 @@ def cached_folder(
     folder and propagates. Two processes converting at once both build; the first rename wins
     and the other's folder is dropped.
     """
-    if not rebuild and folder_problem(target, fingerprint) is None:
+    problem = None if rebuild else folder_problem(target, fingerprint)
+    if not rebuild and problem is None:
         return target, False
+    if target.exists() and problem is not None:
+        warnings.warn(f"cached model folder {target.name}: {problem}; converting it again", stacklevel=2)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

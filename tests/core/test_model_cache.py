@@ -84,7 +84,8 @@ def test_a_damaged_folder_is_detected_and_rebuilt(tmp_path, damage, problem):
     cached_folder(target, SOURCE, convert)
     damage(target)
     assert problem in folder_problem(target, SOURCE)
-    folder, built = cached_folder(target, SOURCE, convert)
+    with pytest.warns(UserWarning, match=f"cached model folder m: .*{problem}.*; converting it again"):
+        folder, built = cached_folder(target, SOURCE, convert)
     assert built and convert.calls == 2 and folder_problem(folder, SOURCE) is None
     assert (target / "model.safetensors").stat().st_size == 1000
     assert _siblings(target) == []
@@ -95,7 +96,8 @@ def test_another_source_rebuilds(tmp_path):
     cached_folder(target, SOURCE, convert)
     other = {**SOURCE, "size": 124}
     assert "another source" in folder_problem(target, other)
-    _, built = cached_folder(target, other, convert)
+    with pytest.warns(UserWarning, match="built from another source"):
+        _, built = cached_folder(target, other, convert)
     assert built and json.loads((target / MANIFEST).read_text())["source"] == other
 
 

@@ -35,7 +35,9 @@ def _app(*flags: str):
 
 
 def test_chat_on_smollm2_by_name_uses_its_template_and_equals_transformers(smollm2_reference, zero_adapters):
-    app, info = _app("--model", "SmolLM2-135M-Instruct", "--adapter-root", str(zero_adapters), "--threads", "1")
+    app, info = _app(
+        "--model", "SmolLM2-135M-Instruct", "--adapter-root", str(zero_adapters), "--threads", "1"
+    )
     assert (info["name"], info["kind"], info["adapters"]) == (SMOLLM2, "decoder", len(ZERO_INIT))
     want = smollm2_reference["text"]
     with TestClient(app) as client:
@@ -54,7 +56,9 @@ def test_chat_on_smollm2_by_name_uses_its_template_and_equals_transformers(smoll
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["choices"][0]["message"]["content"] == want, model
-            assert body["usage"]["prompt_tokens"] == smollm2_reference["ids"].shape[1]  # the template's tokens
+            assert (
+                body["usage"]["prompt_tokens"] == smollm2_reference["ids"].shape[1]
+            )  # the template's tokens
             assert body["usage"]["completion_tokens"] == SMOLLM2_NEW
         r = client.post(  # the model answers the question it was asked (the conversion kept its weights)
             "/v1/chat/completions",
