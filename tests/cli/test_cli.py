@@ -153,6 +153,8 @@ def test_info_lists_version_and_kinds(capsys):
     assert out.startswith(f"paradapt {pa.__version__}")
     for kind in ("parallel", "series", "lora", "ia3", "ssf", "prefix", "mam"):
         assert re.search(rf"^\s+{kind}\s", out, re.M), kind
+    for name in ("smollm2-135m-instruct", "all-minilm-l6-v2"):
+        assert re.search(rf"^\s+{name}\s", out, re.M), name
 
 
 def test_no_subcommand_is_a_usage_error(capsys):
