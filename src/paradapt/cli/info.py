@@ -1,4 +1,5 @@
-"""``paradapt info``: the version, the adapter kinds, what merges, the architecture families."""
+"""``paradapt info``: the version, the adapter kinds, what merges, the architecture families, the
+named models ``--model`` takes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import paradapt as pa
 
 from ..config import CONFIG_CLASSES
+from ..models import NAMED_MODELS
 
 
 def add_parser(sub) -> None:
@@ -33,4 +35,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         "architecture families: " + ", ".join(f.name for f in FAMILIES) + " (others: name modules by pattern)"
     )
+    print("named models (--model NAME; docs/serving.md):")
+    for name, entry in NAMED_MODELS.items():
+        print(f"  {name:<22} {entry.description}")
     return 0

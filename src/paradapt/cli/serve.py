@@ -1,4 +1,4 @@
-"""``paradapt serve [--model PATH] [--adapter-root DIR] [--port P] ...``: the OpenAI-compatible
+"""``paradapt serve [--model NAME|PATH] [--adapter-root DIR] [--port P] ...``: the OpenAI-compatible
 server (docs/serving.md) over every adapter folder under DIR; SIGTERM drains and exits 0.
 
 :func:`build_server_app` is the app ``paradapt serve`` runs, also built in-process by tests.
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..loading import default_model_dir, load_model
+from ..models import NAMED_MODELS, named_model, resolve_model
 from ..serve.core import EngineConfig
 from .common import CLIError, positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
@@ -32,9 +33,15 @@ def add_parser(sub) -> None:
         "--adapter-root (named by its folder) over HTTP (docs/serving.md). Decoders generate "
         "(/v1/completions, /v1/chat/completions); encoders classify and embed (/classify, "
         "/v1/embeddings). With no --model: the bundled all-MiniLM-L6-v2 and the bundled adapters. "
+        f"Named models: {', '.join(NAMED_MODELS)}. "
         "SIGTERM lets running requests finish (up to 30 s), then exits 0.",
     )
-    serve.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder")
+    serve.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help=f"a named model ({', '.join(NAMED_MODELS)}; converted once and cached) "
+        "or a local Hugging Face model folder",
+    )
     serve.add_argument(
         "--adapter-root",
         metavar="DIR",
@@ -73,11 +80,13 @@ def _serve_sources(args) -> tuple[Path, Path | None, str]:
     """Model folder, adapter root and the base model's served name.
 
     With no ``--model``: the bundled MiniLM and, if this install ships them, the bundled adapters.
+    A named model (``--model smollm2-135m-instruct``) is served under its name.
     """
     root = Path(args.adapter_root).expanduser() if args.adapter_root else None
     if args.model:
-        model_dir = Path(args.model).expanduser()
-        name = args.served_model_name or model_dir.resolve().name
+        model_dir = resolve_model(args.model)  # a name: its (cached) folder, converted on first use
+        entry = named_model(args.model)
+        name = args.served_model_name or (entry.name if entry else model_dir.resolve().name)
     else:
         model_dir, name = default_model_dir(), args.served_model_name or DEFAULT_SERVED_NAME
         if root is None:
@@ -143,7 +152,7 @@ def build_server_app(args: argparse.Namespace):
 
     heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
     model_dir, root, name = _serve_sources(args)
-    tok, model = load_model(model_dir)
+    tok, model = load_model(args.model or model_dir)  # by name, so a damaged cache is rebuilt
     config = engine_config(args)
     if model.can_generate():
         engine = Engine(model, root, config, tokenizer=tok)

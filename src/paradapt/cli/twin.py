@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..models import resolve_model
 from .common import csv_of, positive_int, print_warnings
 from .engine_flags import DEFAULTS, add_engine_flags, knobs_from_args
 
@@ -28,7 +29,11 @@ def add_parsers(sub) -> None:
         "(docs/twin.md). With no --model: the random Llama-style decoder of "
         "benchmarks/serve_load.py (hidden 512, 8 layers).",
     )
-    p.add_argument("--model", metavar="PATH", help="a local Hugging Face decoder folder")
+    p.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help="a named decoder (smollm2-135m-instruct) or a local Hugging Face decoder folder",
+    )
     p.add_argument("--out", default="cost.json", metavar="FILE", help="where to save (default: cost.json)")
     p.add_argument("--kinds", type=csv_of(str), default=["lora", "parallel", "series"], help="adapter kinds")
     p.add_argument("--ranks", type=csv_of(int), default=[8, 16, 32], help="adapter ranks (default: 8,16,32)")
@@ -73,7 +78,9 @@ def add_parsers(sub) -> None:
         "for the default model on the machine that built it)",
     )
     t.add_argument(
-        "--model", metavar="PATH", help="check the cost model's fingerprint against this model folder"
+        "--model",
+        metavar="NAME|PATH",
+        help="check the cost model's fingerprint against this model (a name or a folder)",
     )
     add_engine_flags(t)
     t.add_argument("--drain", type=float, default=0.0, metavar="S", help="keep running S s after the window")
@@ -94,7 +101,7 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.model:
         from ..loading import load_model
 
-        _, model = load_model(Path(args.model))
+        _, model = load_model(args.model)
         if not hasattr(model, "init_continuous_batching"):
             raise ConfigError("model", f"{args.model} is not a decoder the serving engine can run")
     else:
@@ -132,7 +139,7 @@ def run_twin(args: argparse.Namespace) -> int:
     spec = WorkloadSpec.from_yaml(args.workload)
     if args.max_slots > args.max_served:
         raise ConfigError("max_slots", f"{args.max_slots} exceeds --max-served {args.max_served}")
-    cost = cost_from_flags(args.cost, args.model)
+    cost = cost_from_flags(args.cost, resolve_model(args.model) if args.model else None)
     result = simulate(
         spec,
         cost,

@@ -107,7 +107,9 @@ class AdapterEntry(_Section):
 class RunConfig(_Section):
     """A whole ``paradapt train`` run."""
 
-    model: str | None = Field(None, description="local Hugging Face folder (default: bundled MiniLM)")
+    model: str | None = Field(
+        None, description="a named model (smollm2-135m-instruct) or a local folder (default: bundled MiniLM)"
+    )
     output_dir: str
     adapters: list[AdapterEntry] = Field(min_length=1)
     tokenize: TokenizeSection = Field(default_factory=TokenizeSection)

@@ -152,9 +152,12 @@ def _prepare_fresh(out: Path, overwrite: bool, delete: bool) -> None:
 
 def _load_model(cfg: RunConfig, base_dir: Path | None):
     from ..loading import default_model_dir, load_model
+    from ..models import named_model
 
     if cfg.model is None:
         return load_model(default_model_dir())
+    if named_model(cfg.model) is not None:  # a named model (smollm2-135m-instruct) before a path
+        return load_model(cfg.model)
     path = Path(os.path.expanduser(cfg.model))
     if not path.is_absolute() and base_dir is not None and (base_dir / path).is_dir():
         path = base_dir / path
