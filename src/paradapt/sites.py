@@ -31,6 +31,7 @@ from torch import nn
 
 from .banks import Bank, bankable, signature
 from .errors import RoutingError
+from .gate import MixtureGate, MixtureOp
 from .routing import Group, Route, RouteMap, single_name
 
 if TYPE_CHECKING:
@@ -97,13 +98,22 @@ class Site:
             self._bank_of[name] = bank
             return bank
 
-    def ops(self, route: Route, writes: str) -> list[tuple[nn.Module, float]]:
-        """The components this route applies here, in order, with their weights."""
+    def ops(self, route: Route, writes: str) -> list[tuple[nn.Module | MixtureOp, float]]:
+        """The components this route applies here, in order, with their weights.
+
+        A mixture's gate is bound to its experts' components here (``gate.MixtureOp``).
+        """
         out = []
         merged = self.state.merged
         for i, name in enumerate(route.names):
             c = self.components.get(name)
-            if c is not None and c.writes == writes and name not in merged:
+            if c is None or name in merged:
+                continue
+            if isinstance(c, MixtureGate):
+                c = c.op(self.components, writes, self.state.gate_loss_recorder(name))
+            elif c.writes != writes:
+                continue
+            if c is not None:
                 out.append((c, route.weights[i] if route.mode == "average" else 1.0))
         return out
 
@@ -119,15 +129,22 @@ def run_ops(
     """``h <- h + delta`` for each op (stack) or ``h <- h + sum w_i delta_i`` (average)."""
     if mode == "stack":
         for c, _ in ops:
-            src = x if (c.reads == "input" and c.writes == "output") else h
-            h = h + c.delta(src).to(h.dtype)
+            h = h + _delta(c, h, x).to(h.dtype)
         return h
     acc = None
     for c, w in ops:
-        src = x if (c.reads == "input" and c.writes == "output") else h
-        d = c.delta(src) * w
+        d = _delta(c, h, x) * w
         acc = d if acc is None else acc + d
     return h if acc is None else h + acc.to(h.dtype)
+
+
+def _delta(c: nn.Module | MixtureOp, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """One op's delta: from the site's input or output as the component reads it (a mixture
+    reads both: its router the input, each expert its own source)."""
+    if isinstance(c, MixtureOp):
+        return c.delta(h, x)
+    src = x if (c.reads == "input" and c.writes == "output") else h
+    return c.delta(src)
 
 
 def apply_banks(

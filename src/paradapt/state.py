@@ -80,6 +80,8 @@ class State:
         self._active_map: RouteMap | None = None
         self._route = _new_route_var()
         self._parallel_tokens: dict[int, contextvars.Token] = {}  # per thread, like the route itself
+        # per thread: (mixture, load-balancing term) of each gate in the latest forward with autograd
+        self._gate_losses: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self.container = nn.ModuleDict()
         model.add_module(CONTAINER, self.container)
         self._root_handles = [
@@ -147,10 +149,24 @@ class State:
     def pop_route(self, token) -> None:
         self._route.reset(token)
 
+    # -- mixtures' load-balancing terms: kept for the latest forward only ---------------------
+    def gate_loss_recorder(self, name: str):
+        """A callback a mixture's gate calls with its load-balancing term (``gate.MixtureOp``)."""
+
+        def record(term: torch.Tensor) -> None:
+            self._gate_losses.setdefault(threading.get_ident(), []).append((name, term))
+
+        return record
+
+    def gate_losses(self) -> list[tuple[str, torch.Tensor]]:
+        """This thread's terms from its latest forward (cleared when its next forward starts)."""
+        return self._gate_losses.get(threading.get_ident(), [])
+
     # Parallel: replicate the batch K times at the model's input, route channel c to entry c.
     _BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels")
 
     def _parallel_pre(self, module, args, kwargs):
+        self._gate_losses.pop(threading.get_ident(), None)  # a new forward: the last one's terms go
         comp = self.active
         if not isinstance(comp, Parallel) or self._route.get() is not None:
             return None
@@ -176,6 +192,7 @@ class State:
         d = self.__dict__.copy()
         d.pop("_route")
         d["_parallel_tokens"] = {}
+        d["_gate_losses"] = {}  # autograd graph tensors cannot be copied
         return d
 
     def __setstate__(self, d: dict) -> None:
