@@ -247,6 +247,16 @@ def test_save_load_round_trip_bit_exact(family, tmp_path):
     ]
 
 
+def test_a_mixture_head_saves_and_loads_with_it(tmp_path):
+    model = with_pair("parallel", "bert")
+    pa.add_mixture(model, "mx", pa.Mixture(experts=["a", "b"], head={"labels": ["no", "yes"]}))
+    assert pa.heads.head_of(model, "mx").labels == ["no", "yes"]
+    pa.save_adapter(model, "mx", tmp_path / "mx")
+    pa.remove_adapter(model, "mx")
+    pa.load_adapter(model, tmp_path / "mx")
+    assert pa.heads.head_of(model, "mx").labels == ["no", "yes"]
+
+
 def test_layers_limit_the_mixture_and_per_layer_expert_sets():
     """MoLA-style: experts on different layers; each site gates the experts it holds."""
     model = tiny_model("llama")
@@ -275,7 +285,7 @@ def test_layers_limit_the_mixture_and_per_layer_expert_sets():
 
 MIX_ROWS = [
     ["mx", "a", None, "seq", pa.Stack("a", "b"), "mx"],
-    ["seq", "top1", "b", "mx", None, pa.Average("a", "b")],
+    ["seq", "top1", "b", pa.Stack("top1", "a"), None, pa.Average("mx", "b")],
 ]
 
 
@@ -294,6 +304,26 @@ def test_mixed_batch_with_mixtures_equals_each_row_alone(family, rows, grad):
         with torch.no_grad(), pa.route(model, [entry]):
             alone = outputs(model, ids[i : i + 1])
         torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {i} ({entry})")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_mixture_with_padding_mask_equals_each_row_alone(family):
+    model = with_pair("lora", family)
+    pa.add_mixture(model, "mx", pa.Mixture(experts=["a", "b"], top_k=1, init="random"))
+    ids = ids_for(batch=3)
+    mask = torch.ones_like(ids)
+    if family == "bert":
+        mask[1, -2:] = 0
+    else:
+        mask[1, :2] = 0
+    rows = ["mx", "mx", "a"]
+    with pa.route(model, rows):
+        batched = outputs(model, ids, attention_mask=mask)
+    for i, entry in enumerate(rows):
+        with pa.route(model, [entry]):
+            alone = outputs(model, ids[i : i + 1], attention_mask=mask[i : i + 1])
+        keep = mask[i].bool()
+        torch.testing.assert_close(batched[i][keep], alone[0][keep], atol=1e-5, rtol=1e-5)
 
 
 def test_mixture_in_generate_matches_each_row_alone():
