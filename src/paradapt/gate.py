@@ -35,12 +35,22 @@ class MixtureGate(nn.Module):
         self.granularity = granularity
         self.router = nn.Linear(d_in, len(self.experts))
 
-    def logits(self, src: torch.Tensor) -> torch.Tensor:
-        """Router logits in float32, ``[..., K]``; for ``sequence``, one per row (``[N, 1, ..., K]``)."""
+    def logits(self, src: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Router logits in float32, ``[..., K]``; for ``sequence``, one per row (``[N, 1, K]``).
+
+        A sequence gate averages the logits of a row's tokens; with the forward's padding
+        ``mask`` (``[N, >= T]``, its last ``T`` columns are these tokens) only the real ones,
+        so a padded row gets the gate it gets alone.
+        """
         out = self.router(src.to(self.router.weight.dtype)).float()
-        if self.granularity == "sequence" and out.dim() > 2:
-            out = out.mean(dim=tuple(range(1, out.dim() - 1)), keepdim=True)
-        return out
+        if self.granularity != "sequence" or out.dim() != 3:
+            return out
+        t = out.shape[1]
+        if mask is None or mask.shape[0] != out.shape[0] or mask.shape[1] < t:
+            w = out.new_ones(out.shape[0], t, 1)
+        else:
+            w = mask[:, -t:].to(device=out.device, dtype=out.dtype).unsqueeze(-1)
+        return (out * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
 
     def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(gate, chosen)``: the gate ``[..., K]`` and, with top-k, the boolean mask of the kept experts.
@@ -77,13 +87,19 @@ class MixtureGate(nn.Module):
         f = chosen_flat.float().mean(0) / per
         return k * (f * probs.mean(0)).sum()
 
-    def op(self, components: dict[str, nn.Module], writes: str, record: Callable | None) -> MixtureOp | None:
+    def op(
+        self,
+        components: dict[str, nn.Module],
+        writes: str,
+        record: Callable | None,
+        mask: torch.Tensor | None = None,
+    ) -> MixtureOp | None:
         """What this gate adds in one phase of its site (``writes``), or None if no expert writes there."""
         experts = [components[n] for n in self.experts]
         idx = [i for i, c in enumerate(experts) if c.writes == writes]
         if not idx:
             return None
-        return MixtureOp(self, experts, idx, writes, record)
+        return MixtureOp(self, experts, idx, writes, record, mask)
 
     def extra_repr(self) -> str:
         return f"experts={list(self.experts)}, top_k={self.top_k}, granularity={self.granularity}"
@@ -92,15 +108,18 @@ class MixtureGate(nn.Module):
 class MixtureOp:
     """A gate bound to its site's expert components for one phase; ``sites.run_ops`` applies it."""
 
-    __slots__ = ("gate", "experts", "idx", "writes", "record")
+    __slots__ = ("gate", "experts", "idx", "writes", "record", "mask")
 
-    def __init__(self, gate: MixtureGate, experts: list[nn.Module], idx: list[int], writes: str, record):
-        self.gate, self.experts, self.idx, self.writes, self.record = gate, experts, idx, writes, record
+    def __init__(
+        self, gate: MixtureGate, experts: list[nn.Module], idx: list[int], writes: str, record, mask
+    ):
+        self.gate, self.experts, self.idx, self.writes = gate, experts, idx, writes
+        self.record, self.mask = record, mask
 
     def delta(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         """``sum_i g_i * delta_i``: the router reads the site's input (``h`` itself in the input
         phase), each expert reads its own source, as it would alone."""
-        logits = self.gate.logits(h if x is None or self.writes == "input" else x)
+        logits = self.gate.logits(h if x is None or self.writes == "input" else x, self.mask)
         g, chosen = self.gate.weights(logits)
         if self.record is not None and torch.is_grad_enabled():
             self.record(self.gate.balance_loss(logits, chosen))

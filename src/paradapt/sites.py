@@ -98,10 +98,13 @@ class Site:
             self._bank_of[name] = bank
             return bank
 
-    def ops(self, route: Route, writes: str) -> list[tuple[nn.Module | MixtureOp, float]]:
+    def ops(
+        self, route: Route, writes: str, rows: torch.Tensor | None = None, batch: int = 0
+    ) -> list[tuple[nn.Module | MixtureOp, float]]:
         """The components this route applies here, in order, with their weights.
 
-        A mixture's gate is bound to its experts' components here (``gate.MixtureOp``).
+        A mixture's gate is bound to its experts' components here (``gate.MixtureOp``); a
+        sequence gate also gets the padding mask of its ``rows`` (of a ``batch``-row batch).
         """
         out = []
         merged = self.state.merged
@@ -110,7 +113,8 @@ class Site:
             if c is None or name in merged:
                 continue
             if isinstance(c, MixtureGate):
-                c = c.op(self.components, writes, self.state.gate_loss_recorder(name))
+                mask = self.state.pool_mask(rows, batch) if c.granularity == "sequence" else None
+                c = c.op(self.components, writes, self.state.gate_loss_recorder(name), mask)
             elif c.writes != writes:
                 continue
             if c is not None:
@@ -193,13 +197,13 @@ def transform(
     and compositions take the per-group path, which autograd sees through.
     """
     if len(groups) == 1 and groups[0].whole:
-        ops = site.ops(groups[0].route, writes)
+        ops = site.ops(groups[0].route, writes, None, h.shape[0])
         return run_ops(ops, groups[0].route.mode, h, x) if ops else h
     if writes == "output" and not torch.is_grad_enabled():
         h, groups = apply_banks(site, route_map, groups, h, x)
     out = None
     for g in groups:
-        ops = site.ops(g.route, writes)
+        ops = site.ops(g.route, writes, g.rows, h.shape[0])
         if not ops:
             continue
         hg = h.index_select(0, g.rows)

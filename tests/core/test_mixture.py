@@ -326,6 +326,25 @@ def test_token_mixture_with_padding_mask_equals_each_row_alone(family):
         torch.testing.assert_close(batched[i][keep], alone[0][keep], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequence_gate_pools_real_tokens_only(family):
+    """A right-padded row gets the gate it gets alone, unpadded: padding does not enter the pool."""
+    model = with_pair("parallel+series", family)
+    pa.add_mixture(model, "seq", pa.Mixture(experts=["a", "b"], granularity="sequence", init="random"))
+    ids = ids_for(batch=3)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    mask[2, -1:] = 0
+    rows = ["seq", "seq", pa.Stack("seq", "a")]
+    with pa.route(model, rows):
+        batched = outputs(model, ids, attention_mask=mask)
+    for i, entry in enumerate(rows):
+        n = int(mask[i].sum())
+        with pa.route(model, [entry]):
+            alone = outputs(model, ids[i : i + 1, :n])
+        torch.testing.assert_close(batched[i, :n], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {i}")
+
+
 def test_mixture_in_generate_matches_each_row_alone():
     model = with_pair("lora")
     pa.add_mixture(model, "mx", pa.Mixture(experts=["a", "b"], top_k=1, init="random"))
