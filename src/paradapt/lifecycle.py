@@ -5,7 +5,8 @@ are ``io.py``).
 Nothing here flips ``requires_grad`` behind the user's back: the base model is
 frozen once, when its first adapter is added (``freeze_base=True``), adapters
 are trainable when added and frozen when loaded unless asked otherwise, and
-activating or routing never changes either. ``set_trainable`` is the one switch.
+activating or routing never changes either. ``set_trainable`` is the one switch (besides
+``add_mixture`` applying its config's explicit ``train_experts`` to the experts).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def add_mixture(model: nn.Module, name: str, config: Mixture, *, trainable: bool
 
     Its routers are new and trainable (``trainable=True``); the experts' ``requires_grad``
     changes only as ``config.train_experts`` asks (``None``: left as they are; loading a
-    mixture's folder never changes its experts). Afterwards the
-    mixture is used like any adapter (``set_active``, ``route``, ``save_adapter``, ...). On any
-    error the model is left exactly as it was. See docs/mixtures.md.
+    mixture's folder never changes its experts). Afterwards the mixture is used like any
+    adapter (``set_active``, ``route``, ``save_adapter``, ...). On any error the model is left
+    exactly as it was. See docs/mixtures.md.
     """
     check_name(name)
     if not isinstance(config, Mixture):
