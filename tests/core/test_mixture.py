@@ -3,7 +3,8 @@
 Invariants: a gate forced one-hot equals that expert alone (bit-exact, fp32); identical experts
 equal one expert; top_k = K with the zero-initialised (uniform) router equals ``Average``;
 gradients reach the router only (frozen experts) or router and experts (joint); save/load
-round-trips bit-exactly; a mixed batch with mixtures equals each row alone.
+round-trips bit-exactly; a mixed batch with mixtures equals each row alone (padded, packed,
+in generate; a sequence gate pools only real tokens).
 Bad input: each error names its field, and the model is left as it was.
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import FAMILIES, outputs, tiny_model
+from test_routing_packed import alone, packed_forward, seqs_for
 
 import paradapt as pa
 from paradapt.gate import MixtureGate
@@ -343,6 +345,23 @@ def test_sequence_gate_pools_real_tokens_only(family):
         with pa.route(model, [entry]):
             alone = outputs(model, ids[i : i + 1, :n])
         torch.testing.assert_close(batched[i, :n], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {i}")
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_packed_route_with_token_mixtures_equals_each_request_alone(family, per_token):
+    """Continuous batching's packed [1, T] row: each token is gated on its own, as alone."""
+    model = with_pair("ia3", family)
+    pa.add_adapter(model, "p", rnd(pa.ParallelConfig(r=4)))
+    pa.add_adapter(model, "s", rnd(pa.SeriesConfig(r=8)))
+    pa.add_mixture(model, "m_ia3", pa.Mixture(experts=["a", "b"], init="random"))
+    pa.add_mixture(model, "m_ffn", pa.Mixture(experts=["p", "s"], top_k=1, init="random"))
+    routes = ["m_ffn", "a", None, "m_ia3", pa.Stack("m_ffn", "m_ia3"), "m_ffn"]
+    seqs = seqs_for([3, 2, 4, 1, 5, 2])
+    with torch.no_grad():
+        got = packed_forward(model, seqs, routes, per_token=per_token)
+        want = alone(model, seqs, routes)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_mixture_in_generate_matches_each_row_alone():
