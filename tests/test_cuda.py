@@ -46,3 +46,24 @@ def test_cuda_fused_equals_unfused(family):
         fuse(model, "a")
         fused = outputs(model, ids)
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_cuda_mixtures_in_a_mixed_batch_equal_each_row_alone(family):
+    model = tiny_model(family)
+    pa.add_adapter(model, "a", pa.ParallelConfig(r=4, init="random"))
+    pa.add_adapter(model, "b", pa.SeriesConfig(r=8, init="random"))
+    pa.add_mixture(model, "mx", pa.Mixture(experts=["a", "b"], top_k=1, init="random"))
+    pa.add_mixture(model, "seq", pa.Mixture(experts=["a", "b"], granularity="sequence", init="random"))
+    model = model.cuda()
+    rows = ["mx", "a", None, "seq"]
+    ids = torch.randint(1, 96, (len(rows), 7), generator=torch.Generator().manual_seed(1)).cuda()
+    mask = torch.ones_like(ids)
+    mask[3, -2:] = 0
+    with torch.no_grad(), pa.route(model, rows):
+        got = outputs(model, ids, attention_mask=mask)
+    for i, entry in enumerate(rows):
+        n = int(mask[i].sum())
+        with torch.no_grad(), pa.route(model, [entry]):
+            alone = outputs(model, ids[i : i + 1, :n])
+        torch.testing.assert_close(got[i, :n], alone[0], atol=1e-5, rtol=1e-5)

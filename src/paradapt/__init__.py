@@ -22,6 +22,7 @@ from .config import (
     IA3Config,
     LoRAConfig,
     MAMConfig,
+    Mixture,
     ParallelConfig,
     PrefixConfig,
     SeriesConfig,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
         ParameterCount,
         active,
         add_adapter,
+        add_mixture,
         fold,
         list_adapters,
         merge,
@@ -59,6 +61,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
         unmerge,
         unwrap,
     )
+    from .mixture import mixture_aux_loss
     from .routing import Average, Parallel, Stack
 
 __version__ = "0.1.0"
@@ -70,6 +73,7 @@ _LAZY = {
             "ParameterCount",
             "active",
             "add_adapter",
+            "add_mixture",
             "fold",
             "list_adapters",
             "merge",
@@ -93,6 +97,7 @@ _LAZY = {
     "Stack": "routing",
     "Parallel": "routing",
     "Average": "routing",
+    "mixture_aux_loss": "mixture",
 }
 
 
@@ -122,7 +127,10 @@ __all__ = [
     "SSFConfig",
     "PrefixConfig",
     "MAMConfig",
+    "Mixture",
     "add_adapter",
+    "add_mixture",
+    "mixture_aux_loss",
     "set_active",
     "active",
     "route",

@@ -89,11 +89,11 @@ class AdapterConfig:
         """Build a config from a dict; unknown keys warn (forward compatible), unknown kinds fail."""
         d = dict(d)
         kind = d.pop("kind", None)
-        if kind not in CONFIG_CLASSES:
+        if kind not in FILE_KINDS:
             raise ConfigError(
-                "kind", f"unknown adapter kind {kind!r} in {source}; known: {sorted(CONFIG_CLASSES)}"
+                "kind", f"unknown adapter kind {kind!r} in {source}; known: {sorted(FILE_KINDS)}"
             )
-        cls = CONFIG_CLASSES[kind]
+        cls = FILE_KINDS[kind]
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -437,7 +437,57 @@ def _check_dropout(p: Any) -> None:
         raise ConfigError("dropout", f"must be in [0, 1), got {p!r}")
 
 
+@dataclass
+class Mixture(AdapterConfig):
+    """A learned mixture of adapters (MixDA, MoLA, MeteoRA): ``h <- h + sum_i g_i(x) delta_i``.
+
+    A composition like ``Average`` whose weights come from a small trainable router: at every
+    site where its ``experts`` (adapters already on the model, by name) have components, a
+    linear layer on the site's input gives one logit per expert there; the gate is their
+    softmax, or with ``top_k`` the softmax over the ``top_k`` largest (renormalised weights).
+    ``granularity="token"`` gates each token; ``"sequence"`` each row, from the mean of its
+    tokens' logits in the forward. A site holding fewer than ``top_k`` experts uses them all.
+    ``init="default"`` starts the routers at zero: a new mixture computes the uniform average
+    of its experts (``Average``), or with ``top_k < K`` that of the first ``top_k`` at each site.
+    ``train_experts``: ``True`` makes the experts trainable when the mixture is added (joint
+    training), ``False`` freezes them (router-only training), ``None`` leaves them as they are.
+    ``layers`` limits the routers (and so the mixture) to those layers. Added with
+    ``pa.add_mixture``; see docs/mixtures.md.
+    """
+
+    kind: ClassVar[str] = "mixture"
+    experts: list = field(default_factory=list)
+    top_k: int | None = None  # None = every expert at the site (a dense softmax gate)
+    granularity: str = "token"  # "token" | "sequence"
+    train_experts: bool | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        e = self.experts
+        if not isinstance(e, (list, tuple)) or not all(isinstance(n, str) and n for n in e):
+            raise ConfigError("experts", f"must be a list of adapter names, got {e!r}")
+        self.experts = list(e)
+        if len(self.experts) < 2:
+            raise ConfigError("experts", f"a mixture needs at least two experts, got {self.experts!r}")
+        twice = sorted({n for n in self.experts if self.experts.count(n) > 1})
+        if twice:
+            raise ConfigError("experts", f"{twice} listed more than once")
+        if self.top_k is not None and (not is_int(self.top_k) or not 1 <= self.top_k <= len(self.experts)):
+            raise ConfigError(
+                "top_k", f"must be an integer from 1 to {len(self.experts)} (the experts), got {self.top_k!r}"
+            )
+        _check_choice(self.granularity, ("token", "sequence"), "granularity")
+        _check_choice(self.init, ("default", "random"), "init")
+        if self.train_experts not in (None, True, False):
+            raise ConfigError("train_experts", f"must be true, false or null, got {self.train_experts!r}")
+
+    def placements(self) -> list[Placement]:
+        raise ConfigError("config", "a Mixture is not placed like an adapter: add it with pa.add_mixture")
+
+
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     c.kind: c
     for c in (ParallelConfig, SeriesConfig, LoRAConfig, IA3Config, SSFConfig, PrefixConfig, MAMConfig)
 }
+# what an adapter folder may hold: an adapter kind, or a mixture (built over adapters by name)
+FILE_KINDS: dict[str, type[AdapterConfig]] = {**CONFIG_CLASSES, Mixture.kind: Mixture}

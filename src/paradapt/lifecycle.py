@@ -5,7 +5,8 @@ are ``io.py``).
 Nothing here flips ``requires_grad`` behind the user's back: the base model is
 frozen once, when its first adapter is added (``freeze_base=True``), adapters
 are trainable when added and frozen when loaded unless asked otherwise, and
-activating or routing never changes either. ``set_trainable`` is the one switch.
+activating or routing never changes either. ``set_trainable`` is the one switch (besides
+``add_mixture`` applying its config's explicit ``train_experts`` to the experts).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import inject
-from .config import AdapterConfig
+from . import inject, mixture
+from .config import AdapterConfig, Mixture
 from .errors import AdapterExistsError, ConfigError, MergeError, RoutingError
 from .fusing import before_add, check_removable, fused_owner, unfuse
 from .merging import check_mergeable, merge_into
@@ -43,12 +44,32 @@ def add_adapter(
     On any error the model is left exactly as it was.
     """
     check_name(name)
+    if isinstance(config, Mixture):
+        raise ConfigError("config", "a Mixture is added with pa.add_mixture(model, name, mixture)")
     if not isinstance(config, AdapterConfig):
         raise ConfigError(
             "config",
             f"expected a paradapt config (ParallelConfig, LoRAConfig, ...), got {type(config).__name__}",
         )
     return _add(model, name, config, trainable=trainable, freeze_base=freeze_base)
+
+
+def add_mixture(model: nn.Module, name: str, config: Mixture, *, trainable: bool = True) -> nn.Module:
+    """Add a learned mixture ``name`` over adapters already on the model; returns its weights module.
+
+    Its routers are new and trainable (``trainable=True``); the experts' ``requires_grad``
+    changes only as ``config.train_experts`` asks (``None``: left as they are; loading a
+    mixture's folder never changes its experts). Afterwards the mixture is used like any
+    adapter (``set_active``, ``route``, ``save_adapter``, ...). On any error the model is left
+    exactly as it was. See docs/mixtures.md.
+    """
+    check_name(name)
+    if not isinstance(config, Mixture):
+        raise ConfigError("config", f"expected a pa.Mixture(experts=[...]), got {type(config).__name__}")
+    require_state(model)  # its experts are on the model already
+    adapter = _add(model, name, config, trainable=trainable)
+    mixture.set_experts_trainable(require_state(model), config)
+    return adapter
 
 
 def _add(
@@ -139,7 +160,8 @@ def _build(model, name, config, before, after, taken_hint: str, *, attaching: bo
     with _state_for(model, name, taken_hint) as (st, fresh):
         if before is not None:
             before(st)
-        adapter, parts = inject.build(st, name, config, initialise=initialise)
+        builder = mixture.build if isinstance(config, Mixture) else inject.build
+        adapter, parts = builder(st, name, config, initialise=initialise)
         if attaching:
             before_add(st, name, parts)  # may put a fused FFN's hooks back: only when attaching
         if after is not None:
@@ -213,6 +235,7 @@ def route(model: nn.Module, entries, *, packed: bool = False, lengths: list[int]
     st.check_names(route_map.names())
     _check_not_merged(st, route_map.names() or None)
     if packed:
+        mixture.refuse_packed(st, route_map.names())
         for site in st.sites.values():
             if site.kind == "attention":
                 site.refuse_packed(route_map.names())
@@ -336,6 +359,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     st = require_state(model)
     rec = st.record(name)
     check_removable(st, name)
+    mixture.check_removable(st, name)
     if rec.fused is not None:
         unfuse(model, name)
     if rec.merged:
@@ -353,6 +377,10 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         st.set_active(None)
 
 
+def _is_mixture(st: State, name: str) -> bool:
+    return isinstance(st.adapters[name].config, Mixture)
+
+
 def _names_of(comp) -> set[str]:
     if isinstance(comp, Parallel):
         return {n for c in comp.channels if normalize(c) is not None for n in normalize(c).names}
@@ -364,7 +392,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     st = get_state(model)
     if st is None:
         return model
-    for name in sorted(st.adapters, key=lambda n: st.adapters[n].fused is None):  # fused first (PiSSA)
+    # fused first (PiSSA), then mixtures (their experts cannot go while they are there)
+    for name in sorted(st.adapters, key=lambda n: (st.adapters[n].fused is None, not _is_mixture(st, n))):
         remove_adapter(model, name)
     _drop_state(model, st)
     assert CONTAINER not in model._modules

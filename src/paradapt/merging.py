@@ -26,6 +26,7 @@ def check_mergeable(name: str, kind: str, sites: list[tuple[Site, nn.Module]]) -
                 "series": "its bottleneck has a nonlinearity",
                 "prefix": "prefixes add attention keys, not weights",
                 "mam": "it contains a prefix and a nonlinear bottleneck",
+                "mixture": "its gate weights depend on each input (merge its experts instead)",
             }.get(kind, f"its component at {site.key} has no weight-space equivalent")
             raise MergeError(
                 f"adapter {name!r} ({kind}) cannot be merged: {why}; only lora, ia3 and ssf merge"

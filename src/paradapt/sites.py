@@ -31,6 +31,7 @@ from torch import nn
 
 from .banks import Bank, bankable, signature
 from .errors import RoutingError
+from .gate import MixtureGate, MixtureOp
 from .routing import Group, Route, RouteMap, single_name
 
 if TYPE_CHECKING:
@@ -97,13 +98,26 @@ class Site:
             self._bank_of[name] = bank
             return bank
 
-    def ops(self, route: Route, writes: str) -> list[tuple[nn.Module, float]]:
-        """The components this route applies here, in order, with their weights."""
+    def ops(
+        self, route: Route, writes: str, rows: torch.Tensor | None = None, batch: int = 0
+    ) -> list[tuple[nn.Module | MixtureOp, float]]:
+        """The components this route applies here, in order, with their weights.
+
+        A mixture's gate is bound to its experts' components here (``gate.MixtureOp``); a
+        sequence gate also gets the padding mask of its ``rows`` (of a ``batch``-row batch).
+        """
         out = []
         merged = self.state.merged
         for i, name in enumerate(route.names):
             c = self.components.get(name)
-            if c is not None and c.writes == writes and name not in merged:
+            if c is None or name in merged:
+                continue
+            if isinstance(c, MixtureGate):
+                mask = self.state.pool_mask(rows, batch) if c.granularity == "sequence" else None
+                c = c.op(self.components, writes, self.state.gate_loss_recorder(name), mask)
+            elif c.writes != writes:
+                continue
+            if c is not None:
                 out.append((c, route.weights[i] if route.mode == "average" else 1.0))
         return out
 
@@ -119,15 +133,22 @@ def run_ops(
     """``h <- h + delta`` for each op (stack) or ``h <- h + sum w_i delta_i`` (average)."""
     if mode == "stack":
         for c, _ in ops:
-            src = x if (c.reads == "input" and c.writes == "output") else h
-            h = h + c.delta(src).to(h.dtype)
+            h = h + _delta(c, h, x).to(h.dtype)
         return h
     acc = None
     for c, w in ops:
-        src = x if (c.reads == "input" and c.writes == "output") else h
-        d = c.delta(src) * w
+        d = _delta(c, h, x) * w
         acc = d if acc is None else acc + d
     return h if acc is None else h + acc.to(h.dtype)
+
+
+def _delta(c: nn.Module | MixtureOp, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """One op's delta: from the site's input or output as the component reads it (a mixture
+    reads both: its router the input, each expert its own source)."""
+    if isinstance(c, MixtureOp):
+        return c.delta(h, x)
+    src = x if (c.reads == "input" and c.writes == "output") else h
+    return c.delta(src)
 
 
 def apply_banks(
@@ -176,13 +197,13 @@ def transform(
     and compositions take the per-group path, which autograd sees through.
     """
     if len(groups) == 1 and groups[0].whole:
-        ops = site.ops(groups[0].route, writes)
+        ops = site.ops(groups[0].route, writes, None, h.shape[0])
         return run_ops(ops, groups[0].route.mode, h, x) if ops else h
     if writes == "output" and not torch.is_grad_enabled():
         h, groups = apply_banks(site, route_map, groups, h, x)
     out = None
     for g in groups:
-        ops = site.ops(g.route, writes)
+        ops = site.ops(g.route, writes, g.rows, h.shape[0])
         if not ops:
             continue
         hg = h.index_select(0, g.rows)

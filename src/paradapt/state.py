@@ -80,6 +80,9 @@ class State:
         self._active_map: RouteMap | None = None
         self._route = _new_route_var()
         self._parallel_tokens: dict[int, contextvars.Token] = {}  # per thread, like the route itself
+        # per thread: (mixture, load-balancing term) of each gate in the latest forward with autograd
+        self._gate_losses: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._masks: dict[int, torch.Tensor | None] = {}  # per thread: the forward's attention_mask
         self.container = nn.ModuleDict()
         model.add_module(CONTAINER, self.container)
         self._root_handles = [
@@ -147,10 +150,34 @@ class State:
     def pop_route(self, token) -> None:
         self._route.reset(token)
 
+    # -- mixtures' load-balancing terms: kept for the latest forward only ---------------------
+    def gate_loss_recorder(self, name: str):
+        """A callback a mixture's gate calls with its load-balancing term (``gate.MixtureOp``)."""
+
+        def record(term: torch.Tensor) -> None:
+            self._gate_losses.setdefault(threading.get_ident(), []).append((name, term))
+
+        return record
+
+    def gate_losses(self) -> list[tuple[str, torch.Tensor]]:
+        """This thread's terms from its latest forward (cleared when its next forward starts)."""
+        return self._gate_losses.get(threading.get_ident(), [])
+
+    def pool_mask(self, rows: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The running forward's 2-D ``attention_mask`` (its ``rows``), for a sequence gate to
+        pool real tokens only; None when the forward was given none or it does not fit ``batch``."""
+        m = self._masks.get(threading.get_ident())
+        if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.shape[0] != batch:
+            return None
+        return m if rows is None else m.index_select(0, rows.to(m.device))
+
     # Parallel: replicate the batch K times at the model's input, route channel c to entry c.
     _BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels")
 
     def _parallel_pre(self, module, args, kwargs):
+        tid = threading.get_ident()
+        self._gate_losses.pop(tid, None)  # a new forward: the last one's terms go
+        self._masks[tid] = kwargs.get("attention_mask")
         comp = self.active
         if not isinstance(comp, Parallel) or self._route.get() is not None:
             return None
@@ -162,7 +189,8 @@ class State:
         args = tuple(_repeat(a, k) for a in args)
         kwargs = {key: (_repeat(v, k) if key in self._BATCH_KEYS else v) for key, v in kwargs.items()}
         routes = [normalize(c) for c in comp.channels]
-        self._parallel_tokens[threading.get_ident()] = self._route.set(_ChannelRouteMap(routes))
+        self._masks[tid] = kwargs.get("attention_mask")
+        self._parallel_tokens[tid] = self._route.set(_ChannelRouteMap(routes))
         return args, kwargs
 
     def _parallel_post(self, module, args, output):
@@ -176,6 +204,8 @@ class State:
         d = self.__dict__.copy()
         d.pop("_route")
         d["_parallel_tokens"] = {}
+        d["_gate_losses"] = {}  # autograd graph tensors cannot be copied
+        d["_masks"] = {}
         return d
 
     def __setstate__(self, d: dict) -> None:

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {kind:<9} {cls.__name__:<15} {first}")
     print("mergeable into the base weights: lora, ia3, ssf")
     print("compositions: Stack, Average, Parallel (and per-row mixing with pa.route)")
+    print("learned mixtures: pa.Mixture over adapters, a trained router per site (pa.add_mixture)")
     print(
         "architecture families: " + ", ".join(f.name for f in FAMILIES) + " (others: name modules by pattern)"
     )
