@@ -169,10 +169,6 @@ class DataSpec:
                 "a classification head takes a list of labels",
             )
 
-    def is_chat_template(self) -> bool:
-        """Rows become chat turns through ``prompt_template``."""
-        return self.prompt_template is not None
-
     def resolved_format(self) -> str:
         """The file format: ``format``, or the one its extension implies."""
         if self.format != "auto":
@@ -200,7 +196,6 @@ class DataSpec:
 
 def answer_words(labels: dict, where: str) -> dict[Label, str]:
     """``{raw label: answer word}`` with canonical keys (``0``, ``"0"`` and ``0.0`` are one label)."""
-
     if not labels:
         raise ConfigError(where, "must map each label to its answer word, got an empty mapping")
     out: dict[Label, str] = {}
