@@ -31,6 +31,55 @@ def save_tokenizer(path: Path, cls_sep: bool) -> int:
     return len(vocab)
 
 
+# A ChatML template (SmolLM2's shape): "<|im_start|>role\ncontent<|im_end|>\n" per message.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_WORDS = ["user", "assistant", "system", "positive", "negative", "review", "answer"]
+
+
+def save_chat_tokenizer(path: Path, template: str | None = CHATML) -> int:
+    """A word-level tokenizer over WORDS + CHAT_WORDS with ChatML's special tokens and ``template``.
+
+    EOS is ``<|im_end|>``, the end of a turn, as in SmolLM2.
+    """
+    specials = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS + CHAT_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=64,
+    )
+    if template is not None:
+        fast.chat_template = template
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def make_chat_llama(path: Path, template: str | None = CHATML) -> Path:
+    """A 2-layer random Llama folder whose tokenizer has a chat template."""
+    return save_tiny_llama(path, save_chat_tokenizer(path, template), eos_token_id=3, initializer_range=0.2)
+
+
+def write_sentiment_tsv(path: Path, n: int, seed: int = 0) -> Path:
+    """``sentence<TAB>label`` rows as in SST-2: label 1 when the sentence holds 'good', else 0."""
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        words = [rng.choice(WORDS[:40]) for _ in range(rng.randint(2, 6))]
+        y = rng.random() < 0.5
+        words.insert(rng.randrange(len(words)), "good" if y else "bad")
+        lines.append(f"{' '.join(words)}\t{int(y)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def make_bert(path: Path) -> Path:
     """A 2-layer random BERT encoder folder."""
     n = save_tokenizer(path, cls_sep=True)

@@ -223,6 +223,33 @@ def test_train_errors_are_one_line_and_exit_2(train_setup, tmp_path, capsys, arg
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
+def test_train_chat_rows_run_and_a_bad_row_names_its_line(tmp_path, capsys):
+    """Chat data from the command line: a labelled TSV through prompt_template trains and prints
+    the answer accuracy; a row whose label has no answer word fails naming file:line, exit 2."""
+    from _train_fixtures import make_chat_llama, write_sentiment_tsv
+
+    make_chat_llama(tmp_path / "llama")
+    data = write_sentiment_tsv(tmp_path / "train.tsv", 16)
+    (tmp_path / "chat.yaml").write_text(
+        "model: llama\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "adapter:\n"
+        "  name: sst\n"
+        "  kind: lora\n"
+        "  data: {path: train.tsv, text_field: sentence, prompt_template: 'review {text} answer',"
+        " labels: {0: negative, 1: positive}}\n"
+        "  eval_fraction: 0.25\n"
+        "tokenize: {max_length: 32}\n"
+        "train: {max_steps: 2, batch_size: 4}\n"
+    )
+    code, text, err = run(capsys, "train", str(tmp_path / "chat.yaml"), "--no-progress")
+    assert code == 0 and "sst: loss" in text and "accuracy" in text, err
+    data.write_text(data.read_text() + "w1 good\t2\n")
+    code, _, err = run(capsys, "train", str(tmp_path / "chat.yaml"), "--no-progress", "--overwrite")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "train.tsv:18: label '2' has no answer word in adapters.0.data.labels" in err
+
+
 def test_sigint_saves_a_checkpoint_and_exits_130(train_setup, tmp_path):
     """Ctrl-C in a real process: the step finishes, a checkpoint is written, exit status 130."""
     import signal

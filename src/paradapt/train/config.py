@@ -144,7 +144,9 @@ class RunConfig(_Section):
         evals = None
         if entry.eval_data is not None:
             evals = DataSpec.from_dict(
-                _expand(entry.eval_data), where=f"adapters.{i}.eval_data", base_dir=base_dir
+                _inherit_chat(_expand(entry.eval_data), train),
+                where=f"adapters.{i}.eval_data",
+                base_dir=base_dir,
             )
             if entry.eval_fraction is not None:
                 raise ConfigError(f"adapters.{i}.eval_fraction", "give either eval_data or eval_fraction")
@@ -349,6 +351,22 @@ def _expand(spec: dict | str) -> dict | str:
         raise ConfigError("data.path", f"{path}: no shared assets folder found (set $PARADAPT_ASSETS)")
     path = path.replace("${assets}", str(assets))
     return path if isinstance(spec, str) else {**spec, "path": path}
+
+
+CHAT_KEYS = ("task", "prompt_template", "system", "labels")  # what eval_data takes from data
+
+
+def _inherit_chat(eval_data: dict | str, train: DataSpec) -> dict | str:
+    """Chat eval rows are rendered as the training rows are: ``eval_data`` takes ``data``'s
+    ``task: chat``, ``prompt_template``, ``system`` and ``labels`` unless it sets its own."""
+    if train.task != "chat" and train.prompt_template is None:
+        return eval_data
+    spec = {"path": eval_data} if isinstance(eval_data, str) else dict(eval_data)
+    for key in CHAT_KEYS:
+        value = getattr(train, key)
+        if key not in spec and value is not None and (key != "task" or value == "chat"):
+            spec[key] = dict(value) if isinstance(value, dict) else value
+    return spec
 
 
 def _deep_copy(value: Any) -> Any:

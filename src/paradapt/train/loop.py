@@ -125,6 +125,12 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def loss_kind(task: str) -> str:
+    """What a task's loss is over: ``classification`` (a head's logits) or ``tokens`` (the LM's
+    next-token logits: lm, completion and chat, whose labels mask what is not learned)."""
+    return "classification" if task == "classification" else "tokens"
+
+
 Callback = Callable[["Trainer"], None]
 
 
@@ -151,10 +157,13 @@ class Trainer:
                 "train.batch_size", f"{args.batch_size} rows cannot be shared by {self.dist.world} processes"
             )
         _check_micro_batching(args, tasks)
-        self.kind = tasks[0].train.task
+        self.kind = loss_kind(tasks[0].train.task)
         for t in tasks:
-            if t.train.task != self.kind:
-                raise ValueError(f"all tasks of one run need the same task type; {t.name} is {t.train.task}")
+            if loss_kind(t.train.task) != self.kind:
+                raise ValueError(
+                    f"all tasks of one run need the same kind of loss (classification, or tokens for "
+                    f"lm/completion/chat); {tasks[0].name} is {tasks[0].train.task}, {t.name} is {t.train.task}"
+                )
         lifecycle.set_trainable(model, [t.name for t in tasks], True)
         self.opts, self.scheds = {}, {}
         for t in tasks:
@@ -417,6 +426,9 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Per adapter: accuracy (classification) or loss and perplexity (LM), on its eval set.
 
+        Chat rows made from labelled rows (``prompt_template``) also get ``accuracy``: the share
+        of rows whose every answer token (the label word and the end of turn) is the model's
+        argmax given the tokens before it, i.e. greedy decoding would answer exactly the label.
         Distributed, each rank evaluates every world-th batch and the sums are all-reduced.
         """
         was = self.model.training
@@ -426,7 +438,8 @@ class Trainer:
             if t.eval is None:
                 continue
             collate = t.eval.collate_fn()
-            hits, loss_sum, weight = 0, 0.0, 0.0
+            answers = t.eval.task == "chat" and t.eval.labels is not None
+            hits, loss_sum, weight, rows = 0, 0.0, 0.0, 0
             starts = range(0, len(t.eval), self.args.eval_batch_size)
             for s in starts[self.dist.rank :: self.dist.world]:
                 batch = collate(
@@ -438,17 +451,21 @@ class Trainer:
                     hits += int((logits.argmax(-1) == labels).sum())
                     weight += len(labels)
                 else:
-                    loss = self._losses(batch, names)[t.name]
-                    w = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                    loss_sum, weight = loss_sum + float(loss) * w, weight + w
+                    logits, labels = self._forward(batch, names)
+                    loss, right = _token_eval(logits, labels)
+                    w = float((labels[:, 1:] != IGNORE_INDEX).sum())
+                    loss_sum, weight = loss_sum + loss, weight + w
+                    hits, rows = hits + int(right.sum()), rows + len(right)
             if self.dist.enabled:
-                sums = self.dist.sum_(torch.tensor([hits, loss_sum, weight], dtype=torch.float64))
-                hits, loss_sum, weight = int(sums[0]), float(sums[1]), float(sums[2])
+                sums = self.dist.sum_(torch.tensor([hits, loss_sum, weight, rows], dtype=torch.float64))
+                hits, loss_sum, weight, rows = int(sums[0]), float(sums[1]), float(sums[2]), int(sums[3])
             if self.kind == "classification":
                 out[t.name] = {"accuracy": hits / max(weight, 1)}
             else:
                 mean = loss_sum / max(weight, 1)
                 out[t.name] = {"loss": mean, "perplexity": math.exp(min(mean, 50))}
+                if answers:
+                    out[t.name]["accuracy"] = hits / max(rows, 1)
         self.model.train(was)
         return out
 
@@ -489,6 +506,16 @@ class Trainer:
         self.tokens = state.get("tokens", 0)
         if "rng" in state:
             _set_rng_state(state["rng"])
+
+
+def _token_eval(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Summed next-token loss over the learned tokens, and per row whether every learned token
+    is the argmax (what greedy decoding would produce after the same prefix)."""
+    target = labels[:, 1:]
+    scores = logits[:, :-1].float()
+    loss = F.cross_entropy(scores.transpose(1, 2), target, reduction="sum", ignore_index=IGNORE_INDEX)
+    right = ((scores.argmax(-1) == target) | (target == IGNORE_INDEX)).all(1)
+    return float(loss), right.cpu()
 
 
 def _real_tokens(example: dict) -> int:

@@ -30,7 +30,7 @@ from ..io import save_adapter
 from . import checkpoint, distributed
 from .config import RunConfig, load_config
 from .data import LabelMap, build_datasets
-from .loop import Task, Trainer
+from .loop import Task, Trainer, loss_kind
 from .plot import plot_curves, read_metrics
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "best", "adapters", "curves.png", "config.json")
@@ -191,10 +191,11 @@ def _build_tasks(cfg: RunConfig, tok, base_dir: Path | None) -> tuple[list[Task]
                 f"a classification head needs {{text, label}} records, but the data is for task {train_ds.task!r}",
             )
         kinds[entry.name] = train_ds.task
-        if len(set(kinds.values())) > 1:
+        if len({loss_kind(k) for k in kinds.values()}) > 1:
             raise ConfigError(
                 f"adapters.{i}.data",
-                f"all adapters of one run need the same task type; got {kinds} (train them in separate runs)",
+                f"all adapters of one run need the same kind of loss (all classification, or all "
+                f"lm/completion/chat); got {kinds} (train them in separate runs)",
             )
         tasks.append(Task(entry.name, train_ds, eval_ds))
         adapter_cfgs[entry.name] = acfg

@@ -4,12 +4,15 @@ The pipeline is ``DataSpec`` (what the config says, :mod:`.spec`) -> :func:`load
 (plain dicts, each remembering its ``file:line`` so any later error can point at it;
 :mod:`.sources`, record shapes in :mod:`.records`) -> :class:`LabelMap` (classification only;
 :mod:`.labels`) -> :func:`tokenize` (a :class:`TokenizedDataset`) -> :func:`collate`
-(:mod:`.tokens`). :mod:`.sampling` splits records into train and eval, orders each epoch and
+(:mod:`.tokens`). Chat data (``messages``, prompt/completion turns, labelled rows through a
+``prompt_template``) becomes conversations rendered with the tokenizer's chat template, the loss
+on the assistant's tokens only (:mod:`.chat`). :mod:`.sampling` splits records into train and eval, orders each epoch and
 groups rows into micro-batches by length; :func:`build_datasets` (:mod:`.build`) runs the steps
 in order for a training config.
 """
 
 from .build import build_datasets
+from .chat import check_chat_template, render_chats
 from .labels import LabelMap
 from .records import DataError, Label, infer_task, source_of
 from .sampling import length_buckets, seeded_order, split
@@ -28,11 +31,13 @@ __all__ = [
     "LabelMap",
     "TokenizedDataset",
     "build_datasets",
+    "check_chat_template",
     "collate",
     "infer_task",
     "length_buckets",
     "load_records",
     "pad_id_of",
+    "render_chats",
     "seeded_order",
     "source_of",
     "split",

@@ -21,8 +21,8 @@ def check_label_type(label: Any, path: str, line: int | None) -> None:
         raise DataError(path, line, f"a class label must be a string or an integer, got {short_repr(label)}")
 
 
-def _canon(label: Any) -> Label:
-    """Integers, integral floats and canonical integer strings ("3", not "03") become ints."""
+def canon_label(label: Any) -> Label:
+    """A label's canonical form: integers, integral floats and integer strings ("3", not "03") become ints."""
     if isinstance(label, bool):
         return int(label)
     if isinstance(label, int):
@@ -36,7 +36,7 @@ def _canon(label: Any) -> Label:
 
 def _str_key(label: Any) -> str:
     """The key of a label in a map of string labels (1.0 and True read as "1")."""
-    return str(_canon(label)) if isinstance(label, (bool, float)) else str(label)
+    return str(canon_label(label)) if isinstance(label, (bool, float)) else str(label)
 
 
 class LabelMap:
@@ -53,7 +53,7 @@ class LabelMap:
         for label in labels:
             if not (is_int(label) or isinstance(label, str)):
                 raise ConfigError(where, f"each label must be a string or an integer, got {label!r}")
-        canon = [_canon(x) for x in labels]
+        canon = [canon_label(x) for x in labels]
         self.numeric = all(isinstance(x, int) for x in canon)
         self.labels: list[Label] = canon if self.numeric else [str(x) for x in labels]
         self.index: dict[Label, int] = {}
@@ -65,7 +65,7 @@ class LabelMap:
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> LabelMap:
         """The sorted unique labels of ``records`` (the training set)."""
-        seen = {_canon(r["label"]) for r in records}
+        seen = {canon_label(r["label"]) for r in records}
         if all(isinstance(x, int) for x in seen):
             return cls(sorted(seen))
         return cls(sorted({_str_key(r["label"]) for r in records}))
@@ -82,7 +82,7 @@ class LabelMap:
         return len(self.labels)
 
     def _key(self, label: Any) -> Label | None:
-        canon = _canon(label)
+        canon = canon_label(label)
         if self.numeric:
             return canon if isinstance(canon, int) else None
         return _str_key(label)

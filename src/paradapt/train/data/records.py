@@ -1,10 +1,12 @@
 """A normalised record: its shapes, where it came from, and the error that names its line.
 
-Records are normalised to one of three shapes, which also name the task:
+Records are normalised to one of four shapes, which also name the task:
 
 * ``{"text"}``: causal language modelling (``lm``), loss on every token;
 * ``{"prompt", "completion"}``: ``completion``, loss on the completion tokens only;
-* ``{"text", "label"}``: ``classification``, one label id per text.
+* ``{"text", "label"}``: ``classification``, one label id per text;
+* ``{"messages", "train_from"}`` (+ ``"answer"``): ``chat``, rendered with the tokenizer's chat
+  template, loss on the assistant's tokens only (:mod:`.chat`).
 
 Private keys ``_file`` and ``_line`` ride along in each record for error messages.
 """
@@ -18,6 +20,7 @@ from typing import Any
 from ...errors import ParadaptError
 
 Label = int | str
+IGNORE_INDEX = -100  # label value the loss skips (torch / Hugging Face convention)
 
 
 class DataError(ParadaptError, ValueError):
@@ -41,6 +44,8 @@ def infer_task(records: Sequence[dict]) -> str:
     if not records:
         raise ParadaptError("no records")
     first = records[0]
+    if "messages" in first:
+        return "chat"
     if "label" in first:
         return "classification"
     if "prompt" in first:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ...errors import ConfigError
+from .chat import chat_record
 from .labels import check_label_type
 from .records import DataError, short_repr
 from .spec import DataSpec
@@ -43,6 +45,10 @@ def load_records(spec: DataSpec) -> list[dict]:
         raise DataError(path, None, f"not valid UTF-8 ({e})") from None
     if not records:
         raise DataError(path, None, "no records: the data set is empty")
+    if task != "chat" and spec.system is not None:
+        raise ConfigError(
+            f"{spec.where}.system", f"is a chat system message, but the rows are for task {task!r}"
+        )
     return records
 
 
@@ -130,24 +136,31 @@ def _read_txt(spec: DataSpec, fmt: str) -> Iterator[tuple[int, dict]]:
 
 
 def _detect_task(spec: DataSpec, row: dict, path: Path, line: int) -> str:
-    """``task: auto``: a label means classification, a prompt or completion means completion."""
+    """``task: auto``: a prompt_template or messages mean chat, a label classification, a prompt
+    or completion string completion (a list of messages in either: chat), a text lm."""
+    if spec.prompt_template is not None or spec.messages_field in row:
+        return "chat"
     if spec.label_field in row:
         return "classification"
     if spec.prompt_field in row or spec.completion_field in row:
-        return "completion"
+        pair = (row.get(spec.prompt_field), row.get(spec.completion_field))
+        return "chat" if any(isinstance(v, list) for v in pair) else "completion"
     if spec.text_field in row:
         return "lm"
     raise DataError(
         path,
         line,
         f"cannot tell the task: no field {spec.text_field!r}, {spec.prompt_field!r}/"
-        f"{spec.completion_field!r} or {spec.label_field!r} (fields found: {sorted(row)}); "
-        f"set {spec.where}.text_field (or prompt_field, completion_field, label_field) to your field names",
+        f"{spec.completion_field!r}, {spec.label_field!r} or {spec.messages_field!r} (fields found: "
+        f"{sorted(row)}); set {spec.where}.text_field (or prompt_field, completion_field, label_field, "
+        "messages_field) to your field names",
     )
 
 
 def _normalise(spec: DataSpec, task: str, row: dict, path: Path, line: int) -> dict:
     """Map the file's field names to the canonical ones for ``task``."""
+    if task == "chat":
+        return chat_record(spec, row, path, line)
     if task == "lm":
         wanted = {"text": spec.text_field}
     elif task == "completion":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +13,12 @@ from typing import Any
 
 from ...checks import is_int
 from ...errors import ConfigError
-from .labels import LabelMap
-from .records import Label
+from .labels import LabelMap, canon_label
+from .records import Label, short_repr
 
 FORMATS = ("auto", "jsonl", "csv", "tsv", "txt")
-TASKS = ("auto", "lm", "completion", "classification")
+TASKS = ("auto", "lm", "completion", "classification", "chat")
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")  # a ``{field}`` of ``prompt_template``
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
 
 
@@ -29,6 +31,13 @@ class DataSpec:
     csv/tsv row as a header when it contains one of the configured field names.
     ``txt_separator`` splits a .txt file into documents; when it does not occur the
     whole file is one document (to be packed into blocks).
+
+    Chat data (``task: chat``, see :mod:`.chat`): a ``messages_field`` list of ``{role, content}``
+    (detected), ``prompt``/``completion`` with ``task: chat``, or a labelled row turned into one
+    turn by ``prompt_template`` (the user message; ``{text}`` is the text field, ``{name}`` any
+    other field) with ``labels`` mapping each raw label to its answer word (a list keeps the
+    labels as they are, as answers). ``system`` starts every conversation that has no system
+    message of its own.
     """
 
     path: str
@@ -39,8 +48,11 @@ class DataSpec:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     label_field: str = "label"
+    messages_field: str = "messages"
     task: str = "auto"
-    labels: list[Label] | None = None
+    labels: list[Label] | dict[Label, str] | None = None
+    prompt_template: str | None = None
+    system: str | None = None
     limit: int | None = None
     txt_separator: str | None = "<|endoftext|>"
     where: str = field(default="data", repr=False, compare=False)  # config prefix for messages
@@ -97,7 +109,7 @@ class DataSpec:
         check_choice(self.task, TASKS, f"{w}.task")
         if self.header not in (True, False, "auto"):
             raise ConfigError(f"{w}.header", f"must be true, false or 'auto', got {self.header!r}")
-        for key in ("text_field", "prompt_field", "completion_field", "label_field"):
+        for key in ("text_field", "prompt_field", "completion_field", "label_field", "messages_field"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{w}.{key}", f"must be a non-empty string, got {value!r}")
@@ -115,7 +127,10 @@ class DataSpec:
             raise ConfigError(f"{w}.limit", f"must be a positive integer, got {self.limit!r}")
         if self.txt_separator is not None and not isinstance(self.txt_separator, str):
             raise ConfigError(f"{w}.txt_separator", f"must be a string, got {self.txt_separator!r}")
-        if self.labels is not None:
+        self._validate_chat()
+        if isinstance(self.labels, dict):
+            self.labels = answer_words(self.labels, f"{w}.labels")
+        elif self.labels is not None:
             LabelMap(self.labels, where=f"{w}.labels")  # checks types and duplicates
             self.labels = list(self.labels)
         fmt = self.resolved_format()
@@ -126,6 +141,32 @@ class DataSpec:
         if fmt in ("csv", "tsv") and self.header is False and self.columns is None:
             raise ConfigError(
                 f"{w}.columns", f"a {fmt} file without a header needs column names, e.g. ['text', 'label']"
+            )
+
+    def _validate_chat(self) -> None:
+        """The chat keys: ``prompt_template`` names a field, ``labels`` as a mapping needs it."""
+        w = self.where
+        if self.prompt_template is not None:
+            if not isinstance(self.prompt_template, str) or not PLACEHOLDER.search(self.prompt_template):
+                raise ConfigError(
+                    f"{w}.prompt_template",
+                    "must be a string holding {text} (or another {field} of the row) where the input goes, "
+                    f"got {short_repr(self.prompt_template)}",
+                )
+            if self.task not in ("auto", "chat"):
+                raise ConfigError(
+                    f"{w}.prompt_template",
+                    f"turns rows into chat turns, so the task is 'chat', not {self.task!r}",
+                )
+        if self.system is not None and (not isinstance(self.system, str) or not self.system):
+            raise ConfigError(f"{w}.system", f"must be a non-empty string, got {self.system!r}")
+        if self.system is not None and self.task not in ("auto", "chat"):
+            raise ConfigError(f"{w}.system", f"is a chat system message, but the task is {self.task!r}")
+        if isinstance(self.labels, dict) and self.prompt_template is None:
+            raise ConfigError(
+                f"{w}.labels",
+                "a mapping of labels to answer words needs a prompt_template (chat turns); "
+                "a classification head takes a list of labels",
             )
 
     def resolved_format(self) -> str:
@@ -142,7 +183,32 @@ class DataSpec:
 
     def field_names(self) -> list[str]:
         """The configured field names, used to recognise a header row."""
-        return [self.text_field, self.prompt_field, self.completion_field, self.label_field]
+        names = [self.text_field, self.prompt_field, self.completion_field, self.label_field]
+        if self.prompt_template is not None:
+            names += [n for n in PLACEHOLDER.findall(self.prompt_template) if n != "text"]
+        return names
+
+    def template_fields(self) -> dict[str, str]:
+        """``prompt_template``'s placeholders -> the row fields they read (``{text}``: ``text_field``)."""
+        names = PLACEHOLDER.findall(self.prompt_template or "")
+        return {n: self.text_field if n == "text" else n for n in dict.fromkeys(names)}
+
+
+def answer_words(labels: dict, where: str) -> dict[Label, str]:
+    """``{raw label: answer word}`` with canonical keys (``0``, ``"0"`` and ``0.0`` are one label)."""
+    if not labels:
+        raise ConfigError(where, "must map each label to its answer word, got an empty mapping")
+    out: dict[Label, str] = {}
+    for raw, word in labels.items():
+        if not (is_int(raw) or isinstance(raw, str)):
+            raise ConfigError(where, f"each label must be a string or an integer, got {raw!r}")
+        if not isinstance(word, str) or not word.strip():
+            raise ConfigError(f"{where}.{raw}", f"the answer must be a non-empty string, got {word!r}")
+        key = canon_label(raw)
+        if key in out:
+            raise ConfigError(where, f"label {raw!r} is given twice")
+        out[key] = word
+    return out
 
 
 def check_choice(value: Any, choices: Sequence[str], name: str) -> None:

@@ -15,18 +15,17 @@ from torch.utils.data import Dataset
 
 from ...checks import is_int
 from ...errors import ConfigError, ParadaptError
+from .chat import render_chats
 from .labels import LabelMap
-from .records import DataError, infer_task, source_of
+from .records import IGNORE_INDEX, DataError, infer_task, source_of
 from .spec import TASKS, check_choice
-
-IGNORE_INDEX = -100  # label value the loss skips (torch / Hugging Face convention)
 
 
 class TokenizedDataset(Dataset):
     """Examples as dicts of int lists, ready for :func:`collate`.
 
-    ``task`` is "lm", "completion" or "classification"; ``labels`` the :class:`LabelMap`
-    (classification) or None; ``num_truncated`` how many records were cut to ``max_length``;
+    ``task`` is "lm", "completion", "classification" or "chat"; ``labels`` the :class:`LabelMap`
+    (classification; for chat rows made from labelled rows, the answer words) or None; ``num_truncated`` how many records were cut to ``max_length``;
     ``num_dropped`` how many were left out (completion prompts that filled ``max_length``);
     ``pad_id`` the id :func:`collate` pads ``input_ids`` with.
     """
@@ -123,7 +122,11 @@ def tokenize(
     * completion: prompt (with the tokenizer's special tokens) + completion (+EOS), labels -100
       on the prompt. Each part is tokenized alone, so put the separating space at the start of
       the completion. Over-long examples are cut at the end; one whose prompt fills
-      ``max_length`` has nothing left to learn and is dropped.
+      ``max_length`` has nothing left to learn and is dropped;
+    * chat: the tokenizer's chat template, labels -100 outside the assistant's answers
+      (:func:`.chat.render_chats`; a conversation over ``max_length`` fails naming its line, and
+      ``add_eos`` does not apply: the template ends each turn). ``labels`` are the answer words
+      when the records came from labelled rows (eval accuracy), else None.
 
     Truncation is reported by ONE warning with the count, not one per record.
     """
@@ -131,9 +134,12 @@ def tokenize(
         raise ParadaptError("no records to tokenize")
     task = task or infer_task(records)
     check_choice(task, TASKS[1:], "task")
-    needed = {"lm": ("text",), "completion": ("prompt", "completion"), "classification": ("text", "label")}[
-        task
-    ]
+    needed = {
+        "lm": ("text",),
+        "completion": ("prompt", "completion"),
+        "classification": ("text", "label"),
+        "chat": ("messages", "train_from"),
+    }[task]
     missing = [k for k in needed if k not in records[0]]
     if missing:
         raise DataError(
@@ -145,6 +151,10 @@ def tokenize(
     if task == "classification":
         labels = labels if labels is not None else LabelMap.from_records(records)
         examples, truncated = _tokenize_classification(records, tokenizer, max_length, labels)
+    elif task == "chat":
+        answers = {r["answer"] for r in records if "answer" in r}
+        labels = LabelMap(sorted(answers)) if answers and all("answer" in r for r in records) else None
+        examples, truncated = render_chats(records, tokenizer, max_length), 0
     elif task == "lm":
         labels = None
         if packing:
