@@ -48,6 +48,18 @@ def test_classification_adapter_learns():
     assert after > max(before, 0.8), (before, after)
 
 
+def test_classification_head_on_a_causal_lm_trains():
+    """A head on a decoder with an LM head reads its final hidden states (it has no last_hidden_state)."""
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", pa.ParallelConfig(r=8, head={"num_labels": 2, "dropout": 0.0}))
+    args = TrainArgs(max_steps=3, batch_size=8, lr=1e-2, log_every=1, seed=0)
+    tr = Trainer(model, [Task("a", cls_data(32, 0), cls_data(16, 1))], args)
+    tr.train(progress=False)
+    assert "accuracy" in tr.history[-1]["eval"]["a"]
+    losses = [r["loss"]["a"] for r in tr.history if "loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses)
+
+
 def test_two_adapters_in_one_run_match_two_separate_runs():
     """One mixed forward per step gives each adapter the gradient of its own run."""
     base = tiny_model("llama")

@@ -243,6 +243,10 @@ class Trainer:
         inputs = {k: v.to(dev) for k, v in batch.items()}
         labels = inputs.pop("labels")
         self._routed = names
+        if self.kind == "classification" and self.model.get_output_embeddings() is not None:
+            # A decoder with an LM head (e.g. *ForCausalLM) has no last_hidden_state: the
+            # classifier reads the final hidden states, so ask for them.
+            inputs["output_hidden_states"] = True
         with (
             torch.autocast(
                 dev.type, dtype=torch.bfloat16, enabled=self.args.bf16 and dev.type in ("cuda", "cpu")
