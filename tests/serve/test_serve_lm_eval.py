@@ -10,7 +10,6 @@ answer lm-eval records equals the same computation on a plain forward of the mod
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -86,7 +85,6 @@ def test_lm_eval_local_completions_runs_all_three_request_types(tmp_path):
     tok = AutoTokenizer.from_pretrained(STORIES)
     _tasks(tmp_path)
     app = create_app(Engine(model, None, CFG, tokenizer=tok), model_name="stories")
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)
     with live_server(app) as port:
         out = lm_eval.simple_evaluate(
             model="local-completions",
