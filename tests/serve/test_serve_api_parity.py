@@ -36,6 +36,7 @@ def setup(tmp_path_factory):
     """An adapter root with one random LoRA ("lo"), a reference model carrying it, the tokenizer."""
     root = tmp_path_factory.mktemp("adapters")
     ref = stories()
+    torch.manual_seed(0)  # one fixed random LoRA: the answers below do not vary from run to run
     pa.add_adapter(ref, "lo", pa.LoRAConfig(r=4, init="random"))
     pa.save_adapter(ref, "lo", root / "lo")
     return root, ref, AutoTokenizer.from_pretrained(STORIES)
@@ -147,7 +148,8 @@ def test_generated_tokens_logprobs_equal_a_plain_forward_in_completions_and_chat
     lp = body["choices"][0]["logprobs"]
     assert lp["token_logprobs"] == pytest.approx(want, abs=ATOL)
     assert all(len(top) >= 2 for top in lp["top_logprobs"])  # 2 alternatives (+ the chosen one)
-    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
+    # each token's text as it reads after the prompt (its leading space included)
+    assert "".join(lp["tokens"]) == tok.decode(ids + gen)[len(tok.decode(ids)) :]
     # echo with max_tokens 1 (lm-eval's request): the prompt's scores, then the generated token's
     echo = post(
         client, {"model": "lo", "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
@@ -243,8 +245,13 @@ def test_penalties_logit_bias_and_min_tokens_act_as_vllm_defines_them(client, se
     eos = tok.eos_token_id
     ended = post(client, {**base, "ignore_eos": False, "logit_bias": {str(eos): 100}, "min_tokens": 3})
     assert ended["usage"]["completion_tokens"] == 4 and ended["choices"][0]["finish_reason"] == "stop"
-    r = client.post("/v1/completions", json={**base, "logit_bias": {"7": 101}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    for bad in (
+        {"7": 101},
+        {"99999": 1},
+        {"x": 1},
+    ):  # bias out of range, id outside the vocabulary, not an id
+        r = client.post("/v1/completions", json={**base, "logit_bias": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
 
 
 def test_penalized_and_biased_greedy_rows_in_a_busy_batch_equal_each_alone(setup):
@@ -367,4 +374,6 @@ def test_vllm_lora_endpoints_load_under_another_name_inside_the_root_only(client
     r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "missing"})
     assert r.status_code == 404 and str(root) not in r.text
     r = client.post("/v1/load_lora_adapter", json={"lora_name": "bad/name", "lora_path": "lo"})
-    assert r.status_code == 400
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
+    r = client.post("/v1/unload_lora_adapter", json={"lora_name": "never-loaded"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name"

@@ -88,8 +88,10 @@ def prompts_of(server, prompt) -> list[tuple[str | None, list[int]]]:
     return out
 
 
-def _choices(prompts: list[list[int]], params: SamplingParams, count: int, max_len) -> list[_Choice]:
+def _choices(server, prompts: list[list[int]], params: SamplingParams, count: int) -> list[_Choice]:
     """``count`` engine requests per prompt; a seeded request's choices draw from distinct seeds."""
+    check_token_ids(server.engine.model, [t for t, _ in params.logit_bias], "logit_bias")
+    max_len = server.max_len
     out = []
     for i, ids in enumerate(prompts):
         check_positions(len(ids), params.max_new_tokens, max_len)
@@ -145,7 +147,7 @@ async def completions(server, req: CompletionRequest, request: Request):
     # max_tokens 0 (echo): one token is generated, then hidden; the prompt's scores are the answer
     params = sampling_params(max(max_tokens, 1), req, **extra)
     prompts = await asyncio.to_thread(prompts_of, server, req.prompt)
-    choices = _choices([ids for _, ids in prompts], params, best_of, server.max_len)
+    choices = _choices(server, [ids for _, ids in prompts], params, best_of)
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     q: asyncio.Queue = asyncio.Queue()
     await _submit(server, server.adapter_of(req.model), choices, q)
@@ -204,7 +206,7 @@ async def chat(server, req: ChatRequest, request: Request):
     params = sampling_params(req.max_completion_tokens or req.max_tokens or 16, req, logprobs=lp)
     prompt = chat_prompt(server.tokenizer, req.messages, server.chat_template)
     ids = await asyncio.to_thread(tokenize, server.tokenizer, prompt)
-    choices = _choices([ids], params, req.n, server.max_len)
+    choices = _choices(server, [ids], params, req.n)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     q: asyncio.Queue = asyncio.Queue()
     await _submit(server, server.adapter_of(req.model), choices, q)

@@ -88,7 +88,10 @@ class AdapterStore:
         :class:`~paradapt.errors.AdapterNotFoundError` when no such folder exists; neither
         message shows the path (clients learn nothing of the server's disk).
         """
-        check_name(name)
+        try:
+            check_name(name)
+        except ConfigError as e:
+            raise ConfigError("adapter", str(e)) from None
         if self.root is None:
             raise AdapterNotFoundError(f"unknown adapter {name!r} (the engine has no adapter_root)")
         given = Path(path)
@@ -102,6 +105,8 @@ class AdapterStore:
         own = self.root / name
         if name != target.name and own.exists():
             raise ConfigError("adapter", f"{name!r} is already the name of another adapter folder")
+        if self.aliases.get(name, target.name) != target.name:
+            raise ConfigError("adapter", f"{name!r} is already loaded from another folder; unload it first")
         if name != target.name:
             self.aliases[name] = target.name
 

@@ -180,7 +180,13 @@ def paradapt_error(exc: ParadaptError, path: str, decoder: bool) -> JSONResponse
     """A library error as an HTTP error: 404 unknown adapter, 429 queue full, 409 adapter in
     use, 422 adapter folder that fails to load, 400 bad parameter (naming the request's field:
     ``name`` on the adapter routes, ``model`` elsewhere, ``input`` for encoder texts), else 500."""
-    name_field = "name" if path.startswith("/v1/adapters") else "model"
+    name_field = (
+        "name"
+        if path.startswith("/v1/adapters")
+        else "lora_name"
+        if path.startswith(("/v1/load_lora_adapter", "/v1/unload_lora_adapter"))
+        else "model"
+    )
     if isinstance(exc, AdapterNotFoundError):
         return error_response(404, str(exc), "not_found_error", name_field)
     if isinstance(exc, QueueFullError):
