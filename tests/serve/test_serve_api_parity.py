@@ -377,3 +377,33 @@ def test_vllm_lora_endpoints_load_under_another_name_inside_the_root_only(client
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
     r = client.post("/v1/unload_lora_adapter", json={"lora_name": "never-loaded"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name"
+
+
+def _events(client, path: str, body: dict) -> list[dict]:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+
+
+def test_streamed_logprobs_add_up_to_the_whole_answers(client):
+    """Each chunk carries the log-probabilities of the tokens generated since the previous one."""
+    body = {"model": "lo", "prompt": "Lily saw a bird", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = post(client, body)["choices"][0]["logprobs"]
+    parts = [c["choices"][0]["logprobs"] for c in _events(client, "/v1/completions", body)]
+    parts = [p for p in parts if p]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for p in parts for v in p[key]] == whole[key], key
+    chat = {
+        "model": "lo",
+        "messages": [{"role": "user", "content": "Lily saw a bird"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    whole = post(client, chat, "/v1/chat/completions")["choices"][0]["logprobs"]["content"]
+    events = _events(client, "/v1/chat/completions", chat)
+    streamed = [e for c in events for e in ((c["choices"][0].get("logprobs") or {}).get("content") or [])]
+    assert streamed == whole
+    r = client.post("/v1/completions", json={**body, "echo": True, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"

@@ -136,9 +136,8 @@ async def completions(server, req: CompletionRequest, request: Request):
         raise ConfigError("best_of", f"must be >= n ({n}), got {best_of}")
     if req.stream and best_of > n:
         raise ConfigError("best_of", "cannot be used with stream (as in OpenAI's API)")
-    if req.stream and (req.logprobs is not None or req.echo):
-        field = "logprobs" if req.logprobs is not None else "echo"
-        raise ConfigError(field, "is not supported with stream here; send stream: false")
+    if req.stream and req.echo:
+        raise ConfigError("echo", "is not supported with stream here; send stream: false")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     if max_tokens == 0 and not req.echo:
         raise ConfigError("max_tokens", "0 is only allowed with echo (to score the prompt)")
@@ -200,8 +199,6 @@ async def chat(server, req: ChatRequest, request: Request):
     refused_fields(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise ConfigError("top_logprobs", "needs logprobs: true")
-    if req.stream and req.logprobs:
-        raise ConfigError("logprobs", "is not supported with stream here; send stream: false")
     lp = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req.max_completion_tokens or req.max_tokens or 16, req, logprobs=lp)
     prompt = chat_prompt(server.tokenizer, req.messages, server.chat_template)
@@ -277,6 +274,31 @@ async def _wait(
     return True
 
 
+class _StreamedLogprobs:
+    """The log-probabilities of a streamed choice's tokens not yet sent (None when not asked):
+    each chunk carries those of the tokens generated since the previous one."""
+
+    def __init__(self, tokenizer, c: _Choice, chat: bool):
+        self.tokenizer, self.c, self.chat = tokenizer, c, chat
+        self.sent = 0  # tokens whose log-probabilities went out
+        self.offset = 0  # characters of their text (completions' text_offset)
+
+    def new(self) -> dict | None:
+        h = self.c.handle
+        if h.params.logprobs is None:
+            return None
+        n = min(len(h.logprobs), len(h.tokens))  # the engine thread may be one token ahead
+        context, tokens = [*self.c.ids, *h.tokens[: self.sent]], h.tokens[self.sent : n]
+        entries = h.logprobs[self.sent : n]
+        self.sent = n
+        if self.chat:
+            return chat_logprobs(self.tokenizer, context, tokens, entries)
+        out = completion_logprobs(self.tokenizer, context, tokens, entries)
+        out["text_offset"] = [self.offset + o for o in out["text_offset"]]
+        self.offset += sum(map(len, out["tokens"]))
+        return out
+
+
 async def _sse(
     server, choices: list[_Choice], q: asyncio.Queue, model: str, rid: str, chat: bool, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -285,6 +307,7 @@ async def _sse(
     ``[DONE]``."""
     handles = [c.handle for c in choices]
     sent = [""] * len(handles)
+    scored = [_StreamedLogprobs(server.tokenizer, c, chat) for c in choices]
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     left = len(handles)
@@ -299,14 +322,16 @@ async def _sse(
             text = streamable(h.text or "", h.params.stop, final=kind == "done")
             if len(text) > len(sent[k]) and text.startswith(sent[k]):
                 delta, sent[k] = text[len(sent[k]) :], text
-                yield chunk(rid, obj, created, model, choice(chat, delta, None, delta=True, index=k))
+                one = choice(chat, delta, None, delta=True, index=k, logprobs=scored[k].new())
+                yield chunk(rid, obj, created, model, one)
             if kind != "done":
                 continue
             left -= 1
             if h.error is not None:
                 yield error_event(h.error)
                 break
-            last = choice(chat, None, finish_reason(h.finish_reason), delta=True, index=k)
+            reason = finish_reason(h.finish_reason)
+            last = choice(chat, None, reason, delta=True, index=k, logprobs=scored[k].new())
             yield chunk(rid, obj, created, model, last)
         else:
             if include_usage:

@@ -325,7 +325,8 @@ def choice(
     if not delta:
         msg = {"role": "assistant", "content": text}
         return {"index": index, "message": msg, "logprobs": logprobs, "finish_reason": reason}
-    return {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": reason}
+    body = {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": reason}
+    return body if logprobs is None else {**body, "logprobs": logprobs}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
