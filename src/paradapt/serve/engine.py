@@ -39,7 +39,14 @@ from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, par
 from ..lifecycle import add_adapter, attach_built, check_name, remove_adapter, route
 from ..state import get_state, require_state
 from .cache import AdapterPinnedError, Move
-from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
+from .core import (
+    AdapterAccessError,
+    AdapterLoadError,
+    EngineConfig,
+    ServeCore,
+    memory_split,
+    scheduler_config,
+)
 from .runner import Runner
 from .sampling import SamplingParams
 from .scheduler import Request, ScheduledStep, SchedulerConfig
@@ -60,10 +67,6 @@ class _HostCopy:
     config: object
     built: tuple[nn.Module, list] | None = None
     state: dict[str, torch.Tensor] | None = None
-
-
-class AdapterAccessError(ParadaptError):
-    """An adapter path outside the adapter root (403 over HTTP)."""
 
 
 class AdapterStore:

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterPinnedError
-from .core import AdapterLoadError
-from .engine import AdapterAccessError
+from .core import AdapterAccessError, AdapterLoadError
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, RequestTooLargeError
 
