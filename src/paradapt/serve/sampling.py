@@ -169,11 +169,13 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: Histor
         if t < vocab:
             out[t] += b
     if params.repetition_penalty != 1 and (h.prompt or h.output):
-        seen = torch.tensor(sorted({t for t in (*h.prompt, *h.output) if 0 <= t < vocab}), dtype=torch.long)
+        ids = sorted({t for t in (*h.prompt, *h.output) if 0 <= t < vocab})
+        seen = torch.tensor(ids, dtype=torch.long, device=out.device)
         v = out[seen]
         out[seen] = torch.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
     if (params.presence_penalty or params.frequency_penalty) and h.output:
-        counts = torch.bincount(torch.tensor(h.output, dtype=torch.long), minlength=vocab)[:vocab]
+        output = torch.tensor([t for t in h.output if 0 <= t < vocab], dtype=torch.long, device=out.device)
+        counts = torch.bincount(output, minlength=vocab)[:vocab]
         out -= params.frequency_penalty * counts.to(out.dtype)
         out -= params.presence_penalty * (counts > 0).to(out.dtype)
     return out
