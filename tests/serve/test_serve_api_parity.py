@@ -303,6 +303,8 @@ def test_streams_carry_every_choice_and_a_final_usage_chunk(client):
     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         plain = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
     assert all("usage" not in c for c in plain)  # no usage chunk unless asked
+    r = client.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"  # only with stream
 
 
 @pytest.mark.parametrize(

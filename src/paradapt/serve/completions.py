@@ -88,6 +88,11 @@ def prompts_of(server, prompt) -> list[tuple[str | None, list[int]]]:
     return out
 
 
+def _check_stream_options(req) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise ConfigError("stream_options", "is only allowed with stream: true (as in OpenAI's API)")
+
+
 def _choices(server, prompts: list[list[int]], params: SamplingParams, count: int) -> list[_Choice]:
     """``count`` engine requests per prompt; a seeded request's choices draw from distinct seeds."""
     check_token_ids(server.engine.model, [t for t, _ in params.logit_bias], "logit_bias")
@@ -130,6 +135,7 @@ def _best(choices: list[_Choice], n: int, prompts: int) -> list[_Choice]:
 async def completions(server, req: CompletionRequest, request: Request):
     """POST /v1/completions."""
     refused_fields(req)
+    _check_stream_options(req)
     n = req.n
     best_of = req.best_of or n
     if best_of < n:
@@ -197,6 +203,7 @@ def _decode(server, ids: list[int]) -> str:
 async def chat(server, req: ChatRequest, request: Request):
     """POST /v1/chat/completions."""
     refused_fields(req)
+    _check_stream_options(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise ConfigError("top_logprobs", "needs logprobs: true")
     lp = (req.top_logprobs or 0) if req.logprobs else None
