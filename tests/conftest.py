@@ -41,6 +41,8 @@ from paradapt.errors import SetupError  # noqa: E402
 from paradapt.loading import find_assets  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "gpt2", "bert"]
+#: A chat template for tokenizers without one (stories260K's): the server refuses chat without one.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
 
 try:  # $PARADAPT_ASSETS, else shared/assets walking up from the current folder and from the package

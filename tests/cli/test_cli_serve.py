@@ -14,11 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from _train_fixtures import make_bert, make_llama
+from conftest import CHAT_TEMPLATE
 from fastapi.testclient import TestClient
 
 import paradapt as pa
 from paradapt import cli
 from paradapt.cli import serve as serve_cli
+from paradapt.cli.common import CLIError
 from paradapt.loading import load_model
 from paradapt.serve.process import free_port
 
@@ -230,3 +232,26 @@ def test_threads_flag_overrides_the_default(tmp_path, monkeypatch):
             assert info["threads"] == expected == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_chat_template_flag_serves_chat_and_without_a_template_chat_is_400(llama_setup, tmp_path):
+    """A tokenizer without a chat template: chat is refused (400 naming messages), not given an
+    invented format; ``--chat-template FILE`` serves it with that template."""
+    model_dir, _ = llama_setup
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    base = ["serve", "--model", str(model_dir), "--served-model-name", "m"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for flags, status in (([], 400), (["--chat-template", str(template)], 200)):
+        app, _ = serve_cli.build_server_app(cli.build_parser().parse_args([*base, *flags]))
+        with TestClient(app) as client:
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == status, r.text
+            if status == 400:
+                assert (
+                    r.json()["error"]["param"] == "messages"
+                    and "chat-template" in r.json()["error"]["message"]
+                )
+    missing = cli.build_parser().parse_args([*base, "--chat-template", str(tmp_path / "none.jinja")])
+    with pytest.raises(CLIError, match="--chat-template"):
+        serve_cli.build_server_app(missing)

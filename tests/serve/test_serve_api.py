@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import asset_path, require_asset, tiny_model
+from conftest import CHAT_TEMPLATE, asset_path, require_asset, tiny_model
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -50,7 +50,9 @@ def served(tmp_path_factory):
 @pytest.fixture
 def client(served):
     root, _, tok = served
-    app = create_app(Engine(stories(), root, CFG, tokenizer=tok), model_name="stories")
+    app = create_app(
+        Engine(stories(), root, CFG, tokenizer=tok), model_name="stories", chat_template=CHAT_TEMPLATE
+    )
     with TestClient(app) as c:
         yield c
 
@@ -175,7 +177,9 @@ def test_the_openai_client_works_unchanged(served):
     import openai  # a pinned test dependency: a missing install fails, not skips
 
     root, _, tok = served
-    app = create_app(Engine(stories(), root, CFG, tokenizer=tok), model_name="stories")
+    app = create_app(
+        Engine(stories(), root, CFG, tokenizer=tok), model_name="stories", chat_template=CHAT_TEMPLATE
+    )
     with live_server(app) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         out = client.completions.create(model="lo", prompt="Once upon a time", max_tokens=8, temperature=0)

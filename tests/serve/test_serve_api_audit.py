@@ -10,12 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import asset_path, require_asset, tiny_model
+from conftest import CHAT_TEMPLATE, asset_path, require_asset, tiny_model
 from fastapi.testclient import TestClient
 from test_serve_api import live_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import paradapt as pa
+from paradapt.errors import ConfigError
 from paradapt.serve.app import create_app
 from paradapt.serve.engine import EncoderEngine, Engine, EngineConfig
 from paradapt.serve.metrics import TokenRate
@@ -116,7 +117,10 @@ def test_delete_is_refused_while_requests_wait_for_the_adapter(root, tok):
 
 @pytest.fixture(scope="module")
 def client(root, tok):
-    with TestClient(create_app(Engine(stories(), root, CFG, tokenizer=tok), model_name="stories")) as c:
+    app = create_app(
+        Engine(stories(), root, CFG, tokenizer=tok), model_name="stories", chat_template=CHAT_TEMPLATE
+    )
+    with TestClient(app) as c:
         yield c
 
 
@@ -127,7 +131,7 @@ def client(root, tok):
         ("/v1/completions", None, "body"),
         ("/v1/completions", {"model": "lo", "prompt": [1, 99999]}, "prompt"),  # outside the vocabulary
         ("/v1/completions", {"model": "lo", "prompt": [-3]}, "prompt"),
-        ("/v1/completions", {"model": "lo", "prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"model": "lo", "prompt": "x", "n": 17}, "n"),  # over 16 choices
         ("/v1/completions", {"model": "lo", "prompt": "x", "stop": [""]}, "stop"),
         (
             "/v1/completions",
@@ -187,7 +191,8 @@ def test_chat_uses_the_tokenizer_chat_template(root, tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A story"}]
     prompt = chat_prompt(templated, [ChatMessage(**m) for m in messages])
     assert prompt == "[system] Be brief.\n[user] A story\n[assistant]"
-    assert chat_prompt(tok, [ChatMessage(**messages[1])]) == "user: A story\nassistant:"  # no template
+    with pytest.raises(ConfigError, match="chat template"):  # no template: refused, not invented
+        chat_prompt(tok, [ChatMessage(**messages[1])])
     app = create_app(Engine(stories(), root, CFG, tokenizer=templated), model_name="stories")
     body = {"model": "lo", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     with TestClient(app) as c:

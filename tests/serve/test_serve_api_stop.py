@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import asset_path, require_asset
+from conftest import CHAT_TEMPLATE, asset_path, require_asset
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,7 +48,9 @@ def _stories():
 @pytest.fixture(scope="module")
 def tok():
     _stories()  # skips without the shared assets
-    return AutoTokenizer.from_pretrained(STORIES)
+    t = AutoTokenizer.from_pretrained(STORIES)
+    t.chat_template = CHAT_TEMPLATE  # stories260K has none: chat is refused without one
+    return t
 
 
 def reference_tokens(tok, prompt: str) -> list[int]:

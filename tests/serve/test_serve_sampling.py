@@ -8,7 +8,15 @@ from conftest import tiny_model
 
 import paradapt as pa
 from paradapt.serve.engine import Engine, EngineConfig
-from paradapt.serve.sampling import SamplingParams, filter_logits, make_generator, sample
+from paradapt.serve.sampling import (
+    History,
+    SamplingParams,
+    filter_logits,
+    logprobs_of,
+    make_generator,
+    process_logits,
+    sample,
+)
 
 
 def test_top_k_keeps_the_k_largest():
@@ -54,6 +62,13 @@ def test_seeded_sampling_is_reproducible_and_follows_the_filters():
         ("max_new_tokens", {"max_new_tokens": 0}),
         ("seed", {"seed": -1}),
         ("stop", {"stop": ("",)}),
+        ("presence_penalty", {"presence_penalty": 2.5}),
+        ("frequency_penalty", {"frequency_penalty": -3}),
+        ("repetition_penalty", {"repetition_penalty": 0}),
+        ("min_tokens", {"min_tokens": 5, "max_new_tokens": 4}),
+        ("logit_bias", {"logit_bias": ((3, 101.0),)}),
+        ("logprobs", {"logprobs": 21}),
+        ("prompt_logprobs", {"prompt_logprobs": -1}),
     ],
 )
 def test_bad_params_name_the_field(field, kw):
@@ -91,3 +106,25 @@ def test_seeded_request_is_independent_of_its_batch_mates(tmp_path):
     )
     other.run()
     assert h.tokens != solo  # the seed matters
+
+
+def test_logit_processing_follows_vllm_and_logprobs_are_the_raw_distribution():
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0, 0.0])
+    hist = History(prompt=[0], output=[2, 2, 3], eos=frozenset({4}))
+    p = SamplingParams(
+        repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((1, 3.0),)
+    )
+    out = process_logits(logits, p, hist)
+    # 0: repeated in the prompt, positive -> /2; 1: biased +3; 2: seen twice in the output
+    # (positive /2, then -0.25*2 - 0.5); 3: once (/2, -0.25 - 0.5); 4: untouched
+    assert out.tolist() == pytest.approx([1.0, 2.0, 0.25 - 1.0, 0.5 - 0.75, 0.0])
+    held = process_logits(logits, SamplingParams(min_tokens=4), hist)  # 3 < 4 tokens: EOS held back
+    assert held[4] == float("-inf") and held[:4].tolist() == logits[:4].tolist()
+    assert process_logits(logits, SamplingParams(), hist) is logits  # nothing asked: the fast path
+    (lp,) = logprobs_of(logits[None], [2], [2])
+    ref = logits.log_softmax(-1)
+    assert lp.token == 2 and lp.logprob == pytest.approx(float(ref[2]))
+    assert [t for t, _ in lp.top] == [0, 3] and [v for _, v in lp.top] == pytest.approx(ref[[0, 3]].tolist())
+    rows = torch.stack([logits, logits])
+    greedy, biased = SamplingParams(), SamplingParams(logit_bias=((4, 10.0),))
+    assert sample(rows, [greedy, biased], [None, None], [None, hist]) == [0, 4]

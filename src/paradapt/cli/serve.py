@@ -52,6 +52,12 @@ def add_parser(sub) -> None:
         metavar="NAME",
         help="the base model's `model` name (default: the model folder's name)",
     )
+    serve.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja chat template for /v1/chat/completions (default: the tokenizer's; without "
+        "either, chat is refused with a 400)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--max-served", type=positive_int, metavar="S", help="adapters kept in host memory")
@@ -168,7 +174,19 @@ def build_server_app(args: argparse.Namespace):
         "threads": threads,
         "heap": heap,
     }
-    return create_app(engine, model_name=name, tokenizer=tok), info
+    template = _chat_template(args)
+    return create_app(engine, model_name=name, tokenizer=tok, chat_template=template), info
+
+
+def _chat_template(args: argparse.Namespace) -> str | None:
+    """The text of ``--chat-template FILE`` (None without the flag)."""
+    path = getattr(args, "chat_template", None)
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--chat-template: cannot read {path} ({e.__class__.__name__})") from None
 
 
 def check_port(host: str, port: int) -> None:

@@ -8,10 +8,12 @@ only the engine's public methods, and only through that thread (file reads of th
 root aside).
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
-``POST /v1/chat/completions`` (decoders; ``stream`` over SSE), ``POST /classify`` and
-``POST /v1/embeddings`` (encoders), ``POST /v1/adapters`` / ``DELETE /v1/adapters/{name}``,
-``GET /metrics`` (Prometheus text). Errors: 400 bad parameters (naming the field), 404
-unknown adapter, 409 adapter in use, 422 adapter folder that fails to load, 429 queue full.
+``POST /v1/chat/completions`` (decoders; ``stream`` over SSE; :mod:`~paradapt.serve.completions`),
+``POST /classify`` and ``POST /v1/embeddings`` (encoders), ``POST /v1/adapters`` /
+``DELETE /v1/adapters/{name}``, ``GET /metrics`` (Prometheus text), and the OpenAI/vLLM extras
+of :mod:`~paradapt.serve.extras` (``/v1/models/{id}``, ``/tokenize``, ``/detokenize``,
+``/version``, ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``). Errors: 400 bad parameters (naming the field), 404
+unknown adapter, 403 adapter path outside the root, 409 adapter in use, 422 adapter folder that fails to load, 429 queue full.
 The wire format lives in :mod:`paradapt.serve.protocol`, the metrics in
 :mod:`paradapt.serve.metrics`.
 """
@@ -22,16 +24,16 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse
 
 from ..errors import ConfigError, ParadaptError
-from .engine import EncoderEngine, Engine, RequestHandle, check_token_ids, max_positions
+from . import completions as generation
+from .engine import EncoderEngine, Engine, max_positions
 from .engine_thread import EngineLoop
+from .extras import extra_routes
 from .metrics import prometheus_text
 from .protocol import (
     AdapterRequest,
@@ -39,33 +41,35 @@ from .protocol import (
     ClassifyRequest,
     CompletionRequest,
     EmbeddingRequest,
-    chat_prompt,
-    check_positions,
-    choice,
-    chunk,
-    error_event,
     error_response,
-    finish_reason,
     paradapt_error,
-    sampling_params,
-    streamable,
     tokenize,
     validation_error,
 )
-from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", tokenizer=None) -> FastAPI:
-    """The FastAPI app serving ``engine``; ``model_name`` is the base model's name in ``model``."""
+def create_app(
+    engine: Engine | EncoderEngine,
+    *,
+    model_name: str = "base",
+    tokenizer=None,
+    chat_template: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; ``model_name`` is the base model's name in ``model``;
+    ``chat_template`` (Jinja text) replaces the tokenizer's for chat (``--chat-template FILE``)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+    if chat_template is not None and tokenizer is None:
+        raise ConfigError("chat_template", "needs the server's tokenizer")
     server = _Server(engine, EngineLoop(engine), model_name, tokenizer)
+    server.chat_template = chat_template
     app = FastAPI(title="paradapt", lifespan=server.lifespan)
     app.state.loop = server.loop
     app.state.model_name = model_name
     _error_handlers(app, decoder=server.decoder)
     _admin_routes(app, server)
+    extra_routes(app, server)
     if server.decoder:
         _generation_routes(app, server)
     else:
@@ -124,14 +128,11 @@ def _admin_routes(app: FastAPI, server: _Server) -> None:
 def _generation_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        params = sampling_params(req.max_tokens, req)
-        return await server.generate(req.model, req.prompt, params, req.stream, chat=False, request=request)
+        return await generation.completions(server, req, request)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        prompt = chat_prompt(server.tokenizer, req.messages)
-        params = sampling_params(req.max_completion_tokens or req.max_tokens or 16, req)
-        return await server.generate(req.model, prompt, params, req.stream, chat=True, request=request)
+        return await generation.chat(server, req, request)
 
 
 def _encoder_routes(app: FastAPI, server: _Server) -> None:
@@ -164,6 +165,7 @@ class _Server:
     def __init__(self, engine: Engine | EncoderEngine, loop_: EngineLoop, model_name: str, tokenizer):
         self.engine, self.loop = engine, loop_
         self.model_name, self.tokenizer = model_name, tokenizer
+        self.chat_template: str | None = None  # --chat-template: replaces the tokenizer's
         self.decoder = isinstance(engine, Engine)
         self.created = int(time.time())
         self.max_len = max_positions(engine.model)
@@ -183,6 +185,7 @@ class _Server:
         folders = self.engine.store.names()  # the disk only: read here, off the engine thread
         names = sorted(set(folders) | set(self.loop.call(self.engine.served_adapters)))
         card = {"object": "model", "created": self.created, "owned_by": "paradapt"}  # OpenAI's Model fields
+        card["max_model_len"] = self.max_len  # vLLM's extra field: the model's positions
         data = [{"id": n, **card, "parent": self.model_name} for n in names]
         return {"object": "list", "data": [{"id": self.model_name, **card}, *data]}
 
@@ -207,97 +210,3 @@ class _Server:
             if h.error is not None:
                 raise h.error
         return [h.result for h in handles], sum(map(len, ids))
-
-    # -- decoders ------------------------------------------------------------------------------
-    async def generate(
-        self, model: str, prompt, params: SamplingParams, stream: bool, chat: bool, request: Request
-    ):
-        """A completion or chat completion: streamed (SSE) or whole."""
-        if isinstance(prompt, str):
-            ids = tokenize(self.tokenizer, prompt)
-        else:
-            ids = list(prompt)
-            check_token_ids(self.engine.model, ids, "prompt")
-        check_positions(len(ids), params.max_new_tokens, self.max_len)
-        q: asyncio.Queue = asyncio.Queue()
-        h = await self.loop.generate(ids, self.adapter_of(model), params, q)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if stream:
-            return StreamingResponse(self._sse(h, q, model, rid, chat), media_type="text/event-stream")
-        try:
-            if not await _until_done(q, request):
-                return Response(status_code=499)  # nobody reads it; the request is cancelled below
-        finally:
-            if not h.done:  # the client went away: free its KV space and slot
-                self.loop.cancel(h.id)
-        if h.error is not None:
-            raise h.error
-        self.loop.post(self.engine.pop, h.id)
-        text = h.text if h.text is not None else ""
-        usage = {
-            "prompt_tokens": len(ids),
-            "completion_tokens": len(h.tokens),
-            "total_tokens": len(ids) + len(h.tokens),
-        }
-        return {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [choice(chat, text, finish_reason(h.finish_reason), delta=False)],
-            "usage": usage,
-        }
-
-    async def _sse(
-        self, h: RequestHandle, q: asyncio.Queue, model: str, rid: str, chat: bool
-    ) -> AsyncIterator[str]:
-        """The stream's events: the role (chat), text deltas held back at possible stop strings,
-        the finish reason (or the error), ``[DONE]``."""
-        sent = ""
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        try:
-            if chat:
-                first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
-                yield chunk(rid, obj, created, model, first)
-            while True:
-                kind, _ = await q.get()
-                text = streamable(h.text or "", h.params.stop, final=kind == "done")
-                if len(text) > len(sent) and text.startswith(sent):
-                    delta, sent = text[len(sent) :], text
-                    yield chunk(rid, obj, created, model, choice(chat, delta, None, delta=True))
-                if kind == "done":
-                    break
-            if h.error is not None:
-                yield error_event(h.error)
-            else:
-                last = choice(chat, None, finish_reason(h.finish_reason), delta=True)
-                yield chunk(rid, obj, created, model, last)
-            yield "data: [DONE]\n\n"
-        finally:
-            if not h.done:  # the client went away mid-stream: free its KV space and slot
-                self.loop.cancel(h.id)
-            self.loop.release([h])  # runs after the cancel: commands keep their order
-
-
-async def _until_done(q: asyncio.Queue, request: Request, poll: float = 0.25) -> bool:
-    """Wait for the request's ``done``; False as soon as its client has disconnected.
-
-    Starlette does not cancel a handler whose client went away, so a non-streamed request
-    would otherwise generate to the end for nobody, holding its KV pages and adapter slot.
-    """
-    check = time.monotonic() + poll
-    get: asyncio.Future | None = None
-    while True:
-        get = get or asyncio.ensure_future(q.get())
-        await asyncio.wait({get}, timeout=max(0.0, check - time.monotonic()))
-        if get.done():
-            if get.result()[0] == "done":
-                return True
-            get = None  # a token: keep waiting, but still look at the client every ``poll`` s
-        if time.monotonic() >= check:
-            if await request.is_disconnected():
-                if get is not None:
-                    get.cancel()
-                return False
-            check = time.monotonic() + poll

@@ -39,6 +39,10 @@ class AdapterLoadError(ParadaptError, RuntimeError):
         super().__init__(f"adapter {adapter!r} could not be loaded: {cause}")
 
 
+class AdapterAccessError(ParadaptError):
+    """An adapter path outside the adapter root (403 over HTTP; the message shows no path)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine knobs: KV pages, step budget, batch size, adapter slots and host copies.

@@ -39,7 +39,14 @@ from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, par
 from ..lifecycle import add_adapter, attach_built, check_name, remove_adapter, route
 from ..state import get_state, require_state
 from .cache import AdapterPinnedError, Move
-from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
+from .core import (
+    AdapterAccessError,
+    AdapterLoadError,
+    EngineConfig,
+    ServeCore,
+    memory_split,
+    scheduler_config,
+)
 from .runner import Runner
 from .sampling import SamplingParams
 from .scheduler import Request, ScheduledStep, SchedulerConfig
@@ -74,6 +81,37 @@ class AdapterStore:
         self.pending: dict[str, Future] = {}  # prefetched folders being read on the reader thread
         self._reader: ThreadPoolExecutor | None = None
         self.seconds: dict[str, float] = {}  # per move op: total wall time spent (metrics)
+        self.aliases: dict[str, str] = {}  # served name -> folder name under the root (vLLM's lora_name)
+
+    def alias(self, name: str, path: str | Path) -> None:
+        """Serve the folder ``path`` (inside the root: relative to it, or absolute) as ``name``
+        (vLLM's ``load_lora_adapter``, whose ``lora_name`` may differ from the folder's).
+
+        Raises :class:`AdapterAccessError` for a path outside the root, and
+        :class:`~paradapt.errors.AdapterNotFoundError` when no such folder exists; neither
+        message shows the path (clients learn nothing of the server's disk).
+        """
+        try:
+            check_name(name)
+        except ConfigError as e:
+            raise ConfigError("adapter", str(e)) from None
+        if self.root is None:
+            raise AdapterNotFoundError(f"unknown adapter {name!r} (the engine has no adapter_root)")
+        given = Path(path)
+        target = (given if given.is_absolute() else self.root / given).resolve()
+        if target.parent != self.root:
+            raise AdapterAccessError(
+                f"the path of adapter {name!r} is not a folder directly inside the adapter root"
+            )
+        if not target.is_dir():
+            raise AdapterNotFoundError(f"adapter {name!r}: no such folder in the adapter root")
+        own = self.root / name
+        if name != target.name and own.exists():
+            raise ConfigError("adapter", f"{name!r} is already the name of another adapter folder")
+        if self.aliases.get(name, target.name) != target.name:
+            raise ConfigError("adapter", f"{name!r} is already loaded from another folder; unload it first")
+        if name != target.name:
+            self.aliases[name] = target.name
 
     def folder(self, name: str) -> Path:
         """The folder of adapter ``name``; names that are not plain folder names under the root are refused."""
@@ -85,7 +123,7 @@ class AdapterStore:
             ) from None
         if self.root is None:
             raise AdapterNotFoundError(f"unknown adapter {name!r} (the engine has no adapter_root)")
-        path = (self.root / name).resolve()
+        path = (self.root / self.aliases.get(name, name)).resolve()
         if path.parent != self.root:  # a symlink out of the root
             raise ConfigError("adapter", f"adapter {name!r} resolves outside the adapter root {self.root}")
         if not path.is_dir():
@@ -96,7 +134,7 @@ class AdapterStore:
         """The folder names under the root, sorted (none without a root); reads only the disk."""
         if self.root is None:
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        return sorted({p.name for p in self.root.iterdir() if p.is_dir()} | set(self.aliases))
 
     def size(self, name: str) -> int:
         """Bytes of the adapter's weights file (0 if missing: loading will say why)."""
@@ -244,6 +282,8 @@ class RequestHandle:
     finish_reason: str | None = None
     error: Exception | None = None
     result: dict | None = None  # encoder requests: {"label", "logits", "probs"} or {"embedding"}
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token, when params.logprobs is set
+    prompt_logprobs: list = field(default_factory=list)  # per prompt token (None first), if asked
     task: str = "generate"
     arrival: float | None = None  # engine clock: queued, first token sampled, ended (TTFT, TPOT)
     first_token_at: float | None = None
@@ -310,6 +350,7 @@ class _EngineCore(ServeCore):
         if users:
             raise AdapterPinnedError(f"adapter {name!r} is in use by {users} running or queued request(s)")
         self.cache.remove_adapter(name)
+        self.store.aliases.pop(name, None)
 
     def served_adapters(self) -> list[str]:
         """Adapters held in host memory (device residents included), least recently used first."""
@@ -457,7 +498,8 @@ class Engine(_EngineCore):
         step, now = self._schedule()
         for rid in step.admitted:
             h = self.handles[rid]
-            self.runner.add(rid, h.prompt, h.adapter, h.params)
+            seq = self.runner.add(rid, h.prompt, h.adapter, h.params, self._eos_of(h))
+            h.logprobs, h.prompt_logprobs = seq.logprobs, seq.prompt_logprobs  # the runner fills them
             h.status = "running"
         shape = self._traced_shape(step)
         try:
@@ -486,7 +528,7 @@ class Engine(_EngineCore):
 
     def _emit(self, h: RequestHandle, token: int) -> bool:
         """Record a sampled token; True if it ends the request (EOS or a stop string)."""
-        eos = h.params.eos_ids() if h.params.eos_token_id is not None or h.params.ignore_eos else self._eos()
+        eos = self._eos_of(h)
         if not h.tokens:
             h.first_token_at = self.clock()
         h.tokens.append(token)
@@ -505,6 +547,10 @@ class Engine(_EngineCore):
                 h.finish_reason = "stop"
                 return True
         return False
+
+    def _eos_of(self, h: RequestHandle) -> frozenset[int]:
+        """The ids that end ``h``: its own, none with ignore_eos, else the model's."""
+        return h.params.eos_ids() if h.params.eos_token_id is not None or h.params.ignore_eos else self._eos()
 
     def _eos(self) -> frozenset[int]:
         e = self.default_eos

@@ -21,7 +21,7 @@ from ..errors import ConfigError, ParadaptError
 from ..lifecycle import route
 from ..state import get_state
 from .hf_paged import KVState, PagedKV
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import History, SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from .scheduler import ScheduledStep
 
 
@@ -36,6 +36,11 @@ class Sequence:
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     kv: KVState | None = None
+    eos: frozenset[int] = frozenset()  # what min_tokens holds back
+    logprobs: list[TokenLogprob] = field(
+        default_factory=list
+    )  # per output token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token (first: None)
 
 
 class Runner:
@@ -74,13 +79,21 @@ class Runner:
 
     # -- requests -----------------------------------------------------------------
     def add(
-        self, request_id: str, prompt: list[int], adapter: str | None, params: SamplingParams
+        self,
+        request_id: str,
+        prompt: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        eos: frozenset[int] = frozenset(),
     ) -> Sequence:
-        """Start tracking a request (its KV pages are allocated as its tokens run)."""
+        """Start tracking a request (its KV pages are allocated as its tokens run); ``eos``: the
+        ids that end it, held back while it has fewer than ``params.min_tokens``."""
         if request_id in self._seqs:
             raise ConfigError("id", f"request id {request_id!r} is already running")
         kv = self.kv.new_request(request_id, prompt, params.max_new_tokens)
-        seq = Sequence(request_id, list(prompt), adapter, params, make_generator(params), kv=kv)
+        seq = Sequence(request_id, list(prompt), adapter, params, make_generator(params), kv=kv, eos=eos)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs.append(None)  # the first prompt token has no context to score it
         self._seqs[request_id] = seq
         return seq
 
@@ -112,12 +125,48 @@ class Runner:
         kw = self.kv.step_inputs([(seq.kv, toks, samples) for seq, toks, samples in batch])
         samplers = [seq for seq, _, samples in batch if samples]
         keep = self.kv.sampler_rows(kw, len(samplers))  # the samplers' last tokens, in batch order
+        scored = self._scored_prompt_rows(step, batch)
+        if scored:  # only requests that asked for prompt log-probabilities keep all their rows
+            keep = torch.cat([keep, torch.tensor([p for _, _, p in scored], device=keep.device)])
         with torch.no_grad(), self._routes(batch):
             logits = self.model(**kw, logits_to_keep=keep).logits[0]  # LM head on those rows only
-        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        if scored:
+            self._record_prompt_logprobs(scored, logits[len(samplers) :])
+            logits = logits[: len(samplers)]
+        histories = [None if s.params.plain else History(s.prompt, s.output, s.eos) for s in samplers]
+        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers], histories)
+        asked = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
+        if asked:
+            rows = logits[torch.tensor(asked, device=logits.device)]
+            lps = logprobs_of(rows, [tokens[i] for i in asked], [samplers[i].params.logprobs for i in asked])
+            for i, lp in zip(asked, lps, strict=True):
+                samplers[i].logprobs.append(lp)
         for seq, tok in zip(samplers, tokens, strict=True):
             seq.output.append(tok)
         return {seq.id: tok for seq, tok in zip(samplers, tokens, strict=True)}
+
+    def _scored_prompt_rows(self, step: ScheduledStep, batch) -> list[tuple[Sequence, int, int]]:
+        """(sequence, prompt index scored, packed-row position whose logits score it) for the
+        prompt chunks of requests asking for prompt log-probabilities: position ``p`` of the
+        prompt predicts token ``p + 1``; the last prompt position is the sampler row."""
+        out, offset = [], 0
+        chunks = {c.request_id: c for c in step.prefills}
+        for seq, toks, _ in batch:
+            c = chunks.get(seq.id)
+            if c is not None and seq.params.prompt_logprobs is not None and not seq.output:
+                for j in range(c.length):
+                    if c.start + j + 1 < len(seq.prompt):
+                        out.append((seq, c.start + j + 1, offset + j))
+            offset += len(toks)
+        return out
+
+    @staticmethod
+    def _record_prompt_logprobs(scored, logits: torch.Tensor) -> None:
+        tokens = [seq.prompt[i] for seq, i, _ in scored]
+        lps = logprobs_of(logits, tokens, [seq.params.prompt_logprobs for seq, _, _ in scored])
+        for (seq, i, _), lp in zip(scored, lps, strict=True):
+            if i == len(seq.prompt_logprobs):  # in order, once (a recomputed prefill scores nothing new)
+                seq.prompt_logprobs.append(lp)
 
     def _batch(self, step: ScheduledStep) -> list[tuple[Sequence, list[int], bool]]:
         """(sequence, tokens to run, samples a token) in step order: prompt chunks, then decodes."""

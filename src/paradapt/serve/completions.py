@@ -1,0 +1,353 @@
+"""``/v1/completions`` and ``/v1/chat/completions``: requests with several choices, whole or streamed.
+
+One HTTP request becomes one engine request per choice: every prompt of a batched ``prompt``
+(string, strings, token ids, token-id lists) times ``n`` (or ``best_of``, of which the ``n``
+with the highest cumulative log-probability are returned). Choice ``j`` of prompt ``i`` has
+``index = i * n + j``, as OpenAI numbers them. Every prompt is checked before any is queued,
+and a refusal of a later one (429) takes back the ones queued before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..errors import ConfigError
+from .engine import RequestHandle, check_token_ids
+from .protocol import (
+    ChatRequest,
+    CompletionRequest,
+    chat_logprobs,
+    chat_prompt,
+    check_positions,
+    choice,
+    chunk,
+    completion_logprobs,
+    error_event,
+    finish_reason,
+    refused_fields,
+    sampling_params,
+    streamable,
+    tokenize,
+    usage,
+)
+from .sampling import SamplingParams
+
+SEED_SPAN = 2**64  # choice j of a seeded request draws from seed + j (mod 2**64)
+
+
+@dataclass
+class _Choice:
+    """One engine request behind one (candidate) choice."""
+
+    prompt: int  # index of its prompt in the request
+    ids: list[int]
+    params: SamplingParams
+    handle: RequestHandle | None = None
+
+
+class _Tagged:
+    """An asyncio queue's ``put_nowait`` that tags each item with a choice's number, so one
+    queue carries the tokens of every choice of a request."""
+
+    def __init__(self, q: asyncio.Queue, tag: int):
+        self.q, self.tag = q, tag
+
+    def put_nowait(self, item) -> None:
+        self.q.put_nowait((self.tag, *item))
+
+
+# -- requests to choices ----------------------------------------------------------------------------
+
+
+def prompts_of(server, prompt) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) of each prompt in OpenAI's four forms."""
+    if isinstance(prompt, str):
+        forms: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        forms = [prompt]
+    else:
+        forms = list(prompt)
+    if not forms:
+        raise ConfigError("prompt", "must not be empty")
+    out = []
+    for i, p in enumerate(forms):
+        if isinstance(p, str):
+            out.append((p, tokenize(server.tokenizer, p)))
+            continue
+        if not p:
+            raise ConfigError("prompt", f"prompt {i} has no tokens")
+        check_token_ids(server.engine.model, list(p), "prompt")
+        out.append((None, list(p)))
+    return out
+
+
+def _check_stream_options(req) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise ConfigError("stream_options", "is only allowed with stream: true (as in OpenAI's API)")
+
+
+def _choices(server, prompts: list[list[int]], params: SamplingParams, count: int) -> list[_Choice]:
+    """``count`` engine requests per prompt; a seeded request's choices draw from distinct seeds."""
+    check_token_ids(server.engine.model, [t for t, _ in params.logit_bias], "logit_bias")
+    max_len = server.max_len
+    out = []
+    for i, ids in enumerate(prompts):
+        check_positions(len(ids), params.max_new_tokens, max_len)
+        for j in range(count):
+            seed = None if params.seed is None else (params.seed + j) % SEED_SPAN
+            out.append(_Choice(i, ids, replace(params, seed=seed) if j else params))
+    return out
+
+
+async def _submit(server, adapter: str | None, choices: list[_Choice], q: asyncio.Queue) -> None:
+    """Queue every choice, or none: a refusal cancels the ones queued before it."""
+    try:
+        for k, c in enumerate(choices):
+            c.handle = await server.loop.generate(c.ids, adapter, c.params, _Tagged(q, k))
+    except BaseException:
+        server.loop.release([c.handle for c in choices if c.handle is not None])
+        raise
+
+
+def _cumulative(h: RequestHandle) -> float:
+    return sum(e.logprob for e in h.logprobs)
+
+
+def _best(choices: list[_Choice], n: int, prompts: int) -> list[_Choice]:
+    """Per prompt, the ``n`` candidates of highest cumulative log-probability (best_of), in prompt order."""
+    out = []
+    for i in range(prompts):
+        mine = [c for c in choices if c.prompt == i]
+        out.extend(sorted(mine, key=lambda c: -_cumulative(c.handle))[:n] if len(mine) > n else mine)
+    return out
+
+
+# -- completions ------------------------------------------------------------------------------------
+
+
+async def completions(server, req: CompletionRequest, request: Request):
+    """POST /v1/completions."""
+    refused_fields(req)
+    _check_stream_options(req)
+    n = req.n
+    best_of = req.best_of or n
+    if best_of < n:
+        raise ConfigError("best_of", f"must be >= n ({n}), got {best_of}")
+    if req.stream and best_of > n:
+        raise ConfigError("best_of", "cannot be used with stream (as in OpenAI's API)")
+    if req.stream and req.echo:
+        raise ConfigError("echo", "is not supported with stream here; send stream: false")
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    if max_tokens == 0 and not req.echo:
+        raise ConfigError("max_tokens", "0 is only allowed with echo (to score the prompt)")
+    lp = req.logprobs if req.logprobs is not None else (0 if best_of > n else None)
+    extra = {"logprobs": lp, "prompt_logprobs": req.logprobs if req.echo else None}
+    # max_tokens 0 (echo): one token is generated, then hidden; the prompt's scores are the answer
+    params = sampling_params(max(max_tokens, 1), req, **extra)
+    prompts = await asyncio.to_thread(prompts_of, server, req.prompt)
+    choices = _choices(server, [ids for _, ids in prompts], params, best_of)
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    q: asyncio.Queue = asyncio.Queue()
+    await _submit(server, server.adapter_of(req.model), choices, q)
+    if req.stream:
+        include = req.stream_options is not None and req.stream_options.include_usage
+        gen = _sse(server, choices, q, req.model, rid, chat=False, include_usage=include)
+        return StreamingResponse(gen, media_type="text/event-stream")
+    if not await _wait(server, choices, q, request):
+        return Response(status_code=499)
+    kept = _best(choices, n, len(prompts))
+    out = []
+    for k, c in enumerate(kept):
+        h = c.handle
+        text, tokens, entries = h.text or "", list(h.tokens), list(h.logprobs)
+        if max_tokens == 0:
+            text, tokens, entries = "", [], []
+        context = c.ids
+        if req.echo:
+            ptext = prompts[c.prompt][0]
+            ptext = ptext if ptext is not None else _decode(server, c.ids)
+            text = ptext + text
+            context, tokens, entries = [], [*c.ids, *tokens], [*h.prompt_logprobs, *entries]
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = completion_logprobs(server.tokenizer, context, tokens, entries)
+        reason = finish_reason(h.finish_reason)
+        out.append(choice(False, text, reason, delta=False, index=k, logprobs=logprobs))
+    generated = 0 if max_tokens == 0 else sum(len(c.handle.tokens) for c in kept)
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": out,
+        "usage": usage(sum(len(ids) for _, ids in prompts), generated),
+    }
+
+
+def _decode(server, ids: list[int]) -> str:
+    if server.tokenizer is None:
+        return ""
+    return server.tokenizer.decode(ids)
+
+
+# -- chat -------------------------------------------------------------------------------------------
+
+
+async def chat(server, req: ChatRequest, request: Request):
+    """POST /v1/chat/completions."""
+    refused_fields(req)
+    _check_stream_options(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ConfigError("top_logprobs", "needs logprobs: true")
+    lp = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req.max_completion_tokens or req.max_tokens or 16, req, logprobs=lp)
+    prompt = chat_prompt(server.tokenizer, req.messages, server.chat_template)
+    ids = await asyncio.to_thread(tokenize, server.tokenizer, prompt)
+    choices = _choices(server, [ids], params, req.n)
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    q: asyncio.Queue = asyncio.Queue()
+    await _submit(server, server.adapter_of(req.model), choices, q)
+    if req.stream:
+        include = req.stream_options is not None and req.stream_options.include_usage
+        gen = _sse(server, choices, q, req.model, rid, chat=True, include_usage=include)
+        return StreamingResponse(gen, media_type="text/event-stream")
+    if not await _wait(server, choices, q, request):
+        return Response(status_code=499)
+    out = []
+    for k, c in enumerate(choices):
+        h = c.handle
+        logprobs = chat_logprobs(server.tokenizer, c.ids, h.tokens, h.logprobs) if req.logprobs else None
+        out.append(
+            choice(
+                True, h.text or "", finish_reason(h.finish_reason), delta=False, index=k, logprobs=logprobs
+            )
+        )
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "choices": out,
+        "usage": usage(len(ids), sum(len(c.handle.tokens) for c in choices)),
+    }
+
+
+# -- waiting and streaming --------------------------------------------------------------------------
+
+
+async def _wait(
+    server, choices: list[_Choice], q: asyncio.Queue, request: Request, poll: float = 0.25
+) -> bool:
+    """Wait for every choice's ``done``; False (all cancelled) as soon as the client has gone.
+
+    Starlette does not cancel a handler whose client went away, so a non-streamed request
+    would otherwise generate to the end for nobody, holding its KV pages and adapter slots.
+    Raises the first choice's error, if one failed; hands the finished handles back.
+    """
+    handles = [c.handle for c in choices]
+    left = len(handles)
+    check = time.monotonic() + poll
+    get: asyncio.Future | None = None
+    try:
+        while left:
+            get = get or asyncio.ensure_future(q.get())
+            await asyncio.wait({get}, timeout=max(0.0, check - time.monotonic()))
+            if get.done():
+                left -= get.result()[1] == "done"
+                get = None
+            if left and time.monotonic() >= check:
+                if await request.is_disconnected():
+                    if get is not None:
+                        get.cancel()
+                    return False
+                check = time.monotonic() + poll
+    finally:
+        for h in handles:
+            if not h.done:  # the client went away: free its KV space and slot
+                server.loop.cancel(h.id)
+    for h in handles:
+        if h.error is not None:
+            server.loop.release(handles)
+            raise h.error
+    for h in handles:
+        server.loop.post(server.engine.pop, h.id)
+    return True
+
+
+class _StreamedLogprobs:
+    """The log-probabilities of a streamed choice's tokens not yet sent (None when not asked):
+    each chunk carries those of the tokens generated since the previous one."""
+
+    def __init__(self, tokenizer, c: _Choice, chat: bool):
+        self.tokenizer, self.c, self.chat = tokenizer, c, chat
+        self.sent = 0  # tokens whose log-probabilities went out
+        self.offset = 0  # characters of their text (completions' text_offset)
+
+    def new(self) -> dict | None:
+        h = self.c.handle
+        if h.params.logprobs is None:
+            return None
+        n = min(len(h.logprobs), len(h.tokens))  # the engine thread may be one token ahead
+        context, tokens = [*self.c.ids, *h.tokens[: self.sent]], h.tokens[self.sent : n]
+        entries = h.logprobs[self.sent : n]
+        self.sent = n
+        if self.chat:
+            return chat_logprobs(self.tokenizer, context, tokens, entries)
+        out = completion_logprobs(self.tokenizer, context, tokens, entries)
+        out["text_offset"] = [self.offset + o for o in out["text_offset"]]
+        self.offset += sum(map(len, out["tokens"]))
+        return out
+
+
+async def _sse(
+    server, choices: list[_Choice], q: asyncio.Queue, model: str, rid: str, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    """The stream's events: per choice, the role (chat), text deltas held back at possible stop
+    strings, its finish reason; the usage chunk when asked; an error event if a choice failed;
+    ``[DONE]``."""
+    handles = [c.handle for c in choices]
+    sent = [""] * len(handles)
+    scored = [_StreamedLogprobs(server.tokenizer, c, chat) for c in choices]
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    left = len(handles)
+    try:
+        if chat:
+            for k in range(len(handles)):
+                first = {"index": k, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
+                yield chunk(rid, obj, created, model, first)
+        while left:
+            k, kind, _ = await q.get()
+            h = handles[k]
+            text = streamable(h.text or "", h.params.stop, final=kind == "done")
+            if len(text) > len(sent[k]) and text.startswith(sent[k]):
+                delta, sent[k] = text[len(sent[k]) :], text
+                one = choice(chat, delta, None, delta=True, index=k, logprobs=scored[k].new())
+                yield chunk(rid, obj, created, model, one)
+            if kind != "done":
+                continue
+            left -= 1
+            if h.error is not None:
+                yield error_event(h.error)
+                break
+            reason = finish_reason(h.finish_reason)
+            last = choice(chat, None, reason, delta=True, index=k, logprobs=scored[k].new())
+            yield chunk(rid, obj, created, model, last)
+        else:
+            if include_usage:
+                prompt_tokens = sum(len(ids) for ids in {id(c.ids): c.ids for c in choices}.values())
+                use = usage(prompt_tokens, sum(len(h.tokens) for h in handles))
+                yield chunk(rid, obj, created, model, None, use)
+        yield "data: [DONE]\n\n"
+    finally:
+        for h in handles:
+            if not h.done:  # the client went away mid-stream: free its KV space and slot
+                server.loop.cancel(h.id)
+        server.loop.release(handles)  # runs after the cancels: commands keep their order
