@@ -453,7 +453,8 @@ class Engine(_EngineCore):
         self.runner.free(request_id)
 
     def step(self) -> list[RequestHandle]:
-        """One scheduler step: schedule, load adapters, one packed forward, sample; returns finished handles."""
+        """One scheduler step: schedule, load adapters, one packed forward, sample; returns the
+        handles that ended in it (finished or failed)."""
         step, now = self._schedule()
         for rid in step.admitted:
             h = self.handles[rid]
@@ -469,13 +470,13 @@ class Engine(_EngineCore):
         """The model's part of a step: forward, sample, record; returns finished handles."""
         if step.empty:
             return []
+        marks, failed = self._marks(step), []
         try:
             new = self.runner.execute(step)
-        except Exception as e:  # the step's requests fail; the engine keeps serving the rest
-            log.exception("step failed; failing its %d requests", len(step.prefills) + len(step.decodes))
-            return self.fail_requests([*(c.request_id for c in step.prefills), *step.decodes], e)
+        except Exception as e:  # find the request at fault; the others run on (see _isolate)
+            new, failed = self._isolate(step, marks, e)
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
-        done, end = [], self.clock()
+        done, end = failed, self.clock()
         for r in self.scheduler.complete(step, now, stopped):
             self.runner.free(r.id)
             h = self.handles[r.id]
@@ -483,6 +484,53 @@ class Engine(_EngineCore):
             h.finish_reason = h.finish_reason or "length"
             done.append(h)
         return done
+
+    def _marks(self, step: ScheduledStep) -> dict[str, tuple[int, torch.Tensor | None]]:
+        """Where each request of ``step`` stands before it runs: its KV position and its random
+        stream's state, so that a failed step can be run again from there (:meth:`_isolate`)."""
+        out = {}
+        for rid in _step_ids(step):
+            seq = self.runner.get(rid)
+            if seq is not None and seq.kv is not None:
+                g = seq.generator
+                out[rid] = (seq.kv.position_offset, None if g is None else g.get_state())
+        return out
+
+    def _rewind(self, rid: str, mark: tuple[int, torch.Tensor | None] | None) -> None:
+        seq = self.runner.get(rid)
+        if seq is None or mark is None:
+            return
+        seq.kv.position_offset = mark[0]
+        if mark[1] is not None:
+            seq.generator.set_state(mark[1])
+
+    def _isolate(
+        self, step: ScheduledStep, marks: dict, error: Exception
+    ) -> tuple[dict[str, int], list[RequestHandle]]:
+        """A step raised: run each of its requests alone from where it stood, fail only those
+        that raise again (each with its own error), and return the others' tokens.
+
+        One request's data (a prompt, an adapter, sampling parameters) must fail only that
+        request. Running alone gives the same tokens as in the packed step (a row's values never
+        depend on its batch-mates), and rewinding the KV position and the random stream makes
+        the rerun the step that failed. KV pages written by the failed attempt are overwritten
+        with the same values. Returns the tokens of the requests that ran, and the failed handles.
+        """
+        ids = _step_ids(step)
+        log.warning("step of %d requests failed (%s); running them one by one", len(ids), error)
+        new: dict[str, int] = {}
+        failed: dict[str, Exception] = {}
+        for rid in ids:
+            self._rewind(rid, marks.get(rid))
+            try:
+                if len(ids) == 1:
+                    raise error
+                new.update(self.runner.execute(_only(step, rid)))
+            except Exception as e:
+                log.error("request %s failed in a step: %s", rid, e, exc_info=e)
+                failed[rid] = e
+        handles = [h for rid, e in failed.items() for h in self.fail_requests([rid], e)]
+        return new, handles
 
     def _emit(self, h: RequestHandle, token: int) -> bool:
         """Record a sampled token; True if it ends the request (EOS or a stop string)."""
@@ -631,6 +679,17 @@ class EncoderEngine(_EngineCore):
             if h.task == "embed":
                 out[i] = {"embedding": emb[i].tolist()}
         return out
+
+
+def _step_ids(step: ScheduledStep) -> list[str]:
+    return [*(c.request_id for c in step.prefills), *step.decodes]
+
+
+def _only(step: ScheduledStep, rid: str) -> ScheduledStep:
+    """The part of ``step`` that is request ``rid``'s (its chunk or its decode)."""
+    prefills = tuple(c for c in step.prefills if c.request_id == rid)
+    decodes = tuple(r for r in step.decodes if r == rid)
+    return ScheduledStep(prefills, decodes, step.adapters, ())
 
 
 def check_token_ids(model: nn.Module, ids: list[int], field: str) -> None:

@@ -29,7 +29,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**64)  # torch's seed range; larger ones failed the whole step
     stop: str | list[str] | None = None
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
