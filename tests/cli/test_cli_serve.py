@@ -101,7 +101,7 @@ def test_serve_encoder_model_gets_the_encoder_endpoints(tmp_path):
     args = cli.build_parser().parse_args(["serve", "--model", str(model_dir), "--served-model-name", "bert"])
     app, info = serve_cli.build_server_app(args)
     assert info["kind"] == "encoder" and info["root"] is None
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # loopback: Host is checked
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["bert"]
         r = client.post("/v1/embeddings", json={"model": "bert", "input": ["good movie"]})
         assert r.status_code == 200
@@ -185,7 +185,7 @@ def test_no_model_serves_the_bundled_minilm_and_bundled_adapters():
     app, info = serve_cli.build_server_app(cli.build_parser().parse_args(["serve"]))
     assert info["name"] == "all-MiniLM-L6-v2" and info["kind"] == "encoder"
     assert info["root"] == bundled.ROOT
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # loopback: Host is checked
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
         assert ids == ["all-MiniLM-L6-v2", *sorted(bundled.bundled())]
         texts = ["a charming and affecting journey", "it 's slow -- very , very slow ."]

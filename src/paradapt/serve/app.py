@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -27,11 +28,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, ParadaptError
 from .engine import EncoderEngine, Engine, RequestHandle, check_token_ids, max_positions
 from .engine_thread import EngineLoop
+from .limits import check_unicode, off_loop, tokenize_text
 from .metrics import prometheus_text
 from .protocol import (
     AdapterRequest,
@@ -49,22 +52,30 @@ from .protocol import (
     paradapt_error,
     sampling_params,
     streamable,
-    tokenize,
     validation_error,
 )
 from .sampling import SamplingParams
+from .security import Guard, GuardConfig, redact, request_id
 
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", tokenizer=None) -> FastAPI:
-    """The FastAPI app serving ``engine``; ``model_name`` is the base model's name in ``model``."""
+def create_app(
+    engine: Engine | EncoderEngine,
+    *,
+    model_name: str = "base",
+    tokenizer=None,
+    guard: GuardConfig | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; ``model_name`` is the base model's name in ``model``;
+    ``guard``: API key, Host check, body bound, access log (:mod:`paradapt.serve.security`)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     server = _Server(engine, EngineLoop(engine), model_name, tokenizer)
     app = FastAPI(title="paradapt", lifespan=server.lifespan)
+    app.add_middleware(Guard, config=guard or GuardConfig())
     app.state.loop = server.loop
     app.state.model_name = model_name
-    _error_handlers(app, decoder=server.decoder)
+    _error_handlers(app, decoder=server.decoder, roots=[engine.store.root])
     _admin_routes(app, server)
     if server.decoder:
         _generation_routes(app, server)
@@ -76,19 +87,37 @@ def create_app(engine: Engine | EncoderEngine, *, model_name: str = "base", toke
 # -- errors -----------------------------------------------------------------------------------------
 
 
-def _error_handlers(app: FastAPI, decoder: bool) -> None:
+def _error_handlers(app: FastAPI, decoder: bool, roots: list) -> None:
+    """Errors in OpenAI's shape; messages never carry absolute paths (``security.redact``), and an
+    exception no handler takes is a 500 saying ``internal error`` and the request id
+    (``security.Guard``: the traceback goes to the server log under that id)."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return validation_error(exc.errors())
 
     @app.exception_handler(ParadaptError)
     async def _paradapt(request: Request, exc: ParadaptError):
-        return paradapt_error(exc, request.url.path, decoder)
+        response = paradapt_error(exc, request.url.path, decoder)
+        if response.status_code >= 500:
+            log.error("request %s: %s", request_id(request), exc, exc_info=exc)
+            return _internal(request)
+        return _redacted(response, roots)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):  # a bug: still an OpenAI-shaped 500
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):  # unknown path, wrong method, body too large
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+
+def _internal(request: Request) -> JSONResponse:
+    return error_response(500, f"internal error (request id {request_id(request)})", "server_error")
+
+
+def _redacted(response: JSONResponse, roots: list) -> JSONResponse:
+    body = json.loads(response.body)
+    body["error"]["message"] = redact(body["error"]["message"], roots)
+    return JSONResponse(body, status_code=response.status_code)
 
 
 # -- routes -----------------------------------------------------------------------------------------
@@ -129,7 +158,9 @@ def _generation_routes(app: FastAPI, server: _Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        prompt = chat_prompt(server.tokenizer, req.messages)
+        for i, m in enumerate(req.messages):
+            check_unicode(m.text(), f"messages.{i}.content")
+        prompt = await off_loop(chat_prompt, server.tokenizer, req.messages)
         params = sampling_params(req.max_completion_tokens or req.max_tokens or 16, req)
         return await server.generate(req.model, prompt, params, req.stream, chat=True, request=request)
 
@@ -175,6 +206,14 @@ class _Server:
         # which must keep delivering the draining requests' tokens
         await asyncio.to_thread(self.loop.shutdown, drain=True)
 
+    def public_error(self, error: Exception, rid: str) -> Exception:
+        """What a stream may say of ``error``: a library error without absolute paths, else
+        ``internal error`` (logged here with the response id)."""
+        if isinstance(error, ParadaptError):
+            return RuntimeError(redact(str(error), [self.engine.store.root]))
+        log.error("stream %s failed", rid, exc_info=error)
+        return RuntimeError(f"internal error (response id {rid})")
+
     def adapter_of(self, model: str) -> str | None:
         return None if model == self.model_name else model
 
@@ -189,7 +228,7 @@ class _Server:
     # -- encoders ------------------------------------------------------------------------------
     async def encode(self, model: str, texts: list[str], task: str) -> tuple[list[dict], int]:
         """Each text's result, and the token count; every text is checked before any is queued."""
-        ids = [tokenize(self.tokenizer, t) for t in texts]
+        ids = [await tokenize_text(self.tokenizer, t, self.max_len, "input") for t in texts]
         for i, one in enumerate(ids):
             if self.max_len is not None and len(one) > self.max_len:
                 raise ConfigError(
@@ -213,14 +252,16 @@ class _Server:
         self, model: str, prompt, params: SamplingParams, stream: bool, chat: bool, request: Request
     ):
         """A completion or chat completion: streamed (SSE) or whole."""
+        request.state.adapter = self.adapter_of(model)
         if isinstance(prompt, str):
-            ids = tokenize(self.tokenizer, prompt)
+            ids = await tokenize_text(self.tokenizer, prompt, self.max_len)
         else:
             ids = list(prompt)
             check_token_ids(self.engine.model, ids, "prompt")
         check_positions(len(ids), params.max_new_tokens, self.max_len)
         q: asyncio.Queue = asyncio.Queue()
         h = await self.loop.generate(ids, self.adapter_of(model), params, q)
+        request.state.handle = h  # the access log's token count
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if stream:
             return StreamingResponse(self._sse(h, q, model, rid, chat), media_type="text/event-stream")
@@ -233,6 +274,8 @@ class _Server:
         if h.error is not None:
             raise h.error
         self.loop.post(self.engine.pop, h.id)
+        if h.status == "cancelled":  # by the server: it is shutting down (SIGTERM past the drain)
+            return error_response(503, ABORTED, "server_error")
         text = h.text if h.text is not None else ""
         usage = {
             "prompt_tokens": len(ids),
@@ -269,15 +312,19 @@ class _Server:
                 if kind == "done":
                     break
             if h.error is not None:
-                yield error_event(h.error)
-            else:
-                last = choice(chat, None, finish_reason(h.finish_reason), delta=True)
+                yield error_event(self.public_error(h.error, rid))
+            else:  # a request the server cancelled (shutdown) ends with vLLM's "abort"
+                reason = "abort" if h.status == "cancelled" else finish_reason(h.finish_reason)
+                last = choice(chat, None, reason, delta=True)
                 yield chunk(rid, obj, created, model, last)
             yield "data: [DONE]\n\n"
         finally:
             if not h.done:  # the client went away mid-stream: free its KV space and slot
                 self.loop.cancel(h.id)
             self.loop.release([h])  # runs after the cancel: commands keep their order
+
+
+ABORTED = "the server is shutting down: the request was cancelled before it finished; retry it"
 
 
 async def _until_done(q: asyncio.Queue, request: Request, poll: float = 0.25) -> bool:

@@ -36,7 +36,7 @@ from ..errors import (
     ParadaptError,
 )
 from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder
-from ..lifecycle import add_adapter, attach_built, check_name, remove_adapter, route
+from ..lifecycle import MAX_NAME, add_adapter, attach_built, check_name, remove_adapter, route
 from ..state import get_state, require_state
 from .cache import AdapterPinnedError, Move
 from .core import AdapterLoadError, EngineConfig, ServeCore, memory_split, scheduler_config
@@ -79,9 +79,11 @@ class AdapterStore:
         """The folder of adapter ``name``; names that are not plain folder names under the root are refused."""
         try:
             check_name(name)
-        except ConfigError:
+        except ConfigError as e:
             raise ConfigError(
-                "adapter", f"{name!r} is not an adapter name (letters, digits, '_' and '-'; no paths)"
+                "adapter",
+                f"not an adapter name (letters, digits, '_' and '-', at most {MAX_NAME}; no paths): "
+                + str(e).removeprefix("name: "),
             ) from None
         if self.root is None:
             raise AdapterNotFoundError(f"unknown adapter {name!r} (the engine has no adapter_root)")
@@ -90,7 +92,17 @@ class AdapterStore:
             raise ConfigError("adapter", f"adapter {name!r} resolves outside the adapter root {self.root}")
         if not path.is_dir():
             raise AdapterNotFoundError(f"unknown adapter {name!r}: no folder {path}")
+        self._check_links(path)
         return path
+
+    def _check_links(self, folder: Path) -> None:
+        """Refuse an adapter file that is a link resolving outside the adapter root: whoever may
+        write one adapter folder must not make the server read (and serve) any file it can read."""
+        for f in (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
+            p = folder / f
+            if p.is_symlink() and not p.resolve().is_relative_to(self.root):
+                error = AdapterFileError(p, "is a link to a file outside the adapter root; refused")
+                raise AdapterLoadError(folder.name, error)
 
     def names(self) -> list[str]:
         """The folder names under the root, sorted (none without a root); reads only the disk."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -16,10 +16,14 @@ from pydantic import BaseModel, Field
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterPinnedError
 from .core import AdapterLoadError
+from .limits import MAX_STOP, MAX_STOP_CHARS
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, RequestTooLargeError
 
 # -- requests -------------------------------------------------------------------------------------
+
+
+_Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]  # stop strings are matched after every token
 
 
 class _Sampling(BaseModel):
@@ -30,7 +34,11 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**64)  # torch's seed range; larger ones failed the whole step
-    stop: str | list[str] | None = None
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[list[_Stop], Field(max_length=MAX_STOP)]
+        | None
+    ) = None
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
     n: int = Field(1, ge=1, le=1)  # one choice per request: refused, not silently ignored
