@@ -18,6 +18,19 @@ MAX_STOP_CHARS = 256  # each; matched against the text after every token
 _LONGEST_TOKEN: dict[int, int] = {}
 
 
+def bounded_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    """``stop`` if it has at most :data:`MAX_STOP` strings of at most :data:`MAX_STOP_CHARS`
+    characters (a pydantic validator: raises ValueError). Every string is matched against the
+    text after every token; 1 MB of them blocked a stream for 40 s."""
+    many = [stop] if isinstance(stop, str) else stop or []
+    if len(many) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings, got {len(many)}")
+    for s in many:
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters, got {len(s)}")
+    return stop
+
+
 def check_unicode(text: str, field: str) -> None:
     """Refuse text with a lone surrogate (valid JSON, not valid Unicode), naming where it is."""
     try:

@@ -11,19 +11,16 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterPinnedError
 from .core import AdapterLoadError
-from .limits import MAX_STOP, MAX_STOP_CHARS
+from .limits import bounded_stop
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, RequestTooLargeError
 
 # -- requests -------------------------------------------------------------------------------------
-
-
-_Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]  # stop strings are matched after every token
 
 
 class _Sampling(BaseModel):
@@ -34,11 +31,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**64)  # torch's seed range; larger ones failed the whole step
-    stop: (
-        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-        | Annotated[list[_Stop], Field(max_length=MAX_STOP)]
-        | None
-    ) = None
+    stop: Annotated[str | list[str] | None, AfterValidator(bounded_stop)] = None
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says
     n: int = Field(1, ge=1, le=1)  # one choice per request: refused, not silently ignored
