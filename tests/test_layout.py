@@ -19,8 +19,8 @@ from pathlib import Path
 import paradapt
 
 #: The HTTP layer: the modules (besides paradapt.cli) allowed to import a web framework. The
-#: HTTP layer is the FastAPI app and its request/response schemas.
-HTTP_LAYER = ("paradapt.serve.app", "paradapt.serve.protocol")
+#: HTTP layer is the FastAPI app, its request/response schemas and its middleware (security).
+HTTP_LAYER = ("paradapt.serve.app", "paradapt.serve.protocol", "paradapt.serve.security")
 HTTP_PACKAGES = ("fastapi", "uvicorn", "starlette")
 CLI = "paradapt.cli"
 #: Module-level import cycles known today, each as a sorted tuple of module names (none).
