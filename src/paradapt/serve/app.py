@@ -218,8 +218,11 @@ class _Server:
         return None if model == self.model_name else model
 
     def models(self) -> dict:
-        """GET /v1/models: the base model, then every adapter folder and every served adapter."""
-        folders = self.engine.store.names()  # the disk only: read here, off the engine thread
+        """GET /v1/models: the base model, then every adapter folder that passes the cheap checks
+        (``AdapterStore.listable``: not one that failed to load, until it changes) and every
+        served adapter."""
+        store = self.engine.store  # the disk only: read here, off the engine thread
+        folders = [n for n in store.names() if store.listable(n)]
         names = sorted(set(folders) | set(self.loop.call(self.engine.served_adapters)))
         card = {"object": "model", "created": self.created, "owned_by": "paradapt"}  # OpenAI's Model fields
         data = [{"id": n, **card, "parent": self.model_name} for n in names]

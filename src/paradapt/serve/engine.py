@@ -35,7 +35,7 @@ from ..errors import (
     ConfigError,
     ParadaptError,
 )
-from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder
+from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder, read_config
 from ..lifecycle import MAX_NAME, add_adapter, attach_built, check_name, remove_adapter, route
 from ..state import get_state, require_state
 from .cache import AdapterPinnedError, Move
@@ -74,6 +74,8 @@ class AdapterStore:
         self.pending: dict[str, Future] = {}  # prefetched folders being read on the reader thread
         self._reader: ThreadPoolExecutor | None = None
         self.seconds: dict[str, float] = {}  # per move op: total wall time spent (metrics)
+        self.stamps: dict[str, tuple] = {}  # the folder's fingerprint when it was last read
+        self.failed: dict[str, tuple] = {}  # folders that failed to load, at that fingerprint
 
     def folder(self, name: str) -> Path:
         """The folder of adapter ``name``; names that are not plain folder names under the root are refused."""
@@ -109,6 +111,41 @@ class AdapterStore:
         if self.root is None:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def listable(self, name: str) -> bool:
+        """Whether ``/v1/models`` lists folder ``name``: a valid name, a config that is a JSON
+        object, a weights file inside the root, and no failed load since the folder last
+        changed. (Cheap checks only: the weights are read when the adapter is first used.)"""
+        try:
+            folder = self.folder(name)
+            config = read_config(folder)
+        except (ParadaptError, OSError):
+            return False
+        weights = PEFT_WEIGHTS_FILE if "peft_type" in config else WEIGHTS_FILE
+        if not (folder / weights).is_file():
+            return False
+        return name not in self.failed or self.failed[name] != self.fingerprint(name)
+
+    def fingerprint(self, name: str) -> tuple:
+        """What changes when the folder's files are rewritten (a save replaces the whole folder)."""
+        folder = self.root / name
+        out = []
+        for f in (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
+            try:
+                st = (folder / f).stat()
+            except OSError:
+                continue
+            out.append((f, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def changed(self, name: str) -> bool:
+        """Whether the folder of ``name`` was rewritten since it was last read (False if never read)."""
+        return name in self.stamps and self.stamps[name] != self.fingerprint(name)
+
+    def mark_failed(self, name: str) -> None:
+        """Remember that the folder of ``name`` failed to load as it is now (``listable``)."""
+        if self.root is not None and (self.root / name).is_dir():
+            self.failed[name] = self.fingerprint(name)
 
     def size(self, name: str) -> int:
         """Bytes of the adapter's weights file (0 if missing: loading will say why)."""
@@ -171,6 +208,8 @@ class AdapterStore:
         folder = self.folder(name)
         if not (folder / CONFIG_FILE).is_file():
             raise AdapterFileError(folder / CONFIG_FILE, "missing")
+        self.stamps[name] = self.fingerprint(name)
+        self.failed.pop(name, None)
         return folder
 
     def _check(self, parsed) -> _HostCopy:
@@ -300,7 +339,22 @@ class _EngineCore(ServeCore):
 
     def load_adapter(self, name: str) -> None:
         """Register ``name`` and read it into host memory now, so a broken folder fails here
-        (:class:`AdapterLoadError`) and not in a later request (POST /v1/adapters)."""
+        (:class:`AdapterLoadError`) and not in a later request (POST /v1/adapters).
+
+        A known adapter whose folder was rewritten since it was read is reloaded: forgotten on
+        every tier, then read again. Refused (:class:`AdapterPinnedError`, 409) while requests
+        use it: they keep the weights they started with.
+        """
+        if name in self.cache and self.store.changed(name):
+            users = self.adapter_users(name)
+            if users:
+                raise AdapterPinnedError(
+                    f"adapter {name!r} changed on disk but {users} running or queued request(s) use it; "
+                    "load it again when they have finished (or save the new version under another name)"
+                )
+            self.cache.remove_adapter(name)
+            self.store.forget(name)
+            self.store.stamps.pop(name, None)
         self.register_adapter(name)
         moves = self.cache.prefetch([name])
         if name not in self.cache.on_host and not moves:
@@ -378,6 +432,7 @@ class _EngineCore(ServeCore):
 
     def _drop_adapter(self, adapter: str) -> None:
         self.store.forget(adapter)
+        self.store.mark_failed(adapter)
         st = get_state(self.model)
         if st is not None and adapter in st.adapters:
             remove_adapter(self.model, adapter)
