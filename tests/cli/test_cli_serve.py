@@ -230,3 +230,56 @@ def test_threads_flag_overrides_the_default(tmp_path, monkeypatch):
             assert info["threads"] == expected == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path):
+    """More work than ``--shutdown-timeout 0`` allows: every non-streamed request gets a 503 with
+    an OpenAI error body (not uvicorn's plain-text 500), every stream ends with
+    ``finish_reason: "abort"`` then ``[DONE]``, and the server exits 0."""
+    import threading
+
+    from conftest import asset_path, require_asset
+
+    stories = require_asset(asset_path("models", "stories260k-hf"))
+    port = free_port()
+    cmd = [sys.executable, "-m", "paradapt.cli", "serve", "--model", str(stories), "--port", str(port)]
+    cmd += ["--threads", "1", "--shutdown-timeout", "0", "--no-access-log"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "stories260k-hf", "prompt": "Once", "max_tokens": 480, "ignore_eos": True}
+    whole: list[httpx.Response] = []
+    try:
+        _wait_healthy(proc, url)
+        posts = [
+            threading.Thread(target=lambda: whole.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+            for _ in range(3)
+        ]
+        for t in posts:
+            t.start()
+        streams = []
+        with (
+            httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as a,
+            httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True, "messages": [
+                {"role": "user", "content": "Hi"}]}, timeout=60) as b,
+        ):
+            lines = [a.iter_lines(), b.iter_lines()]
+            firsts = [next(x for x in it if x.startswith("data: ")) for it in lines]
+            proc.send_signal(signal.SIGTERM)
+            for first, it in zip(firsts, lines, strict=True):
+                streams.append([first, *(ln for ln in it if ln.startswith("data: "))])
+        for t in posts:
+            t.join(timeout=60)
+        assert [r.status_code for r in whole] == [503] * 3
+        for r in whole:
+            err = r.json()["error"]
+            assert err["type"] == "server_error" and "shutting down" in err["message"]
+        for events in streams:
+            assert events[-1] == "data: [DONE]"
+            assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
