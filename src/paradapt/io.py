@@ -233,7 +233,7 @@ def _read_tensors(file: Path, sha256: str | None = None) -> dict[str, torch.Tens
             "after saving); save the adapter again",
         )
     try:
-        tensors = load_safetensors(data)
+        tensors = dict(sorted(load_safetensors(data).items()))  # in name order, as load_file gives them
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
         raise AdapterFileError(file, f"cannot be read as safetensors ({e})") from None
     check_finite(tensors, file)

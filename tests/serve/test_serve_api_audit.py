@@ -234,7 +234,8 @@ def test_a_step_that_raises_fails_its_requests_with_a_500_and_the_server_goes_on
 
 def test_models_carry_the_openai_model_fields(client):
     data = client.get("/v1/models").json()["data"]
-    assert [m["id"] for m in data] == ["stories", "alien", "lo"]
+    ids = [m["id"] for m in data]  # "alien" is gone once a request failed to load it (issue 15)
+    assert ids in (["stories", "alien", "lo"], ["stories", "lo"])
     for m in data:
         assert m["object"] == "model" and m["owned_by"] == "paradapt" and isinstance(m["created"], int)
     assert all(m["parent"] == "stories" for m in data[1:])

@@ -130,8 +130,7 @@ class EngineCollector:
 def lora_requests_info(engine: Engine | EncoderEngine) -> GaugeMetricFamily:
     """vLLM's ``vllm:lora_requests_info`` under paradapt's prefix: the adapters of running and
     of waiting requests (comma-separated, sorted) and the device slots, valued at the time."""
-    running = sorted({r.adapter for r in engine.scheduler.running if r.adapter is not None})
-    waiting = sorted({r.adapter for r in engine.scheduler.waiting if r.adapter is not None})
+    running, waiting = engine.adapters_in_flight()
     info = GaugeMetricFamily(
         "paradapt:lora_requests_info",
         "Running stats on LoRA requests (vllm:lora_requests_info's labels).",
