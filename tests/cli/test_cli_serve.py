@@ -283,3 +283,18 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_security_flags_make_the_guard_config(monkeypatch):
+    monkeypatch.setenv("PARADAPT_API_KEY", "from-env")
+    parse = cli.build_parser().parse_args
+    g = serve_cli.guard_config(parse(["serve"]))
+    assert g.api_key == "from-env" and g.allowed_hosts == ("localhost", "127.0.0.1", "[::1]")
+    assert g.access_log and not g.metrics_without_key and g.max_request_bytes == 16 * 1024 * 1024
+    g = serve_cli.guard_config(
+        parse(["serve", "--api-key", "k", "--host", "0.0.0.0", "--no-access-log", "--metrics-without-key"])
+    )
+    assert g.api_key == "k" and g.allowed_hosts is None and not g.access_log and g.metrics_without_key
+    g = serve_cli.guard_config(parse(["serve", "--allowed-hosts", "a.example, b.example", "--max-request-bytes", "10"]))
+    assert g.allowed_hosts == ("a.example", "b.example") and g.max_request_bytes == 10
+    assert serve_cli.guard_config(parse(["serve", "--allowed-hosts", "*"])).allowed_hosts is None
