@@ -255,3 +255,12 @@ def test_health_answers_while_a_huge_prompt_is_being_handled(root, tok):  # noqa
                 time.sleep(0.01)
         assert status == [400]
         assert worst < 0.5, f"/health took {worst:.3f} s"
+
+
+def test_the_openapi_schema_documents_the_statuses_the_server_sends(root, tok):  # noqa: F811
+    with TestClient(app_with(root, tok)) as c:
+        paths = c.get("/openapi.json").json()["paths"]
+        responses = paths["/v1/completions"]["post"]["responses"]
+        assert {"200", "400", "404", "413", "422"} <= set(responses)
+        assert "ValidationError" not in json.dumps(responses) and "fails to load" in responses["422"]["description"]
+        assert c.post("/v1/completions", json={"model": "lo"}).status_code == 400  # as documented

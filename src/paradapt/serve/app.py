@@ -76,6 +76,7 @@ def create_app(
     app.state.loop = server.loop
     app.state.model_name = model_name
     _error_handlers(app, decoder=server.decoder, roots=[engine.store.root])
+    app.openapi = _openapi_with_our_statuses(app)
     _admin_routes(app, server)
     if server.decoder:
         _generation_routes(app, server)
@@ -108,6 +109,46 @@ def _error_handlers(app: FastAPI, decoder: bool, roots: list) -> None:
     async def _http(request: Request, exc: HTTPException):  # unknown path, wrong method, body too large
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind)
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _openapi_with_our_statuses(app: FastAPI):
+    """FastAPI documents a 422 for bad bodies; this server answers 400 (and 404 unknown adapter,
+    413 body too large; 422 means an adapter folder that fails to load): the schema says what
+    the server does, in OpenAI's error shape."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = base()
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.get("responses", {})
+                if "422" in responses:  # FastAPI's validation error: ours are 400
+                    content = {"application/json": {"schema": _ERROR_SCHEMA}}
+                    responses["400"] = {"description": "bad parameter (param names it)", "content": content}
+                    responses["404"] = {"description": "unknown adapter or model", "content": content}
+                    responses["413"] = {"description": "request body too large", "content": content}
+                    responses["422"] = {"description": "adapter folder that fails to load", "content": content}
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
 
 
 def _internal(request: Request) -> JSONResponse:
