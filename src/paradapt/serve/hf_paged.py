@@ -39,10 +39,10 @@ def _finite_writes(update):
     garbage either way.
     """
 
-    def finite_update(key_states, value_states, layer_idx, kwargs):
+    def finite_update(key_states, value_states, *args, **kwargs):
         key_states = torch.nan_to_num(key_states, nan=0.0, posinf=0.0, neginf=0.0)
         value_states = torch.nan_to_num(value_states, nan=0.0, posinf=0.0, neginf=0.0)
-        return update(key_states, value_states, layer_idx, kwargs)
+        return update(key_states, value_states, *args, **kwargs)
 
     return finite_update
 
