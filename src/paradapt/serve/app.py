@@ -208,14 +208,14 @@ def _generation_routes(app: FastAPI, server: _Server) -> None:
 
 def _encoder_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/classify")
-    async def classify(req: ClassifyRequest):
-        results, _ = await server.encode(req.model, _texts(req.input), "classify")
+    async def classify(req: ClassifyRequest, request: Request):
+        results, _ = await server.encode(req.model, _texts(req.input), "classify", request)
         data = [{"index": i, "label": r["label"], "probs": r["probs"]} for i, r in enumerate(results)]
         return {"object": "list", "model": req.model, "data": data}
 
     @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest):
-        results, n = await server.encode(req.model, _texts(req.input), "embed")
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        results, n = await server.encode(req.model, _texts(req.input), "embed", request)
         data = [
             {"object": "embedding", "index": i, "embedding": r["embedding"]} for i, r in enumerate(results)
         ]
@@ -270,9 +270,13 @@ class _Server:
         return {"object": "list", "data": [{"id": self.model_name, **card}, *data]}
 
     # -- encoders ------------------------------------------------------------------------------
-    async def encode(self, model: str, texts: list[str], task: str) -> tuple[list[dict], int]:
+    async def encode(
+        self, model: str, texts: list[str], task: str, request: Request
+    ) -> tuple[list[dict], int]:
         """Each text's result, and the token count; every text is checked before any is queued."""
+        request.state.adapter = self.adapter_of(model)
         ids = [await tokenize_text(self.tokenizer, t, self.max_len, "input") for t in texts]
+        request.state.tokens = sum(map(len, ids))  # the access log's token count
         for i, one in enumerate(ids):
             if self.max_len is not None and len(one) > self.max_len:
                 raise ConfigError(
