@@ -19,12 +19,13 @@ from pathlib import Path
 import paradapt
 
 #: The HTTP layer: the modules (besides paradapt.cli) allowed to import a web framework. The
-#: HTTP layer is the FastAPI app and its request/response schemas.
+#: HTTP layer is the FastAPI app, its request/response schemas, its handlers and its middleware.
 HTTP_LAYER = (
     "paradapt.serve.app",
     "paradapt.serve.protocol",
     "paradapt.serve.completions",
     "paradapt.serve.extras",
+    "paradapt.serve.security",
 )
 HTTP_PACKAGES = ("fastapi", "uvicorn", "starlette")
 CLI = "paradapt.cli"

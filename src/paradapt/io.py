@@ -8,6 +8,7 @@ validate the format version, the base model and every tensor's name and shape
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from . import inject
 from .checks import is_int
@@ -30,6 +32,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+HASHES_KEY = "sha256"  # adapter_config.json: {weights file: sha256 of its bytes}, checked on load
 _OWN_FILES = {CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE, "README.md"}
 
 
@@ -62,7 +65,8 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
-def _write_file(target: Path, content) -> None:
+def _write_file(target: Path, content) -> str | None:
+    """Write one file (JSON or safetensors); returns the sha256 of a safetensors file's bytes."""
     if target.name.endswith(".json"):
         with open(target, "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, sort_keys=True)
@@ -74,6 +78,15 @@ def _write_file(target: Path, content) -> None:
         os.chmod(target, mode)
         with open(target, "rb") as f:
             os.fsync(f.fileno())
+            return _sha256(f)
+    return None
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
 
 
 def _umask_mode(target: Path) -> int:
@@ -89,10 +102,14 @@ def _umask_mode(target: Path) -> int:
     return target.stat().st_mode & 0o777
 
 
-def write_folder_atomically(path: str | Path, files: dict[str, object]) -> Path:
+def write_folder_atomically(
+    path: str | Path, files: dict[str, object], *, hashes_in: str | None = None
+) -> Path:
     """Write ``{filename: dict (json) | tensors dict (safetensors)}`` into ``path`` atomically.
 
     An existing adapter folder at ``path`` is replaced; on any failure it is left as it was.
+    ``hashes_in`` names a JSON file of ``files`` that records the sha256 of every safetensors
+    file written (under :data:`HASHES_KEY`), so a reader can tell a corrupted file.
     """
     path = Path(path)
     _check_replaceable(path)
@@ -101,8 +118,13 @@ def write_folder_atomically(path: str | Path, files: dict[str, object]) -> Path:
     old = None
     tmp.mkdir()
     try:
-        for fname, content in files.items():
-            _write_file(tmp / fname, content)
+        hashes = {}
+        for fname, content in sorted(files.items(), key=lambda kv: kv[0].endswith(".json")):
+            if fname == hashes_in:
+                content = {**content, HASHES_KEY: hashes}
+            digest = _write_file(tmp / fname, content)
+            if digest is not None:
+                hashes[fname] = digest
         _fsync_dir(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -174,7 +196,7 @@ def save_adapter(model, name: str, path: str | Path, *, fold_prefix: bool = True
         "base_model": rec.base_info,
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
     }
-    return write_folder_atomically(path, {CONFIG_FILE: meta, WEIGHTS_FILE: tensors})
+    return write_folder_atomically(path, {CONFIG_FILE: meta, WEIGHTS_FILE: tensors}, hashes_in=CONFIG_FILE)
 
 
 def read_config(path: str | Path) -> dict:
@@ -197,13 +219,46 @@ def read_config(path: str | Path) -> dict:
     return data
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(file: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never pickle: a weights file holds data, no code),
+    checked against the ``sha256`` its config recorded (None: an older folder, not checked),
+    every floating tensor finite."""
     if not file.is_file():
         raise AdapterFileError(file, "missing")
+    data = file.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise AdapterFileError(
+            file,
+            f"its content does not match the sha256 recorded in {CONFIG_FILE} (corrupted or changed "
+            "after saving); save the adapter again",
+        )
     try:
-        return load_file(str(file))
+        tensors = dict(sorted(load_safetensors(data).items()))  # in name order, as load_file gives them
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
         raise AdapterFileError(file, f"cannot be read as safetensors ({e})") from None
+    check_finite(tensors, file)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], file: Path | str) -> None:
+    """Refuse a weights file with a NaN or infinite value, naming the first such tensor.
+
+    One such adapter in a packed step would turn its requests' hidden states non-finite;
+    refused at load, it never gets that far.
+    """
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(file, f"tensor {k!r} has non-finite values (NaN or Inf); refused")
+
+
+def _recorded_hash(data: dict, fname: str, cfg_file: Path) -> str | None:
+    """The sha256 ``adapter_config.json`` records for ``fname`` (None in folders saved before hashes)."""
+    hashes = data.get(HASHES_KEY)
+    if hashes is None:
+        return None
+    if not isinstance(hashes, dict) or not isinstance(hashes.get(fname, ""), str):
+        raise AdapterFileError(cfg_file, f"'{HASHES_KEY}' must map file names to hex digests")
+    return hashes.get(fname)
 
 
 def _check_base(info: dict, st, cfg_file: Path) -> None:
@@ -327,7 +382,7 @@ def _parse_ours(path: Path, name: str | None, data: dict) -> _Folder:
     if not isinstance(base, dict):
         raise AdapterFileError(cfg_file, f"'base_model' must be an object, got {base!r}")
     name = _name_for(path, name or data.get("name") or None)
-    tensors = _read_tensors(path / WEIGHTS_FILE)
+    tensors = _read_tensors(path / WEIGHTS_FILE, _recorded_hash(data, WEIGHTS_FILE, cfg_file))
     return _Folder(name, config, tensors, path / WEIGHTS_FILE, base, cfg_file)
 
 
@@ -345,7 +400,7 @@ def _name_for(path: Path, name: str | None) -> str:
     return path.name
 
 
-_KNOWN_KEYS = {"format_version", "name", "config", "sites", "base_model", "dtype"}
+_KNOWN_KEYS = {"format_version", "name", "config", "sites", "base_model", "dtype", HASHES_KEY}
 
 
 def _warn_unknown_keys(data: dict, cfg_file: Path) -> None:

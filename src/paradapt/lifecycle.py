@@ -28,12 +28,16 @@ from .merging import check_mergeable, merge_into
 from .routing import Parallel, RouteMap, normalize
 from .state import CONTAINER, State, _ChannelRouteMap, _repeat, get_state, require_state
 
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+MAX_NAME = 128  # a folder name on every filesystem (255 bytes), with room to spare
+_NAME = re.compile(r"[A-Za-z0-9_\-]+\Z")  # \Z, not $: "$" also matches before a final newline
 
 
 def check_name(name) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError("name", f"adapter names use letters, digits, '_' and '-' only, got {name!r}")
+        shown = name if not isinstance(name, str) or len(name) <= 40 else f"{name[:40]}..."
+        raise ConfigError("name", f"adapter names use letters, digits, '_' and '-' only, got {shown!r}")
+    if len(name) > MAX_NAME:
+        raise ConfigError("name", f"adapter names are at most {MAX_NAME} characters, got {len(name)}")
 
 
 def add_adapter(

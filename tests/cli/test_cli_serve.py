@@ -103,7 +103,7 @@ def test_serve_encoder_model_gets_the_encoder_endpoints(tmp_path):
     args = cli.build_parser().parse_args(["serve", "--model", str(model_dir), "--served-model-name", "bert"])
     app, info = serve_cli.build_server_app(args)
     assert info["kind"] == "encoder" and info["root"] is None
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # loopback: Host is checked
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["bert"]
         r = client.post("/v1/embeddings", json={"model": "bert", "input": ["good movie"]})
         assert r.status_code == 200
@@ -187,7 +187,7 @@ def test_no_model_serves_the_bundled_minilm_and_bundled_adapters():
     app, info = serve_cli.build_server_app(cli.build_parser().parse_args(["serve"]))
     assert info["name"] == "all-MiniLM-L6-v2" and info["kind"] == "encoder"
     assert info["root"] == bundled.ROOT
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # loopback: Host is checked
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
         assert ids == ["all-MiniLM-L6-v2", *sorted(bundled.bundled())]
         texts = ["a charming and affecting journey", "it 's slow -- very , very slow ."]
@@ -255,3 +255,73 @@ def test_chat_template_flag_serves_chat_and_without_a_template_chat_is_400(llama
     missing = cli.build_parser().parse_args([*base, "--chat-template", str(tmp_path / "none.jinja")])
     with pytest.raises(CLIError, match="--chat-template"):
         serve_cli.build_server_app(missing)
+
+
+def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path):
+    """More work than ``--shutdown-timeout 0`` allows: every non-streamed request gets a 503 with
+    an OpenAI error body (not uvicorn's plain-text 500), every stream ends with
+    ``finish_reason: "abort"`` then ``[DONE]``, and the server exits 0."""
+    import threading
+
+    from conftest import asset_path, require_asset
+
+    stories = require_asset(asset_path("models", "stories260k-hf"))
+    port = free_port()
+    cmd = [sys.executable, "-m", "paradapt.cli", "serve", "--model", str(stories), "--port", str(port)]
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)  # stories260K's tokenizer has none; chat without one is a 400
+    cmd += ["--threads", "1", "--shutdown-timeout", "0", "--no-access-log", "--chat-template", str(template)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "stories260k-hf", "prompt": "Once", "max_tokens": 480, "ignore_eos": True}
+    whole: list[httpx.Response] = []
+    try:
+        _wait_healthy(proc, url)
+        posts = [
+            threading.Thread(target=lambda: whole.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+            for _ in range(3)
+        ]
+        for t in posts:
+            t.start()
+        streams = []
+        with (
+            httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as a,
+            httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True, "messages": [
+                {"role": "user", "content": "Hi"}]}, timeout=60) as b,
+        ):
+            lines = [a.iter_lines(), b.iter_lines()]
+            firsts = [next(x for x in it if x.startswith("data: ")) for it in lines]
+            proc.send_signal(signal.SIGTERM)
+            for first, it in zip(firsts, lines, strict=True):
+                streams.append([first, *(ln for ln in it if ln.startswith("data: "))])
+        for t in posts:
+            t.join(timeout=60)
+        assert [r.status_code for r in whole] == [503] * 3
+        for r in whole:
+            err = r.json()["error"]
+            assert err["type"] == "server_error" and "shutting down" in err["message"]
+        for events in streams:
+            assert events[-1] == "data: [DONE]"
+            assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_security_flags_make_the_guard_config(monkeypatch):
+    monkeypatch.setenv("PARADAPT_API_KEY", "from-env")
+    parse = cli.build_parser().parse_args
+    g = serve_cli.guard_config(parse(["serve"]))
+    assert g.api_key == "from-env" and g.allowed_hosts == ("localhost", "127.0.0.1", "[::1]")
+    assert g.access_log and not g.metrics_without_key and g.max_request_bytes == 16 * 1024 * 1024
+    g = serve_cli.guard_config(
+        parse(["serve", "--api-key", "k", "--host", "0.0.0.0", "--no-access-log", "--metrics-without-key"])
+    )
+    assert g.api_key == "k" and g.allowed_hosts is None and not g.access_log and g.metrics_without_key
+    g = serve_cli.guard_config(parse(["serve", "--allowed-hosts", "a.example, b.example", "--max-request-bytes", "10"]))
+    assert g.allowed_hosts == ("a.example", "b.example") and g.max_request_bytes == 10
+    assert serve_cli.guard_config(parse(["serve", "--allowed-hosts", "*"])).allowed_hosts is None

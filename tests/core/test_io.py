@@ -437,3 +437,31 @@ def test_reading_a_folder_skips_the_random_init_the_file_overwrites(tmp_path, mo
         assert all(torch.equal(got[k], saved[k]) for k in saved)
     with pytest.raises(AssertionError, match="initialised"):
         pa.add_adapter(other, "new", configs[kind])
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    model, _ = with_lora(0)
+    with torch.no_grad():
+        next(iter(pa.state.require_state(model).container["a"].parameters())).view(-1)[0] = float("inf")
+    pa.save_adapter(model, "a", tmp_path / "a")
+    with pytest.raises(pa.AdapterFileError, match=r"tensor '.*' has non-finite values"):
+        pa.load_adapter(tiny_model("llama"), tmp_path / "a")
+
+
+def test_the_weights_hash_is_recorded_and_a_corrupted_file_refused(tmp_path):
+    import hashlib
+
+    model, expected = with_lora(1)
+    folder = pa.save_adapter(model, "a", tmp_path / "a")
+    meta = json.loads((folder / CFG).read_text())
+    weights = (folder / WEIGHTS).read_bytes()
+    assert meta["sha256"] == {WEIGHTS: hashlib.sha256(weights).hexdigest()}
+    assert torch.equal(loaded_output(folder), expected)
+    flipped = bytearray(weights)
+    flipped[-1] ^= 1  # one bit of the last tensor's data: still valid safetensors
+    (folder / WEIGHTS).write_bytes(bytes(flipped))
+    with pytest.raises(pa.AdapterFileError, match="does not match the sha256"):
+        pa.load_adapter(tiny_model("llama"), folder)
+    del meta["sha256"]  # a folder saved before hashes: loads unchecked
+    (folder / CFG).write_text(json.dumps(meta))
+    pa.load_adapter(tiny_model("llama"), folder)

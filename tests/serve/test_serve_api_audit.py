@@ -215,7 +215,7 @@ def test_chat_content_parts_other_than_text_are_400(client):
     assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
-def test_a_step_that_raises_fails_its_requests_with_a_500_and_the_server_goes_on(root, tok):
+def test_a_step_that_raises_fails_its_requests_with_a_500_and_the_server_goes_on(root, tok, caplog):
     engine = Engine(stories(), root, CFG, tokenizer=tok)
     step, calls = engine.step, []
 
@@ -229,14 +229,18 @@ def test_a_step_that_raises_fails_its_requests_with_a_500_and_the_server_goes_on
     body = {"model": "lo", "prompt": "Once", "max_tokens": 3, "temperature": 0}
     with TestClient(create_app(engine, model_name="stories"), raise_server_exceptions=False) as c:
         r = c.post("/v1/completions", json=body)
-        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]  # says no more than that, and where the log has the rest
+        assert r.status_code == 500 and "boom" not in message and message.startswith("internal error")
+        rid = r.headers["x-request-id"]
+        assert rid in message and any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
         assert c.post("/v1/completions", json=body).status_code == 200
     assert not engine.scheduler.has_work() and engine.runner.pages_in_use() == 0
 
 
 def test_models_carry_the_openai_model_fields(client):
     data = client.get("/v1/models").json()["data"]
-    assert [m["id"] for m in data] == ["stories", "alien", "lo"]
+    ids = [m["id"] for m in data]  # "alien" is gone once a request failed to load it (issue 15)
+    assert ids in (["stories", "alien", "lo"], ["stories", "lo"])
     for m in data:
         assert m["object"] == "model" and m["owned_by"] == "paradapt" and isinstance(m["created"], int)
     assert all(m["parent"] == "stories" for m in data[1:])

@@ -7,10 +7,12 @@ server (docs/serving.md) over every adapter folder under DIR; SIGTERM drains and
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -79,7 +81,85 @@ def add_parser(sub) -> None:
     serve.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
+    _add_security_flags(serve)
     serve.set_defaults(func=run)
+
+
+def _add_security_flags(serve) -> None:
+    """API key, Host check, body bound, access log, shutdown drain (docs/serving.md, Security)."""
+    from ..serve.security import DEFAULT_MAX_REQUEST_BYTES
+
+    serve.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("PARADAPT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+        "(default: $PARADAPT_API_KEY; none when unset)",
+    )
+    serve.add_argument(
+        "--metrics-without-key", action="store_true", help="serve /metrics without the API key (for a scraper)"
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        metavar="H1,H2",
+        help="Host header values accepted ('*': any; default: localhost,127.0.0.1,[::1] when --host is "
+        "loopback, else any)",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="B",
+        help=f"largest request body, else 413 (default: {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    serve.add_argument(
+        "--no-access-log", action="store_true", help="no access-log line per request (on by default, on stderr)"
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds running requests may take to finish before they are cancelled "
+        "(their clients get an error / finish_reason 'abort'); default 30",
+    )
+
+
+def guard_config(args: argparse.Namespace):
+    """The :class:`~paradapt.serve.security.GuardConfig` of the flags."""
+    from ..serve.security import GuardConfig, default_allowed_hosts
+
+    hosts = getattr(args, "allowed_hosts", None)
+    if hosts is None:
+        allowed = default_allowed_hosts(args.host)
+    elif hosts.strip() == "*":
+        allowed = None
+    else:
+        allowed = tuple(h.strip() for h in hosts.split(",") if h.strip())
+    return GuardConfig(
+        api_key=args.api_key or None,
+        metrics_without_key=args.metrics_without_key,
+        allowed_hosts=allowed,
+        max_request_bytes=args.max_request_bytes,
+        access_log=not args.no_access_log,
+    )
+
+
+def _configure_logs(args: argparse.Namespace) -> None:
+    """paradapt's log lines on stderr at --log-level; the access log at info (its own switch)."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root = logging.getLogger("paradapt")
+    root.addHandler(handler)
+    root.setLevel(args.log_level.upper())
+    access = logging.getLogger("paradapt.access")
+    access.propagate = False
+    if not args.no_access_log:
+        plain = logging.StreamHandler(sys.stderr)
+        plain.setFormatter(logging.Formatter("%(asctime)s access %(message)s"))
+        access.addHandler(plain)
+        access.setLevel(logging.INFO)
 
 
 def _serve_sources(args) -> tuple[Path, Path | None, str]:
@@ -175,7 +255,9 @@ def build_server_app(args: argparse.Namespace):
         "heap": heap,
     }
     template = _chat_template(args)
-    return create_app(engine, model_name=name, tokenizer=tok, chat_template=template), info
+    return create_app(
+        engine, model_name=name, tokenizer=tok, chat_template=template, guard=guard_config(args)
+    ), info
 
 
 def _chat_template(args: argparse.Namespace) -> str | None:
@@ -203,12 +285,38 @@ def check_port(host: str, port: int) -> None:
         raise CLIError(f"--port: cannot listen on {host}:{port} (in use?)") from None
 
 
+def draining_server(config, loop, drain: float):
+    """A uvicorn server whose SIGTERM starts ``loop.drain(drain)`` at once (uvicorn is imported
+    here: it is the serve extra's)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, but SIGTERM starts the engine's drain at once: uvicorn itself waits
+        for open connections and then kills their handlers (a plain-text 500, streams cut
+        without ``[DONE]``), and only afterwards runs the app's shutdown. Draining as the signal
+        arrives lets running requests finish for ``drain`` seconds and answers the rest with an
+        error in OpenAI's shape (streams: ``finish_reason: "abort"`` then ``[DONE]``)."""
+
+        def __init__(self, config, loop, drain: float):
+            super().__init__(config)
+            self._loop, self._drain, self._draining = loop, drain, False
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self._draining:
+                self._draining = True
+                threading.Thread(target=self._loop.drain, args=(self._drain,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config, loop, drain)
+
+
 def run(args: argparse.Namespace) -> int:
     """``paradapt serve``: 0 after SIGTERM (running requests drained), 130 after SIGINT."""
     import uvicorn
 
     app, info = build_server_app(args)
     check_port(args.host, args.port)
+    _configure_logs(args)
     c = info["config"]
     print(
         f"paradapt serve: {info['name']} ({info['kind']}, {info['model']}); "
@@ -224,9 +332,13 @@ def run(args: argparse.Namespace) -> int:
     }
     try:  # uvicorn handles the signal (drain via the app's lifespan), then re-raises it to these handlers
         config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout + 10,  # the drain's cancellations get answered
         )
-        server = uvicorn.Server(config)
+        server = draining_server(config, app.state.loop, args.shutdown_timeout)
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind (taken since check_port)
         raise CLIError(f"--port: cannot listen on {args.host}:{args.port} (in use?)") from None

@@ -7,9 +7,10 @@ clock, and ``import paradapt.serve`` stays cheap (tests/core/test_imports.py); t
 (``Engine``, ``EncoderEngine``, ``Runner``, ``SamplingParams``, ...) is imported on first use.
 ``hf_paged`` is the one module that uses transformers' private continuous-batching API.
 
-The HTTP server (the ``[serve]`` extra) is four modules: ``app`` (``create_app``, the routes),
+The HTTP server (the ``[serve]`` extra) is six modules: ``app`` (``create_app``, the routes),
 ``engine_thread`` (the thread that alone steps the engine), ``protocol`` (the OpenAI wire
-format) and ``metrics`` (Prometheus text).
+format), ``security`` (API key, Host check, body bound, access log), ``limits`` (bounds
+checked before expensive work) and ``metrics`` (Prometheus text, with prometheus-client).
 """
 
 from .cache import AdapterCache, AdapterPinnedError, CacheStats, MemoryBudget, Move, Residency

@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, ParadaptError
 from . import completions as generation
 from .engine import EncoderEngine, Engine, max_positions
 from .engine_thread import EngineLoop
 from .extras import extra_routes
+from .limits import tokenize_text
 from .metrics import prometheus_text
 from .protocol import (
     AdapterRequest,
@@ -43,9 +46,9 @@ from .protocol import (
     EmbeddingRequest,
     error_response,
     paradapt_error,
-    tokenize,
     validation_error,
 )
+from .security import Guard, GuardConfig, redact, request_id
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +59,22 @@ def create_app(
     model_name: str = "base",
     tokenizer=None,
     chat_template: str | None = None,
+    guard: GuardConfig | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``; ``model_name`` is the base model's name in ``model``;
-    ``chat_template`` (Jinja text) replaces the tokenizer's for chat (``--chat-template FILE``)."""
+    ``chat_template`` (Jinja text) replaces the tokenizer's for chat (``--chat-template FILE``);
+    ``guard``: API key, Host check, body bound, access log (:mod:`paradapt.serve.security`)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     if chat_template is not None and tokenizer is None:
         raise ConfigError("chat_template", "needs the server's tokenizer")
     server = _Server(engine, EngineLoop(engine), model_name, tokenizer)
     server.chat_template = chat_template
     app = FastAPI(title="paradapt", lifespan=server.lifespan)
+    app.add_middleware(Guard, config=guard or GuardConfig())
     app.state.loop = server.loop
     app.state.model_name = model_name
-    _error_handlers(app, decoder=server.decoder)
+    _error_handlers(app, decoder=server.decoder, roots=[engine.store.root])
+    app.openapi = _openapi_with_our_statuses(app)
     _admin_routes(app, server)
     extra_routes(app, server)
     if server.decoder:
@@ -80,19 +87,77 @@ def create_app(
 # -- errors -----------------------------------------------------------------------------------------
 
 
-def _error_handlers(app: FastAPI, decoder: bool) -> None:
+def _error_handlers(app: FastAPI, decoder: bool, roots: list) -> None:
+    """Errors in OpenAI's shape; messages never carry absolute paths (``security.redact``), and an
+    exception no handler takes is a 500 saying ``internal error`` and the request id
+    (``security.Guard``: the traceback goes to the server log under that id)."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return validation_error(exc.errors())
 
     @app.exception_handler(ParadaptError)
     async def _paradapt(request: Request, exc: ParadaptError):
-        return paradapt_error(exc, request.url.path, decoder)
+        response = paradapt_error(exc, request.url.path, decoder)
+        if response.status_code >= 500:
+            log.error("request %s: %s", request_id(request), exc, exc_info=exc)
+            return _internal(request)
+        return _redacted(response, roots)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):  # a bug: still an OpenAI-shaped 500
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):  # unknown path, wrong method, body too large
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _openapi_with_our_statuses(app: FastAPI):
+    """FastAPI documents a 422 for bad bodies; this server answers 400 (and 404 unknown adapter,
+    413 body too large; 422 means an adapter folder that fails to load): the schema says what
+    the server does, in OpenAI's error shape."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = base()
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.get("responses", {})
+                if "422" in responses:  # FastAPI's validation error: ours are 400
+                    content = {"application/json": {"schema": _ERROR_SCHEMA}}
+                    responses["400"] = {"description": "bad parameter (param names it)", "content": content}
+                    responses["404"] = {"description": "unknown adapter or model", "content": content}
+                    responses["413"] = {"description": "request body too large", "content": content}
+                    responses["422"] = {"description": "adapter folder that fails to load", "content": content}
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
+
+
+def _internal(request: Request) -> JSONResponse:
+    return error_response(500, f"internal error (request id {request_id(request)})", "server_error")
+
+
+def _redacted(response: JSONResponse, roots: list) -> JSONResponse:
+    body = json.loads(response.body)
+    body["error"]["message"] = redact(body["error"]["message"], roots)
+    return JSONResponse(body, status_code=response.status_code)
 
 
 # -- routes -----------------------------------------------------------------------------------------
@@ -137,14 +202,14 @@ def _generation_routes(app: FastAPI, server: _Server) -> None:
 
 def _encoder_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/classify")
-    async def classify(req: ClassifyRequest):
-        results, _ = await server.encode(req.model, _texts(req.input), "classify")
+    async def classify(req: ClassifyRequest, request: Request):
+        results, _ = await server.encode(req.model, _texts(req.input), "classify", request)
         data = [{"index": i, "label": r["label"], "probs": r["probs"]} for i, r in enumerate(results)]
         return {"object": "list", "model": req.model, "data": data}
 
     @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest):
-        results, n = await server.encode(req.model, _texts(req.input), "embed")
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        results, n = await server.encode(req.model, _texts(req.input), "embed", request)
         data = [
             {"object": "embedding", "index": i, "embedding": r["embedding"]} for i, r in enumerate(results)
         ]
@@ -177,12 +242,23 @@ class _Server:
         # which must keep delivering the draining requests' tokens
         await asyncio.to_thread(self.loop.shutdown, drain=True)
 
+    def public_error(self, error: Exception, rid: str) -> Exception:
+        """What a stream may say of ``error``: a library error without absolute paths, else
+        ``internal error`` (logged here with the response id)."""
+        if isinstance(error, ParadaptError):
+            return RuntimeError(redact(str(error), [self.engine.store.root]))
+        log.error("stream %s failed", rid, exc_info=error)
+        return RuntimeError(f"internal error (response id {rid})")
+
     def adapter_of(self, model: str) -> str | None:
         return None if model == self.model_name else model
 
     def models(self) -> dict:
-        """GET /v1/models: the base model, then every adapter folder and every served adapter."""
-        folders = self.engine.store.names()  # the disk only: read here, off the engine thread
+        """GET /v1/models: the base model, then every adapter folder that passes the cheap checks
+        (``AdapterStore.listable``: not one that failed to load, until it changes) and every
+        served adapter."""
+        store = self.engine.store  # the disk only: read here, off the engine thread
+        folders = [n for n in store.names() if store.listable(n)]
         names = sorted(set(folders) | set(self.loop.call(self.engine.served_adapters)))
         card = {"object": "model", "created": self.created, "owned_by": "paradapt"}  # OpenAI's Model fields
         card["max_model_len"] = self.max_len  # vLLM's extra field: the model's positions
@@ -190,9 +266,13 @@ class _Server:
         return {"object": "list", "data": [{"id": self.model_name, **card}, *data]}
 
     # -- encoders ------------------------------------------------------------------------------
-    async def encode(self, model: str, texts: list[str], task: str) -> tuple[list[dict], int]:
+    async def encode(
+        self, model: str, texts: list[str], task: str, request: Request
+    ) -> tuple[list[dict], int]:
         """Each text's result, and the token count; every text is checked before any is queued."""
-        ids = [tokenize(self.tokenizer, t) for t in texts]
+        request.state.adapter = self.adapter_of(model)
+        ids = [await tokenize_text(self.tokenizer, t, self.max_len, "input") for t in texts]
+        request.state.tokens = sum(map(len, ids))  # the access log's token count
         for i, one in enumerate(ids):
             if self.max_len is not None and len(one) > self.max_len:
                 raise ConfigError(

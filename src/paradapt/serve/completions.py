@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ..errors import ConfigError
 from .engine import RequestHandle, check_token_ids
+from .limits import check_unicode, checked_tokens, tokenize_text
 from .protocol import (
     ChatRequest,
     CompletionRequest,
@@ -30,16 +31,17 @@ from .protocol import (
     chunk,
     completion_logprobs,
     error_event,
+    error_response,
     finish_reason,
     refused_fields,
     sampling_params,
     streamable,
-    tokenize,
     usage,
 )
 from .sampling import SamplingParams
 
 SEED_SPAN = 2**64  # choice j of a seeded request draws from seed + j (mod 2**64)
+ABORTED = "the server is shutting down: the request was cancelled before it finished; retry it"
 
 
 @dataclass
@@ -78,8 +80,8 @@ def prompts_of(server, prompt) -> list[tuple[str | None, list[int]]]:
         raise ConfigError("prompt", "must not be empty")
     out = []
     for i, p in enumerate(forms):
-        if isinstance(p, str):
-            out.append((p, tokenize(server.tokenizer, p)))
+        if isinstance(p, str):  # on a worker thread (completions): checked, then tokenized
+            out.append((p, checked_tokens(server.tokenizer, p, server.max_len, "prompt")))
             continue
         if not p:
             raise ConfigError("prompt", f"prompt {i} has no tokens")
@@ -106,11 +108,15 @@ def _choices(server, prompts: list[list[int]], params: SamplingParams, count: in
     return out
 
 
-async def _submit(server, adapter: str | None, choices: list[_Choice], q: asyncio.Queue) -> None:
-    """Queue every choice, or none: a refusal cancels the ones queued before it."""
+async def _submit(
+    server, adapter: str | None, choices: list[_Choice], q: asyncio.Queue, handles: list[RequestHandle]
+) -> None:
+    """Queue every choice, or none: a refusal cancels the ones queued before it. The queued
+    handles are appended to ``handles`` (the access log's token count: ``request.state.handles``)."""
     try:
         for k, c in enumerate(choices):
             c.handle = await server.loop.generate(c.ids, adapter, c.params, _Tagged(q, k))
+            handles.append(c.handle)
     except BaseException:
         server.loop.release([c.handle for c in choices if c.handle is not None])
         raise
@@ -134,6 +140,7 @@ def _best(choices: list[_Choice], n: int, prompts: int) -> list[_Choice]:
 
 async def completions(server, req: CompletionRequest, request: Request):
     """POST /v1/completions."""
+    _for_access_log(server, req, request)
     refused_fields(req)
     _check_stream_options(req)
     n = req.n
@@ -155,13 +162,15 @@ async def completions(server, req: CompletionRequest, request: Request):
     choices = _choices(server, [ids for _, ids in prompts], params, best_of)
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     q: asyncio.Queue = asyncio.Queue()
-    await _submit(server, server.adapter_of(req.model), choices, q)
+    await _submit(server, server.adapter_of(req.model), choices, q, request.state.handles)
     if req.stream:
         include = req.stream_options is not None and req.stream_options.include_usage
         gen = _sse(server, choices, q, req.model, rid, chat=False, include_usage=include)
         return StreamingResponse(gen, media_type="text/event-stream")
     if not await _wait(server, choices, q, request):
         return Response(status_code=499)
+    if _cancelled(choices):
+        return error_response(503, ABORTED, "server_error")
     kept = _best(choices, n, len(prompts))
     out = []
     for k, c in enumerate(kept):
@@ -191,6 +200,18 @@ async def completions(server, req: CompletionRequest, request: Request):
     }
 
 
+def _for_access_log(server, req, request: Request) -> None:
+    """What :class:`~paradapt.serve.security.Guard`'s access line reports: the adapter, and the
+    handles whose prompt and generated tokens it counts."""
+    request.state.adapter = server.adapter_of(req.model)
+    request.state.handles = []
+
+
+def _cancelled(choices: list[_Choice]) -> bool:
+    """Whether the server cancelled a choice (SIGTERM past the drain): the answer is a 503."""
+    return any(c.handle.status == "cancelled" for c in choices)
+
+
 def _decode(server, ids: list[int]) -> str:
     if server.tokenizer is None:
         return ""
@@ -202,24 +223,30 @@ def _decode(server, ids: list[int]) -> str:
 
 async def chat(server, req: ChatRequest, request: Request):
     """POST /v1/chat/completions."""
+    _for_access_log(server, req, request)
     refused_fields(req)
     _check_stream_options(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise ConfigError("top_logprobs", "needs logprobs: true")
     lp = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req.max_completion_tokens or req.max_tokens or 16, req, logprobs=lp)
-    prompt = chat_prompt(server.tokenizer, req.messages, server.chat_template)
-    ids = await asyncio.to_thread(tokenize, server.tokenizer, prompt)
+    for i, m in enumerate(req.messages):
+        check_unicode(m.text(), f"messages.{i}.content")
+    # templates render arbitrary message text: off the event loop, as tokenizing is
+    prompt = await asyncio.to_thread(chat_prompt, server.tokenizer, req.messages, server.chat_template)
+    ids = await tokenize_text(server.tokenizer, prompt, server.max_len, "messages")
     choices = _choices(server, [ids], params, req.n)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     q: asyncio.Queue = asyncio.Queue()
-    await _submit(server, server.adapter_of(req.model), choices, q)
+    await _submit(server, server.adapter_of(req.model), choices, q, request.state.handles)
     if req.stream:
         include = req.stream_options is not None and req.stream_options.include_usage
         gen = _sse(server, choices, q, req.model, rid, chat=True, include_usage=include)
         return StreamingResponse(gen, media_type="text/event-stream")
     if not await _wait(server, choices, q, request):
         return Response(status_code=499)
+    if _cancelled(choices):
+        return error_response(503, ABORTED, "server_error")
     out = []
     for k, c in enumerate(choices):
         h = c.handle
@@ -335,9 +362,10 @@ async def _sse(
                 continue
             left -= 1
             if h.error is not None:
-                yield error_event(h.error)
+                yield error_event(server.public_error(h.error, rid))
                 break
-            reason = finish_reason(h.finish_reason)
+            # a request the server cancelled (shutdown) ends with vLLM's "abort"
+            reason = "abort" if h.status == "cancelled" else finish_reason(h.finish_reason)
             last = choice(chat, None, reason, delta=True, index=k, logprobs=scored[k].new())
             yield chunk(rid, obj, created, model, last)
         else:

@@ -361,6 +361,13 @@ class ServeCore:
         """Running or queued requests that name ``adapter`` (an unload must wait for them)."""
         return sum(1 for r in self._in_flight() if r.adapter == adapter)
 
+    def adapters_in_flight(self) -> tuple[list[str], list[str]]:
+        """The adapters of running requests and of waiting ones, each sorted (the base model's
+        requests name none): what vLLM's ``lora_requests_info`` metric reports."""
+        running = sorted({r.adapter for r in self.scheduler.running if r.adapter is not None})
+        waiting = sorted({r.adapter for r in self.scheduler.waiting if r.adapter is not None})
+        return running, waiting
+
     @property
     def num_waiting(self) -> int:
         """Requests queued and not yet admitted."""

@@ -35,8 +35,8 @@ from ..errors import (
     ConfigError,
     ParadaptError,
 )
-from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder
-from ..lifecycle import add_adapter, attach_built, check_name, remove_adapter, route
+from ..io import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, build_folder, parse_folder, read_config
+from ..lifecycle import MAX_NAME, add_adapter, attach_built, check_name, remove_adapter, route
 from ..state import get_state, require_state
 from .cache import AdapterPinnedError, Move
 from .core import (
@@ -112,14 +112,18 @@ class AdapterStore:
             raise ConfigError("adapter", f"{name!r} is already loaded from another folder; unload it first")
         if name != target.name:
             self.aliases[name] = target.name
+        self.stamps: dict[str, tuple] = {}  # the folder's fingerprint when it was last read
+        self.failed: dict[str, tuple] = {}  # folders that failed to load, at that fingerprint
 
     def folder(self, name: str) -> Path:
         """The folder of adapter ``name``; names that are not plain folder names under the root are refused."""
         try:
             check_name(name)
-        except ConfigError:
+        except ConfigError as e:
             raise ConfigError(
-                "adapter", f"{name!r} is not an adapter name (letters, digits, '_' and '-'; no paths)"
+                "adapter",
+                f"not an adapter name (letters, digits, '_' and '-', at most {MAX_NAME}; no paths): "
+                + str(e).removeprefix("name: "),
             ) from None
         if self.root is None:
             raise AdapterNotFoundError(f"unknown adapter {name!r} (the engine has no adapter_root)")
@@ -128,13 +132,58 @@ class AdapterStore:
             raise ConfigError("adapter", f"adapter {name!r} resolves outside the adapter root {self.root}")
         if not path.is_dir():
             raise AdapterNotFoundError(f"unknown adapter {name!r}: no folder {path}")
+        self._check_links(path)
         return path
+
+    def _check_links(self, folder: Path) -> None:
+        """Refuse an adapter file that is a link resolving outside the adapter root: whoever may
+        write one adapter folder must not make the server read (and serve) any file it can read."""
+        for f in (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
+            p = folder / f
+            if p.is_symlink() and not p.resolve().is_relative_to(self.root):
+                error = AdapterFileError(p, "is a link to a file outside the adapter root; refused")
+                raise AdapterLoadError(folder.name, error)
 
     def names(self) -> list[str]:
         """The folder names under the root, sorted (none without a root); reads only the disk."""
         if self.root is None:
             return []
         return sorted({p.name for p in self.root.iterdir() if p.is_dir()} | set(self.aliases))
+
+    def listable(self, name: str) -> bool:
+        """Whether ``/v1/models`` lists folder ``name``: a valid name, a config that is a JSON
+        object, a weights file inside the root, and no failed load since the folder last
+        changed. (Cheap checks only: the weights are read when the adapter is first used.)"""
+        try:
+            folder = self.folder(name)
+            config = read_config(folder)
+        except (ParadaptError, OSError):
+            return False
+        weights = PEFT_WEIGHTS_FILE if "peft_type" in config else WEIGHTS_FILE
+        if not (folder / weights).is_file():
+            return False
+        return name not in self.failed or self.failed[name] != self.fingerprint(name)
+
+    def fingerprint(self, name: str) -> tuple:
+        """What changes when the folder's files are rewritten (a save replaces the whole folder)."""
+        folder = self.root / name
+        out = []
+        for f in (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
+            try:
+                st = (folder / f).stat()
+            except OSError:
+                continue
+            out.append((f, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def changed(self, name: str) -> bool:
+        """Whether the folder of ``name`` was rewritten since it was last read (False if never read)."""
+        return name in self.stamps and self.stamps[name] != self.fingerprint(name)
+
+    def mark_failed(self, name: str) -> None:
+        """Remember that the folder of ``name`` failed to load as it is now (``listable``)."""
+        if self.root is not None and (self.root / name).is_dir():
+            self.failed[name] = self.fingerprint(name)
 
     def size(self, name: str) -> int:
         """Bytes of the adapter's weights file (0 if missing: loading will say why)."""
@@ -197,6 +246,8 @@ class AdapterStore:
         folder = self.folder(name)
         if not (folder / CONFIG_FILE).is_file():
             raise AdapterFileError(folder / CONFIG_FILE, "missing")
+        self.stamps[name] = self.fingerprint(name)
+        self.failed.pop(name, None)
         return folder
 
     def _check(self, parsed) -> _HostCopy:
@@ -328,7 +379,22 @@ class _EngineCore(ServeCore):
 
     def load_adapter(self, name: str) -> None:
         """Register ``name`` and read it into host memory now, so a broken folder fails here
-        (:class:`AdapterLoadError`) and not in a later request (POST /v1/adapters)."""
+        (:class:`AdapterLoadError`) and not in a later request (POST /v1/adapters).
+
+        A known adapter whose folder was rewritten since it was read is reloaded: forgotten on
+        every tier, then read again. Refused (:class:`AdapterPinnedError`, 409) while requests
+        use it: they keep the weights they started with.
+        """
+        if name in self.cache and self.store.changed(name):
+            users = self.adapter_users(name)
+            if users:
+                raise AdapterPinnedError(
+                    f"adapter {name!r} changed on disk but {users} running or queued request(s) use it; "
+                    "load it again when they have finished (or save the new version under another name)"
+                )
+            self.cache.remove_adapter(name)
+            self.store.forget(name)
+            self.store.stamps.pop(name, None)
         self.register_adapter(name)
         moves = self.cache.prefetch([name])
         if name not in self.cache.on_host and not moves:
@@ -407,6 +473,7 @@ class _EngineCore(ServeCore):
 
     def _drop_adapter(self, adapter: str) -> None:
         self.store.forget(adapter)
+        self.store.mark_failed(adapter)
         st = get_state(self.model)
         if st is not None and adapter in st.adapters:
             remove_adapter(self.model, adapter)
@@ -494,7 +561,8 @@ class Engine(_EngineCore):
         self.runner.free(request_id)
 
     def step(self) -> list[RequestHandle]:
-        """One scheduler step: schedule, load adapters, one packed forward, sample; returns finished handles."""
+        """One scheduler step: schedule, load adapters, one packed forward, sample; returns the
+        handles that ended in it (finished or failed)."""
         step, now = self._schedule()
         for rid in step.admitted:
             h = self.handles[rid]
@@ -511,13 +579,13 @@ class Engine(_EngineCore):
         """The model's part of a step: forward, sample, record; returns finished handles."""
         if step.empty:
             return []
+        marks, failed = self._marks(step), []
         try:
             new = self.runner.execute(step)
-        except Exception as e:  # the step's requests fail; the engine keeps serving the rest
-            log.exception("step failed; failing its %d requests", len(step.prefills) + len(step.decodes))
-            return self.fail_requests([*(c.request_id for c in step.prefills), *step.decodes], e)
+        except Exception as e:  # find the request at fault; the others run on (see _isolate)
+            new, failed = self._isolate(step, marks, e)
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
-        done, end = [], self.clock()
+        done, end = failed, self.clock()
         for r in self.scheduler.complete(step, now, stopped):
             self.runner.free(r.id)
             h = self.handles[r.id]
@@ -525,6 +593,53 @@ class Engine(_EngineCore):
             h.finish_reason = h.finish_reason or "length"
             done.append(h)
         return done
+
+    def _marks(self, step: ScheduledStep) -> dict[str, tuple[int, torch.Tensor | None]]:
+        """Where each request of ``step`` stands before it runs: its KV position and its random
+        stream's state, so that a failed step can be run again from there (:meth:`_isolate`)."""
+        out = {}
+        for rid in _step_ids(step):
+            seq = self.runner.get(rid)
+            if seq is not None and seq.kv is not None:
+                g = seq.generator
+                out[rid] = (seq.kv.position_offset, None if g is None else g.get_state())
+        return out
+
+    def _rewind(self, rid: str, mark: tuple[int, torch.Tensor | None] | None) -> None:
+        seq = self.runner.get(rid)
+        if seq is None or mark is None:
+            return
+        seq.kv.position_offset = mark[0]
+        if mark[1] is not None:
+            seq.generator.set_state(mark[1])
+
+    def _isolate(
+        self, step: ScheduledStep, marks: dict, error: Exception
+    ) -> tuple[dict[str, int], list[RequestHandle]]:
+        """A step raised: run each of its requests alone from where it stood, fail only those
+        that raise again (each with its own error), and return the others' tokens.
+
+        One request's data (a prompt, an adapter, sampling parameters) must fail only that
+        request. Running alone gives the same tokens as in the packed step (a row's values never
+        depend on its batch-mates), and rewinding the KV position and the random stream makes
+        the rerun the step that failed. KV pages written by the failed attempt are overwritten
+        with the same values. Returns the tokens of the requests that ran, and the failed handles.
+        """
+        ids = _step_ids(step)
+        log.warning("step of %d requests failed (%s); running them one by one", len(ids), error)
+        new: dict[str, int] = {}
+        failed: dict[str, Exception] = {}
+        for rid in ids:
+            self._rewind(rid, marks.get(rid))
+            try:
+                if len(ids) == 1:
+                    raise error
+                new.update(self.runner.execute(_only(step, rid)))
+            except Exception as e:
+                log.error("request %s failed in a step: %s", rid, e, exc_info=e)
+                failed[rid] = e
+        handles = [h for rid, e in failed.items() for h in self.fail_requests([rid], e)]
+        return new, handles
 
     def _emit(self, h: RequestHandle, token: int) -> bool:
         """Record a sampled token; True if it ends the request (EOS or a stop string)."""
@@ -677,6 +792,17 @@ class EncoderEngine(_EngineCore):
             if h.task == "embed":
                 out[i] = {"embedding": emb[i].tolist()}
         return out
+
+
+def _step_ids(step: ScheduledStep) -> list[str]:
+    return [*(c.request_id for c in step.prefills), *step.decodes]
+
+
+def _only(step: ScheduledStep, rid: str) -> ScheduledStep:
+    """The part of ``step`` that is request ``rid``'s (its chunk or its decode)."""
+    prefills = tuple(c for c in step.prefills if c.request_id == rid)
+    decodes = tuple(r for r in step.decodes if r == rid)
+    return ScheduledStep(prefills, decodes, step.adapters, ())
 
 
 def check_token_ids(model: nn.Module, ids: list[int], field: str) -> None:

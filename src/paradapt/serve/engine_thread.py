@@ -201,12 +201,19 @@ class EngineLoop:
                 self.engine.cancel(rid)
         self._notify_done()
 
-    def shutdown(self, drain: bool = False, timeout: float = 30.0) -> None:
-        """Stop the thread; with ``drain`` first let running requests finish (up to ``timeout`` s)."""
+    def drain(self, timeout: float) -> None:
+        """Let running and queued requests finish for up to ``timeout`` s, then cancel the rest:
+        their handlers answer at once (503 in OpenAI's shape; streams ``finish_reason: "abort"``
+        and ``[DONE]``), while the HTTP server still waits for them (SIGTERM: ``paradapt serve``
+        calls this as the signal arrives, not after uvicorn has given up on the connections)."""
         end = time.monotonic() + timeout
-        while drain and time.monotonic() < end and self.call(self.engine.has_work):
+        while time.monotonic() < end and self.call(self.engine.has_work):
             time.sleep(0.01)
         self.call(self._cancel_all)
+
+    def shutdown(self, drain: bool = False, timeout: float = 30.0) -> None:
+        """Stop the thread; with ``drain`` first let running requests finish (up to ``timeout`` s)."""
+        self.drain(timeout if drain else 0.0)
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)

@@ -28,6 +28,25 @@ from ..errors import ParadaptError
 __all__ = ["KVState", "PagedKV"]
 
 
+def _finite_writes(update):
+    """The cache's ``update`` with non-finite keys and values written as 0.
+
+    One packed row holds every request's tokens, and attention reads the whole row under a
+    mask: a masked-out NaN still poisons the sum (``0 * nan`` is nan) and an infinite key
+    turns a masked score into nan. So one request whose hidden states went non-finite (a
+    broken adapter, an overflow) would corrupt every other request of the step. Finite values
+    pass through unchanged (other rows stay bit-identical); the broken row's own output is
+    garbage either way.
+    """
+
+    def finite_update(key_states, value_states, *args, **kwargs):
+        key_states = torch.nan_to_num(key_states, nan=0.0, posinf=0.0, neginf=0.0)
+        value_states = torch.nan_to_num(value_states, nan=0.0, posinf=0.0, neginf=0.0)
+        return update(key_states, value_states, *args, **kwargs)
+
+    return finite_update
+
+
 class PagedKV:
     """Paged KV pages for every running request, and the packed inputs of one step.
 
@@ -53,6 +72,7 @@ class PagedKV:
             generation_config=gc, continuous_batching_config=cb
         )._create_batch_processor()
         self.cache, self.io, self._lp = bp.cache, bp.inputs_and_outputs, bp.logit_processor
+        self.cache.update = _finite_writes(self.cache.update)
         self.max_batch_tokens: int = bp.max_batch_tokens
         self.kv_block: int = self.cache.tokens_per_sector  # allocation unit: the scheduler reserves in these
         self.kv_tokens: int = self.cache.pool.num_free_sectors * self.kv_block  # all pages, free at start

@@ -1,9 +1,17 @@
-"""The server's metrics: token counts, a tokens/s gauge, TTFT/TPOT histograms, and their
-Prometheus text (``GET /metrics``), in plain Python (no client library).
+"""The server's metrics (``GET /metrics``, Prometheus text) with ``prometheus-client``.
 
 The engine thread (:class:`~paradapt.serve.engine_thread.EngineLoop`) feeds a
-:class:`ServerMetrics` as requests run; :func:`prometheus_text` reads it and the engine's public
-counters between two steps.
+:class:`ServerMetrics` as requests run (tokens out, TTFT/TPOT histograms); everything else is
+read from the engine when scraped (:class:`EngineCollector`), so :func:`prometheus_text` runs
+on the engine thread, between two steps. Each app has its own registry (several servers in
+one process, as the tests run them, never share counts).
+
+Adapter residency is exported the way vLLM does, so LoRA-affinity routers built for vLLM
+(llm-d, the Gateway API Inference Extension) can read it: ``paradapt:lora_requests_info``
+carries vLLM's ``vllm:lora_requests_info`` labels (``running_lora_adapters``,
+``waiting_lora_adapters``: comma-separated names; ``max_lora``: device slots) with the scrape
+time as its value, and ``paradapt_adapters{tier=disk|host|device}`` counts the adapters each
+cache tier holds. docs/serving.md lists every name.
 """
 
 from __future__ import annotations
@@ -12,34 +20,11 @@ import collections
 import time
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 if TYPE_CHECKING:
     from .engine import EncoderEngine, Engine, RequestHandle
-
-
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count) in plain Python."""
-
-    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help_, buckets
-        self.counts = [0] * len(buckets)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, v: float) -> None:
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-        self.sum += v
-        self.count += 1
-
-    def text(self) -> str:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [
-            f'{self.name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)
-        ]
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum}"]
-        lines.append(f"{self.name}_count {self.count}")
-        return "\n".join(lines) + "\n"
-
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RATE_WINDOW = 10.0  # seconds over which the tokens/s gauge averages
@@ -72,13 +57,23 @@ class TokenRate:
 
 
 class ServerMetrics:
-    """What the engine thread counts as requests run: tokens out, their rate, TTFT and TPOT."""
+    """What the engine thread counts as requests run: tokens out, their rate, TTFT and TPOT, in
+    a registry of their own (:attr:`registry`)."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.engine_registered = False  # the engine's collector joins on the first scrape
         self.tokens_out = 0
         self.token_rate = TokenRate()
-        self.ttft = Histogram("paradapt_time_to_first_token_seconds", "queued to first token", BUCKETS)
-        self.tpot = Histogram("paradapt_time_per_output_token_seconds", "mean gap between tokens", BUCKETS)
+        self.ttft = Histogram(
+            "paradapt_time_to_first_token_seconds", "queued to first token", buckets=BUCKETS, registry=self.registry
+        )
+        self.tpot = Histogram(
+            "paradapt_time_per_output_token_seconds",
+            "mean gap between tokens",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
 
     def count_token(self) -> None:
         self.tokens_out += 1
@@ -96,26 +91,69 @@ class ServerMetrics:
             self.tpot.observe((h.finished_at - h.first_token_at) / (len(h.tokens) - 1))
 
 
+class EngineCollector:
+    """The engine's state as metrics, read when scraped (on the engine thread)."""
+
+    def __init__(self, engine: Engine | EncoderEngine, m: ServerMetrics):
+        self.engine, self.m = engine, m
+
+    def collect(self):
+        e, m = self.engine, self.m
+        s = e.cache.stats
+        yield _gauge("paradapt_queue_length", "requests waiting to be admitted", e.num_waiting)
+        yield _gauge("paradapt_running_requests", "requests admitted and not finished", e.num_running)
+        yield _gauge("paradapt_resident_adapters", "adapters on the device", len(e.cache.on_device))
+        yield _gauge("paradapt_served_adapters", "adapters in host memory", len(e.served_adapters()))
+        yield _counter("paradapt_adapter_device_loads", "adapter loads onto the device", s.device_loads)
+        yield _counter(
+            "paradapt_adapter_host_loads", "adapter reads into host memory", s.host_loads + s.prefetch_loads
+        )
+        yield _counter(
+            "paradapt_adapter_evictions", "adapters evicted from device or host", s.device_evictions + s.host_evictions
+        )
+        yield _counter("paradapt_generated_tokens", "tokens generated", m.tokens_out)
+        yield _gauge(
+            "paradapt_generation_tokens_per_second",
+            f"tokens generated per second over the last {RATE_WINDOW:.0f} s",
+            round(m.token_rate.rate(m.tokens_out), 3),
+        )
+        for op, sec in sorted(e.store.seconds.items()):
+            yield _counter(f"paradapt_adapter_{op}_seconds", f"wall seconds spent in {op} moves", round(sec, 6))
+        tiers = GaugeMetricFamily("paradapt_adapters", "adapters each cache tier holds", labels=["tier"])
+        tiers.add_metric(["disk"], len(e.store.names()))
+        tiers.add_metric(["host"], len(e.cache.on_host))
+        tiers.add_metric(["device"], len(e.cache.on_device))
+        yield tiers
+        yield lora_requests_info(e)
+
+
+def lora_requests_info(engine: Engine | EncoderEngine) -> GaugeMetricFamily:
+    """vLLM's ``vllm:lora_requests_info`` under paradapt's prefix: the adapters of running and
+    of waiting requests (comma-separated, sorted) and the device slots, valued at the time."""
+    running, waiting = engine.adapters_in_flight()
+    info = GaugeMetricFamily(
+        "paradapt:lora_requests_info",
+        "Running stats on LoRA requests (vllm:lora_requests_info's labels).",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    info.add_metric([str(engine.config.max_slots), ",".join(running), ",".join(waiting)], time.time())
+    return info
+
+
+def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_, value=value)
+
+
+def _counter(name: str, help_: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help_, value=value)
+
+
 def prometheus_text(engine: Engine | EncoderEngine, m: ServerMetrics) -> str:
-    """Prometheus text: queue, running, adapters resident/served, loads, tokens out.
+    """Prometheus text of ``m``'s registry plus the engine's state.
 
     Run it on the engine thread (``EngineLoop.call``), so it reads the engine between steps.
     """
-    s = engine.cache.stats
-    rows = [
-        ("paradapt_queue_length", "gauge", engine.num_waiting),
-        ("paradapt_running_requests", "gauge", engine.num_running),
-        ("paradapt_resident_adapters", "gauge", len(engine.cache.on_device)),
-        ("paradapt_served_adapters", "gauge", len(engine.served_adapters())),
-        ("paradapt_adapter_device_loads_total", "counter", s.device_loads),
-        ("paradapt_adapter_host_loads_total", "counter", s.host_loads + s.prefetch_loads),
-        ("paradapt_adapter_evictions_total", "counter", s.device_evictions + s.host_evictions),
-        ("paradapt_generated_tokens_total", "counter", m.tokens_out),
-        ("paradapt_generation_tokens_per_second", "gauge", round(m.token_rate.rate(m.tokens_out), 3)),
-        *(
-            (f"paradapt_adapter_{op}_seconds_total", "counter", round(sec, 6))
-            for op, sec in sorted(engine.store.seconds.items())
-        ),
-    ]
-    hist = m.ttft.text() + m.tpot.text()
-    return "".join(f"# TYPE {n} {t}\n{n} {v}\n" for n, t, v in rows) + hist
+    if not m.engine_registered:
+        m.registry.register(EngineCollector(engine, m))
+        m.engine_registered = True
+    return generate_latest(m.registry).decode()

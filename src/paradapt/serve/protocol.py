@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterPinnedError
 from .core import AdapterAccessError, AdapterLoadError
+from .limits import bounded_stop
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, RequestTooLargeError
 
@@ -45,8 +46,8 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)  # torch's seed range; larger ones failed the whole step
+    stop: Annotated[str | list[str] | None, AfterValidator(bounded_stop)] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever EOS says

@@ -20,6 +20,8 @@ from ..checks import is_int
 from ..errors import ConfigError
 
 MAX_LOGPROBS = 20  # OpenAI's bound on top log-probabilities per token
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature under it samples as argmax
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class SamplingParams:
         _integer("max_new_tokens", self.max_new_tokens, 1)
         if self.seed is not None:
             _integer("seed", self.seed, 0)
+            if self.seed >= SEED_LIMIT:
+                raise ConfigError("seed", f"must be below 2**64, got {self.seed}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         stop = tuple(self.stop)
@@ -77,7 +81,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below ``GREEDY_BELOW`` are greedy: dividing logits by them overflows."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def plain(self) -> bool:
@@ -129,7 +134,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-        drop = before >= top_p  # keeps the smallest prefix whose mass reaches top_p (>= 1 token)
+        drop = before >= top_p  # keeps the smallest prefix whose mass reaches top_p
+        drop[0] = False  # and at least the most likely token (a top_p under float32's range drops all)
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
