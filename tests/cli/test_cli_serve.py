@@ -244,7 +244,7 @@ def test_chat_template_flag_serves_chat_and_without_a_template_chat_is_400(llama
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for flags, status in (([], 400), (["--chat-template", str(template)], 200)):
         app, _ = serve_cli.build_server_app(cli.build_parser().parse_args([*base, *flags]))
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://localhost") as client:  # bound to loopback: Host is checked
             r = client.post("/v1/chat/completions", json=body)
             assert r.status_code == status, r.text
             if status == 400:
@@ -275,6 +275,7 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     body = {"model": "stories260k-hf", "prompt": "Once", "max_tokens": 480, "ignore_eos": True}
+    chat = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "Hi"}]}
     whole: list[httpx.Response] = []
     try:
         _wait_healthy(proc, url)
@@ -287,8 +288,7 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
         streams = []
         with (
             httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as a,
-            httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True, "messages": [
-                {"role": "user", "content": "Hi"}]}, timeout=60) as b,
+            httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60) as b,
         ):
             lines = [a.iter_lines(), b.iter_lines()]
             firsts = [next(x for x in it if x.startswith("data: ")) for it in lines]

@@ -40,7 +40,7 @@ def test_chat_on_smollm2_by_name_uses_its_template_and_equals_transformers(smoll
     )
     assert (info["name"], info["kind"], info["adapters"]) == (SMOLLM2, "decoder", len(ZERO_INIT))
     want = smollm2_reference["text"]
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # bound to loopback: Host is checked
         served = {m["id"] for m in client.get("/v1/models").json()["data"]}
         assert served == {SMOLLM2, *ZERO_INIT}
         for model in (SMOLLM2, *ZERO_INIT):

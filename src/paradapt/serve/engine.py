@@ -82,6 +82,8 @@ class AdapterStore:
         self._reader: ThreadPoolExecutor | None = None
         self.seconds: dict[str, float] = {}  # per move op: total wall time spent (metrics)
         self.aliases: dict[str, str] = {}  # served name -> folder name under the root (vLLM's lora_name)
+        self.stamps: dict[str, tuple] = {}  # the folder's fingerprint when it was last read
+        self.failed: dict[str, tuple] = {}  # folders that failed to load, at that fingerprint
 
     def alias(self, name: str, path: str | Path) -> None:
         """Serve the folder ``path`` (inside the root: relative to it, or absolute) as ``name``
@@ -112,8 +114,6 @@ class AdapterStore:
             raise ConfigError("adapter", f"{name!r} is already loaded from another folder; unload it first")
         if name != target.name:
             self.aliases[name] = target.name
-        self.stamps: dict[str, tuple] = {}  # the folder's fingerprint when it was last read
-        self.failed: dict[str, tuple] = {}  # folders that failed to load, at that fingerprint
 
     def folder(self, name: str) -> Path:
         """The folder of adapter ``name``; names that are not plain folder names under the root are refused."""
