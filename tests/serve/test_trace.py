@@ -52,7 +52,18 @@ def test_cli_workload_then_twin_prints_the_same_metrics(tmp_path, capsys):
     outs = []
     for src in (spec, trace):
         j = tmp_path / f"{src.suffix[1:]}.json"
-        argv = ["twin", str(src), "--max-served", "3", "--max-slots", "2", "--cost", str(cost), "--json", str(j)]
+        argv = [
+            "twin",
+            str(src),
+            "--max-served",
+            "3",
+            "--max-slots",
+            "2",
+            "--cost",
+            str(cost),
+            "--json",
+            str(j),
+        ]
         assert cli.main(argv) == 0
         d = json.loads(j.read_text())
         d.pop("sim_seconds")
@@ -62,7 +73,9 @@ def test_cli_workload_then_twin_prints_the_same_metrics(tmp_path, capsys):
 
 
 def test_trace_features_are_close_to_the_specs():
-    spec = SPEC.__class__(**{**SPEC.to_dict(), "duration": 200.0, "input_len": (2, 30), "output_len": (2, 12)})
+    spec = SPEC.__class__(
+        **{**SPEC.to_dict(), "duration": 200.0, "input_len": (2, 30), "output_len": (2, 12)}
+    )
     measured = trace_features(read_back(spec))
     exact = workload_features(spec)
     for name in ("rate_total", "input_mean", "output_mean", "cv", "rank_mean", "num_adapters"):

@@ -86,6 +86,7 @@ def add_parsers(sub) -> None:
     )
     add_engine_flags(t)
     t.add_argument("--drain", type=float, default=0.0, metavar="S", help="keep running S s after the window")
+    add_slo_flags(t)
     t.add_argument("--json", metavar="FILE", help="also save the metrics as JSON")
     t.set_defaults(func=run_twin)
 
@@ -147,6 +148,8 @@ def run_twin(args: argparse.Namespace) -> int:
         max_served=args.max_served,
         max_slots=args.max_slots,
         drain=args.drain,
+        slo_ttft=args.slo_ttft,
+        slo_tpot=args.slo_tpot,
         **knobs_from_args(args),
     )
     print(f"twin: {describe_workload(args.workload, workload)}; --max-served {args.max_served} --max-slots {args.max_slots}")
@@ -155,6 +158,12 @@ def run_twin(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"saved {args.json}")
     return 0
+
+
+def add_slo_flags(p: argparse.ArgumentParser) -> None:
+    """``--slo-ttft``/``--slo-tpot``: the latency targets goodput counts against (twin and bench)."""
+    p.add_argument("--slo-ttft", type=float, metavar="S", help="goodput counts requests with TTFT <= S seconds")
+    p.add_argument("--slo-tpot", type=float, metavar="S", help="goodput counts requests with TPOT <= S seconds")
 
 
 def add_workload_flags(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,8 @@ line-buffered file opened for appending, so a line is whole or absent and concur
 never see half a line.
 
 Times: ``t`` counts from the ``start`` (Unix time) in the file's header line, written when the
-file is new; a server appending to an existing log continues its time axis.
+file is new; a server appending to an existing log continues its time axis. Lines come in the
+order requests finish; a reader sorts them by ``t`` (silently: the header says it is a log).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .trace import HEADER_KEY
+from .trace import HEADER_KEY, REQUEST_LOG_SOURCE
 
 if TYPE_CHECKING:
     from .engine import RequestHandle
@@ -42,7 +43,9 @@ class RequestLog:
     are on it); ``base`` is the base model's served name, written for base-model requests.
     """
 
-    def __init__(self, path: str | Path, *, base: str | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, path: str | Path, *, base: str | None = None, clock: Callable[[], float] = time.monotonic
+    ):
         self.path = Path(path)
         self.base = base
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -52,7 +55,10 @@ class RequestLog:
         if start is None:
             start = time.time()
             if self.path.stat().st_size == 0:
-                self._file.write(json.dumps({HEADER_KEY: {"start": start, "base": base, "source": "paradapt serve"}}) + "\n")
+                self._file.write(
+                    json.dumps({HEADER_KEY: {"start": start, "base": base, "source": REQUEST_LOG_SOURCE}})
+                    + "\n"
+                )
         self.origin = clock() - (time.time() - start)  # t = 0 on the engine's clock
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="paradapt-request-log", daemon=True)
@@ -63,7 +69,15 @@ class RequestLog:
         if h.task != "generate" or h.arrival is None or not h.tokens or not h.prompt:
             return
         self._q.put(
-            (h.arrival, h.adapter, len(h.prompt), len(h.tokens), h.first_token_at, h.finished_at, h.finish_reason)
+            (
+                h.arrival,
+                h.adapter,
+                len(h.prompt),
+                len(h.tokens),
+                h.first_token_at,
+                h.finished_at,
+                h.finish_reason,
+            )
         )
 
     def line(self, item: tuple) -> dict[str, Any]:

@@ -37,6 +37,8 @@ from .workload import KNOWN_KINDS, AdapterSpec, Workload, WorkloadRequest, Workl
 #: Fields of a request line: name -> what it must be.
 REQUIRED = ("t", "adapter", "input_len", "output_len")
 HEADER_KEY = "trace"
+#: The header ``source`` of a server's request log: its lines come in finish order, sorted silently.
+REQUEST_LOG_SOURCE = "paradapt serve"
 DEFAULT_KIND, DEFAULT_RANK = "lora", 8
 SUFFIXES = (".jsonl", ".ndjson")
 
@@ -150,7 +152,9 @@ def read_trace(
         raise ConfigError("trace", f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise ConfigError("trace", f"{path}: not UTF-8 text") from None
-    return parse_trace(text.splitlines(), str(path), adapters=adapters, context=context, window=window, base=base)
+    return parse_trace(
+        text.splitlines(), str(path), adapters=adapters, context=context, window=window, base=base
+    )
 
 
 def parse_trace(
@@ -183,17 +187,23 @@ def parse_trace(
     base = base if base is not None else head.get("base")
     reqs = [_check_line(obj, f"{source}:{n}", base) for n, obj in rows]
     if any(b.arrival < a.arrival for a, b in zip(reqs, reqs[1:], strict=False)):
-        warnings.warn(f"{source}: arrival times are not sorted; sorted them", stacklevel=2)
+        if head.get("source") != REQUEST_LOG_SOURCE:
+            warnings.warn(f"{source}: arrival times are not sorted; sorted them", stacklevel=2)
         reqs.sort(key=lambda r: r.arrival)
     if not reqs:
         raise ConfigError("trace", f"{source}: no requests")
-    reqs = [WorkloadRequest(i, r.adapter, r.arrival, r.prompt_len, r.output_len, r.prompt) for i, r in enumerate(reqs)]
+    reqs = [
+        WorkloadRequest(i, r.adapter, r.arrival, r.prompt_len, r.output_len, r.prompt)
+        for i, r in enumerate(reqs)
+    ]
     kinds = head.get("adapters", {})
     names = list(kinds) + sorted({r.adapter for r in reqs if r.adapter is not None} - set(kinds))
     specs = tuple(AdapterSpec(a, *kinds.get(a, (DEFAULT_KIND, DEFAULT_RANK))) for a in names)
     duration = window if window is not None else head.get("window", reqs[-1].arrival if reqs else 0.0)
     if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
-        raise ConfigError("window", f"{source}: the window must be positive (give --window S), got {duration!r}")
+        raise ConfigError(
+            "window", f"{source}: the window must be positive (give --window S), got {duration!r}"
+        )
     workload = Workload(None, specs, tuple(reqs), float(duration))
     check_requests(workload, source, adapters=adapters, context=context, lines=[n for n, _ in rows])
     return workload
@@ -226,12 +236,16 @@ def _check_header(head: Any, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     unknown = sorted(set(head) - {"window", "base", "adapters", "start", "source"})
     if unknown:
-        raise ConfigError(unknown[0], f"{where}: unknown header field; known: window, base, adapters, start, source")
+        raise ConfigError(
+            unknown[0], f"{where}: unknown header field; known: window, base, adapters, start, source"
+        )
     if "window" in head:
         w = head["window"]
         if not _is_number(w) or not math.isfinite(w) or w <= 0:
             raise ConfigError("window", f"{where}: must be a positive number of seconds, got {w!r}")
         out["window"] = float(w)
+    if isinstance(head.get("source"), str):
+        out["source"] = head["source"]
     if head.get("base") is not None:
         if not isinstance(head["base"], str):
             raise ConfigError("base", f"{where}: must be a string, got {head['base']!r}")
@@ -242,12 +256,18 @@ def _check_header(head: Any, where: str) -> dict[str, Any]:
         kinds = {}
         for name, a in head["adapters"].items():
             if not isinstance(a, dict):
-                raise ConfigError("adapters", f"{where}: adapter {name!r} must be an object with kind and rank")
+                raise ConfigError(
+                    "adapters", f"{where}: adapter {name!r} must be an object with kind and rank"
+                )
             kind, rank = a.get("kind", DEFAULT_KIND), a.get("rank", DEFAULT_RANK)
             if kind not in KNOWN_KINDS:
-                raise ConfigError("kind", f"{where}: adapter {name!r}: unknown kind {kind!r}; known: {list(KNOWN_KINDS)}")
+                raise ConfigError(
+                    "kind", f"{where}: adapter {name!r}: unknown kind {kind!r}; known: {list(KNOWN_KINDS)}"
+                )
             if not is_int(rank) or rank < 1:
-                raise ConfigError("rank", f"{where}: adapter {name!r}: rank must be an integer >= 1, got {rank!r}")
+                raise ConfigError(
+                    "rank", f"{where}: adapter {name!r}: rank must be an integer >= 1, got {rank!r}"
+                )
             kinds[name] = (kind, rank)
         out["adapters"] = kinds
     return out
@@ -263,7 +283,9 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
         raise ConfigError("t", f"{where}: 't' must be a finite number of seconds >= 0, got {t!r}")
     adapter = obj["adapter"]
     if adapter is not None and (not isinstance(adapter, str) or not adapter):
-        raise ConfigError("adapter", f"{where}: 'adapter' must be a name (or null for the base), got {adapter!r}")
+        raise ConfigError(
+            "adapter", f"{where}: 'adapter' must be a name (or null for the base), got {adapter!r}"
+        )
     for name in ("input_len", "output_len"):
         if not is_int(obj[name]) or obj[name] < 1:
             raise ConfigError(name, f"{where}: {name!r} must be an integer >= 1, got {obj[name]!r}")
@@ -273,7 +295,8 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
             raise ConfigError("prompt", f"{where}: 'prompt' must be a list of token ids (integers >= 0)")
         if len(prompt) != obj["input_len"]:
             raise ConfigError(
-                "prompt", f"{where}: 'prompt' has {len(prompt)} token ids but 'input_len' is {obj['input_len']}"
+                "prompt",
+                f"{where}: 'prompt' has {len(prompt)} token ids but 'input_len' is {obj['input_len']}",
             )
         prompt = tuple(prompt)
     name = None if adapter == base else adapter
