@@ -18,7 +18,7 @@ when it differs from the chunks (a chunk may carry several tokens). TTFT and TPO
 the moment the request was sent. A request the server refuses (an HTTP status) or fails
 (an error chunk, a cut stream) is counted by status in ``extra["failed"]``, never as served.
 
-httpx is an optional dependency (the ``serve`` and ``test`` extras); :func:`bench` says so when
+httpx is an optional dependency (the ``bench`` extra; ``showcase`` and ``test`` bring it too); :func:`bench` says so when
 it is missing. The library layering allows it: httpx is a client, not a web framework.
 """
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ParadaptError
+from .serve.trace import check_requests
 from .serve.workload import Workload, WorkloadRequest
 from .twin.metrics import TwinResult, summarize
 from .twin.replay import ReplayLog, StepEvent
@@ -76,19 +77,25 @@ def _httpx():
     try:
         import httpx
     except ImportError:
-        raise BenchError("paradapt bench needs httpx: pip install 'paradapt[serve]'") from None
+        raise BenchError("paradapt bench needs httpx: pip install 'paradapt[bench]'") from None
     return httpx
 
 
-def bench(workload: Workload, config: BenchConfig) -> TwinResult:
+def bench(workload: Workload, config: BenchConfig, source: str = "workload") -> TwinResult:
     """Replay ``workload`` against ``config.url``; the metrics as the twin computes them.
+
+    Before anything is sent, ``GET /v1/models`` checks the server answers, names the base model
+    (unless ``config.base_name``) and, where it says its ``max_model_len`` (paradapt, vLLM),
+    every request must fit it (an error naming ``source`` and the request).
 
     ``extra`` holds what only a real run has: ``sent``, ``served`` and ``failed`` (status ->
     count) requests, ``input_tokens``/``output_tokens`` of the served ones, ``duration`` (the
     run's seconds) and ``mode``.
     """
     httpx = _httpx()
-    base = config.base_name or served_name(httpx, config)
+    name, max_len = server_model(httpx, config)
+    check_requests(workload, source, context=max_len)
+    base = config.base_name or name
     t_wall = time.perf_counter()
     outcomes = asyncio.run(_run(httpx, workload, config, base))
     return _result(workload, config, outcomes, time.perf_counter() - t_wall)
@@ -98,8 +105,8 @@ def _headers(config: BenchConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
 
-def served_name(httpx, config: BenchConfig) -> str:
-    """The base model's name (the first model ``GET /v1/models`` lists); checks the server answers."""
+def server_model(httpx, config: BenchConfig) -> tuple[str | None, int | None]:
+    """The base model's name and context length (the first model ``GET /v1/models`` lists)."""
     url = config.url.rstrip("/") + "/v1/models"
     try:
         r = httpx.get(url, headers=_headers(config), timeout=httpx.Timeout(CONNECT_TIMEOUT))
@@ -108,9 +115,14 @@ def served_name(httpx, config: BenchConfig) -> str:
     if r.status_code != 200:
         raise BenchError(f"{url} answered {r.status_code}: {r.text[:200]}")
     try:
-        return r.json()["data"][0]["id"]
+        card = r.json()["data"][0]
+        name = card["id"]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise BenchError(f"{url} did not list a model (give --base-name)") from None
+        if config.base_name is None:
+            raise BenchError(f"{url} did not list a model (give --base-name)") from None
+        return None, None
+    max_len = card.get("max_model_len")
+    return name, max_len if isinstance(max_len, int) and not isinstance(max_len, bool) and max_len > 0 else None
 
 
 def _prompt(req: WorkloadRequest, config: BenchConfig) -> list[int]:

@@ -111,3 +111,13 @@ def test_a_bad_trace_fails_before_anything_is_sent(tmp_path, capsys):
     trace = _trace(tmp_path / "bad.jsonl", [ROWS[0], {**ROWS[1], "t": -1}])
     assert cli.main(["bench", str(trace), "--url", "http://127.0.0.1:9", "--no-progress"]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_requests_longer_than_the_servers_context_fail_before_anything_is_sent(setup, tmp_path, capsys):
+    trace = _trace(tmp_path / "long.jsonl", [ROWS[0], {**ROWS[1], "input_len": 100, "output_len": 100}])
+    app = _server(setup)
+    with live_server(app) as port:
+        argv = ["bench", str(trace), "--url", f"http://127.0.0.1:{port}", "--vocab-size", "20", "--no-progress"]
+        assert cli.main(argv) == 2
+        assert app.state.loop.metrics.tokens_out == 0  # nothing was sent
+    assert "long.jsonl: request 1: input_len + output_len = 200 exceeds" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"bench: {describe_workload(args.workload, workload)} -> {args.url}", flush=True)
-    result = bench(workload, config)
+    result = bench(workload, config, source=args.workload)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
