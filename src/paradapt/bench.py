@@ -216,8 +216,11 @@ async def _send(httpx, client, req, config: BenchConfig, base: str, out: Outcome
     except asyncio.CancelledError:
         out.status = "unfinished"
         raise
-    except (httpx.HTTPError, json.JSONDecodeError, ValueError):
+    except httpx.HTTPError:
         out.status = "transport_error"
+        return
+    except (ValueError, TypeError, AttributeError, KeyError):  # a malformed chunk (JSONDecodeError is a ValueError)
+        out.status = "bad_response"
         return
     out.tokens = usage if isinstance(usage, int) else len(out.chunks)
     if not out.chunks or out.tokens == 0:

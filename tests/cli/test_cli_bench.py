@@ -87,7 +87,7 @@ def test_bench_counts_exactly_what_it_sent_and_the_request_log_replays(setup, tm
 
 
 def test_refused_requests_are_counted_by_status_never_served(setup, tmp_path, capsys):
-    rows = [*ROWS[:3], {"t": 0.1, "adapter": "nope", "input_len": 3, "output_len": 2}]
+    rows = [{**r, "t": 0.0} for r in ROWS[:3]] + [{"t": 0.0, "adapter": "nope", "input_len": 3, "output_len": 2}]
     trace = _trace(tmp_path / "t.jsonl", rows)
     out = tmp_path / "bench.json"
     with live_server(_server(setup)) as port:

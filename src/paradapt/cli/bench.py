@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.drain is not None and not (math.isfinite(args.drain) and args.drain >= 0):
         raise ConfigError("drain", f"must be a number of seconds >= 0, got {args.drain}")
+    if args.concurrency and args.window is None:
+        args.window = 1.0  # closed loop: the window is the run's length, so a trace may have all t = 0
     workload = workload_from_args(args)
     config = BenchConfig(
         url=args.url,
