@@ -118,3 +118,19 @@ def test_train_on_the_real_twin_saves_a_model_that_warns_on_another_cost(files, 
     CostModel.from_coefficients({"step": 1e-2}).save(other)
     assert cli.main(["plan", str(wl), "--model", str(model), "--cost", str(other)]) == 0
     assert "trained on cost model" in capsys.readouterr().err
+
+
+def test_plan_takes_a_trace_and_recommends_within_its_grid(files, tmp_path, capsys):
+    from paradapt.serve.trace import write_trace
+
+    cost, model = files
+    spec = WorkloadSpec.from_yaml(write_workload(tmp_path / "wl.yaml", num_adapters=5, duration=20.0))
+    trace = write_trace(tmp_path / "wl.jsonl", spec.generate())
+    rc = cli.main(["plan", str(trace), "--model", str(model), "--cost", str(cost), "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "trace of" in out and "rules that fired" in out
+    line = next(x for x in out.splitlines() if x.startswith("recommended (tree"))
+    served = int(line.split("--max-served ")[1].split()[0])
+    slots = int(line.split("--max-slots ")[1].split()[0])
+    assert (served, slots) in search.config_grid(5)
+    assert "shortfall vs the searched optimum" in out

@@ -12,7 +12,9 @@ server (docs/serving.md) over every adapter folder under DIR; SIGTERM drains and
 stream over their test sets, print accuracy and throughput vs the base model (exit 1: accuracy
 under its floor) (:mod:`.showcase`).
 ``paradapt profile`` / ``paradapt twin``: measure the engine's cost model, simulate a workload
-(:mod:`.twin`); ``paradapt plan``: recommend the adapter knobs of a workload (:mod:`.plan`).
+(:mod:`.twin`); ``paradapt plan``: recommend the adapter knobs of a workload (:mod:`.plan`);
+``paradapt workload SPEC.yaml --out TRACE.jsonl``: a synthetic workload as a request trace (:mod:`.workload`);
+``paradapt bench TRACE|SPEC --url URL``: load a server with it and report (:mod:`.bench`).
 
 Subcommands register themselves in :func:`build_parser`; the engine flags that serve, twin and
 plan share come from :mod:`.engine_flags`. Library errors (``pa.ParadaptError``) print as one
@@ -31,7 +33,7 @@ import sys
 import paradapt as pa
 
 from ..errors import one_line
-from . import demo, info, plan, serve, showcase, train, twin
+from . import bench, demo, info, plan, serve, showcase, train, twin, workload
 
 #: Set (unless already set) by :func:`main` before a command runs: a command never reaches the
 #: network (models load with ``local_files_only`` anyway) and tokenizers start no thread pool.
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     showcase.add_parser(sub)
     twin.add_parsers(sub)  # profile, twin
     plan.add_parser(sub)
+    workload.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..serve.workload import WorkloadSpec
+from ..serve.workload import Workload, WorkloadSpec
 from ..twin.configurator import TARGETS, Configurator, Recommendation, shortfall, train
 from ..twin.search import TIE_TOL, cost_key, search_in_twin
 from .engine_flags import add_engine_flags, knobs_from_args
-from .twin import cost_from_flags
+from .twin import add_workload_flags, cost_from_flags, describe_workload, workload_from_args
 
 DEFAULT_MODEL = "runs/plan/plan.json"
 DEFAULT_TRAIN = 300
@@ -35,7 +35,12 @@ def add_parser(sub: Any) -> None:
         "the digital twin over many sampled workloads. Prints the tree rules that fired and the "
         "configuration; --check also runs the twin at it and at the searched optimum.",
     )
-    p.add_argument("workload", metavar="WORKLOAD.yaml", help="the workload (paradapt.serve.workload fields)")
+    p.add_argument(
+        "workload",
+        metavar="WORKLOAD.yaml|TRACE.jsonl",
+        help="the workload (paradapt.serve.workload fields) or a request trace (docs/twin.md)",
+    )
+    add_workload_flags(p)
     p.add_argument(
         "--cost", metavar="COST.json", help="cost model from `paradapt profile` (default: the twin's)"
     )
@@ -78,7 +83,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``paradapt plan``: load or train the models, recommend, optionally check in the twin."""
-    spec = WorkloadSpec.from_yaml(args.workload)  # a bad file is a ConfigError naming the field
+    workload = workload_from_args(args)  # a bad file is a ConfigError naming the field (and line)
+    spec = workload.spec if workload.spec is not None else workload
     if args.train is not None and args.train < 2:
         raise ConfigError("train", f"need at least 2 workloads to train on, got {args.train}")
     for name in ("workers", "max_depth"):
@@ -119,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
     _print_heldout(model)
     rec = model.recommend(spec, args.predictor)
     other = model.recommend(spec, "linear" if args.predictor == "tree" else "tree")
-    print(
-        f"\nworkload {args.workload}: {spec.num_adapters} adapters, {spec.rate:g} req/s, alpha {spec.alpha:g}"
-    )
+    print(f"\nworkload {describe_workload(args.workload, workload)}")
     tree_rec = rec if rec.predictor == "tree" else other
     print("rules that fired (decision tree):")
     for target in TARGETS:
@@ -149,7 +153,7 @@ def _print_heldout(model: Configurator) -> None:
             )
 
 
-def _print_check(spec: WorkloadSpec, cost: Any, rec: Recommendation, knobs: Mapping[str, Any]) -> None:
+def _print_check(spec: WorkloadSpec | Workload, cost: Any, rec: Recommendation, knobs: Mapping[str, Any]) -> None:
     result = search_in_twin(spec, cost, knobs=knobs)
     at = result.throughput_at(rec.max_served, rec.max_slots)
     best = result.best

@@ -116,6 +116,12 @@ def _add_security_flags(serve) -> None:
         "--no-access-log", action="store_true", help="no access-log line per request (on by default, on stderr)"
     )
     serve.add_argument(
+        "--request-log",
+        metavar="FILE",
+        help="append one trace line per finished request (its lengths, adapter, ttft, e2e; docs/twin.md): "
+        "replay it with paradapt twin FILE or paradapt bench FILE",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -255,9 +261,15 @@ def build_server_app(args: argparse.Namespace):
         "heap": heap,
     }
     template = _chat_template(args)
-    return create_app(
-        engine, model_name=name, tokenizer=tok, chat_template=template, guard=guard_config(args)
-    ), info
+    app = create_app(engine, model_name=name, tokenizer=tok, chat_template=template, guard=guard_config(args))
+    if getattr(args, "request_log", None):
+        from ..serve.request_log import RequestLog
+
+        try:
+            app.state.loop.metrics.request_log = RequestLog(args.request_log, base=name, clock=engine.clock)
+        except OSError as e:
+            raise CLIError(f"--request-log: cannot append to {args.request_log} ({e.strerror})") from None
+    return app, info
 
 
 def _chat_template(args: argparse.Namespace) -> str | None:
@@ -345,6 +357,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if app.state.loop.metrics.request_log is not None:
+            app.state.loop.metrics.request_log.close()
     if signal.SIGINT in got:
         print("paradapt serve: interrupted; running requests drained", file=sys.stderr)
         return 130

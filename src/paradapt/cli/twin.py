@@ -60,11 +60,13 @@ def add_parsers(sub) -> None:
         "twin",
         help="simulate the serving engine on a workload (digital twin)",
         description="Run WORKLOAD.yaml (a paradapt.serve.workload.WorkloadSpec: num_adapters, rate, "
-        "duration, alpha, cv, input_len, output_len, ranks, kinds, seed) through the engine's own "
+        "duration, alpha, cv, input_len, output_len, ranks, kinds, seed) or a request trace "
+        "(TRACE.jsonl: one request a line, e.g. paradapt serve --request-log) through the engine's own "
         "scheduler and adapter cache on a simulated clock priced by a cost model (docs/twin.md); "
         "print throughput, TTFT/TPOT, adapter loads, served fractions and starvation.",
     )
-    t.add_argument("workload", metavar="WORKLOAD.yaml")
+    t.add_argument("workload", metavar="WORKLOAD.yaml|TRACE.jsonl")
+    add_workload_flags(t)
     t.add_argument(
         "--max-served", type=positive_int, required=True, metavar="S", help="adapters in host memory"
     )
@@ -84,6 +86,7 @@ def add_parsers(sub) -> None:
     )
     add_engine_flags(t)
     t.add_argument("--drain", type=float, default=0.0, metavar="S", help="keep running S s after the window")
+    add_slo_flags(t)
     t.add_argument("--json", metavar="FILE", help="also save the metrics as JSON")
     t.set_defaults(func=run_twin)
 
@@ -133,27 +136,88 @@ def cost_from_flags(path: str | None, model: str | None):
 
 def run_twin(args: argparse.Namespace) -> int:
     """``paradapt twin``: simulate the workload, print (and optionally save) the metrics."""
-    from ..serve.workload import WorkloadSpec
     from ..twin.sim import simulate
 
-    spec = WorkloadSpec.from_yaml(args.workload)
+    workload = workload_from_args(args, args.model)
     if args.max_slots > args.max_served:
         raise ConfigError("max_slots", f"{args.max_slots} exceeds --max-served {args.max_served}")
     cost = cost_from_flags(args.cost, resolve_model(args.model) if args.model else None)
     result = simulate(
-        spec,
+        workload,
         cost,
         max_served=args.max_served,
         max_slots=args.max_slots,
         drain=args.drain,
+        slo_ttft=args.slo_ttft,
+        slo_tpot=args.slo_tpot,
         **knobs_from_args(args),
     )
-    print(
-        f"twin: {args.workload}: {spec.num_adapters} adapters, {spec.rate:g} req/s for {spec.duration:g} s, "
-        f"alpha {spec.alpha:g}; --max-served {args.max_served} --max-slots {args.max_slots}"
-    )
+    print(f"twin: {describe_workload(args.workload, workload)}; --max-served {args.max_served} --max-slots {args.max_slots}")
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"saved {args.json}")
     return 0
+
+
+def add_slo_flags(p: argparse.ArgumentParser) -> None:
+    """``--slo-ttft``/``--slo-tpot``: the latency targets goodput counts against (twin and bench)."""
+    p.add_argument("--slo-ttft", type=float, metavar="S", help="goodput counts requests with TTFT <= S seconds")
+    p.add_argument("--slo-tpot", type=float, metavar="S", help="goodput counts requests with TPOT <= S seconds")
+
+
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that check or complete a workload given as a trace (twin, plan, bench)."""
+    p.add_argument(
+        "--window",
+        type=float,
+        metavar="S",
+        help="a trace's arrival window in seconds (default: its header's, else its last arrival)",
+    )
+    p.add_argument(
+        "--adapter-root",
+        metavar="DIR",
+        help="every adapter a request names must be a folder under DIR (checked before anything runs)",
+    )
+
+
+def workload_from_args(args: argparse.Namespace, model: str | None = None):
+    """The workload of ``args.workload`` (a YAML spec or a trace), checked against ``--adapter-root``
+    and, given a ``model`` (name or folder), its context length."""
+    from ..serve.trace import load_workload
+
+    if args.window is not None and not args.window > 0:
+        raise ConfigError("window", f"must be positive, got {args.window}")
+    adapters = None
+    if args.adapter_root:
+        root = Path(args.adapter_root).expanduser()
+        if not root.is_dir():
+            raise ConfigError("adapter_root", f"{args.adapter_root}: not a folder")
+        adapters = {d.name for d in root.iterdir() if d.is_dir()}
+    context = model_context(model) if model else None
+    return load_workload(args.workload, adapters=adapters, context=context, window=args.window)
+
+
+def model_context(model: str) -> int | None:
+    """The context length in a model folder's config.json (None when it says none)."""
+    path = resolve_model(model) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    n = config.get("max_position_embeddings")
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def describe_workload(source: str, workload) -> str:
+    """One line naming a workload: its spec's parameters, or a trace's size."""
+    spec = workload.spec
+    if spec is not None:
+        return (
+            f"{source}: {spec.num_adapters} adapters, {spec.rate:g} req/s for {spec.duration:g} s, alpha {spec.alpha:g}"
+        )
+    n = len(workload.requests)
+    return (
+        f"{source}: trace of {n} requests, {len(workload.adapters)} adapters, "
+        f"{n / workload.duration:.3g} req/s over {workload.duration:g} s"
+    )

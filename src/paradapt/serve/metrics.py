@@ -65,6 +65,7 @@ class ServerMetrics:
         self.engine_registered = False  # the engine's collector joins on the first scrape
         self.tokens_out = 0
         self.token_rate = TokenRate()
+        self.request_log = None  # a serve.request_log.RequestLog (paradapt serve --request-log)
         self.ttft = Histogram(
             "paradapt_time_to_first_token_seconds", "queued to first token", buckets=BUCKETS, registry=self.registry
         )
@@ -84,6 +85,8 @@ class ServerMetrics:
 
     def observe(self, h: RequestHandle) -> None:
         """Time to first token and mean time per output token of a finished request."""
+        if self.request_log is not None:
+            self.request_log.record(h)
         if h.first_token_at is None or h.arrival is None:
             return
         self.ttft.observe(h.first_token_at - h.arrival)

@@ -51,13 +51,15 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class WorkloadRequest:
-    """One request of a workload: which adapter, when, and how many tokens in and out."""
+    """One request of a workload: which adapter (None: the base model), when, and how many tokens
+    in and out; ``prompt`` holds its token ids when a trace gave them (replayed as they are)."""
 
     id: int
-    adapter: str
+    adapter: str | None
     arrival: float
     prompt_len: int
     output_len: int
+    prompt: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,11 +165,20 @@ class WorkloadSpec:
 
 @dataclass(frozen=True)
 class Workload:
-    """A generated workload: the adapters and the requests, sorted by arrival."""
+    """A workload: the adapters and the requests, sorted by arrival, over a window of
+    ``duration`` seconds (the spec's; a trace's from its header or its last arrival).
 
-    spec: WorkloadSpec
+    ``spec`` is None for a workload read from a trace (:mod:`paradapt.serve.trace`).
+    """
+
+    spec: WorkloadSpec | None
     adapters: tuple[AdapterSpec, ...]
     requests: tuple[WorkloadRequest, ...]
+    duration: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.spec is not None and not self.duration:
+            object.__setattr__(self, "duration", float(self.spec.duration))
 
     def offered_tokens(self) -> int:
         """Input plus output tokens of every request (Agullo et al.'s ideal throughput x window)."""
@@ -175,9 +186,9 @@ class Workload:
 
     def requests_per_adapter(self) -> dict[str, int]:
         """How many requests each adapter received (zero included)."""
-        counts = {a.name: 0 for a in self.adapters}
+        counts: dict[str | None, int] = {a.name: 0 for a in self.adapters}
         for r in self.requests:
-            counts[r.adapter] += 1
+            counts[r.adapter] = counts.get(r.adapter, 0) + 1
         return counts
 
 

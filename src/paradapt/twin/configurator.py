@@ -25,8 +25,8 @@ from typing import Any
 
 from ..checks import read_structured
 from ..errors import ConfigError
-from ..serve.workload import WorkloadSpec
-from .features import FEATURE_NAMES, feature_vector
+from ..serve.workload import Workload, WorkloadSpec
+from .features import FEATURE_NAMES, feature_vector, num_adapters
 from .search import (
     SearchResult,
     Simulate,
@@ -174,8 +174,9 @@ class Configurator:
         info = {"train_workloads": len(results), "max_depth": max_depth, "ridge": ridge, **dict(meta or {})}
         return cls(trees, linear, info)
 
-    def recommend(self, spec: WorkloadSpec, predictor: str = "tree") -> Recommendation:
-        """The predicted (max_served, max_slots) of ``spec``, snapped to its search grid."""
+    def recommend(self, spec: WorkloadSpec | Workload, predictor: str = "tree") -> Recommendation:
+        """The predicted (max_served, max_slots) of ``spec`` (or of a workload, a trace's
+        included), snapped to its search grid."""
         x = feature_vector(spec)
         raw, rules = {}, {}
         for target in TARGETS:
@@ -186,7 +187,7 @@ class Configurator:
             else:
                 raise ConfigError("predictor", f"must be 'tree' or 'linear', got {predictor!r}")
         served, slots = snap(
-            raw["max_served"] + self.margin, raw["max_slots"] + self.margin, spec.num_adapters
+            raw["max_served"] + self.margin, raw["max_slots"] + self.margin, num_adapters(spec)
         )
         return Recommendation(served, slots, predictor, raw, rules)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from ..serve.workload import KNOWN_KINDS, WorkloadSpec
+from ..serve.workload import KNOWN_KINDS, Workload, WorkloadSpec
 
 #: Feature names, in the order of :func:`feature_vector` (models store them to check files).
 FEATURE_NAMES: tuple[str, ...] = (
@@ -42,8 +42,20 @@ FEATURE_NAMES: tuple[str, ...] = (
 FULL_BATCH = 32
 
 
-def workload_features(spec: WorkloadSpec) -> dict[str, float]:
-    """The features of ``spec`` by name (see :data:`FEATURE_NAMES`)."""
+def num_adapters(workload: WorkloadSpec | Workload) -> int:
+    """The adapters of a spec, or of a workload (a trace's: the adapters its requests name)."""
+    if isinstance(workload, WorkloadSpec):
+        return workload.num_adapters
+    return workload.spec.num_adapters if workload.spec is not None else max(1, len(workload.adapters))
+
+
+def workload_features(spec: WorkloadSpec | Workload) -> dict[str, float]:
+    """The features of ``spec`` by name (see :data:`FEATURE_NAMES`); a workload read from a trace
+    has them measured from its requests (:func:`trace_features`)."""
+    if isinstance(spec, Workload):
+        if spec.spec is None:
+            return trace_features(spec)
+        spec = spec.spec
     rates = list(spec.adapter_rates().values())
     rank_mean, rank_std = _weighted_mean_std(spec.ranks)
     kind_total = sum(spec.kinds.values())
@@ -75,7 +87,46 @@ def workload_features(spec: WorkloadSpec) -> dict[str, float]:
     return feats
 
 
-def feature_vector(spec: WorkloadSpec) -> list[float]:
+def trace_features(workload: Workload) -> dict[str, float]:
+    """The features of a trace, measured: per-adapter rates are request counts over the window,
+    ranks and kinds each adapter's, lengths their means, ``cv`` that of the gaps between
+    arrivals (the first counted from 0), so a trace written from a spec has features close to
+    the spec's."""
+    reqs = workload.requests
+    window = workload.duration
+    counts = workload.requests_per_adapter()
+    rates = [counts.get(a.name, 0) / window for a in workload.adapters] or [len(reqs) / window]
+    rate = len(reqs) / window
+    ranks = [a.rank for a in workload.adapters] or [0]
+    arrivals = [0.0, *(r.arrival for r in reqs)]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gap_mean = _mean(gaps) if gaps else 0.0
+    feats: dict[str, float] = {
+        "num_adapters": float(num_adapters(workload)),
+        "rate_total": rate,
+        "rate_max": max(rates),
+        "rate_min": min(rates),
+        "rate_mean": _mean(rates),
+        "rate_std": _std(rates),
+        "rank_max": float(max(ranks)),
+        "rank_min": float(min(ranks)),
+        "rank_mean": _mean(ranks),
+        "rank_std": _std(ranks),
+    }
+    kinds = [a.kind for a in workload.adapters]
+    for kind in KNOWN_KINDS:
+        feats[f"share_{kind}"] = kinds.count(kind) / len(kinds) if kinds else 0.0
+    feats["input_mean"] = _mean(r.prompt_len for r in reqs) if reqs else 0.0
+    feats["output_mean"] = _mean(r.output_len for r in reqs) if reqs else 0.0
+    feats["cv"] = _std(gaps) / gap_mean if gap_mean > 0 else 1.0
+    feats["offered_tokens"] = rate * (feats["input_mean"] + feats["output_mean"])
+    square = sum(r * r for r in rates)
+    feats["effective_adapters"] = rate**2 / square if square else 1.0
+    feats["batch_adapters"] = sum(1 - (1 - r / rate) ** FULL_BATCH for r in rates) if rate else 0.0
+    return feats
+
+
+def feature_vector(spec: WorkloadSpec | Workload) -> list[float]:
     """The features of ``spec`` as a list in :data:`FEATURE_NAMES` order (one model input row)."""
     feats = workload_features(spec)
     return [feats[name] for name in FEATURE_NAMES]

@@ -13,7 +13,16 @@ The measurement window is ``[0, T]`` with ``T = spec.duration``: requests arrive
   that got a first token before the run stopped; **TPOT**: (finish - first token) /
   (output tokens - 1) over requests that finished, with more than one output token;
 * **served fraction** of an adapter: its processed tokens in the window over its offered tokens;
-* **loads**: host -> device adapter loads (``disk_loads``: disk -> host, on demand or prefetched).
+* **loads**: host -> device adapter loads (``disk_loads``: disk -> host, on demand or prefetched);
+* **output throughput** (tokens/s): output tokens sampled by ``T``, divided by ``T``;
+* **ITL** (inter-token latency): the gaps between consecutive output tokens of a request, over
+  every request that got a first token (vLLM's definition);
+* **goodput** (requests/s): requests finished by ``T`` whose TTFT and TPOT meet the SLOs
+  (``slo_ttft``/``slo_tpot`` seconds; a missing SLO is no limit), divided by ``T``.
+
+The load client (:mod:`paradapt.bench`) measures a server over HTTP and computes its metrics
+with :func:`summarize` too, so ``paradapt bench --json`` and ``paradapt twin --json`` carry the
+same keys with the same meaning.
 
 Percentiles interpolate linearly between order statistics (numpy's default).
 """
@@ -53,6 +62,13 @@ class TwinResult:
     finished: int
     steps: int
     min_served_fraction: float
+    output_throughput: float = 0.0
+    ttft_p99: float = float("nan")
+    tpot_p99: float = float("nan")
+    itl_p50: float = float("nan")
+    itl_p90: float = float("nan")
+    itl_p99: float = float("nan")
+    goodput: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +98,8 @@ class TwinResult:
             else "ideal throughput    0 (no requests)",
             f"TTFT p50 / p90      {self.ttft_p50:.3f} / {self.ttft_p90:.3f} s",
             f"TPOT p50 / p90      {1e3 * self.tpot_p50:.1f} / {1e3 * self.tpot_p90:.1f} ms",
+            f"ITL p50 / p90 / p99 {1e3 * self.itl_p50:.1f} / {1e3 * self.itl_p90:.1f} / {1e3 * self.itl_p99:.1f} ms",
+            f"output throughput   {self.output_throughput:.1f} tok/s;  goodput {self.goodput:.2f} req/s",
             f"adapter loads       {self.loads} host->device, {self.disk_loads} disk->host",
             f"served fraction     min {self.min_served_fraction:.2f} over {len(self.served_fraction)} adapters with requests",
             f"run time            {self.sim_seconds:.3f} s",
@@ -100,18 +118,25 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def summarize(log: ReplayLog) -> TwinResult:
-    """Metrics of a replay (see the module docstring for the definitions)."""
+def summarize(log: ReplayLog, slo_ttft: float | None = None, slo_tpot: float | None = None) -> TwinResult:
+    """Metrics of a replay (see the module docstring for the definitions); ``log.steps`` in
+    order of their end times."""
     T = log.window
     reqs = log.requests
     done_tokens: dict[str, int] = {}
+    out_tokens = 0
+    token_times: dict[str, list[float]] = {}
     for ev in log.steps:
+        for rid in ev.sampled:
+            if ev.end <= log.stop:
+                token_times.setdefault(rid, []).append(ev.end)
         if ev.end > T:
-            break
+            continue
         for rid, n in ev.prompt:
             done_tokens[rid] = done_tokens.get(rid, 0) + n
         for rid in ev.sampled:
             done_tokens[rid] = done_tokens.get(rid, 0) + 1
+        out_tokens += len(ev.sampled)
     offered_all = log.workload.offered_tokens()
     offered: dict[str, int] = {}
     served: dict[str, int] = {}
@@ -122,11 +147,21 @@ def summarize(log: ReplayLog) -> TwinResult:
         served[a] = served.get(a, 0) + n
     fractions = {a: served.get(a, 0) / n for a, n in offered.items() if n}
     ttft = [log.first[rid] - reqs[rid].arrival for rid in log.first if log.first[rid] <= log.stop]
-    tpot = [
-        (log.finished[rid] - log.first[rid]) / (reqs[rid].output_len - 1)
+    tpot_of = {
+        rid: (log.finished[rid] - log.first[rid]) / (reqs[rid].output_len - 1)
         for rid in log.finished
         if log.finished[rid] <= log.stop and reqs[rid].output_len > 1 and rid in log.first
-    ]
+    }
+    tpot = list(tpot_of.values())
+    itl = [b - a for times in token_times.values() for a, b in zip(times, times[1:], strict=False)]
+    good = sum(
+        1
+        for rid, t in log.finished.items()
+        if t <= T
+        and rid in log.first
+        and (slo_ttft is None or log.first[rid] - reqs[rid].arrival <= slo_ttft)
+        and (slo_tpot is None or tpot_of.get(rid, 0.0) <= slo_tpot)
+    )
     throughput = sum(done_tokens.values()) / T
     ideal = offered_all / T
     return TwinResult(
@@ -147,4 +182,11 @@ def summarize(log: ReplayLog) -> TwinResult:
         finished=len(log.finished),
         steps=sum(1 for ev in log.steps if ev.end <= T),
         min_served_fraction=min(fractions.values(), default=float("nan")),
+        output_throughput=out_tokens / T,
+        ttft_p99=percentile(ttft, 0.99),
+        tpot_p99=percentile(tpot, 0.99),
+        itl_p50=percentile(itl, 0.5),
+        itl_p90=percentile(itl, 0.9),
+        itl_p99=percentile(itl, 0.99),
+        goodput=good / T,
     )

@@ -8,7 +8,7 @@ from the same events in the same way (:func:`paradapt.twin.metrics.summarize`).
 The loop: queue every request whose arrival time has come, run one engine step if there is
 work, otherwise wait (sleep, or jump the simulated clock) to the next arrival. Requests that
 arrive while a step runs are queued when it ends, in both worlds. The run stops at the
-window's end (``spec.duration``) plus ``drain`` seconds.
+window's end (``workload.duration``) plus ``drain`` seconds.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ReplayLog:
 def replay(workload: Workload, backend: Backend, *, drain: float = 0.0) -> ReplayLog:
     """Drive ``backend`` with ``workload``'s requests at their arrival times; returns the log."""
     reqs = workload.requests
-    window = workload.spec.duration
+    window = workload.duration
     log = ReplayLog(workload, window, window + drain)
     t_wall = time.perf_counter()
     i = 0
@@ -142,7 +142,7 @@ class RealBackend:
             time.sleep(delay)
 
     def submit(self, req: WorkloadRequest) -> str:
-        prompt = self._rng.choices(self._ids, k=req.prompt_len)
+        prompt = list(req.prompt) if req.prompt else self._rng.choices(self._ids, k=req.prompt_len)
         params = self._params(max_new_tokens=req.output_len, ignore_eos=True)
         return self.engine.add_request(prompt, req.adapter, params, request_id=f"w{req.id}").id
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..serve.workload import WorkloadSpec
+from .features import num_adapters
 
 CACHE_FORMAT = 1  # bump when the cache entries change meaning
 SLOT_CAP = 32  # the engine runs at most 32 requests per step by default: more slots than that never fill
@@ -131,7 +132,7 @@ def search(
     tie_tol: float = TIE_TOL,
 ) -> SearchResult:
     """Exhaustive search of ``grid`` (default :func:`config_grid`) with ``evaluate(served, slots)``."""
-    grid = config_grid(spec.num_adapters) if grid is None else grid
+    grid = config_grid(num_adapters(spec)) if grid is None else grid
     trials = tuple(evaluate(s, k) for s, k in grid)
     return SearchResult(spec, trials, choose_best(trials, tie_tol))
 

@@ -132,12 +132,14 @@ def simulate(
     max_served: int,
     max_slots: int,
     drain: float = 0.0,
+    slo_ttft: float | None = None,
+    slo_tpot: float | None = None,
     **engine_knobs: Any,
 ) -> TwinResult:
     """Run ``spec``'s workload through the twin with ``max_served`` host and ``max_slots`` device
     adapters (other :class:`EngineConfig` knobs as keywords); returns its metrics.
 
-    ``queue_bound`` defaults to the workload's request count (nothing is rejected), as in the
+    ``slo_ttft``/``slo_tpot`` (seconds) define goodput. ``queue_bound`` defaults to the workload's request count (nothing is rejected), as in the
     real replay of the accuracy benchmark.
     """
     t0 = time.perf_counter()
@@ -145,7 +147,7 @@ def simulate(
     engine_knobs.setdefault("queue_bound", max(1, len(workload.requests)))
     engine = SimEngine(workload, cost, engine_config(max_served, max_slots, **engine_knobs))
     log = replay(workload, SimBackend(engine), drain=drain)
-    result = summarize(log)
+    result = summarize(log, slo_ttft, slo_tpot)
     result.sim_seconds = time.perf_counter() - t0
     result.extra["busy_seconds"] = engine.busy
     return result

@@ -1,0 +1,127 @@
+"""``paradapt serve --request-log FILE``: one trace line per finished request, written off the hot path.
+
+Each line is a request line of :mod:`paradapt.serve.trace` (``t``, ``adapter``, ``input_len``,
+``output_len``) plus what the server measured: ``ttft`` and ``e2e`` (seconds from queued to the
+first token and to the end) and ``finish_reason``. So the log replays through the twin as it
+is (``paradapt twin FILE``), and ``paradapt bench FILE`` replays it against a server. Prompts
+are not logged (they are the users' text).
+
+Why a writer thread: the engine thread calls :meth:`RequestLog.record` between steps, and a
+disk write there (or on the event loop) would stall every running request; ``record`` only
+puts a small tuple on a queue. The thread writes each line with one ``write`` call on a
+line-buffered file opened for appending, so a line is whole or absent and concurrent readers
+never see half a line.
+
+Times: ``t`` counts from the ``start`` (Unix time) in the file's header line, written when the
+file is new; a server appending to an existing log continues its time axis. Lines come in the
+order requests finish; a reader sorts them by ``t`` (silently: the header says it is a log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .trace import HEADER_KEY, REQUEST_LOG_SOURCE
+
+if TYPE_CHECKING:
+    from .engine import RequestHandle
+
+log = logging.getLogger(__name__)
+
+
+class RequestLog:
+    """Appends finished requests to ``path`` from a daemon thread; :meth:`close` flushes and stops it.
+
+    ``clock`` is the engine's clock (the handles' ``arrival``/``first_token_at``/``finished_at``
+    are on it); ``base`` is the base model's served name, written for base-model requests.
+    """
+
+    def __init__(
+        self, path: str | Path, *, base: str | None = None, clock: Callable[[], float] = time.monotonic
+    ):
+        self.path = Path(path)
+        self.base = base
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        start = _existing_start(self.path)
+        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        if start is None:
+            start = time.time()
+            if self.path.stat().st_size == 0:
+                self._file.write(
+                    json.dumps({HEADER_KEY: {"start": start, "base": base, "source": REQUEST_LOG_SOURCE}})
+                    + "\n"
+                )
+        self.origin = clock() - (time.time() - start)  # t = 0 on the engine's clock
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="paradapt-request-log", daemon=True)
+        self._thread.start()
+
+    def record(self, h: RequestHandle) -> None:
+        """Queue a finished generation's line (cheap: the engine thread calls it between steps)."""
+        if h.task != "generate" or h.arrival is None or not h.tokens or not h.prompt:
+            return
+        self._q.put(
+            (
+                h.arrival,
+                h.adapter,
+                len(h.prompt),
+                len(h.tokens),
+                h.first_token_at,
+                h.finished_at,
+                h.finish_reason,
+            )
+        )
+
+    def line(self, item: tuple) -> dict[str, Any]:
+        """The trace line of a queued item."""
+        arrival, adapter, n_in, n_out, first, end, reason = item
+        return {
+            "t": round(arrival - self.origin, 6),
+            "adapter": adapter if adapter is not None else self.base,
+            "input_len": n_in,
+            "output_len": n_out,
+            "ttft": None if first is None else round(first - arrival, 6),
+            "e2e": None if end is None else round(end - arrival, 6),
+            "finish_reason": reason,
+        }
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                self._file.write(json.dumps(self.line(item)) + "\n")
+                self.written += 1
+            except (OSError, ValueError):  # a full disk must not stop the server: say so once per line
+                log.exception("request log %s: could not write a line", self.path.name)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the thread and close the file."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join(timeout)
+        self._file.close()
+
+
+def _existing_start(path: Path) -> float | None:
+    """The ``start`` of an existing log's header line (None: new file, or no header)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        head = json.loads(first).get(HEADER_KEY)
+        start = head.get("start") if isinstance(head, dict) else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return float(start) if isinstance(start, (int, float)) and not isinstance(start, bool) else None

@@ -1,0 +1,194 @@
+"""Request traces: spec -> trace -> twin gives the spec's result, bad lines are named, request logs replay."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from test_twin import COST, SPEC
+
+from paradapt import cli
+from paradapt.errors import ConfigError
+from paradapt.serve.engine import RequestHandle
+from paradapt.serve.request_log import RequestLog
+from paradapt.serve.sampling import SamplingParams
+from paradapt.serve.trace import is_trace, load_workload, read_trace, write_trace
+from paradapt.twin import simulate
+from paradapt.twin.features import trace_features, workload_features
+
+GOOD = {"t": 0.5, "adapter": "a", "input_len": 4, "output_len": 3}
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_spec_trace_twin_round_trip_gives_the_specs_result(tmp_path):
+    workload = SPEC.generate()
+    path = write_trace(tmp_path / "t.jsonl", workload)
+    back = read_trace(path)
+    assert back.duration == SPEC.duration and back.adapters == workload.adapters
+    assert [(r.adapter, r.arrival, r.prompt_len, r.output_len) for r in back.requests] == [
+        (r.adapter, r.arrival, r.prompt_len, r.output_len) for r in workload.requests
+    ]
+    a = simulate(SPEC, COST, max_served=3, max_slots=2, drain=0.5)
+    b = simulate(back, COST, max_served=3, max_slots=2, drain=0.5)
+    assert a.row() == b.row() and a.served_fraction == b.served_fraction
+
+
+def test_cli_workload_then_twin_prints_the_same_metrics(tmp_path, capsys):
+    spec = tmp_path / "w.yaml"
+    spec.write_text(
+        "num_adapters: 6\nrate: 60\nduration: 0.6\nalpha: 0.3\ninput_len: [2, 30]\noutput_len: [2, 12]\n"
+        "ranks: [4, 8]\nkinds: [lora, parallel, series]\n"
+    )
+    trace = tmp_path / "t.jsonl"
+    assert cli.main(["workload", str(spec), "--out", str(trace)]) == 0
+    assert "wrote" in capsys.readouterr().out and is_trace(trace) and not is_trace(spec)
+    cost = COST.save(tmp_path / "cost.json")
+    outs = []
+    for src in (spec, trace):
+        j = tmp_path / f"{src.suffix[1:]}.json"
+        argv = [
+            "twin",
+            str(src),
+            "--max-served",
+            "3",
+            "--max-slots",
+            "2",
+            "--cost",
+            str(cost),
+            "--json",
+            str(j),
+        ]
+        assert cli.main(argv) == 0
+        d = json.loads(j.read_text())
+        d.pop("sim_seconds")
+        outs.append(d)
+    assert outs[0] == outs[1]
+    assert "trace of" in capsys.readouterr().out
+
+
+def test_trace_features_are_close_to_the_specs():
+    spec = SPEC.__class__(
+        **{**SPEC.to_dict(), "duration": 200.0, "input_len": (2, 30), "output_len": (2, 12)}
+    )
+    measured = trace_features(read_back(spec))
+    exact = workload_features(spec)
+    for name in ("rate_total", "input_mean", "output_mean", "cv", "rank_mean", "num_adapters"):
+        assert measured[name] == pytest.approx(exact[name], rel=0.1), name
+
+
+def read_back(spec):
+    from paradapt.serve.trace import parse_trace, trace_lines
+
+    return parse_trace(list(trace_lines(spec.generate())), "mem")
+
+
+@pytest.mark.parametrize(
+    "row, field, message",
+    [
+        ({k: v for k, v in GOOD.items() if k != "input_len"}, "input_len", "missing field"),
+        ({**GOOD, "output_len": "3"}, "output_len", "integer"),
+        ({**GOOD, "output_len": True}, "output_len", "integer"),
+        ({**GOOD, "t": -1}, "t", ">= 0"),
+        ('{"t": NaN, "adapter": "a", "input_len": 4, "output_len": 3}', "t", "finite"),
+        ({**GOOD, "adapter": 3}, "adapter", "name"),
+        ({**GOOD, "prompt": [1, 2]}, "prompt", "input_len"),
+        ("[1, 2]", "trace", "object"),
+        ("{not json", "trace", "JSON"),
+        ({"trace": {"window": 1.0}}, "trace", "first line"),
+    ],
+)
+def test_bad_line_is_an_error_naming_file_line_and_field(tmp_path, row, field, message):
+    path = _write(tmp_path / "bad.jsonl", [GOOD, row])
+    with pytest.raises(ConfigError) as e:
+        read_trace(path)
+    assert e.value.field == field and "bad.jsonl:2" in str(e.value) and message in str(e.value)
+
+
+def test_unknown_adapter_and_context_checked_before_anything_runs(tmp_path):
+    path = _write(tmp_path / "t.jsonl", [GOOD, {**GOOD, "adapter": "zzz", "t": 1.0}])
+    with pytest.raises(ConfigError, match=r"t.jsonl:2: unknown adapter 'zzz'") as e:
+        read_trace(path, adapters={"a"})
+    assert e.value.field == "adapter"
+    with pytest.raises(ConfigError, match=r"t.jsonl:1: input_len \+ output_len = 7 exceeds"):
+        read_trace(path, context=6)
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    argv = ["twin", str(path), "--max-served", "2", "--max-slots", "1", "--adapter-root", str(root)]
+    assert cli.main(argv) == 2
+
+
+def test_unsorted_times_are_sorted_with_a_warning(tmp_path):
+    path = _write(tmp_path / "u.jsonl", [{**GOOD, "t": 2.0}, {**GOOD, "t": 1.0, "adapter": "b"}])
+    with pytest.warns(UserWarning, match="u.jsonl: arrival times are not sorted"):
+        w = read_trace(path)
+    assert [r.adapter for r in w.requests] == ["b", "a"] and [r.id for r in w.requests] == [0, 1]
+    assert w.duration == 2.0  # no header: the last arrival
+
+
+def test_base_name_and_header(tmp_path):
+    head = {"trace": {"window": 5.0, "base": "m", "adapters": {"a": {"kind": "parallel", "rank": 16}}}}
+    path = _write(tmp_path / "h.jsonl", [head, GOOD, {**GOOD, "adapter": "m"}, {**GOOD, "adapter": None}])
+    w = read_trace(path)
+    assert [r.adapter for r in w.requests] == ["a", None, None] and w.duration == 5.0
+    assert [(a.name, a.kind, a.rank) for a in w.adapters] == [("a", "parallel", 16)]
+    r = simulate(w, COST, max_served=1, max_slots=1, drain=5.0)
+    assert r.finished == 3
+    with pytest.raises(ConfigError, match="kind"):
+        read_trace(_write(tmp_path / "k.jsonl", [{"trace": {"adapters": {"a": {"kind": "x"}}}}, GOOD]))
+
+
+def test_load_workload_reads_yaml_specs_too(tmp_path):
+    spec = tmp_path / "w.yaml"
+    spec.write_text("num_adapters: 2\nrate: 10\nduration: 1\n")
+    assert load_workload(spec).spec.num_adapters == 2
+
+
+def _handle(rid: str, adapter: str | None, arrival: float, n_in: int, n_out: int) -> RequestHandle:
+    h = RequestHandle(rid, adapter, list(range(3, 3 + n_in)), SamplingParams(max_new_tokens=n_out))
+    h.tokens = [5] * n_out
+    h.arrival, h.first_token_at, h.finished_at = arrival, arrival + 0.1, arrival + 0.3
+    h.status, h.finish_reason = "finished", "length"
+    return h
+
+
+def test_request_log_lines_replay_through_the_twin(tmp_path):
+    path = tmp_path / "logs" / "requests.jsonl"
+    t0 = 1000.0
+    log = RequestLog(path, base="model", clock=lambda: t0)
+    log.record(_handle("1", "a", t0 + 0.2, 5, 4))
+    log.record(_handle("2", None, t0 + 0.5, 3, 2))
+    enc = _handle("3", "a", t0 + 0.6, 3, 1)
+    enc.task = "classify"
+    log.record(enc)  # encoder requests are not generations: not logged
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0]["trace"]["base"] == "model" and len(lines) == 3
+    assert lines[1] == {
+        "t": pytest.approx(0.2, abs=1e-3),
+        "adapter": "a",
+        "input_len": 5,
+        "output_len": 4,
+        "ttft": pytest.approx(0.1),
+        "e2e": pytest.approx(0.3),
+        "finish_reason": "length",
+    }
+    w = read_trace(path)
+    assert [(r.adapter, r.prompt_len, r.output_len) for r in w.requests] == [("a", 5, 4), (None, 3, 2)]
+    result = simulate(w, COST, max_served=1, max_slots=1, drain=5.0)
+    assert result.requests == 2 and result.finished == 2
+    # a restarted server appends on the same time axis (the header's start)
+    later = RequestLog(path, base="model", clock=lambda: 50.0)
+    later.record(_handle("4", "a", 51.0, 2, 2))  # 1 s after this server started
+    later.close()
+    rows = [json.loads(r) for r in path.read_text().splitlines()]
+    assert len(rows) == 4 and sum("trace" in r for r in rows) == 1
+    assert rows[-1]["t"] >= 1.0  # at least 1 s after the first server's start
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # still sorted
+        assert len(read_trace(path).requests) == 3
