@@ -182,6 +182,10 @@ def test_a_nan_request_is_a_422_naming_the_cause_over_http(tmp_path):
                 p.fill_(float("nan"))
         r = c.post("/v1/completions", json={"model": "lo2", "prompt": [3, 4, 5], "max_tokens": 3})
         assert r.status_code == 422 and r.json()["error"]["type"] == "non_finite_error", r.text
+        body = {"model": "lo2", "prompt": [3, 4, 5], "max_tokens": 3, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as s:
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert "NaN" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
         ok = c.post("/v1/completions", json={"model": "lo4", "prompt": [3, 4, 5], "max_tokens": 3})
         assert ok.status_code == 200
 

@@ -460,7 +460,8 @@ async def _sse(
             h, st = handles[k], streamed[k]
             if not echoed[k]:  # the prompt's log-probabilities are complete once a token is out
                 echoed[k] = True
-                yield event(k, st.echo(prompt_texts[choices[k].prompt] if prompt_texts else None))
+                if h.tokens and h.error is None:  # a request that ended before its prompt ran echoes nothing
+                    yield event(k, st.echo(prompt_texts[choices[k].prompt] if prompt_texts else None))
             text = st.delta(final=kind == "done")
             if text is not None:
                 yield event(k, st.body(text, None, st.logprobs()))
