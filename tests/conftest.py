@@ -204,3 +204,11 @@ def outputs(model, ids, **kw) -> torch.Tensor:
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def completion_text(tok, prompt: list[int], out: list[int]) -> str:
+    """The text the server answers for ``out`` generated after ``prompt`` (serve.detokenize):
+    what the tokens add to the prompt's text, special tokens skipped, so the first token's
+    leading space stays (decoding ``out`` alone drops it in SentencePiece tokenizers)."""
+    before = tok.decode(prompt, skip_special_tokens=True)
+    return tok.decode([*prompt, *out], skip_special_tokens=True)[len(before) :]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import completion_text
 from fastapi.testclient import TestClient
 from test_serve_api_audit import CFG, stories, tok  # noqa: F401  (fixtures)
 from transformers import GenerationConfig
@@ -35,7 +36,8 @@ def greedy_text(model, tok, prompt: str, n: int) -> str:  # noqa: F811
     ids = tok(prompt)["input_ids"]
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=0)
     with pa.route(model, ["lo"]):
-        return tok.decode(model.generate(torch.tensor([ids]), generation_config=gc)[0, len(ids) :].tolist())
+        out = model.generate(torch.tensor([ids]), generation_config=gc)[0, len(ids) :].tolist()
+    return completion_text(tok, ids, out)
 
 
 def test_loading_a_changed_folder_again_serves_the_new_weights(tmp_path, tok):  # noqa: F811

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, asset_path, require_asset, tiny_model
+from conftest import CHAT_TEMPLATE, asset_path, completion_text, require_asset, tiny_model
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -63,7 +63,7 @@ def alone_text(served, prompt: str, n: int, adapter: str | None) -> str:
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=0)
     with pa.route(ref, [adapter]):
         out = ref.generate(torch.tensor([ids]), generation_config=gc)[0, len(ids) :].tolist()
-    return tok.decode(out)
+    return completion_text(tok, ids, out)
 
 
 def test_completions_per_adapter_equal_generate_alone(client, served):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CHAT_TEMPLATE, asset_path, require_asset
+from conftest import CHAT_TEMPLATE, asset_path, completion_text, require_asset
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,17 +65,17 @@ def reference_tokens(tok, prompt: str) -> list[int]:
     return h.tokens
 
 
-def straddling_stop(tok, tokens: list[int]) -> tuple[str, str, int]:
+def straddling_stop(tok, prompt: list[int], tokens: list[int]) -> tuple[str, str, int]:
     """A 4-character stop string made of the last 2 characters of one token's text and the first
     2 of the next one's (its first occurrence); returns it, the full text and where it starts."""
-    full = tok.decode(tokens)
-    ends = [len(tok.decode(tokens[:i])) for i in range(1, len(tokens) + 1)]
+    full = completion_text(tok, prompt, tokens)
+    ends = [len(completion_text(tok, prompt, tokens[:i])) for i in range(1, len(tokens) + 1)]
     for i in range(2, N - 1):  # not at the very start: text must stream before it
         b = ends[i]
         if (
             b - ends[i - 1] >= 2
             and ends[i + 1] - b >= 2
-            and full[: ends[i + 1]].startswith(tok.decode(tokens[: i + 1]))
+            and full[: ends[i + 1]].startswith(completion_text(tok, prompt, tokens[: i + 1]))
         ):
             stop = full[b - 2 : b + 2]
             if full.find(stop) == b - 2 and stop.strip():
@@ -105,7 +105,7 @@ def test_a_stop_string_across_two_token_deltas_is_never_streamed(tok, path):
     chat = "chat" in path
     messages = [{"role": "user", "content": "Tell me about the little dog"}]
     prompt = chat_prompt(tok, [ChatMessage(**m) for m in messages]) if chat else "Once upon a time"
-    stop, full, at = straddling_stop(tok, reference_tokens(tok, prompt))
+    stop, full, at = straddling_stop(tok, tok(prompt)["input_ids"], reference_tokens(tok, prompt))
     decoy = stop[:3] + "\u00a7"  # shares the stop string's start, never completes: held, then released
     body = {"model": "stories", "max_tokens": N, "temperature": 0, "ignore_eos": True, "stop": [decoy, stop]}
     body |= {"messages": messages} if chat else {"prompt": prompt}

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import asset_path, require_asset
+from conftest import asset_path, completion_text, require_asset
 from test_serve_api import live_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,6 +117,6 @@ def test_lm_eval_local_completions_runs_all_three_request_types(tmp_path):
         gen = []
         for _ in range(12):
             gen.append(int(_logprobs(model, ids + gen)[-1].argmax()))
-        want = tok.decode(gen).split("\n")[0]
+        want = completion_text(tok, ids, gen).split("\n")[0]
         assert sample["resps"][0][0] == want
     assert "acc,none" in out["results"]["pa_mc"] and "word_perplexity,none" in out["results"]["pa_rolling"]

@@ -122,6 +122,11 @@ def _add_security_flags(serve) -> None:
         "replay it with paradapt twin FILE or paradapt bench FILE",
     )
     serve.add_argument(
+        "--access-log-health",
+        action="store_true",
+        help="log /health requests that answer 200 too (off by default: probes every few seconds)",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -148,6 +153,7 @@ def guard_config(args: argparse.Namespace):
         allowed_hosts=allowed,
         max_request_bytes=args.max_request_bytes,
         access_log=not args.no_access_log,
+        access_log_health=getattr(args, "access_log_health", False),
     )
 
 

@@ -32,6 +32,8 @@ _LAZY = {
     "EncoderEngine": "engine",
     "Engine": "engine",
     "RequestHandle": "engine",
+    "IncrementalDetokenizer": "detokenize",
+    "NonFiniteLogitsError": "runner",
     "Runner": "runner",
     "SamplingParams": "sampling",
     "create_app": "app",  # needs the [serve] extra (fastapi, uvicorn)

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, ParadaptError
 from . import completions as generation
-from .engine import EncoderEngine, Engine, max_positions
+from .engine import EncoderEngine, Engine, check_token_ids, max_positions
 from .engine_thread import EngineLoop
 from .extras import extra_routes
 from .limits import tokenize_text
@@ -209,7 +209,7 @@ def _encoder_routes(app: FastAPI, server: _Server) -> None:
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request):
-        results, n = await server.encode(req.model, _texts(req.input), "embed", request)
+        results, n = await server.encode(req.model, _inputs(req.input), "embed", request)
         data = [
             {"object": "embedding", "index": i, "embedding": r["embedding"]} for i, r in enumerate(results)
         ]
@@ -219,6 +219,13 @@ def _encoder_routes(app: FastAPI, server: _Server) -> None:
 
 def _texts(inp: str | list[str]) -> list[str]:
     return [inp] if isinstance(inp, str) else inp
+
+
+def _inputs(inp) -> list[str | list[int]]:
+    """OpenAI's embeddings ``input``: a text, texts, token ids, or token-id lists -> one item each."""
+    if isinstance(inp, str) or all(isinstance(t, int) for t in inp):
+        return [inp]
+    return list(inp)
 
 
 # -- what the routes share ----------------------------------------------------------------------------
@@ -267,11 +274,20 @@ class _Server:
 
     # -- encoders ------------------------------------------------------------------------------
     async def encode(
-        self, model: str, texts: list[str], task: str, request: Request
+        self, model: str, texts: list[str | list[int]], task: str, request: Request
     ) -> tuple[list[dict], int]:
-        """Each text's result, and the token count; every text is checked before any is queued."""
+        """Each input's result (a text, or token ids), and the token count; every input is
+        checked before any is queued."""
         request.state.adapter = self.adapter_of(model)
-        ids = [await tokenize_text(self.tokenizer, t, self.max_len, "input") for t in texts]
+        ids = []
+        for i, t in enumerate(texts):
+            if isinstance(t, str):
+                ids.append(await tokenize_text(self.tokenizer, t, self.max_len, "input"))
+                continue
+            if not t:
+                raise ConfigError("input", f"input {i} has no tokens")
+            check_token_ids(self.engine.model, t, "input")
+            ids.append(list(t))
         request.state.tokens = sum(map(len, ids))  # the access log's token count
         for i, one in enumerate(ids):
             if self.max_len is not None and len(one) > self.max_len:

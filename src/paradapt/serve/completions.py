@@ -36,6 +36,7 @@ from .protocol import (
     refused_fields,
     sampling_params,
     streamable,
+    token_texts,
     usage,
 )
 from .sampling import SamplingParams
@@ -91,8 +92,29 @@ def prompts_of(server, prompt) -> list[tuple[str | None, list[int]]]:
 
 
 def _check_stream_options(req) -> None:
-    if req.stream_options is not None and not req.stream:
+    opts = req.stream_options
+    if opts is not None and not req.stream:
         raise ConfigError("stream_options", "is only allowed with stream: true (as in OpenAI's API)")
+    if opts is not None and opts.continuous_usage_stats and not opts.include_usage:
+        raise ConfigError("stream_options.continuous_usage_stats", "needs include_usage: true (as in vLLM)")
+
+
+@dataclass(frozen=True)
+class _StreamSpec:
+    """What a stream carries besides the text: usage (a last chunk; on every chunk too with
+    ``continuous``), token ids (vLLM's ``return_token_ids``), the echoed prompt."""
+
+    include_usage: bool = False
+    continuous: bool = False
+    token_ids: bool = False
+    echo: bool = False
+    hide_output: bool = False  # max_tokens 0 with echo: the one generated token is not shown
+
+
+def _stream_spec(req, **extra) -> _StreamSpec:
+    opts = req.stream_options
+    include = opts is not None and opts.include_usage
+    return _StreamSpec(include, include and opts.continuous_usage_stats, req.return_token_ids, **extra)
 
 
 def _choices(server, prompts: list[list[int]], params: SamplingParams, count: int) -> list[_Choice]:
@@ -149,8 +171,6 @@ async def completions(server, req: CompletionRequest, request: Request):
         raise ConfigError("best_of", f"must be >= n ({n}), got {best_of}")
     if req.stream and best_of > n:
         raise ConfigError("best_of", "cannot be used with stream (as in OpenAI's API)")
-    if req.stream and req.echo:
-        raise ConfigError("echo", "is not supported with stream here; send stream: false")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     if max_tokens == 0 and not req.echo:
         raise ConfigError("max_tokens", "0 is only allowed with echo (to score the prompt)")
@@ -164,8 +184,9 @@ async def completions(server, req: CompletionRequest, request: Request):
     q: asyncio.Queue = asyncio.Queue()
     await _submit(server, server.adapter_of(req.model), choices, q, request.state.handles)
     if req.stream:
-        include = req.stream_options is not None and req.stream_options.include_usage
-        gen = _sse(server, choices, q, req.model, rid, chat=False, include_usage=include)
+        spec = _stream_spec(req, echo=req.echo, hide_output=max_tokens == 0)
+        texts = [p for p, _ in prompts] if req.echo else None
+        gen = _sse(server, choices, q, req.model, rid, chat=False, spec=spec, prompt_texts=texts)
         return StreamingResponse(gen, media_type="text/event-stream")
     if not await _wait(server, choices, q, request):
         return Response(status_code=499)
@@ -176,19 +197,26 @@ async def completions(server, req: CompletionRequest, request: Request):
     for k, c in enumerate(kept):
         h = c.handle
         text, tokens, entries = h.text or "", list(h.tokens), list(h.logprobs)
+        pieces = list(h.text_pieces) if server.tokenizer is not None else None
         if max_tokens == 0:
-            text, tokens, entries = "", [], []
+            text, tokens, entries, pieces = "", [], [], []
         context = c.ids
         if req.echo:
             ptext = prompts[c.prompt][0]
             ptext = ptext if ptext is not None else _decode(server, c.ids)
             text = ptext + text
+            if pieces is not None:
+                pieces = [*token_texts(server.tokenizer, [], c.ids), *pieces]
             context, tokens, entries = [], [*c.ids, *tokens], [*h.prompt_logprobs, *entries]
         logprobs = None
         if req.logprobs is not None:
-            logprobs = completion_logprobs(server.tokenizer, context, tokens, entries)
+            logprobs = completion_logprobs(server.tokenizer, context, tokens, entries, pieces)
         reason = finish_reason(h.finish_reason)
-        out.append(choice(False, text, reason, delta=False, index=k, logprobs=logprobs))
+        one = choice(False, text, reason, delta=False, index=k, logprobs=logprobs)
+        if req.return_token_ids:  # vLLM's: per choice, the prompt's ids and the generated ids
+            one["prompt_token_ids"] = list(c.ids)
+            one["token_ids"] = [] if max_tokens == 0 else list(h.tokens)
+        out.append(one)
     generated = 0 if max_tokens == 0 else sum(len(c.handle.tokens) for c in kept)
     return {
         "id": rid,
@@ -240,8 +268,7 @@ async def chat(server, req: ChatRequest, request: Request):
     q: asyncio.Queue = asyncio.Queue()
     await _submit(server, server.adapter_of(req.model), choices, q, request.state.handles)
     if req.stream:
-        include = req.stream_options is not None and req.stream_options.include_usage
-        gen = _sse(server, choices, q, req.model, rid, chat=True, include_usage=include)
+        gen = _sse(server, choices, q, req.model, rid, chat=True, spec=_stream_spec(req))
         return StreamingResponse(gen, media_type="text/event-stream")
     if not await _wait(server, choices, q, request):
         return Response(status_code=499)
@@ -250,13 +277,13 @@ async def chat(server, req: ChatRequest, request: Request):
     out = []
     for k, c in enumerate(choices):
         h = c.handle
-        logprobs = chat_logprobs(server.tokenizer, c.ids, h.tokens, h.logprobs) if req.logprobs else None
-        out.append(
-            choice(
-                True, h.text or "", finish_reason(h.finish_reason), delta=False, index=k, logprobs=logprobs
-            )
-        )
-    return {
+        pieces = h.text_pieces if server.tokenizer is not None else None
+        logprobs = chat_logprobs(server.tokenizer, c.ids, h.tokens, h.logprobs, pieces) if req.logprobs else None
+        one = choice(True, h.text or "", finish_reason(h.finish_reason), delta=False, index=k, logprobs=logprobs)
+        if req.return_token_ids:  # vLLM's: the generated ids per choice, the prompt's once
+            one["token_ids"] = list(h.tokens)
+        out.append(one)
+    body = {
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
@@ -264,6 +291,9 @@ async def chat(server, req: ChatRequest, request: Request):
         "choices": out,
         "usage": usage(len(ids), sum(len(c.handle.tokens) for c in choices)),
     }
+    if req.return_token_ids:
+        body["prompt_token_ids"] = list(ids)
+    return body
 
 
 # -- waiting and streaming --------------------------------------------------------------------------
@@ -308,56 +338,133 @@ async def _wait(
     return True
 
 
-class _StreamedLogprobs:
-    """The log-probabilities of a streamed choice's tokens not yet sent (None when not asked):
-    each chunk carries those of the tokens generated since the previous one."""
+class _StreamedChoice:
+    """What of one streamed choice went out: its text (held back at possible stop strings), and
+    the tokens whose log-probabilities and ids went with it. Each chunk carries those of the
+    tokens generated since the previous chunk (a token whose text is held back goes with the
+    next chunk); the last chunk carries the rest."""
 
-    def __init__(self, tokenizer, c: _Choice, chat: bool):
-        self.tokenizer, self.c, self.chat = tokenizer, c, chat
-        self.sent = 0  # tokens whose log-probabilities went out
-        self.offset = 0  # characters of their text (completions' text_offset)
+    def __init__(self, server, c: _Choice, index: int, chat: bool, spec: _StreamSpec):
+        self.server, self.tokenizer, self.c, self.index = server, server.tokenizer, c, index
+        self.chat, self.spec = chat, spec
+        self.sent_prompt = False  # a completion choice's prompt ids go with its first chunk
+        self.text = ""  # text sent
+        self.scored = 0  # tokens whose log-probabilities went out
+        self.ids = 0  # tokens whose ids went out
+        self.offset = 0  # characters sent before the next token's text (completions' text_offset)
 
-    def new(self) -> dict | None:
+    def _shown(self) -> list[int]:
+        return [] if self.spec.hide_output else self.c.handle.tokens
+
+    def logprobs(self) -> dict | None:
+        """The log-probabilities of the tokens generated since the last call (None: not asked)."""
         h = self.c.handle
         if h.params.logprobs is None:
             return None
-        n = min(len(h.logprobs), len(h.tokens))  # the engine thread may be one token ahead
-        context, tokens = [*self.c.ids, *h.tokens[: self.sent]], h.tokens[self.sent : n]
-        entries = h.logprobs[self.sent : n]
-        self.sent = n
+        tokens = self._shown()
+        n = min(len(h.logprobs), len(tokens))  # the engine thread may be one token ahead
+        context, new = [*self.c.ids, *tokens[: self.scored]], tokens[self.scored : n]
+        entries = h.logprobs[self.scored : n]
+        pieces = h.text_pieces[self.scored : n] if self.tokenizer is not None else None
+        self.scored = n
         if self.chat:
-            return chat_logprobs(self.tokenizer, context, tokens, entries)
-        out = completion_logprobs(self.tokenizer, context, tokens, entries)
+            return chat_logprobs(self.tokenizer, context, new, entries, pieces)
+        return self._offsets(completion_logprobs(self.tokenizer, context, new, entries, pieces))
+
+    def _offsets(self, out: dict) -> dict:
         out["text_offset"] = [self.offset + o for o in out["text_offset"]]
         self.offset += sum(map(len, out["tokens"]))
         return out
 
+    def delta(self, final: bool) -> str | None:
+        """The text to send now (None: nothing new)."""
+        h = self.c.handle
+        if self.spec.hide_output:
+            return None
+        text = streamable(h.text or "", h.params.stop, final=final)
+        if len(text) > len(self.text) and text.startswith(self.text):
+            out, self.text = text[len(self.text) :], text
+            return out
+        return None
+
+    def body(self, text: str | None, reason: str | None, logprobs) -> dict:
+        """One chunk's choice, with the new token ids (``return_token_ids``) and, on a
+        completion choice's first chunk, its prompt's ids."""
+        one = choice(self.chat, text, reason, delta=True, index=self.index, logprobs=logprobs)
+        if self.spec.token_ids:
+            tokens = self._shown()
+            one["token_ids"] = list(tokens[self.ids :])
+            if not self.chat and self.ids == 0 and not self.sent_prompt:
+                one["prompt_token_ids"] = list(self.c.ids)
+            self.ids, self.sent_prompt = len(tokens), True
+        return one
+
+    def echo(self, prompt_text: str | None) -> dict:
+        """The first chunk of an echoing completion: the prompt's text, and with ``logprobs`` its
+        tokens' (the prompt's log-probabilities are complete once its first token is out)."""
+        h = self.c.handle
+        text = prompt_text if prompt_text is not None else _decode(self.server, self.c.ids)
+        logprobs = None
+        if h.params.logprobs is not None:
+            entries = h.prompt_logprobs[: len(self.c.ids)]
+            logprobs = self._offsets(completion_logprobs(self.tokenizer, [], self.c.ids, entries))
+        else:
+            self.offset += len(text)
+        one = choice(False, text, None, delta=True, index=self.index, logprobs=logprobs)
+        if self.spec.token_ids:
+            one["prompt_token_ids"], one["token_ids"] = list(self.c.ids), []
+            self.sent_prompt = True
+        return one
+
+    def usage(self) -> dict:
+        """This choice's usage so far (vLLM's ``continuous_usage_stats``)."""
+        return usage(len(self.c.ids), len(self.c.handle.tokens))
+
 
 async def _sse(
-    server, choices: list[_Choice], q: asyncio.Queue, model: str, rid: str, chat: bool, include_usage: bool
+    server,
+    choices: list[_Choice],
+    q: asyncio.Queue,
+    model: str,
+    rid: str,
+    chat: bool,
+    spec: _StreamSpec,
+    prompt_texts: list[str | None] | None = None,
 ) -> AsyncIterator[str]:
-    """The stream's events: per choice, the role (chat), text deltas held back at possible stop
-    strings, its finish reason; the usage chunk when asked; an error event if a choice failed;
-    ``[DONE]``."""
+    """The stream's events: per choice, the role (chat; with the prompt's token ids when asked),
+    the echoed prompt (completions with ``echo``), text deltas held back at possible stop strings,
+    its finish reason; usage on every chunk (``continuous_usage_stats``) and a last usage chunk
+    when asked; an error event if a choice failed; ``[DONE]``."""
     handles = [c.handle for c in choices]
-    sent = [""] * len(handles)
-    scored = [_StreamedLogprobs(server.tokenizer, c, chat) for c in choices]
+    streamed = [_StreamedChoice(server, c, k, chat, spec) for k, c in enumerate(choices)]
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     left = len(handles)
+
+    def event(k: int, one: dict) -> str:
+        use = streamed[k].usage() if spec.continuous else None
+        return chunk(rid, obj, created, model, one, use)
+
     try:
         if chat:
             for k in range(len(handles)):
                 first = {"index": k, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
-                yield chunk(rid, obj, created, model, first)
+                if spec.token_ids:
+                    first["token_ids"] = []
+                extra = {"prompt_token_ids": list(choices[k].ids)} if spec.token_ids and k == 0 else None
+                use = streamed[k].usage() if spec.continuous else None
+                yield chunk(rid, obj, created, model, first, use, extra)
+        echoed = [not spec.echo] * len(handles)
         while left:
             k, kind, _ = await q.get()
-            h = handles[k]
-            text = streamable(h.text or "", h.params.stop, final=kind == "done")
-            if len(text) > len(sent[k]) and text.startswith(sent[k]):
-                delta, sent[k] = text[len(sent[k]) :], text
-                one = choice(chat, delta, None, delta=True, index=k, logprobs=scored[k].new())
-                yield chunk(rid, obj, created, model, one)
+            h, st = handles[k], streamed[k]
+            if not echoed[k]:  # the prompt's log-probabilities are complete once a token is out
+                echoed[k] = True
+                if h.tokens and h.error is None:  # a request that ended before its prompt ran echoes nothing
+                    yield event(k, st.echo(prompt_texts[choices[k].prompt] if prompt_texts else None))
+            text = st.delta(final=kind == "done")
+            if text is not None:
+                yield event(k, st.body(text, None, st.logprobs()))
             if kind != "done":
                 continue
             left -= 1
@@ -366,13 +473,12 @@ async def _sse(
                 break
             # a request the server cancelled (shutdown) ends with vLLM's "abort"
             reason = "abort" if h.status == "cancelled" else finish_reason(h.finish_reason)
-            last = choice(chat, None, reason, delta=True, index=k, logprobs=scored[k].new())
-            yield chunk(rid, obj, created, model, last)
+            yield event(k, st.body(None, reason, st.logprobs()))
         else:
-            if include_usage:
+            if spec.include_usage:
                 prompt_tokens = sum(len(ids) for ids in {id(c.ids): c.ids for c in choices}.values())
-                use = usage(prompt_tokens, sum(len(h.tokens) for h in handles))
-                yield chunk(rid, obj, created, model, None, use)
+                generated = 0 if spec.hide_output else sum(len(h.tokens) for h in handles)
+                yield chunk(rid, obj, created, model, None, usage(prompt_tokens, generated))
         yield "data: [DONE]\n\n"
     finally:
         for h in handles:

@@ -47,6 +47,7 @@ from .core import (
     memory_split,
     scheduler_config,
 )
+from .detokenize import IncrementalDetokenizer
 from .runner import Runner
 from .sampling import SamplingParams
 from .scheduler import Request, ScheduledStep, SchedulerConfig
@@ -329,6 +330,9 @@ class RequestHandle:
     on_token: Callable[[RequestHandle, int], None] | None = None
     tokens: list[int] = field(default_factory=list)
     text: str | None = None
+    # what each generated token added to ``text`` (serve.detokenize; EOS adds nothing and has none)
+    text_pieces: list[str] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)
     status: str = "waiting"
     finish_reason: str | None = None
     error: Exception | None = None
@@ -545,6 +549,9 @@ class Engine(_EngineCore):
                 f"{len(ids)} prompt + {params.max_new_tokens} new tokens exceed the model's {limit} positions",
             )
         h = RequestHandle(self._new_id(request_id), adapter, ids, params, on_token)
+        if self.tokenizer is not None:
+            h.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+            h.text_pieces = h.detokenizer.pieces
         return self._queue(h, len(ids), params.max_new_tokens)
 
     def _encode(self, prompt) -> list[int]:
@@ -584,6 +591,10 @@ class Engine(_EngineCore):
             new = self.runner.execute(step)
         except Exception as e:  # find the request at fault; the others run on (see _isolate)
             new, failed = self._isolate(step, marks, e)
+        for error in self.runner.take_nonfinite():  # rows not sampled: only their requests fail
+            if not self.handles[error.request_id].done:  # once (a rerun may report it again)
+                log.error("request %s failed: %s", error.request_id, error)
+                failed.extend(self.fail_requests([error.request_id], error))
         stopped = {rid for rid, tok in new.items() if self._emit(self.handles[rid], tok)}
         done, end = failed, self.clock()
         for r in self.scheduler.complete(step, now, stopped):
@@ -648,8 +659,13 @@ class Engine(_EngineCore):
             h.first_token_at = self.clock()
         h.tokens.append(token)
         ended = token in eos
-        if self.tokenizer is not None:  # the EOS token's own text ("</s>") is not part of the answer
-            h.text = self.tokenizer.decode(h.tokens[:-1] if ended else h.tokens)
+        d = h.detokenizer
+        if d is not None:  # the EOS token's own text ("</s>") is not part of the answer
+            if not ended:
+                d.push(token)
+            if ended or len(h.tokens) >= h.params.max_new_tokens:
+                d.flush()  # the request ends here: release a held incomplete character
+            h.text = d.text
         if h.on_token is not None:
             h.on_token(h, token)
         if ended:

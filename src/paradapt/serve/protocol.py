@@ -17,6 +17,7 @@ from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterPinnedError
 from .core import AdapterAccessError, AdapterLoadError
 from .limits import bounded_stop
+from .runner import NonFiniteLogitsError
 from .sampling import SamplingParams
 from .scheduler import QueueFullError, RequestTooLargeError
 
@@ -29,6 +30,7 @@ MAX_CHOICES = 16  # n and best_of: each choice is one engine request
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage on every chunk (with include_usage)
 
 
 class _Sampling(BaseModel):
@@ -58,6 +60,7 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(0, ge=0)  # vLLM's extension
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and ignored, as OpenAI's end-user id is
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids
 
 
 #: Fields OpenAI accepts that this server does not implement: a request that sets one (to
@@ -133,16 +136,26 @@ class ChatRequest(_Sampling):
 
 
 class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # unknown fields: 400 naming them, as everywhere
+
     model: str
     input: str | list[str] = Field(min_length=1)
 
 
 class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: ``input`` is a text, texts, token ids, or token-id lists."""
+
+    model_config = ConfigDict(extra="forbid")
+
     model: str
-    input: str | list[str] = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    encoding_format: Literal["float"] = "float"  # OpenAI's default; base64 is not implemented
+    user: str | None = None  # accepted and ignored, as OpenAI's end-user id is
 
 
 class AdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str
 
 
@@ -195,6 +208,8 @@ def paradapt_error(exc: ParadaptError, path: str, decoder: bool) -> JSONResponse
         return error_response(409, str(exc), "conflict_error", "name")
     if isinstance(exc, AdapterAccessError):
         return error_response(403, str(exc), "permission_error", "lora_path")
+    if isinstance(exc, NonFiniteLogitsError):
+        return error_response(422, str(exc), "non_finite_error", "model")
     if isinstance(exc, AdapterLoadError):
         return error_response(422, str(exc), "adapter_load_error", name_field)
     if isinstance(exc, (ConfigError, RequestTooLargeError)):
@@ -363,14 +378,26 @@ def token_texts(tokenizer, context: list[int], tokens: list[int]) -> list[str]:
     return out
 
 
-def completion_logprobs(tokenizer, context: list[int], tokens: list[int], entries: list) -> dict:
+def chosen_texts(tokenizer, context: list[int], tokens: list[int], pieces: list[str] | None) -> list[str]:
+    """The text of each chosen token: the detokenizer's ``pieces`` where it has them (what each
+    generated token added to the answer, so they join to its text), else decoded after
+    ``context`` (prompt tokens, and a generated EOS, which adds no text to the answer)."""
+    pieces = list(pieces or ())[: len(tokens)]
+    rest = token_texts(tokenizer, [*context, *tokens[: len(pieces)]], tokens[len(pieces) :])
+    return [*pieces, *rest]
+
+
+def completion_logprobs(
+    tokenizer, context: list[int], tokens: list[int], entries: list, pieces: list[str] | None = None
+) -> dict:
     """OpenAI's completions ``logprobs`` object over ``tokens`` (their ``entries``:
     :class:`~paradapt.serve.sampling.TokenLogprob` or None for the first prompt token).
 
     ``top_logprobs`` maps each alternative's text to its log-probability, the chosen token
     included (as vLLM); ``text_offset`` counts characters from the start of the choice's text.
+    ``pieces``: the generated tokens' texts from the detokenizer (:func:`chosen_texts`).
     """
-    texts = token_texts(tokenizer, context, tokens)
+    texts = chosen_texts(tokenizer, context, tokens, pieces)
     offsets, at = [], 0
     for t in texts:
         offsets.append(at)
@@ -392,9 +419,11 @@ def completion_logprobs(tokenizer, context: list[int], tokens: list[int], entrie
     }
 
 
-def chat_logprobs(tokenizer, context: list[int], tokens: list[int], entries: list) -> dict:
+def chat_logprobs(
+    tokenizer, context: list[int], tokens: list[int], entries: list, pieces: list[str] | None = None
+) -> dict:
     """OpenAI's chat ``logprobs`` object: ``content[]`` of token, logprob, bytes, top_logprobs."""
-    texts = token_texts(tokenizer, context, tokens)
+    texts = chosen_texts(tokenizer, context, tokens, pieces)
     content = []
     for i, e in enumerate(entries):
         ctx = [*context, *tokens[:i]]
@@ -413,14 +442,24 @@ def chat_logprobs(tokenizer, context: list[int], tokens: list[int], entries: lis
     return {"content": content}
 
 
-def chunk(rid: str, obj: str, created: int, model: str, choice: dict | None, use: dict | None = None) -> str:
-    """One server-sent event carrying a completion chunk (``choice`` None: the usage chunk)."""
+def chunk(
+    rid: str,
+    obj: str,
+    created: int,
+    model: str,
+    choice: dict | None,
+    use: dict | None = None,
+    extra: dict | None = None,
+) -> str:
+    """One server-sent event carrying a completion chunk (``choice`` None: the usage chunk;
+    ``extra``: more top-level fields, e.g. chat's ``prompt_token_ids``)."""
     body = {
         "id": rid,
         "object": obj,
         "created": created,
         "model": model,
         "choices": [] if choice is None else [choice],
+        **(extra or {}),
     }
     if use is not None:
         body["usage"] = use

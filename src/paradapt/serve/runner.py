@@ -25,6 +25,19 @@ from .sampling import History, SamplingParams, TokenLogprob, logprobs_of, make_g
 from .scheduler import ScheduledStep
 
 
+class NonFiniteLogitsError(ParadaptError):
+    """A request's logits went NaN or infinite (its adapter's weights, or its prompt, drive the
+    values out of range): sampling them would give garbage tokens, so the request fails alone."""
+
+    def __init__(self, request_id: str, adapter: str | None, position: int):
+        self.request_id, self.adapter = request_id, adapter
+        who = "the base model" if adapter is None else f"adapter {adapter!r}"
+        super().__init__(
+            f"the model's logits became NaN or infinite for this request at generated token {position} "
+            f"(with {who}); its output would be garbage, so it was stopped"
+        )
+
+
 @dataclass(eq=False)
 class Sequence:
     """A running generation as the Runner sees it: its tokens, adapter and random stream."""
@@ -76,6 +89,7 @@ class Runner:
         self.kv_block = self.kv.kv_block  # allocation unit: the scheduler reserves in these
         self.kv_tokens = self.kv.kv_tokens
         self._seqs: dict[str, Sequence] = {}
+        self._nonfinite: list[NonFiniteLogitsError] = []  # rows dropped since the last take_nonfinite
 
     # -- requests -----------------------------------------------------------------
     def add(
@@ -133,6 +147,7 @@ class Runner:
         if scored:
             self._record_prompt_logprobs(scored, logits[len(samplers) :])
             logits = logits[: len(samplers)]
+        samplers, logits = self._finite_rows(samplers, logits)
         histories = [None if s.params.plain else History(s.prompt, s.output, s.eos) for s in samplers]
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers], histories)
         asked = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
@@ -144,6 +159,30 @@ class Runner:
         for seq, tok in zip(samplers, tokens, strict=True):
             seq.output.append(tok)
         return {seq.id: tok for seq, tok in zip(samplers, tokens, strict=True)}
+
+    def _finite_rows(self, samplers: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """The samplers whose logits row is usable, and those rows. A row with NaN or +inf (or
+        only -inf) is not sampled (argmax of NaN is garbage, multinomial raises): its request is
+        recorded for :meth:`take_nonfinite`, and the other rows go on untouched."""
+        if not samplers:
+            return samplers, logits
+        # NaN or +inf anywhere, or nothing above -inf (a model may mask tokens with -inf)
+        bad = logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1)
+        ok = (~bad).tolist()
+        if all(ok):
+            return samplers, logits
+        for seq, fine in zip(samplers, ok, strict=True):
+            if not fine:
+                self._nonfinite.append(NonFiniteLogitsError(seq.id, seq.adapter, len(seq.output)))
+        keep = [i for i, fine in enumerate(ok) if fine]
+        rows = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+        return [samplers[i] for i in keep], rows
+
+    def take_nonfinite(self) -> list[NonFiniteLogitsError]:
+        """The requests whose logits were not finite since the last call (each one's error);
+        the engine fails them. Their sequences stay until freed."""
+        out, self._nonfinite = self._nonfinite, []
+        return out
 
     def _scored_prompt_rows(self, step: ScheduledStep, batch) -> list[tuple[Sequence, int, int]]:
         """(sequence, prompt index scored, packed-row position whose logits score it) for the

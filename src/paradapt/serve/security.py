@@ -40,6 +40,7 @@ access_log = logging.getLogger("paradapt.access")
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 OPEN_PATHS = ("/health",)
+QUIET_PATHS = ("/health",)  # probed every few seconds (Kubernetes): logged only when not 200
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class GuardConfig:
     no key). ``metrics_without_key``: ``/metrics`` open too (for a Prometheus scraper).
     ``allowed_hosts``: the ``Host`` header values accepted, without port (None: any).
     ``max_request_bytes``: the largest request body (None: unbounded).
-    ``access_log``: one line per request on the ``paradapt.access`` logger.
+    ``access_log``: one line per request on the ``paradapt.access`` logger, except answered
+    ``/health`` probes unless ``access_log_health`` (a failing probe is always logged).
     """
 
     api_key: str | None = None
@@ -58,6 +60,7 @@ class GuardConfig:
     allowed_hosts: tuple[str, ...] | None = None
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES
     access_log: bool = True
+    access_log_health: bool = False
 
 
 def default_allowed_hosts(bind: str) -> tuple[str, ...] | None:
@@ -130,8 +133,15 @@ class Guard:
                 if status[0] is None:
                     await _send_error(send_, 500, f"internal error (request id {rid})", "server_error")
         finally:
-            if self.config.access_log:
+            if self._logged(scope["path"], status[0]):
                 _log_access(scope, state, status[0], time.perf_counter() - start, rid)
+
+    def _logged(self, path: str, status: int | None) -> bool:
+        """Whether the access log gets a line: not for health probes that answered 200 (load
+        balancers and Kubernetes probe every few seconds), unless asked."""
+        if not self.config.access_log:
+            return False
+        return self.config.access_log_health or path not in QUIET_PATHS or status != 200
 
     def _refusal(self, scope) -> tuple | None:
         """(status, message, type, param, code, headers) of a request refused before the app sees it."""
