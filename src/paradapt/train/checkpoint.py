@@ -64,8 +64,8 @@ def save(trainer: Trainer, output_dir: str | os.PathLike, keep: int = 2) -> Path
     tmp = folder / f".step-{trainer.step}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        for t in trainer.tasks:
-            save_adapter(trainer.model, t.name, tmp / "adapters" / t.name)
+        for n in trainer.adapter_names():  # a mixture's experts too: the folder loads on its own
+            save_adapter(trainer.model, n, tmp / "adapters" / n)
         torch.save(trainer.state_dict(), tmp / STATE_FILE)
         info = {
             "step": trainer.step,
