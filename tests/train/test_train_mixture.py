@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from _train_fixtures import WORDS, losses, save_tiny_llama, save_tokenizer
+from conftest import asset_path, require_asset
 
 import paradapt as pa
 from paradapt.errors import ConfigError
@@ -289,3 +290,45 @@ def test_library_refusals_name_the_expert_entry(setup, tmp_path):
     with pytest.raises(ConfigError, match="shares no site") as e:
         train(cfg, progress=False)
     assert e.value.field == "adapters.0.experts.0"
+
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "train_mixture.yaml"
+
+
+def test_example_config_is_valid(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARADAPT_ASSETS", str(tmp_path))
+    cfg, base = load_config(EXAMPLE)
+    mix = cfg.adapter_config(0)
+    assert isinstance(mix, pa.Mixture) and mix.experts == ["sst2-parallel", "agnews-parallel"]
+    assert mix.train_experts is False and mix.granularity == "sequence" and len(mix.head["labels"]) == 6
+    train_specs, evals = cfg.data_specs(0, base)
+    assert [s.path for s in train_specs] == [
+        str(tmp_path / "data" / "sst2" / "train.tsv"),
+        str(tmp_path / "data" / "agnews" / "dev.tsv"),
+    ]
+    assert evals is None and cfg.adapters[0].eval_fraction == 0.1
+
+
+def test_example_runs_on_minilm_with_the_bundled_experts(tmp_path):
+    """examples/train_mixture.yaml as written (MiniLM, bundled experts, SST-2 + AG News rows), 2 steps."""
+    require_asset(asset_path("data", "sst2"), "SST-2 data")
+    require_asset(asset_path("data", "agnews"), "AG News data")
+    result = train(
+        str(EXAMPLE),
+        progress=False,
+        **{
+            "output_dir": str(tmp_path / "run"),
+            "train.max_steps": 2,
+            "train.batch_size": 4,
+            "adapters.0.data.0.limit": 10,
+            "adapters.0.data.1.limit": 10,
+            "adapters.0.eval_fraction": 0.2,
+        },
+    )
+    assert result.experts == {"mix": ["sst2-parallel", "agnews-parallel"]}
+    assert "accuracy" in result.metrics["mix"]
+    from paradapt.bundled import bundled_path
+
+    for e in ("sst2-parallel", "agnews-parallel"):  # frozen: the shipped weights, unchanged
+        want, got = tensors(bundled_path(e)), tensors(result.adapters[e])
+        assert all(torch.equal(want[k], got[k]) for k in want)

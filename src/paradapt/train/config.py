@@ -177,7 +177,7 @@ class RunConfig(_Section):
                 raise ConfigError(f"{where}.config", "a loaded expert's options come from its folder")
             if e.name is None and e.path is None:
                 raise ConfigError(f"{where}.name", "a new expert needs a name")
-            name = e.name if e.name is not None else Path(e.path).name
+            name = e.name if e.name is not None else Path(e.path.removeprefix("bundled:")).name
             if not _NAME.match(name):
                 raise ConfigError(
                     f"{where}.name", f"letters, digits, '_', '.', '-' only, got {name!r} (set name:)"

@@ -48,7 +48,8 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainResult:
-    """What a run produced: where the adapters are, and the last eval metrics per adapter."""
+    """What a run produced: where the adapters are (a mixture's experts too), and the last eval
+    metrics per adapter; ``experts`` maps each mixture to its experts' names."""
 
     output_dir: Path
     adapters: dict[str, Path]
@@ -58,6 +59,7 @@ class TrainResult:
     checkpoint: Path | None
     curves: Path | None
     history: list[dict] = field(repr=False, default_factory=list)
+    experts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def train(
@@ -278,8 +280,9 @@ def _finish(
     dist.barrier()
     evals = [r["eval"] for r in trainer.history if "eval" in r]
     best = {n: out / "best" / n for n in names if (out / "best" / n).is_dir()}
+    experts = {t.name: list(t.experts) for t in trainer.tasks if t.experts}
     return TrainResult(
-        out, adapters, best, evals[-1] if evals else {}, trainer.step, saved, curves, trainer.history
+        out, adapters, best, evals[-1] if evals else {}, trainer.step, saved, curves, trainer.history, experts
     )
 
 
