@@ -212,6 +212,10 @@ def test_joint_training_with_a_new_expert_and_resume_is_exact(setup, tmp_path):
         train(config(tmp_path / "cut"), progress=False, callbacks=[stop])
     train(config(tmp_path / "cut"), resume=True, progress=False)
     assert losses(tmp_path / "cut" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
+    # best/ holds the mixture with its experts of the same step: it loads on its own
+    tok, model = load_model(setup["llama"])
+    load_mixture(model, tmp_path / "full" / "best" / "mix")
+    assert sorted(pa.list_adapters(model)) == ["fresh", "mix", "ta"]
     for n in ("mix", "ta", "fresh"):
         want, got = tensors(tmp_path / "full" / "adapters" / n), tensors(tmp_path / "cut" / "adapters" / n)
         assert all(torch.equal(want[k], got[k]) for k in want), n
@@ -332,3 +336,15 @@ def test_example_runs_on_minilm_with_the_bundled_experts(tmp_path):
     for e in ("sst2-parallel", "agnews-parallel"):  # frozen: the shipped weights, unchanged
         want, got = tensors(bundled_path(e)), tensors(result.adapters[e])
         assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_data_list_mixing_task_types_fails_naming_the_file(setup, tmp_path):
+    from _train_fixtures import write_cls_jsonl
+
+    from paradapt.train.data import DataError
+
+    cls = write_cls_jsonl(tmp_path / "cls.jsonl", 8)
+    cfg = mixture_config(setup, tmp_path / "run")
+    cfg["adapters"][0]["data"] = [str(setup["a"]), str(cls)]
+    with pytest.raises(DataError, match="cls.jsonl:1.*'classification'.*'lm'"):
+        train(cfg, progress=False)
