@@ -342,7 +342,7 @@ def _mixture_note(folder: Path, name: str, experts: list[str]) -> None:
     lines = [
         f"# Mixture {name}",
         "",
-        "A learned mixture (router weights only). It references its experts by name; load them",
+        "A learned mixture: its routers (and head, if any) only. It names its experts; load them",
         "first, from the sibling folders of this run:",
         "",
         *[f"- `../{e}/` as `{e}`" for e in experts],
