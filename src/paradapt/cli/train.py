@@ -69,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
     if result.checkpoint is None:  # not rank 0 of a distributed run
         return 0
     print(f"trained {result.steps} steps; output in {result.output_dir}")
+    used_by = {e: m for m, experts in result.experts.items() for e in experts}
     for name, path in result.adapters.items():
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.get(name, {}).items())
+        if name in used_by and not metrics:
+            metrics = f"expert of mixture {used_by[name]}"
         print(f"  {name}: {metrics or 'no eval data'}; adapter {path}")
     if result.curves is not None:
         print(f"curves: {result.curves}")

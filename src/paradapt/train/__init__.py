@@ -8,7 +8,7 @@
 
 from .config import RunConfig, load_config
 from .loop import Task, TrainArgs, Trainer
-from .run import Interrupted, TrainResult, train
+from .run import Interrupted, TrainResult, load_mixture, train
 
 __all__ = [
     "Interrupted",
@@ -19,6 +19,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "load_config",
+    "load_mixture",
     "train",
 ]
 

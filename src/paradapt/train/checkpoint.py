@@ -6,6 +6,7 @@ Layout under ``output_dir``::
     checkpoints/step-N/trainer_state.pt   optimizer, scheduler, data cursors, RNG, adapter tensors
     checkpoints/step-N/checkpoint.json    step and the last eval metrics (for people and tools)
     best/<name>/                          each adapter at its best eval metric so far
+                                          (a mixture's experts beside it, as of that step)
     best/best.json                        the step and score of each best
 
 A checkpoint folder is written as ``.step-N.tmp-*`` and renamed into place, so a crash
@@ -64,8 +65,8 @@ def save(trainer: Trainer, output_dir: str | os.PathLike, keep: int = 2) -> Path
     tmp = folder / f".step-{trainer.step}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        for t in trainer.tasks:
-            save_adapter(trainer.model, t.name, tmp / "adapters" / t.name)
+        for n in trainer.adapter_names():  # a mixture's experts too: the folder loads on its own
+            save_adapter(trainer.model, n, tmp / "adapters" / n)
         torch.save(trainer.state_dict(), tmp / STATE_FILE)
         info = {
             "step": trainer.step,
@@ -114,12 +115,15 @@ class BestKeeper:
         self.best: dict[str, dict] = json.loads(self.file.read_text()) if self.file.is_file() else {}
 
     def update(self, trainer: Trainer, metrics: dict[str, dict[str, float]]) -> list[str]:
-        """Save the adapters that beat their best; returns their names."""
+        """Save the adapters that beat their best (a mixture with its experts); returns their names."""
         improved = []
+        experts = {t.name: t.experts for t in trainer.tasks}
         for name, m in metrics.items():
             s = score(m)
             if name not in self.best or s > self.best[name]["score"]:
                 save_adapter(trainer.model, name, self.folder / name)
+                for e in experts.get(name, []):  # best/<mixture> loads with the experts of that step
+                    save_adapter(trainer.model, e, self.folder / e)
                 self.best[name] = {"step": trainer.step, "score": s, "metrics": m}
                 improved.append(name)
         if improved:

@@ -34,12 +34,13 @@ from pydantic import (
 )
 
 from ..checks import is_int
-from ..config import CONFIG_CLASSES, AdapterConfig
+from ..config import CONFIG_CLASSES, FILE_KINDS, AdapterConfig, Mixture
 from ..errors import ConfigError
 from .data import DataSpec
 from .loop import TrainArgs
 
 Kind = Literal[tuple(CONFIG_CLASSES)]  # the adapter kinds, from the one registry (pydantic checks them)
+EntryKind = Literal[tuple(FILE_KINDS)]  # an entry may also be a mixture over experts
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -93,15 +94,32 @@ def _train_section() -> type[_Section]:
 TrainSection = _train_section()
 
 
+class ExpertEntry(_Section):
+    """One expert of a mixture: an existing adapter folder (``path``, loaded frozen unless the
+    mixture's ``train_experts`` is true) or a new adapter (``kind`` and ``config``, trained jointly)."""
+
+    name: str | None = Field(None, description="the expert's adapter name (default: the folder's name)")
+    path: str | None = Field(None, description="an adapter folder to load (relative to the config file)")
+    kind: Kind | None = Field(None, description="a new adapter's kind (with config)")
+    config: dict[str, Any] | None = Field(None, description="a new adapter's options: r, scale ...")
+
+
+DataField = dict[str, Any] | str | list[dict[str, Any] | str]
+
+
 class AdapterEntry(_Section):
-    """One adapter of the run: its name, kind, options and data."""
+    """One adapter of the run: its name, kind, options and data (a list: rows of all of them)."""
 
     name: str
-    kind: Kind = "parallel"
+    kind: EntryKind = "parallel"
     config: dict[str, Any] = Field(default_factory=dict, description="the kind's options: r, scale, head ...")
-    data: dict[str, Any] | str
-    eval_data: dict[str, Any] | str | None = None
+    data: DataField
+    eval_data: DataField | None = None
     eval_fraction: float | None = Field(None, gt=0, lt=1)
+    experts: list[ExpertEntry] | None = Field(None, description="kind mixture: the adapters it gates")
+    aux_loss_coef: float = Field(
+        0.0, ge=0, description="kind mixture: weight of the Switch load-balancing loss (0.01 is usual)"
+    )
 
 
 class RunConfig(_Section):
@@ -133,21 +151,56 @@ class RunConfig(_Section):
     def adapter_config(self, i: int) -> AdapterConfig:
         """The ``adapters[i]`` options as the kind's config object (unknown keys: did-you-mean)."""
         entry = self.adapters[i]
-        return build_adapter_config(entry.kind, entry.config, f"adapters.{i}.config")
+        where = f"adapters.{i}.config"
+        if entry.kind != Mixture.kind:
+            if entry.experts is not None:
+                raise ConfigError(
+                    f"adapters.{i}.experts", f"only a mixture has experts (kind is {entry.kind!r})"
+                )
+            return build_adapter_config(entry.kind, entry.config, where)
+        if "experts" in entry.config:
+            raise ConfigError(f"{where}.experts", f"list the experts in adapters.{i}.experts, not in config")
+        names = [name for name, _ in self.experts(i)]
+        return build_adapter_config(entry.kind, {**entry.config, "experts": names}, where)
+
+    def experts(self, i: int) -> list[tuple[str, ExpertEntry]]:
+        """``adapters[i]``'s experts as ``(name, entry)``: a folder's default name is its basename."""
+        entry = self.adapters[i]
+        if not entry.experts:
+            raise ConfigError(f"adapters.{i}.experts", "a mixture needs a list of at least two experts")
+        out = []
+        for j, e in enumerate(entry.experts):
+            where = f"adapters.{i}.experts.{j}"
+            if (e.path is None) == (e.kind is None):
+                raise ConfigError(where, "give either path (an adapter folder) or kind (a new adapter)")
+            if e.path is not None and e.config is not None:
+                raise ConfigError(f"{where}.config", "a loaded expert's options come from its folder")
+            if e.name is None and e.path is None:
+                raise ConfigError(f"{where}.name", "a new expert needs a name")
+            name = e.name if e.name is not None else Path(e.path.removeprefix("bundled:")).name
+            if not _NAME.match(name):
+                raise ConfigError(
+                    f"{where}.name", f"letters, digits, '_', '.', '-' only, got {name!r} (set name:)"
+                )
+            out.append((name, e))
+        return out
+
+    def expert_config(self, i: int, j: int) -> AdapterConfig:
+        """A new expert's config object (``adapters[i].experts[j]``, with ``kind``)."""
+        e = self.adapters[i].experts[j]
+        return build_adapter_config(e.kind, e.config or {}, f"adapters.{i}.experts.{j}.config")
 
     def data_specs(
         self, i: int, base_dir: str | os.PathLike | None = None
-    ) -> tuple[DataSpec, DataSpec | None]:
-        """Train and eval :class:`DataSpec` of ``adapters[i]`` (paths relative to ``base_dir``)."""
+    ) -> tuple[DataSpec | list[DataSpec], DataSpec | list[DataSpec] | None]:
+        """Train and eval :class:`DataSpec` of ``adapters[i]`` (paths relative to ``base_dir``);
+        a ``data:`` list gives a list (its rows are read as one data set)."""
         entry = self.adapters[i]
-        train = DataSpec.from_dict(_expand(entry.data), where=f"adapters.{i}.data", base_dir=base_dir)
+        train = _specs(entry.data, f"adapters.{i}.data", base_dir)
         evals = None
         if entry.eval_data is not None:
-            evals = DataSpec.from_dict(
-                _inherit_chat(_expand(entry.eval_data), train),
-                where=f"adapters.{i}.eval_data",
-                base_dir=base_dir,
-            )
+            first = train[0] if isinstance(train, list) else train
+            evals = _specs(entry.eval_data, f"adapters.{i}.eval_data", base_dir, inherit=first)
             if entry.eval_fraction is not None:
                 raise ConfigError(f"adapters.{i}.eval_fraction", "give either eval_data or eval_fraction")
         return train, evals
@@ -205,12 +258,19 @@ def validate(raw: dict) -> RunConfig:
         if names.index(a.name) != i:
             raise ConfigError(f"adapters.{i}.name", f"{a.name!r} is used twice")
         cfg.adapter_config(i)  # options fail here, before any model is loaded
+        if a.kind == Mixture.kind:
+            for j, (name, e) in enumerate(cfg.experts(i)):
+                if name in names:
+                    raise ConfigError(f"adapters.{i}.experts.{j}.name", f"{name!r} is used twice")
+                names.append(name)
+                if e.kind is not None:
+                    cfg.expert_config(i, j)
     return cfg
 
 
 def build_adapter_config(kind: str, options: dict, where: str) -> AdapterConfig:
     """The kind's config object; unknown or bad options name ``where.<key>``."""
-    cls = CONFIG_CLASSES[kind]
+    cls = FILE_KINDS[kind]
     known = [f.name for f in dataclasses.fields(cls)]
     for key in options:
         if key not in known:
@@ -337,6 +397,19 @@ def _first_model(tp: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def _specs(
+    raw: Any, where: str, base_dir: str | os.PathLike | None, inherit: DataSpec | None = None
+) -> DataSpec | list[DataSpec]:
+    """One :class:`DataSpec`, or a list of them for a ``data:`` list (``where.N``)."""
+    if isinstance(raw, list):
+        if not raw:
+            raise ConfigError(where, "an empty list: give at least one data file")
+        return [_specs(r, f"{where}.{j}", base_dir, inherit) for j, r in enumerate(raw)]
+    if inherit is not None:
+        raw = _inherit_chat(_expand(raw), inherit)
+    return DataSpec.from_dict(_expand(raw), where=where, base_dir=base_dir)
 
 
 def _expand(spec: dict | str) -> dict | str:

@@ -51,6 +51,7 @@ from ..checks import is_int
 from ..errors import ConfigError
 from ..heads import classify
 from ..io import save_adapter
+from ..mixture import mixture_aux_loss
 from . import distributed
 from .data import IGNORE_INDEX, TokenizedDataset, length_buckets, seeded_order
 
@@ -101,11 +102,18 @@ class TrainArgs:
 
 @dataclass
 class Task:
-    """One adapter being trained: its name and data."""
+    """One adapter being trained: its name and data.
+
+    A mixture's task also names its ``experts``: the task's optimizer steps those of their
+    parameters that require grad (new experts, or all with ``train_experts``), and its loss
+    adds ``aux_loss_coef`` times the mixture's load-balancing loss (``pa.mixture_aux_loss``).
+    """
 
     name: str
     train: TokenizedDataset
     eval: TokenizedDataset | None = None
+    experts: list[str] = field(default_factory=list)
+    aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -167,7 +175,9 @@ class Trainer:
         lifecycle.set_trainable(model, [t.name for t in tasks], True)
         self.opts, self.scheds = {}, {}
         for t in tasks:
-            params = [p for p in model.paradapt[t.name].parameters() if p.requires_grad]
+            params = [
+                p for n in (t.name, *t.experts) for p in model.paradapt[n].parameters() if p.requires_grad
+            ]
             opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
             self.opts[t.name] = opt
             self.scheds[t.name] = torch.optim.lr_scheduler.LambdaLR(
@@ -182,6 +192,7 @@ class Trainer:
         self._index = {t.name: i for i, t in enumerate(tasks)}
         self._interrupted = False
         self._routed: list[str] = []  # the rows' adapters of the forward running now
+        self._rows: torch.Tensor | None = None  # rows per task in the global batch (aux loss shares)
         if args.gradient_checkpointing:
             _enable_checkpointing(model, self._recompute_contexts)
 
@@ -305,7 +316,24 @@ class Trainer:
         dev = per_row.device
         sums = torch.zeros(len(self.tasks), dtype=per_row.dtype, device=dev)
         sums = sums.index_add(0, self._ids(names, dev), per_row)
-        return sums / denominators.to(dev, per_row.dtype)
+        return sums / denominators.to(dev, per_row.dtype) + self._aux_losses(names, dev)
+
+    def _aux_losses(self, names: list[str], device: torch.device) -> torch.Tensor | float:
+        """Each mixture task's ``aux_loss_coef * pa.mixture_aux_loss`` of the forward just run,
+        by task index, weighted by its rows' share of the task's rows in the global batch (so
+        the micro-batches of a step add up to about one term per step)."""
+        present = [t for t in self.tasks if t.aux_loss_coef and t.name in names]
+        if not present or not torch.is_grad_enabled():
+            return 0.0
+        out = torch.zeros(len(self.tasks), device=device)
+        for t in present:
+            i = self._index[t.name]
+            share = sum(1 for n in names if n == t.name) / (
+                float(self._rows[i]) if self._rows is not None else 1.0
+            )
+            aux = mixture_aux_loss(self.model, t.name).to(device)
+            out[i] = t.aux_loss_coef * share * aux
+        return out
 
     def _losses(
         self, batch: dict, names: list[str], denominators: torch.Tensor | None = None
@@ -361,6 +389,7 @@ class Trainer:
         for _ in range(self.args.grad_accum):
             rows, names = self._batch()
             denominators = self._global_denominators(rows, names)
+            self._rows = self._denominators(torch.ones(len(rows)), names)
             start, stop = self.dist.share(len(rows))
             rows, names = rows[start:stop], names[start:stop]
             for part in self._micro_batch_split(rows):
@@ -482,9 +511,23 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def save_adapters(self, folder: str | os.PathLike) -> None:
-        """Each trained adapter (with its head) to ``folder/<name>``, written atomically."""
+        """Each trained adapter (with its head) and every mixture's experts to ``folder/<name>``,
+        written atomically (a mixture names its experts: the folder holds them beside it)."""
+        for n in self.adapter_names():
+            save_adapter(self.model, n, Path(folder) / n)
+
+    def adapter_names(self) -> list[str]:
+        """The tasks' adapters, then the experts of the mixtures among them (each once)."""
+        return list(dict.fromkeys([t.name for t in self.tasks] + [e for t in self.tasks for e in t.experts]))
+
+    def trained_adapters(self) -> list[str]:
+        """The adapters whose weights this run changes: the tasks', and experts with trainable parameters."""
+        names = [t.name for t in self.tasks]
         for t in self.tasks:
-            save_adapter(self.model, t.name, Path(folder) / t.name)
+            for e in t.experts:
+                if e not in names and any(p.requires_grad for p in self.model.paradapt[e].parameters()):
+                    names.append(e)
+        return names
 
     def state_dict(self) -> dict:
         return {
@@ -493,7 +536,7 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self.opts.items()},
             "schedulers": {n: s.state_dict() for n, s in self.scheds.items()},
             "cursors": {n: asdict(c) for n, c in self.cursors.items()},
-            "adapters": {t.name: self.model.paradapt[t.name].state_dict() for t in self.tasks},
+            "adapters": {n: self.model.paradapt[n].state_dict() for n in self.trained_adapters()},
             "tokens": self.tokens,
             "rng": _rng_state(),
         }

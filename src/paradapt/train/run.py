@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 
 from .. import lifecycle
-from ..errors import ConfigError
-from ..io import save_adapter
+from ..config import Mixture
+from ..errors import ConfigError, ParadaptError
+from ..io import CONFIG_FILE, load_adapter, save_adapter
 from . import checkpoint, distributed
 from .config import RunConfig, load_config
 from .data import LabelMap, build_datasets
@@ -46,7 +48,8 @@ class Interrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainResult:
-    """What a run produced: where the adapters are, and the last eval metrics per adapter."""
+    """What a run produced: where the adapters are (a mixture's experts too), and the last eval
+    metrics per adapter; ``experts`` maps each mixture to its experts' names."""
 
     output_dir: Path
     adapters: dict[str, Path]
@@ -56,6 +59,7 @@ class TrainResult:
     checkpoint: Path | None
     curves: Path | None
     history: list[dict] = field(repr=False, default_factory=list)
+    experts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def train(
@@ -84,8 +88,11 @@ def train(
     tok, model = _load_model(cfg, base_dir)
     tasks, adapter_cfgs = _build_tasks(cfg, tok, base_dir)
     torch.manual_seed(cfg.train.seed)
-    for name, acfg in adapter_cfgs.items():
-        lifecycle.add_adapter(model, name, acfg)
+    for i, (name, acfg) in enumerate(adapter_cfgs.items()):
+        if isinstance(acfg, Mixture):
+            _add_mixture(model, cfg, i, acfg, base_dir)
+        else:
+            lifecycle.add_adapter(model, name, acfg)
     model.to(distributed.local_device())
     keeper = checkpoint.BestKeeper(out) if dist.is_main else None
     args = cfg.train_args()
@@ -197,13 +204,18 @@ def _build_tasks(cfg: RunConfig, tok, base_dir: Path | None) -> tuple[list[Task]
                 f"all adapters of one run need the same kind of loss (all classification, or all "
                 f"lm/completion/chat); got {kinds} (train them in separate runs)",
             )
-        tasks.append(Task(entry.name, train_ds, eval_ds))
+        experts = [n for n, _ in cfg.experts(i)] if isinstance(acfg, Mixture) else []
+        tasks.append(Task(entry.name, train_ds, eval_ds, experts, entry.aux_loss_coef))
         adapter_cfgs[entry.name] = acfg
     return tasks, adapter_cfgs
 
 
 def _use_head_labels(head_labels: list, spec, where: str) -> None:
     """The head's label list is the class list: the data may use no other label."""
+    if isinstance(spec, list):  # a mix of files: each reads its labels against the head's
+        for s in spec:
+            _use_head_labels(head_labels, s, where)
+        return
     if spec.labels is None:
         spec.labels = list(head_labels)
         return
@@ -251,7 +263,7 @@ def _finish(
     trainer: Trainer, out: Path, keeper: checkpoint.BestKeeper | None, dist: distributed.Dist
 ) -> TrainResult:
     """Final checkpoint, adapters, curves; the result on every rank."""
-    names = [t.name for t in trainer.tasks]
+    names = trainer.adapter_names()  # a mixture's experts too: the run's folder loads on its own
     adapters = {n: out / "adapters" / n for n in names}
     saved = curves = None
     if dist.is_main:
@@ -261,10 +273,106 @@ def _finish(
             saved = checkpoint.save(trainer, out, trainer.args.keep_checkpoints)
         for n in names:
             save_adapter(trainer.model, n, adapters[n])
+        for t in trainer.tasks:
+            if t.experts:
+                _mixture_note(adapters[t.name], t.name, t.experts)
         curves = plot_curves(trainer.history, out / "curves.png")
     dist.barrier()
     evals = [r["eval"] for r in trainer.history if "eval" in r]
     best = {n: out / "best" / n for n in names if (out / "best" / n).is_dir()}
+    experts = {t.name: list(t.experts) for t in trainer.tasks if t.experts}
     return TrainResult(
-        out, adapters, best, evals[-1] if evals else {}, trainer.step, saved, curves, trainer.history
+        out, adapters, best, evals[-1] if evals else {}, trainer.step, saved, curves, trainer.history, experts
     )
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def _expert_path(raw: str, base_dir: Path | None) -> Path:
+    """An expert folder: ``bundled:NAME`` (shipped adapters), ``${assets}/...``, or a path
+    (relative to the config file's folder)."""
+    if raw.startswith("bundled:"):
+        from ..bundled import bundled_path
+
+        return bundled_path(raw.removeprefix("bundled:"))
+    if "${assets}" in raw:
+        from ..loading import find_assets
+
+        assets = find_assets()
+        if assets is None:
+            raise ConfigError("path", f"{raw}: no shared assets folder found (set $PARADAPT_ASSETS)")
+        raw = raw.replace("${assets}", str(assets))
+    path = Path(os.path.expanduser(raw))
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
+def _add_mixture(model, cfg: RunConfig, i: int, config: Mixture, base_dir: Path | None) -> None:
+    """Load or add the experts of ``adapters[i]``, then the mixture over them.
+
+    Errors name the config field: ``adapters.i.experts.j.path`` for a folder that is missing or
+    does not load, ``adapters.i.config.<field>`` (or ``adapters.i.experts...``) for what
+    ``pa.add_mixture`` refuses.
+    """
+    for j, (name, e) in enumerate(cfg.experts(i)):
+        where = f"adapters.{i}.experts.{j}"
+        if e.path is None:
+            lifecycle.add_adapter(model, name, cfg.expert_config(i, j))
+            continue
+        try:
+            path = _expert_path(e.path, base_dir)
+            if not (path / CONFIG_FILE).is_file():
+                raise ConfigError("path", f"{e.path!r} is not an adapter folder (no {CONFIG_FILE})")
+            load_adapter(model, path, name)
+        except ParadaptError as err:
+            message = str(err).removeprefix(f"{getattr(err, 'field', '')}: ")
+            raise ConfigError(f"{where}.path", message) from None
+    name = cfg.adapters[i].name
+    try:
+        lifecycle.add_mixture(model, name, config)
+    except ParadaptError as err:
+        field = getattr(err, "field", None) or "config"
+        m = re.match(r"experts\[(\d+)\]", field)
+        where = f"adapters.{i}.experts.{m.group(1)}" if m else f"adapters.{i}.config.{field}"
+        raise ConfigError(where, str(err).removeprefix(f"{field}: ")) from None
+
+
+def _mixture_note(folder: Path, name: str, experts: list[str]) -> None:
+    """A README in the mixture's folder: which sibling folders it needs, and how to load it."""
+    lines = [
+        f"# Mixture {name}",
+        "",
+        "A learned mixture: its routers (and head, if any) only. It names its experts; load them",
+        "first, from the sibling folders of this run:",
+        "",
+        *[f"- `../{e}/` as `{e}`" for e in experts],
+        "",
+        "```python",
+        "from paradapt.train import load_mixture",
+        f"load_mixture(model, 'adapters/{name}')   # loads the experts beside it, then the mixture",
+        "```",
+        "",
+    ]
+    tmp = folder / "README.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, folder / "README.md")
+
+
+def load_mixture(model, folder: str | os.PathLike, name: str | None = None, *, trainable: bool = False):
+    """Load a mixture folder written by ``paradapt train`` with its experts from the sibling
+    folders (``<folder>/../<expert>``), skipping experts already on the model; returns the
+    mixture's weights module. The experts keep the names the mixture knows them by."""
+    folder = Path(folder)
+    cfg_file = folder / CONFIG_FILE
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+        experts = data["config"]["experts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            "experts", f"{folder.name}: not a mixture folder (no experts in {CONFIG_FILE})"
+        ) from None
+    on_model = set(lifecycle.list_adapters(model))
+    for e in experts:
+        if e not in on_model:
+            load_adapter(model, folder.parent / e, e)
+    return load_adapter(model, folder, name, trainable=trainable)

@@ -14,10 +14,10 @@ from .tokens import TokenizedDataset, tokenize
 
 
 def build_datasets(
-    train: DataSpec,
+    train: DataSpec | list[DataSpec],
     tokenizer: Any,
     *,
-    eval_spec: DataSpec | None = None,
+    eval_spec: DataSpec | list[DataSpec] | None = None,
     eval_fraction: float | None = None,
     seed: int = 0,
     max_length: int | None = None,
@@ -33,9 +33,9 @@ def build_datasets(
     """
     if eval_spec is not None and eval_fraction is not None:
         raise ConfigError("eval_fraction", "give either an eval file or eval_fraction, not both")
-    train_records = load_records(train)
+    train_records = _records(train)
     if eval_spec is not None:
-        eval_records: list[dict] | None = load_records(eval_spec)
+        eval_records: list[dict] | None = _records(eval_spec)
     elif eval_fraction is not None:
         train_records, eval_records = split(train_records, eval_fraction, seed)
     else:
@@ -46,10 +46,40 @@ def build_datasets(
         raise DataError(
             path, line, f"eval records are for task {infer_task(eval_records)!r}, training ones for {task!r}"
         )
-    label_map = LabelMap.build(train_records, train.labels) if task == "classification" else None
+    label_map = LabelMap.build(train_records, _labels(train)) if task == "classification" else None
     if label_map is not None and eval_records is not None:
         label_map.check(eval_records)
     kw = {"max_length": max_length, "task": task, "packing": packing, "add_eos": add_eos, "pad_id": pad_id}
     train_ds = tokenize(train_records, tokenizer, labels=label_map, **kw)
     eval_ds = tokenize(eval_records, tokenizer, labels=label_map, **kw) if eval_records else None
     return train_ds, eval_ds
+
+
+def _records(spec: DataSpec | list[DataSpec]) -> list[dict]:
+    """The records of one spec, or of every spec of a list, in order (one task, checked)."""
+    if not isinstance(spec, list):
+        return load_records(spec)
+    out: list[dict] = []
+    for s in spec:
+        records = load_records(s)
+        if out and records and infer_task(records) != infer_task(out):
+            path, line = source_of(records[0])
+            raise DataError(
+                path,
+                line,
+                f"records for task {infer_task(records)!r}, earlier files' for {infer_task(out)!r}",
+            )
+        out += records
+    return out
+
+
+def _labels(spec: DataSpec | list[DataSpec]) -> list | None:
+    """``labels`` of a spec; of a list, every spec's list joined (None when none sets any)."""
+    if not isinstance(spec, list):
+        return spec.labels
+    given = [s.labels for s in spec if s.labels is not None]
+    if not given:
+        return None
+    if any(isinstance(g, dict) for g in given):
+        return given[0]
+    return list(dict.fromkeys(label for g in given for label in g))
