@@ -124,10 +124,11 @@ def layer_indices(state: State, layers: list[int] | None) -> list[int] | None:
 
 
 def _ref_param(module: nn.Module) -> torch.Tensor:
-    if is_quantized(module):  # its buffers are int4/int8: adapters take the weight's float dtype
-        return module.reference()
     for prm in module.parameters():
         return prm
+    for m in module.modules():  # a quantised block's weights are int buffers: take their float dtype
+        if is_quantized(m):
+            return m.reference()
     raise ConfigError("targets", f"{type(module).__name__} has no parameters to take a device and dtype from")
 
 
