@@ -284,7 +284,7 @@ def _warn_precision(recorded, model, cfg_file: Path) -> None:
     want, have = describe(recorded), describe(quantization(model))
     if want != have:
         warnings.warn(
-            f"{cfg_file.parent.name}: adapter made on a {want} base, loading onto a {have} base "
+            f"{cfg_file.parent.name}: adapter made on base weights {want}, loading onto base weights {have} "
             "(it works; outputs differ by the quantisation error)",
             stacklevel=4,
         )

@@ -234,7 +234,7 @@ def test_saved_adapter_records_the_base_precision_and_loads_elsewhere_with_a_war
         warnings.simplefilter("error")  # same precision: no warning
         pa.load_adapter(pa.quantize(tiny_model("llama"), "int4"), tmp_path / "a")
     fp32 = tiny_model("llama")
-    with pytest.warns(UserWarning, match=r"int4-g32 base, loading onto a none base"):
+    with pytest.warns(UserWarning, match=r"made on base weights int4-g32, loading onto base weights none"):
         pa.load_adapter(fp32, tmp_path / "a")
     ids = ids_for()
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_saved_adapter_records_the_base_precision_and_loads_elsewhere_with_a_war
         with pa.route(fp32, ["a"] * 3):
             f = outputs(fp32, ids)
     torch.testing.assert_close(q, f, atol=0.05, rtol=0)  # the same adapter, within the quantisation error
-    with pytest.warns(UserWarning, match=r"int4-g32 base, loading onto a int8 base"):
+    with pytest.warns(UserWarning, match=r"made on base weights int4-g32, loading onto base weights int8"):
         pa.load_adapter(pa.quantize(tiny_model("llama"), "int8"), tmp_path / "a")
 
 
