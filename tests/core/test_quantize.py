@@ -156,17 +156,23 @@ MIX = ["lora", "parallel", None, "ia3", "prefix", "series"]
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_mixed_batch_equals_each_row_alone_on_a_quantised_base(precision):
+    """Equal up to one bf16 rounding: the batched and the alone path differ in the fp32 parts by
+    ~1e-7, which the next layer's cast to bf16 can (rarely) turn into one bf16 step (~1e-3 here,
+    seen 2.7e-4); a row with the wrong adapter is off by the adapter's effect (checked > 10x that)."""
     model = pa.quantize(tiny_model("llama"), precision)
     ids = ids_for(batch=len(MIX))
-    for k in {m for m in MIX if m}:
+    for k in sorted({m for m in MIX if m}):
         pa.add_adapter(model, k, random_config(k))
     with torch.no_grad():
         with pa.route(model, MIX):
             batched = outputs(model, ids)
+        base = outputs(model, ids)
         for i, name in enumerate(MIX):
             with pa.route(model, [name]):
                 alone = outputs(model, ids[i : i + 1])
-            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {i} ({name})")
+            torch.testing.assert_close(batched[i], alone[0], atol=2e-3, rtol=0, msg=f"row {i} ({name})")
+            if name is not None:
+                assert (alone[0] - base[i]).abs().max() > 0.02, name
 
 
 # -- gradients (QLoRA-style) --------------------------------------------------------------------------
