@@ -36,6 +36,7 @@ from .errors import (
     IncompatibleAdapterError,
     MergeError,
     ParadaptError,
+    QuantizationError,
     RoutingError,
     TargetNotFoundError,
 )
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
         unwrap,
     )
     from .mixture import mixture_aux_loss
+    from .quantized import dequantize, quantize
     from .routing import Average, Parallel, Stack
 
 __version__ = "0.1.0"
@@ -98,6 +100,8 @@ _LAZY = {
     "Parallel": "routing",
     "Average": "routing",
     "mixture_aux_loss": "mixture",
+    "quantize": "quantized",
+    "dequantize": "quantized",
 }
 
 
@@ -150,6 +154,8 @@ __all__ = [
     "set_trainable",
     "parallel",
     "split_parallel",
+    "quantize",
+    "dequantize",
     "Stack",
     "Parallel",
     "Average",
@@ -162,4 +168,5 @@ __all__ = [
     "AdapterFileError",
     "MergeError",
     "RoutingError",
+    "QuantizationError",
 ]

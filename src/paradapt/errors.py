@@ -54,6 +54,10 @@ class MergeError(ParadaptError, ValueError):
     """An adapter cannot be merged (or unmerged) in its current state."""
 
 
+class QuantizationError(ParadaptError, ValueError):
+    """A model or layer cannot be quantised (or a quantised layer used) as asked; names the layer."""
+
+
 class RoutingError(ParadaptError, ValueError):
     """A route or composition cannot be applied to this batch."""
 

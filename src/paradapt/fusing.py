@@ -52,6 +52,7 @@ from torch import nn
 from .archmap import Family, is_linear, linear_dims
 from .bottleneck import _ACTS, Bottleneck
 from .errors import MergeError
+from .quantized import is_quantized
 from .sites import HookSite
 from .state import AdapterRecord, State, require_state
 
@@ -260,6 +261,9 @@ def _check_site(st: State, name: str, key: str, fam: Family) -> _FuseTarget:
     last = st.modules[f"{layer}.{fam.ffn_out}"]
     if not all(is_linear(m) for m in (*first, last)):
         raise _refuse(name, f"the FFN projections of {layer} are not Linear / Conv1D modules")
+    quantised = [m.layer_name for m in (*first, last) if is_quantized(m)]
+    if quantised:
+        raise _refuse(name, f"base layer {quantised[0]} is quantised; pa.dequantize(model) first")
     return _FuseTarget(name, site, layer, comp, first, last, owner, attr)
 
 

@@ -19,6 +19,7 @@ from .config import AdapterConfig, Placement
 from .errors import ConfigError, TargetNotFoundError
 from .heads import ClassificationHead
 from .prefix import Prefix, PrefixEncoder, init_prefix, init_prefix_encoder
+from .quantized import is_quantized
 from .scale_shift import ScaleShift, init_scale_shift
 from .state import AdapterModule, AdapterRecord, State
 
@@ -125,6 +126,9 @@ def layer_indices(state: State, layers: list[int] | None) -> list[int] | None:
 def _ref_param(module: nn.Module) -> torch.Tensor:
     for prm in module.parameters():
         return prm
+    for m in module.modules():  # a quantised block's weights are int buffers: take their float dtype
+        if is_quantized(m):
+            return m.reference()
     raise ConfigError("targets", f"{type(module).__name__} has no parameters to take a device and dtype from")
 
 
@@ -177,6 +181,12 @@ def build(
                 )
                 base_w = None
                 if config.init == "pissa":
+                    if is_quantized(state.modules[spec.entry]):
+                        raise ConfigError(
+                            "init",
+                            f"pissa needs the float weight of {spec.entry}, which is quantised "
+                            f"({state.modules[spec.entry].precision}); pa.dequantize(model) first",
+                        )
                     base_w = archmap.weight_out_in(state.modules[spec.entry]).detach()
                 if init:
                     init_bottleneck(comp, config.init, base_weight=base_w)

@@ -26,6 +26,7 @@ from .checks import is_int
 from .config import FORMAT_VERSION, AdapterConfig, LoRAConfig
 from .errors import AdapterFileError, ConfigError, IncompatibleAdapterError
 from .lifecycle import _add, build_detached, check_name
+from .quantized import describe, quantization
 from .state import AdapterModule, require_state
 
 CONFIG_FILE = "adapter_config.json"
@@ -193,7 +194,7 @@ def save_adapter(model, name: str, path: str | Path, *, fold_prefix: bool = True
         "name": name,
         "config": config.to_dict(),
         "sites": list(rec.sites),
-        "base_model": rec.base_info,
+        "base_model": {**rec.base_info, "quantization": quantization(model)},
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None,
     }
     return write_folder_atomically(path, {CONFIG_FILE: meta, WEIGHTS_FILE: tensors}, hashes_in=CONFIG_FILE)
@@ -272,6 +273,21 @@ def _check_base(info: dict, st, cfg_file: Path) -> None:
                 f"{cfg_file} was made for a base model with {key}={want} "
                 f"({info.get('name_or_path') or info.get('model_type') or 'unknown'}), this model has {have[key]}",
             )
+    _warn_precision(info.get("quantization"), st.model, cfg_file)
+
+
+def _warn_precision(recorded, model, cfg_file: Path) -> None:
+    """An adapter made on a base of another precision still loads (the adapter's own weights
+    are unchanged), with a warning naming both: its outputs then differ by the quantisation error."""
+    if not isinstance(recorded, dict):
+        return  # folders saved before precisions were recorded: nothing to compare
+    want, have = describe(recorded), describe(quantization(model))
+    if want != have:
+        warnings.warn(
+            f"{cfg_file.parent.name}: adapter made on base weights {want}, loading onto base weights {have} "
+            "(it works; outputs differ by the quantisation error)",
+            stacklevel=4,
+        )
 
 
 def _check_weights(

@@ -25,6 +25,7 @@ from .config import AdapterConfig, Mixture
 from .errors import AdapterExistsError, ConfigError, MergeError, RoutingError
 from .fusing import before_add, check_removable, fused_owner, unfuse
 from .merging import check_mergeable, merge_into
+from .quantized import is_quantized
 from .routing import Parallel, RouteMap, normalize
 from .state import CONTAINER, State, _ChannelRouteMap, _repeat, get_state, require_state
 
@@ -306,6 +307,11 @@ def merge(model: nn.Module, name: str) -> None:
     parts = [(st.sites[k], st.sites[k].components[name]) for k in rec.sites]
     check_mergeable(name, rec.config.kind, parts)
     for site, _ in parts:
+        if is_quantized(site.module):
+            raise MergeError(
+                f"adapter {name!r} cannot be merged: base layer {site.key} is quantised "
+                f"({site.module.precision}) and has no float weight to merge into; pa.dequantize(model) first"
+            )
         owner = fused_owner(st, site.module) if site.kind == "linear" else None
         if owner is not None:
             raise MergeError(

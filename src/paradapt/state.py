@@ -124,6 +124,21 @@ class State:
             site = self.sites[name] = AttentionSite(name, self, self.modules[name])
         return site
 
+    def replace_module(self, name: str, old: nn.Module, new: nn.Module) -> None:
+        """Module ``name`` is now ``new`` (a quantised or dequantised linear): the snapshot and
+        every site hooked on ``old`` follow it, so adapters keep working beside the new module."""
+        if self.modules.get(name) is old:
+            self.modules[name] = new
+        for site in self.sites.values():
+            if getattr(site, "entry", None) is not old and getattr(site, "exit", None) is not old:
+                continue
+            site.remove_hooks()
+            if site.entry is old:
+                site.entry = new
+            if site.exit is old:
+                site.exit = new
+            site.attach_hooks()
+
     # -- routing ----------------------------------------------------------------------
     def route_map(self) -> RouteMap | None:
         """The route map in force for the forward running now (route context first, then the active one)."""

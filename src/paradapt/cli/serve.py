@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ParadaptError, one_line
 from ..loading import default_model_dir, load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
+from ..quantized import describe, quantization, quantize
 from ..serve.core import EngineConfig
 from .common import CLIError, positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
@@ -77,6 +79,13 @@ def add_parser(sub) -> None:
         metavar="N",
         help="torch CPU threads (default: torch's default but at most the usable cores minus one, "
         "at least 1; printed at startup)",
+    )
+    serve.add_argument(
+        "--quantize",
+        choices=["none", "bf16", "int8", "int4"],
+        default="none",
+        help="the base model's linear layers in this precision (CPU kernels, bf16 compute; "
+        "int4: groups of 32; the LM head stays float; default: none, float32)",
     )
     serve.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
@@ -251,6 +260,7 @@ def build_server_app(args: argparse.Namespace):
     heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
     model_dir, root, name = _serve_sources(args)
     tok, model = load_model(args.model or model_dir)  # by name, so a damaged cache is rebuilt
+    quantize_base(model, getattr(args, "quantize", "none"))
     config = engine_config(args)
     if model.can_generate():
         engine = Engine(model, root, config, tokenizer=tok)
@@ -265,6 +275,7 @@ def build_server_app(args: argparse.Namespace):
         "config": config,
         "threads": threads,
         "heap": heap,
+        "quantization": describe(quantization(model)),
     }
     template = _chat_template(args)
     app = create_app(engine, model_name=name, tokenizer=tok, chat_template=template, guard=guard_config(args))
@@ -328,6 +339,17 @@ def draining_server(config, loop, drain: float):
     return DrainingServer(config, loop, drain)
 
 
+def quantize_base(model, precision: str) -> None:
+    """``--quantize``: the base's linears in ``precision`` before the engine starts (a model
+    that cannot take it stops the server with the layer's name)."""
+    if precision == "none":
+        return
+    try:
+        quantize(model, precision)
+    except ParadaptError as e:
+        raise CLIError(f"--quantize {precision}: {one_line(e)}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """``paradapt serve``: 0 after SIGTERM (running requests drained), 130 after SIGINT."""
     import uvicorn
@@ -341,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         f"{info['adapters']} adapters under {info['root'] or '(none)'}; "
         f"kv {c.num_blocks * c.page_size} tokens, {c.max_slots} slots, {c.max_served} served; "
         f"{info['threads']} torch threads{', large blocks kept in the heap' if info['heap'] else ''}; "
+        f"base weights {info['quantization']}; "
         f"http://{args.host}:{args.port}",
         flush=True,
     )

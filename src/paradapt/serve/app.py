@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, ParadaptError
+from ..quantized import describe, quantization
 from . import completions as generation
 from .engine import EncoderEngine, Engine, check_token_ids, max_positions
 from .engine_thread import EngineLoop
@@ -269,6 +270,7 @@ class _Server:
         names = sorted(set(folders) | set(self.loop.call(self.engine.served_adapters)))
         card = {"object": "model", "created": self.created, "owned_by": "paradapt"}  # OpenAI's Model fields
         card["max_model_len"] = self.max_len  # vLLM's extra field: the model's positions
+        card["quantization"] = describe(quantization(self.engine.model))  # the base's weights: none, int4-g32, ...
         data = [{"id": n, **card, "parent": self.model_name} for n in names]
         return {"object": "list", "data": [{"id": self.model_name, **card}, *data]}
 

@@ -1,0 +1,331 @@
+"""A quantised frozen base: the base's ``nn.Linear`` layers in int4, int8 or bf16.
+
+``quantize(model, "int4")`` replaces each of the base's linears (never an adapter's, nor the
+LM head unless asked) by a :class:`QuantLinear` on torch's own CPU kernels:
+
+- int4: asymmetric, groups of ``group_size`` (32, 64, 128 or 256) along the input, packed with
+  ``aten._convert_weight_to_int4pack_for_cpu`` and multiplied by
+  ``aten._weight_int4pack_mm_for_cpu`` (``w = (q - 8) * scale + zero``, scale and zero in bf16);
+- int8: symmetric, one scale per output channel, ``torch._weight_int8pack_mm``;
+- bf16: the weight in bf16, ``F.linear``.
+
+All three compute in bf16 (these kernels are 10-30x slower with fp32 activations, and the int4
+one refuses them): the input is cast to bf16 and the result back to the input's dtype. The base
+is frozen, so backward gives only the input gradient, from a weight dequantised on the fly; the
+adapters above and below a quantised layer train as on an fp32 base (QLoRA-style).
+
+A :class:`QuantLinear` subclasses ``nn.Linear`` (``in_features``/``out_features``, the bias) but
+has no float ``weight``: reading it raises an error naming the layer, so merge, fuse and PiSSA
+(which rewrite the weight) refuse on a quantised base; :func:`dequantize` gives float32
+``nn.Linear`` layers back. The module keeps its name in the model, so adapter sites find it
+as before; quantising a model that already has adapters moves their hooks to the new layers.
+
+CPU only for now: the int4/int8 kernels here are torch's CPU ones, and a layer on another
+device is refused with an error that says so.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, QuantizationError
+
+PRECISIONS = ("int4", "int8", "bf16")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_N_TILE = 16  # the int4 packing needs out_features divisible by this
+ATTR = "_paradapt_quantization"  # model.__dict__: what quantize() did, for adapter metadata
+
+
+class QuantLinear(nn.Linear):
+    """A frozen linear whose weight lives in int4, int8 or bf16; computes in bf16.
+
+    Buffers: ``qweight`` (packed int4 ``uint8 [N, K/2]``, ``int8 [N, K]`` or ``bf16 [N, K]``),
+    ``scales`` (int4: ``bf16 [K/g, N, 2]`` scale and zero; int8: ``bf16 [N]``). ``bias`` stays a
+    (frozen) float Parameter.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        precision: str,
+        group_size: int,
+        name: str,
+        float_dtype: torch.dtype = torch.float32,
+    ):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: there is no float weight to allocate
+        self.in_features, self.out_features = in_features, out_features
+        self.float_dtype = float_dtype  # the replaced weight's dtype: what adapters beside it use
+        self.precision, self.group_size, self.layer_name = precision, group_size, name
+        self.register_parameter("bias", None)
+
+    # -- the float weight does not exist ------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        raise QuantizationError(
+            f"layer {self.layer_name} is quantised ({self.precision}) and has no float weight; "
+            "call pa.dequantize(model) first"
+        )
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise QuantizationError(f"layer {self.layer_name} is quantised ({self.precision}); its weight is read-only")
+
+    def reference(self) -> torch.Tensor:
+        """An empty tensor with the device and float dtype an adapter beside this layer takes."""
+        return torch.empty(0, dtype=self.float_dtype, device=self.qweight.device)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.precision == "int4" else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, precision={self.precision}{g}"
+        )
+
+    # -- compute --------------------------------------------------------------------------------
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [M, K] (bf16) @ W^T`` by this layer's kernel, in bf16."""
+        if x2.shape[0] == 0:
+            return x2.new_zeros(0, self.out_features)
+        if self.precision == "int4":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
+        if self.precision == "int8":
+            return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        return F.linear(x2, self.qweight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise QuantizationError(
+                f"layer {self.layer_name}: quantised layers use torch's CPU kernels only for now "
+                f"(got an input on {x.device.type}); pa.dequantize(model) to run elsewhere"
+            )
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.precision == "bf16":
+            y = F.linear(x2, self.qweight)  # autograd knows its input gradient
+        else:
+            y = _QuantMatmul.apply(x2, self)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer multiplies by, ``[N, K]``, exact in ``float32``."""
+        if self.precision == "bf16":
+            return self.qweight.to(dtype)
+        if self.precision == "int8":
+            return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        q = _unpack_int4(self.qweight, self.in_features, self.out_features, self.group_size)
+        g = self.group_size
+        scale = self.scales[..., 0].float().t().repeat_interleave(g, 1)  # [N, K]
+        zero = self.scales[..., 1].float().t().repeat_interleave(g, 1)
+        return ((q - 8.0) * scale + zero).to(dtype)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """The kernel forward; backward gives the input gradient from the dequantised weight (the
+    base is frozen: no weight gradient). The torch kernels have no derivative of their own."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.matmul(x2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.layer.dequantized_weight(torch.bfloat16)
+        return grad.to(torch.bfloat16) @ w, None
+
+
+@torch.no_grad()
+def _unpack_int4(packed: torch.Tensor, k: int, n: int, group_size: int) -> torch.Tensor:
+    """The int4 codes ``q`` (0..15) as float32 ``[N, K]``, read back through the kernel itself.
+
+    The CPU packing's layout is the kernel's business, so instead of assuming it this multiplies
+    the identity with scale 1 and zero 8, which gives ``q`` exactly (small integers in bf16).
+    """
+    ones = torch.ones(k // group_size, n, 1, dtype=torch.bfloat16)
+    sz = torch.cat([ones, ones * 8], -1).contiguous()
+    out = torch.empty(n, k, dtype=torch.float32)
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    step = 1024
+    for i in range(0, k, step):
+        out[:, i : i + step] = torch.ops.aten._weight_int4pack_mm_for_cpu(eye[i : i + step], packed, group_size, sz).t()
+    return out
+
+
+# -- building one layer -----------------------------------------------------------------------
+def _check_layer(name: str, lin: nn.Linear, precision: str, group_size: int) -> None:
+    """Raise before anything is replaced if ``lin`` cannot take ``precision``."""
+    if lin.weight.device.type != "cpu":
+        raise QuantizationError(
+            f"layer {name} is on {lin.weight.device.type}: quantisation uses torch's CPU kernels only for now; "
+            "quantise on the CPU (a CUDA path is not implemented)"
+        )
+    if precision == "int4":
+        if lin.in_features % group_size:
+            raise QuantizationError(
+                f"layer {name}: in_features={lin.in_features} is not a multiple of group_size={group_size} "
+                "(int4 quantises groups of the input dimension)"
+            )
+        if lin.out_features % INT4_N_TILE:
+            raise QuantizationError(
+                f"layer {name}: out_features={lin.out_features} is not a multiple of {INT4_N_TILE}, "
+                "which torch's CPU int4 packing needs"
+            )
+
+
+@torch.no_grad()
+def _quantize_layer(name: str, lin: nn.Linear, precision: str, group_size: int) -> QuantLinear:
+    w = lin.weight.detach().float()
+    n, k = w.shape
+    q = QuantLinear(k, n, precision, group_size, name, lin.weight.dtype)
+    if precision == "bf16":
+        q.register_buffer("qweight", w.to(torch.bfloat16))
+    elif precision == "int8":
+        scale = (w.abs().amax(1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+        codes = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        q.register_buffer("qweight", codes)
+        q.register_buffer("scales", scale)
+    else:
+        wg = w.reshape(n, k // group_size, group_size)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16).float()
+        zero = (lo + 8.0 * scale).to(torch.bfloat16).float()  # w = (q - 8) * scale + zero
+        codes = ((wg - zero[..., None]) / scale[..., None] + 8.0).round().clamp(0, 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.reshape(n, k).contiguous(), 1)
+        q.register_buffer("qweight", packed)
+        q.register_buffer("scales", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    q.train(lin.training)
+    return q
+
+
+@torch.no_grad()
+def _dequantize_layer(q: QuantLinear) -> nn.Linear:
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight = nn.Parameter(q.dequantized_weight(torch.float32), requires_grad=False)
+    if q.bias is not None:
+        lin.bias = nn.Parameter(q.bias.detach().float().clone(), requires_grad=False)
+    lin.train(q.training)
+    return lin
+
+
+# -- the model --------------------------------------------------------------------------------
+def _targets(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
+    """The base's plain linears: not an adapter's (under ``model.paradapt``), not the LM head
+    unless asked, not one already quantised."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = []
+    for name, m in model.named_modules():
+        if name == "paradapt" or name.startswith("paradapt."):
+            continue
+        if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear):
+            if m is head and not include_lm_head:
+                continue
+            out.append((name, m))
+    return out
+
+
+def _check_state(model: nn.Module) -> None:
+    """Adapters whose weights live inside the base (merged, fused, PiSSA) must come out first."""
+    from .state import get_state
+
+    st = get_state(model)
+    if st is None:
+        return
+    for name, rec in st.adapters.items():
+        if rec.merged or rec.fused is not None:
+            raise QuantizationError(
+                f"adapter {name!r} is {'fused' if rec.fused is not None else 'merged'} into the base weights; "
+                "unmerge/unfuse it before quantising"
+            )
+        if getattr(rec.config, "init", None) == "pissa":
+            raise QuantizationError(
+                f"adapter {name!r} is a PiSSA adapter (the base holds its residual weights); "
+                "save and remove it before quantising"
+            )
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where module ``name`` is, moving any adapter site's hooks onto it."""
+    from .state import get_state
+
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    st = get_state(model)
+    if st is not None:
+        st.replace_module(name, old, new)
+
+
+def quantize(
+    model: nn.Module, precision: str = "int4", group_size: int | None = None, *, include_lm_head: bool = False
+) -> nn.Module:
+    """Replace the base's ``nn.Linear`` layers by :class:`QuantLinear` in ``precision`` (in place).
+
+    ``precision``: ``"int4"`` (groups of ``group_size``, default 32), ``"int8"`` (per output
+    channel) or ``"bf16"``. Adapters are never quantised; the LM head only with
+    ``include_lm_head=True``. Every layer is checked before any is replaced: a bad precision,
+    group size or layer shape raises with the model unchanged. Adapters may be added before or
+    after; their weights keep their dtype. Returns the model.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "int4":
+        group_size = 32 if group_size is None else group_size
+        if group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(
+                "group_size", f"{group_size!r} is not supported by the int4 kernel (one of {INT4_GROUP_SIZES})"
+            )
+    elif group_size is not None:
+        raise ConfigError("group_size", f"applies to int4 only ({precision} has one scale per output channel)")
+    done = quantization(model)
+    if done["precision"] != "none":
+        raise QuantizationError(
+            f"this model is already quantised ({done['precision']}); pa.dequantize(model) before quantising again"
+        )
+    _check_state(model)
+    targets = _targets(model, include_lm_head)
+    if not targets:
+        raise QuantizationError(f"{type(model).__name__} has no nn.Linear layer to quantise")
+    for name, lin in targets:
+        _check_layer(name, lin, precision, group_size or 0)
+    new = [(name, _quantize_layer(name, lin, precision, group_size or 0)) for name, lin in targets]
+    for name, q in new:
+        _replace(model, name, q)
+    info = {"precision": precision, "lm_head": include_lm_head}
+    if precision == "int4":
+        info["group_size"] = group_size
+    model.__dict__[ATTR] = info
+    return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Every :class:`QuantLinear` back to a float32 ``nn.Linear`` holding the dequantised weight
+    (in place; the quantisation error stays). Returns the model."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name, q in found:
+        _replace(model, name, _dequantize_layer(q))
+    model.__dict__.pop(ATTR, None)
+    return model
+
+
+def quantization(model: nn.Module) -> dict:
+    """What :func:`quantize` did to ``model``: ``{"precision": "int4", "group_size": 32,
+    "lm_head": False}``, or ``{"precision": "none"}``. Recorded in saved adapters' metadata."""
+    info = model.__dict__.get(ATTR)
+    return dict(info) if info else {"precision": "none"}
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, QuantLinear)
+
+
+def describe(info: dict) -> str:
+    """One word for a quantisation record: ``int4-g32``, ``int8``, ``bf16`` or ``none``."""
+    p = info.get("precision", "none") if isinstance(info, dict) else "none"
+    return f"{p}-g{info['group_size']}" if p == "int4" and "group_size" in info else str(p)

@@ -1,0 +1,344 @@
+"""A quantised base (``paradapt.quantized``): int4/int8/bf16 linears on torch's CPU kernels.
+
+The invariants hold on a quantised base as on an fp32 one (zero init == base, bit for bit; a
+mixed batch == each row alone); the layers equal their dequantised reference within bf16
+error; gradients reach the adapters, and through the quantised layers the earlier ones, close
+to the fp32 base's; bad input leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import outputs, tiny_model
+from test_invariants import KINDS, ids_for, random_config
+from torch import nn
+
+import paradapt as pa
+from paradapt import quantized
+from paradapt.quantized import QuantLinear
+
+PRECISIONS = ["int4", "int8", "bf16"]
+
+
+def linear_types(model: nn.Module) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+# -- one layer ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_layer_equals_its_dequantised_reference(precision):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    model = nn.Sequential(lin)
+    pa.quantize(model, precision)
+    q = model[0]
+    assert isinstance(q, QuantLinear) and q.layer_name == "0"
+    x = torch.randn(2, 5, 128)
+    w = q.dequantized_weight()
+    ref = x @ w.t() + q.bias
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (2, 5, 48)
+    # the kernel rounds its input and result to bf16: within a few bf16 ulps of the output scale
+    torch.testing.assert_close(got, ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+    # and the dequantised weight is the original within the quantisation step
+    step = {"int4": 1 / 7.5, "int8": 1 / 127, "bf16": 1 / 128}[precision]
+    err = (w - lin.weight).abs().amax(1) / lin.weight.abs().amax(1)
+    assert err.max() <= step
+
+
+def test_int4_codes_unpack_exactly():
+    """The identity trick reads back the codes the packing stored, for every group size."""
+    g = torch.Generator().manual_seed(0)
+    for group in quantized.INT4_GROUP_SIZES:
+        codes = torch.randint(0, 16, (32, 256), generator=g, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        assert torch.equal(quantized._unpack_int4(packed, 256, 32, group), codes.float())
+
+
+def test_input_gradient_of_a_layer_is_from_the_dequantised_weight():
+    torch.manual_seed(0)
+    model = pa.quantize(nn.Sequential(nn.Linear(64, 32)), "int4")
+    x = torch.randn(3, 64, requires_grad=True)
+    g = torch.randn(3, 32)
+    (model(x) * g).sum().backward()
+    want = g @ model[0].dequantized_weight()
+    torch.testing.assert_close(x.grad, want, atol=2e-2 * want.abs().max().item(), rtol=0)
+    assert model[0].bias.grad is None  # the base stays frozen
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_quantize_keeps_names_and_skips_the_lm_head(precision):
+    model = tiny_model("llama")
+    names = set(linear_types(model))
+    pa.quantize(model, precision)
+    types = linear_types(model)
+    assert set(types) == names  # same module paths: archmap and sites find them
+    assert types.pop("lm_head") is nn.Linear
+    assert set(types.values()) == {QuantLinear}
+    assert quantized.quantization(model)["precision"] == precision
+    pa.dequantize(model)
+    assert set(linear_types(model).values()) == {nn.Linear}
+    assert quantized.quantization(model) == {"precision": "none"}
+
+
+def test_lm_head_only_when_asked():
+    model = pa.quantize(tiny_model("llama"), "int8", include_lm_head=True)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert quantized.quantization(model) == {"precision": "int8", "lm_head": True}
+
+
+def test_dequantize_gives_the_same_function_in_float32():
+    model = pa.quantize(tiny_model("llama"), "int4")
+    ids = ids_for()
+    with torch.no_grad():
+        q = outputs(model, ids)
+        d = outputs(pa.dequantize(model), ids)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(d, q, atol=2e-2, rtol=0)  # the same weights, now in fp32 compute
+
+
+@pytest.mark.parametrize("order", ["quantize-first", "adapters-first"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_zero_init_is_bit_identical_on_a_quantised_base(kind, order):
+    model = tiny_model("llama")
+    ids = ids_for()
+    if order == "quantize-first":
+        pa.quantize(model, "int4")
+    pa.add_adapter(model, "a", KINDS[kind]())
+    if order == "adapters-first":
+        pa.quantize(model, "int4")
+    with torch.no_grad():
+        pa.set_active(model, None)
+        base = outputs(model, ids)
+        pa.set_active(model, "a")
+        assert torch.equal(outputs(model, ids), base)
+        with pa.route(model, ["a", None, "a"]):
+            assert torch.equal(outputs(model, ids), base)
+    assert all(p.dtype == torch.float32 for p in model.paradapt.parameters())  # adapters stay fp32
+
+
+@pytest.mark.parametrize("order", ["quantize-first", "adapters-first"])
+def test_random_adapters_act_beside_quantised_layers(order):
+    """Quantising with adapters attached moves their hooks: the adapter still changes the output,
+    by what it did on the fp32 base (within the quantisation error)."""
+    ref = tiny_model("llama")
+    pa.add_adapter(ref, "a", random_config("lora_all"))
+    model = copy.deepcopy(ref) if order == "adapters-first" else pa.quantize(tiny_model("llama"), "int4")
+    if order == "adapters-first":
+        pa.quantize(model, "int4")
+    else:
+        pa.add_adapter(model, "a", random_config("lora_all"))
+        model.paradapt["a"].load_state_dict(ref.paradapt["a"].state_dict())
+    ids = ids_for()
+    with torch.no_grad():
+        base = outputs(model, ids)
+        with pa.route(model, ["a"] * 3):
+            got = outputs(model, ids) - base
+        base_ref = outputs(ref, ids)
+        with pa.route(ref, ["a"] * 3):
+            want = outputs(ref, ids) - base_ref
+    assert want.abs().max() > 0.05
+    torch.testing.assert_close(got, want, atol=0.1 * want.abs().max().item(), rtol=0)
+
+
+MIX = ["lora", "parallel", None, "ia3", "prefix", "series"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_mixed_batch_equals_each_row_alone_on_a_quantised_base(precision):
+    """Equal up to one bf16 rounding: the batched and the alone path differ in the fp32 parts by
+    ~1e-7, which the next layer's cast to bf16 can (rarely) turn into one bf16 step (~1e-3 here,
+    seen 2.7e-4); a row with the wrong adapter is off by the adapter's effect (checked > 10x that)."""
+    model = pa.quantize(tiny_model("llama"), precision)
+    ids = ids_for(batch=len(MIX))
+    for k in sorted({m for m in MIX if m}):
+        pa.add_adapter(model, k, random_config(k))
+    with torch.no_grad():
+        with pa.route(model, MIX):
+            batched = outputs(model, ids)
+        base = outputs(model, ids)
+        for i, name in enumerate(MIX):
+            with pa.route(model, [name]):
+                alone = outputs(model, ids[i : i + 1])
+            torch.testing.assert_close(batched[i], alone[0], atol=2e-3, rtol=0, msg=f"row {i} ({name})")
+            if name is not None:
+                assert (alone[0] - base[i]).abs().max() > 0.02, name
+
+
+# -- gradients (QLoRA-style) --------------------------------------------------------------------------
+
+
+def _lora_grads(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.train()
+    pa.set_active(model, "a")
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return {n: p.grad.clone() for n, p in model.paradapt["a"].named_parameters()}
+
+
+def _add_lora(model: nn.Module) -> None:
+    torch.manual_seed(3)
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, targets="all-linear", init="random"))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _no_input_gradient(ctx, grad):
+    return grad.new_zeros(grad.shape[0], ctx.layer.in_features), None
+
+
+def test_lora_gradients_through_an_int4_base_match_the_fp32_base(monkeypatch):
+    """Against an fp32 base holding the same (dequantised) weights the gradients agree to bf16
+    error; against the original fp32 base, to the quantisation error (large on tiny random weights)."""
+    ids = ids_for(batch=2, seq=12)
+    ref = tiny_model("llama")
+    _add_lora(ref)
+    want = _lora_grads(ref, ids)
+    model = tiny_model("llama")
+    _add_lora(model)
+    pa.quantize(model, "int4")
+    same = pa.dequantize(copy.deepcopy(model))
+    same_grads = _lora_grads(same, ids)
+    got = _lora_grads(model, ids)
+    assert set(got) == set(want) == set(same_grads)
+    layer0 = [n for n in want if "layers/0/" in n and "down" in n]
+    assert layer0  # layer 0's gradients cross layer 1's quantised linears on their way back
+    for n in want:
+        assert got[n].abs().sum() > 0, n
+        assert _rel(got[n], same_grads[n]) < 0.03, n
+        assert _rel(got[n], want[n]) < 0.35, n
+    # the checks above fail if the quantised layers' input gradient is missing (residuals alone
+    # still carry a gradient to layer 0, but not the right one)
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(quantized._QuantMatmul, "backward", staticmethod(_no_input_gradient))
+    broken = _lora_grads(model, ids)
+    assert max(_rel(broken[n], same_grads[n]) for n in layer0) > 0.3
+
+
+# -- adapter files record the base's precision --------------------------------------------------------
+
+
+def test_saved_adapter_records_the_base_precision_and_loads_elsewhere_with_a_warning(tmp_path):
+    model = pa.quantize(tiny_model("llama"), "int4")
+    pa.add_adapter(model, "a", random_config("lora"))
+    pa.save_adapter(model, "a", tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["base_model"]["quantization"] == {"precision": "int4", "lm_head": False, "group_size": 32}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same precision: no warning
+        pa.load_adapter(pa.quantize(tiny_model("llama"), "int4"), tmp_path / "a")
+    fp32 = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"made on base weights int4-g32, loading onto base weights none"):
+        pa.load_adapter(fp32, tmp_path / "a")
+    ids = ids_for()
+    with torch.no_grad():
+        with pa.route(model, ["a"] * 3):
+            q = outputs(model, ids)
+        with pa.route(fp32, ["a"] * 3):
+            f = outputs(fp32, ids)
+    torch.testing.assert_close(q, f, atol=0.05, rtol=0)  # the same adapter, within the quantisation error
+    with pytest.warns(UserWarning, match=r"made on base weights int4-g32, loading onto base weights int8"):
+        pa.load_adapter(pa.quantize(tiny_model("llama"), "int8"), tmp_path / "a")
+
+
+# -- what refuses ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"precision": "int3"}, "precision"),
+        ({"precision": "int4", "group_size": 16}, "group_size"),
+        ({"precision": "int8", "group_size": 32}, "group_size"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    model = tiny_model("llama")
+    before = linear_types(model)
+    with pytest.raises(pa.ConfigError) as e:
+        pa.quantize(model, **kwargs)
+    assert e.value.field == field
+    assert linear_types(model) == before
+
+
+@pytest.mark.parametrize(
+    ("config", "layer", "what"),
+    [
+        ({"intermediate_size": 48}, "model.layers.0.mlp.down_proj", "in_features=48"),
+        ({"num_key_value_heads": 1}, "model.layers.0.self_attn.k_proj", "out_features=8"),
+    ],
+)
+def test_a_layer_that_does_not_fit_the_packing_leaves_the_model_unchanged(config, layer, what):
+    model = tiny_model("llama", **config)
+    ids = ids_for()
+    with torch.no_grad():
+        want = outputs(model, ids)
+    before = linear_types(model)
+    with pytest.raises(pa.QuantizationError, match=rf"layer {layer}: {what}"):
+        pa.quantize(model, "int4")
+    assert linear_types(model) == before  # validated every layer before replacing any
+    assert quantized.quantization(model) == {"precision": "none"}
+    with torch.no_grad():
+        assert torch.equal(outputs(model, ids), want)
+    pa.quantize(model, "int8")  # int8 has no such constraint
+
+
+def test_merge_fuse_pissa_and_requantising_refuse_naming_the_layer():
+    model = pa.quantize(tiny_model("llama"), "int4")
+    pa.add_adapter(model, "lo", random_config("lora"))
+    pa.add_adapter(model, "par", pa.ParallelConfig(r=8, init="random"))
+    with pytest.raises(pa.MergeError, match=r"model\.layers\.0\.self_attn\.q_proj is quantised \(int4\)"):
+        pa.merge(model, "lo")
+    with pytest.raises(pa.MergeError, match=r"model\.layers\.0\.mlp\.gate_proj is quantised"):
+        pa.fuse(model, "par")
+    with pytest.raises(pa.ConfigError, match=r"pissa needs the float weight of model\.layers\.0"):
+        pa.add_adapter(model, "pi", pa.LoRAConfig(r=4, init="pissa"))
+    assert sorted(pa.list_adapters(model)) == ["lo", "par"]
+    with pytest.raises(pa.QuantizationError, match="already quantised"):
+        pa.quantize(model, "int8")
+    with pytest.raises(pa.QuantizationError, match="model.layers.1.mlp.up_proj is quantised"):
+        model.model.layers[1].mlp.up_proj.weight  # noqa: B018
+    pa.dequantize(model)  # then all of them work
+    pa.merge(model, "lo")
+    pa.fuse(model, "par")
+
+
+def test_quantising_refuses_while_an_adapter_lives_in_the_base_weights():
+    model = tiny_model("llama")
+    pa.add_adapter(model, "lo", random_config("lora"))
+    pa.merge(model, "lo")
+    with pytest.raises(pa.QuantizationError, match="'lo' is merged"):
+        pa.quantize(model, "int4")
+    pa.unmerge(model, "lo")
+    pa.add_adapter(model, "pi", pa.LoRAConfig(r=4, init="pissa"))
+    with pytest.raises(pa.QuantizationError, match="'pi' is a PiSSA adapter"):
+        pa.quantize(model, "int4")
+    assert set(linear_types(model).values()) == {nn.Linear}
+
+
+# -- the real SmolLM2 ---------------------------------------------------------------------------------
+
+
+def test_smollm2_int4_agrees_with_fp32_on_the_next_token(smollm2, smollm2_reference):
+    """Teacher-forced on the chat prompt and its greedy answer: top-1 agreement >= 90 %."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, local_files_only=True).eval()
+    ids = torch.cat([smollm2_reference["ids"], torch.tensor([smollm2_reference["new"]])], 1)[:, -40:]
+    with torch.no_grad():
+        want = model(ids).logits[0, -32:].argmax(-1)
+        pa.quantize(model, "int4")
+        got = model(ids).logits[0, -32:].argmax(-1)
+    assert (got == want).float().mean().item() >= 0.9
