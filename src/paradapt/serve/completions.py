@@ -210,7 +210,10 @@ async def completions(server, req: CompletionRequest, request: Request):
             context, tokens, entries = [], [*c.ids, *tokens], [*h.prompt_logprobs, *entries]
         logprobs = None
         if req.logprobs is not None:
-            logprobs = completion_logprobs(server.tokenizer, context, tokens, entries, pieces)
+            # decodes two strings per alternative: off the event loop, which serves every stream
+            logprobs = await asyncio.to_thread(
+                completion_logprobs, server.tokenizer, context, tokens, entries, pieces
+            )
         reason = finish_reason(h.finish_reason)
         one = choice(False, text, reason, delta=False, index=k, logprobs=logprobs)
         if req.return_token_ids:  # vLLM's: per choice, the prompt's ids and the generated ids
@@ -278,7 +281,9 @@ async def chat(server, req: ChatRequest, request: Request):
     for k, c in enumerate(choices):
         h = c.handle
         pieces = h.text_pieces if server.tokenizer is not None else None
-        logprobs = chat_logprobs(server.tokenizer, c.ids, h.tokens, h.logprobs, pieces) if req.logprobs else None
+        logprobs = None
+        if req.logprobs:  # off the event loop, as for completions
+            logprobs = await asyncio.to_thread(chat_logprobs, server.tokenizer, c.ids, h.tokens, h.logprobs, pieces)
         one = choice(True, h.text or "", finish_reason(h.finish_reason), delta=False, index=k, logprobs=logprobs)
         if req.return_token_ids:  # vLLM's: the generated ids per choice, the prompt's once
             one["token_ids"] = list(h.tokens)
@@ -312,6 +317,7 @@ async def _wait(
     left = len(handles)
     check = time.monotonic() + poll
     get: asyncio.Future | None = None
+    finished = False
     try:
         while left:
             get = get or asyncio.ensure_future(q.get())
@@ -325,10 +331,10 @@ async def _wait(
                         get.cancel()
                     return False
                 check = time.monotonic() + poll
+        finished = True
     finally:
-        for h in handles:
-            if not h.done:  # the client went away: free its KV space and slot
-                server.loop.cancel(h.id)
+        if not finished:  # the client went away (or the wait was cancelled): cancel and forget them,
+            server.loop.release(handles)  # freeing KV space and slots and dropping the handles
     for h in handles:
         if h.error is not None:
             server.loop.release(handles)

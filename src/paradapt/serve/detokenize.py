@@ -25,6 +25,7 @@ from __future__ import annotations
 
 CONTEXT = 5  # prompt tokens decoded before the first new one (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
 REPLACEMENT = "\ufffd"
+MAX_HELD = 4  # a UTF-8 character is at most 4 bytes: tokens held longer than that release as they are
 
 
 class IncrementalDetokenizer:
@@ -64,7 +65,11 @@ class IncrementalDetokenizer:
         """Add a generated token; returns the text it releases (``""`` while held back)."""
         self.ids.append(int(token))
         delta = self._pending()
-        if delta and not delta.endswith(REPLACEMENT):
+        held = len(self.ids) - self.read
+        if (delta and not delta.endswith(REPLACEMENT)) or held > MAX_HELD:
+            # Past MAX_HELD tokens no character can still complete (byte tokens that never form
+            # one, or skipped special tokens): release, so the decoded window stays bounded and a
+            # request cannot make each step decode an ever longer window on the engine thread.
             self._release(delta)
         else:
             delta = ""

@@ -149,7 +149,8 @@ class AdapterStore:
         """The folder names under the root, sorted (none without a root); reads only the disk."""
         if self.root is None:
             return []
-        return sorted({p.name for p in self.root.iterdir() if p.is_dir()} | set(self.aliases))
+        aliases = self.aliases.copy()  # one C-level copy: the engine thread may add or drop aliases meanwhile
+        return sorted({p.name for p in self.root.iterdir() if p.is_dir()} | set(aliases))
 
     def listable(self, name: str) -> bool:
         """Whether ``/v1/models`` lists folder ``name``: a valid name, a config that is a JSON
@@ -166,8 +167,9 @@ class AdapterStore:
         return name not in self.failed or self.failed[name] != self.fingerprint(name)
 
     def fingerprint(self, name: str) -> tuple:
-        """What changes when the folder's files are rewritten (a save replaces the whole folder)."""
-        folder = self.root / name
+        """What changes when the folder's files are rewritten (a save replaces the whole folder);
+        an alias (vLLM's ``lora_name``) is fingerprinted by the folder it serves."""
+        folder = self.root / self.aliases.get(name, name)
         out = []
         for f in (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
             try:
@@ -183,7 +185,7 @@ class AdapterStore:
 
     def mark_failed(self, name: str) -> None:
         """Remember that the folder of ``name`` failed to load as it is now (``listable``)."""
-        if self.root is not None and (self.root / name).is_dir():
+        if self.root is not None and (self.root / self.aliases.get(name, name)).is_dir():
             self.failed[name] = self.fingerprint(name)
 
     def size(self, name: str) -> int:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..errors import AdapterNotFoundError, ConfigError
 from .engine import check_token_ids
+from .limits import check_unicode, max_prompt_chars
 from .protocol import ChatMessage, chat_prompt
 
 
@@ -105,11 +106,18 @@ def _tokenize(server, req: TokenizeRequest) -> dict:
     tok = _tokenizer(server, "prompt")
     if (req.prompt is None) == (req.messages is None):
         raise ConfigError("prompt", "send exactly one of prompt and messages")
+    # the bounds every generation request gets (valid Unicode, a length that can fit the model)
     if req.messages is not None:
-        text = chat_prompt(tok, req.messages, server.chat_template)
-        ids = list(tok(text, add_special_tokens=req.add_special_tokens)["input_ids"])
+        for i, m in enumerate(req.messages):
+            check_unicode(m.text(), f"messages.{i}.content")
+        text, field = chat_prompt(tok, req.messages, server.chat_template), "messages"
     else:
-        ids = list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
+        text, field = req.prompt, "prompt"
+    check_unicode(text, field)
+    bound = max_prompt_chars(tok, server.max_len)
+    if bound is not None and len(text) > bound:
+        raise ConfigError(field, f"{len(text)} characters cannot fit the model's {server.max_len} positions")
+    ids = list(tok(text, add_special_tokens=req.add_special_tokens)["input_ids"])
     out = {"count": len(ids), "max_model_len": server.max_len, "tokens": ids}
     if req.return_token_strs:
         out["token_strs"] = tok.convert_ids_to_tokens(ids)
