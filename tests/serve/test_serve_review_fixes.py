@@ -72,3 +72,24 @@ def test_tokenize_refuses_a_lone_surrogate_and_an_impossible_length(client):  # 
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = client.post("/tokenize", json={"model": "stories", "prompt": "x" * 5_000_000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_request_after_the_engine_thread_stopped_is_a_503_not_a_hang(tmp_path):
+    """After the lifespan shutdown nothing steps the engine: a new request is refused at once."""
+    import pytest
+    from conftest import tiny_model
+    from fastapi.testclient import TestClient
+
+    from paradapt.serve.app import create_app
+    from paradapt.serve.engine import Engine, EngineConfig
+    from paradapt.serve.engine_thread import EngineStoppedError
+    from paradapt.serve.protocol import paradapt_error
+    from paradapt.serve.sampling import SamplingParams
+
+    app = create_app(Engine(tiny_model("llama"), tmp_path, EngineConfig()), model_name="m")
+    with TestClient(app):
+        pass  # startup, then shutdown: the engine thread is gone
+    loop = app.state.loop
+    with pytest.raises(EngineStoppedError):
+        asyncio.run(loop.generate([1, 2], None, SamplingParams(max_new_tokens=2), asyncio.Queue()))
+    assert paradapt_error(EngineStoppedError("x"), "/v1/completions", True).status_code == 503

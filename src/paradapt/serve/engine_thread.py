@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ..errors import ParadaptError
 from .metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+
+class EngineStoppedError(ParadaptError, RuntimeError):
+    """The engine thread has stopped (the server is shutting down): a new request would be
+    queued in an engine that nothing steps and wait forever, so it is refused (the API's 503)."""
 
 class EngineLoop:
     """Steps an engine in its own thread; handlers reach the engine only through that thread.
@@ -97,6 +103,7 @@ class EngineLoop:
         self, ids: list[int], adapter: str | None, params: SamplingParams, q: asyncio.Queue
     ) -> RequestHandle:
         """Queue a generation; its tokens and a final ``done`` arrive on ``q`` (see :meth:`watch`)."""
+        self._check_open()
         return await self.acall(self._add_decoder, ids, adapter, params, asyncio.get_running_loop(), q)
 
     async def encode(
@@ -104,8 +111,13 @@ class EngineLoop:
     ) -> list[RequestHandle]:
         """Queue every text as one command: they join the same step, and a refusal (429) of a
         later text takes the earlier ones back before anything else runs."""
+        self._check_open()
         aloop = asyncio.get_running_loop()
         return await self.acall(self._add_encoders, ids, adapter, task, aloop, queues)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineStoppedError("the server is shutting down and takes no new requests; retry elsewhere")
 
     def release(self, handles: list[RequestHandle]) -> None:
         """Stop tracking ``handles`` (cancel the unfinished ones); does not wait."""

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ..errors import AdapterNotFoundError, ConfigError, ParadaptError
 from .cache import AdapterPinnedError
 from .core import AdapterAccessError, AdapterLoadError
+from .engine_thread import EngineStoppedError
 from .limits import bounded_stop
 from .runner import NonFiniteLogitsError
 from .sampling import SamplingParams
@@ -204,6 +205,8 @@ def paradapt_error(exc: ParadaptError, path: str, decoder: bool) -> JSONResponse
         return error_response(404, str(exc), "not_found_error", name_field)
     if isinstance(exc, QueueFullError):
         return error_response(429, str(exc), "rate_limit_error")
+    if isinstance(exc, EngineStoppedError):
+        return error_response(503, str(exc), "server_error")
     if isinstance(exc, AdapterPinnedError):
         return error_response(409, str(exc), "conflict_error", "name")
     if isinstance(exc, AdapterAccessError):
