@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SetupError
+from .files import write_text_atomic
 
 CACHE_ENV = "PARADAPT_CACHE"
 MANIFEST = "paradapt-manifest.json"
@@ -74,12 +75,7 @@ def _write_manifest(folder: Path, fingerprint: dict) -> None:
     if not files:
         raise SetupError(f"the conversion into {folder.name} wrote no files")
     text = json.dumps({"format": MANIFEST_FORMAT, "source": fingerprint, "files": files}, indent=2)
-    tmp = folder / (MANIFEST + ".part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    write_text_atomic(folder / MANIFEST, text, durable=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 
 from ..checks import is_int
 from ..errors import ConfigError
+from ..files import write_text_atomic
 from .workload import KNOWN_KINDS, AdapterSpec, Workload, WorkloadRequest, WorkloadSpec
 
 #: Fields of a request line: name -> what it must be.
@@ -116,15 +115,7 @@ def write_trace(path: str | Path, workload: Workload, base: str | None = None, h
     """Write ``workload`` as a trace, atomically (a temporary file renamed over ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(trace_lines(workload, base, header))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, "".join(trace_lines(workload, base, header)))
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ParadaptError
+from ..files import write_text_atomic
 from ..io import save_adapter
 from .loop import Trainer
 
@@ -127,9 +128,7 @@ class BestKeeper:
                 self.best[name] = {"step": trainer.step, "score": s, "metrics": m}
                 improved.append(name)
         if improved:
-            tmp = self.file.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
-            tmp.write_text(json.dumps(self.best, indent=2) + "\n")
-            os.replace(tmp, self.file)
+            write_text_atomic(self.file, json.dumps(self.best, indent=2) + "\n")
         return improved
 
 

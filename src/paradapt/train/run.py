@@ -28,6 +28,7 @@ import torch
 from .. import lifecycle
 from ..config import Mixture
 from ..errors import ConfigError, ParadaptError
+from ..files import write_text_atomic
 from ..io import CONFIG_FILE, load_adapter, save_adapter
 from . import checkpoint, distributed
 from .config import RunConfig, load_config
@@ -252,9 +253,7 @@ def _resume(trainer: Trainer, ckpt: Path, out: Path, dist: distributed.Dist) -> 
         kept = [r for r in read_metrics(metrics) if r.get("step", 0) <= trainer.step]
         trainer.history = kept
         if dist.is_main:
-            tmp = metrics.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, metrics)
+            write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))
     if dist.is_main:
         print(f"resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
 
@@ -353,9 +352,7 @@ def _mixture_note(folder: Path, name: str, experts: list[str]) -> None:
         "```",
         "",
     ]
-    tmp = folder / "README.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, folder / "README.md")
+    write_text_atomic(folder / "README.md", "\n".join(lines))
 
 
 def load_mixture(model, folder: str | os.PathLike, name: str | None = None, *, trainable: bool = False):
