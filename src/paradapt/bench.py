@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .checks import is_int
 from .errors import ParadaptError
 from .serve.trace import check_requests
 from .serve.workload import Workload, WorkloadRequest
@@ -122,7 +123,7 @@ def server_model(httpx, config: BenchConfig) -> tuple[str | None, int | None]:
             raise BenchError(f"{url} did not list a model (give --base-name)") from None
         return None, None
     max_len = card.get("max_model_len")
-    return name, max_len if isinstance(max_len, int) and not isinstance(max_len, bool) and max_len > 0 else None
+    return name, max_len if is_int(max_len) and max_len > 0 else None
 
 
 def _prompt(req: WorkloadRequest, config: BenchConfig) -> list[int]:

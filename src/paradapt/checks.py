@@ -21,6 +21,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: Any) -> bool:
+    """True for an ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_structured(path: str | Path, field: str, parse: Callable[[str], Any] = json.loads, fmt: str = "JSON") -> Any:
     """Parse the file at ``path`` with ``parse`` (JSON by default); errors name ``field`` and the file.
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..errors import AdapterNotFoundError, ConfigError
 from .engine import check_token_ids
-from .limits import check_unicode, max_prompt_chars
+from .limits import check_unicode, checked_tokens
 from .protocol import ChatMessage, chat_prompt
 
 
@@ -113,11 +113,7 @@ def _tokenize(server, req: TokenizeRequest) -> dict:
         text, field = chat_prompt(tok, req.messages, server.chat_template), "messages"
     else:
         text, field = req.prompt, "prompt"
-    check_unicode(text, field)
-    bound = max_prompt_chars(tok, server.max_len)
-    if bound is not None and len(text) > bound:
-        raise ConfigError(field, f"{len(text)} characters cannot fit the model's {server.max_len} positions")
-    ids = list(tok(text, add_special_tokens=req.add_special_tokens)["input_ids"])
+    ids = checked_tokens(tok, text, server.max_len, field, add_special_tokens=req.add_special_tokens)
     out = {"count": len(ids), "max_model_len": server.max_len, "tokens": ids}
     if req.return_token_strs:
         out["token_strs"] = tok.convert_ids_to_tokens(ids)

@@ -59,7 +59,9 @@ def max_prompt_chars(tokenizer, max_len: int | None) -> int | None:
     return 4 * max_len * longest_token(tokenizer)
 
 
-def checked_tokens(tokenizer, text: str, max_len: int | None, field: str = "prompt") -> list[int]:
+def checked_tokens(
+    tokenizer, text: str, max_len: int | None, field: str = "prompt", add_special_tokens: bool = True
+) -> list[int]:
     """``text``'s token ids after the cheap checks (blocking: call it off the event loop)."""
     if tokenizer is None:
         raise ConfigError(field, "text needs the server's tokenizer; send token ids")
@@ -69,7 +71,9 @@ def checked_tokens(tokenizer, text: str, max_len: int | None, field: str = "prom
         raise ConfigError(
             field, f"{len(text)} characters cannot fit the model's {max_len} positions in any tokenization"
         )
-    return list(tokenizer(text)["input_ids"])
+    # the keyword only when it differs from the default: a minimal tokenizer takes the text alone
+    out = tokenizer(text) if add_special_tokens else tokenizer(text, add_special_tokens=False)
+    return list(out["input_ids"])
 
 
 async def tokenize_text(tokenizer, text: str, max_len: int | None, field: str = "prompt") -> list[int]:
@@ -78,8 +82,3 @@ async def tokenize_text(tokenizer, text: str, max_len: int | None, field: str = 
         raise ConfigError(field, "text needs the server's tokenizer; send token ids")
     check_unicode(text, field)  # before any thread: a lone surrogate is refused at once
     return await asyncio.to_thread(checked_tokens, tokenizer, text, max_len, field)
-
-
-async def off_loop(fn, *args):
-    """``fn(*args)`` on a worker thread (chat templates render arbitrary message text)."""
-    return await asyncio.to_thread(fn, *args)

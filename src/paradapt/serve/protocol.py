@@ -263,13 +263,6 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
-def tokenize(tokenizer, text: str) -> list[int]:
-    """``text``'s token ids (a 400 on ``prompt`` when the server has no tokenizer)."""
-    if tokenizer is None:
-        raise ConfigError("prompt", "text needs the server's tokenizer; send token ids")
-    return list(tokenizer(text)["input_ids"])
-
-
 def chat_prompt(tokenizer, messages: list[ChatMessage], template: str | None = None) -> str:
     """The prompt of a chat: ``template`` (the server's ``--chat-template``) or the tokenizer's.
 

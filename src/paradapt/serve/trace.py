@@ -28,7 +28,7 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..checks import is_int
+from ..checks import is_int, is_number
 from ..errors import ConfigError
 from ..files import write_text_atomic
 from .workload import KNOWN_KINDS, AdapterSpec, Workload, WorkloadRequest, WorkloadSpec
@@ -232,7 +232,7 @@ def _check_header(head: Any, where: str) -> dict[str, Any]:
         )
     if "window" in head:
         w = head["window"]
-        if not _is_number(w) or not math.isfinite(w) or w <= 0:
+        if not is_number(w) or not math.isfinite(w) or w <= 0:
             raise ConfigError("window", f"{where}: must be a positive number of seconds, got {w!r}")
         out["window"] = float(w)
     if isinstance(head.get("source"), str):
@@ -270,7 +270,7 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
         if name not in obj:
             raise ConfigError(name, f"{where}: missing field {name!r}")
     t = obj["t"]
-    if not _is_number(t) or not math.isfinite(t) or t < 0:
+    if not is_number(t) or not math.isfinite(t) or t < 0:
         raise ConfigError("t", f"{where}: 't' must be a finite number of seconds >= 0, got {t!r}")
     adapter = obj["adapter"]
     if adapter is not None and (not isinstance(adapter, str) or not adapter):
@@ -294,5 +294,3 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
     return WorkloadRequest(0, name, float(t), obj["input_len"], obj["output_len"], prompt)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..checks import is_int, read_structured
+from ..checks import is_int, is_number, read_structured
 from ..errors import ConfigError
 
 #: Adapter kinds a workload may ask for (the core's config kinds).
@@ -250,8 +250,6 @@ def _freeze(v: Any) -> Any:
 
 
 # -- validation helpers ---------------------------------------------------
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_int(name: str, v: Any, minimum: int) -> None:
@@ -260,7 +258,7 @@ def _check_int(name: str, v: Any, minimum: int) -> None:
 
 
 def _check_positive(name: str, v: Any) -> None:
-    if not _is_number(v) or not math.isfinite(v) or v <= 0:
+    if not is_number(v) or not math.isfinite(v) or v <= 0:
         raise ConfigError(name, f"must be a positive number, got {v!r}")
 
 
@@ -290,6 +288,6 @@ def _check_mix(name: str, v: Any) -> dict[Any, float]:
     if not mix:
         raise ConfigError(name, "must not be empty")
     for k, w in mix.items():
-        if not _is_number(w) or not math.isfinite(w) or w <= 0:
+        if not is_number(w) or not math.isfinite(w) or w <= 0:
             raise ConfigError(name, f"weight of {k!r} must be a positive number, got {w!r}")
     return mix
