@@ -38,9 +38,9 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt: list[int], context: int = CONTEXT):
         self.tokenizer = tokenizer
         self.skip = True  # skip_special_tokens (vLLM's default), when the tokenizer takes it
-        self.ids: list[int] = list(prompt[-context:]) if context > 0 else []
-        self.prefix = 0  # the window decoded starts here
+        self.ids: list[int] = list(prompt[-context:]) if context > 0 else []  # the window decoded
         self.read = len(self.ids)  # tokens before this have released their text
+        self.before = self._decode(self.ids)  # the window's released part, decoded once per release
         self.text = ""
         self.pieces: list[str] = []
 
@@ -56,10 +56,8 @@ class IncrementalDetokenizer:
 
     def _pending(self) -> str:
         """What the tokens after ``read`` add to the window (maybe an incomplete character)."""
-        window = self.ids[self.prefix :]
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(window)
-        return after[len(before) :] if len(after) > len(before) else ""
+        after = self._decode(self.ids)
+        return after[len(self.before) :] if len(after) > len(self.before) else ""
 
     def push(self, token: int) -> str:
         """Add a generated token; returns the text it releases (``""`` while held back)."""
@@ -79,8 +77,13 @@ class IncrementalDetokenizer:
     def _release(self, delta: str) -> None:
         self.text += delta
         self.pieces.append(delta)
-        self.ids = self.ids[self.read :]  # keep only the new window: from the last released token on
-        self.prefix, self.read = 0, len(self.ids)
+        self._restart()
+
+    def _restart(self) -> None:
+        """Keep only the new window, from the last released token on (all of it released)."""
+        self.ids = self.ids[self.read :]
+        self.read = len(self.ids)
+        self.before = self._decode(self.ids)
 
     def flush(self) -> str:
         """At the request's end: release what is held (an incomplete character reads U+FFFD),
@@ -91,6 +94,5 @@ class IncrementalDetokenizer:
         if delta:
             self.text += delta
             self.pieces[-1] += delta
-        self.ids = self.ids[self.read :]
-        self.prefix, self.read = 0, len(self.ids)
+        self._restart()
         return delta

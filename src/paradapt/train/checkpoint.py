@@ -66,8 +66,7 @@ def save(trainer: Trainer, output_dir: str | os.PathLike, keep: int = 2) -> Path
     tmp = folder / f".step-{trainer.step}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        for n in trainer.adapter_names():  # a mixture's experts too: the folder loads on its own
-            save_adapter(trainer.model, n, tmp / "adapters" / n)
+        trainer.save_adapters(tmp / "adapters")  # a mixture's experts too: the folder loads on its own
         torch.save(trainer.state_dict(), tmp / STATE_FILE)
         info = {
             "step": trainer.step,

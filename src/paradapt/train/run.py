@@ -29,7 +29,7 @@ from .. import lifecycle
 from ..config import Mixture
 from ..errors import ConfigError, ParadaptError
 from ..files import write_text_atomic
-from ..io import CONFIG_FILE, load_adapter, save_adapter
+from ..io import CONFIG_FILE, load_adapter
 from . import checkpoint, distributed
 from .config import RunConfig, load_config
 from .data import LabelMap, build_datasets
@@ -270,8 +270,7 @@ def _finish(
         saved = last if last is not None and last.name == f"step-{trainer.step}" else None
         if saved is None:
             saved = checkpoint.save(trainer, out, trainer.args.keep_checkpoints)
-        for n in names:
-            save_adapter(trainer.model, n, adapters[n])
+        trainer.save_adapters(out / "adapters")
         for t in trainer.tasks:
             if t.experts:
                 _mixture_note(adapters[t.name], t.name, t.experts)

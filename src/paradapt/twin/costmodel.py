@@ -31,6 +31,7 @@ from typing import Any
 
 from ..checks import read_structured
 from ..errors import ConfigError
+from ..files import write_text_atomic
 from ..serve.core import StepShape
 
 FORMAT = "paradapt-costmodel/1"
@@ -225,10 +226,7 @@ class CostModel:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> CostModel:
