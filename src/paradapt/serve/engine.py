@@ -647,7 +647,7 @@ class Engine(_EngineCore):
             try:
                 if len(ids) == 1:
                     raise error
-                new.update(self.runner.execute(_only(step, rid)))
+                new.update(self.runner.execute(self._keep(step, rid.__eq__)))  # rid's part alone
             except Exception as e:
                 log.error("request %s failed in a step: %s", rid, e, exc_info=e)
                 failed[rid] = e
@@ -814,13 +814,6 @@ class EncoderEngine(_EngineCore):
 
 def _step_ids(step: ScheduledStep) -> list[str]:
     return [*(c.request_id for c in step.prefills), *step.decodes]
-
-
-def _only(step: ScheduledStep, rid: str) -> ScheduledStep:
-    """The part of ``step`` that is request ``rid``'s (its chunk or its decode)."""
-    prefills = tuple(c for c in step.prefills if c.request_id == rid)
-    decodes = tuple(r for r in step.decodes if r == rid)
-    return ScheduledStep(prefills, decodes, step.adapters, ())
 
 
 def check_token_ids(model: nn.Module, ids: list[int], field: str) -> None:

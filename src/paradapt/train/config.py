@@ -417,13 +417,20 @@ def _expand(spec: dict | str) -> dict | str:
     path = spec if isinstance(spec, str) else spec.get("path")
     if not isinstance(path, str) or "${assets}" not in path:
         return spec
+    path = expand_assets(path, "data.path")
+    return path if isinstance(spec, str) else {**spec, "path": path}
+
+
+def expand_assets(path: str, field: str) -> str:
+    """``path`` with ``${assets}`` replaced by the shared assets folder (data files, expert folders)."""
+    if "${assets}" not in path:
+        return path
     from ..loading import find_assets
 
     assets = find_assets()
     if assets is None:
-        raise ConfigError("data.path", f"{path}: no shared assets folder found (set $PARADAPT_ASSETS)")
-    path = path.replace("${assets}", str(assets))
-    return path if isinstance(spec, str) else {**spec, "path": path}
+        raise ConfigError(field, f"{path}: no shared assets folder found (set $PARADAPT_ASSETS)")
+    return path.replace("${assets}", str(assets))
 
 
 CHAT_KEYS = ("task", "prompt_template", "system", "labels")  # what eval_data takes from data

@@ -31,7 +31,7 @@ from ..errors import ConfigError, ParadaptError
 from ..files import write_text_atomic
 from ..io import CONFIG_FILE, load_adapter
 from . import checkpoint, distributed
-from .config import RunConfig, load_config
+from .config import RunConfig, expand_assets, load_config
 from .data import LabelMap, build_datasets
 from .loop import Task, Trainer, loss_kind
 from .plot import plot_curves, read_metrics
@@ -294,14 +294,7 @@ def _expert_path(raw: str, base_dir: Path | None) -> Path:
         from ..bundled import bundled_path
 
         return bundled_path(raw.removeprefix("bundled:"))
-    if "${assets}" in raw:
-        from ..loading import find_assets
-
-        assets = find_assets()
-        if assets is None:
-            raise ConfigError("path", f"{raw}: no shared assets folder found (set $PARADAPT_ASSETS)")
-        raw = raw.replace("${assets}", str(assets))
-    path = Path(os.path.expanduser(raw))
+    path = Path(os.path.expanduser(expand_assets(raw, "path")))
     return base_dir / path if base_dir is not None and not path.is_absolute() else path
 
 
