@@ -92,14 +92,17 @@ class MixtureGate(nn.Module):
         components: dict[str, nn.Module],
         writes: str,
         record: Callable | None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
     ) -> MixtureOp | None:
-        """What this gate adds in one phase of its site (``writes``), or None if no expert writes there."""
+        """What this gate adds in one phase of its site (``writes``), or None if no expert writes there.
+
+        ``mask`` may be a callable, called only when some expert writes in this phase (a site
+        asks every gate in both of its phases; the padding mask costs an ``index_select``)."""
         experts = [components[n] for n in self.experts]
         idx = [i for i, c in enumerate(experts) if c.writes == writes]
         if not idx:
             return None
-        return MixtureOp(self, experts, idx, writes, record, mask)
+        return MixtureOp(self, experts, idx, writes, record, mask() if callable(mask) else mask)
 
     def extra_repr(self) -> str:
         return f"experts={list(self.experts)}, top_k={self.top_k}, granularity={self.granularity}"

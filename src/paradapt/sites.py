@@ -113,8 +113,9 @@ class Site:
             if c is None or name in merged:
                 continue
             if isinstance(c, MixtureGate):
-                mask = self.state.pool_mask(rows, batch) if c.granularity == "sequence" else None
-                c = c.op(self.components, writes, self.state.gate_loss_recorder(name), mask)
+                mask = (lambda: self.state.pool_mask(rows, batch)) if c.granularity == "sequence" else None
+                record = self.state.gate_loss_recorder(name) if torch.is_grad_enabled() else None
+                c = c.op(self.components, writes, record, mask)
             elif c.writes != writes:
                 continue
             if c is not None:
