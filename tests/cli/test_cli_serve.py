@@ -181,15 +181,17 @@ def test_served_name_may_not_shadow_an_adapter(llama_setup, capsys):
     assert "'alpha' is also an adapter folder" in capsys.readouterr().err
 
 
-def test_no_model_serves_the_bundled_minilm_and_bundled_adapters():
+def test_named_minilm_serves_its_bundled_classifiers():
     from paradapt import bundled
 
-    app, info = serve_cli.build_server_app(cli.build_parser().parse_args(["serve"]))
-    assert info["name"] == "all-MiniLM-L6-v2" and info["kind"] == "encoder"
-    assert info["root"] == bundled.ROOT
+    app, info = serve_cli.build_server_app(
+        cli.build_parser().parse_args(["serve", "--model", "all-minilm-l6-v2"])
+    )
+    assert info["name"] == "all-minilm-l6-v2" and info["kind"] == "encoder"
+    assert info["root"] == bundled.bundled_root("all-minilm-l6-v2")
     with TestClient(app, base_url="http://localhost") as client:  # loopback: Host is checked
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-        assert ids == ["all-MiniLM-L6-v2", *sorted(bundled.bundled())]
+        assert ids == ["all-minilm-l6-v2", *sorted(bundled.bundled("all-minilm-l6-v2"))]
         texts = ["a charming and affecting journey", "it 's slow -- very , very slow ."]
         r = client.post("/classify", json={"model": "sst2-parallel", "input": texts})
         assert r.status_code == 200, r.text
@@ -275,12 +277,17 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     body = {"model": "stories260k-hf", "prompt": "Once", "max_tokens": 480, "ignore_eos": True}
-    chat = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "Hi"}]}
+    chat = {
+        **{k: v for k, v in body.items() if k != "prompt"},
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
     whole: list[httpx.Response] = []
     try:
         _wait_healthy(proc, url)
         posts = [
-            threading.Thread(target=lambda: whole.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+            threading.Thread(
+                target=lambda: whole.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60))
+            )
             for _ in range(3)
         ]
         for t in posts:
@@ -288,7 +295,9 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
         streams = []
         with (
             httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as a,
-            httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60) as b,
+            httpx.stream(
+                "POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60
+            ) as b,
         ):
             lines = [a.iter_lines(), b.iter_lines()]
             firsts = [next(x for x in it if x.startswith("data: ")) for it in lines]
@@ -322,6 +331,8 @@ def test_security_flags_make_the_guard_config(monkeypatch):
         parse(["serve", "--api-key", "k", "--host", "0.0.0.0", "--no-access-log", "--metrics-without-key"])
     )
     assert g.api_key == "k" and g.allowed_hosts is None and not g.access_log and g.metrics_without_key
-    g = serve_cli.guard_config(parse(["serve", "--allowed-hosts", "a.example, b.example", "--max-request-bytes", "10"]))
+    g = serve_cli.guard_config(
+        parse(["serve", "--allowed-hosts", "a.example, b.example", "--max-request-bytes", "10"])
+    )
     assert g.allowed_hosts == ("a.example", "b.example") and g.max_request_bytes == 10
     assert serve_cli.guard_config(parse(["serve", "--allowed-hosts", "*"])).allowed_hosts is None

@@ -28,7 +28,18 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @needs_assets
 def test_showcase_end_to_end_on_bundled_adapters():
-    proc = _run("--limit", "24", "--agnews-rows", "24", "--batch", "4", "--concurrency", "4")
+    proc = _run(
+        "--model",
+        "all-minilm-l6-v2",
+        "--limit",
+        "24",
+        "--agnews-rows",
+        "24",
+        "--batch",
+        "4",
+        "--concurrency",
+        "4",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {m.group(1): m for m in map(ROW.match, proc.stdout.splitlines()) if m}
     assert set(rows) == {"sst2", "agnews"}, proc.stdout
@@ -45,7 +56,7 @@ def test_showcase_end_to_end_on_bundled_adapters():
     ("flag", "value"), [("--limit", "0"), ("--agnews-rows", "-3"), ("--batch", "0"), ("--concurrency", "0")]
 )
 def test_bad_counts_are_one_line_exit_2(flag, value, capsys):
-    assert cli.main(["showcase", flag, value]) == 2
+    assert cli.main(["showcase", "--model", "all-minilm-l6-v2", flag, value]) == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "at least 1" in lines[0], err

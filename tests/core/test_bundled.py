@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import paradapt as pa
-from paradapt.bundled import bundled, bundled_path, card
+from paradapt.bundled import base_model_of, bundled, bundled_path, bundled_root, card
 
 SHIPPED = ["agnews-parallel", "sst2-parallel"]
 FILES = {"adapter_config.json", "adapter.safetensors", "card.json", "README.md"}
@@ -21,8 +21,12 @@ def minilm_dir() -> str:
 
 
 def test_bundled_lists_the_shipped_adapters_with_their_files():
-    found = bundled()
+    found = bundled("all-minilm-l6-v2")
     assert sorted(found) == SHIPPED
+    assert bundled_root("all-minilm-l6-v2") == bundled_path("sst2-parallel").parent
+    assert base_model_of("agnews-parallel") == "all-minilm-l6-v2"
+    assert bundled_root("no-such-model") is None and bundled("no-such-model") == {}
+    assert set(found) <= set(bundled())  # every model's adapters, one namespace
     for name, folder in found.items():
         assert FILES <= {p.name for p in folder.iterdir()}, name
         assert card(name)["task"] == name.split("-")[0]

@@ -175,15 +175,25 @@ EXAMPLES = sorted(
 )
 
 
+# kind and size of each example's adapter: MiniLM's parallel r=64, the SmolLM2 chat ones at ~1%
+EXAMPLE_ADAPTERS = {
+    "train_chat_sst2.yaml": ("parallel", 32),
+    "train_chat_agnews.yaml": ("lora", 24),
+    "train_chat_sms.yaml": ("series", 32),
+}
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_configs_are_valid(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PARADAPT_ASSETS", str(tmp_path))
     cfg, base = load_config(path)
     for i, entry in enumerate(cfg.adapters):
-        r = 32 if path.name == "train_chat_sst2.yaml" else 64  # ~0.8% of SmolLM2; MiniLM's r
-        assert entry.kind == "parallel" and cfg.adapter_config(i).r == r
+        kind, r = EXAMPLE_ADAPTERS.get(path.name, ("parallel", 64))
+        assert entry.kind == kind and cfg.adapter_config(i).r == r
         train, evals = cfg.data_specs(i, base)
-        assert train.path.startswith(str(tmp_path / "data")) and evals.path.startswith(str(tmp_path / "data"))
+        assert train.path.startswith(str(tmp_path / "data"))
+        if entry.eval_fraction is None:
+            assert evals.path.startswith(str(tmp_path / "data"))
 
 
 def test_sst2_example_reads_the_shared_split(tmp_path, monkeypatch):

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from ..errors import ParadaptError, one_line
-from ..loading import default_model_dir, load_model
+from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
 from ..quantized import describe, quantization, quantize
 from ..serve.core import EngineConfig
 from .common import CLIError, positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
 
-DEFAULT_SERVED_NAME = "all-MiniLM-L6-v2"  # the bundled MiniLM's `model` name
+DEFAULT_MODEL = "smollm2-135m-instruct"  # what `paradapt serve` serves with no --model
 
 
 def add_parser(sub) -> None:
@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
         description="Serve the Hugging Face model at --model and every adapter folder under "
         "--adapter-root (named by its folder) over HTTP (docs/serving.md). Decoders generate "
         "(/v1/completions, /v1/chat/completions); encoders classify and embed (/classify, "
-        "/v1/embeddings). With no --model: the bundled all-MiniLM-L6-v2 and the bundled adapters. "
+        "/v1/embeddings). With no --model: SmolLM2-135M-Instruct and its shipped chat adapters; "
+        "--model all-minilm-l6-v2 serves the MiniLM encoder and its shipped classifiers. "
         f"Named models: {', '.join(NAMED_MODELS)}. "
         "SIGTERM lets running requests finish (up to 30 s), then exits 0.",
     )
@@ -49,7 +50,7 @@ def add_parser(sub) -> None:
     serve.add_argument(
         "--adapter-root",
         metavar="DIR",
-        help="folder of adapter folders (default: none, or the bundled adapters with the default model)",
+        help="folder of adapter folders (default: the adapters shipped for a named model, else none)",
     )
     serve.add_argument(
         "--served-model-name",
@@ -186,30 +187,24 @@ def _configure_logs(args: argparse.Namespace) -> None:
 def _serve_sources(args) -> tuple[Path, Path | None, str]:
     """Model folder, adapter root and the base model's served name.
 
-    With no ``--model``: the bundled MiniLM and, if this install ships them, the bundled adapters.
-    A named model (``--model smollm2-135m-instruct``) is served under its name.
+    With no ``--model``: SmolLM2-135M-Instruct (:data:`DEFAULT_MODEL`). A named model is served
+    under its name and, with no ``--adapter-root``, with the adapters shipped for it
+    (:func:`paradapt.bundled.bundled_root`): SmolLM2's chat adapters, MiniLM's classifiers.
     """
+    from ..bundled import bundled_root
+
     root = Path(args.adapter_root).expanduser() if args.adapter_root else None
-    if args.model:
-        model_dir = resolve_model(args.model)  # a name: its (cached) folder, converted on first use
-        entry = named_model(args.model)
-        name = args.served_model_name or (entry.name if entry else model_dir.resolve().name)
-    else:
-        model_dir, name = default_model_dir(), args.served_model_name or DEFAULT_SERVED_NAME
-        if root is None:
-            root = _bundled_root()
+    spec = args.model or DEFAULT_MODEL
+    model_dir = resolve_model(spec)  # a name: its (cached) folder, converted on first use
+    entry = named_model(spec)
+    name = args.served_model_name or (entry.name if entry else model_dir.resolve().name)
+    if root is None and entry is not None:
+        root = bundled_root(entry.name)
     if root is not None and not root.is_dir():
         raise CLIError(f"--adapter-root: {root} is not a folder")
     if root is not None and (root / name).is_dir():
         raise CLIError(f"--served-model-name: {name!r} is also an adapter folder under {root}; rename one")
     return model_dir, root, name
-
-
-def _bundled_root() -> Path | None:
-    """The folder of the adapters shipped in the package, or None when there are none."""
-    from .. import bundled
-
-    return bundled.ROOT if bundled.bundled() else None
 
 
 def _adapter_count(root: Path | None) -> int:
@@ -259,7 +254,7 @@ def build_server_app(args: argparse.Namespace):
 
     heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
     model_dir, root, name = _serve_sources(args)
-    tok, model = load_model(args.model or model_dir)  # by name, so a damaged cache is rebuilt
+    tok, model = load_model(args.model or DEFAULT_MODEL)  # by name, so a damaged cache is rebuilt
     quantize_base(model, getattr(args, "quantize", "none"))
     config = engine_config(args)
     if model.can_generate():

@@ -1,6 +1,8 @@
 """``paradapt showcase``: train (or reuse) -> serve -> evaluate, end to end on real data.
 
-Starts the real ``paradapt serve`` as a subprocess on a free loopback port with the bundled
+The default is the decoder showcase (:mod:`.showcase_chat`: SmolLM2 and its three shipped chat
+adapters over ``/v1/chat/completions``). ``--model all-minilm-l6-v2`` runs the encoder one, here:
+it starts the real ``paradapt serve`` as a subprocess on a free loopback port with the bundled
 MiniLM and the SST-2 / AG News parallel adapters, sends one mixed, interleaved, concurrent stream
 of ``/classify`` requests for both adapters over their test sets, then the same texts in the same
 order to the base model (``/v1/embeddings``: the same encoder forward, no adapter), and prints each
@@ -24,9 +26,9 @@ from ..errors import ParadaptError
 from ..loading import find_assets
 from ..serve.process import ServerProcess, ServerStartError
 from .common import one_line_warning, positive_int
-from .serve import DEFAULT_SERVED_NAME
 
-BASE_NAME = DEFAULT_SERVED_NAME
+BASE_NAME = "all-minilm-l6-v2"  # the encoder showcase's base model, served under its name
+MODELS = ("smollm2-135m-instruct", BASE_NAME)
 START_TIMEOUT_S = 180.0
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"  # the repository's examples/ folder
 
@@ -101,9 +103,8 @@ def interleave(tasks: list[Task], batch: int) -> list[tuple[Task, int, int]]:
 # -- the server ----------------------------------------------------------------------------------
 
 
-def start_server(adapter_root: Path | None, threads: int | None) -> ServerProcess:
-    """``paradapt serve`` (bundled MiniLM) with the showcase's adapters, healthy or a ShowcaseError."""
-    args = ["--adapter-root", str(adapter_root)] if adapter_root is not None else []
+def start_server(args: list[str], threads: int | None) -> ServerProcess:
+    """``paradapt serve ARGS`` on a free loopback port, healthy, or a ShowcaseError."""
     server = ServerProcess(args + (["--threads", str(threads)] if threads else []))
     try:
         server.wait_healthy(START_TIMEOUT_S)
@@ -214,7 +215,8 @@ def run(o: Options, assets: Path | None) -> int:
         f"stream: {len(reqs)} /classify requests of up to {o.batch} texts, both adapters interleaved, "
         f"{o.concurrency} in flight; then the same texts to the base model"
     )
-    server = start_server(root, o.threads)
+    args = ["--model", BASE_NAME] + (["--adapter-root", str(root)] if root is not None else [])
+    server = start_server(args, o.threads)
     try:
         warm = [(t, 0, min(o.batch, len(t.texts))) for t in tasks]
         asyncio.run(_stream(server.url, "warmup", warm, False, o.concurrency))  # loads the adapters
@@ -268,12 +270,20 @@ def report(tasks: list[Task], t_mixed: float, t_base: float, total: float) -> in
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``paradapt showcase`` from its flags."""
+    """``paradapt showcase`` from its flags: the decoder one, or the encoder one by ``--model``."""
+    if args.model != BASE_NAME:
+        from . import showcase_chat
+
+        if args.train:
+            raise ShowcaseError("--train retrains the encoder showcase's adapters (--model all-minilm-l6-v2)")
+        return showcase_chat.run(
+            args.rows, 16 if args.concurrency is None else args.concurrency, args.threads
+        )
     options = Options(
         limit=args.limit,
         agnews=args.agnews_rows,
         batch=args.batch,
-        concurrency=args.concurrency,
+        concurrency=8 if args.concurrency is None else args.concurrency,
         seed=args.seed,
         train=args.train,
         train_dir=Path(args.train_dir).expanduser(),
@@ -287,25 +297,46 @@ def add_parser(sub) -> None:
     """Register ``paradapt showcase`` on the ``paradapt`` subparsers."""
     sc = sub.add_parser(
         "showcase",
-        help="serve the SST-2 and AG News adapters, stream both test sets, print accuracy and throughput",
-        description="Start `paradapt serve` (bundled MiniLM + the SST-2 and AG News parallel adapters) on "
-        "a free loopback port, send a mixed concurrent stream of /classify requests for both adapters "
-        "over their test sets, then the same texts to the base model, and print each adapter's test "
-        "accuracy, rows/s and throughput ratio to the base model. Exit 0: every accuracy at or above "
-        "its floor (SST-2 0.75, AG News 0.80); 1: one below; 2: an error.",
+        help="serve real adapters, stream their test sets over HTTP, print accuracy and throughput",
+        description="Start `paradapt serve` on a free loopback port and drive it over HTTP. Default: "
+        "SmolLM2-135M-Instruct with its three shipped chat adapters (SST-2, AG News, SMS spam): one "
+        "mixed stream of /v1/chat/completions requests over their held-out test rows, then the same "
+        "requests to the base model; prints each adapter's accuracy next to the base model's zero-shot "
+        "accuracy and its throughput next to the base model's. --model all-minilm-l6-v2: the MiniLM "
+        "encoder with the SST-2 and AG News classifiers over /classify (floors SST-2 0.75, AG News "
+        "0.80). Exit 0: every accuracy at or above its floor; 1: one below; 2: an error.",
     )
-    sc.add_argument("--train", action="store_true", help="retrain both adapters first (examples/*.yaml)")
+    sc.add_argument(
+        "--model",
+        choices=MODELS,
+        default=MODELS[0],
+        help="which showcase: the SmolLM2 chat adapters (default) or the MiniLM classifiers",
+    )
+    sc.add_argument(
+        "--rows",
+        type=positive_int,
+        default=150,
+        metavar="N",
+        help="SmolLM2: test rows per adapter (default: 150)",
+    )
+    sc.add_argument(
+        "--train", action="store_true", help="MiniLM: retrain both adapters first (examples/*.yaml)"
+    )
     sc.add_argument("--train-dir", default="runs/showcase", metavar="DIR", help="where --train writes")
-    sc.add_argument("--limit", type=int, metavar="N", help="SST-2 test rows (default: all 872)")
+    sc.add_argument("--limit", type=int, metavar="N", help="MiniLM: SST-2 test rows (default: all 872)")
     sc.add_argument(
         "--agnews-rows",
         type=int,
         default=1000,
         metavar="N",
-        help="seeded AG News test subset (default: 1000)",
+        help="MiniLM: seeded AG News test subset (default: 1000)",
     )
-    sc.add_argument("--batch", type=int, default=8, metavar="N", help="texts per request (default: 8)")
-    sc.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight (default: 8)")
+    sc.add_argument(
+        "--batch", type=int, default=8, metavar="N", help="MiniLM: texts per request (default: 8)"
+    )
+    sc.add_argument(
+        "--concurrency", type=int, metavar="N", help="requests in flight (default: 16 SmolLM2, 8 MiniLM)"
+    )
     sc.add_argument("--seed", type=int, default=0, help="seed of the AG News subset (default: 0)")
     sc.add_argument(
         "--threads",

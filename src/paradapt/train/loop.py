@@ -485,7 +485,7 @@ class Trainer:
                     weight += len(labels)
                 else:
                     logits, labels = self._forward(batch, names)
-                    loss, right = _token_eval(logits, labels)
+                    loss, right = token_eval(logits, labels)
                     w = float((labels[:, 1:] != IGNORE_INDEX).sum())
                     loss_sum, weight = loss_sum + loss, weight + w
                     hits, rows = hits + int(right.sum()), rows + len(right)
@@ -555,7 +555,7 @@ class Trainer:
             _set_rng_state(state["rng"])
 
 
-def _token_eval(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+def token_eval(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Summed next-token loss over the learned tokens, and per row whether every learned token
     is the argmax (what greedy decoding would produce after the same prefix)."""
     target = labels[:, 1:]

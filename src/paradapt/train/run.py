@@ -87,7 +87,7 @@ def train(
         _prepare_fresh(out, overwrite, dist.is_main)  # every rank checks, so every rank fails alike
     dist.barrier()
     tok, model = _load_model(cfg, base_dir)
-    tasks, adapter_cfgs = _build_tasks(cfg, tok, base_dir)
+    tasks, adapter_cfgs = build_tasks(cfg, tok, base_dir)
     torch.manual_seed(cfg.train.seed)
     for i, (name, acfg) in enumerate(adapter_cfgs.items()):
         if isinstance(acfg, Mixture):
@@ -172,7 +172,7 @@ def _load_model(cfg: RunConfig, base_dir: Path | None):
     return load_model(path)
 
 
-def _build_tasks(cfg: RunConfig, tok, base_dir: Path | None) -> tuple[list[Task], dict]:
+def build_tasks(cfg: RunConfig, tok, base_dir: Path | None) -> tuple[list[Task], dict]:
     """Every adapter's data sets and final config (a classification head added when missing)."""
     tasks, adapter_cfgs = [], {}
     kinds = {}

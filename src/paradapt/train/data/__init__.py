@@ -11,7 +11,7 @@ groups rows into micro-batches by length; :func:`build_datasets` (:mod:`.build`)
 in order for a training config.
 """
 
-from .build import build_datasets
+from .build import build_datasets, read_splits
 from .chat import check_chat_template, render_chats
 from .labels import LabelMap
 from .records import DataError, Label, infer_task, source_of
@@ -31,6 +31,7 @@ __all__ = [
     "LabelMap",
     "TokenizedDataset",
     "build_datasets",
+    "read_splits",
     "check_chat_template",
     "collate",
     "infer_task",

@@ -31,15 +31,7 @@ def build_datasets(
     The label map comes from the training records (or ``train.labels``) and every eval
     label is checked against it, so an eval-only class fails naming its line.
     """
-    if eval_spec is not None and eval_fraction is not None:
-        raise ConfigError("eval_fraction", "give either an eval file or eval_fraction, not both")
-    train_records = _records(train)
-    if eval_spec is not None:
-        eval_records: list[dict] | None = _records(eval_spec)
-    elif eval_fraction is not None:
-        train_records, eval_records = split(train_records, eval_fraction, seed)
-    else:
-        eval_records = None
+    train_records, eval_records = read_splits(train, eval_spec, eval_fraction, seed)
     task = infer_task(train_records)
     if eval_records is not None and infer_task(eval_records) != task:
         path, line = source_of(eval_records[0])
@@ -53,6 +45,25 @@ def build_datasets(
     train_ds = tokenize(train_records, tokenizer, labels=label_map, **kw)
     eval_ds = tokenize(eval_records, tokenizer, labels=label_map, **kw) if eval_records else None
     return train_ds, eval_ds
+
+
+def read_splits(
+    train: DataSpec | list[DataSpec],
+    eval_spec: DataSpec | list[DataSpec] | None = None,
+    eval_fraction: float | None = None,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict] | None]:
+    """(train, eval) records before tokenizing: eval from its own file, else the seeded
+    ``split(train, eval_fraction, seed)``, else None. A shipped adapter's card names the same
+    three, so its held-out rows are read again exactly (``paradapt.bundled.test_records``)."""
+    if eval_spec is not None and eval_fraction is not None:
+        raise ConfigError("eval_fraction", "give either an eval file or eval_fraction, not both")
+    train_records = _records(train)
+    if eval_spec is not None:
+        return train_records, _records(eval_spec)
+    if eval_fraction is not None:
+        return split(train_records, eval_fraction, seed)
+    return train_records, None
 
 
 def _records(spec: DataSpec | list[DataSpec]) -> list[dict]:

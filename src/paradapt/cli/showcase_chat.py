@@ -1,0 +1,165 @@
+"""``paradapt showcase`` (the default): SmolLM2 and its three shipped chat adapters, end to end over HTTP.
+
+Starts the real ``paradapt serve`` (SmolLM2-135M-Instruct with ``chat-sst2-parallel``,
+``chat-agnews-lora`` and ``chat-sms-series``) as a subprocess on a free loopback port, sends one
+mixed, interleaved, concurrent stream of ``/v1/chat/completions`` requests for the three adapters
+over the first rows of their held-out test sets (the rows their cards' accuracies were measured
+on, :func:`paradapt.bundled.test_records`), then the same requests to the base model, and prints
+per adapter: its accuracy next to the base model's zero-shot accuracy on the same rows, and its
+throughput next to the base model's on the same requests.
+
+An answer is right when it is the row's label word, compared without case, surrounding space and a
+trailing full stop (the base model often writes "Positive." for "positive"); every row is scored the
+same way for the adapter and the base model. Exit 0 when every adapter is at or above its card's
+floor, 1 when one is not, 2 on an error (one line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ParadaptError
+from .showcase import ShowcaseError, _httpx, start_server
+
+MODEL = "smollm2-135m-instruct"
+MAX_TOKENS = 8  # every answer word is at most 3 tokens, then the end of turn
+
+
+@dataclass
+class ChatTask:
+    """One shipped adapter's test rows: the user turns, the label words, the card's floor."""
+
+    adapter: str
+    title: str
+    floor: float
+    prompts: list[list[dict]]
+    answers: list[str]
+    right: dict[str, int] = field(default_factory=lambda: {"mixed": 0, "base": 0})
+    spans: dict[str, list[float]] = field(default_factory=dict)  # phase -> [first send, last reply]
+
+
+def load_tasks(rows: int) -> list[ChatTask]:
+    """The shipped SmolLM2 adapters and the first ``rows`` of each one's held-out test set."""
+    from ..bundled import bundled, card, test_records
+
+    names = sorted(bundled(MODEL))
+    if not names:
+        raise ShowcaseError(f"this install ships no adapters for {MODEL} (src/paradapt/adapters/{MODEL})")
+    tasks = []
+    for name in names:
+        c = card(name)
+        try:
+            records = test_records(name, rows)
+        except (ParadaptError, OSError) as e:
+            raise ShowcaseError(f"{name}: cannot read its test set ({e})") from None
+        prompts = [r["messages"][:-1] for r in records]  # the answer is the last message
+        tasks.append(ChatTask(name, c["task"], float(c["floor"]), prompts, [r["answer"] for r in records]))
+    return tasks
+
+
+def is_right(text: str, answer: str) -> bool:
+    """The answer word, up to case, surrounding space and a trailing full stop."""
+    return text.strip().rstrip(".").strip().lower() == answer.lower()
+
+
+def interleave(tasks: list[ChatTask]) -> list[tuple[ChatTask, int]]:
+    """``(task, row)`` requests, merged so every task is spread evenly over the stream."""
+    reqs = [((i + 0.5) / len(t.prompts), t.adapter, t, i) for t in tasks for i in range(len(t.prompts))]
+    reqs.sort(key=lambda r: (r[0], r[1]))
+    return [(t, i) for _, _, t, i in reqs]
+
+
+async def _send(client, sem, url: str, phase: str, req: tuple[ChatTask, int]) -> None:
+    task, i = req
+    model = MODEL if phase == "base" else task.adapter
+    body = {"model": model, "messages": task.prompts[i], "max_tokens": MAX_TOKENS, "temperature": 0}
+    async with sem:
+        span = task.spans.setdefault(phase, [time.perf_counter(), 0.0])
+        span[0] = min(span[0], time.perf_counter())
+        r = await client.post(f"{url}/v1/chat/completions", json=body)
+        if r.status_code != 200:
+            raise ShowcaseError(f"{phase}: {model} answered {r.status_code}: {r.text[:200]}")
+        span[1] = max(span[1], time.perf_counter())
+    if phase in task.right:
+        task.right[phase] += is_right(r.json()["choices"][0]["message"]["content"] or "", task.answers[i])
+
+
+async def _stream(url: str, phase: str, reqs: list, concurrency: int) -> float:
+    """Send ``reqs`` with at most ``concurrency`` in flight; the wall time in seconds."""
+    httpx = _httpx()
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600.0, limits=httpx.Limits(max_connections=concurrency)) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_send(client, sem, url, phase, r) for r in reqs))
+        return time.perf_counter() - t0
+
+
+def run(rows: int, concurrency: int, threads: int | None) -> int:
+    """The whole decoder showcase; returns the exit status (0 ok, 1 an adapter under its floor)."""
+    if rows < 1 or concurrency < 1:
+        raise ShowcaseError(f"--rows and --concurrency must be at least 1, got {rows} and {concurrency}")
+    t_start = time.perf_counter()
+    tasks = load_tasks(rows)
+    reqs = interleave(tasks)
+    print(
+        f"paradapt showcase: {MODEL} + {', '.join(t.adapter for t in tasks)} (shipped) behind `paradapt serve`"
+    )
+    print(
+        f"stream: {len(reqs)} /v1/chat/completions requests (greedy, up to {MAX_TOKENS} tokens), the "
+        f"{len(tasks)} adapters interleaved, {concurrency} in flight; then the same requests to the base model"
+    )
+    server = start_server(["--model", MODEL], threads)
+    try:
+        warm = [(t, 0) for t in tasks]
+        asyncio.run(_stream(server.url, "warmup", warm, concurrency))  # loads the adapters
+        t_mixed = asyncio.run(_stream(server.url, "mixed", reqs, concurrency))
+        t_base = asyncio.run(_stream(server.url, "base", reqs, concurrency))
+    finally:
+        server.stop()
+    return report(tasks, t_mixed, t_base, time.perf_counter() - t_start)
+
+
+def _rate(task: ChatTask, phase: str) -> float:
+    first, last = task.spans[phase]
+    return len(task.prompts) / max(last - first, 1e-9)
+
+
+def report(tasks: list[ChatTask], t_mixed: float, t_base: float, total: float) -> int:
+    """The table; 1 when an adapter is under its floor."""
+    print(
+        f"\n{'adapter':<20} {'task':<8} {'rows':>5} {'accuracy':>8} {'base 0-shot':>11} {'floor':>5}  "
+        f"{'req/s':>6} {'base req/s':>10} {'vs base':>7}"
+    )
+    status = 0
+    for t in tasks:
+        n = len(t.prompts)
+        acc, base = t.right["mixed"] / n, t.right["base"] / n
+        ok = acc >= t.floor
+        status |= 0 if ok else 1
+        mixed, base_rate = _rate(t, "mixed"), _rate(t, "base")
+        print(
+            f"{t.adapter:<20} {t.title:<8} {n:>5} {acc:8.4f} {base:11.4f} {t.floor:5.2f}  "
+            f"{mixed:6.1f} {base_rate:10.1f} {mixed / base_rate:6.2f}x{'' if ok else '  BELOW FLOOR'}"
+        )
+    n = sum(len(t.prompts) for t in tasks)
+    print(
+        f"{'mixed stream':<20} {'all':<8} {n:>5} {'':>8} {'':>11} {'':>5}  {n / t_mixed:6.1f} "
+        f"{n / t_base:10.1f} {t_base / t_mixed:6.2f}x"
+    )
+    print(
+        "(accuracy: the answer is the label word; base 0-shot: the base model, same request, no adapter; "
+        "req/s: an adapter's requests over its span of the mixed stream, base req/s: the same requests "
+        "to the base model)"
+    )
+    verdict = (
+        "OK: every adapter is at or above its floor"
+        if status == 0
+        else "FAILED: an adapter is below its floor"
+    )
+    print(f"{verdict}; done in {total:.1f} s")
+    return status
+
+
+__all__ = ["ChatTask", "interleave", "is_right", "load_tasks", "report", "run"]
