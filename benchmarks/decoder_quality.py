@@ -372,7 +372,7 @@ def ship(results: list[dict], tasks: list[str]) -> None:
 
     The adapter is loaded and saved again under its shipped name (``chat-<task>-<kind>``), so the
     folder is written atomically with fresh hashes; the card keeps the config's adapter entry and
-    seed, from which :func:`paradapt.bundled.test_records` reads the same held-out rows again.
+    seed, from which :func:`paradapt.bundled.held_out_records` reads the same held-out rows again.
     """
     import paradapt as pa
     from paradapt.files import write_text_atomic
@@ -388,15 +388,37 @@ def ship(results: list[dict], tasks: list[str]) -> None:
             sys.exit(f"--ship: {task} {row} seed 0 has not been run")
         res, name = got[-1], f"chat-{task}-{entry['kind']}"
         bases = {x["row"]: x for x in results if x["task"] == task and x["row"].startswith("base")}
-        _, model = load_model(raw["model"])
+        tok, model = load_model(raw["model"])
         pa.load_adapter(model, res["adapter"], name=name)
         dest = SHIP_ROOT / name
         shutil.rmtree(dest, ignore_errors=True)  # the card and README too: a fresh folder
         pa.save_adapter(model, name, dest)
         c = card_of(task, raw, res, bases)
+        cfg, base_dir = load_task(task)
+        _, evals = eval_records(cfg, base_dir)
+        c["check_answers"] = greedy_answers(model, tok, name, evals[:CHECK_ROWS])
         write_text_atomic(dest / "card.json", json.dumps(c, indent=1) + "\n")
         write_text_atomic(dest / "README.md", readme_of(name, c))
         print(f"shipped {dest.relative_to(ROOT)}: accuracy {c['accuracy']:.4f}, floor {c['floor']:.2f}")
+
+
+CHECK_ROWS = 16  # the first test rows whose greedy answers the card keeps (tests/core/test_bundled_chat.py)
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, name: str, records: list[dict], new_tokens: int = 6) -> list[str]:
+    """The adapter's greedy answer to each record's user turn (plain ``generate``, one row at a time)."""
+    import paradapt as pa
+
+    model.eval()
+    out = []
+    for r in records:
+        ids = tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+        with pa.route(model, name):
+            gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+    return out
 
 
 def card_of(task: str, raw: dict, res: dict, bases: dict[str, dict]) -> dict:

@@ -23,6 +23,7 @@ error), and a PNG of predicted vs real.
     python benchmarks/twin_accuracy.py --threads 1                   # ~10 min
     python benchmarks/twin_accuracy.py --threads 1 --quick           # ~2 min, 4 workloads
     python benchmarks/twin_accuracy.py --threads 1 --cost cost.json  # skip the profile
+    python benchmarks/twin_accuracy.py --threads 1 --model smollm2-135m-instruct --rate-scale 0.2
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ SHORT = dict(input_len=(8, 64), output_len=(8, 32))
 MIX3 = dict(ranks=[8, 16, 32], kinds=["lora", "parallel", "series"])
 
 
-def workloads(duration: float) -> list[tuple[str, WorkloadSpec, dict]]:
-    """(label, spec, engine knobs incl. max_served/max_slots): the validation set."""
+def workloads(duration: float, rate_scale: float = 1.0) -> list[tuple[str, WorkloadSpec, dict]]:
+    """(label, spec, engine knobs incl. max_served/max_slots): the validation set. ``rate_scale``
+    multiplies every rate (a slower model, e.g. SmolLM2, reaches its knee at lower rates)."""
     rows = [
         # label, adapters, rate, alpha, mix, served, slots, extra knobs
         ("a1 low", 100, 1.0, 1.0, MIX3, 32, 8, {}),
@@ -79,7 +81,7 @@ def workloads(duration: float) -> list[tuple[str, WorkloadSpec, dict]]:
         spec_kw = {k: extra.pop(k) for k in ("cv", "input_len", "output_len") if k in extra}
         spec = WorkloadSpec(
             num_adapters=n,
-            rate=rate,
+            rate=rate * rate_scale,
             duration=duration,
             alpha=alpha,
             **{**SHORT, **spec_kw},
@@ -239,7 +241,8 @@ def resim(args, specs) -> int:
     saved = json.loads(args.resim.read_text())
     rows = saved["rows"]
     by_label = {
-        label: (spec, knobs) for label, spec, knobs in workloads(saved["rows"][0]["spec"]["duration"])
+        label: (spec, knobs)
+        for label, spec, knobs in workloads(saved["rows"][0]["spec"]["duration"], args.rate_scale)
     }
     cost = CostModel.load(args.cost) if args.cost else CostModel.from_dict(saved["cost"])
     if not args.cost:  # refit the step costs on the even workloads' real traces, judge on the odd ones
@@ -271,6 +274,10 @@ def main(argv=None) -> int:
     p.add_argument("--cost", type=Path, help="a cost model from paradapt profile (default: profile now)")
     p.add_argument("--scenarios", type=int, default=40, help="profile scenarios")
     p.add_argument("--quick", action="store_true", help="4 workloads of 8 s")
+    p.add_argument(
+        "--model", help="a named decoder (smollm2-135m-instruct) or a folder instead of the random Llama"
+    )
+    p.add_argument("--rate-scale", type=float, default=1.0, help="multiply every workload's rate")
     p.add_argument("--only", type=str, help="comma-separated workload indices")
     p.add_argument(
         "--resim",
@@ -290,14 +297,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.quick:
         args.duration = 8.0
-    specs = workloads(args.duration)
+    specs = workloads(args.duration, args.rate_scale)
     if args.quick:
         specs = [specs[i] for i in (0, 2, 4, 11)]
     if args.only:
         specs = [specs[int(i)] for i in args.only.split(",")]
     if args.resim:
         return resim(args, specs)
-    model = build_model()
+    if args.model:
+        from paradapt.loading import load_model
+
+        model = load_model(args.model)[1]
+    else:
+        model = build_model()
     if args.cost:
         cost = CostModel.load(args.cost)
     else:

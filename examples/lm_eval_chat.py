@@ -4,7 +4,7 @@
     python examples/lm_eval_chat.py chat-sst2-parallel --limit 200
 
 For the shipped adapter named on the command line, this writes an lm-eval task from the adapter's
-held-out test rows (``paradapt.bundled.test_records``: the rows its card's accuracy was measured
+held-out test rows (``paradapt.bundled.held_out_records``: the rows its card's accuracy was measured
 on): a multiple-choice question whose context is the card's user message, rendered with
 SmolLM2's own chat template (lm-eval's ``apply_chat_template``), and whose choices are the card's
 answer words right after the assistant's turn starts. It then runs lm-eval's ``local-completions``
@@ -28,10 +28,10 @@ MODEL = "smollm2-135m-instruct"
 
 def write_task(folder: Path, adapter: str, limit: int | None) -> str:
     """An lm-eval task (YAML + JSONL) of the adapter's test rows; returns the task's name."""
-    from paradapt.bundled import card, test_records
+    from paradapt.bundled import card, held_out_records
 
     labels = card(adapter)["labels"]
-    rows = test_records(adapter, limit)
+    rows = held_out_records(adapter, limit)
     data = folder / f"{adapter}.jsonl"
     with data.open("w", encoding="utf-8") as f:
         for r in rows:  # the user message (the card's prompt template, filled) and the answer's index

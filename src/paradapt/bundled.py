@@ -70,7 +70,7 @@ def _adapters_in(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if (p / CONFIG_FILE).is_file()}
 
 
-def test_records(name: str, limit: int | None = None) -> list[dict]:
+def held_out_records(name: str, limit: int | None = None) -> list[dict]:
     """The held-out rows a shipped chat adapter's card accuracy was measured on, as chat records
     (``messages`` ending with the assistant's answer, ``answer`` the label word); the first
     ``limit`` only. The card keeps its training config's adapter entry (data and eval with
@@ -89,4 +89,4 @@ def test_records(name: str, limit: int | None = None) -> list[dict]:
     return (rows or [])[:limit]
 
 
-__all__ = ["base_model_of", "bundled", "bundled_path", "bundled_root", "card", "test_records"]
+__all__ = ["base_model_of", "bundled", "bundled_path", "bundled_root", "card", "held_out_records"]

@@ -4,7 +4,7 @@ Starts the real ``paradapt serve`` (SmolLM2-135M-Instruct with ``chat-sst2-paral
 ``chat-agnews-lora`` and ``chat-sms-series``) as a subprocess on a free loopback port, sends one
 mixed, interleaved, concurrent stream of ``/v1/chat/completions`` requests for the three adapters
 over the first rows of their held-out test sets (the rows their cards' accuracies were measured
-on, :func:`paradapt.bundled.test_records`), then the same requests to the base model, and prints
+on, :func:`paradapt.bundled.held_out_records`), then the same requests to the base model, and prints
 per adapter: its accuracy next to the base model's zero-shot accuracy on the same rows, and its
 throughput next to the base model's on the same requests.
 
@@ -42,7 +42,7 @@ class ChatTask:
 
 def load_tasks(rows: int) -> list[ChatTask]:
     """The shipped SmolLM2 adapters and the first ``rows`` of each one's held-out test set."""
-    from ..bundled import bundled, card, test_records
+    from ..bundled import bundled, card, held_out_records
 
     names = sorted(bundled(MODEL))
     if not names:
@@ -51,7 +51,7 @@ def load_tasks(rows: int) -> list[ChatTask]:
     for name in names:
         c = card(name)
         try:
-            records = test_records(name, rows)
+            records = held_out_records(name, rows)
         except (ParadaptError, OSError) as e:
             raise ShowcaseError(f"{name}: cannot read its test set ({e})") from None
         prompts = [r["messages"][:-1] for r in records]  # the answer is the last message

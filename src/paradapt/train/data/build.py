@@ -55,7 +55,7 @@ def read_splits(
 ) -> tuple[list[dict], list[dict] | None]:
     """(train, eval) records before tokenizing: eval from its own file, else the seeded
     ``split(train, eval_fraction, seed)``, else None. A shipped adapter's card names the same
-    three, so its held-out rows are read again exactly (``paradapt.bundled.test_records``)."""
+    three, so its held-out rows are read again exactly (``paradapt.bundled.held_out_records``)."""
     if eval_spec is not None and eval_fraction is not None:
         raise ConfigError("eval_fraction", "give either an eval file or eval_fraction, not both")
     train_records = _records(train)
