@@ -3,8 +3,11 @@
 A mixture (``config.Mixture``) is ``Average`` with input-dependent weights. At every site
 where its experts have components, a :class:`MixtureGate` (the mixture's component there)
 holds a linear router ``d_in -> K`` on the site's input. Per token (or per row, pooled over
-its tokens) the gate is ``softmax(logits)``, or with ``top_k < K`` the softmax over the
-``top_k`` largest logits only (the others get weight exactly 0, the kept weights sum to 1).
+its tokens) the gate is ``softmax(logits)``, or with ``1 < top_k < K`` the softmax over the
+``top_k`` largest logits only (Mixtral's: the others get weight exactly 0, the kept weights sum
+to 1). With ``top_k = 1`` the one kept expert gets its own softmax probability (the Switch
+Transformer's router, Fedus et al. 2021): renormalised it would always weigh 1, and the task
+loss would never reach the router.
 The site then adds ``sum_i g_i * delta_i(src_i)``, each expert reading what it reads alone.
 
 Everything is batched over rows and tokens: one router matmul and one softmax per site, then
@@ -56,13 +59,16 @@ class MixtureGate(nn.Module):
         """``(gate, chosen)``: the gate ``[..., K]`` and, with top-k, the boolean mask of the kept experts.
 
         Ties (a zero-initialised router) keep the lowest-indexed experts: a stable sort, so the
-        choice never depends on the kernel.
+        choice never depends on the kernel. ``top_k = 1`` keeps the expert's softmax probability
+        (Switch), more keep the softmax over the kept logits (Mixtral); see the module doc.
         """
         k = self.top_k
         if k >= logits.shape[-1]:
             return logits.softmax(-1), None
         idx = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :k]
         chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+        if k == 1:
+            return logits.softmax(-1).masked_fill(~chosen, 0.0), chosen
         return logits.masked_fill(~chosen, float("-inf")).softmax(-1), chosen
 
     def balance_loss(self, logits: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:

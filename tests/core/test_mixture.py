@@ -180,6 +180,28 @@ def test_top_k_weights_are_renormalised_and_sparse():
     torch.testing.assert_close(w.gather(-1, top.indices), top.values.softmax(-1))
 
 
+def test_top_1_keeps_the_chosen_experts_own_probability():
+    """Switch's router: renormalised, the one kept weight would always be 1 (no task gradient)."""
+    g = MixtureGate(8, ("a", "b", "c"), 1, "token")
+    torch.nn.init.normal_(g.router.weight)
+    logits = g.logits(torch.randn(2, 5, 8))
+    w, chosen = g.weights(logits)
+    assert torch.equal(chosen.sum(-1), torch.ones(2, 5, dtype=torch.long))
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(w, probs * chosen)
+    assert bool((w.sum(-1) < 1).all())
+
+
+def test_top_1_router_learns_from_the_task_loss_alone():
+    model = with_pair("parallel+series")
+    pa.add_mixture(model, "mx", pa.Mixture(experts=["a", "b"], top_k=1, init="random"))
+    model.train()
+    pa.set_active(model, "mx")
+    outputs(model, ids_for()).square().mean().backward()  # no balance loss
+    routers = [p.grad for n, p in model.named_parameters() if n.startswith("paradapt.mx.") and "router" in n]
+    assert routers and all(gr is not None and gr.abs().sum() > 0 for gr in routers)
+
+
 def _grads(model):
     return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
 
