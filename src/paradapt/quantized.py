@@ -60,6 +60,7 @@ class QuantLinear(nn.Linear):
         self.float_dtype = float_dtype  # the replaced weight's dtype: what adapters beside it use
         self.precision, self.group_size, self.layer_name = precision, group_size, name
         self.register_parameter("bias", None)
+        self._codes: torch.Tensor | None = None  # int4 codes, uint8 [N, K]: read once, for backward
 
     # -- the float weight does not exist ------------------------------------------------------
     @property
@@ -71,7 +72,9 @@ class QuantLinear(nn.Linear):
 
     @weight.setter
     def weight(self, value) -> None:
-        raise QuantizationError(f"layer {self.layer_name} is quantised ({self.precision}); its weight is read-only")
+        raise QuantizationError(
+            f"layer {self.layer_name} is quantised ({self.precision}); its weight is read-only"
+        )
 
     def reference(self) -> torch.Tensor:
         """An empty tensor with the device and float dtype an adapter beside this layer takes."""
@@ -110,13 +113,27 @@ class QuantLinear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     @torch.no_grad()
+    def int4_codes(self) -> torch.Tensor:
+        """The int4 codes ``q`` (0..15) as ``uint8 [N, K]``, unpacked once and kept.
+
+        Reading them back through the kernel costs a ``K x K`` identity product per layer, more
+        than the layer's forward on a training batch; backward needs them at every step, so the
+        first call keeps them (``N x K`` bytes: a quarter of the float32 weight, twice the packed
+        int4). A frozen base never changes them. Inference never calls this.
+        """
+        if self._codes is None or self._codes.device != self.qweight.device:
+            q = _unpack_int4(self.qweight, self.in_features, self.out_features, self.group_size)
+            self._codes = q.to(torch.uint8)
+        return self._codes
+
+    @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this layer multiplies by, ``[N, K]``, exact in ``float32``."""
         if self.precision == "bf16":
             return self.qweight.to(dtype)
         if self.precision == "int8":
             return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
-        q = _unpack_int4(self.qweight, self.in_features, self.out_features, self.group_size)
+        q = self.int4_codes().float()
         g = self.group_size
         scale = self.scales[..., 0].float().t().repeat_interleave(g, 1)  # [N, K]
         zero = self.scales[..., 1].float().t().repeat_interleave(g, 1)
@@ -151,7 +168,9 @@ def _unpack_int4(packed: torch.Tensor, k: int, n: int, group_size: int) -> torch
     eye = torch.eye(k, dtype=torch.bfloat16)
     step = 1024
     for i in range(0, k, step):
-        out[:, i : i + step] = torch.ops.aten._weight_int4pack_mm_for_cpu(eye[i : i + step], packed, group_size, sz).t()
+        out[:, i : i + step] = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye[i : i + step], packed, group_size, sz
+        ).t()
     return out
 
 
@@ -279,10 +298,13 @@ def quantize(
         group_size = 32 if group_size is None else group_size
         if group_size not in INT4_GROUP_SIZES:
             raise ConfigError(
-                "group_size", f"{group_size!r} is not supported by the int4 kernel (one of {INT4_GROUP_SIZES})"
+                "group_size",
+                f"{group_size!r} is not supported by the int4 kernel (one of {INT4_GROUP_SIZES})",
             )
     elif group_size is not None:
-        raise ConfigError("group_size", f"applies to int4 only ({precision} has one scale per output channel)")
+        raise ConfigError(
+            "group_size", f"applies to int4 only ({precision} has one scale per output channel)"
+        )
     done = quantization(model)
     if done["precision"] != "none":
         raise QuantizationError(

@@ -342,3 +342,22 @@ def test_smollm2_int4_agrees_with_fp32_on_the_next_token(smollm2, smollm2_refere
         pa.quantize(model, "int4")
         got = model(ids).logits[0, -32:].argmax(-1)
     assert (got == want).float().mean().item() >= 0.9
+
+
+def test_int4_codes_are_read_back_once_and_kept_for_every_backward(monkeypatch):
+    import paradapt.quantized as qz
+
+    torch.manual_seed(0)
+    model = pa.quantize(torch.nn.Sequential(torch.nn.Linear(64, 32)), "int4", group_size=32)
+    layer = model[0]
+    calls = []
+    real = qz._unpack_int4
+    monkeypatch.setattr(qz, "_unpack_int4", lambda *a: calls.append(1) or real(*a))
+    first = layer.dequantized_weight()
+    for _ in range(3):
+        x = torch.randn(4, 64, requires_grad=True)
+        model(x).sum().backward()
+    assert len(calls) == 1  # the K x K read-back ran once, not once per backward
+    assert layer.int4_codes().dtype == torch.uint8 and int(layer.int4_codes().max()) <= 15
+    assert torch.equal(layer.dequantized_weight(), first)
+    assert "_codes" not in str(list(model.state_dict()))  # a cache, not part of the saved model
