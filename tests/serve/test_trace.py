@@ -192,3 +192,80 @@ def test_request_log_lines_replay_through_the_twin(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # still sorted
         assert len(read_trace(path).requests) == 3
+
+
+def _root_with_shapes(tmp_path: Path) -> Path:
+    """Adapter folders of four kinds (one rank given by a reduction factor) and a broken one."""
+    import paradapt as pa
+    from paradapt.twin.profile import build_model
+
+    model = build_model(layers=2, hidden=64)
+    root = tmp_path / "root"
+    for name, cfg in {
+        "par16": pa.ParallelConfig(r=16),
+        "ser_rf": pa.SeriesConfig(reduction_factor=8),
+        "lora4": pa.LoRAConfig(r=4),
+        "ia3": pa.IA3Config(),
+    }.items():
+        pa.add_adapter(model, name, cfg)
+        pa.save_adapter(model, name, root / name)
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    return root
+
+
+def test_adapter_root_gives_each_folders_kind_and_rank(tmp_path):
+    from paradapt.serve.trace import shapes_in
+
+    shapes = shapes_in(_root_with_shapes(tmp_path))
+    assert shapes == {
+        "broken": ("lora", 8),  # unreadable: the default (the server says what is wrong with it)
+        "ia3": ("ia3", 1),
+        "lora4": ("lora", 4),
+        "par16": ("parallel", 16),
+        "ser_rf": ("series", 8),  # hidden 64 / reduction factor 8
+    }
+
+
+def test_a_traces_adapters_are_priced_by_their_folders(tmp_path, capsys):
+    root = _root_with_shapes(tmp_path)
+    header = {"trace": {"window": 2.0, "adapters": {"par16": {"kind": "lora", "rank": 64}}}}
+    rows = [header] + [
+        {"t": 0.1 * i, "adapter": a, "input_len": 8, "output_len": 4}
+        for i, a in enumerate(["par16", "ser_rf", "lora4"])
+    ]
+    path = _write(tmp_path / "t.jsonl", rows)
+    from paradapt.serve.trace import shapes_in
+
+    w = read_trace(path, adapters=shapes_in(root))
+    assert {a.name: (a.kind, a.rank) for a in w.adapters} == {
+        "par16": ("parallel", 16),  # the folder over the header
+        "ser_rf": ("series", 8),
+        "lora4": ("lora", 4),
+    }
+    assert [a.name for a in read_trace(path).adapters] == [
+        "par16",
+        "lora4",
+        "ser_rf",
+    ]  # without: header, defaults
+    assert (
+        cli.main(["twin", str(path), "--adapter-root", str(root), "--max-served", "4", "--max-slots", "2"])
+        == 0
+    )
+    assert "trace of 3 requests, 3 adapters" in capsys.readouterr().out
+
+
+def test_profile_takes_kinds_and_ranks_from_an_adapter_root(tmp_path):
+    import argparse
+
+    from paradapt.cli.twin import profile_shapes
+
+    root = _root_with_shapes(tmp_path)
+    args = argparse.Namespace(adapter_root=str(root), kinds=None, ranks=None)
+    assert profile_shapes(args) == (["ia3", "lora", "parallel", "series"], [1, 4, 8, 16])
+    with pytest.raises(ConfigError, match="either --adapter-root or --kinds"):
+        profile_shapes(argparse.Namespace(adapter_root=str(root), kinds=["lora"], ranks=None))
+    assert profile_shapes(argparse.Namespace(adapter_root=None, kinds=None, ranks=None)) == (
+        ["lora", "parallel", "series"],
+        [8, 16, 32],
+    )

@@ -35,8 +35,14 @@ def add_parsers(sub) -> None:
         help="a named decoder (smollm2-135m-instruct) or a local Hugging Face decoder folder",
     )
     p.add_argument("--out", default="cost.json", metavar="FILE", help="where to save (default: cost.json)")
-    p.add_argument("--kinds", type=csv_of(str), default=["lora", "parallel", "series"], help="adapter kinds")
-    p.add_argument("--ranks", type=csv_of(int), default=[8, 16, 32], help="adapter ranks (default: 8,16,32)")
+    p.add_argument("--kinds", type=csv_of(str), default=None, help="adapter kinds (default: lora,parallel,series)")
+    p.add_argument("--ranks", type=csv_of(int), default=None, help="adapter ranks (default: 8,16,32)")
+    p.add_argument(
+        "--adapter-root",
+        metavar="DIR",
+        help="profile the kinds and ranks of the adapter folders under DIR (what you will serve) "
+        "instead of --kinds/--ranks",
+    )
     p.add_argument("--scenarios", type=positive_int, default=40, help="step-shape scenarios (default: 40)")
     p.add_argument(
         "--token-budget",
@@ -109,10 +115,11 @@ def run_profile(args: argparse.Namespace) -> int:
             raise ConfigError("model", f"{args.model} is not a decoder the serving engine can run")
     else:
         model = build_model(args.layers, args.hidden, args.seed)
+    kinds, ranks = profile_shapes(args)
     cost = profile(
         model,
-        kinds=args.kinds,
-        ranks=args.ranks,
+        kinds=kinds,
+        ranks=ranks,
         scenarios=args.scenarios,
         token_budget=args.token_budget,
         max_running=min(args.max_running, args.token_budget),
@@ -121,6 +128,23 @@ def run_profile(args: argparse.Namespace) -> int:
     print(cost.describe())
     print(f"saved {cost.save(args.out)}")
     return 0
+
+
+def profile_shapes(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The kinds and ranks to profile: ``--adapter-root``'s folders', else the flags (or defaults)."""
+    if args.adapter_root is None:
+        return args.kinds or ["lora", "parallel", "series"], args.ranks or [8, 16, 32]
+    from ..serve.trace import shapes_in
+
+    if args.kinds or args.ranks:
+        raise ConfigError("adapter_root", "give either --adapter-root or --kinds/--ranks, not both")
+    root = Path(args.adapter_root).expanduser()
+    if not root.is_dir():
+        raise ConfigError("adapter_root", f"{args.adapter_root}: not a folder")
+    shapes = shapes_in(root).values()
+    if not shapes:
+        raise ConfigError("adapter_root", f"{args.adapter_root}: no adapter folders")
+    return sorted({k for k, _ in shapes}), sorted({r for _, r in shapes})
 
 
 def cost_from_flags(path: str | None, model: str | None):
@@ -177,14 +201,15 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapter-root",
         metavar="DIR",
-        help="every adapter a request names must be a folder under DIR (checked before anything runs)",
+        help="every adapter a request names must be a folder under DIR (checked before anything runs); "
+        "a trace's adapters are priced by their folders' kinds and ranks",
     )
 
 
 def workload_from_args(args: argparse.Namespace, model: str | None = None):
     """The workload of ``args.workload`` (a YAML spec or a trace), checked against ``--adapter-root``
     and, given a ``model`` (name or folder), its context length."""
-    from ..serve.trace import load_workload
+    from ..serve.trace import load_workload, shapes_in
 
     if args.window is not None and not args.window > 0:
         raise ConfigError("window", f"must be positive, got {args.window}")
@@ -193,7 +218,7 @@ def workload_from_args(args: argparse.Namespace, model: str | None = None):
         root = Path(args.adapter_root).expanduser()
         if not root.is_dir():
             raise ConfigError("adapter_root", f"{args.adapter_root}: not a folder")
-        adapters = {d.name for d in root.iterdir() if d.is_dir()}
+        adapters = shapes_in(root)  # the names a request may use, and each one's kind and rank
     context = model_context(model) if model else None
     return load_workload(args.workload, adapters=adapters, context=context, window=args.window)
 

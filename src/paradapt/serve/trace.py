@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,39 @@ HEADER_KEY = "trace"
 REQUEST_LOG_SOURCE = "paradapt serve"
 DEFAULT_KIND, DEFAULT_RANK = "lora", 8
 SUFFIXES = (".jsonl", ".ndjson")
+
+
+def shapes_in(root: str | Path) -> dict[str, tuple[str, int]]:
+    """Every folder under an adapter root -> ``(kind, rank)`` from its ``adapter_config.json``.
+
+    What the twin prices a trace's adapters by when the trace's header does not say (a server's
+    request log names its adapters, not their sizes). The rank is ``r``, else ``hidden_size /
+    reduction_factor`` (a bottleneck given by its factor), else the prefix length, else 1 ((IA)^3,
+    SSF). A folder whose config cannot be read, or of a kind the twin does not price (a
+    mixture), gets the default (LoRA rank 8); the server itself says what is wrong with it.
+    """
+    out: dict[str, tuple[str, int]] = {}
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        out[folder.name] = _shape(folder / "adapter_config.json")
+    return out
+
+
+def _shape(path: Path) -> tuple[str, int]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        cfg = meta["config"]
+        kind = cfg["kind"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return DEFAULT_KIND, DEFAULT_RANK
+    if kind not in KNOWN_KINDS:
+        return DEFAULT_KIND, DEFAULT_RANK
+    rank = cfg.get("r")
+    if not is_int(rank):
+        factor, hidden = cfg.get("reduction_factor"), (meta.get("base_model") or {}).get("hidden_size")
+        rank = int(hidden / factor) if is_number(factor) and factor > 0 and is_int(hidden) else None
+    if not is_int(rank):
+        rank = cfg.get("num_virtual_tokens") if is_int(cfg.get("num_virtual_tokens")) else 1
+    return kind, max(int(rank), 1)
 
 
 def is_trace(path: str | Path) -> bool:
@@ -131,7 +164,8 @@ def read_trace(
 ) -> Workload:
     """The workload of the trace at ``path``, every line checked first.
 
-    ``adapters``: the names a request may use (an ``--adapter-root``'s folders; None: any);
+    ``adapters``: the names a request may use (an ``--adapter-root``'s folders; None: any); a
+    mapping (:func:`shapes_in`) also gives their kinds and ranks, over the header's;
     ``context``: the model's context length (input + output must fit); ``window``: overrides the
     header's; ``base``: the base model's served name (overrides the header's). Unsorted arrival
     times are sorted, with a warning naming the file.
@@ -189,6 +223,7 @@ def parse_trace(
     ]
     kinds = head.get("adapters", {})
     names = list(kinds) + sorted({r.adapter for r in reqs if r.adapter is not None} - set(kinds))
+    kinds = {**kinds, **(dict(adapters) if isinstance(adapters, Mapping) else {})}  # the folders win
     specs = tuple(AdapterSpec(a, *kinds.get(a, (DEFAULT_KIND, DEFAULT_RANK))) for a in names)
     duration = window if window is not None else head.get("window", reqs[-1].arrival if reqs else 0.0)
     if not (isinstance(duration, (int, float)) and math.isfinite(duration) and duration > 0):
