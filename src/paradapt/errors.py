@@ -15,7 +15,7 @@ class ConfigError(ParadaptError, ValueError):
     """A config field has a bad value. ``field`` names it."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message  # ``message``: without the field, to re-prefix it
         super().__init__(f"{field}: {message}")
 
 

@@ -440,7 +440,7 @@ def _naming_file(e: ConfigError, cfg_file: Path) -> ConfigError:
     """``e`` (same type and field) with the config file it came from in its message."""
     if str(cfg_file) in str(e):
         return e
-    message = str(e).removeprefix(f"{e.field}: ")
+    message = e.message
     return type(e)(e.field, f"{message} (in {cfg_file})")
 
 

@@ -124,7 +124,7 @@ class AdapterStore:
             raise ConfigError(
                 "adapter",
                 f"not an adapter name (letters, digits, '_' and '-', at most {MAX_NAME}; no paths): "
-                + str(e).removeprefix("name: "),
+                + e.message,
             ) from None
         if self.root is None:
             raise AdapterNotFoundError(f"unknown adapter {name!r} (the engine has no adapter_root)")

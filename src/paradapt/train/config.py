@@ -278,7 +278,7 @@ def build_adapter_config(kind: str, options: dict, where: str) -> AdapterConfig:
     try:
         return cls(**options)
     except ConfigError as e:
-        message = str(e).removeprefix(f"{e.field}: ")
+        message = e.message
         raise ConfigError(f"{where}.{e.field}", message) from None
     except TypeError as e:
         raise ConfigError(where, str(e)) from None

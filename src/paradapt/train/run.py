@@ -316,8 +316,7 @@ def _add_mixture(model, cfg: RunConfig, i: int, config: Mixture, base_dir: Path 
                 raise ConfigError("path", f"{e.path!r} is not an adapter folder (no {CONFIG_FILE})")
             load_adapter(model, path, name)
         except ParadaptError as err:
-            message = str(err).removeprefix(f"{getattr(err, 'field', '')}: ")
-            raise ConfigError(f"{where}.path", message) from None
+            raise ConfigError(f"{where}.path", getattr(err, "message", str(err))) from None
     name = cfg.adapters[i].name
     try:
         lifecycle.add_mixture(model, name, config)
@@ -325,7 +324,7 @@ def _add_mixture(model, cfg: RunConfig, i: int, config: Mixture, base_dir: Path 
         field = getattr(err, "field", None) or "config"
         m = re.match(r"experts\[(\d+)\]", field)
         where = f"adapters.{i}.experts.{m.group(1)}" if m else f"adapters.{i}.config.{field}"
-        raise ConfigError(where, str(err).removeprefix(f"{field}: ")) from None
+        raise ConfigError(where, getattr(err, "message", str(err))) from None
 
 
 def _mixture_note(folder: Path, name: str, experts: list[str]) -> None:
