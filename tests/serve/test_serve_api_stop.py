@@ -112,9 +112,14 @@ def test_a_stop_string_across_two_token_deltas_is_never_streamed(tok, path):
     app = create_app(Engine(_stories(), None, CFG, tokenizer=tok), model_name="stories")
     with TestClient(app) as client:
         text, reason, _ = _post(client, path, body, stream=False)
-        streamed, sreason, deltas = _post(client, path, body, stream=True)
+        pieces = 0
+        for _ in range(5):  # a loaded machine may deliver every token in one delta: stream again
+            streamed, sreason, deltas = _post(client, path, body, stream=True)
+            assert streamed == text and sreason == "stop"  # nothing of the stop string, nothing after it
+            pieces = max(pieces, len([d for d in deltas if d]))
+            if pieces > 1:
+                break
         whole, _, _ = _post(client, path, {**body, "stop": None}, stream=False)
     assert whole == full  # the reference run and the server agree without stop strings
     assert text == full[:at] and reason == "stop"
-    assert streamed == text and sreason == "stop"  # nothing of the stop string, nothing after it
-    assert len([d for d in deltas if d]) > 1  # it did stream in pieces
+    assert pieces > 1  # it did stream in pieces
