@@ -61,7 +61,7 @@ def test_interleave_spreads_every_task_over_the_stream():
 
 def test_report_exits_1_when_an_adapter_is_under_its_floor(capsys):
     good, bad = _task("good", 10), _task("bad", 10)
-    good.right, bad.right = {"mixed": 9, "base": 3}, {"mixed": 4, "base": 5}
+    good.right, bad.right = {"mixed": 9, "zero": 3}, {"mixed": 4, "zero": 5}
     for t in (good, bad):
         t.spans = {"mixed": [0.0, 2.0], "base": [0.0, 1.0]}
     assert showcase_chat.report([good, bad], 2.0, 1.0, 3.0) == 1

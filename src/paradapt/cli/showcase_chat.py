@@ -4,9 +4,12 @@ Starts the real ``paradapt serve`` (SmolLM2-135M-Instruct with ``chat-sst2-paral
 ``chat-agnews-lora`` and ``chat-sms-series``) as a subprocess on a free loopback port, sends one
 mixed, interleaved, concurrent stream of ``/v1/chat/completions`` requests for the three adapters
 over the first rows of their held-out test sets (the rows their cards' accuracies were measured
-on, :func:`paradapt.bundled.held_out_records`), then the same requests to the base model, and prints
-per adapter: its accuracy next to the base model's zero-shot accuracy on the same rows, and its
-throughput next to the base model's on the same requests.
+on, :func:`paradapt.bundled.held_out_records`), then the same requests to the base model twice:
+with the adapters' answer lengths (``max_tokens`` = the adapter's token count for that row,
+``ignore_eos``: the same work, so the throughput ratio is what serving the adapters costs; a
+freely answering base model rambles on for more tokens than a one-word answer), and answering
+freely (the base model's zero-shot accuracy on the same rows). It prints per adapter its
+accuracy next to the base model's and its throughput next to the base model's.
 
 An answer is right when it is the row's label word, compared without case, surrounding space and a
 trailing full stop (the base model often writes "Positive." for "positive"); every row is scored the
@@ -36,7 +39,8 @@ class ChatTask:
     floor: float
     prompts: list[list[dict]]
     answers: list[str]
-    right: dict[str, int] = field(default_factory=lambda: {"mixed": 0, "base": 0})
+    right: dict[str, int] = field(default_factory=lambda: {"mixed": 0, "zero": 0})
+    tokens: list[int] = field(default_factory=list)  # each answer's token count (the mixed phase's)
     spans: dict[str, list[float]] = field(default_factory=dict)  # phase -> [first send, last reply]
 
 
@@ -72,9 +76,13 @@ def interleave(tasks: list[ChatTask]) -> list[tuple[ChatTask, int]]:
 
 
 async def _send(client, sem, url: str, phase: str, req: tuple[ChatTask, int]) -> None:
+    """One request of a phase: ``mixed`` (the adapter), ``base`` (the base model, the adapter's
+    answer length, EOS ignored) or ``zero`` (the base model answering freely)."""
     task, i = req
-    model = MODEL if phase == "base" else task.adapter
+    model = task.adapter if phase in ("mixed", "warmup") else MODEL
     body = {"model": model, "messages": task.prompts[i], "max_tokens": MAX_TOKENS, "temperature": 0}
+    if phase == "base":
+        body |= {"max_tokens": task.tokens[i], "ignore_eos": True}
     async with sem:
         span = task.spans.setdefault(phase, [time.perf_counter(), 0.0])
         span[0] = min(span[0], time.perf_counter())
@@ -82,8 +90,11 @@ async def _send(client, sem, url: str, phase: str, req: tuple[ChatTask, int]) ->
         if r.status_code != 200:
             raise ShowcaseError(f"{phase}: {model} answered {r.status_code}: {r.text[:200]}")
         span[1] = max(span[1], time.perf_counter())
+    answer = r.json()
+    if phase == "mixed":
+        task.tokens[i] = max(1, answer["usage"]["completion_tokens"])
     if phase in task.right:
-        task.right[phase] += is_right(r.json()["choices"][0]["message"]["content"] or "", task.answers[i])
+        task.right[phase] += is_right(answer["choices"][0]["message"]["content"] or "", task.answers[i])
 
 
 async def _stream(url: str, phase: str, reqs: list, concurrency: int) -> float:
@@ -108,14 +119,18 @@ def run(rows: int, concurrency: int, threads: int | None) -> int:
     )
     print(
         f"stream: {len(reqs)} /v1/chat/completions requests (greedy, up to {MAX_TOKENS} tokens), the "
-        f"{len(tasks)} adapters interleaved, {concurrency} in flight; then the same requests to the base model"
+        f"{len(tasks)} adapters interleaved, {concurrency} in flight; then the same requests to the base "
+        "model, with the adapters' answer lengths and answering freely"
     )
+    for t in tasks:
+        t.tokens = [MAX_TOKENS] * len(t.prompts)
     server = start_server(["--model", MODEL], threads)
     try:
         warm = [(t, 0) for t in tasks]
         asyncio.run(_stream(server.url, "warmup", warm, concurrency))  # loads the adapters
         t_mixed = asyncio.run(_stream(server.url, "mixed", reqs, concurrency))
         t_base = asyncio.run(_stream(server.url, "base", reqs, concurrency))
+        asyncio.run(_stream(server.url, "zero", reqs, concurrency))
     finally:
         server.stop()
     return report(tasks, t_mixed, t_base, time.perf_counter() - t_start)
@@ -135,7 +150,7 @@ def report(tasks: list[ChatTask], t_mixed: float, t_base: float, total: float) -
     status = 0
     for t in tasks:
         n = len(t.prompts)
-        acc, base = t.right["mixed"] / n, t.right["base"] / n
+        acc, base = t.right["mixed"] / n, t.right["zero"] / n
         ok = acc >= t.floor
         status |= 0 if ok else 1
         mixed, base_rate = _rate(t, "mixed"), _rate(t, "base")
@@ -150,8 +165,8 @@ def report(tasks: list[ChatTask], t_mixed: float, t_base: float, total: float) -
     )
     print(
         "(accuracy: the answer is the label word; base 0-shot: the base model, same request, no adapter; "
-        "req/s: an adapter's requests over its span of the mixed stream, base req/s: the same requests "
-        "to the base model)"
+        "req/s: an adapter's requests over its span of the mixed stream; base req/s: the same requests "
+        "to the base model, generating as many tokens as the adapter's answers)"
     )
     verdict = (
         "OK: every adapter is at or above its floor"
