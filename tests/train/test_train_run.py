@@ -239,3 +239,30 @@ def test_resuming_a_finished_run_changes_nothing(bert, cls_data, tmp_path):
     again = train(cfg, resume=True, progress=False)
     assert again.steps == 2 and again.metrics == first.metrics
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_quantize_int4_trains_adapters_beside_an_int4_base(llama, lm_data, tmp_path):
+    from paradapt.quantized import quantization
+
+    seen = []
+    cfg = {**lm_config(llama, lm_data, tmp_path / "q"), "quantize": "int4", "quantize_group_size": 32}
+    result = train(cfg, progress=False, callbacks=[lambda t: seen.append(quantization(t.model)["precision"])])
+    assert seen and set(seen) == {"int4"}  # every step ran on the int4 base
+    meta = json.loads((result.adapters["lm"] / "adapter_config.json").read_text())
+    assert meta["base_model"]["quantization"]["precision"] == "int4"
+    curve = [loss["lm"] for _, loss in losses(result.output_dir / "metrics.jsonl")]
+    assert curve[-1] < curve[0]  # the adapter learns through the quantised layers
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"quantize": "int3"}, "quantize"),
+        ({"quantize": "int4", "quantize_group_size": 48}, "quantize_group_size"),
+        ({"quantize_group_size": 32}, "quantize_group_size"),
+    ],
+)
+def test_bad_quantize_settings_name_their_key(llama, lm_data, tmp_path, extra, field):
+    with pytest.raises(ConfigError) as e:
+        train({**lm_config(llama, lm_data, tmp_path / "bad"), **extra}, progress=False)
+    assert e.value.field == field

@@ -128,6 +128,12 @@ class RunConfig(_Section):
     model: str | None = Field(
         None, description="a named model (smollm2-135m-instruct) or a local folder (default: bundled MiniLM)"
     )
+    quantize: Literal["none", "int4", "int8", "bf16"] = Field(
+        "none",
+        description="quantise the frozen base before adding the adapters (QLoRA-style; int4: groups of "
+        "quantize_group_size); docs/quantization.md",
+    )
+    quantize_group_size: int | None = Field(None, description="int4's group size (32, 64, 128 or 256; default 32)")
     output_dir: str
     adapters: list[AdapterEntry] = Field(min_length=1)
     tokenize: TokenizeSection = Field(default_factory=TokenizeSection)

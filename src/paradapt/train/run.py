@@ -87,6 +87,7 @@ def train(
         _prepare_fresh(out, overwrite, dist.is_main)  # every rank checks, so every rank fails alike
     dist.barrier()
     tok, model = _load_model(cfg, base_dir)
+    _quantize_base(model, cfg)
     tasks, adapter_cfgs = build_tasks(cfg, tok, base_dir)
     torch.manual_seed(cfg.train.seed)
     for i, (name, acfg) in enumerate(adapter_cfgs.items()):
@@ -170,6 +171,22 @@ def _load_model(cfg: RunConfig, base_dir: Path | None):
     if not path.is_absolute() and base_dir is not None and (base_dir / path).is_dir():
         path = base_dir / path
     return load_model(path)
+
+
+def _quantize_base(model, cfg: RunConfig) -> None:
+    """``quantize:``: the frozen base in int4/int8/bf16 before any adapter is added (QLoRA-style:
+    the adapters train in float32 beside it; their files record the base's precision)."""
+    if cfg.quantize == "none":
+        if cfg.quantize_group_size is not None:
+            raise ConfigError("quantize_group_size", "applies to quantize: int4 only")
+        return
+    from ..quantized import quantize
+
+    try:
+        quantize(model, cfg.quantize, cfg.quantize_group_size)
+    except ConfigError as e:
+        field = "quantize_group_size" if e.field == "group_size" else "quantize"
+        raise ConfigError(field, e.message) from None
 
 
 def build_tasks(cfg: RunConfig, tok, base_dir: Path | None) -> tuple[list[Task], dict]:
