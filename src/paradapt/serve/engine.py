@@ -527,7 +527,9 @@ class Engine(_EngineCore):
         super().__init__(model, store, config, sched, clock, split.device_bytes)
         self.tokenizer = tokenizer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.default_eos = eos
+        self.default_eos: frozenset[int] = (
+            frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
+        )
 
     def add_request(
         self,
@@ -683,11 +685,11 @@ class Engine(_EngineCore):
 
     def _eos_of(self, h: RequestHandle) -> frozenset[int]:
         """The ids that end ``h``: its own, none with ignore_eos, else the model's."""
-        return h.params.eos_ids() if h.params.eos_token_id is not None or h.params.ignore_eos else self._eos()
-
-    def _eos(self) -> frozenset[int]:
-        e = self.default_eos
-        return frozenset() if e is None else frozenset([e] if isinstance(e, int) else e)
+        return (
+            h.params.eos_ids()
+            if h.params.eos_token_id is not None or h.params.ignore_eos
+            else self.default_eos
+        )
 
     def stream(self, request_id: str) -> Iterator[int]:
         """Yield ``request_id``'s tokens as they are sampled, stepping the engine (all requests advance)."""
