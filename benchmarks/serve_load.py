@@ -11,17 +11,18 @@ stories260K's 512-token tokenizer; random weights: only speed is measured), or o
   as naive per-adapter batching does), the alpha-1 workload.
 
 Each configuration is a fresh ``paradapt serve`` subprocess on a free loopback port. Requests
-come from ``paradapt.serve.workload`` (Gamma arrivals, seeded) and go out as streaming
-``/v1/completions`` with ``ignore_eos`` (each request generates exactly its output length), so
-TTFT is the first SSE chunk and TPOT the mean gap after it. A run stops sending at
-``--duration`` and stops waiting ``--grace`` seconds later (unfinished requests are cancelled by
-disconnecting, and count as not served).
+come from ``paradapt.serve.workload`` (Gamma arrivals, seeded) and go out through
+``paradapt.bench`` (the load client of ``paradapt bench``) as streaming ``/v1/completions`` with
+``ignore_eos`` (each request generates exactly its output length), so TTFT is the first SSE chunk
+and TPOT the mean gap after it. A run stops sending at ``--duration`` and stops waiting
+``--grace`` seconds later (unfinished requests are cancelled by disconnecting, and count as not
+served).
 
     python benchmarks/serve_load.py --quick                  # < 2 min
     python benchmarks/serve_load.py --rates 0.5,1,2 --duration 60 --adapters 1000
 
-Reported per configuration and rate: requests/s and output tokens/s (completed requests over the
-time from the first arrival to the last completion), TTFT and TPOT p50/p90, SLO attainment (the
+Reported per configuration and rate, with the twin's metric definitions (``paradapt.twin.metrics``):
+requests/s and output tokens/s (finished by the window's end, over the window), TTFT and TPOT p50/p90, SLO attainment (the
 share of sent requests that completed within both SLOs), the per-adapter served fraction (min over
 adapters that got requests; "starved" counts adapters with requests and none served), adapter
 loads, and the throughput ratio to ``base`` at the same rate.
@@ -30,10 +31,9 @@ loads, and the throughput ratio to ``base`` at the same rate.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -112,78 +112,7 @@ class Server(ServerProcess):
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
 
 
-# -- the load generator --------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    adapter: str
-    sent: float
-    first: float | None = None
-    end: float | None = None
-    tokens: int = 0
-    status: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200 and self.end is not None
-
-
-async def _one(
-    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], n: int, res: Result
-) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
-    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
-        res.status = r.status_code
-        if r.status_code != 200:
-            return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                res.end = time.monotonic()
-                return
-            choice = json.loads(data).get("choices", [{}])[0]
-            if res.first is None and choice.get("text"):
-                res.first = time.monotonic()
-            if choice.get("finish_reason") == "length":
-                res.tokens = n
-
-
-async def drive(url: str, workload: Workload, base_only: bool, grace: float, seed: int) -> tuple[list, float]:
-    """Send the workload's requests at their arrival times; returns results and the wall time used."""
-    rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    results: list[Result] = []
-    tasks = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        t0 = time.monotonic()
-        for req in workload.requests:
-            delay = t0 + req.arrival - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            prompt = [rng.randrange(3, 512) for _ in range(req.prompt_len)]
-            res = Result(req.adapter, time.monotonic())
-            results.append(res)
-            model = BASE_NAME if base_only else req.adapter
-            tasks.append(asyncio.create_task(_one(client, url, model, prompt, req.output_len, res)))
-        deadline = t0 + workload.spec.duration + grace
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
-        for t in pending:  # disconnecting cancels the request on the server
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return results, time.monotonic() - t0
-
-
-# -- metrics -------------------------------------------------------------------------------------------
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+# -- the load generator: paradapt's own load client -----------------------------------------------
 
 
 @dataclass
@@ -193,39 +122,44 @@ class Row:
     stats: dict = field(default_factory=dict)
 
 
-def summarize(results: list[Result], ttft_slo: float, tpot_slo: float) -> dict:
-    done = [r for r in results if r.ok]
-    t_start = min((r.sent for r in results), default=0.0)
-    t_end = max((r.end for r in done), default=t_start)
-    span = max(t_end - t_start, 1e-9)
-    ttft = [r.first - r.sent for r in done if r.first is not None]
-    tpot = [(r.end - r.first) / (r.tokens - 1) for r in done if r.first is not None and r.tokens > 1]
-    in_slo = sum(
-        1
-        for r in done
-        if r.first is not None
-        and r.first - r.sent <= ttft_slo
-        and (r.tokens <= 1 or (r.end - r.first) / (r.tokens - 1) <= tpot_slo)
+def drive(url: str, workload: Workload, base_only: bool, args, seed: int) -> dict:
+    """The workload through :func:`paradapt.bench.bench` (the project's one load client: streaming
+    ``/v1/completions``, arrivals on time, ``ignore_eos``); its metrics as this table shows them.
+
+    ``base_only`` sends every request to the base model. Requests still open ``--grace`` seconds
+    after the window are cut (disconnecting cancels them on the server) and count as not served.
+    """
+    from paradapt.bench import BenchConfig, bench
+
+    if base_only:
+        reqs = tuple(dataclasses.replace(r, adapter=None) for r in workload.requests)
+        workload = dataclasses.replace(workload, requests=reqs)
+    config = BenchConfig(
+        url=url,
+        base_name=BASE_NAME,
+        vocab_size=args.vocab_size,
+        seed=seed,
+        drain=args.grace,
+        slo_ttft=args.ttft_slo,
+        slo_tpot=args.tpot_slo,
+        progress=False,
     )
-    per: dict[str, list[int]] = {}
-    for r in results:
-        per.setdefault(r.adapter, [0, 0])[0] += 1
-        per[r.adapter][1] += r.ok
-    fractions = [ok / n for n, ok in per.values()]
+    r = bench(workload, config, source="serve_load")
+    fractions = [f for a, f in r.served_fraction.items() if a is not None]
     return {
-        "sent": len(results),
-        "done": len(done),
-        "rejected": sum(1 for r in results if r.status not in (None, 200)),
-        "req_s": len(done) / span,
-        "tok_s": sum(r.tokens for r in done) / span,
-        "ttft_p50": _pct(ttft, 0.5),
-        "ttft_p90": _pct(ttft, 0.9),
-        "tpot_p50": _pct(tpot, 0.5),
-        "tpot_p90": _pct(tpot, 0.9),
-        "slo": in_slo / max(1, len(results)),
-        "adapters_with_requests": len(per),
+        "sent": r.extra["sent"],
+        "done": r.extra["served"],
+        "rejected": sum(r.extra["failed"].values()),
+        "req_s": r.requests_per_s,
+        "tok_s": r.output_throughput,
+        "ttft_p50": r.ttft_p50,
+        "ttft_p90": r.ttft_p90,
+        "tpot_p50": r.tpot_p50,
+        "tpot_p90": r.tpot_p90,
+        "slo": r.goodput * r.window / max(1, r.requests),
         "min_served": min(fractions, default=float("nan")),
         "starved": sum(1 for f in fractions if f == 0),
+        "wall": r.extra["duration"],
     }
 
 
@@ -268,6 +202,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(--layers/--hidden are then ignored; adapters get random non-zero weights for that model)",
     )
     args = p.parse_args(argv)
+    args.vocab_size = 512  # random prompt ids: the stories260K tokenizer's, or the named model's (main)
     if args.quick:
         args.adapters, args.rates, args.duration, args.grace = 100, [2.0], 12.0, 15.0
         args.layers, args.input_len, args.output_len = 4, [8, 64], [8, 32]
@@ -320,9 +255,7 @@ def run_config(args, name: str, model_dir: Path, root: Path, work: Path) -> list
             workload = spec_for(args, alpha, rate, traffic=i).generate()
             loads0 = server.metric("paradapt_adapter_device_loads_total")
             secs0 = sum(server.metric(m) for m in MOVE_SECONDS)
-            results, wall = asyncio.run(drive(server.url, workload, base_only, args.grace, args.seed + i))
-            stats = summarize(results, args.ttft_slo, args.tpot_slo)
-            stats["wall"] = wall
+            stats = drive(server.url, workload, base_only, args, args.seed + i)
             stats["loads"] = server.metric("paradapt_adapter_device_loads_total") - loads0
             stats["move_s"] = sum(server.metric(m) for m in MOVE_SECONDS) - secs0
             rows.append(Row(name, rate, stats))
@@ -360,6 +293,7 @@ def main(argv=None) -> int:
         from paradapt.models import resolve_model
 
         model_dir = resolve_model(args.model)  # a name: converted once and cached
+        args.vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     elif not (model_dir / "config.json").is_file():
         build_model(model_dir, args.layers, args.hidden, args.seed)
     if not root.is_dir():
