@@ -11,8 +11,8 @@ generates exactly ``--max-tokens``), alternating the base model and two LoRA ada
 
 Models: stories260K (the real 293k-parameter Llama in the shared assets), a random
 Llama-style decoder (hidden 512, 4 layers, stories260K's tokenizer) as in serve_load.py, and
-``minilm``: what ``paradapt serve`` with no ``--model`` serves (the bundled MiniLM with the SST-2
-and AG News adapters), driven with ``/classify`` requests of 8 texts alternating the adapters.
+``minilm``: what ``paradapt serve --model all-minilm-l6-v2`` serves (MiniLM with its shipped SST-2
+and AG News classifiers), driven with ``/classify`` requests of 8 texts alternating the adapters.
 Reported per (model, concurrency, threads), median over rounds and the range: output tokens/s
 (texts/s for minilm), and the server's CPU seconds per 1,000 tokens (texts): on a shared machine
 the scheduler shares CPU per thread, so a 2-thread server can take more than its share of a
@@ -133,7 +133,11 @@ def cpu_seconds(pid: int) -> float:
 
 def measure(model_dir: Path | None, root: Path | None, threads: int, args) -> dict[int, tuple[float, float]]:
     """(tokens/s, server CPU s per 1,000 tokens) per concurrency for one fresh server at ``threads``."""
-    flags = [] if model_dir is None else ["--model", str(model_dir), "--adapter-root", str(root)]
+    flags = (
+        ["--model", "all-minilm-l6-v2"]
+        if model_dir is None
+        else ["--model", str(model_dir), "--adapter-root", str(root)]
+    )
     flags += [] if model_dir is None else ["--served-model-name", "base", "--max-slots", "3"]
     server = ServerProcess([*flags, "--threads", str(threads)])
     out = {}
