@@ -61,8 +61,8 @@ ADAPTER_ROWS = {
     "series-1%": ("series", {"r": 32}),
     "series-0.1%": ("series", {"r": 4}),
 }
-OTHER_ROWS = ("base-zero", "base-few", "peft-lora-1%", "full-ft")
-ALL_ROWS = ("base-zero", "base-few", *ADAPTER_ROWS, "peft-lora-1%", "full-ft")
+OTHER_ROWS = ("majority", "base-zero", "base-few", "peft-lora-1%", "full-ft")
+ALL_ROWS = ("majority", "base-zero", "base-few", *ADAPTER_ROWS, "peft-lora-1%", "full-ft")
 DEFAULT_ROWS = ("base-zero", "base-few", "parallel-1%", "lora-1%", "series-1%")
 EVAL_BATCH = 16
 EVAL_LIMIT: int | None = None  # --eval-limit
@@ -143,6 +143,16 @@ def answer_tokens(examples: list[dict], records: list[dict]) -> dict[int, str]:
 
 
 # --------------------------------------------------------------------------- rows
+
+
+def run_majority(task: str) -> dict:
+    """No model: always the test set's most common answer (what a classifier must beat; SMS is 87% ham)."""
+    from collections import Counter
+
+    cfg, base_dir = load_task(task)
+    _, evals = eval_records(cfg, base_dir)
+    word, n = Counter(r["answer"] for r in evals).most_common(1)[0]
+    return {"eval_rows": len(evals), "strict": n / len(evals), "choice": n / len(evals), "answer": word}
 
 
 def run_base(task: str, row: str, seed: int) -> dict:
@@ -326,7 +336,7 @@ def _cell(got: list[dict], base: bool) -> str:
     text = f"{statistics.mean(strict):.1f}"
     if len(strict) > 1:
         text += f" ± {statistics.stdev(strict):.1f} (n={len(strict)})"
-    if base:
+    if base and got[0]["row"] != "majority":
         text += f" (choice {statistics.mean(100 * x['choice'] for x in got):.1f})"
     return text
 
@@ -514,11 +524,13 @@ def main(argv: list[str] | None = None) -> int:
     done = {(x["task"], x["row"], x["seed"]) for x in read_results(path)}
     for task in [] if args.table_only else tasks:
         for row in rows:
-            for seed in seeds if not row.startswith("base") or row == "base-few" else [0]:
+            for seed in seeds if row in ("base-few", *ADAPTER_ROWS, "peft-lora-1%", "full-ft") else [0]:
                 if (task, row, seed) in done:
                     continue
                 t0 = time.perf_counter()
-                if row.startswith("base"):
+                if row == "majority":
+                    res = run_majority(task)
+                elif row.startswith("base"):
                     res = run_base(task, row, seed)
                 elif row in ADAPTER_ROWS:
                     res = run_adapter(task, row, seed, args.out / task / f"{row}-s{seed}", args.steps)
