@@ -22,6 +22,7 @@ def test_serve_quantize_int4_reports_and_generates(tmp_path):
     with TestClient(app, base_url="http://localhost") as client:  # loopback: Host is checked
         models = client.get("/v1/models").json()["data"]
         assert [m["quantization"] for m in models] == ["int4-g32"] * len(models)
+        assert 'paradapt_base_weights_info{precision="int4-g32"} 1.0' in client.get("/metrics").text
         r = client.post(
             "/v1/completions", json={"model": "tiny-llama", "prompt": "good movie", "max_tokens": 3}
         )
@@ -36,6 +37,7 @@ def test_serve_default_is_float(tmp_path):
     assert info["quantization"] == "none"
     with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/v1/models").json()["data"][0]["quantization"] == "none"
+        assert 'paradapt_base_weights_info{precision="none"} 1.0' in client.get("/metrics").text
 
 
 def test_serve_quantize_refuses_a_model_that_does_not_fit(tmp_path):

@@ -128,6 +128,7 @@ class EngineCollector:
         tiers.add_metric(["device"], len(e.cache.on_device))
         yield tiers
         yield lora_requests_info(e)
+        yield base_weights_info(e)
 
 
 def lora_requests_info(engine: Engine | EncoderEngine) -> GaugeMetricFamily:
@@ -140,6 +141,18 @@ def lora_requests_info(engine: Engine | EncoderEngine) -> GaugeMetricFamily:
         labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
     )
     info.add_metric([str(engine.config.max_slots), ",".join(running), ",".join(waiting)], time.time())
+    return info
+
+
+def base_weights_info(engine: Engine | EncoderEngine) -> GaugeMetricFamily:
+    """``paradapt_base_weights_info{precision="int4-g32"} 1``: how the base model's weights are
+    stored (``paradapt serve --quantize``; ``none`` for float), as ``/v1/models`` says it."""
+    from ..quantized import describe, quantization
+
+    info = GaugeMetricFamily(
+        "paradapt_base_weights_info", "the base model's weight precision (--quantize)", labels=["precision"]
+    )
+    info.add_metric([describe(quantization(engine.model))], 1)
     return info
 
 
