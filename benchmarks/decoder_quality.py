@@ -176,20 +176,18 @@ def run_adapter(task: str, row: str, seed: int, out: Path, steps: int | None) ->
     import paradapt as pa
     from paradapt.loading import load_model
     from paradapt.train import train
+    from paradapt.train.config import read_yaml
 
     kind, options = ADAPTER_ROWS[row]
     cfg, base_dir = load_task(task)
-    overrides = {
-        "output_dir": str(out),
-        "adapters.0.kind": kind,
-        "adapters.0.config": options,
-        "train.seed": seed,
-        "train.save_every": 0,
-    }
+    raw = read_yaml(TASKS[task])  # the entry's kind and options replaced whole (overrides would merge)
+    raw["adapters"][0] = {**raw["adapters"][0], "kind": kind, "config": dict(options)}
+    raw["output_dir"] = str(out)
+    raw["train"] = {**raw["train"], "seed": seed, "save_every": 0}
     if steps is not None:
-        overrides["train.max_steps"] = steps
+        raw["train"]["max_steps"] = steps
     t0 = time.perf_counter()
-    result = train(TASKS[task], overwrite=True, progress=False, **overrides)
+    result = train(raw, overwrite=True, progress=False)
     seconds = time.perf_counter() - t0
     name = cfg.adapters[0].name
     tok, model = load_model(cfg.model)
@@ -320,7 +318,7 @@ def table(results: list[dict], tasks: list[str]) -> str:
     head = "| row | share of base params | " + " | ".join(tasks) + " |"
     lines = [head, "|---|--:|" + "--:|" * len(tasks)]
     for row in rows:
-        shares = {f"{x['share'] * 100:.2g}%" for x in results if x["row"] == row and "share" in x}
+        shares = {f"{x['share'] * 100:.3g}%" for x in results if x["row"] == row and "share" in x}
         cells = []
         for task in tasks:
             got = [x for x in results if x["row"] == row and x["task"] == task]
