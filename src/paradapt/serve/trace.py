@@ -53,16 +53,19 @@ def shapes_in(root: str | Path) -> dict[str, tuple[str, int]]:
     """
     out: dict[str, tuple[str, int]] = {}
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
-        out[folder.name] = _shape(folder / "adapter_config.json")
+        out[folder.name] = _shape(folder)
     return out
 
 
-def _shape(path: Path) -> tuple[str, int]:
+def _shape(folder: Path) -> tuple[str, int]:
+    from ..errors import ParadaptError
+    from ..io import read_config  # here, not at the top: reading a trace needs no torch
+
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = read_config(folder)
         cfg = meta["config"]
         kind = cfg["kind"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (ParadaptError, OSError, KeyError, TypeError):
         return DEFAULT_KIND, DEFAULT_RANK
     if kind not in KNOWN_KINDS:
         return DEFAULT_KIND, DEFAULT_RANK
@@ -327,5 +330,3 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
         prompt = tuple(prompt)
     name = None if adapter == base else adapter
     return WorkloadRequest(0, name, float(t), obj["input_len"], obj["output_len"], prompt)
-
-
