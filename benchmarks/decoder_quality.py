@@ -78,13 +78,14 @@ def load_task(task: str):
     return load_config(TASKS[task])
 
 
-def eval_records(cfg, base_dir) -> tuple[list[dict], list[dict]]:
-    """(train, eval) chat records of the config's adapter, split as ``paradapt train`` splits them."""
+def eval_records(cfg, base_dir, limit: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, eval) chat records of the config's adapter, split as ``paradapt train`` splits them;
+    the first ``limit`` eval rows (default ``--eval-limit``; a training run's own eval takes all)."""
     from paradapt.train.data import read_splits
 
     train_spec, eval_spec = cfg.data_specs(0, base_dir)
     train, evals = read_splits(train_spec, eval_spec, cfg.adapters[0].eval_fraction, cfg.train.seed)
-    return train, evals[:EVAL_LIMIT]
+    return train, evals[: EVAL_LIMIT if limit is None else limit]
 
 
 def with_shots(records: list[dict], train: list[dict], seed: int) -> list[dict]:
@@ -195,7 +196,7 @@ def run_adapter(task: str, row: str, seed: int, out: Path, steps: int | None) ->
     pa.load_adapter(model, result.adapters[name], name=name)
     params = sum(p.numel() for p in model.paradapt[name].parameters())
     return {  # the trainer's own final eval: the accuracy `paradapt train` reports
-        "eval_rows": len(result_eval_rows(cfg, base_dir)),
+        "eval_rows": len(eval_records(cfg, base_dir, limit=sys.maxsize)[1]),  # what the trainer evaluated
         "strict": result.metrics[name]["accuracy"],
         "choice": None,
         "params": params,
@@ -206,16 +207,6 @@ def run_adapter(task: str, row: str, seed: int, out: Path, steps: int | None) ->
         "kind": kind,
         "config": options,
     }
-
-
-def result_eval_rows(cfg, base_dir) -> list[dict]:
-    """The eval rows the trainer evaluated (``--eval-limit`` does not shorten a training run's eval)."""
-    global EVAL_LIMIT
-    limit, EVAL_LIMIT = EVAL_LIMIT, None
-    try:
-        return eval_records(cfg, base_dir)[1]
-    finally:
-        EVAL_LIMIT = limit
 
 
 def run_reference(task: str, row: str, seed: int, steps: int | None, full_lr: float) -> dict:
