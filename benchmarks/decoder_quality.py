@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="sst2,agnews,sms")
     ap.add_argument(
-        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma list of {', '.join(ALL_ROWS)}, or 'all'"
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma list of {', '.join(ALL_ROWS)}, or 'all'".replace("%", "%%")
     )
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=None, help="override every config's max_steps (quick runs)")
