@@ -8,7 +8,15 @@
 
 Device residents are also host residents (``device <= host``, so ``max_slots <= max_served``).
 Both tiers evict least-recently-used first; an adapter pinned by a running request is
-never evicted from either tier. Optional byte budgets (``device_bytes``, ``host_bytes``)
+never evicted from either tier.
+
+A learned mixture (``pa.Mixture``) *needs* its experts: they are adapters of their own, and the
+mixture's gates find them on the model by name. The cache treats a mixture as the set of itself
+and its experts (``add_adapter(name, size, needs=experts)``): making it resident, fitting it in a
+step, pinning and prefetching it cover the experts too, and each expert counts in the slots and
+bytes once however many mixtures and plain requests share it. An expert stays on the device
+while a mixture that needs it is there (the mixture leaves first), and a known mixture's expert
+cannot be removed. Optional byte budgets (``device_bytes``, ``host_bytes``)
 bound the summed adapter sizes next to the counts: the engine derives ``device_bytes`` from
 the memory it shares with the KV cache (:class:`MemoryBudget`).
 
@@ -146,30 +154,71 @@ class AdapterCache:
         self._host: OrderedDict[str, None] = OrderedDict()  # LRU first
         self._device: OrderedDict[str, None] = OrderedDict()
         self._pins: dict[str, int] = {}
+        self._needs: dict[str, tuple[str, ...]] = {}  # mixture -> its experts
         for name, size in sizes.items():
             self.add_adapter(name, size)
 
     # -- registry (the disk tier) -------------------------------------------
-    def add_adapter(self, name: str, size: int) -> None:
-        """Make ``name`` known (on disk). Re-adding a known name updates its size if not resident."""
+    def add_adapter(self, name: str, size: int, needs: Iterable[str] = ()) -> None:
+        """Make ``name`` known (on disk). Re-adding a known name updates its size if not resident.
+
+        ``needs``: the adapters ``name`` cannot run without (a mixture's experts), already known,
+        none of them needing others in turn (a mixture of mixtures is not served).
+        """
         if not isinstance(name, str) or not name:
             raise ConfigError("name", f"adapter name must be a non-empty string, got {name!r}")
         _check_count(f"size of {name!r}", size, 0)
-        if name in self._host and self._sizes.get(name) != size:
-            raise ConfigError("size", f"adapter {name!r} is resident; remove it before changing its size")
+        needs = tuple(dict.fromkeys(needs))
+        for n in needs:
+            if n not in self._sizes:
+                raise AdapterNotFoundError(f"adapter {name!r} needs {n!r}, which is not known")
+            if n == name or self._needs.get(n):
+                raise ConfigError("experts", f"{name!r} needs {n!r}, which needs adapters itself")
+        if name in self._host and (self._sizes.get(name) != size or self._needs.get(name, ()) != needs):
+            raise ConfigError("size", f"adapter {name!r} is resident; remove it before changing it")
+        if needs and self.dependents(name):
+            raise ConfigError("experts", f"{name!r} is an expert of {self.dependents(name)}; it cannot need others")
         self._sizes[name] = size
+        if needs:
+            self._needs[name] = needs
+        else:
+            self._needs.pop(name, None)
+
+    def needs(self, name: str) -> tuple[str, ...]:
+        """The adapters ``name`` needs (a mixture's experts); empty for a plain adapter."""
+        return self._needs.get(name, ())
+
+    def dependents(self, name: str) -> list[str]:
+        """The known adapters that need ``name`` (the mixtures it is an expert of)."""
+        return [m for m, needs in self._needs.items() if name in needs]
+
+    def with_needs(self, names: Iterable[str]) -> list[str]:
+        """``names`` with what each needs in front of it (experts before their mixture), once each."""
+        out: dict[str, None] = {}
+        for n in names:
+            for d in self._needs.get(n, ()):
+                out[d] = None
+            out[n] = None
+        return list(out)
 
     def remove_adapter(self, name: str) -> list[Move]:
-        """Forget ``name`` (evicting it from every tier); refused while a request pins it."""
+        """Forget ``name`` (evicting it from every tier); refused while a request pins it or a
+        known mixture needs it (remove the mixture first)."""
         self._require(name)
         if self._pins.get(name):
             raise AdapterPinnedError(f"adapter {name!r} is in use by {self._pins[name]} running request(s)")
+        users = self.dependents(name)
+        if users:
+            raise AdapterPinnedError(
+                f"adapter {name!r} is an expert of mixture {', '.join(map(repr, users))}; unload the mixture first"
+            )
         moves = []
         if name in self._device:
             moves.append(self._do(Move("evict_device", name, self._sizes[name])))
         if name in self._host:
             moves.append(self._do(Move("evict_host", name, self._sizes[name])))
         del self._sizes[name]
+        self._needs.pop(name, None)
         return moves
 
     def __contains__(self, name: object) -> bool:
@@ -199,19 +248,21 @@ class AdapterCache:
 
     # -- pinning --------------------------------------------------------------
     def pin(self, name: str) -> None:
-        """One more running request uses ``name``: it may not be evicted until unpinned."""
+        """One more running request uses ``name`` (and what it needs): none may be evicted until unpinned."""
         self._require(name)
-        self._pins[name] = self._pins.get(name, 0) + 1
+        for n in self.with_needs([name]):
+            self._pins[n] = self._pins.get(n, 0) + 1
 
     def unpin(self, name: str) -> None:
         """A request using ``name`` finished or was cancelled."""
-        n = self._pins.get(name, 0)
-        if n <= 0:
+        if self._pins.get(name, 0) <= 0:
             raise ParadaptError(f"adapter {name!r} is not pinned")
-        if n == 1:
-            del self._pins[name]
-        else:
-            self._pins[name] = n - 1
+        for m in self.with_needs([name]):
+            n = self._pins.get(m, 0)
+            if n <= 1:
+                self._pins.pop(m, None)
+            else:
+                self._pins[m] = n - 1
 
     def pinned(self, name: str) -> bool:
         return self._pins.get(name, 0) > 0
@@ -221,8 +272,9 @@ class AdapterCache:
         """Could ``names`` all be on device together (evicting everything else that is unpinned)?
 
         The scheduler keeps every pinned adapter inside ``names``, so this is exactly
-        "can this step's adapters be made resident".
+        "can this step's adapters be made resident". A mixture counts with its experts.
         """
+        names = self.with_needs(names)
         if len(names) > self.max_slots:
             return False
         if self.device_bytes is None and self.host_bytes is None:
@@ -237,9 +289,10 @@ class AdapterCache:
         """Bring ``names`` onto the device, evicting unpinned LRU adapters as needed.
 
         Adapters that cannot be placed (every slot pinned by others, or too big for the
-        budget) are returned in ``missing``: their requests wait; nothing raises.
+        budget) are returned in ``missing``: their requests wait; nothing raises. A mixture
+        brings its experts first; it is missing if one of them is.
         """
-        wanted = list(dict.fromkeys(names))
+        wanted = self.with_needs(names)
         for n in wanted:
             self._require(n)
         protect = set(wanted)
@@ -250,8 +303,8 @@ class AdapterCache:
                 self.stats.device_hits += 1
                 self._touch(n)
                 continue
-            placed = self._bring_to_device(n, protect, moves)
-            if not placed:
+            lacking = [d for d in self.needs(n) if d in missing]
+            if lacking or not self._bring_to_device(n, protect, moves):
                 missing.append(n)
         return Residency(tuple(moves), tuple(missing))
 
@@ -262,7 +315,7 @@ class AdapterCache:
         stops quietly when there is no such room. Its moves are ``ahead``: the real engine reads
         those folders on a background thread while the step's forward runs.
         """
-        wanted = [n for n in dict.fromkeys(names) if n in self._sizes]
+        wanted = self.with_needs(n for n in names if n in self._sizes)
         protect = set(wanted)
         moves: list[Move] = []
         for n in wanted:
@@ -307,11 +360,18 @@ class AdapterCache:
             )
             return len(self._device) >= self.max_slots or over_bytes
 
-        for victim in [m for m in self._device if m not in protect and not self.pinned(m)]:
-            if not full():
+        while full():
+            victim = next((m for m in self._device if self._may_leave_device(m, protect)), None)
+            if victim is None:
                 break
             moves.append(self._do(Move("evict_device", victim, self._sizes[victim])))
         return not full()
+
+    def _may_leave_device(self, m: str, protect: set[str]) -> bool:
+        """Unpinned, unprotected, and no mixture on the device needs it (its gates look it up)."""
+        if m in protect or self.pinned(m):
+            return False
+        return not any(m in self._needs.get(d, ()) for d in self._device)
 
     def _make_host_room(self, size: int, protect: set[str], moves: list[Move]) -> bool:
         """Evict host residents that are off device, unpinned and unprotected, LRU first."""

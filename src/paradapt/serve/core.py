@@ -342,7 +342,11 @@ class ServeCore:
         return out
 
     def fail_adapter(self, adapter: str, error: Exception) -> None:
-        """Fail every request (waiting or running) of ``adapter`` and forget it (a later request retries)."""
+        """Fail every request (waiting or running) of ``adapter`` and forget it (a later request
+        retries); the mixtures it is an expert of fail and are forgotten first."""
+        for mixture in self.cache.dependents(adapter) if adapter in self.cache else ():
+            cause = ParadaptError(f"its expert {adapter!r} failed: {getattr(error, 'cause', error)}")
+            self.fail_adapter(mixture, AdapterLoadError(mixture, cause))
         ids = [r.id for r in self._in_flight() if r.adapter == adapter]
         self.fail_requests(ids, error)
         if adapter in self.cache:

@@ -11,6 +11,11 @@ cache's three tiers are real here: **disk** (the folder), **host** (the adapter'
 and config kept in CPU memory), **device** (attached to the model, its bottlenecks in banks).
 A folder that fails to load fails only the requests for that adapter; the engine keeps serving.
 
+A learned mixture (``paradapt train`` writes one next to its experts) is served by its folder
+name like any adapter; its config names its experts, folders beside it under the root. The cache
+brings the experts with it (``AdapterCache`` ``needs``), the gates run inside the packed step,
+and requests of the mixture, of its experts and of other adapters share steps.
+
 :class:`EncoderEngine` serves encoders (BERT, MiniLM): classify/embed requests run as one
 padded batch per step with per-row routes, scheduled whole (no chunking, one "token" each).
 """
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import heads
+from ..config import Mixture
 from ..errors import (
     AdapterFileError,
     AdapterNotFoundError,
@@ -68,13 +74,15 @@ class _HostCopy:
     config: object
     built: tuple[nn.Module, list] | None = None
     state: dict[str, torch.Tensor] | None = None
+    parsed: object = None  # a mixture's folder: built on attach, once its experts are on the model
 
 
 class AdapterStore:
     """The real engine's cache loader: adapter folders under ``root``, moved between tiers."""
 
-    def __init__(self, model: nn.Module, root: str | Path | None):
+    def __init__(self, model: nn.Module, root: str | Path | None, *, packed: bool = False):
         self.model = model
+        self.packed = packed  # steps run packed routes (one token per row): no per-sequence gates
         self.root = None if root is None else Path(root).resolve()
         if self.root is not None and not self.root.is_dir():
             raise ConfigError("adapter_root", f"{root} is not a folder")
@@ -188,6 +196,20 @@ class AdapterStore:
         if self.root is not None and (self.root / self.aliases.get(name, name)).is_dir():
             self.failed[name] = self.fingerprint(name)
 
+    def needs(self, name: str) -> tuple[str, ...]:
+        """The experts a mixture folder names (empty for a plain adapter). A config that does not
+        read gives none: loading the folder then says what is wrong with it."""
+        try:
+            cfg = read_config(self.folder(name)).get("config")
+        except (ParadaptError, OSError):
+            return ()
+        if not isinstance(cfg, dict) or cfg.get("kind") != "mixture":
+            return ()
+        experts = cfg.get("experts")
+        if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
+            return ()
+        return tuple(experts)
+
     def size(self, name: str) -> int:
         """Bytes of the adapter's weights file (0 if missing: loading will say why)."""
         folder = self.folder(name)
@@ -254,11 +276,24 @@ class AdapterStore:
         return folder
 
     def _check(self, parsed) -> _HostCopy:
+        if isinstance(parsed.config, Mixture):
+            return self._check_mixture(parsed)
         adapter, parts = build_folder(self.model, parsed)
         adapter.to("cpu")
         if getattr(parsed.config, "init", None) == "pissa":  # its attach needs a fresh build
             return _HostCopy(parsed.config, state={k: v.detach() for k, v in adapter.state_dict().items()})
         return _HostCopy(parsed.config, built=(adapter, parts))
+
+    def _check_mixture(self, parsed) -> _HostCopy:
+        """A mixture's gates are built against its experts on the model, so its folder is kept
+        parsed and built when it goes on the device (right after its experts)."""
+        if self.packed and parsed.config.granularity == "sequence":
+            raise ConfigError(
+                "granularity",
+                f"mixture {parsed.name!r} gates per sequence, which a decoder's packed steps cannot pool "
+                "(a decode step sees one token of a row); train it with granularity: token",
+            )
+        return _HostCopy(parsed.config, parsed=parsed)
 
     def _read_ahead(self, name: str) -> None:
         """Start reading a prefetched folder on the reader thread (file I/O only: the model is
@@ -290,8 +325,8 @@ class AdapterStore:
         copy = self.host.get(name)
         if copy is None:
             raise AdapterLoadError(name, ParadaptError("not in host memory"))
-        if copy.built is not None:  # checked and built when read: attach it as is
-            adapter, parts = copy.built
+        if copy.built is not None or copy.parsed is not None:  # attach as built (a mixture: now)
+            adapter, parts = copy.built or build_folder(self.model, copy.parsed)
             adapter.to(self._device())
             attach_built(self.model, name, copy.config, adapter, parts)
             return
@@ -303,6 +338,13 @@ class AdapterStore:
         except Exception as e:
             remove_adapter(self.model, name)
             raise ParadaptError(f"weights do not fit: {e}") from None
+
+
+def _args_naming(e: ConfigError | AdapterNotFoundError, where: str) -> tuple:
+    """The constructor arguments of ``e`` (same type, same field) with ``where`` in front of its message."""
+    if isinstance(e, ConfigError):
+        return (e.field, f"{where}: {e.message}")
+    return (f"{where}: {e}",)
 
 
 def kv_bytes_per_token(model: nn.Module) -> int:
@@ -380,8 +422,18 @@ class _EngineCore(ServeCore):
     # -- adapters (the admin operations a server runs between steps) -----------------------
     def register_adapter(self, adapter: str | None) -> None:
         """Make an adapter known to the cache (its folder is checked now, read on first use)."""
-        if adapter is not None and adapter not in self.cache:
-            self.cache.add_adapter(adapter, self.store.size(adapter))
+        if adapter is None or adapter in self.cache:
+            return
+        experts = self.store.needs(adapter)
+        for i, expert in enumerate(experts):
+            try:
+                if self.store.needs(expert):
+                    raise ConfigError("experts", f"{expert!r} is a mixture; a mixture of mixtures is not served")
+                if expert not in self.cache:
+                    self.cache.add_adapter(expert, self.store.size(expert))
+            except (ConfigError, AdapterNotFoundError) as e:
+                raise type(e)(*_args_naming(e, f"mixture {adapter!r}, experts[{i}]")) from None
+        self.cache.add_adapter(adapter, self.store.size(adapter), needs=experts)
 
     def load_adapter(self, name: str) -> None:
         """Register ``name`` and read it into host memory now, so a broken folder fails here
@@ -509,7 +561,7 @@ class Engine(_EngineCore):
         clock: Callable[[], float] = time.monotonic,
     ):
         config = config or EngineConfig()
-        store = AdapterStore(model, adapter_root)
+        store = AdapterStore(model, adapter_root, packed=True)
         largest = store.largest() if config.device_memory is not None and config.slot_bytes is None else 0
         split = memory_split(config, kv_bytes_per_token(model), largest)
         self.runner = Runner(

@@ -479,7 +479,10 @@ class Scheduler:
             if r.adapter not in self.cache:
                 raise AdapterNotFoundError(f"unknown adapter {r.adapter!r}")
             if not self.cache.fits([r.adapter]):
-                raise RequestTooLargeError(
-                    "model",
-                    f"adapter {r.adapter!r} ({self.cache.size(r.adapter)} B) is larger than the device budget",
+                needs = self.cache.needs(r.adapter)
+                what = (
+                    f"mixture {r.adapter!r} needs {len(needs) + 1} adapter slots (itself and its experts)"
+                    if needs
+                    else f"adapter {r.adapter!r} ({self.cache.size(r.adapter)} B)"
                 )
+                raise RequestTooLargeError("model", f"{what}: more than the device has (max_slots, memory)")
