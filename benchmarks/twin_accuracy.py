@@ -93,6 +93,16 @@ def workloads(duration: float, rate_scale: float = 1.0) -> list[tuple[str, Workl
     return out
 
 
+def scaled_memory(model, root: Path) -> int:
+    """``device_memory`` of the memory-bound rows on a model other than the default: room for
+    2,560 KV tokens and 16 of the largest adapter files under ``root``, which is what their
+    96 MiB holds on the default model (SmolLM2's adapters are 7x larger, its KV per token 1.4x)."""
+    from paradapt.serve.engine import kv_bytes_per_token
+
+    largest = max(f.stat().st_size for f in root.glob("*/adapter.safetensors"))
+    return 2560 * kv_bytes_per_token(model) + 16 * largest
+
+
 class Clock:
     """Seconds since :meth:`reset` (the real engine's clock; the replay starts it)."""
 
@@ -325,6 +335,8 @@ def main(argv=None) -> int:
     run_real(model, root, warm, {"max_served": 8, "max_slots": 4}, cost)  # warm-up, not reported
     rows = []
     for label, spec, knobs in specs:
+        if args.model and "device_memory" in knobs:
+            knobs = {**knobs, "device_memory": scaled_memory(model, root)}
         real, check = run_real(model, root, spec, knobs, cost)
         twin = simulate(spec, cost, **knobs).to_dict()
         row = {"label": label, "rate": spec.rate, "spec": spec.to_dict(), "knobs": knobs}

