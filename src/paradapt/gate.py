@@ -11,9 +11,10 @@ loss would never reach the router.
 The site then adds ``sum_i g_i * delta_i(src_i)``, each expert reading what it reads alone.
 
 Everything is batched over rows and tokens: one router matmul and one softmax per site, then
-one weighted delta per expert present there (dense: every expert runs on every row the
-mixture covers; applying only the top-k experts through the banks is the serving engine's
-job). The experts' weights are not part of the gate: it finds them by name on the site at
+one weighted delta per expert present there. A dense gate runs every expert on every token
+the mixture covers; with ``top_k < K`` each expert runs only on the tokens that kept it
+(gathered into one matrix, added back by index: Switch/Mixtral-style dispatch), so top-1 over K
+experts costs about one expert, not K. The experts' weights are not part of the gate: it finds them by name on the site at
 each forward, so they are saved, counted and trained as the adapters they are.
 """
 
@@ -132,11 +133,44 @@ class MixtureOp:
         g, chosen = self.gate.weights(logits)
         if self.record is not None and torch.is_grad_enabled():
             self.record(self.gate.balance_loss(logits, chosen))
+        if chosen is None:
+            return self._dense(h, x, g)
+        return self._sparse(h, x, g, chosen.expand(*h.shape[:-1], chosen.shape[-1]))
+
+    def _source(self, c: nn.Module, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        return x if (c.reads == "input" and c.writes == "output" and x is not None) else h
+
+    def _dense(self, h: torch.Tensor, x: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted (a softmax gate keeps them all)."""
         acc = None
         for i in self.idx:
             c = self.experts[i]
-            src = x if (c.reads == "input" and c.writes == "output" and x is not None) else h
-            d = c.delta(src)
+            d = c.delta(self._source(c, h, x))
             d = d * g[..., i : i + 1].to(d.dtype)
             acc = d if acc is None else acc + d
         return acc
+
+    def _sparse(
+        self, h: torch.Tensor, x: torch.Tensor | None, g: torch.Tensor, chosen: torch.Tensor
+    ) -> torch.Tensor:
+        """Each expert only on the tokens whose top-k kept it (the MoE dispatch): with
+        ``top_k = 1`` of K experts a token costs one expert's delta, not K. The gathered tokens
+        are rows of one matrix; the weighted deltas are added back at their positions."""
+        lead = h.shape[:-1]
+        picked = chosen.reshape(-1, chosen.shape[-1])
+        weights = g.expand(*lead, g.shape[-1]).reshape(-1, g.shape[-1])
+        acc = None
+        for i in self.idx:
+            rows = picked[:, i].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            c = self.experts[i]
+            src = self._source(c, h, x)
+            d = c.delta(src.reshape(-1, src.shape[-1]).index_select(0, rows))
+            d = d * weights.index_select(0, rows)[:, i : i + 1].to(d.dtype)
+            if acc is None:
+                acc = d.new_zeros(picked.shape[0], d.shape[-1])
+            acc = acc.index_add(0, rows, d)
+        if acc is None:  # no token kept an expert writing in this phase
+            return h.new_zeros(()).expand_as(h)
+        return acc.reshape(*lead, acc.shape[-1])

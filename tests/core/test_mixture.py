@@ -202,6 +202,44 @@ def test_top_1_router_learns_from_the_task_loss_alone():
     assert routers and all(gr is not None and gr.abs().sum() > 0 for gr in routers)
 
 
+class _Counting(torch.nn.Module):
+    """An expert component that records how many tokens it was run on, delta = src @ w."""
+
+    reads, writes = "input", "output"
+
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed)))
+        self.rows: list[int] = []
+
+    def delta(self, src):
+        self.rows.append(src.reshape(-1, src.shape[-1]).shape[0])
+        return src @ self.w
+
+
+@pytest.mark.parametrize("top_k,granularity", [(1, "token"), (2, "token"), (1, "sequence")])
+def test_top_k_runs_each_expert_only_on_the_tokens_that_kept_it(top_k, granularity):
+    """The MoE dispatch: the sparse sum equals the dense sum with the gate's zeros, and the
+    experts together see top_k rows per token, not K (gradients reach router and experts)."""
+    from paradapt.gate import MixtureOp
+
+    torch.manual_seed(0)
+    experts = {n: _Counting(8, i) for i, n in enumerate("abc")}
+    gate = MixtureGate(8, tuple(experts), top_k, granularity)
+    torch.nn.init.normal_(gate.router.weight, std=2.0)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    op = MixtureOp(gate, list(experts.values()), [0, 1, 2], "output", None, None)
+    got = op.delta(h, h)
+    assert sum(sum(e.rows) for e in experts.values()) == top_k * 10
+    g, _ = gate.weights(gate.logits(h.detach()))
+    want = sum(g[..., i : i + 1] * (h.detach() @ e.w.detach()) for i, e in enumerate(experts.values()))
+    torch.testing.assert_close(got.detach(), want)
+    got.square().sum().backward()
+    assert gate.router.weight.grad.abs().sum() > 0
+    used = [e for e in experts.values() if e.rows]  # an expert no token kept is not run at all
+    assert used and all(e.w.grad is not None and e.w.grad.abs().sum() > 0 for e in used)
+
+
 def _grads(model):
     return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
 
