@@ -175,7 +175,7 @@ def serving_cost(mixtures: dict[int, Path], experts: dict[str, Path], evals: dic
     for i in range(per):
         for t in TASKS:
             r = evals[t][i % len(evals[t])]
-            msgs = r["messages"][: r["train_from"]]
+            msgs = r["messages"][:-1]  # the answer is the last message
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             stream.append((tok(text, add_special_tokens=False)["input_ids"], t))
     configs = {"by name": None, **{f"mixture top-{k}": f"mix-top{k}" for k in mixtures}}
