@@ -99,10 +99,10 @@ def test_stale_stats_still_serve_everything():
 
 
 def test_starved_adapters_are_reported():
-    # one slot per replica, the starvation guard off, a very hot adapter, no drain: the hot
+    # overload, one slot per replica, the starvation guard off, a very hot adapter, no drain: the hot
     # adapter always holds the slot, so rare adapters never run; with the guard and a drain, none starve
     hot = WorkloadSpec(
-        num_adapters=10, rate=80.0, duration=3.0, alpha=0.05, input_len=(2, 30), output_len=(2, 12), seed=4
+        num_adapters=10, rate=200.0, duration=2.0, alpha=0.05, input_len=(2, 30), output_len=(2, 12), seed=4
     )
     starving = run(RandomRouter(seed=0), spec=hot, drain=0.0, max_slots=1, starvation_after=1e9)
     asked = {r.adapter for r in hot.generate().requests}

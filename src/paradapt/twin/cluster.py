@@ -97,10 +97,10 @@ class _Replica:
         b = self.backend
         while b.now() < until and b.has_work():
             step = b.step()
+            self.dirty = True  # even an empty step may have prefetched into host memory
             if step.empty:
                 break
             self.log.steps.append(step_event(b.now(), step))
-            self.dirty = True
         if jump:
             b.wait_until(until)
 
