@@ -123,9 +123,30 @@ def test_spill_above_the_threshold_adds_one_replica_then_balances_between_them()
 def test_spill_is_bounded_by_max_replicas_per_adapter():
     router = AdapterRouter(spill_queue=0, max_replicas_per_adapter=2)
     names = [f"r{i}" for i in range(4)]
-    for _ in range(10):
-        router.choose("hot", [rep(n, queued=1) for n in names])
-    assert router.stats.spills == 1 and len(router.placements("hot")) == 2
+    for _ in range(10):  # the adapter's replicas are always busy, the others idle
+        router.choose("hot", [rep(n, queued=int(n in router.placements("hot"))) for n in names])
+    assert router.stats.spills == 1 and router.placements("hot") == ("r0", "r1")
+
+
+def test_no_spill_when_every_other_replica_is_busy_too():
+    router = AdapterRouter(spill_queue=0)
+    names = [f"r{i}" for i in range(3)]
+    for _ in range(10):  # a saturated cluster: spilling would only thrash caches
+        assert router.choose("hot", [rep(n, queued=3) for n in names]) == "r0"
+    assert router.stats.spills == 0
+
+
+def test_only_a_hot_adapter_spills():
+    router = AdapterRouter(spill_queue=0, hot_window=100)
+    assert router.choose("cold", [rep("r0"), rep("r1")]) == "r0"
+    for _ in range(9):
+        assert router.choose("hot", [rep("r0"), rep("r1")]) == "r1"
+    # "cold" has 2 of the last 11 requests, under a fair half: its busy replica keeps it
+    assert router.choose("cold", [rep("r0", queued=5), rep("r1")]) == "r0"
+    assert router.stats.spills == 0 and not router.is_hot("cold", 2)
+    # "hot" has 9 of 12: it spills to the idle replica
+    assert router.choose("hot", [rep("r0"), rep("r1", queued=5)]) == "r0"
+    assert router.stats.spills == 1 and router.is_hot("hot", 2)
 
 
 def test_spill_needs_every_replica_of_the_adapter_busy():
@@ -274,6 +295,8 @@ def test_bad_knobs_are_config_errors_naming_the_field():
         AdapterRouter(spill_queue=-1)
     with pytest.raises(ConfigError, match="max_replicas_per_adapter"):
         AdapterRouter(max_replicas_per_adapter=0)
+    with pytest.raises(ConfigError, match="hot_window"):
+        AdapterRouter(hot_window=0)
 
 
 def test_the_cluster_package_imports_no_ray():
