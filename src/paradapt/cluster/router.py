@@ -107,7 +107,8 @@ class Router(ABC):
         """The name of the replica that serves a request for ``adapter`` (None: the base model).
 
         Dead replicas are never chosen: a request sent to one fails (in the issue's run, a replica
-        killed with SIGKILL under load failed 4 of 240 requests with 500). Raises :class:`NoReplicaError` when none is alive.
+        killed with SIGKILL under load failed 4 of 240 requests with 500).
+        Raises :class:`NoReplicaError` when none is alive.
         """
         alive = [r for r in replicas if r.alive]
         if not alive:
