@@ -80,7 +80,7 @@ def replay(workload: Workload, backend: Backend, *, drain: float = 0.0) -> Repla
         if backend.has_work():
             step = backend.step()
             if step is not None and not step.empty:
-                log.steps.append(_event(backend.now(), step))
+                log.steps.append(step_event(backend.now(), step))
                 continue
         if i < len(reqs):
             backend.wait_until(min(reqs[i].arrival, log.stop))
@@ -88,6 +88,14 @@ def replay(workload: Workload, backend: Backend, *, drain: float = 0.0) -> Repla
             break
         else:  # work that cannot run and no arrival to wait for: nothing will change
             break
+    collect(log, backend)
+    log.wall_seconds = time.perf_counter() - t_wall
+    return log
+
+
+def collect(log: ReplayLog, backend: Backend) -> None:
+    """Copy into ``log`` what ``backend`` knows at the end of a run: its clock, each logged
+    request's first-token and finish times, its cache stats (the cluster twin calls it per replica)."""
     log.end = backend.now()
     for rid in log.requests:
         t = backend.first_token_at(rid)
@@ -97,11 +105,10 @@ def replay(workload: Workload, backend: Backend, *, drain: float = 0.0) -> Repla
         if t is not None:
             log.finished[rid] = t
     log.stats = backend.cache_stats()
-    log.wall_seconds = time.perf_counter() - t_wall
-    return log
 
 
-def _event(end: float, step: ScheduledStep) -> StepEvent:
+def step_event(end: float, step: ScheduledStep) -> StepEvent:
+    """The :class:`StepEvent` of ``step``, which ended at ``end`` (what the metrics read)."""
     prompt = tuple((c.request_id, c.length) for c in step.prefills)
     sampled = (*(c.request_id for c in step.prefills if c.last), *step.decodes)
     return StepEvent(end, prompt, sampled)

@@ -1,0 +1,218 @@
+"""The twin of a cluster: N simulated engines behind one router, on one simulated timeline.
+
+Each replica is a :class:`~paradapt.twin.sim.SimEngine` (the real engine's scheduler and
+adapter cache on a clock priced by the cost model), each with every adapter of the workload on
+its disk tier (shared storage). The router is the same object the Ray deployment will use
+(:mod:`paradapt.cluster.router`); it decides from :class:`~paradapt.cluster.state.ReplicaState`
+snapshots built from each simulated engine's real cache and scheduler state
+(:func:`~paradapt.cluster.state.replica_state`), just as a real replica reports them.
+
+The timeline: replicas run in parallel, so each engine keeps its own clock, and they meet at
+every arrival. Before routing a request that arrives at ``t``, every replica runs its steps
+that start before ``t`` (an idle one jumps to ``t``); the router then sees the replicas as
+they are, and the chosen engine queues the request. A replica in the middle of a step at ``t``
+queues it when the step ends, exactly as the single-engine replay does
+(:func:`paradapt.twin.replay.replay`), so a one-replica cluster gives the single-engine twin's
+numbers. ``stats_period`` > 0 models stale stats: the router gets snapshots refreshed only
+that often (Ray replicas report routing stats periodically), while the engines run on.
+
+Metrics: the whole cluster through :func:`~paradapt.twin.metrics.summarize` (the same
+definitions as one engine: throughput, TTFT, TPOT, served fractions, ...), each replica over
+the requests it was sent, plus the cluster's own: requests and load per replica, load
+imbalance, the router's hit rate and counters, and starved adapters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..cluster.router import Router, RouterStats
+from ..cluster.state import ReplicaState, replica_state
+from ..errors import ConfigError
+from ..serve.cache import CacheStats
+from ..serve.core import EngineConfig
+from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec
+from .costmodel import CostModel
+from .metrics import TwinResult, summarize
+from .replay import ReplayLog, collect, step_event
+from .sim import SimBackend, SimEngine, engine_config
+
+
+@dataclass
+class ClusterResult:
+    """Metrics of one simulated cluster run.
+
+    ``result``: the whole cluster (all replicas' steps and requests, one engine's definitions);
+    ``replicas``: each replica's metrics over the requests routed to it; ``requests``: requests
+    routed to each replica; ``load``: tokens (prompt + output) routed to each replica;
+    ``imbalance``: max over mean of ``load`` (1.0 is perfectly even); ``hit_rate``: the router's
+    (adapter requests sent to a replica already holding the adapter); ``router``: its counters;
+    ``starved``: adapters with requests of which none finished by the end of the run.
+    """
+
+    result: TwinResult
+    replicas: dict[str, TwinResult]
+    requests: dict[str, int]
+    load: dict[str, int]
+    imbalance: float
+    hit_rate: float
+    router: RouterStats
+    starved: tuple[str, ...]
+    sim_seconds: float = 0.0
+
+    def table(self) -> str:
+        """A printable summary: the cluster's line, then one line per replica."""
+        r = self.result
+        split = " / ".join(str(n) for n in self.requests.values())
+        lines = [
+            f"cluster             {len(self.replicas)} replicas, {r.requests} requests ({split}), "
+            f"{r.finished} finished",
+            f"throughput          {r.throughput:.1f} tok/s  (ideal {r.ideal_throughput:.1f})",
+            f"router              hit rate {self.hit_rate:.2f}, {self.router.spills} spills, "
+            f"{self.router.replacements} re-placements",
+            f"load imbalance      {self.imbalance:.2f} (max/mean tokens per replica)",
+            f"starved adapters    {len(self.starved)}",
+        ]
+        for name, m in self.replicas.items():
+            lines.append(f"  {name:<18}{self.requests[name]} requests, {m.throughput:.1f} tok/s, {m.loads} loads")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Replica:
+    """One simulated engine, its log, and whether its snapshot is out of date."""
+
+    name: str
+    backend: SimBackend
+    log: ReplayLog
+    routed: list[WorkloadRequest] = field(default_factory=list)
+    dirty: bool = True
+    state: ReplicaState | None = None
+
+    def advance(self, until: float, *, jump: bool = True) -> None:
+        """Run the steps that start before ``until``; then, if ``jump``, an idle (or stuck)
+        engine waits until ``until``, as the single-engine replay waits for the next arrival."""
+        b = self.backend
+        while b.now() < until and b.has_work():
+            step = b.step()
+            self.dirty = True  # even an empty step may have prefetched into host memory
+            if step.empty:
+                break
+            self.log.steps.append(step_event(b.now(), step))
+        if jump:
+            b.wait_until(until)
+
+    def submit(self, req: WorkloadRequest) -> None:
+        self.log.requests[self.backend.submit(req)] = req
+        self.routed.append(req)
+        self.dirty = True
+
+    def snapshot(self) -> ReplicaState:
+        """The replica's state as a router sees it (rebuilt only when it changed)."""
+        if self.dirty or self.state is None:
+            self.state = replica_state(self.name, self.backend.engine)
+            self.dirty = False
+        return self.state
+
+
+def simulate_cluster(
+    spec: WorkloadSpec | Workload,
+    cost: CostModel,
+    router: Router,
+    *,
+    replicas: int,
+    max_served: int,
+    max_slots: int,
+    drain: float = 0.0,
+    stats_period: float = 0.0,
+    slo_ttft: float | None = None,
+    slo_tpot: float | None = None,
+    **engine_knobs: Any,
+) -> ClusterResult:
+    """Run ``spec``'s workload on ``replicas`` simulated engines behind ``router``.
+
+    Each engine has ``max_served`` host and ``max_slots`` device adapters and the other
+    :class:`~paradapt.serve.core.EngineConfig` knobs given (``queue_bound`` defaults to the
+    request count, as in :func:`~paradapt.twin.sim.simulate`). ``stats_period``: seconds between
+    the router's snapshot refreshes (0: fresh for every request). ``router`` should be fresh:
+    its counters are reported as they stand at the end.
+    """
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ConfigError("replicas", f"must be an integer >= 1, got {replicas!r}")
+    if stats_period < 0:
+        raise ConfigError("stats_period", f"must be >= 0 seconds, got {stats_period!r}")
+    t0 = time.perf_counter()
+    workload = spec if isinstance(spec, Workload) else spec.generate()
+    engine_knobs.setdefault("queue_bound", max(1, len(workload.requests)))
+    config = engine_config(max_served, max_slots, **engine_knobs)
+    stop = workload.duration + drain
+    nodes = [_replica(f"replica-{i}", workload, cost, config, stop) for i in range(replicas)]
+    by_name = {n.name: n for n in nodes}
+    states: list[ReplicaState] = []
+    refreshed = float("-inf")
+    for req in workload.requests:
+        for n in nodes:
+            n.advance(req.arrival)
+        if not states or req.arrival - refreshed >= stats_period:
+            states, refreshed = [n.snapshot() for n in nodes], req.arrival
+        by_name[router.choose(req.adapter, states)].submit(req)
+    for n in nodes:
+        n.advance(stop, jump=False)
+        collect(n.log, n.backend)
+    result = _cluster_result(workload, nodes, router, slo_ttft, slo_tpot)
+    result.sim_seconds = time.perf_counter() - t0
+    return result
+
+
+def _replica(name: str, workload: Workload, cost: CostModel, config: EngineConfig, stop: float) -> _Replica:
+    """A fresh simulated engine with every adapter of the workload on its disk tier (shared storage)."""
+    engine = SimEngine(workload, cost, config)
+    return _Replica(name, SimBackend(engine), ReplayLog(workload, workload.duration, stop))
+
+
+def _cluster_result(
+    workload: Workload, nodes: list[_Replica], router: Router, slo_ttft: float | None, slo_tpot: float | None
+) -> ClusterResult:
+    """Summarize the whole cluster and each replica; count the cluster's own metrics."""
+    merged = _merge([n.log for n in nodes], workload)
+    per: dict[str, TwinResult] = {}
+    for n in nodes:
+        n.log.workload = Workload(None, workload.adapters, tuple(n.routed), workload.duration)
+        per[n.name] = summarize(n.log, slo_ttft, slo_tpot)
+    load = {n.name: sum(r.prompt_len + r.output_len for r in n.routed) for n in nodes}
+    mean = sum(load.values()) / len(load)
+    return ClusterResult(
+        result=summarize(merged, slo_ttft, slo_tpot),
+        replicas=per,
+        requests={n.name: len(n.routed) for n in nodes},
+        load=load,
+        imbalance=max(load.values()) / mean if mean else float("nan"),
+        hit_rate=router.stats.hit_rate,
+        router=router.stats,
+        starved=_starved(merged),
+    )
+
+
+def _merge(logs: list[ReplayLog], workload: Workload) -> ReplayLog:
+    """One log of every replica's requests, steps (in order of their ends) and summed cache stats."""
+    merged = ReplayLog(workload, logs[0].window, logs[0].stop)
+    for log in logs:
+        merged.requests.update(log.requests)
+        merged.first.update(log.first)
+        merged.finished.update(log.finished)
+        merged.steps.extend(log.steps)
+        merged.end = max(merged.end, log.end)
+    merged.steps.sort(key=lambda ev: ev.end)
+    merged.stats = CacheStats(
+        **{f.name: sum(getattr(log.stats, f.name) for log in logs) for f in fields(CacheStats)}
+    )
+    return merged
+
+
+def _starved(log: ReplayLog) -> tuple[str, ...]:
+    """Adapters with requests in the run of which none finished by its end (window + drain)."""
+    asked = {r.adapter for r in log.requests.values() if r.adapter is not None}
+    served = {log.requests[rid].adapter for rid, t in log.finished.items() if t <= log.stop}
+    return tuple(sorted(asked - served))
