@@ -11,6 +11,7 @@ need (docs/serving.md, "Runner plan").
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -119,3 +120,29 @@ def test_pages_are_counted_in_the_schedulers_units_and_given_back():
     assert (kv.pages_in_use("a"), kv.pages_in_use("b"), kv.pages_in_use()) == (3, 1, 4)
     kv.free("a")
     assert kv.pages_in_use() == 1 and kv.kv_tokens == 12 * 8  # the capacity read at start stays
+
+
+def test_sdpa_gqa_reads_grouped_heads_bit_exactly_and_restores_the_switch(monkeypatch):
+    """``sdpa_gqa``: the masked GQA attention on CPU gives the logits of repeated KV heads, bit
+    for bit (tiny Llama: 4 query heads over 2 KV heads, a padded batch), and transformers'
+    switch is set only inside the block."""
+    from paradapt.serve.hf_paged import _FORCE_GQA, sdpa_gqa
+
+    monkeypatch.delenv(_FORCE_GQA, raising=False)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: the forward takes the masked path
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with sdpa_gqa(torch.device("cpu")):
+            assert os.environ[_FORCE_GQA] == "1"
+            grouped = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(plain, grouped)
+    assert _FORCE_GQA not in os.environ
+    monkeypatch.setenv(_FORCE_GQA, "0")
+    with sdpa_gqa(torch.device("cpu")):
+        pass
+    assert os.environ[_FORCE_GQA] == "0"  # a user's own setting comes back
+    with sdpa_gqa(torch.device("meta")):
+        assert os.environ[_FORCE_GQA] == "0"  # off CPU: untouched

@@ -14,6 +14,9 @@ first when an upgrade changes it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,7 +28,7 @@ from transformers.generation.continuous_batching.requests import RequestState as
 
 from ..errors import ParadaptError
 
-__all__ = ["KVState", "PagedKV"]
+__all__ = ["KVState", "PagedKV", "sdpa_gqa"]
 
 
 def _finite_writes(update):
@@ -45,6 +48,35 @@ def _finite_writes(update):
         return update(key_states, value_states, *args, **kwargs)
 
     return finite_update
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def sdpa_gqa(device: torch.device) -> Iterator[None]:
+    """On CPU, let transformers' SDPA attention read grouped KV heads as they are (``enable_gqa``).
+
+    With a mask (a packed step always has one) transformers repeats each KV head for its query
+    heads first (``repeat_kv``: a copy of every gathered key and value, per layer), because on
+    CUDA a masked GQA call falls back to SDPA's slow math kernel. On CPU the masked GQA call is
+    the fast one and gives bit-identical results: measured here for SmolLM2's 9 query / 3 KV
+    heads, decode-shaped (16 queries over 1,600 keys) 5-8x faster, and equal outputs. transformers
+    reads its switch ``TRANSFORMERS_SDPA_FORCE_GQA`` at every attention call, so it is set only
+    around our forward and restored after (other models in the process are left alone).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = os.environ.get(_FORCE_GQA)
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_FORCE_GQA, None)
+        else:
+            os.environ[_FORCE_GQA] = before
 
 
 class PagedKV:
