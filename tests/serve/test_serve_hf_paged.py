@@ -146,3 +146,24 @@ def test_sdpa_gqa_reads_grouped_heads_bit_exactly_and_restores_the_switch(monkey
     assert os.environ[_FORCE_GQA] == "0"  # a user's own setting comes back
     with sdpa_gqa(torch.device("meta")):
         assert os.environ[_FORCE_GQA] == "0"  # off CPU: untouched
+
+
+def test_per_request_decode_attention_equals_the_block_diagonal_packed_row():
+    """``lean_decode``'s path: B one-token queries, each over its own keys of the gathered row,
+    equal transformers' masked attention over the whole row (grouped heads: 4 over 2)."""
+    from paradapt.serve.hf_paged import _per_request
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 7, 1, 5]
+    cu = torch.tensor([0, 3, 10, 11, 16], dtype=torch.int32)
+    q = torch.randn(1, 4, len(lengths), 8, generator=g)
+    k = torch.randn(1, 2, 16, 8, generator=g)
+    v = torch.randn(1, 2, 16, 8, generator=g)
+    mask = torch.zeros(len(lengths), 16, dtype=torch.bool)
+    for i in range(len(lengths)):
+        mask[i, cu[i] : cu[i + 1]] = True
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask[None, None], scale=0.3
+    )
+    got = _per_request(q, k, v, cu, 0.3)
+    torch.testing.assert_close(got, want.transpose(1, 2))

@@ -20,15 +20,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.requests import FutureRequestState
 from transformers.generation.continuous_batching.requests import RequestState as KVState
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import ParadaptError
 
-__all__ = ["KVState", "PagedKV", "sdpa_gqa"]
+__all__ = ["KVState", "PagedKV", "lean_decode", "sdpa_gqa"]
 
 
 def _finite_writes(update):
@@ -77,6 +80,84 @@ def sdpa_gqa(device: torch.device) -> Iterator[None]:
             os.environ.pop(_FORCE_GQA, None)
         else:
             os.environ[_FORCE_GQA] = before
+
+
+@contextlib.contextmanager
+def lean_decode(device: torch.device) -> Iterator[None]:
+    """On CPU, a decode-only step attends per request instead of over the whole packed row.
+
+    transformers' SDPA path for the paged cache gathers every request's keys into one row and
+    masks it block-diagonally, so each of B decode queries is scored against all B requests'
+    keys (B times the work; at 32 requests of 80 tokens, most of a step's attention time). In
+    a step where every request brings exactly one token (pure decode), :func:`_per_request`
+    lays each request's keys out in its own row (padded to the longest) and runs one batched
+    SDPA with grouped heads. Any other step (prompt chunks, sliding-window layers, a block
+    table, dropout) goes to transformers' own function unchanged. Installed in transformers'
+    attention registry only for the duration of our forward, so other models are untouched.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    registry = ALL_ATTENTION_FUNCTIONS._local_mapping
+    before = registry.get("sdpa")
+    registry["sdpa"] = _decode_attention(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    try:
+        with sdpa_gqa(device):
+            yield
+    finally:
+        if before is None:
+            registry.pop("sdpa", None)
+        else:
+            registry["sdpa"] = before
+
+
+def _decode_attention(original):
+    """transformers' SDPA attention function, with the per-request path for decode-only steps."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cache=None, **kwargs):
+        if not _decode_only(module, query, cache, dropout, kwargs):
+            return original(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, cache=cache, **kwargs
+            )
+        key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
+        return _per_request(query, key, value, kwargs["cu_seq_lens_k"], scaling), None
+
+    return attention
+
+
+def _decode_only(module, query: torch.Tensor, cache, dropout: float, kwargs: dict) -> bool:
+    """A paged, full-attention layer in a step of one query token per request, nothing else asked."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if not isinstance(cache, PagedAttentionCache) or not isinstance(cu_q, torch.Tensor):
+        return False
+    if query.shape[0] != 1 or cu_q.numel() - 1 != query.shape[2] or dropout:
+        return False
+    if any(kwargs.get(k) is not None for k in ("block_table", "position_bias", "softcap", "sinks", "s_aux")):
+        return False
+    return cache.layer_to_allocator[module.layer_idx].layer_type == "full_attention"
+
+
+def _per_request(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_k: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Attention of B single-token queries (``query`` ``[1, H, B, D]``), request ``i`` over its own
+    keys ``cu_k[i]:cu_k[i+1]`` of the gathered row (``key``/``value`` ``[1, Hkv, total, D]``);
+    returns ``[1, B, H, D]`` as transformers' attention functions do."""
+    starts = cu_k[:-1].long()
+    lengths = cu_k[1:].long() - starts
+    b, longest = lengths.numel(), int(lengths.max())
+    pos = torch.arange(longest, device=key.device)
+    rows = (starts[:, None] + pos[None, :]).clamp_max(key.shape[2] - 1).reshape(-1)
+    heads_kv, dim = key.shape[1], key.shape[3]
+    # the cache hands keys back as a view of [total, Hkv, D] rows: gather whole rows
+    k = key[0].transpose(0, 1).index_select(0, rows).view(b, longest, heads_kv, dim).transpose(1, 2)
+    v = value[0].transpose(0, 1).index_select(0, rows).view(b, longest, heads_kv, dim).transpose(1, 2)
+    q = query[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    mask = (pos[None, :] < lengths[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != heads_kv
+    )
+    return out.squeeze(2).unsqueeze(0)
 
 
 class PagedKV:

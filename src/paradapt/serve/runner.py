@@ -20,7 +20,7 @@ from ..checks import is_int
 from ..errors import ConfigError, ParadaptError
 from ..lifecycle import route
 from ..state import get_state
-from .hf_paged import KVState, PagedKV, sdpa_gqa
+from .hf_paged import KVState, PagedKV, lean_decode
 from .sampling import History, SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from .scheduler import ScheduledStep
 
@@ -142,7 +142,7 @@ class Runner:
         scored = self._scored_prompt_rows(step, batch)
         if scored:  # only requests that asked for prompt log-probabilities keep all their rows
             keep = torch.cat([keep, torch.tensor([p for _, _, p in scored], device=keep.device)])
-        with torch.no_grad(), self._routes(batch), sdpa_gqa(keep.device):
+        with torch.no_grad(), self._routes(batch), lean_decode(keep.device):
             logits = self.model(**kw, logits_to_keep=keep).logits[0]  # LM head on those rows only
         if scored:
             self._record_prompt_logprobs(scored, logits[len(samplers) :])
