@@ -1,0 +1,108 @@
+"""Where a decode step's attention time goes, and what the two CPU attention paths save (issue 17).
+
+The real decoder ``Engine`` in process (no HTTP), ``N`` requests running, every step a pure
+decode step (one token per request). The same engine alternates, every ``--steps`` steps, between
+three ways its packed forward runs attention, interleaved and repeated (``--rounds``):
+
+* ``plain``: transformers' SDPA function as it is: with a mask (a packed step always has one) it
+  repeats the KV heads per query head, and every request's query is scored against the whole
+  packed row of every request's keys (block-diagonal mask);
+* ``gqa``: ``serve.hf_paged.sdpa_gqa``: the same, reading grouped KV heads in place
+  (``enable_gqa``; bit-identical);
+* ``lean``: ``serve.hf_paged.lean_decode`` (what the engine runs): each request's keys in its
+  own padded row, one batched SDPA with grouped heads.
+
+Reported: the median step time per mode and its ratio to ``plain``; the context grows by one token
+per step, so the modes' rounds are interleaved. Models: the random Llama of
+``benchmarks/serve_load.py`` (hidden 512, 8 layers, 8 heads, no GQA: only ``lean`` can help) and
+SmolLM2-135M-Instruct (9 query / 3 KV heads).
+
+    python benchmarks/decode_attention.py                           # both models
+    python benchmarks/decode_attention.py --models random --requests 32 --prompt 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+
+import torch
+
+import paradapt.serve.runner as runner_mod
+from paradapt.serve import hf_paged
+from paradapt.serve.engine import Engine, EngineConfig
+from paradapt.serve.sampling import SamplingParams
+
+MODES = {
+    "plain": lambda device: contextlib.nullcontext(),
+    "gqa": hf_paged.sdpa_gqa,
+    "lean": hf_paged.lean_decode,
+}
+
+
+def load(name: str):
+    if name == "random":
+        from paradapt.twin.profile import build_model
+
+        return build_model()
+    from paradapt.loading import load_model
+
+    return load_model(name)[1]
+
+
+def run(name: str, args) -> dict[str, float]:
+    """Median decode-step milliseconds per mode on model ``name``."""
+    model = load(name)
+    vocab = model.config.vocab_size
+    tokens = args.requests * (args.prompt + args.steps * len(MODES) * (args.rounds + 1) + 8)
+    config = EngineConfig(
+        max_running=args.requests, token_budget=max(512, args.prompt), num_blocks=tokens // 16 + args.requests
+    )
+    engine = Engine(model, None, config)
+    g = torch.Generator().manual_seed(0)
+    new = args.steps * len(MODES) * (args.rounds + 1) + 4
+    for _ in range(args.requests):
+        prompt = torch.randint(3, vocab, (args.prompt,), generator=g).tolist()
+        engine.add_request(prompt, None, SamplingParams(max_new_tokens=new, ignore_eos=True))
+    while any(r.prefilled < r.prompt_len for r in engine.scheduler.running) or engine.num_waiting:
+        engine.step()
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for rnd in range(args.rounds + 1):  # round 0 warms every mode up
+        for mode, ctx in MODES.items():
+            runner_mod.lean_decode = ctx
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            if rnd:
+                times[mode].append((time.perf_counter() - t0) / args.steps * 1e3)
+    runner_mod.lean_decode = hf_paged.lean_decode
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="random,smollm2-135m-instruct")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per request (the context)")
+    ap.add_argument("--steps", type=int, default=4, help="decode steps per mode per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(
+        f"decode_attention: {args.requests} requests, prompts of {args.prompt} tokens, {args.steps} steps x "
+        f"{args.rounds} rounds per mode, interleaved; torch threads {args.threads}"
+    )
+    print(f"{'model':<24} {'mode':<6} {'step ms':>8} {'vs plain':>8}")
+    for name in args.models.split(","):
+        med = run(name, args)
+        for mode, ms in med.items():
+            print(f"{name:<24} {mode:<6} {ms:8.1f} {med['plain'] / ms:7.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
