@@ -149,9 +149,9 @@ def test_sdpa_gqa_reads_grouped_heads_bit_exactly_and_restores_the_switch(monkey
 
 
 def test_per_request_decode_attention_equals_the_block_diagonal_packed_row():
-    """``lean_decode``'s path: B one-token queries, each over its own keys of the gathered row,
-    equal transformers' masked attention over the whole row (grouped heads: 4 over 2)."""
-    from paradapt.serve.hf_paged import _per_request
+    """``lean_decode``'s path: B one-token queries, each over its own keys laid out in a padded
+    row, equal transformers' masked attention over the whole packed row (grouped heads: 4 over 2)."""
+    from paradapt.serve.hf_paged import _attend_rows, _padded_rows
 
     g = torch.Generator().manual_seed(0)
     lengths = [3, 7, 1, 5]
@@ -165,5 +165,8 @@ def test_per_request_decode_attention_equals_the_block_diagonal_packed_row():
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask[None, None], scale=0.3
     )
-    got = _per_request(q, k, v, cu, 0.3)
+    rows, valid = _padded_rows(cu)
+    assert rows.shape == (4, 7) and valid.sum(1).tolist() == lengths
+    pad = [t[0].transpose(0, 1)[rows.reshape(-1)].view(4, 7, 2, 8).transpose(1, 2) for t in (k, v)]
+    got = _attend_rows(q, pad[0], pad[1], valid, 0.3)
     torch.testing.assert_close(got, want.transpose(1, 2))

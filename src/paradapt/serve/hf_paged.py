@@ -89,9 +89,10 @@ def lean_decode(device: torch.device) -> Iterator[None]:
     transformers' SDPA path for the paged cache gathers every request's keys into one row and
     masks it block-diagonally, so each of B decode queries is scored against all B requests'
     keys (B times the work; at 32 requests of 80 tokens, most of a step's attention time). In
-    a step where every request brings exactly one token (pure decode), :func:`_per_request`
-    lays each request's keys out in its own row (padded to the longest) and runs one batched
-    SDPA with grouped heads. Any other step (prompt chunks, sliding-window layers, a block
+    a step where every request brings exactly one token (pure decode), the step's keys are
+    written to their pages and each request's keys read back straight into its own row, padded
+    to the longest (:func:`_write_and_gather`: one gather, where transformers gathers the packed
+    row), then one batched SDPA with grouped heads attends (:func:`_attend_rows`). Any other step (prompt chunks, sliding-window layers, a block
     table, dropout) goes to transformers' own function unchanged. Installed in transformers'
     attention registry only for the duration of our forward, so other models are untouched.
     """
@@ -119,8 +120,8 @@ def _decode_attention(original):
             return original(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, cache=cache, **kwargs
             )
-        key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
-        return _per_request(query, key, value, kwargs["cu_seq_lens_k"], scaling), None
+        k, v, valid = _write_and_gather(cache, module.layer_idx, key, value, kwargs)
+        return _attend_rows(query, k, v, valid, scaling), None
 
     return attention
 
@@ -137,25 +138,44 @@ def _decode_only(module, query: torch.Tensor, cache, dropout: float, kwargs: dic
     return cache.layer_to_allocator[module.layer_idx].layer_type == "full_attention"
 
 
-def _per_request(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_k: torch.Tensor, scaling: float | None
-) -> torch.Tensor:
-    """Attention of B single-token queries (``query`` ``[1, H, B, D]``), request ``i`` over its own
-    keys ``cu_k[i]:cu_k[i+1]`` of the gathered row (``key``/``value`` ``[1, Hkv, total, D]``);
-    returns ``[1, B, H, D]`` as transformers' attention functions do."""
+def _padded_rows(cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [B, L], valid [B, L])``: request ``i``'s positions ``cu_k[i]:cu_k[i+1]`` of the
+    packed key order, padded to the longest request (padding repeats a real position, masked)."""
     starts = cu_k[:-1].long()
     lengths = cu_k[1:].long() - starts
-    b, longest = lengths.numel(), int(lengths.max())
-    pos = torch.arange(longest, device=key.device)
-    rows = (starts[:, None] + pos[None, :]).clamp_max(key.shape[2] - 1).reshape(-1)
-    heads_kv, dim = key.shape[1], key.shape[3]
-    # the cache hands keys back as a view of [total, Hkv, D] rows: gather whole rows
-    k = key[0].transpose(0, 1).index_select(0, rows).view(b, longest, heads_kv, dim).transpose(1, 2)
-    v = value[0].transpose(0, 1).index_select(0, rows).view(b, longest, heads_kv, dim).transpose(1, 2)
+    pos = torch.arange(int(lengths.max()), device=cu_k.device)
+    rows = (starts[:, None] + pos[None, :]).clamp_max(int(cu_k[-1]) - 1)
+    return rows, pos[None, :] < lengths[:, None]
+
+
+def _write_and_gather(cache, layer: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict):
+    """What ``cache.update`` does for a full-attention layer (write the step's keys and values
+    into their pages, non-finite values as 0 like every other write here), but reading each
+    request's keys straight into its own padded row: one gather instead of two.
+    ``key``/``value`` ``[1, Hkv, B, D]``; returns ``k, v [B, Hkv, L, D]`` and ``valid [B, L]``."""
+    allocator = cache.layer_to_allocator[layer]
+    k_cache, v_cache = allocator._kv_token_views[layer]
+    write = kwargs["write_index"][allocator.index]
+    for store, new in ((k_cache, key), (v_cache, value)):
+        new = torch.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)
+        store.index_copy_(0, write, new.squeeze(0).transpose(0, 1))
+    rows, valid = _padded_rows(kwargs["cu_seq_lens_k"][allocator.layer_type])
+    where = kwargs["read_index"][allocator.index].index_select(0, rows.reshape(-1))
+    b, length = rows.shape
+    heads_kv, dim = k_cache.shape[1], k_cache.shape[2]
+    k = k_cache.index_select(0, where).view(b, length, heads_kv, dim).transpose(1, 2)
+    v = v_cache.index_select(0, where).view(b, length, heads_kv, dim).transpose(1, 2)
+    return k, v, valid
+
+
+def _attend_rows(
+    query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """B single-token queries (``query`` ``[1, H, B, D]``), each over its own padded row of keys
+    (``k``/``v`` ``[B, Hkv, L, D]``, ``valid [B, L]``); ``[1, B, H, D]`` as transformers returns."""
     q = query[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    mask = (pos[None, :] < lengths[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != heads_kv
+        q, k, v, attn_mask=valid[:, None, None, :], scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out.squeeze(2).unsqueeze(0)
 
