@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from paradapt.serve.malloc import keep_freed_memory
+
+    keep_freed_memory()  # the heap as `paradapt serve` runs it (serve/malloc.py)
     print(
         f"decode_attention: {args.requests} requests, prompts of {args.prompt} tokens, {args.steps} steps x "
         f"{args.rounds} rounds per mode, interleaved; torch threads {args.threads}"
