@@ -26,6 +26,7 @@ HTTP_LAYER = (
     "paradapt.serve.completions",
     "paradapt.serve.extras",
     "paradapt.serve.security",
+    "paradapt.cluster.ray_serve",  # the cluster's HTTP entry (Ray Serve ingress relaying to the apps)
 )
 HTTP_PACKAGES = ("fastapi", "uvicorn", "starlette")
 CLI = "paradapt.cli"

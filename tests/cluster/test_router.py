@@ -299,11 +299,15 @@ def test_bad_knobs_are_config_errors_naming_the_field():
         AdapterRouter(hot_window=0)
 
 
-def test_the_cluster_package_imports_no_ray():
+def test_only_ray_serve_imports_ray():
+    """The router and its state stay pure Python (the twin runs them); ``ray_serve`` alone, which
+    nothing in the package imports (the CLI does, lazily), may import Ray."""
     root = Path(cluster_pkg.__file__).parent
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names.append(node.module)
-            assert not any(n == "ray" or n.startswith("ray.") for n in names), path
+            if path.name != "ray_serve.py":
+                assert not any(n == "ray" or n.startswith("ray.") for n in names), path
+                assert not any("ray_serve" in n for n in names), path

@@ -92,7 +92,32 @@ def add_parser(sub) -> None:
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
     _add_security_flags(serve)
+    _add_cluster_flags(serve)
     serve.set_defaults(func=run)
+
+
+def _add_cluster_flags(serve) -> None:
+    """``--replicas`` and its companions: Ray Serve replicas behind one port (docs/cluster.md)."""
+    serve.add_argument(
+        "--replicas",
+        type=positive_int,
+        metavar="N",
+        help="run N engines as Ray Serve replicas behind this one endpoint, routed by adapter "
+        "(needs the cluster extra: pip install 'paradapt[cluster]'; docs/cluster.md)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --replicas: join this Ray cluster (every node must read --adapter-root and the model "
+        "at the same paths) instead of starting a local Ray instance",
+    )
+    serve.add_argument(
+        "--threads-per-replica",
+        type=positive_int,
+        metavar="T",
+        help="with --replicas: torch threads (and Ray CPUs) per replica (default: the usable cores minus "
+        "one, shared among the replicas, at least 1)",
+    )
 
 
 def _add_security_flags(serve) -> None:
@@ -347,6 +372,10 @@ def quantize_base(model, precision: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``paradapt serve``: 0 after SIGTERM (running requests drained), 130 after SIGINT."""
+    if getattr(args, "replicas", None):
+        return run_cluster(args)
+    if getattr(args, "ray_address", None) or getattr(args, "threads_per_replica", None):
+        raise CLIError("--ray-address and --threads-per-replica need --replicas N")
     import uvicorn
 
     app, info = build_server_app(args)
@@ -387,4 +416,88 @@ def run(args: argparse.Namespace) -> int:
         print("paradapt serve: interrupted; running requests drained", file=sys.stderr)
         return 130
     print("paradapt serve: stopped; running requests drained", file=sys.stderr)
+    return 0
+
+
+# -- paradapt serve --replicas N (Ray Serve; docs/cluster.md) -----------------------------------------
+
+
+def replica_app(args: argparse.Namespace):
+    """What each Ray replica runs to build its app: the single-process server's own app and logs.
+
+    Module-level, so Ray pickles it by reference and the replica imports it (every node needs
+    paradapt installed)."""
+    _configure_logs(args)
+    return build_server_app(args)
+
+
+def _replica_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
+    """The flags each replica builds its app from (its own torch threads), and those threads."""
+    threads = args.threads_per_replica or args.threads or max(1, default_threads() // args.replicas)
+    if args.request_log:
+        raise CLIError("--request-log is not supported with --replicas yet (one log per replica: not built)")
+    one = argparse.Namespace(**vars(args))
+    one.threads = threads
+    return one, threads
+
+
+def _note(got: list[int], stop: threading.Event):
+    """A signal handler that records the signal and wakes the waiting main thread."""
+
+    def handler(sig, frame) -> None:
+        got.append(sig)
+        stop.set()
+
+    return handler
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """``paradapt serve --replicas N``: start (or join) Ray, run N replicas behind one port, wait
+    for SIGTERM/SIGINT, then stop Serve and Ray (0 after SIGTERM, 130 after SIGINT)."""
+    import functools
+
+    try:  # the cluster extra; only this path imports ray
+        from ..cluster.ray_serve import ClusterOptions, RayCluster
+    except ImportError as e:
+        raise CLIError(f"--replicas needs Ray Serve: pip install 'paradapt[cluster]' ({e})") from None
+    model_dir, root, name = _serve_sources(args)  # named models convert here once, not in every replica
+    one, threads = _replica_args(args)
+    if args.ray_address is None:
+        check_port(args.host, args.port)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from an offline server
+    options = ClusterOptions(
+        replicas=args.replicas,
+        host=args.host,
+        port=args.port,
+        address=args.ray_address,
+        cpus_per_replica=float(threads),
+        drain_s=args.shutdown_timeout,
+    )
+    cluster = RayCluster(functools.partial(replica_app, one), options)
+    got: list[int] = []
+    stop = threading.Event()
+    try:
+        cluster.start()  # ray.init replaces the SIGTERM handler: ours go in after it
+        previous = {s: signal.signal(s, _note(got, stop)) for s in (signal.SIGTERM, signal.SIGINT)}
+        print(
+            f"paradapt serve: {name} ({model_dir}); {_adapter_count(root)} adapters under {root or '(none)'}; "
+            f"{args.replicas} Ray Serve replicas x {threads} torch threads "
+            f"({'joined ' + args.ray_address if args.ray_address else 'local Ray, dashboard off'}); "
+            f"http://{args.host}:{args.port}",
+            flush=True,
+        )
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+    except Exception as e:  # a replica that cannot build its app fails the deployment
+        raise CLIError(f"--replicas: the cluster did not start ({one_line(e)})") from None
+    finally:
+        cluster.stop()
+    if signal.SIGINT in got:
+        print("paradapt serve: interrupted; replicas stopped", file=sys.stderr)
+        return 130
+    print("paradapt serve: stopped; replicas drained", file=sys.stderr)
     return 0

@@ -1,0 +1,160 @@
+"""``paradapt serve --replicas 2`` on Ray Serve, end to end: the real CLI as a child process (a
+local Ray instance, two replicas of the stories260K model, three LoRA adapters), checked against
+the single-process server built in-process from the same flags.
+
+One cluster for the module (starting Ray and two replicas on 2 cores takes 30-40 s); the test
+that stops it with SIGTERM runs last and checks that no Ray process is left.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+pytest.importorskip("ray", reason="needs the cluster extra: pip install 'paradapt[cluster]'")
+
+import httpx  # noqa: E402
+from conftest import CHAT_TEMPLATE, asset_path, require_asset  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import paradapt as pa  # noqa: E402
+from paradapt import cli  # noqa: E402
+from paradapt.cli import serve as serve_cli  # noqa: E402
+from paradapt.cluster.ray_serve import REPLICA_HEADER  # noqa: E402
+from paradapt.serve.process import ServerProcess  # noqa: E402
+
+STORIES = asset_path("models", "stories260k-hf")
+ADAPTERS = ("a1", "a2", "a3")
+ENGINE_FLAGS = ["--max-slots", "2", "--max-served", "3", "--no-access-log"]
+RAY_PROCESSES = ("raylet", "gcs_server", "ray::")
+
+
+def _ray_pids() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return {int(ln.split()[0]) for ln in out.splitlines() if any(p in ln for p in RAY_PROCESSES)}
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory) -> list[str]:
+    """The serve flags both servers share: the model, a root of three LoRAs, a chat template."""
+    require_asset(STORIES)
+    root = tmp_path_factory.mktemp("adapters")
+    model = AutoModelForCausalLM.from_pretrained(STORIES)
+    for name in ADAPTERS:
+        pa.add_adapter(model, name, pa.LoRAConfig(r=4, init="random"))
+        pa.save_adapter(model, name, root / name)
+    template = root.parent / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    return [
+        "--model",
+        str(STORIES),
+        "--adapter-root",
+        str(root),
+        "--chat-template",
+        str(template),
+        *ENGINE_FLAGS,
+    ]
+
+
+@pytest.fixture(scope="module")
+def booting(flags):
+    """``paradapt serve --replicas 2`` in a child process, started first: it boots while the
+    reference server loads; SIGTERM at module end."""
+    before = _ray_pids()
+    server = ServerProcess([*flags, "--replicas", "2", "--threads-per-replica", "1"])
+    server.ray_before = before  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def single(flags, booting):
+    """The single-process server on the same flags (the reference), built while the cluster boots."""
+    args = cli.build_parser().parse_args(["serve", *flags, "--threads", "1"])
+    app, _ = serve_cli.build_server_app(args)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cluster(booting, single):
+    """The cluster, once its one endpoint answers /health."""
+    booting.wait_healthy(timeout=180)
+    return booting
+
+
+def _post(target, path: str, body: dict):
+    if isinstance(target, ServerProcess):
+        return httpx.post(f"{target.url}{path}", json=body, timeout=60)
+    return target.post(path, json=body)
+
+
+def _stream_text(url: str, path: str, body: dict) -> tuple[str, str]:
+    """The text of an SSE completion (chat deltas or completion text) and the replica header."""
+    text = []
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        replica = r.headers[REPLICA_HEADER]
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+    return "".join(text), replica
+
+
+REQUESTS = [
+    (model, prompt)
+    for prompt in ("Once upon a time", "The little dog")
+    for model in (*ADAPTERS, "stories260k-hf")
+]
+
+
+def test_greedy_outputs_equal_the_single_process_server(cluster, single):
+    for model, prompt in REQUESTS:
+        body = {"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0}
+        want = _post(single, "/v1/completions", body).json()["choices"][0]["text"]
+        got = _post(cluster, "/v1/completions", body)
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["text"] == want, (model, prompt)
+        assert _stream_text(cluster.url, "/v1/completions", body)[0] == want, (model, prompt)
+    chat = {"model": "a2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
+    want = _post(single, "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
+    assert _post(cluster, "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"] == want
+    assert _stream_text(cluster.url, "/v1/chat/completions", chat)[0] == want
+
+
+def test_adapters_stick_to_one_replica_and_both_replicas_serve(cluster):
+    where: dict[str, set[str]] = {}
+    for _ in range(3):
+        for model in ADAPTERS:
+            r = _post(cluster, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            where.setdefault(model, set()).add(r.headers[REPLICA_HEADER])
+    assert all(len(replicas) == 1 for replicas in where.values()), where  # sticky
+    assert set().union(*where.values()) == {"replica-0", "replica-1"}, where  # spread over both
+
+
+def test_models_health_and_errors_in_openai_shape(cluster, single):
+    models = httpx.get(f"{cluster.url}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == [m["id"] for m in single.get("/v1/models").json()["data"]]
+    assert httpx.get(f"{cluster.url}/health", timeout=30).json() == {"status": "ok"}
+    r = _post(cluster, "/v1/completions", {"model": "no-such-adapter", "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 404
+    assert r.json()["error"]["type"] == "not_found_error" and r.json()["error"]["param"] == "model"
+    r = _post(cluster, "/v1/completions", {"model": "a1", "prompt": "Hi", "max_tokens": "many"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_sigterm_stops_ray_and_leaves_no_process(cluster):
+    """Last in the module: stop the server as the fixture will, and look for Ray processes."""
+    start = time.monotonic()
+    assert cluster.stop(timeout=90) == 0
+    assert time.monotonic() - start < 60
+    time.sleep(2)
+    left = _ray_pids() - cluster.ray_before
+    assert not left, f"Ray processes left after SIGTERM: {sorted(left)}"
