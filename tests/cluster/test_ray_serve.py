@@ -12,20 +12,17 @@ import json
 import subprocess
 import time
 
+import httpx
 import pytest
+from conftest import CHAT_TEMPLATE, asset_path, require_asset
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
 
-pytest.importorskip("ray", reason="needs the cluster extra: pip install 'paradapt[cluster]'")
-
-import httpx  # noqa: E402
-from conftest import CHAT_TEMPLATE, asset_path, require_asset  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-import paradapt as pa  # noqa: E402
-from paradapt import cli  # noqa: E402
-from paradapt.cli import serve as serve_cli  # noqa: E402
-from paradapt.cluster.ray_serve import REPLICA_HEADER  # noqa: E402
-from paradapt.serve.process import ServerProcess  # noqa: E402
+import paradapt as pa
+from paradapt import cli
+from paradapt.cli import serve as serve_cli
+from paradapt.cluster.ray_serve import REPLICA_HEADER  # imports ray: the test extra has the cluster extra
+from paradapt.serve.process import ServerProcess
 
 STORIES = asset_path("models", "stories260k-hf")
 ADAPTERS = ("a1", "a2", "a3")
