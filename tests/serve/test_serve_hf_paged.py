@@ -170,3 +170,23 @@ def test_per_request_decode_attention_equals_the_block_diagonal_packed_row():
     pad = [t[0].transpose(0, 1)[rows.reshape(-1)].view(4, 7, 2, 8).transpose(1, 2) for t in (k, v)]
     got = _attend_rows(q, pad[0], pad[1], valid, 0.3)
     torch.testing.assert_close(got, want.transpose(1, 2))
+
+
+def test_one_token_prompts_alone_in_a_step_take_the_write_only_path():
+    """A step whose every request brings its first and only prompt token has one query per
+    request but nothing to read back (an empty prompt's BOS, found by the fuzz test): it must
+    not take ``lean_decode``'s per-request path, and greedy output equals ``generate``."""
+    from paradapt.serve.engine import Engine, EngineConfig
+    from paradapt.serve.sampling import SamplingParams
+
+    model = tiny_model("llama")
+    engine = Engine(tiny_model("llama"), None, EngineConfig(page_size=4, num_blocks=40, max_running=4))
+    handles = [engine.add_request([t], None, SamplingParams(max_new_tokens=4, ignore_eos=True)) for t in (5, 9)]
+    engine.run()
+    def greedy(ids: list[int]) -> list[int]:  # full forward per token, EOS not special
+        for _ in range(4):
+            with torch.no_grad():
+                ids = [*ids, int(model(torch.tensor([ids])).logits[0, -1].argmax())]
+        return ids[1:]
+
+    assert [h.tokens for h in handles] == [greedy([t]) for t in (5, 9)]

@@ -135,7 +135,13 @@ def _decode_only(module, query: torch.Tensor, cache, dropout: float, kwargs: dic
         return False
     if any(kwargs.get(k) is not None for k in ("block_table", "position_bias", "softcap", "sinks", "s_aux")):
         return False
-    return cache.layer_to_allocator[module.layer_idx].layer_type == "full_attention"
+    allocator = cache.layer_to_allocator[module.layer_idx]
+    if allocator.layer_type != "full_attention":
+        return False
+    # a step with nothing to read back (every request's first token, e.g. an empty prompt's) has no
+    # read index: transformers' write-only path serves it
+    read = kwargs["read_index"][allocator.index]
+    return read.numel() > 0 and read.numel() == int(kwargs["cu_seq_lens_k"][allocator.layer_type][-1])
 
 
 def _padded_rows(cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
