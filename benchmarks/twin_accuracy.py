@@ -97,10 +97,9 @@ def scaled_memory(model, root: Path) -> int:
     """``device_memory`` of the memory-bound rows on a model other than the default: room for
     2,560 KV tokens and 16 of the largest adapter files under ``root``, which is what their
     96 MiB holds on the default model (SmolLM2's adapters are 7x larger, its KV per token 1.4x)."""
-    from paradapt.serve.engine import kv_bytes_per_token
+    from paradapt.serve.engine import AdapterStore, kv_bytes_per_token
 
-    largest = max(f.stat().st_size for f in root.glob("*/adapter.safetensors"))
-    return 2560 * kv_bytes_per_token(model) + 16 * largest
+    return 2560 * kv_bytes_per_token(model) + 16 * AdapterStore(model, root).largest()
 
 
 class Clock:

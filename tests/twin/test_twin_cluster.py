@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from test_twin import COST  # the twin tests' cost model (these workloads use its LoRA terms only)
 
 from paradapt.cluster import AdapterRouter, MultiplexRouter, RandomRouter, replica_state
 from paradapt.errors import ConfigError
 from paradapt.serve.workload import WorkloadSpec
-from paradapt.twin import CostModel, SimEngine, simulate
+from paradapt.twin import SimEngine, simulate
 from paradapt.twin.cluster import simulate_cluster
 from paradapt.twin.sim import engine_config
 
-COST = CostModel.from_coefficients(
-    {
-        "step": 0.004,
-        "tokens": 2e-4,
-        "seqs": 3e-4,
-        "samplers": 1e-4,
-        "attention": 1e-6,
-        "device_loads": 5e-4,
-        "adapters_lora": 1e-3,
-        "rank_tokens_lora": 1e-6,
-    },
-    moves={"load_host": (0.02, 0.0), "load_device": (0.005, 0.0), "evict_device": (0.001, 0.0)},
-)
 KNOBS = dict(page_size=4, num_blocks=40, token_budget=16, max_running=5, starvation_after=0.05, prefetch=2)
 # Small and skewed: 12 adapters, the first few hot; each replica holds 3 on host and 2 on device.
 SPEC = WorkloadSpec(

@@ -46,11 +46,14 @@ def _finite_writes(update):
     """
 
     def finite_update(key_states, value_states, *args, **kwargs):
-        key_states = torch.nan_to_num(key_states, nan=0.0, posinf=0.0, neginf=0.0)
-        value_states = torch.nan_to_num(value_states, nan=0.0, posinf=0.0, neginf=0.0)
-        return update(key_states, value_states, *args, **kwargs)
+        return update(_finite(key_states), _finite(value_states), *args, **kwargs)
 
     return finite_update
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN and infinities written as 0 (what every cache write here stores)."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
@@ -113,14 +116,18 @@ def lean_decode(device: torch.device) -> Iterator[None]:
 
 
 def _decode_attention(original):
-    """transformers' SDPA attention function, with the per-request path for decode-only steps."""
+    """transformers' SDPA attention function, with the per-request path for decode-only steps.
+
+    Every layer of a step reads its keys in the same layout, so the padded read positions are
+    built once per step and cache allocator (``layouts``), not once per layer."""
+    layouts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cache=None, **kwargs):
         if not _decode_only(module, query, cache, dropout, kwargs):
             return original(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, cache=cache, **kwargs
             )
-        k, v, valid = _write_and_gather(cache, module.layer_idx, key, value, kwargs)
+        k, v, valid = _write_and_gather(cache, module.layer_idx, key, value, kwargs, layouts)
         return _attend_rows(query, k, v, valid, scaling), None
 
     return attention
@@ -154,7 +161,7 @@ def _padded_rows(cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, pos[None, :] < lengths[:, None]
 
 
-def _write_and_gather(cache, layer: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict):
+def _write_and_gather(cache, layer: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict, layouts: dict):
     """What ``cache.update`` does for a full-attention layer (write the step's keys and values
     into their pages, non-finite values as 0 like every other write here), but reading each
     request's keys straight into its own padded row: one gather instead of two.
@@ -163,15 +170,26 @@ def _write_and_gather(cache, layer: int, key: torch.Tensor, value: torch.Tensor,
     k_cache, v_cache = allocator._kv_token_views[layer]
     write = kwargs["write_index"][allocator.index]
     for store, new in ((k_cache, key), (v_cache, value)):
-        new = torch.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)
-        store.index_copy_(0, write, new.squeeze(0).transpose(0, 1))
-    rows, valid = _padded_rows(kwargs["cu_seq_lens_k"][allocator.layer_type])
-    where = kwargs["read_index"][allocator.index].index_select(0, rows.reshape(-1))
-    b, length = rows.shape
+        store.index_copy_(0, write, _finite(new).squeeze(0).transpose(0, 1))
+    where, valid = _read_layout(allocator, kwargs, layouts)
+    b, length = valid.shape
     heads_kv, dim = k_cache.shape[1], k_cache.shape[2]
     k = k_cache.index_select(0, where).view(b, length, heads_kv, dim).transpose(1, 2)
     v = v_cache.index_select(0, where).view(b, length, heads_kv, dim).transpose(1, 2)
     return k, v, valid
+
+
+def _read_layout(allocator, kwargs: dict, layouts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cache rows [B * L], valid [B, L])`` of this step's padded key layout for ``allocator``'s
+    layers, built at its first layer. The entry keeps the step's ``cu_seq_lens_k`` tensor and is
+    reused only for that very tensor, so a layout never outlives its step."""
+    cu_k = kwargs["cu_seq_lens_k"][allocator.layer_type]
+    known = layouts.get(allocator.index)
+    if known is None or known[0] is not cu_k:
+        rows, valid = _padded_rows(cu_k)
+        where = kwargs["read_index"][allocator.index].index_select(0, rows.reshape(-1))
+        known = layouts[allocator.index] = (cu_k, where, valid)
+    return known[1], known[2]
 
 
 def _attend_rows(
