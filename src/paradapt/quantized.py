@@ -175,7 +175,7 @@ def _unpack_int4(packed: torch.Tensor, k: int, n: int, group_size: int) -> torch
 
 
 # -- building one layer -----------------------------------------------------------------------
-def _check_layer(name: str, lin: nn.Linear, precision: str, group_size: int) -> None:
+def check_layer(name: str, lin: nn.Linear, precision: str, group_size: int) -> None:
     """Raise before anything is replaced if ``lin`` cannot take ``precision``."""
     if lin.weight.device.type != "cpu":
         raise QuantizationError(
@@ -196,10 +196,51 @@ def _check_layer(name: str, lin: nn.Linear, precision: str, group_size: int) -> 
 
 
 @torch.no_grad()
-def _quantize_layer(name: str, lin: nn.Linear, precision: str, group_size: int) -> QuantLinear:
+def int4_linear(
+    name: str,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    float_dtype: torch.dtype = torch.float32,
+) -> QuantLinear:
+    """An int4 :class:`QuantLinear` from its codes ``q`` (0..15, ``[N, K]``) and one scale and
+    zero per group of inputs (``[N, K / group_size]``): ``w = (q - 8) * scale + zero``.
+
+    Scale and zero are stored in bf16 (the kernel's format). Used by :func:`quantize` and by
+    loaders that already hold codes on a 4-bit grid (a GGUF file's Q4 blocks, a saved folder).
+    """
+    n, k = codes.shape
+    if scale.shape != zero.shape or scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1]:
+        raise QuantizationError(
+            f"layer {name}: codes {tuple(codes.shape)} do not fit scales {tuple(scale.shape)} "
+            f"and zeros {tuple(zero.shape)}"
+        )
+    g = k // scale.shape[1]
+    if g not in INT4_GROUP_SIZES or n % INT4_N_TILE:
+        raise QuantizationError(
+            f"layer {name}: int4 needs groups of {INT4_GROUP_SIZES} inputs and out_features divisible "
+            f"by {INT4_N_TILE} (got groups of {g}, out_features={n})"
+        )
+    q = QuantLinear(k, n, "int4", g, name, float_dtype)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    q.register_buffer("qweight", packed)
+    q.register_buffer("scales", torch.stack([scale.float().t(), zero.float().t()], -1).to(torch.bfloat16).contiguous())
+    return q
+
+
+@torch.no_grad()
+def quantize_layer(name: str, lin: nn.Linear, precision: str, group_size: int) -> QuantLinear:
     w = lin.weight.detach().float()
     n, k = w.shape
-    q = QuantLinear(k, n, precision, group_size, name, lin.weight.dtype)
+    if precision == "int4":
+        wg = w.reshape(n, k // group_size, group_size)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16).float()
+        zero = (lo + 8.0 * scale).to(torch.bfloat16).float()  # w = (q - 8) * scale + zero
+        codes = ((wg - zero[..., None]) / scale[..., None] + 8.0).round().clamp(0, 15).to(torch.int32)
+        q = int4_linear(name, codes.reshape(n, k), scale, zero, lin.weight.dtype)
+    else:
+        q = QuantLinear(k, n, precision, group_size, name, lin.weight.dtype)
     if precision == "bf16":
         q.register_buffer("qweight", w.to(torch.bfloat16))
     elif precision == "int8":
@@ -207,15 +248,6 @@ def _quantize_layer(name: str, lin: nn.Linear, precision: str, group_size: int) 
         codes = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
         q.register_buffer("qweight", codes)
         q.register_buffer("scales", scale)
-    else:
-        wg = w.reshape(n, k // group_size, group_size)
-        lo, hi = wg.amin(-1), wg.amax(-1)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16).float()
-        zero = (lo + 8.0 * scale).to(torch.bfloat16).float()  # w = (q - 8) * scale + zero
-        codes = ((wg - zero[..., None]) / scale[..., None] + 8.0).round().clamp(0, 15).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.reshape(n, k).contiguous(), 1)
-        q.register_buffer("qweight", packed)
-        q.register_buffer("scales", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
     q.train(lin.training)
@@ -268,7 +300,7 @@ def _check_state(model: nn.Module) -> None:
             )
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where module ``name`` is, moving any adapter site's hooks onto it."""
     from .state import get_state
 
@@ -315,14 +347,14 @@ def quantize(
     if not targets:
         raise QuantizationError(f"{type(model).__name__} has no nn.Linear layer to quantise")
     for name, lin in targets:
-        _check_layer(name, lin, precision, group_size or 0)
-    new = [(name, _quantize_layer(name, lin, precision, group_size or 0)) for name, lin in targets]
+        check_layer(name, lin, precision, group_size or 0)
+    new = [(name, quantize_layer(name, lin, precision, group_size or 0)) for name, lin in targets]
     for name, q in new:
-        _replace(model, name, q)
+        replace_module(model, name, q)
     info = {"precision": precision, "lm_head": include_lm_head}
     if precision == "int4":
         info["group_size"] = group_size
-    model.__dict__[ATTR] = info
+    record_quantization(model, info)
     return model
 
 
@@ -331,7 +363,7 @@ def dequantize(model: nn.Module) -> nn.Module:
     (in place; the quantisation error stays). Returns the model."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name, q in found:
-        _replace(model, name, _dequantize_layer(q))
+        replace_module(model, name, _dequantize_layer(q))
     model.__dict__.pop(ATTR, None)
     return model
 
@@ -341,6 +373,12 @@ def quantization(model: nn.Module) -> dict:
     "lm_head": False}``, or ``{"precision": "none"}``. Recorded in saved adapters' metadata."""
     info = model.__dict__.get(ATTR)
     return dict(info) if info else {"precision": "none"}
+
+
+def record_quantization(model: nn.Module, info: dict) -> None:
+    """Say what was quantised (what :func:`quantization` then returns): for loaders that build a
+    quantised model without :func:`quantize` (from a GGUF file or a saved folder)."""
+    model.__dict__[ATTR] = dict(info)
 
 
 def is_quantized(module: nn.Module) -> bool:

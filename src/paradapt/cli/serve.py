@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ParadaptError, one_line
+from ..errors import QuantizationError, one_line
 from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
-from ..quantized import describe, quantization, quantize
+from ..quantized import describe, quantization
 from ..serve.core import EngineConfig
 from .common import CLIError, positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
@@ -86,7 +86,8 @@ def add_parser(sub) -> None:
         choices=["none", "bf16", "int8", "int4"],
         default="none",
         help="the base model's linear layers in this precision (CPU kernels, bf16 compute; "
-        "int4: groups of 32; the LM head stays float; default: none, float32)",
+        "int4: groups of 32, and smollm2-135m-instruct's comes straight from its GGUF's 4-bit "
+        "blocks; the LM head stays float; default: none, float32)",
     )
     serve.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
@@ -279,8 +280,7 @@ def build_server_app(args: argparse.Namespace):
 
     heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
     model_dir, root, name = _serve_sources(args)
-    tok, model = load_model(args.model or DEFAULT_MODEL)  # by name, so a damaged cache is rebuilt
-    quantize_base(model, getattr(args, "quantize", "none"))
+    tok, model = load_base(args.model or DEFAULT_MODEL, getattr(args, "quantize", "none"))
     config = engine_config(args)
     if model.can_generate():
         engine = Engine(model, root, config, tokenizer=tok)
@@ -359,14 +359,13 @@ def draining_server(config, loop, drain: float):
     return DrainingServer(config, loop, drain)
 
 
-def quantize_base(model, precision: str) -> None:
-    """``--quantize``: the base's linears in ``precision`` before the engine starts (a model
-    that cannot take it stops the server with the layer's name)."""
-    if precision == "none":
-        return
+def load_base(model: str, precision: str):
+    """Tokenizer and base model, by name (so a damaged cache is rebuilt), with ``--quantize``'s
+    precision: a named GGUF model's int4 comes from its own 4-bit blocks, anything else is
+    quantised after loading; a model that cannot take it stops the server with the layer's name."""
     try:
-        quantize(model, precision)
-    except ParadaptError as e:
+        return load_model(model, quantize=precision)
+    except QuantizationError as e:
         raise CLIError(f"--quantize {precision}: {one_line(e)}") from None
 
 

@@ -87,7 +87,6 @@ def train(
         _prepare_fresh(out, overwrite, dist.is_main)  # every rank checks, so every rank fails alike
     dist.barrier()
     tok, model = _load_model(cfg, base_dir)
-    _quantize_base(model, cfg)
     tasks, adapter_cfgs = build_tasks(cfg, tok, base_dir)
     torch.manual_seed(cfg.train.seed)
     for i, (name, acfg) in enumerate(adapter_cfgs.items()):
@@ -160,31 +159,27 @@ def _prepare_fresh(out: Path, overwrite: bool, delete: bool) -> None:
 
 
 def _load_model(cfg: RunConfig, base_dir: Path | None):
+    """The base model, in ``quantize:``'s precision: the frozen base in int4/int8/bf16 before any
+    adapter is added (QLoRA-style: the adapters train in float32 beside it; their files record
+    the base's precision). A named GGUF model's int4 comes from its own 4-bit blocks."""
     from ..loading import default_model_dir, load_model
     from ..models import named_model
 
+    if cfg.quantize == "none" and cfg.quantize_group_size is not None:
+        raise ConfigError("quantize_group_size", "applies to quantize: int4 only")
     if cfg.model is None:
-        return load_model(default_model_dir())
-    if named_model(cfg.model) is not None:  # a named model (smollm2-135m-instruct) before a path
-        return load_model(cfg.model)
-    path = Path(os.path.expanduser(cfg.model))
-    if not path.is_absolute() and base_dir is not None and (base_dir / path).is_dir():
-        path = base_dir / path
-    return load_model(path)
-
-
-def _quantize_base(model, cfg: RunConfig) -> None:
-    """``quantize:``: the frozen base in int4/int8/bf16 before any adapter is added (QLoRA-style:
-    the adapters train in float32 beside it; their files record the base's precision)."""
-    if cfg.quantize == "none":
-        if cfg.quantize_group_size is not None:
-            raise ConfigError("quantize_group_size", "applies to quantize: int4 only")
-        return
-    from ..quantized import quantize
-
+        spec = default_model_dir()
+    elif named_model(cfg.model) is not None:  # a named model (smollm2-135m-instruct) before a path
+        spec = cfg.model
+    else:
+        spec = Path(os.path.expanduser(cfg.model))
+        if not spec.is_absolute() and base_dir is not None and (base_dir / spec).is_dir():
+            spec = base_dir / spec
     try:
-        quantize(model, cfg.quantize, cfg.quantize_group_size)
+        return load_model(spec, quantize=cfg.quantize, group_size=cfg.quantize_group_size)
     except ConfigError as e:
+        if e.field not in ("precision", "group_size"):
+            raise
         field = "quantize_group_size" if e.field == "group_size" else "quantize"
         raise ConfigError(field, e.message) from None
 
