@@ -346,6 +346,7 @@ def test_profile_measures_a_cost_model_on_the_real_engine(tmp_path):
     )
     assert cost.fit["steps"] > 10 and cost.fit["held_out"]["n"] > 0 and "mape" in cost.fit["train"]
     assert cost.fingerprint["model_config"] and cost.fingerprint["cores"] and cost.fingerprint["torch"]
+    assert cost.fingerprint["quantization"] == "none"
     assert sum(cost.step.values()) > 0 and all(v >= 0 for v in cost.step.values())
     assert cost.moves["load_host"][0] + cost.moves["load_host"][1] > 0
     assert cost.adapter_bytes("lora", 8) > cost.adapter_bytes("lora", 4) > 0
@@ -353,6 +354,19 @@ def test_profile_measures_a_cost_model_on_the_real_engine(tmp_path):
     back = CostModel.load(cost.save(tmp_path / "c.json"))
     assert back.to_dict() == cost.to_dict()
     assert pa_bare(model)
+
+
+def test_profile_runs_the_engine_on_an_int4_base_and_says_so(tmp_path):
+    import paradapt as pa
+    from paradapt.twin.profile import profile
+
+    model = pa.quantize(tiny_model("llama"), "int4")
+    cost = profile(
+        model, ranks=(4,), scenarios=2, copies=1, move_repeats=1, workload_rates=(20.0,),
+        workload_seconds=0.3, log=lambda s: None,
+    )
+    assert cost.fingerprint["quantization"] == "int4-g32" and cost.fit["steps"] > 5
+    assert sum(cost.step.values()) > 0
 
 
 def pa_bare(model) -> bool:

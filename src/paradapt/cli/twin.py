@@ -57,6 +57,12 @@ def add_parsers(sub) -> None:
         help=f"requests per step (default: {DEFAULTS.max_running})",
     )
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "bf16", "int8", "int4"],
+        default="none",
+        help="profile the base in this precision, as paradapt serve --quantize runs it (default: none)",
+    )
     p.add_argument("--layers", type=positive_int, default=8, help="default model's layers (default: 8)")
     p.add_argument("--hidden", type=positive_int, default=512, help="default model's width (default: 512)")
     p.add_argument("--seed", type=int, default=0)
@@ -110,11 +116,15 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.model:
         from ..loading import load_model
 
-        _, model = load_model(args.model)
+        _, model = load_model(args.model, quantize=args.quantize)
         if not hasattr(model, "init_continuous_batching"):
             raise ConfigError("model", f"{args.model} is not a decoder the serving engine can run")
     else:
         model = build_model(args.layers, args.hidden, args.seed)
+        if args.quantize != "none":
+            from ..quantized import quantize
+
+            quantize(model, args.quantize)
     kinds, ranks = profile_shapes(args)
     cost = profile(
         model,

@@ -29,6 +29,7 @@ import torch
 import paradapt as pa
 
 from ..errors import ConfigError
+from ..quantized import describe, quantization
 from ..serve.cache import Move
 from ..serve.core import StepTrace
 from ..serve.engine import Engine, EngineConfig, kv_bytes_per_token
@@ -403,6 +404,7 @@ def profile(
         )
         fit["seconds"] = round(time.perf_counter() - t_start, 1)
         fp = {**machine_fingerprint(), **model_fingerprint(model.config.to_dict())}
+        fp["quantization"] = describe(quantization(model))  # an int4 base steps at another speed
         return CostModel(
             step,
             fit_moves(samples),
