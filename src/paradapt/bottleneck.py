@@ -118,6 +118,9 @@ def init_bottleneck(m: Bottleneck, scheme: str = "default", base_weight: torch.T
     - ``gaussian`` (LoRA): normal(0, 1/r) down, zero up.
     - ``pissa`` (LoRA): down/up from the top-r singular triplets of the base weight;
       the caller subtracts them from the base (see ``sites.LinearSite``).
+    - ``loftq`` (LoRA): down/up from the top-r singular triplets of ``base_weight``, here the
+      base's quantisation error ``W - Q(W)`` (the caller's): the adapter starts as the best
+      rank-r correction of the quantised base.
     - ``random``: non-zero everywhere, for tests that must see an effect.
     """
     if scheme in ("default", "kaiming"):
@@ -129,9 +132,9 @@ def init_bottleneck(m: Bottleneck, scheme: str = "default", base_weight: torch.T
     elif scheme == "gaussian":
         nn.init.normal_(m.down.weight, std=1.0 / m.r)
         nn.init.zeros_(m.up.weight)
-    elif scheme == "pissa":
+    elif scheme in ("pissa", "loftq"):
         if base_weight is None:
-            raise ValueError("pissa init needs the base weight")
+            raise ValueError(f"{scheme} init needs the base weight")
         u, s, vh = torch.linalg.svd(base_weight.float(), full_matrices=False)
         root = s[: m.r].sqrt() / math.sqrt(float(m.scale))
         m.down.weight.copy_((root[:, None] * vh[: m.r]).to(m.down.weight.dtype))

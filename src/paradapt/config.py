@@ -265,7 +265,10 @@ class LoRAConfig(AdapterConfig):
     A bottleneck with identity activation and no biases, reading the linear's
     input. ``use_rslora`` scales by ``alpha / sqrt(r)`` (Kalajdzievski 2023).
     ``init``: "default" (Kaiming-uniform A, zero B), "gaussian", "pissa"
-    (principal singular vectors; Meng et al. 2024), "random" (non-zero B, tests).
+    (principal singular vectors; Meng et al. 2024), "loftq" (the rank-r SVD of the base
+    weight's int4 quantisation error, so the adapter starts by undoing it; LoftQ, Li et al.
+    2023, with the quantised base kept fixed: add it to a float base, then
+    ``pa.quantize(model, "int4")``), "random" (non-zero B, tests).
     """
 
     kind: ClassVar[str] = "lora"
@@ -280,7 +283,7 @@ class LoRAConfig(AdapterConfig):
         _check_rank(self.r)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise ConfigError("alpha", f"must be a positive number, got {self.alpha!r}")
-        _check_choice(self.init, ("default", "gaussian", "pissa", "random"), "init")
+        _check_choice(self.init, ("default", "gaussian", "pissa", "loftq", "random"), "init")
         _check_targets(self.targets)
         if isinstance(self.targets, dict):
             raise ConfigError("targets", "LoRA targets linears: give a name list, a regex or 'all-linear'")

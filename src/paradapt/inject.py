@@ -179,15 +179,7 @@ def build(
                     writes=p.writes,
                     initialise=init,
                 )
-                base_w = None
-                if config.init == "pissa":
-                    if is_quantized(state.modules[spec.entry]):
-                        raise ConfigError(
-                            "init",
-                            f"pissa needs the float weight of {spec.entry}, which is quantised "
-                            f"({state.modules[spec.entry].precision}); pa.dequantize(model) first",
-                        )
-                    base_w = archmap.weight_out_in(state.modules[spec.entry]).detach()
+                base_w = _init_weight(state, spec, config.init)
                 if init:
                     init_bottleneck(comp, config.init, base_weight=base_w)
             elif p.function == "scale_shift":
@@ -231,6 +223,39 @@ def build(
     for spec, comp in parts:
         adapter.add(spec.key, comp)
     return adapter, parts
+
+
+@torch.no_grad()
+def _init_weight(state: State, spec: SiteSpec, init: str) -> torch.Tensor | None:
+    """What a LoRA's SVD init factors: the base weight (PiSSA) or its int4 quantisation error
+    (LoftQ). Both need the float weight, so a site already quantised is refused."""
+    if init not in ("pissa", "loftq"):
+        return None
+    module = state.modules[spec.entry]
+    if is_quantized(module):
+        fix = "pa.dequantize(model) first" if init == "pissa" else "add it before pa.quantize(model, 'int4')"
+        raise ConfigError(
+            "init", f"{init} needs the float weight of {spec.entry}, which is quantised ({module.precision}); {fix}"
+        )
+    w = archmap.weight_out_in(module).detach()
+    if init == "pissa":
+        return w
+    return w.float() - quantization_error_reference(spec.entry, w)
+
+
+def quantization_error_reference(name: str, w: torch.Tensor) -> torch.Tensor:
+    """``Q(W)`` as ``pa.quantize(model, "int4")`` (groups of 32) will store it, in float32.
+
+    LoftQ here runs one alternation with the quantised base fixed (the original alternates
+    ``Q = quant(W - AB)``, ``AB = svd_r(W - Q)``, which gives every adapter its own base):
+    paradapt's adapters share one base, so the base must be plain ``quant(W)``.
+    """
+    from .quantized import check_layer, quantize_layer
+
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(w.float(), requires_grad=False)
+    check_layer(name, lin, "int4", 32)
+    return quantize_layer(name, lin, "int4", 32).dequantized_weight(torch.float32)
 
 
 @torch.no_grad()

@@ -266,3 +266,20 @@ def test_bad_quantize_settings_name_their_key(llama, lm_data, tmp_path, extra, f
     with pytest.raises(ConfigError) as e:
         train({**lm_config(llama, lm_data, tmp_path / "bad"), **extra}, progress=False)
     assert e.value.field == field
+
+
+def test_loftq_adapters_are_added_to_the_float_base_then_it_is_quantised(llama, lm_data, tmp_path):
+    """``init: loftq`` with ``quantize: int4``: the adapter starts from the float weights' int4
+    error (non-zero B), then trains on the int4 base like any other; without int4 it is refused."""
+    from paradapt.quantized import quantization
+
+    base = lm_config(llama, lm_data, tmp_path / "lq")
+    base["adapters"][0]["config"] = {**base["adapters"][0].get("config", {}), "init": "loftq"}
+    with pytest.raises(ConfigError) as e:
+        train(base, progress=False)
+    assert e.value.field == "quantize" and "int4" in e.value.message
+    seen = []
+    result = train({**base, "quantize": "int4"}, progress=False, callbacks=[lambda t: seen.append(quantization(t.model)["precision"])])
+    assert seen and set(seen) == {"int4"}
+    meta = json.loads((result.adapters["lm"] / "adapter_config.json").read_text())
+    assert meta["base_model"]["quantization"]["precision"] == "int4"

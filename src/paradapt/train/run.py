@@ -86,7 +86,8 @@ def train(
     if ckpt is None:
         _prepare_fresh(out, overwrite, dist.is_main)  # every rank checks, so every rank fails alike
     dist.barrier()
-    tok, model = _load_model(cfg, base_dir)
+    late = _quantize_after_adapters(cfg)
+    tok, model = _load_model(cfg, base_dir, quantize=not late)
     tasks, adapter_cfgs = build_tasks(cfg, tok, base_dir)
     torch.manual_seed(cfg.train.seed)
     for i, (name, acfg) in enumerate(adapter_cfgs.items()):
@@ -94,6 +95,10 @@ def train(
             _add_mixture(model, cfg, i, acfg, base_dir)
         else:
             lifecycle.add_adapter(model, name, acfg)
+    if late:
+        from ..quantized import quantize
+
+        quantize(model, "int4", 32)
     model.to(distributed.local_device())
     keeper = checkpoint.BestKeeper(out) if dist.is_main else None
     args = cfg.train_args()
@@ -158,7 +163,21 @@ def _prepare_fresh(out: Path, overwrite: bool, delete: bool) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def _load_model(cfg: RunConfig, base_dir: Path | None):
+def _quantize_after_adapters(cfg: RunConfig) -> bool:
+    """LoftQ adapters (``init: loftq``) factor the float weight's int4 error, so the base is
+    loaded in float32, they are added, and only then is it quantised (int4, groups of 32: the
+    quantisation they were initialised against)."""
+    inits = [getattr(cfg.adapter_config(i), "init", None) for i in range(len(cfg.adapters))]
+    if "loftq" not in inits:
+        return False
+    if cfg.quantize != "int4" or cfg.quantize_group_size not in (None, 32):
+        raise ConfigError(
+            "quantize", "init: loftq initialises adapters against an int4 base in groups of 32: set quantize: int4"
+        )
+    return True
+
+
+def _load_model(cfg: RunConfig, base_dir: Path | None, quantize: bool = True):
     """The base model, in ``quantize:``'s precision: the frozen base in int4/int8/bf16 before any
     adapter is added (QLoRA-style: the adapters train in float32 beside it; their files record
     the base's precision). A named GGUF model's int4 comes from its own 4-bit blocks."""
@@ -176,6 +195,8 @@ def _load_model(cfg: RunConfig, base_dir: Path | None):
         if not spec.is_absolute() and base_dir is not None and (base_dir / spec).is_dir():
             spec = base_dir / spec
     try:
+        if not quantize:
+            return load_model(spec)
         return load_model(spec, quantize=cfg.quantize, group_size=cfg.quantize_group_size)
     except ConfigError as e:
         if e.field not in ("precision", "group_size"):
