@@ -147,6 +147,23 @@ def test_models_health_and_errors_in_openai_shape(cluster, single):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+def test_metrics_cover_every_replica_and_the_router(cluster):
+    """One scrape: each engine's metrics labelled with its replica, and the router's counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{cluster.url}/metrics", timeout=30).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    up = {s.labels["replica"]: s.value for s in fams["paradapt_replica_up"].samples}
+    assert up == {"replica-0": 1.0, "replica-1": 1.0}
+    replicas = {s.labels.get("replica") for s in fams["paradapt_base_weights_info"].samples}
+    assert replicas == {"replica-0", "replica-1"}
+    routed = {s.labels["replica"]: s.value for s in fams["paradapt_router_routed"].samples if s.name.endswith("_total")}
+    assert routed["replica-0"] > 0 and routed["replica-1"] > 0  # the earlier tests' requests
+    requests = next(s.value for s in fams["paradapt_router_requests"].samples if s.name.endswith("_total"))
+    hits = next(s.value for s in fams["paradapt_router_hits"].samples if s.name.endswith("_total"))
+    assert requests >= sum(routed.values()) - 1 and 0 < hits <= requests
+
+
 def test_sigterm_stops_ray_and_leaves_no_process(cluster):
     """Last in the module: stop the server as the fixture will, and look for Ray processes."""
     start = time.monotonic()

@@ -61,6 +61,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..serve.protocol import error_event, error_response
+from .metrics import IngressCounts, cluster_metrics
 from .router import AdapterRouter, NoReplicaError, Router
 from .state import ReplicaState, replica_state
 
@@ -288,6 +289,8 @@ class Ingress:
         self.reports: dict[str, ReplicaReport] = {}
         self.unreachable: set[str] = set()  # replicas whose last report failed
         self.inflight: Counter[str] = Counter()  # requests this ingress has open on each replica
+        self.routed: Counter[str] = Counter()  # requests sent to each replica (for /metrics)
+        self.retries = 0
         self._polled = -1e9
         self._poll: asyncio.Task | None = None
 
@@ -296,6 +299,8 @@ class Ingress:
         await self._fresh_reports()
         if _broadcast(fwd):
             return await self._broadcast(fwd)
+        if fwd.method == "GET" and fwd.path == "/metrics":
+            return await self._metrics(fwd)
         adapter = self._adapter(_model_of(fwd))
         tried: set[str] = set()
         while True:
@@ -303,10 +308,12 @@ class Ingress:
                 name = self.router.choose(adapter, self._snapshots(tried))
             except NoReplicaError as e:
                 return error_response(503, f"{e}; retry later", "server_error")
+            self.routed[name] += 1
             try:
                 return await self._relay(name, fwd)
             except RayActorError as e:  # the replica died before answering: once elsewhere
                 log.warning("replica %s failed before answering (%s); retrying elsewhere", name, e)
+                self.retries += 1
                 tried.add(name)
                 self.unreachable.add(name)
                 if len(tried) > 1:
@@ -388,6 +395,29 @@ class Ingress:
         finally:
             self.inflight[name] -= 1
             gen.cancel()  # the client went away: the replica's handler takes its requests back
+
+    async def _metrics(self, fwd: Forwarded) -> Response:
+        """Every replica's ``/metrics``, labelled ``replica=...``, and the router's own counters
+        (:mod:`paradapt.cluster.metrics`); a replica that does not answer is listed as down."""
+        names = list(self.handles)
+        answers = await asyncio.gather(*(self._relay(n, fwd) for n in names), return_exceptions=True)
+        refused = next((a for a in answers if isinstance(a, Response) and a.status_code in (401, 403)), None)
+        if refused is not None:  # the replicas' own API-key check speaks for the cluster
+            return refused
+        texts = {}
+        for name, a in zip(names, answers, strict=True):
+            if isinstance(a, Response) and a.status_code == 200:
+                texts[name] = bytes(a.body).decode("utf-8", "replace")
+            else:
+                self.unreachable.add(name)
+        counts = IngressCounts(
+            routed=dict(self.routed),
+            inflight={n: self.inflight[n] for n in names},
+            up={n: n not in self.unreachable for n in names},
+            retries=self.retries,
+        )
+        body = cluster_metrics(texts, self.router.stats, counts)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _broadcast(self, fwd: Forwarded) -> Response:
         """Admin every replica must see: the first refusal (in replica order) if any, else the
