@@ -202,6 +202,16 @@ def test_engine_trace_records_each_steps_shape_and_moves(tmp_path):
     assert sorted(set(loaded)) == sorted(names[:5]) and all(t.seconds > 0 for t in engine.trace)
 
 
+def test_packed_attention_prices_only_steps_with_prompt_tokens():
+    """A decode-only step attends per request on the CPU (lean_decode): its attention is the sum
+    over requests (``attention``), not the packed row's tokens x context."""
+    decode = StepShape(0, 0, decodes=8, samplers=8, attention=800, context=808, adapter_tokens=((None, 8),))
+    mixed = StepShape(16, 1, decodes=8, samplers=9, attention=1200, context=824, adapter_tokens=((None, 24),))
+    assert featurize(decode, {}, ())["packed_attention"] == 0.0
+    assert featurize(mixed, {}, ())["packed_attention"] == 24 * 824
+    assert featurize(decode, {}, ())["attention"] == 800
+
+
 def test_cost_fit_recovers_known_coefficients():
     kinds = ("lora", "parallel", "series")
     rng = random.Random(0)

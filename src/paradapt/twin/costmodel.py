@@ -81,11 +81,13 @@ def featurize(
         "seqs": float(shape.seqs),
         "samplers": float(shape.samplers),
         "attention": float(shape.attention),
-        # the packed step reads back every sequence's KV (``context``) and its one [1, T] row
-        # attends over all of it under a block-diagonal mask: T x context products, not the sum
-        # over sequences that ``attention`` counts; that term dominates long-context decodes
+        # a step with prompt tokens reads back every sequence's KV (``context``) and its one
+        # [1, T] row attends over all of it under a block-diagonal mask: T x context products,
+        # not the sum over sequences that ``attention`` counts. A decode-only step does not:
+        # on the CPU it attends per request (serve/hf_paged.py's lean_decode), so its cost is
+        # ``attention``'s, and giving it T x context would price work it no longer does
         "context": float(shape.context),
-        "packed_attention": float(shape.tokens * shape.context),
+        "packed_attention": float(shape.tokens * shape.context) if shape.prefill_tokens else 0.0,
         "device_loads": float(shape.device_loads),
         "resident": float(shape.resident),
     }
