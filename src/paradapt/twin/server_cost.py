@@ -254,9 +254,8 @@ def profile_server(
         raise ConfigError(
             "tokenizer", "profile --server needs the served model's tokenizer (the server streams text)"
         )
-    saturating = 3 * max_running if saturating is None else saturating
     t0 = time.perf_counter()
-    vocab = model.config.vocab_size
+    saturating = 3 * max_running if saturating is None else saturating
     spec = phase_spec(model, kinds, ranks, seed)
     config = EngineConfig(
         token_budget=token_budget,
@@ -268,48 +267,66 @@ def profile_server(
     low_rate = low_rate or LOW_LOAD / (lone_request_seconds(cost, spec) + HTTP_GUESS)
     high_rate = high_rate or HIGH_LOAD * capacity(cost, spec, saturating, config)
     loads = [(WARMUP, low_rate), (requests, low_rate), (saturating, high_rate)]
+    vocab = model.config.vocab_size
+    workloads = [
+        with_prompts(
+            replace(spec, rate=r, duration=4 * n / r, max_requests=n).generate(), vocab, seed + 7 * i
+        )
+        for i, (n, r) in enumerate(loads)
+    ]
+    log(
+        f"profile --server: {requests} requests at {low_rate:.3g} req/s (mostly alone), "
+        f"{saturating} at {high_rate:.3g} req/s (saturating), over HTTP"
+    )
+    (_, low, high), times, starts = measure(model, tokenizer, serve, config, workloads, seed)
+    info = {a.name: (a.kind, a.rank) for a in workloads[0].adapters}
+    server = fit_server(cost, low, high, times, starts, info)
+    server.fit.update(
+        low_rate=round(low_rate, 4), high_rate=round(high_rate, 4), seconds=round(time.perf_counter() - t0, 1)
+    )
+    return server
+
+
+def measure(
+    model, tokenizer, serve: Serve, config: EngineConfig, workloads: Sequence[Workload], seed: int
+) -> tuple[list[Phase], EngineTimes, list[float]]:
+    """Run each workload in turn against one engine behind the app (its adapter folders in a
+    temporary folder); the phases, the engine's request times and its steps' starts, sorted."""
     work = Path(tempfile.mkdtemp(prefix="paradapt-profile-server-"))
     clear_adapters(model)
     try:
-        phases = [
-            with_prompts(
-                replace(spec, rate=r, duration=4 * n / r, max_requests=n).generate(), vocab, seed + 7 * i
-            )
-            for i, (n, r) in enumerate(loads)
-        ]
-        root = build_adapter_root(model, work / "adapters", phases[0].adapters, seed)
+        root = build_adapter_root(model, work / "adapters", workloads[0].adapters, seed)
         clear_adapters(model)
-        engine = Engine(
-            model, root, config, tokenizer=tokenizer, clock=time.perf_counter
-        )  # the trace's clock
+        # the trace's clock, so a handle's first token falls among the traced steps
+        engine = Engine(model, root, config, tokenizer=tokenizer, clock=time.perf_counter)
         engine.enable_trace()
         times = EngineTimes()
-        log(
-            f"profile --server: {requests} requests at {low_rate:.3g} req/s (mostly alone), "
-            f"{saturating} at {high_rate:.3g} req/s (saturating), over HTTP"
-        )
         with serve(engine, times) as url:
-            runs = [run_phase(engine, url, w, vocab, seed) for w in phases]
-        starts = sorted(t.start for t in engine.trace)
+            phases = [run_phase(engine, url, w, model.config.vocab_size, seed) for w in workloads]
+        return phases, times, sorted(t.start for t in engine.trace)
     finally:
         clear_adapters(model)
         shutil.rmtree(work, ignore_errors=True)
-    _, low, high = runs
-    info = {a.name: (a.kind, a.rank) for a in phases[0].adapters}
+
+
+def fit_server(
+    cost: CostModel,
+    low: Phase,
+    high: Phase,
+    times: EngineTimes,
+    starts: Sequence[float],
+    info: dict[str, tuple[str, int]],
+) -> ServerCost:
+    """The section: step terms from both phases' steps, the request latency from the low rate's
+    lone requests (every low-rate request if none ran alone, on a crowded machine)."""
     step, token, fit = fit_step(step_periods(low.steps) + step_periods(high.steps), cost, info)
-    alone = lone(low.outcomes)  # none on a crowded machine: every low-rate request, then
+    alone = lone(low.outcomes)
     latencies = request_latencies(low, times, starts, alone or sorted(low.outcomes))
     if not latencies:
         raise ParadaptError("profile --server: no low-rate request could be paired with the engine's")
     raw = median(latencies)
-    fit.update(
-        lone_requests=len(alone),
-        request_median_ms=round(1e3 * raw, 3),
-        low_rate=round(low_rate, 4),
-        high_rate=round(high_rate, 4),
-        seconds=round(time.perf_counter() - t0, 1),
-    )
-    sent = sum(len(p.outcomes) for p in (low, high))
+    fit.update(lone_requests=len(alone), request_median_ms=round(1e3 * raw, 3))
+    sent = len(low.outcomes) + len(high.outcomes)
     return ServerCost(max(0.0, raw - cost.submit), step, token, requests=sent, fit=fit)
 
 
