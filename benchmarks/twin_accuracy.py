@@ -24,6 +24,17 @@ error), and a PNG of predicted vs real.
     python benchmarks/twin_accuracy.py --threads 1 --quick           # ~2 min, 4 workloads
     python benchmarks/twin_accuracy.py --threads 1 --cost cost.json  # skip the profile
     python benchmarks/twin_accuracy.py --threads 1 --model smollm2-135m-instruct --rate-scale 0.2
+    python benchmarks/twin_accuracy.py --threads 1 --server          # against the HTTP server
+
+``--server``: the real side is ``paradapt serve``'s app (in this process, on 127.0.0.1, with the
+model's tokenizer; the default random model streams with stories260K's) measured by the load
+client (:func:`paradapt.bench.bench`: open loop, streaming, ``ignore_eos``), and the profile
+adds ``paradapt profile --server``'s section, which the twin then uses; the twin without it
+(the in-process prediction) is reported next to it. Both sides count every request: the client
+waits for all of them, and the twin drains to the end. Adapter loads come from the engine.
+
+Every report splits the workloads into saturated (measured throughput < 0.9 x offered) and
+below the knee, with SMAPE per metric for each.
 """
 
 from __future__ import annotations
@@ -47,6 +58,11 @@ from paradapt.twin.profile import build_adapter_root, build_model, clear_adapter
 from paradapt.twin.sim import engine_config
 
 METRICS = ("throughput", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "loads")
+SATURATED = 0.9  # measured throughput below this share of the offered: past the knee
+REAL_SIDE = {
+    False: "real engine in process (no HTTP)",
+    True: "real side: the HTTP server in process, measured by paradapt bench (streaming, every request)",
+}
 SHORT = dict(input_len=(8, 64), output_len=(8, 32))
 MIX3 = dict(ranks=[8, 16, 32], kinds=["lora", "parallel", "series"])
 
@@ -127,6 +143,38 @@ def run_real(model, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
     clock.reset()
     log = replay(workload, backend)
     result = summarize(log)
+    check = step_check(engine, workload, cost, spec.duration)
+    clear_adapters(model)
+    return result.to_dict(), check
+
+
+def run_server(model, tokenizer, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel) -> tuple[dict, dict]:
+    """The workload against the HTTP app (``paradapt serve``'s, in process) with the load client;
+    returns the client's metrics (the engine's adapter loads) and the step-time check."""
+    from paradapt.bench import BenchConfig, bench
+    from paradapt.cli.serve import serve_engine
+
+    workload = spec.generate()
+    clear_adapters(model)
+    cfg = engine_config(queue_bound=max(1, len(workload.requests)), **knobs)
+    engine = Engine(model, root, cfg, tokenizer=tokenizer)
+    engine.enable_trace()
+    with serve_engine(engine) as url:
+        config = BenchConfig(url=url, vocab_size=model.config.vocab_size, seed=spec.seed, progress=False)
+        result = bench(workload, config)
+    stats = engine.cache.stats
+    result.loads, result.disk_loads = stats.device_loads, stats.host_loads + stats.prefetch_loads
+    result.steps = len(engine.trace)  # a client sees no steps
+    check = step_check(engine, workload, cost, spec.duration)
+    clear_adapters(model)
+    out = result.to_dict()
+    out["sim_seconds"] = result.extra["duration"]
+    return out, check
+
+
+def step_check(engine, workload, cost: CostModel, duration: float) -> dict:
+    """The cost model on the run's traced steps: error of the summed step and move times, per
+    step kind, and the trace itself (for refits: --resim)."""
     info = {a.name: (a.kind, a.rank) for a in workload.adapters}
     real_s = sum(t.seconds for t in engine.trace)
     pred_s = sum(cost.step_time(t.shape, info) for t in engine.trace)
@@ -153,10 +201,9 @@ def run_real(model, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
         "step_err": 100 * (pred_s - real_s) / max(real_s, 1e-9),
         "move_s": real_m,
         "move_err": 100 * (pred_m - real_m) / max(real_m, 1e-9),
-        "busy": (real_s + real_m) / spec.duration,
+        "busy": (real_s + real_m) / duration,
     }
-    clear_adapters(model)
-    return result.to_dict(), check
+    return check
 
 
 def bucket(shape) -> str:
@@ -201,7 +248,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> str:
     lines = [
         f"Command: `python benchmarks/twin_accuracy.py {' '.join(sys.argv[1:])}`; {len(rows)} workloads, "
-        f"{args.duration:g} s windows, real engine in process (no HTTP), torch threads {torch.get_num_threads()}, "
+        f"{args.duration:g} s windows, {REAL_SIDE[bool(getattr(args, 'server', False))]}, "
+        f"torch threads {torch.get_num_threads()}, "
         f"cpus {os.cpu_count()}, load average before/after {load}; total {total:.0f} s.",
         "",
         "| workload | S/K | rate | real tok/s | twin tok/s | ideal | real TTFT p50/p90 s | twin | "
@@ -217,9 +265,7 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
             f"{1e3 * r['tpot_p50']:.0f}/{1e3 * r['tpot_p90']:.0f} | {1e3 * t['tpot_p50']:.0f}/{1e3 * t['tpot_p90']:.0f} | "
             f"{r['loads']}/{t['loads']} | {c['step_err']:+.1f}% | {row['speedup']:.0f}x |"
         )
-    lines += ["", "| metric | SMAPE % |", "|---|---|"]
-    for m in (*METRICS, "requests_per_s"):
-        lines.append(f"| {m} | {smape([x['twin'][m] for x in rows], [x['real'][m] for x in rows]):.2f} |")
+    lines += ["", *smape_table(rows), "", "| | |", "|---|---|"]
     sp = sorted(x["speedup"] for x in rows)
     lines.append(f"| twin speed-up (min / median) | {sp[0]:.0f}x / {sp[len(sp) // 2]:.0f}x |")
     agree = sum(x["real"]["starvation_free"] == x["twin"]["starvation_free"] for x in rows)
@@ -243,6 +289,36 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
     return "\n".join(lines)
 
 
+def no_server(row: dict) -> str:
+    """The in-process twin's TTFT/TPOT p50 (--server runs), for the progress line."""
+    t = row.get("twin_inproc")
+    return "" if t is None else f"(no server: {t['ttft_p50']:.2f} s, {1e3 * t['tpot_p50']:.0f} ms)  "
+
+
+def saturated(row: dict) -> bool:
+    """Measured throughput under 0.9 x offered: past the knee (issue 21's split)."""
+    return row["real"]["throughput"] < SATURATED * row["real"]["ideal_throughput"]
+
+
+def smape_table(rows: list[dict]) -> list[str]:
+    """SMAPE per metric over all workloads, the saturated ones and those below the knee; with
+    ``twin_inproc`` (--server), the twin without the server section too."""
+    groups = [("all", rows), ("saturated", [r for r in rows if saturated(r)])]
+    groups.append(("below knee", [r for r in rows if not saturated(r)]))
+    twins = [("twin", "twin")] + ([("twin, no server", "twin_inproc")] if "twin_inproc" in rows[0] else [])
+    head = " | ".join(f"{t}: {g} ({len(rs)})" for t, _ in twins for g, rs in groups)
+    lines = [f"SMAPE % (saturated: measured throughput < {SATURATED:g} x offered)", ""]
+    lines += [f"| metric | {head} |", "|---|" + "---|" * (len(twins) * len(groups))]
+    for m in (*METRICS, "requests_per_s"):
+        cells = [
+            f"{smape([x[key][m] for x in rs], [x['real'][m] for x in rs]):.2f}" if rs else "-"
+            for _, key in twins
+            for _, rs in groups
+        ]
+        lines.append(f"| {m} | {' | '.join(cells)} |")
+    return lines
+
+
 def resim(args, specs) -> int:
     """Twin only, against the real measurements saved by an earlier run (diagnosis of the cost model)."""
     from paradapt.twin.costmodel import errors, fit_linear
@@ -253,6 +329,8 @@ def resim(args, specs) -> int:
         label: (spec, knobs)
         for label, spec, knobs in workloads(saved["rows"][0]["spec"]["duration"], args.rate_scale)
     }
+    args.server = "twin_inproc" in rows[0]  # a --server run: the client waited for every request
+    drain = {"drain": 1e9} if args.server else {}
     cost = CostModel.load(args.cost) if args.cost else CostModel.from_dict(saved["cost"])
     if not args.cost:  # refit the step costs on the even workloads' real traces, judge on the odd ones
         names = rows[0]["check"]["trace"]["features"]
@@ -268,7 +346,9 @@ def resim(args, specs) -> int:
     for row in rows:
         spec, knobs = by_label[row["label"]]
         t0 = time.perf_counter()
-        row["twin"] = simulate(spec, cost, **knobs).to_dict()
+        row["twin"] = simulate(spec, cost, **drain, **knobs).to_dict()
+        if args.server:
+            row["twin_inproc"] = simulate(spec, cost, server=False, **drain, **knobs).to_dict()
         row["speedup"] = row["real"]["sim_seconds"] / (time.perf_counter() - t0)
         row["check"]["buckets"] = {}
     sel = rows if args.cost else rows[1::2]
@@ -287,6 +367,12 @@ def main(argv=None) -> int:
         "--model", help="a named decoder (smollm2-135m-instruct) or a folder instead of the random Llama"
     )
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply every workload's rate")
+    p.add_argument(
+        "--server",
+        action="store_true",
+        help="measure the real side over HTTP (the app paradapt serve runs, with paradapt bench), and "
+        "profile the server's costs too",
+    )
     p.add_argument("--only", type=str, help="comma-separated workload indices")
     p.add_argument(
         "--resim",
@@ -313,16 +399,28 @@ def main(argv=None) -> int:
         specs = [specs[int(i)] for i in args.only.split(",")]
     if args.resim:
         return resim(args, specs)
+    tokenizer = None
     if args.model:
         from paradapt.loading import load_model
 
-        model = load_model(args.model)[1]
+        tokenizer, model = load_model(args.model)
     else:
         model = build_model()
+    if args.server and tokenizer is None:
+        from paradapt.cli.twin import stand_in_tokenizer
+
+        tokenizer = stand_in_tokenizer()
     if args.cost:
         cost = CostModel.load(args.cost)
+        if args.server and cost.server is None:
+            print("warning: the cost file has no server section: the twin predicts the in-process engine")
     else:
         cost = profile(model, scenarios=args.scenarios)
+        if args.server:
+            from paradapt.cli.serve import serve_engine
+            from paradapt.twin.server_cost import profile_server
+
+            cost.server = profile_server(model, cost, serve_engine, tokenizer=tokenizer)
         cost.save(args.out.with_suffix(".cost.json"))
     print(cost.describe(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="twin_accuracy-"))
@@ -331,14 +429,22 @@ def main(argv=None) -> int:
     clear_adapters(model)
     warm = WorkloadSpec(num_adapters=10, rate=4.0, duration=3.0, **SHORT, **MIX3, adapter_prefix="warm")
     build_adapter_root(model, root, warm.generate().adapters)
-    run_real(model, root, warm, {"max_served": 8, "max_slots": 4}, cost)  # warm-up, not reported
+    def run(spec: WorkloadSpec, knobs: dict) -> tuple[dict, dict]:
+        if args.server:
+            return run_server(model, tokenizer, root, spec, knobs, cost)
+        return run_real(model, root, spec, knobs, cost)
+
+    run(warm, {"max_served": 8, "max_slots": 4})  # warm-up, not reported
+    drain = {"drain": 1e9} if args.server else {}  # the client waits for every request: so does the twin
     rows = []
     for label, spec, knobs in specs:
         if args.model and "device_memory" in knobs:
             knobs = {**knobs, "device_memory": scaled_memory(model, root)}
-        real, check = run_real(model, root, spec, knobs, cost)
-        twin = simulate(spec, cost, **knobs).to_dict()
+        real, check = run(spec, knobs)
+        twin = simulate(spec, cost, **drain, **knobs).to_dict()
         row = {"label": label, "rate": spec.rate, "spec": spec.to_dict(), "knobs": knobs}
+        if args.server:
+            row["twin_inproc"] = simulate(spec, cost, server=False, **drain, **knobs).to_dict()
         row.update(
             real=real, twin=twin, check=check, speedup=real["sim_seconds"] / max(twin["sim_seconds"], 1e-9)
         )
@@ -347,6 +453,7 @@ def main(argv=None) -> int:
             f"{label:<14} real {real['throughput']:7.1f} tok/s  twin {twin['throughput']:7.1f}  "
             f"ideal {real['ideal_throughput']:7.1f}  TTFT p50 {real['ttft_p50']:.2f}/{twin['ttft_p50']:.2f}  "
             f"TPOT p50 {1e3 * real['tpot_p50']:.0f}/{1e3 * twin['tpot_p50']:.0f} ms  loads {real['loads']}/{twin['loads']}  "
+            f"{no_server(row)}"
             f"step-time err {check['step_err']:+.1f}%  move err {check['move_err']:+.0f}%  busy {check['busy']:.2f}  "
             f"speed-up {row['speedup']:.0f}x",
             flush=True,

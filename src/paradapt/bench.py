@@ -49,7 +49,9 @@ class BenchError(ParadaptError):
 
 @dataclass
 class Outcome:
-    """What one request saw: when it was sent, each chunk's arrival, its token count, its status."""
+    """What one request saw: when it was sent, each chunk's arrival, its token count, its status.
+
+    Times are seconds on the run's own clock (``time.perf_counter`` from the run's start)."""
 
     sent: float
     chunks: list[float] = field(default_factory=list)
@@ -93,13 +95,24 @@ def bench(workload: Workload, config: BenchConfig, source: str = "workload") -> 
     count) requests, ``input_tokens``/``output_tokens`` of the served ones, ``duration`` (the
     run's seconds) and ``mode``.
     """
+    outcomes, duration = send(workload, config, source)
+    return _result(workload, config, outcomes, duration)
+
+
+def send(workload: Workload, config: BenchConfig, source: str = "workload") -> tuple[dict[int, Outcome], float]:
+    """Send ``workload`` as :func:`bench` does (the same checks first); each request's
+    :class:`Outcome` by request id, and the run's seconds.
+
+    :func:`bench` summarizes these; ``paradapt profile --server``
+    (:mod:`paradapt.twin.server_cost`) pairs each request's client times with the engine's own.
+    """
     httpx = _httpx()
     name, max_len = server_model(httpx, config)
     check_requests(workload, source, context=max_len)
     base = config.base_name or name
     t_wall = time.perf_counter()
     outcomes = asyncio.run(_run(httpx, workload, config, base))
-    return _result(workload, config, outcomes, time.perf_counter() - t_wall)
+    return outcomes, time.perf_counter() - t_wall
 
 
 def _headers(config: BenchConfig) -> dict[str, str]:

@@ -7,12 +7,15 @@ server (docs/serving.md) over every adapter folder under DIR; SIGTERM drains and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -357,6 +360,39 @@ def draining_server(config, loop, drain: float):
             super().handle_exit(sig, frame)
 
     return DrainingServer(config, loop, drain)
+
+
+@contextlib.contextmanager
+def serve_engine(engine, request_log=None, *, name: str = "base") -> Iterator[str]:
+    """``engine`` behind the app ``paradapt serve`` runs (its default guard for a loopback bind),
+    under uvicorn on a free 127.0.0.1 port in a thread of this process; yields the base URL and
+    stops the server (draining the engine thread) on exit. ``request_log`` (anything with
+    ``record(handle)`` and ``close()``) gets every finished generation, as ``--request-log``'s
+    file does. ``paradapt profile --server`` measures the server through it
+    (:data:`paradapt.twin.server_cost.Serve`)."""
+    import uvicorn
+
+    from ..serve import create_app
+    from ..serve.process import free_port
+    from ..serve.security import GuardConfig, default_allowed_hosts
+
+    app = create_app(engine, model_name=name, guard=GuardConfig(allowed_hosts=default_allowed_hosts("127.0.0.1")))
+    app.state.loop.metrics.request_log = request_log
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="paradapt-profile-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise CLIError(f"the in-process server did not start on 127.0.0.1:{port}")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        app.state.loop.shutdown()  # the lifespan did, unless the server never started
 
 
 def load_base(model: str, precision: str):

@@ -65,6 +65,19 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--layers", type=positive_int, default=8, help="default model's layers (default: 8)")
     p.add_argument("--hidden", type=positive_int, default=512, help="default model's width (default: 512)")
+    p.add_argument(
+        "--server",
+        action="store_true",
+        help="then run the model behind the real HTTP app (in this process, on 127.0.0.1) and fit "
+        "what the server adds per step, per streamed token and per request (docs/twin.md)",
+    )
+    p.add_argument(
+        "--server-requests",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="with --server: requests sent at a low rate, mostly alone (default: 20)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_profile)
 
@@ -97,6 +110,11 @@ def add_parsers(sub) -> None:
         help="check the cost model's fingerprint against this model (a name or a folder)",
     )
     add_engine_flags(t)
+    t.add_argument(
+        "--no-server",
+        action="store_true",
+        help="predict the in-process engine: ignore the cost model's HTTP server costs (paradapt profile --server)",
+    )
     t.add_argument("--drain", type=float, default=0.0, metavar="S", help="keep running S s after the window")
     add_slo_flags(t)
     t.add_argument("--json", metavar="FILE", help="also save the metrics as JSON")
@@ -113,10 +131,11 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # the engine runs as under `paradapt serve`, which sets the same heap thresholds
+    tokenizer = None
     if args.model:
         from ..loading import load_model
 
-        _, model = load_model(args.model, quantize=args.quantize)
+        tokenizer, model = load_model(args.model, quantize=args.quantize)
         if not hasattr(model, "init_continuous_batching"):
             raise ConfigError("model", f"{args.model} is not a decoder the serving engine can run")
     else:
@@ -126,6 +145,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
             quantize(model, args.quantize)
     kinds, ranks = profile_shapes(args)
+    if args.server and tokenizer is None:
+        tokenizer = stand_in_tokenizer()  # before the minutes of the in-process profile
     cost = profile(
         model,
         kinds=kinds,
@@ -135,9 +156,48 @@ def run_profile(args: argparse.Namespace) -> int:
         max_running=min(args.max_running, args.token_budget),
         seed=args.seed,
     )
+    if args.server:
+        cost.server = profile_http(model, tokenizer, cost, kinds, ranks, args)
     print(cost.describe())
     print(f"saved {cost.save(args.out)}")
     return 0
+
+
+def profile_http(model, tokenizer, cost, kinds: list[str], ranks: list[int], args: argparse.Namespace):
+    """``--server``: what ``paradapt serve`` adds, measured on the app it runs (same threads)."""
+    from ..twin.server_cost import profile_server
+    from .serve import serve_engine
+
+    return profile_server(
+        model,
+        cost,
+        serve_engine,
+        tokenizer=tokenizer,
+        kinds=kinds,
+        ranks=ranks,
+        requests=args.server_requests,
+        token_budget=args.token_budget,
+        max_running=min(args.max_running, args.token_budget),
+        seed=args.seed,
+    )
+
+
+def stand_in_tokenizer():
+    """The default random model's tokenizer for ``--server``: stories260K's 512 tokens from the
+    shared assets, as ``benchmarks/serve_load.py`` serves that model (the server streams text)."""
+    from ..loading import find_assets
+
+    assets = find_assets()
+    folder = None if assets is None else assets / "models" / "stories260k-hf"
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        raise ConfigError(
+            "server",
+            "--server streams text, so it needs a tokenizer: give --model NAME|PATH, or the shared "
+            "assets' models/stories260k-hf for the default random model (PARADAPT_ASSETS)",
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def profile_shapes(args: argparse.Namespace) -> tuple[list[str], list[int]]:
@@ -184,9 +244,14 @@ def run_twin(args: argparse.Namespace) -> int:
         drain=args.drain,
         slo_ttft=args.slo_ttft,
         slo_tpot=args.slo_tpot,
+        server=not args.no_server,
         **knobs_from_args(args),
     )
-    print(f"twin: {describe_workload(args.workload, workload)}; --max-served {args.max_served} --max-slots {args.max_slots}")
+    priced = "; HTTP server priced" if cost.server is not None and not args.no_server else ""
+    print(
+        f"twin: {describe_workload(args.workload, workload)}; --max-served {args.max_served} "
+        f"--max-slots {args.max_slots}{priced}"
+    )
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -129,6 +129,7 @@ def simulate_cluster(
     stats_period: float = 0.0,
     slo_ttft: float | None = None,
     slo_tpot: float | None = None,
+    server: bool = True,
     **engine_knobs: Any,
 ) -> ClusterResult:
     """Run ``spec``'s workload on ``replicas`` simulated engines behind ``router``.
@@ -137,7 +138,8 @@ def simulate_cluster(
     :class:`~paradapt.serve.core.EngineConfig` knobs given (``queue_bound`` defaults to the
     request count, as in :func:`~paradapt.twin.sim.simulate`). ``stats_period``: seconds between
     the router's snapshot refreshes (0: fresh for every request). ``router`` should be fresh:
-    its counters are reported as they stand at the end.
+    its counters are reported as they stand at the end. ``server=False``: replicas without
+    the cost model's HTTP server costs (as :func:`~paradapt.twin.sim.simulate`).
     """
     if not isinstance(replicas, int) or replicas < 1:
         raise ConfigError("replicas", f"must be an integer >= 1, got {replicas!r}")
@@ -148,7 +150,7 @@ def simulate_cluster(
     engine_knobs.setdefault("queue_bound", max(1, len(workload.requests)))
     config = engine_config(max_served, max_slots, **engine_knobs)
     stop = workload.duration + drain
-    nodes = [_replica(f"replica-{i}", workload, cost, config, stop) for i in range(replicas)]
+    nodes = [_replica(f"replica-{i}", workload, cost, config, stop, server) for i in range(replicas)]
     by_name = {n.name: n for n in nodes}
     states: list[ReplicaState] = []
     refreshed = float("-inf")
@@ -166,9 +168,11 @@ def simulate_cluster(
     return result
 
 
-def _replica(name: str, workload: Workload, cost: CostModel, config: EngineConfig, stop: float) -> _Replica:
+def _replica(
+    name: str, workload: Workload, cost: CostModel, config: EngineConfig, stop: float, server: bool = True
+) -> _Replica:
     """A fresh simulated engine with every adapter of the workload on its disk tier (shared storage)."""
-    engine = SimEngine(workload, cost, config)
+    engine = SimEngine(workload, cost, config, server=server)
     return _Replica(name, SimBackend(engine), ReplayLog(workload, workload.duration, stop))
 
 

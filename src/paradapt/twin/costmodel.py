@@ -9,6 +9,11 @@ through them times their rank. Adapter moves cost ``a + b * bytes`` per operatio
 host, host -> device, the two evictions). Coefficients are non-negative (time never goes down
 with more work) and fitted by non-negative least squares (:func:`fit_linear`).
 
+An optional ``server`` section (:class:`ServerCost`, measured by ``paradapt profile --server``)
+prices what the HTTP server adds: seconds per step and per streamed token on the engine's
+thread, and a per-request latency (HTTP, hand-off, the first chunk's delivery). Files without
+it load as before; the twin then predicts the in-process engine.
+
 The file (:meth:`CostModel.save`) carries a fingerprint of the machine and model it was
 measured on; :meth:`CostModel.check` warns, naming both, when it is used elsewhere.
 
@@ -109,6 +114,81 @@ def featurize(
 
 
 @dataclass
+class ServerCost:
+    """What ``paradapt serve`` adds to the in-process engine (``paradapt profile --server``).
+
+    * ``step`` + ``token`` x tokens emitted: extra seconds of each engine step behind the HTTP
+      app (the event loop's per-token work competes with the engine thread for the GIL and
+      the cores, and the thread's bookkeeping between steps), on top of ``CostModel.step_time``;
+    * ``request``: seconds added to each request's first-token and finish times, a pure latency
+      (HTTP parsing, validation, the hand-off to the engine thread, the first chunk's delivery),
+      not engine time: it delays no other request.
+
+    ``requests`` counts the requests the fit was measured on; ``fit`` says how well it fits.
+    """
+
+    request: float = 0.0
+    step: float = 0.0
+    token: float = 0.0
+    requests: int = 0
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("request", "step", "token"):
+            raw = getattr(self, name)
+            try:
+                v = float(raw)
+            except (TypeError, ValueError):
+                v = math.nan
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"server.{name}", f"must be a finite number >= 0, got {raw!r}")
+            setattr(self, name, v)
+        if isinstance(self.requests, bool) or not isinstance(self.requests, int) or self.requests < 0:
+            raise ConfigError("server.requests", f"must be an integer >= 0, got {self.requests!r}")
+        self.fit = dict(self.fit)
+
+    def step_time(self, emitted: int) -> float:
+        """Extra seconds of a step that streamed ``emitted`` tokens."""
+        return self.step + self.token * emitted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request": self.request,
+            "step": self.step,
+            "token": self.token,
+            "requests": self.requests,
+            "fit": self.fit,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ServerCost:
+        if not isinstance(d, Mapping):
+            raise TypeError(f"server: expected an object, got {type(d).__name__}")
+        return cls(
+            request=d.get("request", 0.0),
+            step=d.get("step", 0.0),
+            token=d.get("token", 0.0),
+            requests=d.get("requests", 0),
+            fit=dict(d.get("fit", {})),
+        )
+
+    def describe(self) -> str:
+        """One line per term, for :meth:`CostModel.describe`."""
+        lines = [
+            f"HTTP server (paradapt profile --server, {self.requests} requests):",
+            f"  per step {self.step * 1e6:.1f} us + per streamed token {self.token * 1e6:.1f} us (engine time)",
+            f"  per request {self.request * 1e3:.3f} ms (latency added to first token and finish)",
+        ]
+        for k, v in self.fit.items():
+            if isinstance(v, dict):
+                lines.append(f"  {k.replace('_', ' ')}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
+        flat = [f"{k} {v}" for k, v in self.fit.items() if not isinstance(v, dict)]
+        if flat:
+            lines.append("  fit: " + ", ".join(flat))
+        return "\n".join(lines)
+
+
+@dataclass
 class CostModel:
     """Fitted costs: ``step`` coefficients by feature name, ``moves`` (a, b) per op, adapter sizes.
 
@@ -117,6 +197,7 @@ class CostModel:
     ``adapter_size`` maps a kind to (bytes per rank, fixed bytes) of an adapter on this model;
     ``kv_bytes_per_token`` is the KV cache's cost per token (for ``EngineConfig.device_memory``).
     ``submit`` and ``loop`` are the seconds to queue one request and one driver iteration.
+    ``server`` (optional) prices the HTTP server on top (:class:`ServerCost`).
     """
 
     step: dict[str, float]
@@ -127,6 +208,7 @@ class CostModel:
     loop: float = 0.0
     fingerprint: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
+    server: ServerCost | None = None
 
     def __post_init__(self) -> None:
         self.kinds = tuple(sorted(self.adapter_size))
@@ -152,6 +234,7 @@ class CostModel:
         kv_bytes_per_token: int = 32768,
         submit: float = 0.0,
         loop: float = 0.0,
+        server: ServerCost | None = None,
     ) -> CostModel:
         """A cost model from given coefficients (no profiling); unknown step features are an error.
 
@@ -171,6 +254,7 @@ class CostModel:
             submit=submit,
             loop=loop,
             fingerprint={"source": "coefficients"},
+            server=server,
         )
 
     # -- prediction -------------------------------------------------------------------
@@ -195,7 +279,8 @@ class CostModel:
 
     # -- files ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The file's content; ``server`` only when measured (an older file's hash stays the same)."""
+        d = {
             "format": FORMAT,
             "step": self.step,
             "moves": {op: list(v) for op, v in self.moves.items()},
@@ -206,6 +291,9 @@ class CostModel:
             "fingerprint": self.fingerprint,
             "fit": self.fit,
         }
+        if self.server is not None:
+            d["server"] = self.server.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "cost model") -> CostModel:
@@ -221,6 +309,7 @@ class CostModel:
                 loop=float(d.get("loop", 0.0)),
                 fingerprint=dict(d.get("fingerprint", {})),
                 fit=dict(d.get("fit", {})),
+                server=None if d.get("server") is None else ServerCost.from_dict(d["server"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError("cost", f"{source}: malformed cost model ({type(e).__name__}: {e})") from None
@@ -277,6 +366,8 @@ class CostModel:
         flat = [f"{k} {v}" for k, v in self.fit.items() if not isinstance(v, dict)]
         if flat:
             lines.append("profile: " + ", ".join(flat))
+        if self.server is not None:
+            lines.append(self.server.describe())
         return "\n".join(lines)
 
 

@@ -7,12 +7,21 @@ is the same decision code as :class:`~paradapt.serve.engine.Engine`; only the ex
 replaced. :func:`simulate` replays a workload through it with the same driver the real
 in-process run uses (:func:`paradapt.twin.replay.replay`) and returns the metrics.
 
-What it models: queueing, continuous batching with chunked prefill under the token budget,
-worst-case KV reservation in pages, the slot and host limits with LRU/pinning/prefetch, the
-starvation guard, adapter load/evict times, step times as a function of the step's shape, and
-``EngineConfig.device_memory`` (slots carved out of the KV pages). What it does not: EOS
-(every request generates its full output length, as the benchmark's ``ignore_eos`` requests
-do), failing adapter folders, HTTP and tokenization, and other processes on the machine.
+What it models:
+
+* queueing, continuous batching with chunked prefill under the token budget, worst-case KV
+  reservation in pages, the slot and host limits with LRU/pinning/prefetch, the starvation
+  guard (all the engine's own code);
+* adapter load/evict times, and each step's time as a function of its shape;
+* ``EngineConfig.device_memory`` (slots carved out of the KV pages);
+* the HTTP server, when the cost model has a ``server`` section (``paradapt profile --server``;
+  ``server=False`` ignores it): each step costs ``step + token x tokens emitted`` more, and each
+  request's first token and finish come ``request`` seconds later (a latency, not engine time).
+
+What it does not: EOS (every request generates its full output length, as the benchmark's
+``ignore_eos`` requests do), failing adapter folders, when in its latency a request reaches
+the engine (the server's ``request`` is added at the end, so it never changes which step a
+request joins), and other processes on the machine.
 """
 
 from __future__ import annotations
@@ -35,11 +44,15 @@ ENGINE_KNOBS = tuple(f.name for f in fields(EngineConfig) if f.name not in ("max
 
 
 class SimEngine(ServeCore):
-    """A :class:`ServeCore` on a simulated clock; ``step`` advances it by the cost model."""
+    """A :class:`ServeCore` on a simulated clock; ``step`` advances it by the cost model.
 
-    def __init__(self, workload: Workload, cost: CostModel, config: EngineConfig):
+    ``server``: price the HTTP server with the cost model's ``server`` section, if it has one.
+    """
+
+    def __init__(self, workload: Workload, cost: CostModel, config: EngineConfig, *, server: bool = True):
         self.t = 0.0
         self.cost = cost
+        self.server = cost.server if server else None
         self.info = {a.name: (a.kind, a.rank) for a in workload.adapters}
         self.sizes = {a.name: cost.adapter_bytes(a.kind, a.rank) for a in workload.adapters}
         split = memory_split(config, cost.kv_bytes_per_token, max(self.sizes.values(), default=0))
@@ -76,13 +89,16 @@ class SimEngine(ServeCore):
             return step
         shape = step_shape(self.scheduler, step, self._loads, len(self.cache.on_device))
         dt = self.cost.step_time(shape, self.info)
+        if self.server is not None:
+            dt += self.server.step_time(shape.samplers)  # every sampled token is streamed
         self.t += dt
         self.busy += dt
+        seen = self.t + (self.server.request if self.server is not None else 0.0)  # what the client sees
         for c in step.prefills:
             if c.last:
-                self.first.setdefault(c.request_id, self.t)
+                self.first.setdefault(c.request_id, seen)
         for r in self.scheduler.complete(step, now):
-            self.end[r.id] = self.t
+            self.end[r.id] = seen
         return step
 
 
@@ -134,18 +150,20 @@ def simulate(
     drain: float = 0.0,
     slo_ttft: float | None = None,
     slo_tpot: float | None = None,
+    server: bool = True,
     **engine_knobs: Any,
 ) -> TwinResult:
     """Run ``spec``'s workload through the twin with ``max_served`` host and ``max_slots`` device
     adapters (other :class:`EngineConfig` knobs as keywords); returns its metrics.
 
-    ``slo_ttft``/``slo_tpot`` (seconds) define goodput. ``queue_bound`` defaults to the workload's request count (nothing is rejected), as in the
+    ``slo_ttft``/``slo_tpot`` (seconds) define goodput. ``server=False`` predicts the in-process
+    engine even when the cost model prices the HTTP server (``CostModel.server``). ``queue_bound`` defaults to the workload's request count (nothing is rejected), as in the
     real replay of the accuracy benchmark.
     """
     t0 = time.perf_counter()
     workload = spec if isinstance(spec, Workload) else spec.generate()
     engine_knobs.setdefault("queue_bound", max(1, len(workload.requests)))
-    engine = SimEngine(workload, cost, engine_config(max_served, max_slots, **engine_knobs))
+    engine = SimEngine(workload, cost, engine_config(max_served, max_slots, **engine_knobs), server=server)
     log = replay(workload, SimBackend(engine), drain=drain)
     result = summarize(log, slo_ttft, slo_tpot)
     result.sim_seconds = time.perf_counter() - t0
