@@ -24,6 +24,8 @@ median and the range over repeats are reported):
   loop: a new request as soon as one ends), ``--stream-tokens`` each, EOS ignored; with
   ``--llamacpp-python``, llama.cpp serves the same requests with the same adapters (the PEFT
   folders converted to llama.cpp's LoRA GGUF here) and its first output tokens are compared.
+  The peer gets ``--loras name=PATH.gguf ... --requests FILE --concurrency 8``; each line of FILE
+  is ``{"id", "lora", "prompt" (the chat text), "prompt_tokens" (its ids), "max_tokens"}``.
 * ``accuracy``: the three shipped chat adapters (``src/paradapt/adapters/smollm2-135m-instruct``)
   loaded onto each precision, strict accuracy (the greedy answer is exactly the label word, as
   ``benchmarks/decoder_quality.py`` computes it) on the first ``--rows`` rows their cards were
@@ -37,7 +39,9 @@ median and the range over repeats are reported):
   once the model is loaded and quantised; torch has no CPU allocator statistics).
 * ``http``: ``paradapt serve --quantize P`` per precision (all started first, then driven in
   turns): streaming ``/v1/completions`` at concurrency 1 and 8 through ``paradapt.bench`` (the
-  project's load client); decode tokens/s = concurrency / median time per output token.
+  project's load client); decode tokens/s = concurrency / median time per output token. Each
+  server's RSS once started is recorded too (anonymous and file-backed: the model's safetensors
+  are memory-mapped, so pages the quantisation read stay counted while the map lives).
 
 Results go to ``--out DIR/results.jsonl`` (one JSON line per measurement, tagged with the run;
 a later run of some parts replaces those parts in the table) and a markdown table with each
@@ -98,6 +102,14 @@ def load_precision(precision: str):
         quantize(model, precision)
     model.eval()
     return tok, model
+
+
+def vocab_size() -> int:
+    from transformers import AutoConfig
+
+    from paradapt.models import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(MODEL), local_files_only=True).vocab_size
 
 
 def serve_flag(precision: str) -> str:
@@ -445,7 +457,9 @@ def part_stream(models: dict, res: Results, args, work: Path) -> None:
         (work / "stream_gguf").mkdir(exist_ok=True)
         for name, folder in folders.items():
             ggufs[name] = lora_gguf(folder, work / "stream_gguf" / f"{name}.gguf", fp32.config)
-    engine_stream(models["int4" if "int4" in models else "fp32"][1], work / "stream_loras", requests[:2], 2)
+    for p in args.stream_precisions:  # warm-up: first calls, and the adapter folders read once
+        if p in models:
+            engine_stream(models[p][1], work / "stream_loras", requests[:2], 2)
     firsts: dict[str, dict] = {}
     for rep in range(args.repeats):
         for p, (_, model) in models.items():
@@ -673,9 +687,9 @@ def own_memory(model) -> None:
             t.data = t.data.clone()
 
 
-def _status_kb(field: str) -> int:
+def _status_kb(field: str, pid: int | str = "self") -> int:
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
@@ -731,7 +745,11 @@ def part_http(res: Results, args, work: Path) -> None:
                 servers[p].wait_healthy(600)
             except ServerStartError as e:
                 raise SystemExit(f"quantized: paradapt serve --quantize {serve_flag(p)}: {e}") from None
-        vocab = 49152
+        vocab = vocab_size()
+        for p, server in servers.items():  # the whole server process, model and KV pool included
+            pid = server.proc.pid
+            anon, file = _status_kb("RssAnon", pid) * 1024, _status_kb("RssFile", pid) * 1024
+            res.add("http", "server_rss", p, _status_kb("VmRSS", pid) * 1024, anon=anon, file=file)
         for rep in range(-1, args.repeats):  # repeat -1 warms every server up, unrecorded
             for c in args.http_concurrency:
                 n = 2 * c if rep >= 0 else c
@@ -848,7 +866,8 @@ def table(rows: list[dict]) -> str:
                     _spread(vals, ".0f"),
                     _spread(ratios, ".2f") + "x" * bool(ratios),
                 )
-    for m in sorted({r["metric"] for r in rows if r["part"] == "http"}, key=lambda m: int(m[1:])):
+    http = {r["metric"] for r in rows if r["part"] == "http" and r["metric"][1:].isdigit()}
+    for m in sorted(http, key=lambda m: int(m[1:])):
         for p in precisions:
             vals = _vals(rows, "http", m, p)
             if vals:
@@ -928,6 +947,16 @@ def table(rows: list[dict]) -> str:
                 "within 1 pt of fp32",
                 _verdict(abs(gap), "<=", 1.0),
             )
+    for p in precisions:
+        vals = _vals(rows, "http", "server_rss", p)
+        ref = _vals(rows, "http", "server_rss", "fp32")
+        if vals:
+            ratio = f"{vals[0] / ref[0]:.2f}x" if ref else ""
+            got = next(
+                r for r in rows if (r["part"], r["metric"], r["precision"]) == ("http", "server_rss", p)
+            )
+            split = f" (anon {got['anon'] / 1e6:.0f}, file {got['file'] / 1e6:.0f})" if "anon" in got else ""
+            line("`paradapt serve` process RSS after start, MB", p, f"{vals[0] / 1e6:.0f}{split}", ratio)
     for p in ("fp32", "int4"):
         step = _vals(rows, "train", "step_s", p)
         peak = _vals(rows, "train", "peak_rss", p)
@@ -1026,7 +1055,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-seq", type=int, default=128)
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training worker")
-    ap.add_argument("--stream-requests", type=int, default=48)
+    ap.add_argument("--stream-requests", type=int, default=32)
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--stream-precisions", type=_csv(str), default=["fp32", "int4"])
     ap.add_argument("--concurrency", type=int, default=8, help="stream: requests in flight")
