@@ -25,7 +25,9 @@ median and the range over repeats are reported):
   ``--llamacpp-python``, llama.cpp serves the same requests with the same adapters (the PEFT
   folders converted to llama.cpp's LoRA GGUF here) and its first output tokens are compared.
   The peer gets ``--loras name=PATH.gguf ... --requests FILE --concurrency 8``; each line of FILE
-  is ``{"id", "lora", "prompt" (the chat text), "prompt_tokens" (its ids), "max_tokens"}``.
+  is ``{"id", "adapter", "prompt" (the chat text), "prompt_tokens" (its ids), "max_tokens",
+  "ignore_eos"}``. Both sides must generate the same lengths: with ``ignore_eos`` (the default)
+  the peer must pass it on to llama-server; ``--stream-stop-at-eos`` ends answers at EOS on both.
 * ``accuracy``: the three shipped chat adapters (``src/paradapt/adapters/smollm2-135m-instruct``)
   loaded onto each precision, strict accuracy (the greedy answer is exactly the label word, as
   ``benchmarks/decoder_quality.py`` computes it) on the first ``--rows`` rows their cards were
@@ -304,8 +306,9 @@ def part_decode(models: dict, res: Results, args) -> None:
                     ["--mode", "decode", "--batch", "1", "--prompt-tokens", str(args.prompt_tokens)]
                     + ["--new-tokens", str(args.new_tokens), "--repeats", "1"],
                 )
-                value = peer_value(peer, "tokens_per_s", "decode_tokens_per_s", "tok_s", "value")
-                res.add("decode", "b1", "llama.cpp", value, rep, peer=peer)
+                value = peer_value(peer, "decode_wall_tok_s", "decode_tokens_per_s", "tokens_per_s")
+                prefill = peer.get("prefill_wall_tok_s")
+                res.add("decode", "b1", "llama.cpp", value, rep, prefill_tok_s=prefill, peer=peer)
 
 
 def part_prefill(models: dict, res: Results, args) -> None:
@@ -397,7 +400,7 @@ def rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def stream_requests(tok, names: list[str], n: int, tokens: int, seed: int) -> list[dict]:
+def stream_requests(tok, names: list[str], n: int, tokens: int, seed: int, ignore_eos: bool) -> list[dict]:
     """``n`` chat requests (held-out SST-2 / AG News / SMS user turns with the generation prompt),
     adapters in a seeded shuffled round robin."""
     import decoder_quality as dq
@@ -415,7 +418,16 @@ def stream_requests(tok, names: list[str], n: int, tokens: int, seed: int) -> li
         msgs = users[i % len(users)][i // len(users)]
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        out.append({"id": i, "lora": adapters[i], "prompt": text, "prompt_tokens": ids, "max_tokens": tokens})
+        out.append(
+            {
+                "id": i,
+                "adapter": adapters[i],
+                "prompt": text,
+                "prompt_tokens": ids,
+                "max_tokens": tokens,
+                "ignore_eos": ignore_eos,
+            }
+        )
     return out
 
 
@@ -431,8 +443,10 @@ def engine_stream(model, root: Path, requests: list[dict], concurrency: int) -> 
     while queue or running:
         while queue and len(running) < concurrency:
             r = queue.pop()
-            params = SamplingParams(max_new_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0)
-            running[r["id"]] = engine.add_request(r["prompt_tokens"], r["lora"], params)
+            params = SamplingParams(
+                max_new_tokens=r["max_tokens"], ignore_eos=r["ignore_eos"], temperature=0.0
+            )
+            running[r["id"]] = engine.add_request(r["prompt_tokens"], r["adapter"], params)
         engine.step()
         for rid, h in list(running.items()):
             if h.done:
@@ -443,13 +457,26 @@ def engine_stream(model, root: Path, requests: list[dict], concurrency: int) -> 
     wall = time.perf_counter() - t0
     clear_adapters(model)
     made = sum(map(len, outputs.values()))
-    return {"req_s": len(requests) / wall, "tok_s": made / wall, "wall_s": wall, "outputs": outputs}
+    return {
+        "req_s": len(requests) / wall,
+        "tok_s": made / wall,
+        "wall_s": wall,
+        "tokens_per_request": made / len(requests),
+        "outputs": outputs,
+    }
 
 
 def part_stream(models: dict, res: Results, args, work: Path) -> None:
     tok, fp32 = models["fp32"]
     folders = stream_loras(work / "stream_loras", fp32, seed=0)
-    requests = stream_requests(tok, sorted(folders), args.stream_requests, args.stream_tokens, seed=0)
+    requests = stream_requests(
+        tok,
+        sorted(folders),
+        args.stream_requests,
+        args.stream_tokens,
+        seed=0,
+        ignore_eos=not args.stream_stop_at_eos,
+    )
     req_file = work / "stream_requests.jsonl"
     req_file.write_text("".join(json.dumps(r) + "\n" for r in requests))
     ggufs = {}
@@ -467,7 +494,16 @@ def part_stream(models: dict, res: Results, args, work: Path) -> None:
                 continue
             got = engine_stream(model, work / "stream_loras", requests, args.concurrency)
             firsts[p] = got.pop("outputs")
-            res.add("stream", "tok_s", p, got["tok_s"], rep, req_s=got["req_s"], wall_s=got["wall_s"])
+            res.add(
+                "stream",
+                "tok_s",
+                p,
+                got["tok_s"],
+                rep,
+                req_s=got["req_s"],
+                wall_s=got["wall_s"],
+                tokens_per_request=got["tokens_per_request"],
+            )
         if args.llamacpp_python:
             loras = [f"{n}={path}" for n, path in ggufs.items()]
             peer = run_peer(
@@ -475,9 +511,19 @@ def part_stream(models: dict, res: Results, args, work: Path) -> None:
                 ["--mode", "stream", "--loras", *loras, "--requests", str(req_file)]
                 + ["--concurrency", str(args.concurrency)],
             )
-            outputs = peer.pop("outputs", None)
-            value = peer_value(peer, "output_tokens_per_s", "tokens_per_s", "tok_s", "value")
-            res.add("stream", "tok_s", "llama.cpp", value, rep, req_s=peer.get("requests_per_s"), peer=peer)
+            outputs = peer.pop("outputs", None) or peer.pop("requests", None)
+            value = peer_value(peer, "output_tokens_per_s", "tokens_per_s")
+            made = peer.get("output_tokens")
+            res.add(
+                "stream",
+                "tok_s",
+                "llama.cpp",
+                value,
+                rep,
+                req_s=peer.get("requests_per_s"),
+                tokens_per_request=None if made is None else made / len(requests),
+                peer=peer,
+            )
             if outputs is not None and rep == 0:
                 for p, ours in firsts.items():
                     share = first_token_agreement(tok, ours, outputs, requests, args.compare_tokens)
@@ -489,7 +535,8 @@ def part_stream(models: dict, res: Results, args, work: Path) -> None:
 
 def first_token_agreement(tok, ours: dict, theirs, requests: list[dict], k: int) -> float | None:
     """Share of requests whose first ``k`` output tokens (or their text) match llama.cpp's. The peer's
-    ``outputs`` may be a list (request order) or a dict by id, of token-id lists or texts."""
+    ``outputs`` (or ``requests``) may be a list (request order) or a dict by id, of token-id lists,
+    texts, or records holding one (``tokens``, ``output``, ``text``)."""
     if isinstance(theirs, dict):
         theirs = [theirs.get(str(r["id"]), theirs.get(r["id"])) for r in requests]
     if not isinstance(theirs, list) or len(theirs) != len(requests):
@@ -498,7 +545,7 @@ def first_token_agreement(tok, ours: dict, theirs, requests: list[dict], k: int)
     for r, out in zip(requests, theirs, strict=True):
         mine = ours[r["id"]][:k]
         if isinstance(out, dict):
-            out = out.get("tokens", out.get("text"))
+            out = out.get("tokens", out.get("output", out.get("text")))
         if isinstance(out, list):
             same += list(out[:k]) == mine
         elif isinstance(out, str):
@@ -532,9 +579,13 @@ def run_peer(args, extra: list[str]) -> dict:
 
 
 def peer_value(d: dict, *keys: str) -> float:
+    """The first of ``keys`` the peer's line has: a number, or a summary's ``mean``."""
     for k in keys:
-        if isinstance(d.get(k), (int, float)):
-            return float(d[k])
+        v = d.get(k)
+        if isinstance(v, dict):
+            v = v.get("mean", v.get("median"))
+        if isinstance(v, (int, float)):
+            return float(v)
     raise SystemExit(f"quantized: the llama.cpp peer's line has none of {keys}: {sorted(d)}")
 
 
@@ -993,7 +1044,14 @@ def table(rows: list[dict]) -> str:
     for p in precisions:
         vals = _vals(rows, "stream", "tok_s", p)
         if vals:
-            line("mixed 8-LoRA stream, output tokens/s", p, _spread(vals, ".1f"))
+            per = [
+                r.get("tokens_per_request")
+                for r in rows
+                if (r["part"], r["metric"], r["precision"]) == ("stream", "tok_s", p)
+            ]
+            per = [x for x in per if x is not None]
+            note = f" ({statistics.median(per):.1f} tokens/request)" if per else ""
+            line("mixed 8-LoRA stream, output tokens/s", p, _spread(vals, ".1f") + note)
     vs = _ratios(rows, "stream", "tok_s", "int4", "llama.cpp")
     if vs:
         line(
@@ -1057,6 +1115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training worker")
     ap.add_argument("--stream-requests", type=int, default=32)
     ap.add_argument("--stream-tokens", type=int, default=64)
+    ap.add_argument(
+        "--stream-stop-at-eos",
+        action="store_true",
+        help="stream: answers end at EOS (default: exactly --stream-tokens each, EOS ignored)",
+    )
     ap.add_argument("--stream-precisions", type=_csv(str), default=["fp32", "int4"])
     ap.add_argument("--concurrency", type=int, default=8, help="stream: requests in flight")
     ap.add_argument(
