@@ -483,7 +483,18 @@ def part_stream(models: dict, res: Results, args, work: Path) -> None:
     if args.llamacpp_python:
         (work / "stream_gguf").mkdir(exist_ok=True)
         for name, folder in folders.items():
-            ggufs[name] = lora_gguf(folder, work / "stream_gguf" / f"{name}.gguf", fp32.config)
+            dest = work / "stream_gguf" / f"{name}.gguf"
+            if args.lora_converter == "peer":  # llama.cpp's own convert_lora_to_gguf.py, in the peer's venv
+                from paradapt.models import resolve_model
+
+                run_peer(
+                    args,
+                    ["--lora-convert", str(folder), str(dest), "--base", str(resolve_model(MODEL))],
+                    base=False,
+                )
+                ggufs[name] = dest
+            else:
+                ggufs[name] = lora_gguf(folder, dest, fp32.config)
     for p in args.stream_precisions:  # warm-up: first calls, and the adapter folders read once
         if p in models:
             engine_stream(models[p][1], work / "stream_loras", requests[:2], 2)
@@ -557,21 +568,15 @@ def first_token_agreement(tok, ours: dict, theirs, requests: list[dict], k: int)
 # --------------------------------------------------------------------------- llama.cpp
 
 
-def run_peer(args, extra: list[str]) -> dict:
-    """One call of the llama.cpp peer in its own venv; its last JSON line."""
-    cmd = [
-        args.llamacpp_python,
-        str(args.llamacpp_peer),
-        "--gguf",
-        str(gguf_path()),
-        "--threads",
-        str(args.threads),
-    ]
+def run_peer(args, extra: list[str], base: bool = True) -> dict:
+    """One call of the llama.cpp peer in its own venv (``base``: on the GGUF); its last JSON line."""
+    cmd = [args.llamacpp_python, str(args.llamacpp_peer)]
+    if base:
+        cmd += ["--gguf", str(gguf_path()), "--threads", str(args.threads)]
     done = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
-        raise SystemExit(
-            f"quantized: the llama.cpp peer failed ({done.returncode}): {done.stderr.strip()[-500:]}"
-        )
+        why = done.stderr.strip()[-500:]
+        raise SystemExit(f"quantized: the llama.cpp peer failed ({done.returncode}): {why}")
     lines = [ln for ln in done.stdout.splitlines() if ln.strip().startswith("{")]
     if not lines:
         raise SystemExit(f"quantized: the llama.cpp peer printed no JSON line: {done.stdout[-300:]}")
@@ -1128,6 +1133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--http-concurrency", type=_csv(int), default=[1, 8])
     ap.add_argument("--llamacpp-python", default=None, help="the python of a venv with llama-cpp-python")
     ap.add_argument("--llamacpp-peer", type=Path, default=PEER)
+    ap.add_argument(
+        "--lora-converter",
+        choices=["peer", "here"],
+        default="peer",
+        help="stream: PEFT -> GGUF LoRA by the peer (llama.cpp's convert_lora_to_gguf.py) or by this file",
+    )
     ap.add_argument("--train-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for p in args.parts:
