@@ -90,18 +90,14 @@ PEER = ROOT / "benchmarks/peers/llamacpp_peer.py"
 
 
 def load_precision(precision: str):
-    """(tokenizer, model) of SmolLM2 in ``precision``: the one place a precision's model is made.
-
-    Today: the fp32 model (the GGUF dequantised once into the user's cache), then
-    ``paradapt.quantized.quantize`` in place for bf16/int8/int4 (int4 in groups of 32, the
-    GGUF's own Q4_1 grid, so the repacking is lossless up to bf16 scales).
-    """
+    """(tokenizer, model) of SmolLM2 in ``precision``: the one place a precision's model is made,
+    as ``paradapt serve --quantize`` makes it (``load_model(name, quantize=...)``): fp32 is the
+    GGUF dequantised once into the user's cache; int4 comes straight from the GGUF's own Q4_1
+    blocks (paradapt/gguf_weights.py: the codes exact, the scales in bf16); bf16 and int8
+    quantise the fp32 model."""
     from paradapt.loading import load_model
-    from paradapt.quantized import quantize
 
-    tok, model = load_model(MODEL)
-    if precision != "fp32":
-        quantize(model, precision)
+    tok, model = load_model(MODEL, quantize=serve_flag(precision))
     model.eval()
     return tok, model
 

@@ -401,3 +401,21 @@ def test_loftq_on_an_already_quantised_base_is_refused_by_name():
     with pytest.raises(pa.ConfigError, match="loftq needs the float weight of .*add it before pa.quantize"):
         pa.add_adapter(model, "q", pa.LoRAConfig(r=4, init="loftq"))
     assert not pa.list_adapters(model)
+
+
+def test_quantising_copies_the_float_weights_off_the_loaded_file(tmp_path):
+    """The embedding and norms of a model loaded from safetensors read a memory map of the file;
+    after quantising they own their memory, so the map (and every page quantising read) goes."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    before = {n: p.data_ptr() for n, p in model.named_parameters() if "proj" not in n}
+    ids = torch.randint(1, 96, (1, 5))
+    with torch.no_grad():
+        pa.quantize(model, "int8")
+        want = outputs(model, ids)
+    after = {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert before and all(after[n] != ptr for n, ptr in before.items())
+    with torch.no_grad():
+        assert torch.equal(outputs(model, ids), want)
