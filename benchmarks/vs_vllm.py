@@ -29,7 +29,9 @@ prompts, ``ignore_eos``, greedy), sending both servers the same requests:
 - ``poisson``: open loop, Poisson arrivals at ``--rate`` (6/s) for ``--duration`` seconds
   (requests still open ``--grace`` seconds later are cut and count as errors);
 
-``--input-len`` (64) prompt tokens and ``--output-len`` (64) output tokens per request; the adapter
+req/s and output tok/s are the twin's (:mod:`paradapt.twin.metrics`): requests finished within the
+window over the window (closed loop: the run's length; poisson: the arrival window, so a server
+that falls behind shows it). ``--input-len`` (64) prompt tokens and ``--output-len`` (64) output tokens per request; the adapter
 of each request is Zipf(1) over the first N adapters (adapter i with weight 1/(i+1)).
 
 Each server's own base run is its reference: "xbase" is req/s over the same server's N = 0 run
