@@ -53,6 +53,36 @@ def test_layer_equals_its_dequantised_reference(precision):
     assert err.max() <= step
 
 
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_many_rows_go_through_a_dequantised_bf16_gemm_within_bf16_error(precision):
+    """A prefill's ``M >= DEQUANT_ROWS`` rows multiply by the weight dequantised for the call (the
+    kernels are slow there); the result is the dequantised reference within bf16 error, and the
+    rows' values match the same rows computed by the kernel within one bf16 rounding."""
+    torch.manual_seed(0)
+    q = pa.quantize(nn.Sequential(nn.Linear(128, 192)), precision)[0]
+    rows = quantized.DEQUANT_ROWS
+    x = torch.randn(rows + 5, 128)
+    with torch.no_grad():
+        ref = x @ q.dequantized_weight().t() + q.bias
+        many = q(x)
+        few = torch.cat([q(x[i : i + 8]) for i in range(0, rows + 5, 8)])  # the kernel
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(many, ref, atol=2e-2 * scale, rtol=0)
+    torch.testing.assert_close(many, few, atol=2e-2 * scale, rtol=0)
+    if precision == "int4":
+        assert q.bf16_weight() is not None  # 192 rows: the packing's layout was read, not the kernel used
+
+
+def test_the_fast_read_of_the_packing_equals_the_kernels_own_read():
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (192, 96), generator=g, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    fast = quantized._unpack_int4_fast(packed, 96, 192)
+    assert fast is not None and torch.equal(fast, codes.to(torch.uint8))
+    assert torch.equal(quantized._unpack_int4(packed, 96, 192, 32), codes.float())
+    assert quantized._unpack_int4_fast(packed[:48], 96, 48) is None  # not whole 64-row blocks
+
+
 def test_int4_codes_unpack_exactly():
     """The identity trick reads back the codes the packing stored, for every group size."""
     g = torch.Generator().manual_seed(0)
