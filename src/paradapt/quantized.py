@@ -172,7 +172,11 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = ctx.layer.dequantized_weight(torch.bfloat16)
+        # read from the packing for this call where its layout is known (no code cache: a
+        # quarter of the float32 weight saved in training); else the kept codes
+        w = ctx.layer.bf16_weight()
+        if w is None:
+            w = ctx.layer.dequantized_weight(torch.bfloat16)
         return grad.to(torch.bfloat16) @ w, None
 
 

@@ -393,6 +393,16 @@ def test_int4_codes_are_read_back_once_and_kept_for_every_backward(monkeypatch):
     assert "_codes" not in str(list(model.state_dict()))  # a cache, not part of the saved model
 
 
+def test_backward_reads_whole_blocks_from_the_packing_without_keeping_codes():
+    torch.manual_seed(0)
+    model = pa.quantize(torch.nn.Sequential(torch.nn.Linear(64, 128)), "int4")
+    x = torch.randn(4, 64, requires_grad=True)
+    model(x).sum().backward()
+    assert model[0]._codes is None  # 128 output rows: whole 64-row blocks, read per call
+    w = model[0].dequantized_weight()
+    torch.testing.assert_close(x.grad, (torch.ones(4, 128) @ w).float(), atol=5e-2, rtol=1e-2)
+
+
 # -- LoftQ: adapters initialised against the int4 error ------------------------------------------------
 
 
