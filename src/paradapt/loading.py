@@ -80,7 +80,7 @@ def _causal_lm_classes() -> set[str]:
 
 
 def load_model(
-    model: str | Path, *, quantize: str = "none", group_size: int | None = None
+    model: str | Path, *, quantize: str = "none", group_size: int | None = None, lm_head: str | None = None
 ) -> tuple[Any, Any]:
     """Tokenizer and model of ``model``: a named model (``smollm2-135m-instruct``, see
     :mod:`paradapt.models`) or a local Hugging Face folder; never from the network. Causal LMs
@@ -89,20 +89,27 @@ def load_model(
     ``quantize`` (``int4``, ``int8``, ``bf16``; ``group_size`` for int4) gives the base in that
     precision, as :func:`paradapt.quantize` would. A named model that ships in 4 bits (SmolLM2's
     GGUF) loads ``int4`` in groups of 32 from its own blocks (:mod:`paradapt.gguf_weights`),
-    never through float32; anything else is loaded in float32 and quantised.
+    never through float32; anything else is loaded in float32 and quantised. ``lm_head``
+    (``int8``, ...) quantises the LM head too (:func:`paradapt.quantized.quantize_lm_head`).
 
     A named model's cached conversion that passes its manifest check but still fails to load
     (a file corrupted in place) is converted again, once. A named model's config says its name
     as ``_name_or_path``, so the adapters saved on it name their base portably.
     """
+    from .quantized import quantize as quantize_model
+    from .quantized import quantize_lm_head
+
+    if lm_head is not None and quantize == "none":
+        raise ConfigError("lm_head", "quantising the LM head needs a quantised base (quantize=...)")
     entry = named_model(model)
     if quantize == "int4" and group_size in (None, 32) and entry is not None and entry.locate_int4:
-        return _load_named_int4(entry)
-    tok, loaded = _load_float(model, entry)
-    if quantize != "none":
-        from .quantized import quantize as quantize_model
-
-        quantize_model(loaded, quantize, group_size)
+        tok, loaded = _load_named_int4(entry)
+    else:
+        tok, loaded = _load_float(model, entry)
+        if quantize != "none":
+            quantize_model(loaded, quantize, group_size)
+    if lm_head is not None:
+        quantize_lm_head(loaded, lm_head)
     return tok, loaded
 
 

@@ -85,13 +85,15 @@ def _need(tensors: Any, key: str, where: str) -> torch.Tensor:
 
 
 def layer_from_tensors(
-    name: str, lin: nn.Linear, info: dict, tensors: Any, where: str
+    name: str, lin: nn.Linear, info: dict, tensors: Any, where: str, precision: str | None = None
 ) -> QuantLinear:
     """The :class:`QuantLinear` for ``name``, shaped like the skeleton's ``lin``; every tensor's
-    shape and dtype checked against it (a folder written for another model fails here)."""
-    n, k, precision = lin.out_features, lin.in_features, info["precision"]
+    shape and dtype checked against it (a folder written for another model fails here).
+    ``precision``: this layer's, when not the folder's (an LM head quantised apart)."""
+    n, k = lin.out_features, lin.in_features
+    precision = precision or info["precision"]
     if precision == "int4":
-        g = info["group_size"]
+        g = info.get("group_size") or 32
         packed = _need(tensors, f"{name}.qcodes", where)
         sz = _need(tensors, f"{name}.qscales", where)
         if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2):
@@ -139,8 +141,10 @@ def read_info(folder: Path) -> dict:
     return info
 
 
-def write_info(folder: Path, precision: str, layers: list[str], group_size: int | None, **extra) -> None:
-    info = {"format": FORMAT, "precision": precision, "lm_head": False, "layers": layers, **extra}
+def write_info(
+    folder: Path, precision: str, layers: list[str], group_size: int | None, lm_head: bool | str = False, **extra
+) -> None:
+    info = {"format": FORMAT, "precision": precision, "lm_head": lm_head, "layers": layers, **extra}
     if precision == "int4":
         info["group_size"] = group_size
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
@@ -179,12 +183,15 @@ def load_quantized(folder: str | Path) -> nn.Module:
         raise QuantizationError(f"{where} is unreadable ({type(e).__name__})") from None
     model.tie_weights()
     record_quantization(model, {k: info[k] for k in ("precision", "group_size", "lm_head") if k in info})
+    if isinstance(info.get("lm_head"), str):
+        model.config.tie_word_embeddings = False
     return model.eval()
 
 
 def _fill(model: nn.Module, info: dict, tensors: Any, where: str) -> None:
     """Replace the listed layers and load every float tensor; all checked before returning."""
     layers = info["layers"]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name in layers:
         try:
             lin = model.get_submodule(name)
@@ -192,7 +199,8 @@ def _fill(model: nn.Module, info: dict, tensors: Any, where: str) -> None:
             raise QuantizationError(f"{where}: layer {name} is not in this model") from None
         if not isinstance(lin, nn.Linear):
             raise QuantizationError(f"{where}: {name} is a {type(lin).__name__}, not a Linear")
-        replace_module(model, name, layer_from_tensors(name, lin, info, tensors, where))
+        own = info["lm_head"] if isinstance(info.get("lm_head"), str) and lin is head else None
+        replace_module(model, name, layer_from_tensors(name, lin, info, tensors, where, own))
     quant_keys = {k for k in tensors.keys() if k.rsplit(".", 1)[-1] in ("qcodes", "qscales", "qweight")}
     floats = {k: tensors.get_tensor(k) for k in tensors.keys() if k not in quant_keys}
     expected = model.state_dict()
@@ -236,7 +244,7 @@ def save_quantized(model: nn.Module, folder: str | Path) -> None:
     _drop_tied(model, tensors)
     model.config.save_pretrained(folder)
     save_file(tensors, folder / WEIGHTS_FILE)
-    write_info(folder, info["precision"], [n for n, _ in layers], info.get("group_size"))
+    write_info(folder, info["precision"], [n for n, _ in layers], info.get("group_size"), info.get("lm_head", False))
 
 
 def _drop_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

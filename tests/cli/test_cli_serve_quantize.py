@@ -70,3 +70,17 @@ def test_quantlinear_is_what_serve_runs(tmp_path):
     model = app.state.loop.engine.model
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
     assert not isinstance(model.lm_head, QuantLinear)  # the LM head stays float
+
+
+def test_serve_quantize_lm_head_apart_reports_and_generates(tmp_path):
+    model_dir = make_llama(tmp_path / "tiny-llama")
+    parse = cli.build_parser().parse_args
+    args = parse(["serve", "--model", str(model_dir), "--quantize", "int4", "--quantize-lm-head", "int8"])
+    app, info = serve_cli.build_server_app(args)
+    assert info["quantization"] == "int4-g32+head-int8"
+    with TestClient(app, base_url="http://localhost") as client:
+        assert client.get("/v1/models").json()["data"][0]["quantization"] == "int4-g32+head-int8"
+        r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "good movie", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+    with pytest.raises(CLIError, match="--quantize-lm-head needs --quantize"):
+        serve_cli.build_server_app(parse(["serve", "--model", str(model_dir), "--quantize-lm-head", "int8"]))

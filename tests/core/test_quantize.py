@@ -459,3 +459,40 @@ def test_quantising_copies_the_float_weights_off_the_loaded_file(tmp_path):
     assert before and all(after[n] != ptr for n, ptr in before.items())
     with torch.no_grad():
         assert torch.equal(outputs(model, ids), want)
+
+
+# -- the LM head apart ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["int8", "int4", "bf16"])
+def test_lm_head_quantised_apart_unties_it_and_is_recorded(tmp_path, head):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    config = AutoConfig.from_pretrained(tmp_path / "m", tie_word_embeddings=True, vocab_size=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    emb = model.model.embed_tokens.weight.detach().clone()
+    pa.quantize(model, "int4")
+    with pytest.raises(pa.QuantizationError, match="quantise the model first"):
+        quantized.quantize_lm_head(tiny_model("llama"), head)
+    quantized.quantize_lm_head(model, head)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.precision == head
+    assert torch.equal(model.model.embed_tokens.weight, emb)  # the lookup stays float
+    assert not model.config.tie_word_embeddings
+    info = pa.quantization(model)
+    assert info["lm_head"] == head and quantized.describe(info) == f"int4-g32+head-{head}"
+    ids = torch.randint(1, 128, (2, 6))
+    with torch.no_grad():
+        got = model(ids).logits
+        want = model.model(ids).last_hidden_state @ model.lm_head.dequantized_weight().t()
+    torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=0)
+    with pytest.raises(pa.QuantizationError, match="already quantised"):
+        quantized.quantize_lm_head(model, head)
+    out = tmp_path / "q"
+    out.mkdir()
+    pa.save_quantized(model, out)
+    back = pa.load_quantized(out)
+    assert back.lm_head.precision == head and pa.quantization(back)["lm_head"] == head
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, got)
