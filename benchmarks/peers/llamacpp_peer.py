@@ -278,7 +278,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 600.0) -> tuple[int, Any]:
+def http_json(url: str, body: Any = None, timeout: float = 600.0) -> tuple[int, Any]:
     """GET (no body) or POST JSON; returns (status, parsed JSON or text). Errors are returned, not
     raised, so one failed request is counted rather than ending the stream."""
     data = None if body is None else json.dumps(body).encode()
@@ -313,9 +313,11 @@ def parse_loras(specs: list[str]) -> list[tuple[str, Path]]:
 def start_server(
     args: argparse.Namespace, loras: list[tuple[str, Path]], port: int, log_path: Path
 ) -> subprocess.Popen:
-    """llama-server with every adapter loaded but not applied (``--lora-init-without-apply``: by
-    default each ``--lora`` applies at scale 1 to every request), so a request gets exactly the
-    adapters its ``lora`` field names and a request without one gets the base model."""
+    """llama-server with every adapter loaded, ``--parallel`` slots, ``-c`` = slots x context.
+
+    ``--lora-init-without-apply`` keeps the adapters out of the warm-up run; which adapters a
+    request gets is set by its own ``lora`` list (``request_body``) and, for a request without
+    one, by the global scales that ``zero_global_scales`` sets to 0."""
     exe = find_binary("llama-server", args.server_bin)
     cmd = [
         str(exe),
@@ -336,6 +338,10 @@ def start_server(
         "-fa",
         args.flash_attn,
         "--no-webui",
+        # the host-memory prompt cache restores a slot's KV by matching tokens only, not the
+        # LoRA it was computed with; off by default so no request reuses another adapter's KV
+        "--cache-ram",
+        str(args.cache_ram),
     ]
     for _, path in loras:
         cmd += ["--lora", str(path)]
@@ -400,6 +406,21 @@ def lora_ids(base_url: str, loras: list[tuple[str, Path]]) -> dict[str, int]:
     return ids
 
 
+def zero_global_scales(base_url: str, ids: dict[str, int]) -> None:
+    """Set every adapter's global scale to 0 and check it took. ``--lora-init-without-apply``
+    only skips applying them at load (common/common.cpp); their scales stay 1, and a request
+    without a ``lora`` field would get all of them. Every request here names its scales anyway
+    (``request_body``); this makes a stray request the base model rather than all adapters."""
+    if not ids:
+        return
+    status, reply = http_json(f"{base_url}/lora-adapters", [{"id": i, "scale": 0.0} for i in ids.values()])
+    if status != 200:
+        raise SystemExit(f"POST /lora-adapters: {status} {reply}")
+    _, listing = http_json(f"{base_url}/lora-adapters", timeout=10)
+    if any(e["scale"] != 0.0 for e in listing):
+        raise SystemExit(f"adapter scales not zeroed: {listing}")
+
+
 PASS_THROUGH = ("id", "label")  # request fields copied into the per-request records
 
 
@@ -423,24 +444,29 @@ def load_requests(path: str) -> list[dict[str, Any]]:
 def request_body(
     req: dict[str, Any], ids: dict[str, int], args: argparse.Namespace
 ) -> tuple[str, dict[str, Any]]:
-    """The endpoint and JSON body of one request: greedy, its adapter (if any) at scale 1."""
+    """The endpoint and JSON body of one request: greedy, its adapter (if any) at scale 1.
+
+    The ``lora`` list always names every loaded adapter (the request's at 1, the rest at 0; all
+    at 0 for the base model), never ``[]``: an empty or missing list makes the slot use the
+    server's global adapter list, whose scales ``--lora-init-without-apply`` leaves at 1, and that
+    switch does not clear the slot's KV cache (server-context.cpp, ``launch_slot_with_task``).
+    """
     adapter = req.get("adapter")
-    if adapter in (None, "", "base"):
-        lora: list[dict[str, Any]] = []
-    elif adapter in ids:
-        lora = [{"id": ids[adapter], "scale": 1.0}]
-    else:
+    if adapter not in (None, "", "base") and adapter not in ids:
         raise SystemExit(f"request names adapter {adapter!r}, not among --loras {sorted(ids)}")
     body: dict[str, Any] = {
         "max_tokens": int(req["max_tokens"]),
         "temperature": 0.0,
         "top_k": 1,
         "seed": 0,
-        "lora": lora,
         "stream": False,
     }
+    if ids:
+        body["lora"] = [{"id": i, "scale": 1.0 if name == adapter else 0.0} for name, i in ids.items()]
     if args.cache_prompt is not None:
         body["cache_prompt"] = args.cache_prompt
+    if args.ignore_eos:  # generate exactly max_tokens, for a peer that does the same
+        body["ignore_eos"] = True
     if "messages" in req:
         body["messages"] = req["messages"]
         return "/v1/chat/completions", body
@@ -521,6 +547,7 @@ def mode_stream(args: argparse.Namespace) -> dict[str, Any]:
     try:
         wait_ready(proc, base_url, log_path, args.startup_timeout)
         ids = lora_ids(base_url, loras)
+        zero_global_scales(base_url, ids)
         _, props = http_json(f"{base_url}/props", timeout=10)
         if not args.no_warmup:
             warm_up(base_url, ids, args)
@@ -541,6 +568,8 @@ def mode_stream(args: argparse.Namespace) -> dict[str, Any]:
         "ctx_per_slot": args.ctx_per_slot,
         "flash_attn": args.flash_attn,
         "cache_prompt": "server default" if args.cache_prompt is None else args.cache_prompt,
+        "ignore_eos": args.ignore_eos,
+        "cache_ram_mib": args.cache_ram,
         "loras": {n: {"id": ids[n], "path": str(p)} for n, p in loras},
         "requests_file": args.requests,
         "n_requests": len(recs),
@@ -694,7 +723,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="send cache_prompt true/false with each request (default: the server's default, true)",
     )
+    s.add_argument(
+        "--cache-ram",
+        type=int,
+        default=0,
+        help="llama-server --cache-ram MiB (default 0: off, see start_server)",
+    )
     s.add_argument("--no-warmup", action="store_true", help="skip the untimed request per adapter")
+    s.add_argument(
+        "--ignore-eos", action="store_true", help="send ignore_eos: every request makes max_tokens"
+    )
     s.add_argument("--server-bin", help="llama-server binary (default: the venv's)")
     s.add_argument(
         "--server-arg", action="append", default=[], help="extra llama-server argument (repeatable)"
