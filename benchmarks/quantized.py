@@ -520,7 +520,8 @@ def part_stream(models: dict, res: Results, args, work: Path) -> None:
             peer = run_peer(
                 args,
                 ["--mode", "stream", "--loras", *loras, "--requests", str(req_file)]
-                + ["--concurrency", str(args.concurrency)],
+                + ["--concurrency", str(args.concurrency)]
+                + ([] if args.stream_stop_at_eos else ["--ignore-eos"]),  # both sides make the same lengths
             )
             outputs = peer.pop("outputs", None) or peer.pop("requests", None)
             value = peer_value(peer, "output_tokens_per_s", "tokens_per_s")
