@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import QuantizationError, one_line
-from .quantized import check_layer, quantize_layer
+from .quantized import check_layer, quantize_weight
 from .quantized_io import WEIGHTS_FILE, int4_tensors, layer_tensors, skeleton, write_info
 
 GROUP = 32  # GGUF's Q4/Q8 blocks: 32 weights
@@ -161,10 +161,12 @@ def _repacked(tensor, kind: str, name: str, lin: nn.Linear, processor) -> dict[s
 
 def _requantized(name: str, lin: nn.Linear, weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """A linear the file keeps in another type: quantised from its float32 weights."""
-    shell = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
-    shell.weight = nn.Parameter(weights, requires_grad=False)
-    check_layer(name, shell, "int4", GROUP)
-    return layer_tensors(name, quantize_layer(name, shell, "int4", GROUP))
+    if tuple(weights.shape) != (lin.out_features, lin.in_features):
+        raise QuantizationError(
+            f"a GGUF tensor of shape {tuple(weights.shape)} does not fit layer {name} "
+            f"({lin.out_features} x {lin.in_features})"
+        )
+    return layer_tensors(name, quantize_weight(name, weights, "int4", GROUP))
 
 
 def convert_gguf_int4(gguf: Path, out: Path) -> None:

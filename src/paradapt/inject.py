@@ -250,12 +250,9 @@ def quantization_error_reference(name: str, w: torch.Tensor) -> torch.Tensor:
     ``Q = quant(W - AB)``, ``AB = svd_r(W - Q)``, which gives every adapter its own base):
     paradapt's adapters share one base, so the base must be plain ``quant(W)``.
     """
-    from .quantized import check_layer, quantize_layer
+    from .quantized import quantize_weight
 
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-    lin.weight = nn.Parameter(w.float(), requires_grad=False)
-    check_layer(name, lin, "int4", 32)
-    return quantize_layer(name, lin, "int4", 32).dequantized_weight(torch.float32)
+    return quantize_weight(name, w, "int4", 32).dequantized_weight(torch.float32)
 
 
 @torch.no_grad()

@@ -126,28 +126,27 @@ class QuantLinear(nn.Linear):
 
     @torch.no_grad()
     def bf16_weight(self) -> torch.Tensor | None:
-        """The weight in bf16 for one call, not kept (None where the int4 packing's layout is
-        not the one :func:`_unpack_int4_fast` reads: the kernel is used instead)."""
-        if self.precision == "int8":
-            return (self.qweight.float() * self.scales.float()[:, None]).to(torch.bfloat16)
-        codes = _unpack_int4_fast(self.qweight, self.in_features, self.out_features)
-        if codes is None:
+        """The weight in bf16 for one call, not kept; None for an int4 layer whose packing is
+        not laid out as :func:`_unpack_int4_fast` reads it (the kernel is used instead)."""
+        if self.precision == "int4" and not _packing_readable(self.qweight, self.in_features, self.out_features):
             return None
-        return _dequantize_int4(codes, self.scales, self.group_size).to(torch.bfloat16)
+        return self.dequantized_weight(torch.bfloat16)
 
     @torch.no_grad()
     def int4_codes(self) -> torch.Tensor:
-        """The int4 codes ``q`` (0..15) as ``uint8 [N, K]``, unpacked once and kept.
+        """The int4 codes ``q`` (0..15) as ``uint8 [N, K]``.
 
-        Reading them back through the kernel costs a ``K x K`` identity product per layer, more
-        than the layer's forward on a training batch; backward needs them at every step, so the
-        first call keeps them (``N x K`` bytes: a quarter of the float32 weight, twice the packed
-        int4). A frozen base never changes them. Inference never calls this.
+        Read straight out of the packing where its layout is known (:func:`_unpack_int4_fast`:
+        ~0.5 ms a layer, nothing kept). Elsewhere they are read back through the kernel, a
+        ``K x K`` identity product per layer, more than the layer's forward on a training batch;
+        backward needs them at every step, so that read is kept (``N x K`` bytes: a quarter of
+        the float32 weight). A frozen base never changes them.
         """
+        fast = _unpack_int4_fast(self.qweight, self.in_features, self.out_features)
+        if fast is not None:
+            return fast
         if self._codes is None or self._codes.device != self.qweight.device:
-            q = _unpack_int4_fast(self.qweight, self.in_features, self.out_features)
-            if q is None:
-                q = _unpack_int4(self.qweight, self.in_features, self.out_features, self.group_size)
+            q = _unpack_int4(self.qweight, self.in_features, self.out_features, self.group_size)
             self._codes = q.to(torch.uint8)
         return self._codes
 
@@ -172,11 +171,7 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # read from the packing for this call where its layout is known (no code cache: a
-        # quarter of the float32 weight saved in training); else the kept codes
-        w = ctx.layer.bf16_weight()
-        if w is None:
-            w = ctx.layer.dequantized_weight(torch.bfloat16)
+        w = ctx.layer.dequantized_weight(torch.bfloat16)
         return grad.to(torch.bfloat16) @ w, None
 
 
@@ -196,22 +191,26 @@ _layout_ok: bool | None = None
 
 
 def _unpack_int4_fast(packed: torch.Tensor, k: int, n: int) -> torch.Tensor | None:
-    """The codes ``uint8 [N, K]`` read straight out of the CPU packing, or None if it is not
-    laid out as measured here: blocks of 64 output rows, each ``[K, 32]`` bytes whose low
-    nibble is row ``j`` and high nibble row ``32 + j`` of the block. The layout is the
-    kernel's (it differs between CPU builds), so it is checked once per process against a
-    packed probe; where it does not hold, callers use the kernel itself (:func:`_unpack_int4`).
-    """
+    """The codes ``uint8 [N, K]`` read straight out of the CPU packing, or None where
+    :func:`_packing_readable` says it cannot be (callers then use :func:`_unpack_int4`)."""
+    return _read_blocks(packed, k, n) if _packing_readable(packed, k, n) else None
+
+
+def _packing_readable(packed: torch.Tensor, k: int, n: int) -> bool:
+    """Is ``packed`` laid out as measured here: blocks of 64 output rows, each ``[K, 32]`` bytes
+    whose low nibble is row ``j`` and high nibble row ``32 + j`` of the block? The layout is the
+    kernel's (it differs between CPU builds), so it is checked once per process against a packed
+    probe."""
     global _layout_ok
     if n % _LAYOUT_BLOCK or packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2):
-        return None
+        return False
     if _layout_ok is None:
         probe = torch.randint(0, 16, (2 * _LAYOUT_BLOCK, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
         packed_probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
         _layout_ok = tuple(packed_probe.shape) == (2 * _LAYOUT_BLOCK, 32) and torch.equal(
             _read_blocks(packed_probe, 64, 2 * _LAYOUT_BLOCK), probe.to(torch.uint8)
         )
-    return _read_blocks(packed, k, n) if _layout_ok else None
+    return _layout_ok
 
 
 def _read_blocks(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
@@ -288,8 +287,24 @@ def int4_linear(
     q = QuantLinear(k, n, "int4", g, name, float_dtype)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
     q.register_buffer("qweight", packed)
-    q.register_buffer("scales", torch.stack([scale.float().t(), zero.float().t()], -1).to(torch.bfloat16).contiguous())
+    q.register_buffer("scales", int4_scales(scale, zero))
     return q
+
+
+def int4_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Per-group scale and zero ``[N, K/g]`` as the int4 kernel takes them: ``bf16 [K/g, N, 2]``."""
+    return torch.stack([scale.float().t(), zero.float().t()], -1).to(torch.bfloat16).contiguous()
+
+
+@torch.no_grad()
+def quantize_weight(name: str, weight: torch.Tensor, precision: str, group_size: int) -> QuantLinear:
+    """A bias-free :class:`QuantLinear` from a bare ``[N, K]`` weight (checked as a layer named
+    ``name``): for weights that are not an ``nn.Linear`` of the model (a GGUF tensor, LoftQ's
+    reference of what the base will store)."""
+    shell = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    shell.weight = nn.Parameter(weight.float(), requires_grad=False)
+    check_layer(name, shell, precision, group_size)
+    return quantize_layer(name, shell, precision, group_size)
 
 
 @torch.no_grad()

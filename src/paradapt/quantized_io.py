@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import QuantizationError
-from .quantized import PRECISIONS, QuantLinear, int4_linear, record_quantization, replace_module
+from .quantized import PRECISIONS, QuantLinear, int4_linear, int4_scales, record_quantization, replace_module
 
 FORMAT = 1
 INFO_FILE = "quantization.json"
@@ -74,8 +74,7 @@ def layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
 def int4_tensors(name: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
     """What :func:`layer_tensors` writes for an int4 layer, straight from its codes ``[N, K]`` and
     per-group scale and zero ``[N, G]`` (a converter that never builds the layer)."""
-    sz = torch.stack([scale.float().t(), zero.float().t()], -1).to(torch.bfloat16).contiguous()
-    return {f"{name}.qcodes": pack_nibbles(codes), f"{name}.qscales": sz}
+    return {f"{name}.qcodes": pack_nibbles(codes), f"{name}.qscales": int4_scales(scale, zero)}
 
 
 def _need(tensors: Any, key: str, where: str) -> torch.Tensor:
