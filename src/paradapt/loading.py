@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,8 @@ def load_model(
 
 
 def _load_float(model: str | Path, entry) -> tuple[Any, Any]:
-    path = resolve_model(model)
-    try:
-        tok, loaded = _load_folder(path)
-    except ConfigError as e:
-        if entry is None or not entry.cached:
-            raise  # a plain folder, or a package's own folder: nothing to rebuild
-        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=3)
-        tok, loaded = _load_folder(resolve_model(model, rebuild=True))
+    rebuild = entry is not None and entry.cached  # a plain folder, or a package's own: no rebuild
+    tok, loaded = _rebuilt_once(lambda again: resolve_model(model, rebuild=again), _load_folder, rebuild)
     if entry is not None:  # adapter files record the base by its name, not this machine's cache path
         loaded.config._name_or_path = entry.name
     return tok, loaded
@@ -132,21 +127,30 @@ def _load_named_int4(entry) -> tuple[Any, Any]:
     from .errors import QuantizationError
     from .quantized_io import load_quantized
 
-    def locate(rebuild: bool) -> Path:
+    def locate(again: bool) -> Path:
         try:
-            return entry.locate_int4(rebuild)
+            return entry.locate_int4(again)
         except (SetupError, QuantizationError) as e:
             raise SetupError(f"{MODEL_FIELD} {entry.name}: {e}") from None
 
-    path = locate(False)
-    try:
-        loaded, tok = load_quantized(path), _load_tokenizer(path)
-    except (QuantizationError, ConfigError) as e:
-        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=3)
-        path = locate(True)
-        loaded, tok = load_quantized(path), _load_tokenizer(path)
+    tok, loaded = _rebuilt_once(locate, lambda path: (_load_tokenizer(path), load_quantized(path)), True)
     loaded.config._name_or_path = entry.name
     return tok, loaded
+
+
+def _rebuilt_once(locate: Callable[[bool], Path], load: Callable[[Path], Any], rebuild: bool) -> Any:
+    """``load(locate(False))``; a cached conversion that passes its manifest check but does not
+    load (a file corrupted in place) is converted again (``locate(True)``), once, with a warning."""
+    from .errors import QuantizationError
+
+    path = locate(False)
+    try:
+        return load(path)
+    except (ConfigError, QuantizationError) as e:
+        if not rebuild:
+            raise
+        warnings.warn(f"cached model folder {path.name} does not load ({e}); converting it again", stacklevel=4)
+        return load(locate(True))
 
 
 def _load_folder(path: Path) -> tuple[Any, Any]:

@@ -84,3 +84,10 @@ def test_serve_quantize_lm_head_apart_reports_and_generates(tmp_path):
         assert r.status_code == 200, r.text
     with pytest.raises(CLIError, match="--quantize-lm-head needs --quantize"):
         serve_cli.build_server_app(parse(["serve", "--model", str(model_dir), "--quantize-lm-head", "int8"]))
+
+
+def test_the_flags_offer_exactly_the_library_precisions():
+    from paradapt.cli.common import QUANTIZE_CHOICES
+    from paradapt.quantized import PRECISIONS
+
+    assert set(QUANTIZE_CHOICES) == {"none", *PRECISIONS}

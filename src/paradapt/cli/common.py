@@ -8,6 +8,10 @@ import warnings
 
 from ..errors import ParadaptError
 
+#: ``--quantize`` and ``--quantize-lm-head`` (serve, profile): the precisions of paradapt.quantized
+#: (not imported here: it imports torch, which the twin's commands do without).
+QUANTIZE_CHOICES = ("none", "bf16", "int8", "int4")
+
 
 class CLIError(ParadaptError):
     """A command-line problem (bad path, missing package); printed as one line, exit 2."""

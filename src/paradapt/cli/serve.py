@@ -25,7 +25,7 @@ from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
 from ..quantized import describe, quantization
 from ..serve.core import EngineConfig
-from .common import CLIError, positive_int
+from .common import QUANTIZE_CHOICES, CLIError, positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # what `paradapt serve` serves with no --model
@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
     )
     serve.add_argument(
         "--quantize",
-        choices=["none", "bf16", "int8", "int4"],
+        choices=QUANTIZE_CHOICES,
         default="none",
         help="the base model's linear layers in this precision (CPU kernels, bf16 compute; "
         "int4: groups of 32, and smollm2-135m-instruct's comes straight from its GGUF's 4-bit "
@@ -94,7 +94,7 @@ def add_parser(sub) -> None:
     )
     serve.add_argument(
         "--quantize-lm-head",
-        choices=["none", "bf16", "int8", "int4"],
+        choices=QUANTIZE_CHOICES,
         default="none",
         help="the LM head in this precision too (needs --quantize; int8 speeds a small model's "
         "decode at a small cost in agreement, int4 costs much more: docs/quantization.md)",

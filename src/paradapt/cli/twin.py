@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models import resolve_model
-from .common import csv_of, positive_int, print_warnings
+from .common import QUANTIZE_CHOICES, csv_of, positive_int, print_warnings
 from .engine_flags import DEFAULTS, add_engine_flags, knobs_from_args
 
 
@@ -59,7 +59,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument(
         "--quantize",
-        choices=["none", "bf16", "int8", "int4"],
+        choices=QUANTIZE_CHOICES,
         default="none",
         help="profile the base in this precision, as paradapt serve --quantize runs it (default: none)",
     )

@@ -29,7 +29,7 @@ import os
 import platform
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,12 +179,7 @@ class ServerCost:
             f"  per step {self.step * 1e6:.1f} us + per streamed token {self.token * 1e6:.1f} us (engine time)",
             f"  per request {self.request * 1e3:.3f} ms (latency added to first token and finish)",
         ]
-        for k, v in self.fit.items():
-            if isinstance(v, dict):
-                lines.append(f"  {k.replace('_', ' ')}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
-        flat = [f"{k} {v}" for k, v in self.fit.items() if not isinstance(v, dict)]
-        if flat:
-            lines.append("  fit: " + ", ".join(flat))
+        lines += fit_lines(self.fit, lambda k: f"  {k.replace('_', ' ')}", "  fit")
         return "\n".join(lines)
 
 
@@ -360,12 +355,7 @@ class CostModel:
         for op, (a, b) in self.moves.items():
             lines.append(f"  {op:<14} a = {a * 1e3:8.3f} ms   b = {b * 1e9:8.4f} s/GB")
         lines.append(f"queue a request: {self.submit * 1e6:.1f} us; driver loop: {self.loop * 1e6:.1f} us")
-        for k, v in self.fit.items():
-            if isinstance(v, dict):
-                lines.append(f"step-time fit, {k}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
-        flat = [f"{k} {v}" for k, v in self.fit.items() if not isinstance(v, dict)]
-        if flat:
-            lines.append("profile: " + ", ".join(flat))
+        lines += fit_lines(self.fit, lambda k: f"step-time fit, {k}", "profile")
         if self.server is not None:
             lines.append(self.server.describe())
         return "\n".join(lines)
@@ -411,6 +401,14 @@ def errors(pred: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     ss_tot = sum((t - mean) ** 2 for t in y) or 1e-30
     total = 100.0 * (sum(pred) - sum(y)) / (sum(y) or 1e-30)
     return {"n": n, "mape": round(mape, 2), "r2": round(1 - ss_res / ss_tot, 4), "sum_err": round(total, 2)}
+
+
+def fit_lines(fit: Mapping[str, Any], label: Callable[[str], str], flat_label: str) -> list[str]:
+    """A fit record as text: one line per nested dict (``label(key): name value, ...``), then the
+    scalar entries on one line after ``flat_label``."""
+    lines = [f"{label(k)}: " + ", ".join(f"{a} {b}" for a, b in v.items()) for k, v in fit.items() if isinstance(v, dict)]
+    flat = [f"{k} {v}" for k, v in fit.items() if not isinstance(v, dict)]
+    return [*lines, f"{flat_label}: " + ", ".join(flat)] if flat else lines
 
 
 # -- fingerprints ----------------------------------------------------------------------------------
