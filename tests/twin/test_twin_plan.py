@@ -218,3 +218,46 @@ def test_snap_stays_on_the_grid():
     assert configurator.snap(10.0, 10.0, 5) == (5, 5)
     assert configurator.snap(-3.0, -3.0, 5) == (1, 1)
     assert configurator.snap(3.0, 1.0, 100) == (8, 2)
+
+
+# -- refinement in the twin ------------------------------------------------------------------------
+
+
+def test_neighbours_step_along_the_grid_values():
+    grid = search.config_grid(100)  # served 1..64, 100; slots 1..32
+    assert set(configurator.neighbours((100, 32), grid)) == {(64, 16), (64, 32), (100, 16)}
+    assert set(configurator.neighbours((1, 1), grid)) == {(2, 1), (2, 2)}
+    assert all(k <= s for s, k in configurator.neighbours((4, 4), grid))
+
+
+@pytest.mark.parametrize("start", [(1, 1), (512, 32), (2, 1), (64, 1)])
+def test_refine_climbs_a_unimodal_surface_to_its_optimum(start):
+    spec = WorkloadSpec(num_adapters=512, rate=40.0, duration=10, alpha=0.5)  # optimum (80->64.., 16)
+    grid = search.config_grid(512)
+    calls = []
+
+    def evaluate(served, slots):
+        calls.append((served, slots))
+        return search.twin_trial(spec, None, served, slots, simulate=fake_simulate)
+
+    full = search.search_in_twin(spec, cost=None, simulate=fake_simulate)
+    best, trials = configurator.refine(start, grid, evaluate, max_evals=len(grid))
+    assert best == full.best  # the search's own tie rule, so the same answer
+    assert len(calls) == len(set(calls)) == len(trials)  # no config is run twice
+    assert len(calls) < len(grid)  # and it did not search the whole grid
+    capped, few = configurator.refine(start, grid, evaluate, max_evals=3)
+    assert len(few) == 3 and capped.throughput >= few[0].throughput
+
+
+def test_refine_rejects_a_start_off_the_grid():
+    with pytest.raises(ConfigError, match="grid"):
+        configurator.refine((3, 1), search.config_grid(8), lambda s, k: None)
+
+
+def test_refined_held_out_errors_are_never_worse(fake_data):
+    _, results, _ = fake_data
+    model = configurator.Configurator.fit(results[:60], max_depth=1)  # a poor model, so refining matters
+    plain = configurator.held_out_errors(model, results[60:], "tree")
+    refined = configurator.held_out_errors(model, results[60:], "tree", refine_evals=16)
+    assert all(r.error <= p.error + 1e-12 for p, r in zip(plain, refined, strict=True))
+    assert sum(r.error for r in refined) < sum(p.error for p in plain)

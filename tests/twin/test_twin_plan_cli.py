@@ -54,7 +54,7 @@ def test_plan_prints_rules_and_a_recommendation(files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "rules that fired" in out
-    line = next(x for x in out.splitlines() if x.startswith("recommended (tree"))
+    line = next(x for x in out.splitlines() if x.startswith("recommended:"))
     served, slots = (
         int(line.split("--max-served ")[1].split()[0]),
         int(line.split("--max-slots ")[1].split()[0]),
@@ -66,6 +66,10 @@ def test_plan_prints_rules_and_a_recommendation(files, tmp_path, capsys):
     best = search.search_in_twin(spec, CostModel.load(cost), knobs={"max_running": 32}).best
     assert f"searched optimum ({best.max_served}, {best.max_slots})" in out
     shortfall = float(out.split("shortfall vs the searched optimum: ")[1].split("%")[0])
+    refined = out.split("refined in the twin (")[1]
+    assert int(refined.split()[0]) <= configurator.REFINE_EVALS
+    # the refinement never recommends less than the model's own prediction did in the twin
+    assert float(refined.splitlines()[0].rsplit("(", 1)[1].split("%")[0]) >= 0.0
     advice = f"use the searched optimum instead: --max-served {best.max_served} --max-slots {best.max_slots}"
     assert (advice in out) == (shortfall > 100 * search.TIE_TOL)
 
@@ -112,7 +116,7 @@ def test_train_on_the_real_twin_saves_a_model_that_warns_on_another_cost(files, 
     args = ["plan", str(wl), "--model", str(model), "--cost", str(cost), "--train", "3", "--workers", "1"]
     assert cli.main([*args, "--duration", "2", "--max-depth", "2"]) == 0
     out = capsys.readouterr().out
-    assert model.is_file() and "|---" in out and "recommended (tree" in out
+    assert model.is_file() and "|---" in out and "recommended:" in out and "predicted (tree" in out
     assert len(list((model.parent / "cache").glob("*.json"))) == 3
     other = tmp_path / "other.json"
     CostModel.from_coefficients({"step": 1e-2}).save(other)
@@ -129,8 +133,21 @@ def test_plan_takes_a_trace_and_recommends_within_its_grid(files, tmp_path, caps
     rc = cli.main(["plan", str(trace), "--model", str(model), "--cost", str(cost), "--check"])
     out = capsys.readouterr().out
     assert rc == 0 and "trace of" in out and "rules that fired" in out
-    line = next(x for x in out.splitlines() if x.startswith("recommended (tree"))
+    line = next(x for x in out.splitlines() if x.startswith("recommended:"))
     served = int(line.split("--max-served ")[1].split()[0])
     slots = int(line.split("--max-slots ")[1].split()[0])
     assert (served, slots) in search.config_grid(5)
     assert "shortfall vs the searched optimum" in out
+
+
+def test_refine_zero_prints_the_models_prediction(files, tmp_path, capsys):
+    cost, model = files
+    wl = write_workload(tmp_path / "wl.yaml")
+    assert cli.main(["plan", str(wl), "--model", str(model), "--cost", str(cost), "--refine", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "refined in the twin" not in out
+    pred = next(x for x in out.splitlines() if x.startswith("predicted (tree"))
+    rec = next(x for x in out.splitlines() if x.startswith("recommended:"))
+    assert rec.split("recommended: ")[1] == pred.split("): ")[1].split("   [")[0]
+    assert cli.main(["plan", str(wl), "--model", str(model), "--cost", str(cost), "--refine", "-1"]) == 2
+    assert "refine" in capsys.readouterr().err

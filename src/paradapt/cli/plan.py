@@ -16,8 +16,17 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..serve.workload import Workload, WorkloadSpec
-from ..twin.configurator import TARGETS, Configurator, Recommendation, shortfall, train
-from ..twin.search import TIE_TOL, cost_key, search_in_twin
+from ..twin.configurator import (
+    REFINE_EVALS,
+    TARGETS,
+    Configurator,
+    Recommendation,
+    refine,
+    shortfall,
+    train,
+)
+from ..twin.features import num_adapters
+from ..twin.search import TIE_TOL, config_grid, cost_key, search_in_twin, twin_trial
 from .engine_flags import add_engine_flags, knobs_from_args
 from .twin import add_workload_flags, cost_from_flags, describe_workload, workload_from_args
 
@@ -59,6 +68,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--predictor", choices=("tree", "linear"), default="tree", help="which model recommends")
     p.add_argument(
+        "--refine",
+        type=int,
+        default=REFINE_EVALS,
+        metavar="N",
+        help=f"refine the prediction with up to N twin runs around it (default: {REFINE_EVALS}; 0: the "
+        "model's prediction as is)",
+    )
+    p.add_argument(
         "--check", action="store_true", help="run the twin at the recommendation and search the optimum"
     )
     p.add_argument("--workers", type=int, default=2, metavar="N", help="search processes (default: 2)")
@@ -90,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("workers", "max_depth"):
         if getattr(args, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
+    if args.refine < 0:
+        raise ConfigError("refine", f"must be 0 or more, got {args.refine}")
     if not args.duration > 0:
         raise ConfigError("duration", f"must be positive, got {args.duration}")
     cost = cost_from_flags(args.cost, None)
@@ -134,23 +153,47 @@ def run(args: argparse.Namespace) -> int:
             f"  {target}: {conds}\n    -> log2 {tree_rec.raw[target]:.2f} ({2 ** tree_rec.raw[target]:.1f})"
         )
     print(
-        f"recommended ({rec.predictor}, margin {model.margin:+.2f} log2): "
+        f"predicted ({rec.predictor}, margin {model.margin:+.2f} log2): "
         f"--max-served {rec.max_served} --max-slots {rec.max_slots}"
         f"   [{other.predictor}: --max-served {other.max_served} --max-slots {other.max_slots}]"
     )
+    if args.refine > 0:
+        rec = _refined(spec, cost, rec, knobs, args.refine)
+    print(f"recommended: --max-served {rec.max_served} --max-slots {rec.max_slots}")
     if args.check:
         _print_check(spec, cost, rec, knobs)
     return 0
 
 
+def _refined(
+    spec: WorkloadSpec | Workload, cost: Any, rec: Recommendation, knobs: Mapping[str, Any], evals: int
+) -> Recommendation:
+    """The model's prediction refined by a local search in the twin (configurator.refine)."""
+    best, trials = refine(
+        (rec.max_served, rec.max_slots),
+        config_grid(num_adapters(spec)),
+        lambda served, slots: twin_trial(spec, cost, served, slots, knobs=knobs),
+        evals,
+    )
+    start = trials[0]
+    gain = best.throughput / start.throughput - 1 if start.throughput > 0 else 0.0
+    print(
+        f"refined in the twin ({len(trials)} runs around the prediction): ({best.max_served}, {best.max_slots}) "
+        f"{best.throughput:,.1f} tokens/s vs {start.throughput:,.1f} at the prediction ({100 * gain:+.1f}%)"
+    )
+    return Recommendation(best.max_served, best.max_slots, f"{rec.predictor}+twin", rec.raw, rec.rules)
+
+
 def _print_heldout(model: Configurator) -> None:
     for predictor in ("tree", "linear"):
-        h = model.meta.get(f"heldout_{predictor}")
-        if h:
-            print(
-                f"{predictor}: held-out throughput error mean {100 * h['mean_error']:.2f}%, max "
-                f"{100 * h['max_error']:.2f}% over {h['n']} workloads (trained on {model.meta.get('train_workloads')})"
-            )
+        for suffix, what in (("", ""), ("_refined", ", refined in the twin")):
+            h = model.meta.get(f"heldout_{predictor}{suffix}")
+            if h:
+                print(
+                    f"{predictor}{what}: held-out throughput error mean {100 * h['mean_error']:.2f}%, max "
+                    f"{100 * h['max_error']:.2f}% over {h['n']} workloads (trained on "
+                    f"{model.meta.get('train_workloads')})"
+                )
 
 
 def _print_check(spec: WorkloadSpec | Workload, cost: Any, rec: Recommendation, knobs: Mapping[str, Any]) -> None:
