@@ -9,12 +9,15 @@ three ways its packed forward runs attention, interleaved and repeated (``--roun
   packed row of every request's keys (block-diagonal mask);
 * ``gqa``: ``serve.hf_paged.sdpa_gqa``: the same, reading grouped KV heads in place
   (``enable_gqa``; bit-identical);
-* ``lean``: ``serve.hf_paged.lean_decode`` (what the engine runs): each request's keys in its
-  own padded row, one batched SDPA with grouped heads.
+* ``lean``: ``serve.hf_paged.lean_decode`` with ``gather_attention`` (the engine's
+  ``--decode-attention gather``): each request's keys copied into its own padded row, one
+  batched SDPA with grouped heads;
+* ``compiled``: ``lean_decode`` with ``paged_attention`` (the engine's default where it
+  compiles): the same arithmetic compiled to read the keys in their pages, no copy.
 
 Reported: the median step time per mode and its ratio to ``plain``; the context grows by one token
 per step, so the modes' rounds are interleaved. Models: the random Llama of
-``benchmarks/serve_load.py`` (hidden 512, 8 layers, 8 heads, no GQA: only ``lean`` can help) and
+``benchmarks/serve_load.py`` (hidden 512, 8 layers, 8 heads, no GQA: only ``lean`` and ``compiled`` can help) and
 SmolLM2-135M-Instruct (9 query / 3 KV heads).
 
     python benchmarks/decode_attention.py                           # both models
@@ -32,14 +35,15 @@ import time
 import torch
 
 import paradapt.serve.runner as runner_mod
-from paradapt.serve import hf_paged
+from paradapt.serve import hf_paged, paged_attention
 from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.serve.sampling import SamplingParams
 
-MODES = {
-    "plain": lambda device: contextlib.nullcontext(),
-    "gqa": hf_paged.sdpa_gqa,
-    "lean": hf_paged.lean_decode,
+MODES = {  # each replaces the Runner's lean_decode(device, attend); the engine's own attend is ignored
+    "plain": lambda device, attend=None: contextlib.nullcontext(),
+    "gqa": lambda device, attend=None: hf_paged.sdpa_gqa(device),
+    "lean": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.gather_attention),
+    "compiled": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.paged_attention),
 }
 
 
@@ -99,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         f"decode_attention: {args.requests} requests, prompts of {args.prompt} tokens, {args.steps} steps x "
         f"{args.rounds} rounds per mode, interleaved; torch threads {args.threads}"
     )
-    print(f"{'model':<24} {'mode':<6} {'step ms':>8} {'vs plain':>8}")
+    print(f"{'model':<24} {'mode':<8} {'step ms':>8} {'vs plain':>8}")
     for name in args.models.split(","):
         med = run(name, args)
         for mode, ms in med.items():
-            print(f"{name:<24} {mode:<6} {ms:8.1f} {med['plain'] / ms:7.2f}x", flush=True)
+            print(f"{name:<24} {mode:<8} {ms:8.1f} {med['plain'] / ms:7.2f}x", flush=True)
     return 0
 
 

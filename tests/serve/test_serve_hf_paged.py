@@ -148,30 +148,6 @@ def test_sdpa_gqa_reads_grouped_heads_bit_exactly_and_restores_the_switch(monkey
         assert os.environ[_FORCE_GQA] == "0"  # off CPU: untouched
 
 
-def test_per_request_decode_attention_equals_the_block_diagonal_packed_row():
-    """``lean_decode``'s path: B one-token queries, each over its own keys laid out in a padded
-    row, equal transformers' masked attention over the whole packed row (grouped heads: 4 over 2)."""
-    from paradapt.serve.hf_paged import _attend_rows, _padded_rows
-
-    g = torch.Generator().manual_seed(0)
-    lengths = [3, 7, 1, 5]
-    cu = torch.tensor([0, 3, 10, 11, 16], dtype=torch.int32)
-    q = torch.randn(1, 4, len(lengths), 8, generator=g)
-    k = torch.randn(1, 2, 16, 8, generator=g)
-    v = torch.randn(1, 2, 16, 8, generator=g)
-    mask = torch.zeros(len(lengths), 16, dtype=torch.bool)
-    for i in range(len(lengths)):
-        mask[i, cu[i] : cu[i + 1]] = True
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask[None, None], scale=0.3
-    )
-    rows, valid = _padded_rows(cu)
-    assert rows.shape == (4, 7) and valid.sum(1).tolist() == lengths
-    pad = [t[0].transpose(0, 1)[rows.reshape(-1)].view(4, 7, 2, 8).transpose(1, 2) for t in (k, v)]
-    got = _attend_rows(q, pad[0], pad[1], valid, 0.3)
-    torch.testing.assert_close(got, want.transpose(1, 2))
-
-
 def test_one_token_prompts_alone_in_a_step_take_the_write_only_path():
     """A step whose every request brings its first and only prompt token has one query per
     request but nothing to read back (an empty prompt's BOS, found by the fuzz test): it must

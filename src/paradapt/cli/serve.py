@@ -24,7 +24,7 @@ from ..errors import QuantizationError, one_line
 from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
 from ..quantized import describe, quantization
-from ..serve.core import EngineConfig
+from ..serve.core import DECODE_ATTENTION, EngineConfig
 from .common import QUANTIZE_CHOICES, CLIError, positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
 
@@ -77,6 +77,14 @@ def add_parser(sub) -> None:
     )
     add_engine_flags(serve)  # --token-budget, --max-running, --kv-tokens, --device-memory-mb, ...
     serve.add_argument("--queue-bound", type=positive_int, metavar="N", help="waiting requests before 429")
+    serve.add_argument(
+        "--decode-attention",
+        choices=DECODE_ATTENTION,
+        default="auto",
+        help="how decode steps read the paged KV cache on the CPU: compiled in place (torch.compile, "
+        "needs a C++ compiler; compiled once at startup), or gather + SDPA; auto: compiled where it "
+        "compiles, else gather (default: auto)",
+    )
     serve.add_argument(
         "--threads",
         type=positive_int,
@@ -262,6 +270,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_slots=max_slots,
         max_served=args.max_served or max(base.max_served, max_slots),
         queue_bound=args.queue_bound or base.queue_bound,
+        decode_attention=getattr(args, "decode_attention", base.decode_attention),
     )
 
 
@@ -308,6 +317,7 @@ def build_server_app(args: argparse.Namespace):
         "threads": threads,
         "heap": heap,
         "quantization": describe(quantization(model)),
+        "decode_attention": getattr(engine, "decode_attention", None),
     }
     template = _chat_template(args)
     app = create_app(engine, model_name=name, tokenizer=tok, chat_template=template, guard=guard_config(args))
@@ -434,6 +444,7 @@ def run(args: argparse.Namespace) -> int:
         f"kv {c.num_blocks * c.page_size} tokens, {c.max_slots} slots, {c.max_served} served; "
         f"{info['threads']} torch threads{', large blocks kept in the heap' if info['heap'] else ''}; "
         f"base weights {info['quantization']}; "
+        f"{'decode attention ' + info['decode_attention'] + '; ' if info['decode_attention'] else ''}"
         f"http://{args.host}:{args.port}",
         flush=True,
     )

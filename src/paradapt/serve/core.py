@@ -30,6 +30,10 @@ from ..errors import ConfigError, ParadaptError
 from .cache import AdapterCache, MemoryBudget, Move
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
+#: How a decode step reads the paged KV cache (serve/paged_attention.py): compiled where it can be, or
+#: always compiled (an error when it cannot), or gather + SDPA.
+DECODE_ATTENTION = ("auto", "compiled", "gather")
+
 
 class AdapterLoadError(ParadaptError, RuntimeError):
     """An adapter folder could not be loaded; the requests for it fail with this error."""
@@ -52,6 +56,8 @@ class EngineConfig:
     ``device_memory``: bytes shared by KV pages and adapter slots (None: KV is ``num_blocks``
     pages and slots are not charged); ``slot_bytes``: bytes reserved per slot when
     ``device_memory`` is set (None: the largest adapter the engine knows at start).
+    ``decode_attention``: how decode steps read the paged KV cache
+    (:mod:`paradapt.serve.paged_attention`: ``auto``, ``compiled`` or ``gather``).
     """
 
     page_size: int = 16
@@ -65,6 +71,7 @@ class EngineConfig:
     prefetch: int = 2
     device_memory: int | None = None
     slot_bytes: int | None = None
+    decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("page_size", "num_blocks", "token_budget", "max_running", "max_slots", "max_served"):
@@ -77,6 +84,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 0):
                 raise ConfigError(name, f"must be a number of bytes >= 0 or None, got {v!r}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ConfigError(
+                "decode_attention", f"must be one of {list(DECODE_ATTENTION)}, got {self.decode_attention!r}"
+            )
 
 
 @dataclass(frozen=True)

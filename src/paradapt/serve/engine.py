@@ -569,6 +569,7 @@ class Engine(_EngineCore):
             page_size=config.page_size,
             num_blocks=split.num_blocks,
             max_batch_tokens=config.token_budget,
+            decode_attention=config.decode_attention,
         )
         sched = scheduler_config(config, split.num_blocks)
         if (sched.kv_tokens, sched.kv_block) != (self.runner.kv_tokens, self.runner.kv_block):
@@ -582,6 +583,11 @@ class Engine(_EngineCore):
         self.default_eos: frozenset[int] = (
             frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
         )
+
+    @property
+    def decode_attention(self) -> str:
+        """How decode steps read the KV pages: ``compiled`` (in place) or ``gather`` (copy + SDPA)."""
+        return "compiled" if self.runner.decode_attention.compiled else "gather"
 
     def add_request(
         self,

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -30,6 +29,7 @@ from transformers.generation.continuous_batching.requests import RequestState as
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import ParadaptError
+from .paged_attention import Attend, gather_attention
 
 __all__ = ["KVState", "PagedKV", "lean_decode", "sdpa_gqa"]
 
@@ -86,7 +86,7 @@ def sdpa_gqa(device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lean_decode(device: torch.device) -> Iterator[None]:
+def lean_decode(device: torch.device, attend: Attend = gather_attention) -> Iterator[None]:
     """On CPU, a decode-only step attends per request instead of over the whole packed row.
 
     transformers' SDPA path for the paged cache gathers every request's keys into one row and
@@ -94,8 +94,10 @@ def lean_decode(device: torch.device) -> Iterator[None]:
     keys (B times the work; at 32 requests of 80 tokens, most of a step's attention time). In
     a step where every request brings exactly one token (pure decode), the step's keys are
     written to their pages and each request's keys read back straight into its own row, padded
-    to the longest (:func:`_write_and_gather`: one gather, where transformers gathers the packed
-    row), then one batched SDPA with grouped heads attends (:func:`_attend_rows`). Any other step (prompt chunks, sliding-window layers, a block
+    to the longest (:func:`_write`, :func:`_read_layout`), and ``attend`` scores each query
+    against its own row (:mod:`paradapt.serve.paged_attention`: by default one gather where
+    transformers gathers the packed row, then one batched SDPA with grouped heads; compiled, it
+    reads the pages in place). Any other step (prompt chunks, sliding-window layers, a block
     table, dropout) goes to transformers' own function unchanged. Installed in transformers'
     attention registry only for the duration of our forward, so other models are untouched.
     """
@@ -104,7 +106,7 @@ def lean_decode(device: torch.device) -> Iterator[None]:
         return
     registry = ALL_ATTENTION_FUNCTIONS._local_mapping
     before = registry.get("sdpa")
-    registry["sdpa"] = _decode_attention(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    registry["sdpa"] = _decode_attention(ALL_ATTENTION_FUNCTIONS["sdpa"], attend)
     try:
         with sdpa_gqa(device):
             yield
@@ -115,7 +117,7 @@ def lean_decode(device: torch.device) -> Iterator[None]:
             registry["sdpa"] = before
 
 
-def _decode_attention(original):
+def _decode_attention(original, attend: Attend):
     """transformers' SDPA attention function, with the per-request path for decode-only steps.
 
     Every layer of a step reads its keys in the same layout, so the padded read positions are
@@ -127,8 +129,7 @@ def _decode_attention(original):
             return original(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, cache=cache, **kwargs
             )
-        k, v, valid = _write_and_gather(cache, module.layer_idx, key, value, kwargs, layouts)
-        return _attend_rows(query, k, v, valid, scaling), None
+        return _attend_rows(cache, module.layer_idx, query, key, value, scaling, kwargs, layouts, attend), None
 
     return attention
 
@@ -161,22 +162,16 @@ def _padded_rows(cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, pos[None, :] < lengths[:, None]
 
 
-def _write_and_gather(cache, layer: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict, layouts: dict):
-    """What ``cache.update`` does for a full-attention layer (write the step's keys and values
-    into their pages, non-finite values as 0 like every other write here), but reading each
-    request's keys straight into its own padded row: one gather instead of two.
-    ``key``/``value`` ``[1, Hkv, B, D]``; returns ``k, v [B, Hkv, L, D]`` and ``valid [B, L]``."""
+def _write(cache, layer: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``cache.update`` writes for a full-attention layer: the step's keys and values into
+    their pages (non-finite values as 0, like every other write here). ``key``/``value``
+    ``[1, Hkv, B, D]``; returns the layer's whole ``(k_cache, v_cache)`` ``[rows, Hkv, D]``."""
     allocator = cache.layer_to_allocator[layer]
     k_cache, v_cache = allocator._kv_token_views[layer]
     write = kwargs["write_index"][allocator.index]
     for store, new in ((k_cache, key), (v_cache, value)):
         store.index_copy_(0, write, _finite(new).squeeze(0).transpose(0, 1))
-    where, valid = _read_layout(allocator, kwargs, layouts)
-    b, length = valid.shape
-    heads_kv, dim = k_cache.shape[1], k_cache.shape[2]
-    k = k_cache.index_select(0, where).view(b, length, heads_kv, dim).transpose(1, 2)
-    v = v_cache.index_select(0, where).view(b, length, heads_kv, dim).transpose(1, 2)
-    return k, v, valid
+    return k_cache, v_cache
 
 
 def _read_layout(allocator, kwargs: dict, layouts: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,15 +188,15 @@ def _read_layout(allocator, kwargs: dict, layouts: dict) -> tuple[torch.Tensor, 
 
 
 def _attend_rows(
-    query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float | None
+    cache, layer: int, query, key, value, scaling: float | None, kwargs: dict, layouts: dict, attend: Attend
 ) -> torch.Tensor:
-    """B single-token queries (``query`` ``[1, H, B, D]``), each over its own padded row of keys
-    (``k``/``v`` ``[B, Hkv, L, D]``, ``valid [B, L]``); ``[1, B, H, D]`` as transformers returns."""
-    q = query[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=valid[:, None, None, :], scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return out.squeeze(2).unsqueeze(0)
+    """B single-token queries (``query`` ``[1, H, B, D]``), each over its own request's keys (the
+    step's just written); ``[1, B, H, D]`` as transformers returns."""
+    k_cache, v_cache = _write(cache, layer, key, value, kwargs)
+    where, valid = _read_layout(cache.layer_to_allocator[layer], kwargs, layouts)
+    q = query[0].transpose(0, 1)  # [B, H, D]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    return attend(q, k_cache, v_cache, where.view(valid.shape), valid, scale).unsqueeze(0)
 
 
 class PagedKV:
@@ -233,6 +228,12 @@ class PagedKV:
         self.max_batch_tokens: int = bp.max_batch_tokens
         self.kv_block: int = self.cache.tokens_per_sector  # allocation unit: the scheduler reserves in these
         self.kv_tokens: int = self.cache.pool.num_free_sectors * self.kv_block  # all pages, free at start
+
+    def kv_layout(self) -> tuple[int, int, torch.dtype, torch.device]:
+        """``(kv heads, head dim, dtype, device)`` of the cache's pages (what decode attention reads)."""
+        layer, allocator = next(iter(self.cache.layer_to_allocator.items()))
+        k_cache = allocator._kv_token_views[layer][0]
+        return k_cache.shape[1], k_cache.shape[2], k_cache.dtype, k_cache.device
 
     @property
     def attention_kinds(self) -> list[str]:

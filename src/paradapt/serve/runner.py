@@ -21,6 +21,7 @@ from ..errors import ConfigError, ParadaptError
 from ..lifecycle import route
 from ..state import get_state
 from .hf_paged import KVState, PagedKV, lean_decode
+from .paged_attention import DecodeAttention
 from .sampling import History, SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from .scheduler import ScheduledStep
 
@@ -66,7 +67,13 @@ class Runner:
     """
 
     def __init__(
-        self, model: nn.Module, *, page_size: int = 16, num_blocks: int = 256, max_batch_tokens: int = 256
+        self,
+        model: nn.Module,
+        *,
+        page_size: int = 16,
+        num_blocks: int = 256,
+        max_batch_tokens: int = 256,
+        decode_attention: str = "auto",
     ):
         for name, v, lo in (
             ("page_size", page_size, 4),
@@ -88,6 +95,9 @@ class Runner:
             )
         self.kv_block = self.kv.kv_block  # allocation unit: the scheduler reserves in these
         self.kv_tokens = self.kv.kv_tokens
+        self.decode_attention = DecodeAttention(decode_attention)
+        heads_kv, dim, dtype, device = self.kv.kv_layout()
+        self.decode_attention.warm_up(model.config.num_attention_heads, heads_kv, dim, dtype, device)
         self._seqs: dict[str, Sequence] = {}
         self._nonfinite: list[NonFiniteLogitsError] = []  # rows dropped since the last take_nonfinite
 
@@ -142,7 +152,7 @@ class Runner:
         scored = self._scored_prompt_rows(step, batch)
         if scored:  # only requests that asked for prompt log-probabilities keep all their rows
             keep = torch.cat([keep, torch.tensor([p for _, _, p in scored], device=keep.device)])
-        with torch.no_grad(), self._routes(batch), lean_decode(keep.device):
+        with torch.no_grad(), self._routes(batch), lean_decode(keep.device, self.decode_attention.attend):
             logits = self.model(**kw, logits_to_keep=keep).logits[0]  # LM head on those rows only
         if scored:
             self._record_prompt_logprobs(scored, logits[len(samplers) :])

@@ -1,0 +1,82 @@
+"""Decode attention over the paged KV cache (serve/paged_attention.py): the gather + SDPA path and
+the compiled in-place path both equal transformers' masked attention over the packed row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paradapt.errors import ConfigError
+from paradapt.serve import paged_attention as pa_attn
+from paradapt.serve.hf_paged import _padded_rows
+
+ATTENDS = {"gather": pa_attn.gather_attention, "compiled": pa_attn.paged_attention}
+
+
+def packed_case(lengths: list[int], heads: int, heads_kv: int, dim: int, dtype=torch.float32, seed: int = 0):
+    """B one-token queries, each over its own keys, laid out as lean_decode lays them out: the
+    keys of request i at packed positions cu[i]:cu[i+1], scattered over the cache rows."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(len(lengths), heads, dim, generator=g).to(dtype)
+    k = torch.randn(total + 7, heads_kv, dim, generator=g).to(dtype)  # cache rows, more than read
+    v = torch.randn(total + 7, heads_kv, dim, generator=g).to(dtype)
+    read = torch.randperm(total + 7, generator=g)[:total]  # packed position -> cache row
+    rows, valid = _padded_rows(cu)
+    where = read[rows.reshape(-1)].view(rows.shape)
+    # the reference: every query over the whole packed row under a block-diagonal mask
+    mask = torch.zeros(len(lengths), total, dtype=torch.bool)
+    for i in range(len(lengths)):
+        mask[i, cu[i] : cu[i + 1]] = True
+    kk, vv = (t[read].transpose(0, 1)[None].repeat_interleave(heads // heads_kv, 1) for t in (k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], kk, vv, attn_mask=mask[None, None], scale=0.3
+    )[0].transpose(0, 1)
+    return (q, k, v, where, valid), want
+
+
+@pytest.mark.parametrize("name", list(ATTENDS))
+@pytest.mark.parametrize(
+    "lengths,heads,heads_kv", [([3, 7, 1, 5], 4, 2), ([9], 2, 2), ([1, 1], 3, 1), ([4, 2, 6], 6, 6)]
+)
+def test_decode_attention_equals_the_block_diagonal_packed_row(name, lengths, heads, heads_kv):
+    args, want = packed_case(lengths, heads, heads_kv, 8)
+    got = ATTENDS[name](*args, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_attention_in_bf16_is_close_to_the_gather():
+    args, _ = packed_case([5, 12, 3], 4, 2, 16, dtype=torch.bfloat16)
+    got = pa_attn.paged_attention(*args, 0.25)
+    want = pa_attn.gather_attention(*args, 0.25)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_mode_that_does_not_exist_names_the_field():
+    with pytest.raises(ConfigError, match="decode_attention"):
+        pa_attn.DecodeAttention("fast")
+
+
+def test_auto_falls_back_to_the_gather_with_a_warning_when_compiling_fails(monkeypatch):
+    def broken():
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(pa_attn, "_compiled_fn", broken)
+    auto = pa_attn.DecodeAttention("auto")
+    with pytest.warns(UserWarning, match="compiled decode attention unavailable"):
+        auto.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
+    assert auto.attend is pa_attn.gather_attention and "no C++ compiler" in auto.error
+    forced = pa_attn.DecodeAttention("compiled")
+    with pytest.raises(ConfigError, match="decode_attention.*no C\\+\\+ compiler"):
+        forced.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
+    gather = pa_attn.DecodeAttention("gather")
+    gather.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))  # never compiles
+    assert gather.attend is pa_attn.gather_attention
+
+
+def test_a_warm_compiled_mode_is_the_compiled_path():
+    mode = pa_attn.DecodeAttention("auto")
+    mode.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
+    assert mode.compiled and mode.error is None
