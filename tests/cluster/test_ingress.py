@@ -82,6 +82,7 @@ class FakeReplica:
         self.seen: list[Forwarded] = []
         self.streams: list[Stream] = []
         self.report_gate: asyncio.Event | None = None  # set: the report waits for it
+        self.restored: list[tuple[str, str]] = []
 
     def options(self, **_):
         return self
@@ -95,6 +96,14 @@ class FakeReplica:
             return stream
 
         return Method(remote)
+
+    @property
+    def restore(self) -> Method:
+        async def restore(name: str, path: str) -> None:
+            self.restored.append((name, path))
+            self.adapters |= {name}
+
+        return Method(lambda name, path: restore(name, path))
 
     @property
     def report(self) -> Method:
@@ -364,3 +373,24 @@ def test_an_admin_call_that_holds_everywhere_answers_as_one_server_and_forgets_u
     assert response.status_code == 200 and json.loads(response.body) == {"done": "/v1/adapters/a1"}
     assert ing.router.placements("a1") == ()
     assert [f.method for f in r0.seen] == ["DELETE"] and [f.method for f in r1.seen] == ["DELETE"]
+
+
+def test_a_replica_that_lost_a_vllm_alias_gets_it_back_but_not_while_admin_is_changing_it():
+    """Ray restarted replica-1: it knows only its root's folders, not the alias loaded
+    everywhere before; the next poll loads it again there (an actor call, no HTTP route)."""
+    r0 = admin_replica("replica-0", adapters=("a1", "mine"))
+    r1 = admin_replica("replica-1", adapters=("a1",))
+
+    async def run():
+        ing = ingress(r0, r1)
+        ing.sources["mine"] = "a2"
+        ing._admin_busy = 1  # a broadcast in flight: a missing alias may be its unload at work
+        await ing._poll_all()
+        during = list(r1.restored)
+        ing._admin_busy = 0
+        await ing._poll_all()
+        await ing._poll_all()  # restored once, then the report has it
+        return during
+
+    assert asyncio.run(run()) == []
+    assert r1.restored == [("mine", "a2")] and r0.restored == []

@@ -283,7 +283,7 @@ def _aftermath(
     if op.kind == "load":
         return out + f"; still loaded on {_list(failed)}: unload it again once its requests finish"
     if failed:
-        return out + f"; could not load it again on {_list(failed)}: those replicas no longer serve it"
+        return out + f"; could not load it again on {_list(failed)}: those replicas do not serve it now"
     return out + (
         f"; no longer served on {_list(kept)} (this ingress never saw the folder it was loaded from: "
         "load it again there with /v1/load_lora_adapter)"

@@ -232,6 +232,13 @@ class ReplicaServer:
         folders = await asyncio.to_thread(self.engine.store.names)  # the disk, off the event loop
         return ReplicaReport(state, self.app.state.model_name, frozenset(folders) | frozenset(served))
 
+    async def restore(self, name: str, path: str) -> None:
+        """Serve the folder ``path`` as ``name`` again, as vLLM's ``load_lora_adapter`` does: the
+        ingress re-applies an alias this replica lost (Ray restarted it, so it started with its
+        adapter root's folders only). An actor method, not a route: only the ingress calls it."""
+        await self.loop.acall(self.engine.store.alias, name, path)
+        await self.loop.acall(self.engine.load_adapter, name)
+
     def __del__(self) -> None:
         """Ray Serve stops the replica: let running requests finish (up to ``drain_s``), then stop
         the engine thread (the single-process server does the same on SIGTERM)."""
@@ -335,6 +342,9 @@ class Ingress:
         self._polled = -1e9
         self._poll: asyncio.Task | None = None
         self._down_at: dict[str, float] = {}  # when each replica was last seen lost
+        self._admin_busy = 0  # broadcasts in flight (replicas' adapters are changing)
+        self._admin_done = 0  # broadcasts finished (a poll that saw one finish saw a changing set)
+        self._unrestorable: set[tuple[str, str]] = set()  # (replica, alias) whose restore failed
 
     async def __call__(self, request: Request) -> Response:
         fwd = forwarded(request, await request.body())
@@ -405,6 +415,7 @@ class Ingress:
         """Every replica's report. A replica comes back only with a report asked for after it was
         seen lost: a poll in flight when it died may still bring its last (stale) report."""
         started = self._polled = asyncio.get_running_loop().time()
+        quiet, done = self._admin_busy == 0, self._admin_done
         names = list(self.handles)
         results = await asyncio.gather(*(self._report(n) for n in names), return_exceptions=True)
         for name, result in zip(names, results, strict=True):
@@ -413,6 +424,28 @@ class Ingress:
             elif self._down_at.get(name, -math.inf) < started:
                 self.reports[name] = result
                 self.unreachable.discard(name)
+        changing = not quiet or self._admin_busy or done != self._admin_done  # an admin call meanwhile
+        if not changing:
+            await self._restore_aliases()
+
+    async def _restore_aliases(self) -> None:
+        """Load again, on each replica whose report lacks it, every vLLM alias loaded everywhere
+        (:attr:`sources`). A replica Ray restarted knows only its adapter root's folders; without
+        this, an alias would be a 404 there while the other replicas serve it. A restore that
+        fails is logged once and not tried again until the alias is loaded again."""
+        for name, report in self.reports.items():
+            for alias, path in list(self.sources.items()):
+                has = alias in report.adapters or (name, alias) in self._unrestorable
+                if has or name in self.unreachable:
+                    continue
+                try:
+                    await asyncio.wait_for(self._await(self.handles[name].restore.remote(alias, path)), 30.0)
+                    log.warning("replica %s had lost adapter %r (restarted?): loaded it again", name, alias)
+                except Exception as e:  # the folder went away, the replica died again...
+                    self._unrestorable.add((name, alias))
+                    log.warning(
+                        "replica %s lacks adapter %r and loading it again failed (%s)", name, alias, e
+                    )
 
     def _mark_down(self, name: str) -> None:
         """Route nothing more to ``name`` until a report asked for from now on arrives (Ray
@@ -501,9 +534,17 @@ class Ingress:
         to every replica; if it fails on any, undone where it succeeded. Success: the first
         replica's own answer. Failure: OpenAI's error naming the adapter's field and each
         replica's state (``replicas``)."""
+        self._admin_busy += 1
+        try:
+            return await self._broadcast_once(fwd)
+        finally:
+            self._admin_busy -= 1
+            self._admin_done += 1
+            self._polled = -1e9  # the next request polls again: the set of adapters changed
+
+    async def _broadcast_once(self, fwd: Forwarded) -> Response:
         names = list(self.handles)
         answers = await asyncio.gather(*(self._relay(n, fwd) for n in names), return_exceptions=True)
-        self._polled = -1e9  # the next request polls again: the set of adapters changed
         op = admin_op(fwd.method, fwd.path, fwd.body)
         got = {n: _answer(n, a) for n, a in zip(names, answers, strict=True)}
         for name, a in zip(names, answers, strict=True):
@@ -524,6 +565,8 @@ class Ingress:
             self.sources.pop(op.adapter, None)
         elif verdict.ok and op.api == "vllm" and op.source is not None:
             self.sources[op.adapter] = op.source
+        if verdict.ok:
+            self._unrestorable = {(n, a) for n, a in self._unrestorable if a != op.adapter}
         if verdict.relay is not None:  # held everywhere, or changed nothing: a replica's own answer
             return answers[names.index(verdict.relay)]
         log.warning("admin %s %s held on some replicas only: %s", fwd.method, fwd.path, verdict.states)
