@@ -164,6 +164,31 @@ def test_metrics_cover_every_replica_and_the_router(cluster):
     assert requests >= sum(routed.values()) - 1 and 0 < hits <= requests
 
 
+def test_admin_holds_on_every_replica_or_is_answered_as_one_server(cluster, single):
+    """vLLM's load_lora_adapter through the cluster reaches every replica (each lists the alias
+    and serves it as its folder); a call every replica refuses changes nothing and is answered
+    as the single-process server answers it, path kept private. (A refusal on one replica only,
+    undone on the others, is tested with fake handles in test_ingress.py.)"""
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    want = _post(single, "/v1/completions", {**body, "model": "a2"}).json()["choices"][0]["text"]
+    r = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "a2"})
+    assert r.status_code == 200 and "mine" in r.text, r.text
+    listed: dict[str, set[str]] = {}
+    for _ in range(16):  # /v1/models balances freely: both replicas answer within a few tries
+        models = httpx.get(f"{cluster.url}/v1/models", timeout=30)
+        listed[models.headers[REPLICA_HEADER]] = {m["id"] for m in models.json()["data"]}
+    assert set(listed) == {"replica-0", "replica-1"} and all("mine" in ids for ids in listed.values())
+    got = _post(cluster, "/v1/completions", {**body, "model": "mine"})
+    assert got.status_code == 200 and got.json()["choices"][0]["text"] == want
+    for outside in ("/etc", "../"):
+        r = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": outside})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path", r.text
+        assert "/etc" not in r.text and "replicas" not in r.json()["error"]  # one server's answer
+    assert _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "mine"}).status_code == 200
+    r = _post(cluster, "/v1/unload_lora_adapter", {"lora_name": "mine"})  # gone from every replica
+    assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name", r.text
+
+
 def test_sigterm_stops_ray_and_leaves_no_process(cluster):
     """Last in the module: stop the server as the fixture will, and look for Ray processes."""
     start = time.monotonic()

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -57,10 +58,12 @@ from typing import Any
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..serve.protocol import error_event, error_response
+from .broadcast import AdminCall, ReplicaAnswer, admin_op, settle, undo_plan
 from .metrics import IngressCounts, cluster_metrics
 from .router import AdapterRouter, NoReplicaError, Router
 from .state import ReplicaState, replica_state
@@ -81,6 +84,11 @@ _BROADCAST = (
     ("POST", "/v1/load_lora_adapter"),
     ("POST", "/v1/unload_lora_adapter"),
 )
+#: What a handle raises when its replica is gone: its actor died (``ActorDiedError``) or cannot
+#: be reached (``ActorUnavailableError``; both ``RayActorError``), or Serve found the replica it
+#: picked no longer running when sending (``ReplicaUnavailableError``). A request that failed so
+#: before the client got anything is re-sent once to another replica.
+LOST = (RayActorError, ReplicaUnavailableError)
 _HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"x-request-id"}
 
 
@@ -224,6 +232,13 @@ class ReplicaServer:
         folders = await asyncio.to_thread(self.engine.store.names)  # the disk, off the event loop
         return ReplicaReport(state, self.app.state.model_name, frozenset(folders) | frozenset(served))
 
+    async def restore(self, name: str, path: str) -> None:
+        """Serve the folder ``path`` as ``name`` again, as vLLM's ``load_lora_adapter`` does: the
+        ingress re-applies an alias this replica lost (Ray restarted it, so it started with its
+        adapter root's folders only). An actor method, not a route: only the ingress calls it."""
+        await self.loop.acall(self.engine.store.alias, name, path)
+        await self.loop.acall(self.engine.load_adapter, name)
+
     def __del__(self) -> None:
         """Ray Serve stops the replica: let running requests finish (up to ``drain_s``), then stop
         the engine thread (the single-process server does the same on SIGTERM)."""
@@ -255,17 +270,49 @@ def _model_of(request: Forwarded) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def _unloaded(request: Forwarded) -> str | None:
-    """The adapter an unload request names (the router forgets it once every replica unloaded it)."""
-    if request.method == "DELETE":
-        return request.path.rsplit("/", 1)[-1]
-    if request.path == "/v1/unload_lora_adapter":
+def _preamble(chunk: bytes) -> bool:
+    """Is this SSE chunk no output yet: chat's opening role delta (``{"role": "assistant"}``, with
+    empty ``token_ids`` when asked), for every choice? Anything else (text, a finish reason, an
+    error, usage, [DONE]) is output, and so is what this does not recognise (then it is relayed
+    as soon as read, as before)."""
+    for event in chunk.split(b"\n\n"):
+        event = event.strip()
+        if not event:
+            continue
+        if not event.startswith(b"data: {"):
+            return False
         try:
-            name = json.loads(request.body).get("lora_name")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            return None
-        return name if isinstance(name, str) else None
-    return None
+            obj = json.loads(event[6:])
+        except (ValueError, UnicodeDecodeError):
+            return False
+        choices = obj.get("choices") if isinstance(obj, dict) else None
+        if not choices or "error" in obj or not isinstance(choices, list):
+            return False
+        for c in choices:
+            delta = c.get("delta") if isinstance(c, dict) else None
+            if (
+                not isinstance(delta, dict)
+                or not set(delta) <= {"role", "token_ids"}
+                or delta.get("token_ids")
+            ):
+                return False
+            if c.get("finish_reason") is not None or "text" in c:
+                return False
+    return True
+
+
+async def _until_output(gen) -> tuple[list[bytes], bool]:
+    """Read a stream's chunks up to and including its first output (:func:`_preamble`): the
+    chunks read, and whether the stream ended meanwhile."""
+    early: list[bytes] = []
+    while True:
+        try:
+            chunk = await gen.__anext__()
+        except StopAsyncIteration:
+            return early, True
+        early.append(chunk)
+        if not _preamble(chunk):
+            return early, False
 
 
 def _response_headers(head: Head, replica: str) -> dict[str, str]:
@@ -291,8 +338,13 @@ class Ingress:
         self.inflight: Counter[str] = Counter()  # requests this ingress has open on each replica
         self.routed: Counter[str] = Counter()  # requests sent to each replica (for /metrics)
         self.retries = 0
+        self.sources: dict[str, str] = {}  # vLLM aliases loaded on every replica: name -> lora_path
         self._polled = -1e9
         self._poll: asyncio.Task | None = None
+        self._down_at: dict[str, float] = {}  # when each replica was last seen lost
+        self._admin_busy = 0  # broadcasts in flight (replicas' adapters are changing)
+        self._admin_done = 0  # broadcasts finished (a poll that saw one finish saw a changing set)
+        self._unrestorable: set[tuple[str, str]] = set()  # (replica, alias) whose restore failed
 
     async def __call__(self, request: Request) -> Response:
         fwd = forwarded(request, await request.body())
@@ -301,7 +353,15 @@ class Ingress:
             return await self._broadcast(fwd)
         if fwd.method == "GET" and fwd.path == "/metrics":
             return await self._metrics(fwd)
-        adapter = self._adapter(_model_of(fwd))
+        return await self._routed(fwd, self._adapter(_model_of(fwd)))
+
+    async def _routed(self, fwd: Forwarded, adapter: str | None) -> Response:
+        """Relay ``fwd`` to the replica the router picks; if that replica is lost before the client
+        got anything (no head, or a stream with no output yet), once more on another one.
+
+        Why only then: a request that has produced nothing is idempotent to re-send (it changed
+        nothing), while a stream the client has partly read cannot be spliced with another
+        replica's; it ends with an error event (:meth:`_rest`)."""
         tried: set[str] = set()
         while True:
             try:
@@ -311,13 +371,18 @@ class Ingress:
             self.routed[name] += 1
             try:
                 return await self._relay(name, fwd)
-            except RayActorError as e:  # the replica died before answering: once elsewhere
-                log.warning("replica %s failed before answering (%s); retrying elsewhere", name, e)
-                self.retries += 1
+            except LOST as e:
+                self._mark_down(name)
                 tried.add(name)
-                self.unreachable.add(name)
                 if len(tried) > 1:
-                    return error_response(503, "replicas failed before answering; retry", "server_error")
+                    log.warning("replica %s was lost before answering (%s) on the retry too", name, e)
+                    return error_response(
+                        503,
+                        f"replicas {', '.join(sorted(tried))} were lost before answering; retry",
+                        "server_error",
+                    )
+                log.warning("replica %s was lost before answering (%s); retrying elsewhere", name, e)
+                self.retries += 1
 
     # -- routing input ---------------------------------------------------------------------------
     def _adapter(self, model: str | None) -> str | None:
@@ -347,15 +412,46 @@ class Ingress:
             self._poll = asyncio.create_task(self._poll_all())
 
     async def _poll_all(self) -> None:
-        self._polled = asyncio.get_running_loop().time()
+        """Every replica's report. A replica comes back only with a report asked for after it was
+        seen lost: a poll in flight when it died may still bring its last (stale) report."""
+        started = self._polled = asyncio.get_running_loop().time()
+        quiet, done = self._admin_busy == 0, self._admin_done
         names = list(self.handles)
         results = await asyncio.gather(*(self._report(n) for n in names), return_exceptions=True)
         for name, result in zip(names, results, strict=True):
-            if isinstance(result, ReplicaReport):
+            if not isinstance(result, ReplicaReport):
+                self._mark_down(name)
+            elif self._down_at.get(name, -math.inf) < started:
                 self.reports[name] = result
                 self.unreachable.discard(name)
-            else:
-                self.unreachable.add(name)
+        changing = not quiet or self._admin_busy or done != self._admin_done  # an admin call meanwhile
+        if not changing:
+            await self._restore_aliases()
+
+    async def _restore_aliases(self) -> None:
+        """Load again, on each replica whose report lacks it, every vLLM alias loaded everywhere
+        (:attr:`sources`). A replica Ray restarted knows only its adapter root's folders; without
+        this, an alias would be a 404 there while the other replicas serve it. A restore that
+        fails is logged once and not tried again until the alias is loaded again."""
+        for name, report in self.reports.items():
+            for alias, path in list(self.sources.items()):
+                has = alias in report.adapters or (name, alias) in self._unrestorable
+                if has or name in self.unreachable:
+                    continue
+                try:
+                    await asyncio.wait_for(self._await(self.handles[name].restore.remote(alias, path)), 30.0)
+                    log.warning("replica %s had lost adapter %r (restarted?): loaded it again", name, alias)
+                except Exception as e:  # the folder went away, the replica died again...
+                    self._unrestorable.add((name, alias))
+                    log.warning(
+                        "replica %s lacks adapter %r and loading it again failed (%s)", name, alias, e
+                    )
+
+    def _mark_down(self, name: str) -> None:
+        """Route nothing more to ``name`` until a report asked for from now on arrives (Ray
+        restarts a replica that died; its new actor answers the next poll)."""
+        self.unreachable.add(name)
+        self._down_at[name] = asyncio.get_running_loop().time()
 
     async def _report(self, name: str) -> ReplicaReport:
         return await asyncio.wait_for(self._await(self.handles[name].report.remote()), timeout=5.0)
@@ -366,31 +462,45 @@ class Ingress:
 
     # -- relaying --------------------------------------------------------------------------------
     async def _relay(self, name: str, fwd: Forwarded) -> Response:
-        """Send ``fwd`` to replica ``name``: a whole response, or an SSE stream relayed chunk by chunk."""
+        """Send ``fwd`` to replica ``name``: a whole response, or an SSE stream relayed chunk by
+        chunk. An SSE response is held back until its first output (chat's role delta is not
+        output): until then nothing reached the client, so losing the replica can be retried."""
+        gen = self.handles[name].options(stream=True).forward.remote(fwd)
         self.inflight[name] += 1
-        released = False
+        streaming = False
         try:
-            gen = self.handles[name].options(stream=True).forward.remote(fwd)
             head = await gen.__anext__()
             headers = _response_headers(head, name)
             if (head.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                released = True  # the stream releases it when it ends
-                return StreamingResponse(self._rest(name, gen), status_code=head.status, headers=headers)
+                early, ended = await _until_output(gen)
+                streaming = True  # the stream releases the replica when it ends
+                rest = self._rest(name, gen, early, ended)
+                return StreamingResponse(rest, status_code=head.status, headers=headers)
             body = b"".join([chunk async for chunk in gen])
             return Response(body, status_code=head.status, headers=headers)
+        except BaseException:
+            gen.cancel()  # lost, or the client went away before the answer: the replica stops too
+            raise
         finally:
-            if not released:
+            if not streaming:
                 self.inflight[name] -= 1
 
-    async def _rest(self, name: str, gen) -> AsyncIterator[bytes]:
-        """The rest of a stream; a replica lost mid-stream ends it with an error event and [DONE]."""
+    async def _rest(self, name: str, gen, early: list[bytes], ended: bool) -> AsyncIterator[bytes]:
+        """A stream's chunks: those read before it was committed, then the rest. A replica lost
+        mid-stream ends only this stream, with an error event naming the replica and [DONE]."""
         try:
-            async for chunk in gen:
+            for chunk in early:
                 yield chunk
-        except RayActorError:
-            log.warning("replica %s died mid-stream", name)
-            self.unreachable.add(name)
-            yield error_event(RuntimeError(f"replica {name} failed mid-stream; retry")).encode()
+            if not ended:
+                async for chunk in gen:
+                    yield chunk
+        except LOST as e:
+            log.warning("replica %s was lost mid-stream (%s)", name, type(e).__name__)
+            self._mark_down(name)
+            message = (
+                f"replica {name} was lost mid-stream; the output so far is incomplete: retry the request"
+            )
+            yield error_event(RuntimeError(message)).encode()
             yield b"data: [DONE]\n\n"
         finally:
             self.inflight[name] -= 1
@@ -409,7 +519,7 @@ class Ingress:
             if isinstance(a, Response) and a.status_code == 200:
                 texts[name] = bytes(a.body).decode("utf-8", "replace")
             else:
-                self.unreachable.add(name)
+                self._mark_down(name)
         counts = IngressCounts(
             routed=dict(self.routed),
             inflight={n: self.inflight[n] for n in names},
@@ -420,20 +530,75 @@ class Ingress:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _broadcast(self, fwd: Forwarded) -> Response:
-        """Admin every replica must see: the first refusal (in replica order) if any, else the
-        first answer. A refusal on one replica after success on another leaves them differing
-        (not undone yet; docs/cluster.md)."""
+        """Admin every replica must see, all or nothing (:mod:`paradapt.cluster.broadcast`): sent
+        to every replica; if it fails on any, undone where it succeeded. Success: the first
+        replica's own answer. Failure: OpenAI's error naming the adapter's field and each
+        replica's state (``replicas``)."""
+        self._admin_busy += 1
+        try:
+            return await self._broadcast_once(fwd)
+        finally:
+            self._admin_busy -= 1
+            self._admin_done += 1
+            self._polled = -1e9  # the next request polls again: the set of adapters changed
+
+    async def _broadcast_once(self, fwd: Forwarded) -> Response:
         names = list(self.handles)
         answers = await asyncio.gather(*(self._relay(n, fwd) for n in names), return_exceptions=True)
-        for a in answers:
-            if isinstance(a, BaseException):
-                return error_response(503, f"a replica failed ({type(a).__name__}); retry", "server_error")
-        bad = next((a for a in answers if a.status_code >= 400), None)
-        unloaded = _unloaded(fwd)
-        if bad is None and unloaded is not None:
-            self.router.forget(unloaded)
-        self._polled = -1e9  # the next request polls again: the set of adapters changed
-        return bad if bad is not None else answers[0]
+        op = admin_op(fwd.method, fwd.path, fwd.body)
+        got = {n: _answer(n, a) for n, a in zip(names, answers, strict=True)}
+        for name, a in zip(names, answers, strict=True):
+            if isinstance(a, LOST):
+                self._mark_down(name)
+        if op is None:  # a body every replica refuses alike (400): nothing to undo
+            first = next((a for a in answers if isinstance(a, Response)), None)
+            return (
+                first
+                if first is not None
+                else error_response(503, "no replica answered; retry", "server_error")
+            )
+        plan = undo_plan(op, got, self.sources)
+        undone = await self._undo(plan, fwd)
+        verdict = settle(op, got, plan, undone)
+        if verdict.ok and op.kind == "unload":
+            self.router.forget(op.adapter)
+            self.sources.pop(op.adapter, None)
+        elif verdict.ok and op.api == "vllm" and op.source is not None:
+            self.sources[op.adapter] = op.source
+        if verdict.ok:
+            self._unrestorable = {(n, a) for n, a in self._unrestorable if a != op.adapter}
+        if verdict.relay is not None:  # held everywhere, or changed nothing: a replica's own answer
+            return answers[names.index(verdict.relay)]
+        log.warning("admin %s %s held on some replicas only: %s", fwd.method, fwd.path, verdict.states)
+        return JSONResponse({"error": verdict.error}, status_code=verdict.status)
+
+    async def _undo(self, plan: dict[str, AdminCall], like: Forwarded) -> dict[str, ReplicaAnswer]:
+        """Send each replica its undo request (with the original's credentials); their answers."""
+        names = list(plan)
+        sent = [self._relay(n, _admin_request(plan[n], like)) for n in names]
+        answers = await asyncio.gather(*sent, return_exceptions=True)
+        return {n: _answer(n, a) for n, a in zip(names, answers, strict=True)}
+
+
+def _answer(name: str, answer: Response | BaseException) -> ReplicaAnswer:
+    """A replica's relayed answer as :mod:`~paradapt.cluster.broadcast` reads it."""
+    if isinstance(answer, BaseException):
+        log.warning("replica %s did not answer an admin request (%s)", name, type(answer).__name__)
+        return ReplicaAnswer(None)
+    try:
+        error = json.loads(bytes(answer.body)).get("error")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        error = None
+    return ReplicaAnswer(answer.status_code, error if isinstance(error, dict) else None)
+
+
+def _admin_request(call: AdminCall, like: Forwarded) -> Forwarded:
+    """``call`` as a forwarded request carrying ``like``'s headers (its API key, Host), with its
+    own JSON body and length."""
+    body = call.encoded()
+    kept = tuple((k, v) for k, v in like.headers if k.lower() not in (b"content-length", b"content-type"))
+    headers = (*kept, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()))
+    return Forwarded(call.method, call.path, b"", headers, body, like.client)
 
 
 # -- the cluster -------------------------------------------------------------------------------------
