@@ -21,8 +21,9 @@ rounding, exactly as a plain adapter's banked rows equal that adapter alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +33,9 @@ from .gate import MixtureGate, MixtureOp
 if TYPE_CHECKING:
     from .routing import Route
     from .sites import Site
+
+
+Cached = Callable[[tuple, Callable[[], Any]], Any]
 
 
 @dataclass
@@ -80,11 +84,14 @@ def prepare(
     return Pending(tokens, g, chosen, experts)
 
 
-def _rows_for(p: Pending, bank: Bank, cols: list[int], names: list[str]):
+def _rows_for(p: Pending, bank: Bank, cols: list[int], names: list[str], cached: Cached):
     """This mixture's (token, slot, weight) rows for ``bank``: one per token and kept expert."""
     dev = p.g.device
-    slot_of = torch.tensor([bank.layout.index[n] for n in names], device=dev)
-    col = torch.tensor(cols, device=dev)
+    slot_of = cached(
+        ("mixture-slots", bank.layout, tuple(names), dev),
+        lambda: torch.tensor([bank.layout.index[n] for n in names], device=dev),
+    )
+    col = cached(("mixture-cols", tuple(cols), dev), lambda: torch.tensor(cols, device=dev))
     if p.chosen is None:  # dense: every token through every expert, expert-major
         m = p.tokens.shape[0]
         return (
@@ -96,9 +103,11 @@ def _rows_for(p: Pending, bank: Bank, cols: list[int], names: list[str]):
     return p.tokens.index_select(0, pos), slot_of.index_select(0, j), p.g[pos, col.index_select(0, j)]
 
 
-def apply(pending: list[Pending], h: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+def apply(pending: list[Pending], h: torch.Tensor, x: torch.Tensor, cached: Cached) -> torch.Tensor | None:
     """``sum_i g_i * delta_i`` for every pending mixture's tokens (zero elsewhere), one bank call
-    per bank; ``h``/``x`` are the site's output and input (``[N, T, ...]``). None if nothing ran."""
+    per bank; ``h``/``x`` are the site's output and input (``[N, T, ...]``). None if nothing ran.
+    ``cached(key, build)`` keeps the small index tensors for the forward (``RouteMap.cached``):
+    every site and layer with the same slots shares them, one host-to-device copy each."""
     by_bank: dict[int, tuple[Bank, list]] = {}
     for p in pending:
         mine: dict[int, tuple[Bank, list[int], list[str]]] = {}
@@ -107,7 +116,7 @@ def apply(pending: list[Pending], h: torch.Tensor, x: torch.Tensor) -> torch.Ten
             entry[1].append(i)
             entry[2].append(name)
         for key, (bank, cols, names) in mine.items():
-            by_bank.setdefault(key, (bank, []))[1].append(_rows_for(p, bank, cols, names))
+            by_bank.setdefault(key, (bank, []))[1].append(_rows_for(p, bank, cols, names, cached))
     n_tok = h.numel() // h.shape[-1]
     acc = None
     for bank, parts in by_bank.values():

@@ -194,7 +194,7 @@ def apply_banks(
         d = bank.delta(src.reshape(src.shape[0], -1, src.shape[-1]), seg)
         d = d.reshape(d.shape[0], *h.shape[1:-1], d.shape[-1]).to(h.dtype)
         out = out + d if seg.perm is None else out.index_add(0, seg.perm, d)
-    acc = mixture_banks.apply(pending, h, x) if pending else None
+    acc = mixture_banks.apply(pending, h, x, route_map.cached) if pending else None
     return (out if acc is None else out + acc.to(h.dtype)), rest
 
 

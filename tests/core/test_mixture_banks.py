@@ -203,3 +203,26 @@ def test_gradients_take_the_module_path_and_reach_the_router(module_calls):
     assert module_calls
     routers = [p.grad for n, p in model.named_parameters() if n.startswith("paradapt.top2.")]
     assert routers and all(g is not None and g.abs().sum() > 0 for g in routers)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_sequence_gate_in_a_padded_batch_runs_in_the_banks(family, module_calls):
+    """A sequence gate's row weight (pooled over real tokens only) weighs every token's banked
+    expert rows: right-padded rows equal themselves alone, unpadded."""
+    model = zoo(family)
+    pa.add_mixture(model, "seq", pa.Mixture(experts=["par", "ser"], granularity="sequence", init="random"))
+    rows = ["seq", "l4", "seq", "top2"]
+    ids = torch.randint(1, 96, (len(rows), 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    mask[2, -1:] = 0
+    with torch.no_grad():
+        module_calls.clear()
+        with pa.route(model, rows):
+            got = outputs(model, ids, attention_mask=mask)
+        assert module_calls == []
+        for i, entry in enumerate(rows):
+            n = int(mask[i].sum())
+            with pa.route(model, [entry]):
+                want = outputs(model, ids[i : i + 1, :n])
+            torch.testing.assert_close(got[i, :n], want[0], atol=1e-5, rtol=1e-5, msg=f"row {i} ({entry})")
