@@ -5,11 +5,11 @@ trace on, so sampling and bookkeeping are part of each measured step) over a see
 design of step shapes: D decoding requests with context c spread over A adapters of random
 kinds and ranks (A = 0: the base model), plus a prompt of P tokens prefilled next to them in
 each measured step. Learned mixtures over same-kind adapters (top-1 and dense, random routers)
-are among the A, so mixture steps are measured too. The prefill steps that bring the D requests in are samples too. Every
-adapter folder is also moved through the four tiers on its own a few times (load/evict, the
-``a + b * bytes`` fits). Step costs are fitted by non-negative least squares on relative
-error; the error is reported on held-out scenarios (every fifth), then the model is refitted
-on all samples. A default run takes one to three minutes on one CPU thread.
+are among the A, so mixture steps are measured too. The prefill steps that bring the D requests
+in are samples too. Every adapter folder is also moved through the four tiers on its own a few
+times (load/evict, the ``a + b * bytes`` fits). Step costs are fitted by non-negative least
+squares on relative error; the error is reported on held-out scenarios (every fifth), then the
+model is refitted on all samples. A default run takes one to three minutes on one CPU thread.
 
 Needs torch (imported here, not by :mod:`paradapt.twin`).
 """
