@@ -96,6 +96,16 @@ class Segments:
             present=torch.tensor(slots, device=device),
         )
 
+    @classmethod
+    def of_slots(cls, slot_of_row: torch.Tensor) -> Segments:
+        """Rows given by their slots in any order (a mixture's (token, expert) pairs), sorted by
+        slot with tensor ops: ``perm`` (always set) is the order that sorts them, stable."""
+        row_slot, perm = torch.sort(slot_of_row, stable=True)
+        present, counts = torch.unique_consecutive(row_slot, return_counts=True)
+        return cls(
+            perm=perm, row_slot=row_slot, slots=present.tolist(), counts=counts.tolist(), present=present
+        )
+
 
 def bankable(comp) -> bool:
     """Bottlenecks that add to a site's output (parallel, series, LoRA) go in banks."""

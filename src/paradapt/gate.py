@@ -126,13 +126,20 @@ class MixtureOp:
         self.gate, self.experts, self.idx, self.writes = gate, experts, idx, writes
         self.record, self.mask = record, mask
 
-    def delta(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-        """``sum_i g_i * delta_i``: the router reads the site's input (``h`` itself in the input
-        phase), each expert reads its own source, as it would alone."""
+    def weights(self, h: torch.Tensor, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gate over ``h``'s tokens and, with top-k, the kept experts (``MixtureGate.weights``;
+        a sequence gate's are one per row, ``[N, 1, K]``). The router reads the site's input
+        (``h`` itself in the input phase); the balance loss is recorded when autograd is on."""
         logits = self.gate.logits(h if x is None or self.writes == "input" else x, self.mask)
         g, chosen = self.gate.weights(logits)
         if self.record is not None and torch.is_grad_enabled():
             self.record(self.gate.balance_loss(logits, chosen))
+        return g, chosen
+
+    def delta(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """``sum_i g_i * delta_i``, each expert reading its own source as it would alone (each
+        expert's own module; ``mixture_banks`` computes the same sum through a site's banks)."""
+        g, chosen = self.weights(h, x)
         if chosen is None:
             return self._dense(h, x, g)
         return self._sparse(h, x, g, chosen.expand(*h.shape[:-1], chosen.shape[-1]))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import mixture_banks
 from .banks import Bank, bankable, signature
 from .errors import RoutingError
 from .gate import MixtureGate, MixtureOp
@@ -155,18 +156,25 @@ def _delta(c: nn.Module | MixtureOp, h: torch.Tensor, x: torch.Tensor | None) ->
 def apply_banks(
     site: Site, route_map: RouteMap, groups: list[Group], h: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, list[Group]]:
-    """Add every one-adapter row's bottleneck delta through the site's banks, in one pass per bank.
+    """Add every one-adapter row's bottleneck delta through the site's banks, in one pass per bank,
+    and a mixture's rows' experts through the same banks (``mixture_banks``: one more pass per
+    bank its experts are in).
 
     Returns the new ``h`` and the groups still to do the general way (compositions,
-    non-bottleneck components, adapters in training mode).
+    non-bottleneck components, adapters in training mode, mixtures with such experts here).
     """
-    rest, used = [], {}
+    rest, used, pending = [], {}, []
     merged = site.state.merged
     for g in groups:
         name = single_name(g.route)
         comp = site.components.get(name) if name is not None else None
         if name is not None and (comp is None or name in merged):
             continue  # nothing of this adapter here
+        if isinstance(comp, MixtureGate) and mixture_banks.bankable_gate(site.components, comp):
+            p = mixture_banks.prepare(site, g.route, g.rows, h, x)
+            if p is not None:
+                pending.append(p)
+            continue
         if comp is None or not bankable(comp) or comp.training:
             if name is not None:
                 site.unbank(name)  # else its slot would still match these rows' segments
@@ -186,7 +194,8 @@ def apply_banks(
         d = bank.delta(src.reshape(src.shape[0], -1, src.shape[-1]), seg)
         d = d.reshape(d.shape[0], *h.shape[1:-1], d.shape[-1]).to(h.dtype)
         out = out + d if seg.perm is None else out.index_add(0, seg.perm, d)
-    return out, rest
+    acc = mixture_banks.apply(pending, h, x, route_map.cached) if pending else None
+    return (out if acc is None else out + acc.to(h.dtype)), rest
 
 
 def transform(
@@ -194,8 +203,9 @@ def transform(
 ) -> torch.Tensor:
     """Apply each group's route to its rows; rows of no group pass through unchanged.
 
-    Mixed batches at inference (no autograd) go through the site's banks; training
-    and compositions take the per-group path, which autograd sees through.
+    Mixed batches at inference (no autograd) go through the site's banks, a mixture's
+    bankable experts included; training and compositions take the per-group path, which
+    autograd sees through.
     """
     if len(groups) == 1 and groups[0].whole:
         ops = site.ops(groups[0].route, writes, None, h.shape[0])

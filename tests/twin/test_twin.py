@@ -25,7 +25,7 @@ from paradapt.twin import (
     simulate,
     summarize,
 )
-from paradapt.twin.costmodel import BASE_FEATURES, featurize, fit_linear, kind_features
+from paradapt.twin.costmodel import BASE_FEATURES, MixtureCost, featurize, fit_linear, kind_features
 from paradapt.twin.profile import build_adapter_root, clear_adapters
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -212,6 +212,30 @@ def test_packed_attention_prices_only_steps_with_prompt_tokens():
     assert featurize(decode, {}, ())["attention"] == 800
 
 
+def test_a_mixture_step_is_priced_by_its_tokens_times_experts_evaluated():
+    """A mixture's tokens count once per expert they evaluate (top_k, or all for a dense gate),
+    its experts count as adapters of the step (once, also when routed by name) with their
+    expected rank-tokens, and the mixture terms price the step on top."""
+    info = {"l4": ("lora", 4), "l8": ("lora", 8), "p": ("parallel", 16)}
+    info["top1"] = MixtureCost(("l4", "l8"), 1)
+    info["dense"] = MixtureCost(("l4", "l8"), 2)
+    shape = StepShape(10, 1, 2, 3, 200, 30, (("top1", 6), ("l4", 3), ("p", 2), (None, 1)))
+    f = featurize(shape, info, ("lora", "parallel"))
+    assert f["mixtures"] == 1 and f["mixture_tokens"] == 6
+    assert f["adapters_lora"] == 2 and f["adapters_parallel"] == 1  # l4 once, though routed by name too
+    assert f["rank_tokens_lora"] == 3 * 4 + 6 * (4 + 8) / 2 and f["rank_tokens_parallel"] == 32
+    dense = featurize(StepShape(10, 1, 2, 3, 200, 30, (("dense", 6),)), info, ("lora",))
+    assert dense["mixture_tokens"] == 12 and dense["rank_tokens_lora"] == 6 * (4 + 8)
+    cost = CostModel.from_coefficients({**COST.step, "mixtures": 1e-3, "mixture_tokens": 1e-5})
+    plain = StepShape(10, 1, 2, 3, 200, 30, (("l4", 6),))
+    assert cost.step_time(shape, info) > cost.step_time(plain, info)
+    with_mix = cost.step_time(StepShape(10, 1, 2, 3, 200, 30, (("dense", 6),)), info)
+    by_hand = COST.step_time(StepShape(10, 1, 2, 3, 200, 30, (("l4", 6), ("l8", 6))), info) + 1e-3 + 12e-5
+    assert with_mix == pytest.approx(by_hand)
+    with pytest.raises(Exception, match="kind 'parallel'"):  # an expert of a kind not profiled
+        featurize(shape, info, ("lora",))
+
+
 def test_cost_fit_recovers_known_coefficients():
     kinds = ("lora", "parallel", "series")
     rng = random.Random(0)
@@ -220,6 +244,8 @@ def test_cost_fit_recovers_known_coefficients():
     truth["context"] = 2e-7
     truth["packed_attention"] = 1e-9
     info = {f"a{i}": (kinds[i % 3], rng.choice([8, 16, 32])) for i in range(12)}
+    info["m1"] = MixtureCost(("a0", "a3", "a6"), 1)  # learned mixtures over some of them
+    info["m2"] = MixtureCost(("a1", "a4"), 2)
     rows, ys = [], []
     names = list(truth)
     for _ in range(300):
@@ -355,6 +381,7 @@ def test_profile_measures_a_cost_model_on_the_real_engine(tmp_path):
         log=lambda s: None,
     )
     assert cost.fit["steps"] > 10 and cost.fit["held_out"]["n"] > 0 and "mape" in cost.fit["train"]
+    assert cost.fit["mixture_steps"] > 0  # learned mixtures ran in the probe steps
     assert cost.fingerprint["model_config"] and cost.fingerprint["cores"] and cost.fingerprint["torch"]
     assert cost.fingerprint["quantization"] == "none"
     assert sum(cost.step.values()) > 0 and all(v >= 0 for v in cost.step.values())

@@ -5,7 +5,11 @@ A step's time is linear in counts the scheduler knows before the model runs
 per sampled token, per attended KV position, per adapter attached since the last step, per adapter resident on
 the device (attached adapters cost a little even when a step does not route to them), and
 per adapter kind ``k`` the distinct adapters of that kind in the step and the tokens routed
-through them times their rank. Adapter moves cost ``a + b * bytes`` per operation (disk ->
+through them times their rank. A learned mixture's tokens (:class:`MixtureCost`) add the
+distinct mixtures of the step (their routers, per site), their tokens times the experts each
+evaluates (``top_k``, or every expert for a dense gate: the rows its experts' banks get), and,
+to its experts' kinds, the experts as adapters of the step and the expected rank-tokens of the
+rows they get (each expert ``evaluated / K`` of the tokens). Adapter moves cost ``a + b * bytes`` per operation (disk ->
 host, host -> device, the two evictions). Coefficients are non-negative (time never goes down
 with more work) and fitted by non-negative least squares (:func:`fit_linear`).
 
@@ -54,6 +58,8 @@ BASE_FEATURES = (
     "packed_attention",
     "device_loads",
     "resident",
+    "mixtures",
+    "mixture_tokens",
 )
 #: Model config keys that decide its speed (the model part of a fingerprint).
 MODEL_KEYS = (
@@ -71,15 +77,30 @@ class CostModelMismatch(UserWarning):
     """A cost model measured on another machine or model is being used."""
 
 
+@dataclass(frozen=True)
+class MixtureCost:
+    """What pricing a learned mixture's tokens needs: its experts (names priced by their own
+    (kind, rank) in the same mapping) and how many of them each token evaluates (``top_k``, or
+    all of them for a dense gate)."""
+
+    experts: tuple[str, ...]
+    evaluated: int
+
+
+#: What a cost mapping holds per adapter name: (kind, rank), or a mixture's :class:`MixtureCost`.
+AdapterCost = tuple[str, int] | MixtureCost
+
+
 def kind_features(kinds: Sequence[str]) -> tuple[str, ...]:
     """Feature names of the per-kind terms."""
     return tuple(f for k in kinds for f in (f"adapters_{k}", f"rank_tokens_{k}"))
 
 
 def featurize(
-    shape: StepShape, adapters: Mapping[str, tuple[str, int]], kinds: Sequence[str]
+    shape: StepShape, adapters: Mapping[str, AdapterCost], kinds: Sequence[str]
 ) -> dict[str, float]:
-    """The cost features of one step; ``adapters`` maps an adapter name to (kind, rank)."""
+    """The cost features of one step; ``adapters`` maps an adapter name to (kind, rank), or a
+    mixture's name to its :class:`MixtureCost`."""
     f = {
         "step": 1.0,
         "tokens": float(shape.tokens),
@@ -95,21 +116,37 @@ def featurize(
         "packed_attention": float(shape.tokens * shape.context) if shape.prefill_tokens else 0.0,
         "device_loads": float(shape.device_loads),
         "resident": float(shape.resident),
+        "mixtures": 0.0,
+        "mixture_tokens": 0.0,
     }
     for k in kinds:
         f[f"adapters_{k}"] = 0.0
         f[f"rank_tokens_{k}"] = 0.0
-    for name, n in shape.adapter_tokens:
-        if name is None:
-            continue
+    seen: set[str] = set()  # adapters counted in this step (an expert may also be routed by name)
+
+    def add(name: str, tokens: float) -> None:
         kind, rank = adapters[name]
         if kind not in kinds:
             raise ConfigError(
                 "kinds",
                 f"the cost model has no coefficients for adapter kind {kind!r} (profiled: {list(kinds)})",
             )
-        f[f"adapters_{kind}"] += 1.0
-        f[f"rank_tokens_{kind}"] += float(n * rank)
+        if name not in seen:
+            seen.add(name)
+            f[f"adapters_{kind}"] += 1.0
+        f[f"rank_tokens_{kind}"] += tokens * rank
+
+    for name, n in shape.adapter_tokens:
+        if name is None:
+            continue
+        entry = adapters[name]
+        if isinstance(entry, MixtureCost):
+            f["mixtures"] += 1.0
+            f["mixture_tokens"] += float(n * entry.evaluated)
+            for expert in entry.experts:  # each expert gets evaluated / K of the tokens, on average
+                add(expert, n * entry.evaluated / len(entry.experts))
+        else:
+            add(name, float(n))
     return f
 
 
@@ -253,8 +290,8 @@ class CostModel:
         )
 
     # -- prediction -------------------------------------------------------------------
-    def step_time(self, shape: StepShape, adapters: Mapping[str, tuple[str, int]]) -> float:
-        """Seconds of one step of ``shape`` (adapters: name -> (kind, rank))."""
+    def step_time(self, shape: StepShape, adapters: Mapping[str, AdapterCost]) -> float:
+        """Seconds of one step of ``shape`` (adapters: name -> (kind, rank) or a :class:`MixtureCost`)."""
         f = featurize(shape, adapters, self.kinds)
         return sum(self.step[n] * v for n, v in f.items() if v)
 
@@ -348,6 +385,8 @@ class CostModel:
             "tokens": "s per token",
             "context": "s per KV position read",
             "packed_attention": "s per query token x KV position",
+            "mixtures": "s per mixture in the step",
+            "mixture_tokens": "s per mixture token x expert evaluated",
         }
         for n, v in self.step.items():
             lines.append(f"  {n:<22}{v * 1e6:>12.4g} us   {units.get(n, '')}".rstrip())

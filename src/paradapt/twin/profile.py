@@ -4,11 +4,12 @@ The profiler drives the real :class:`~paradapt.serve.engine.Engine` (``Engine.st
 trace on, so sampling and bookkeeping are part of each measured step) over a seeded random
 design of step shapes: D decoding requests with context c spread over A adapters of random
 kinds and ranks (A = 0: the base model), plus a prompt of P tokens prefilled next to them in
-each measured step. The prefill steps that bring the D requests in are samples too. Every
-adapter folder is also moved through the four tiers on its own a few times (load/evict, the
-``a + b * bytes`` fits). Step costs are fitted by non-negative least squares on relative
-error; the error is reported on held-out scenarios (every fifth), then the model is refitted
-on all samples. A default run takes one to three minutes on one CPU thread.
+each measured step. Learned mixtures over same-kind adapters (top-1 and dense, random routers)
+are among the A, so mixture steps are measured too. The prefill steps that bring the D requests
+in are samples too. Every adapter folder is also moved through the four tiers on its own a few
+times (load/evict, the ``a + b * bytes`` fits). Step costs are fitted by non-negative least
+squares on relative error; the error is reported on held-out scenarios (every fifth), then the
+model is refitted on all samples. A default run takes one to three minutes on one CPU thread.
 
 Needs torch (imported here, not by :mod:`paradapt.twin`).
 """
@@ -35,10 +36,12 @@ from ..serve.core import StepTrace
 from ..serve.engine import Engine, EngineConfig, kv_bytes_per_token
 from ..serve.sampling import SamplingParams
 from ..serve.workload import AdapterSpec
+from ..state import get_state
 from .costmodel import (
     BASE_FEATURES,
     MOVE_OPS,
     CostModel,
+    MixtureCost,
     errors,
     featurize,
     fit_linear,
@@ -121,9 +124,42 @@ def build_adapter_root(
     return root
 
 
+def build_mixtures(
+    model: torch.nn.Module, root: Path, adapters: Sequence[AdapterSpec], seed: int = 0
+) -> dict[str, MixtureCost]:
+    """Per kind with two adapters or more, two mixture folders under ``root`` over that kind's
+    adapters (one per rank, so experts of mixed ranks): a top-1 and a dense gate, random routers.
+    Returns each mixture's :class:`MixtureCost` by name."""
+    out: dict[str, MixtureCost] = {}
+    torch.manual_seed(seed)
+    for kind in sorted({a.kind for a in adapters}):
+        mine = [a for a in adapters if a.kind == kind]
+        first: dict[int, str] = {}
+        for a in mine:
+            first.setdefault(a.rank, a.name)
+        experts = [first[r] for r in sorted(first)] if len(first) > 1 else [a.name for a in mine[:3]]
+        if len(experts) < 2:
+            continue
+        clear_adapters(model)
+        for name in experts:
+            pa.load_adapter(model, root / name, name=name)
+        for top_k in (1, None):
+            name = f"mix-{kind}-{'top1' if top_k == 1 else 'dense'}"
+            out[name] = MixtureCost(tuple(experts), top_k or len(experts))
+            if (root / name).is_dir():
+                continue
+            pa.add_mixture(model, name, pa.Mixture(experts=experts, top_k=top_k, init="random"))
+            pa.save_adapter(model, name, root / name)
+        clear_adapters(model)
+    return out
+
+
 def clear_adapters(model: torch.nn.Module) -> None:
-    """Detach every adapter (an Engine needs a bare model)."""
-    for name in list(pa.list_adapters(model)):
+    """Detach every adapter (an Engine needs a bare model); mixtures first, their experts after."""
+    st = get_state(model)
+    records = st.adapters if st is not None else {}
+    order = sorted(records, key=lambda n: not isinstance(records[n].config, pa.Mixture))
+    for name in order:
         pa.remove_adapter(model, name)
 
 
@@ -349,9 +385,13 @@ def profile(
     workload_rates: Sequence[float] = (3.0, 30.0),
     workload_seconds: float = 8.0,
     seed: int = 0,
+    mixtures: bool = True,
     log: Callable[[str], None] = print,
 ) -> CostModel:
-    """Measure and fit the cost model of ``model`` (default: :func:`build_model`) on this machine."""
+    """Measure and fit the cost model of ``model`` (default: :func:`build_model`) on this machine.
+
+    ``mixtures``: also serve learned mixtures over the profiled adapters in the designed
+    scenarios (:func:`build_mixtures`), so the mixture terms are measured, not left at 0."""
     for k in kinds:
         if k not in SERVABLE_KINDS:
             raise ConfigError("kinds", f"can profile {list(SERVABLE_KINDS)}, not {k!r}")
@@ -363,6 +403,9 @@ def profile(
     work = Path(tempfile.mkdtemp(prefix="paradapt-profile-"))
     try:
         root = build_adapter_root(model, work / "adapters", adapters, seed)
+        mix = build_mixtures(model, root, adapters, seed) if mixtures else {}
+        info.update(mix)
+        pool = [*adapters, *(AdapterSpec(n, "mixture", m.evaluated) for n, m in mix.items())]
         samples = Samples([], [], [])
         config = EngineConfig(
             num_blocks=(MAX_DESIGN_KV + 64 * max_running + token_budget) // 16 + max_running + 8,
@@ -373,9 +416,10 @@ def profile(
             prefetch=0,
         )
         rng = random.Random(seed)
-        runs = design(scenarios + 2, adapters, max_running=max_running, token_budget=token_budget, seed=seed)
+        runs = design(scenarios + 2, pool, max_running=max_running, token_budget=token_budget, seed=seed)
         log(
             f"profile: {len(runs) - 2} scenarios on {len(adapters)} adapters ({'/'.join(kinds)}, ranks {list(ranks)})"
+            + (f" and {len(mix)} mixtures over them" if mix else "")
         )
         warm = Samples([], [], [])
         for i, sc in enumerate(runs):
@@ -398,6 +442,9 @@ def profile(
         measure_moves(model, root, [a.name for a in adapters], move_repeats, samples)
         step, fit = fit_steps(samples, info, kinds)
         fit["steps"] = len(samples.steps)
+        fit["mixture_steps"] = sum(
+            1 for _, t in samples.steps if any(n in mix for n, _ in t.shape.adapter_tokens)
+        )
         fit["moves"] = len(samples.moves)
         fit["scheduler_overhead_us"] = round(
             1e6 * sum(t.plan_seconds for _, t in samples.steps) / len(samples.steps), 1
