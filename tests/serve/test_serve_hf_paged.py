@@ -166,3 +166,38 @@ def test_one_token_prompts_alone_in_a_step_take_the_write_only_path():
         return ids[1:]
 
     assert [h.tokens for h in handles] == [greedy([t]) for t in (5, 9)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_per_request_attention_in_mixed_steps_equals_transformers_packed_row(family, monkeypatch):
+    """Steps that mix prompt chunks (several tokens, causal over their own past) with decodes take
+    the per-request path (each chunk its own SDPA, single tokens through the decode attention):
+    every prompt and output log-probability equals transformers' block-diagonal packed row."""
+    import paradapt.serve.runner as runner_mod
+    from paradapt.serve.engine import Engine, EngineConfig
+    from paradapt.serve.sampling import SamplingParams
+
+    def run(per_request: bool) -> list:
+        if not per_request:
+            monkeypatch.setattr(runner_mod, "lean_decode", lambda device, attend=None: contextlib.nullcontext())
+        else:
+            monkeypatch.undo()
+        model = tiny_model(family)
+        # a small token budget splits prompts into chunks, and later arrivals join running decodes
+        engine = Engine(model, None, EngineConfig(page_size=4, num_blocks=80, max_running=4, token_budget=12))
+        g = torch.Generator().manual_seed(1)
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+        handles = []
+        for n in (9, 3, 17, 1, 6):
+            handles.append(engine.add_request(torch.randint(3, 60, (n,), generator=g).tolist(), None, params))
+            engine.step()
+        engine.run()
+        return [(h.tokens, [lp.logprob for lp in h.logprobs], [p and p.logprob for p in h.prompt_logprobs]) for h in handles]
+
+    packed, lean = run(False), run(True)
+    for (t0, lp0, pp0), (t1, lp1, pp1) in zip(packed, lean, strict=True):
+        assert t0 == t1
+        torch.testing.assert_close(torch.tensor(lp1), torch.tensor(lp0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor([p or 0.0 for p in pp1]), torch.tensor([p or 0.0 for p in pp0]), rtol=1e-4, atol=1e-4
+        )

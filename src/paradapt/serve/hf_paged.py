@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -118,14 +120,15 @@ def lean_decode(device: torch.device, attend: Attend = gather_attention) -> Iter
 
 
 def _decode_attention(original, attend: Attend):
-    """transformers' SDPA attention function, with the per-request path for decode-only steps.
+    """transformers' SDPA attention function, with the per-request path for paged steps.
 
-    Every layer of a step reads its keys in the same layout, so the padded read positions are
-    built once per step and cache allocator (``layouts``), not once per layer."""
-    layouts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    Every layer of a step reads its keys in the same layout, so the step's layout (which query
+    rows are single tokens, their padded read positions, the prompt chunks' spans) is built once
+    per step and cache allocator (``layouts``), not once per layer."""
+    layouts: dict[int, tuple[torch.Tensor, StepLayout]] = {}
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cache=None, **kwargs):
-        if not _decode_only(module, query, cache, dropout, kwargs):
+        if not _per_request(module, query, cache, dropout, kwargs):
             return original(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, cache=cache, **kwargs
             )
@@ -134,12 +137,12 @@ def _decode_attention(original, attend: Attend):
     return attention
 
 
-def _decode_only(module, query: torch.Tensor, cache, dropout: float, kwargs: dict) -> bool:
-    """A paged, full-attention layer in a step of one query token per request, nothing else asked."""
+def _per_request(module, query: torch.Tensor, cache, dropout: float, kwargs: dict) -> bool:
+    """A paged, full-attention layer whose step reads back every request's keys, nothing else asked."""
     cu_q = kwargs.get("cu_seq_lens_q")
     if not isinstance(cache, PagedAttentionCache) or not isinstance(cu_q, torch.Tensor):
         return False
-    if query.shape[0] != 1 or cu_q.numel() - 1 != query.shape[2] or dropout:
+    if query.shape[0] != 1 or int(cu_q[-1]) != query.shape[2] or dropout:
         return False
     if any(kwargs.get(k) is not None for k in ("block_table", "position_bias", "softcap", "sinks", "s_aux")):
         return False
@@ -165,7 +168,7 @@ def _padded_rows(cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _write(cache, layer: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``cache.update`` writes for a full-attention layer: the step's keys and values into
     their pages (non-finite values as 0, like every other write here). ``key``/``value``
-    ``[1, Hkv, B, D]``; returns the layer's whole ``(k_cache, v_cache)`` ``[rows, Hkv, D]``."""
+    ``[1, Hkv, T, D]``; returns the layer's whole ``(k_cache, v_cache)`` ``[rows, Hkv, D]``."""
     allocator = cache.layer_to_allocator[layer]
     k_cache, v_cache = allocator._kv_token_views[layer]
     write = kwargs["write_index"][allocator.index]
@@ -174,29 +177,87 @@ def _write(cache, layer: int, key: torch.Tensor, value: torch.Tensor, kwargs: di
     return k_cache, v_cache
 
 
-def _read_layout(allocator, kwargs: dict, layouts: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cache rows [B * L], valid [B, L])`` of this step's padded key layout for ``allocator``'s
-    layers, built at its first layer. The entry keeps the step's ``cu_seq_lens_k`` tensor and is
-    reused only for that very tensor, so a layout never outlives its step."""
+@dataclass(frozen=True)
+class StepLayout:
+    """Where each request's queries and keys sit in one step (the same for every layer).
+
+    ``single``: the query rows of requests with one query token (decodes, one-token chunks), in
+    request order, with ``where [S, L]``/``valid [S, L]`` their keys' cache rows padded to the
+    longest; ``None`` when every request has one. ``chunks``: ``(query rows, cache rows of its
+    keys)`` per request with several query tokens (prompt chunks), its queries being the last
+    of its keys."""
+
+    single: torch.Tensor | None
+    where: torch.Tensor | None
+    valid: torch.Tensor | None
+    chunks: tuple[tuple[slice, torch.Tensor], ...]
+
+
+def _step_layout(allocator, kwargs: dict, layouts: dict) -> StepLayout:
+    """This step's :class:`StepLayout` for ``allocator``'s layers, built at its first layer. The
+    entry keeps the step's ``cu_seq_lens_k`` tensor and is reused only for that very tensor, so
+    a layout never outlives its step."""
     cu_k = kwargs["cu_seq_lens_k"][allocator.layer_type]
     known = layouts.get(allocator.index)
-    if known is None or known[0] is not cu_k:
+    if known is not None and known[0] is cu_k:
+        return known[1]
+    read = kwargs["read_index"][allocator.index]
+    cu_q = kwargs["cu_seq_lens_q"]
+    q_lens = (cu_q[1:] - cu_q[:-1]).tolist()
+    ones = [i for i, n in enumerate(q_lens) if n == 1]
+    if len(ones) == len(q_lens):
         rows, valid = _padded_rows(cu_k)
-        where = kwargs["read_index"][allocator.index].index_select(0, rows.reshape(-1))
-        known = layouts[allocator.index] = (cu_k, where, valid)
-    return known[1], known[2]
+        layout = StepLayout(None, read.index_select(0, rows.reshape(-1)).view(rows.shape), valid, ())
+    else:
+        qs, ks = cu_q.tolist(), cu_k.tolist()
+        chunks = tuple((slice(qs[i], qs[i + 1]), read[ks[i] : ks[i + 1]]) for i, n in enumerate(q_lens) if n > 1)
+        where = valid = single = None
+        if ones:
+            sel = torch.tensor(ones, dtype=torch.long, device=cu_k.device)
+            sub = torch.cat([cu_k[:1] * 0, (cu_k[sel + 1] - cu_k[sel]).cumsum(0)])
+            rows, valid = _padded_rows(sub)
+            packed = torch.cat([torch.arange(int(cu_k[i]), int(cu_k[i + 1]), device=cu_k.device) for i in ones])
+            where = read.index_select(0, packed.index_select(0, rows.reshape(-1))).view(rows.shape)
+            single = cu_q[:-1].long().index_select(0, sel)
+        layout = StepLayout(single, where, valid, chunks)
+    layouts[allocator.index] = (cu_k, layout)
+    return layout
 
 
 def _attend_rows(
     cache, layer: int, query, key, value, scaling: float | None, kwargs: dict, layouts: dict, attend: Attend
 ) -> torch.Tensor:
-    """B single-token queries (``query`` ``[1, H, B, D]``), each over its own request's keys (the
-    step's just written); ``[1, B, H, D]`` as transformers returns."""
+    """Each request's queries over its own keys (the step's just written among them), not over
+    the whole packed row: single-token queries together through ``attend``, each prompt chunk
+    through its own causal SDPA (its queries are its last keys: bottom-right aligned).
+    ``query`` ``[1, H, T, D]``; returns ``[1, T, H, D]`` as transformers does."""
     k_cache, v_cache = _write(cache, layer, key, value, kwargs)
-    where, valid = _read_layout(cache.layer_to_allocator[layer], kwargs, layouts)
-    q = query[0].transpose(0, 1)  # [B, H, D]
+    layout = _step_layout(cache.layer_to_allocator[layer], kwargs, layouts)
+    q = query[0].transpose(0, 1)  # [T, H, D]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    return attend(q, k_cache, v_cache, where.view(valid.shape), valid, scale).unsqueeze(0)
+    if layout.single is None and not layout.chunks:
+        return attend(q, k_cache, v_cache, layout.where, layout.valid, scale).unsqueeze(0)
+    out = torch.empty_like(q)
+    if layout.single is not None:
+        out[layout.single] = attend(q[layout.single], k_cache, v_cache, layout.where, layout.valid, scale)
+    for rows, read in layout.chunks:
+        out[rows] = _attend_chunk(q[rows], k_cache, v_cache, read, scale)
+    return out.unsqueeze(0)
+
+
+def _attend_chunk(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, read: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One prompt chunk: ``q [n, H, D]`` over its request's keys ``read`` (cache rows, the
+    chunk's own last), causal from the bottom right; ``[n, H, D]``."""
+    n, length = q.shape[0], read.shape[0]
+    k = k_cache.index_select(0, read).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+    v = v_cache.index_select(0, read).transpose(0, 1).unsqueeze(0)
+    mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out[0].transpose(0, 1)
 
 
 class PagedKV:
