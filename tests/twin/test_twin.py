@@ -210,6 +210,20 @@ def test_packed_attention_prices_only_steps_with_prompt_tokens():
     assert featurize(decode, {}, ())["packed_attention"] == 0.0
     assert featurize(mixed, {}, ())["packed_attention"] == 24 * 824
     assert featurize(decode, {}, ())["attention"] == 800
+    # an engine that attends per request in every step (the CPU's) has no packed row to price
+    assert featurize(mixed, {}, (), packed_prompts=False)["packed_attention"] == 0.0
+    assert featurize(mixed, {}, (), packed_prompts=False)["attention"] == 1200
+
+
+def test_a_cost_model_profiled_on_the_cpu_prices_no_packed_row():
+    from paradapt.twin.costmodel import CostModel
+
+    mixed = StepShape(16, 1, decodes=8, samplers=9, attention=1200, context=824, adapter_tokens=((None, 24),))
+    coef = {"step": 1e-3, "packed_attention": 1e-6}
+    cpu = CostModel.from_dict({**CostModel.from_coefficients(coef).to_dict(), "fingerprint": {"device": "cpu"}})
+    gpu = CostModel.from_dict({**CostModel.from_coefficients(coef).to_dict(), "fingerprint": {"device": "H100"}})
+    assert cpu.step_time(mixed, {}) == pytest.approx(1e-3)
+    assert gpu.step_time(mixed, {}) == pytest.approx(1e-3 + 24 * 824 * 1e-6)
 
 
 def test_a_mixture_step_is_priced_by_its_tokens_times_experts_evaluated():

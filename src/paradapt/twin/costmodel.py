@@ -97,23 +97,27 @@ def kind_features(kinds: Sequence[str]) -> tuple[str, ...]:
 
 
 def featurize(
-    shape: StepShape, adapters: Mapping[str, AdapterCost], kinds: Sequence[str]
+    shape: StepShape, adapters: Mapping[str, AdapterCost], kinds: Sequence[str], packed_prompts: bool = True
 ) -> dict[str, float]:
     """The cost features of one step; ``adapters`` maps an adapter name to (kind, rank), or a
-    mixture's name to its :class:`MixtureCost`."""
+    mixture's name to its :class:`MixtureCost`. ``packed_prompts``: the engine attends a step
+    with prompt tokens over its whole packed row (transformers' path, CUDA); on the CPU every
+    step attends per request (``serve/hf_paged.py``) and ``packed_attention`` is 0."""
     f = {
         "step": 1.0,
         "tokens": float(shape.tokens),
         "seqs": float(shape.seqs),
         "samplers": float(shape.samplers),
         "attention": float(shape.attention),
-        # a step with prompt tokens reads back every sequence's KV (``context``) and its one
-        # [1, T] row attends over all of it under a block-diagonal mask: T x context products,
-        # not the sum over sequences that ``attention`` counts. A decode-only step does not:
-        # on the CPU it attends per request (serve/hf_paged.py's lean_decode), so its cost is
-        # ``attention``'s, and giving it T x context would price work it no longer does
+        # on transformers' path a step with prompt tokens reads back every sequence's KV
+        # (``context``) and its one [1, T] row attends over all of it under a block-diagonal
+        # mask: T x context products, not the sum over sequences that ``attention`` counts. On
+        # the CPU every step attends per request (serve/hf_paged.py's lean_decode), so its cost
+        # is ``attention``'s, and T x context would price work it does not do
         "context": float(shape.context),
-        "packed_attention": float(shape.tokens * shape.context) if shape.prefill_tokens else 0.0,
+        "packed_attention": (
+            float(shape.tokens * shape.context) if packed_prompts and shape.prefill_tokens else 0.0
+        ),
         "device_loads": float(shape.device_loads),
         "resident": float(shape.resident),
         "mixtures": 0.0,
@@ -254,6 +258,8 @@ class CostModel:
             self.moves.setdefault(op, (0.0, 0.0))
         self.adapter_size = {k: (float(a), float(b)) for k, (a, b) in self.adapter_size.items()}
         self._names = names
+        # profiled on the CPU: the engine attends per request in every step (see featurize)
+        self.packed_prompts = self.fingerprint.get("device") != "cpu"
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -292,7 +298,7 @@ class CostModel:
     # -- prediction -------------------------------------------------------------------
     def step_time(self, shape: StepShape, adapters: Mapping[str, AdapterCost]) -> float:
         """Seconds of one step of ``shape`` (adapters: name -> (kind, rank) or a :class:`MixtureCost`)."""
-        f = featurize(shape, adapters, self.kinds)
+        f = featurize(shape, adapters, self.kinds, self.packed_prompts)
         return sum(self.step[n] * v for n, v in f.items() if v)
 
     def move_time(self, op: str, size: int) -> float:

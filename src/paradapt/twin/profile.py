@@ -322,11 +322,12 @@ def run_workload(
 
 
 def fit_steps(
-    samples: Samples, info: dict[str, tuple[str, int]], kinds: Sequence[str]
+    samples: Samples, info: dict[str, tuple[str, int]], kinds: Sequence[str], packed_prompts: bool = True
 ) -> tuple[dict[str, float], dict]:
-    """Step coefficients (fitted on all samples) and the held-out error (every fifth scenario held out)."""
+    """Step coefficients (fitted on all samples) and the held-out error (every fifth scenario held
+    out); ``packed_prompts`` as :func:`~paradapt.twin.costmodel.featurize` (False on the CPU)."""
     names = (*BASE_FEATURES, *kind_features(kinds))
-    X = [[featurize(t.shape, info, kinds)[n] for n in names] for _, t in samples.steps]
+    X = [[featurize(t.shape, info, kinds, packed_prompts)[n] for n in names] for _, t in samples.steps]
     y = [t.seconds for _, t in samples.steps]
     held = [i % 5 == 4 for i, _ in samples.steps]
     tr = [i for i, h in enumerate(held) if not h]
@@ -440,7 +441,8 @@ def profile(
                 )
             )
         measure_moves(model, root, [a.name for a in adapters], move_repeats, samples)
-        step, fit = fit_steps(samples, info, kinds)
+        on_cpu = next(model.parameters()).device.type == "cpu"  # per-request attention (featurize)
+        step, fit = fit_steps(samples, info, kinds, packed_prompts=not on_cpu)
         fit["steps"] = len(samples.steps)
         fit["mixture_steps"] = sum(
             1 for _, t in samples.steps if any(n in mix for n, _ in t.shape.adapter_tokens)
