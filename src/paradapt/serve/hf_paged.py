@@ -205,21 +205,22 @@ def _step_layout(allocator, kwargs: dict, layouts: dict) -> StepLayout:
     cu_q = kwargs["cu_seq_lens_q"]
     q_lens = (cu_q[1:] - cu_q[:-1]).tolist()
     ones = [i for i, n in enumerate(q_lens) if n == 1]
+    rows, valid = _padded_rows(cu_k)
     if len(ones) == len(q_lens):
-        rows, valid = _padded_rows(cu_k)
         layout = StepLayout(None, read.index_select(0, rows.reshape(-1)).view(rows.shape), valid, ())
     else:
         qs, ks = cu_q.tolist(), cu_k.tolist()
         chunks = tuple((slice(qs[i], qs[i + 1]), read[ks[i] : ks[i + 1]]) for i, n in enumerate(q_lens) if n > 1)
-        where = valid = single = None
-        if ones:
+        where = valid_ones = single = None
+        if ones:  # the single-token requests' rows of the padded layout, cut to the longest of them
             sel = torch.tensor(ones, dtype=torch.long, device=cu_k.device)
-            sub = torch.cat([cu_k[:1] * 0, (cu_k[sel + 1] - cu_k[sel]).cumsum(0)])
-            rows, valid = _padded_rows(sub)
-            packed = torch.cat([torch.arange(int(cu_k[i]), int(cu_k[i + 1]), device=cu_k.device) for i in ones])
-            where = read.index_select(0, packed.index_select(0, rows.reshape(-1))).view(rows.shape)
+            valid_ones = valid.index_select(0, sel)
+            width = int(valid_ones.sum(1).max())
+            valid_ones = valid_ones[:, :width]
+            picked = rows.index_select(0, sel)[:, :width]
+            where = read.index_select(0, picked.reshape(-1)).view(picked.shape)
             single = cu_q[:-1].long().index_select(0, sel)
-        layout = StepLayout(single, where, valid, chunks)
+        layout = StepLayout(single, where, valid_ones, chunks)
     layouts[allocator.index] = (cu_k, layout)
     return layout
 

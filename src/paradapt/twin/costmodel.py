@@ -258,8 +258,12 @@ class CostModel:
             self.moves.setdefault(op, (0.0, 0.0))
         self.adapter_size = {k: (float(a), float(b)) for k, (a, b) in self.adapter_size.items()}
         self._names = names
-        # profiled on the CPU: the engine attends per request in every step (see featurize)
-        self.packed_prompts = self.fingerprint.get("device") != "cpu"
+
+    @property
+    def packed_prompts(self) -> bool:
+        """Whether the profiled engine attended steps with prompt tokens over the packed row
+        (:func:`featurize`): as the profile recorded it, else from the machine (older files)."""
+        return bool(self.fit.get("packed_prompts", self.fingerprint.get("device") != "cpu"))
 
     # -- construction -----------------------------------------------------------------
     @classmethod

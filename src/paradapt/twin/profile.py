@@ -441,8 +441,10 @@ def profile(
                 )
             )
         measure_moves(model, root, [a.name for a in adapters], move_repeats, samples)
-        on_cpu = next(model.parameters()).device.type == "cpu"  # per-request attention (featurize)
-        step, fit = fit_steps(samples, info, kinds, packed_prompts=not on_cpu)
+        # the engine attends per request in every step on the CPU (serve/hf_paged.py, featurize)
+        packed = next(model.parameters()).device.type != "cpu"
+        step, fit = fit_steps(samples, info, kinds, packed_prompts=packed)
+        fit["packed_prompts"] = packed
         fit["steps"] = len(samples.steps)
         fit["mixture_steps"] = sum(
             1 for _, t in samples.steps if any(n in mix for n, _ in t.shape.adapter_tokens)
