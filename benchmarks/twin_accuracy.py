@@ -25,6 +25,7 @@ error), and a PNG of predicted vs real.
     python benchmarks/twin_accuracy.py --threads 1 --cost cost.json  # skip the profile
     python benchmarks/twin_accuracy.py --threads 1 --model smollm2-135m-instruct --rate-scale 0.2
     python benchmarks/twin_accuracy.py --threads 1 --server          # against the HTTP server
+    python benchmarks/twin_accuracy.py --threads 1 --server --set saturated   # issue 21's saturated set
 
 ``--server``: the real side is ``paradapt serve``'s app (in this process, on 127.0.0.1, with the
 model's tokenizer; the default random model streams with stories260K's) measured by the load
@@ -67,30 +68,58 @@ SHORT = dict(input_len=(8, 64), output_len=(8, 32))
 MIX3 = dict(ranks=[8, 16, 32], kinds=["lora", "parallel", "series"])
 
 
-def workloads(duration: float, rate_scale: float = 1.0) -> list[tuple[str, WorkloadSpec, dict]]:
-    """(label, spec, engine knobs incl. max_served/max_slots): the validation set. ``rate_scale``
-    multiplies every rate (a slower model, e.g. SmolLM2, reaches its knee at lower rates)."""
+# label, adapters, rate, alpha, mix, max_served, max_slots, extra knobs (and cv/input_len/output_len)
+DEFAULT_ROWS = [
+    ("a1 low", 100, 1.0, 1.0, MIX3, 32, 8, {}),
+    ("a1 mid", 100, 3.0, 1.0, MIX3, 32, 8, {}),
+    ("a1 high", 100, 8.0, 1.0, MIX3, 32, 8, {}),
+    ("a0.1 mid", 100, 3.0, 0.1, MIX3, 16, 4, {}),
+    ("a0.1 high", 100, 8.0, 0.1, MIX3, 16, 4, {}),
+    ("a0.5 slots1", 50, 2.5, 0.5, MIX3, 8, 1, {"starvation_after": 3.0}),
+    ("a0.5 slots2", 50, 4.0, 0.5, MIX3, 4, 2, {}),
+    ("n500 a1", 500, 3.0, 1.0, MIX3, 64, 16, {}),
+    ("n20 lora", 20, 4.0, 1.0, dict(ranks=[8], kinds=["lora"]), 20, 8, {}),
+    ("r32 parallel", 50, 3.0, 0.5, dict(ranks=[32], kinds=["parallel"]), 16, 8, {}),
+    ("series r8/16", 50, 6.0, 0.3, dict(ranks=[8, 16], kinds=["series"]), 8, 4, {}),
+    ("mem slots4", 100, 4.0, 0.5, MIX3, 32, 4, {"device_memory": 96 * 2**20}),
+    ("mem slots16", 100, 4.0, 0.5, MIX3, 32, 16, {"device_memory": 96 * 2**20}),
+    ("burst cv3", 100, 3.0, 0.5, MIX3, 16, 8, {"cv": 3.0}),
+    ("long prompts", 100, 1.5, 1.0, {**MIX3}, 32, 8, {"input_len": (64, 256)}),
+    ("a0.1 overload", 200, 12.0, 0.1, MIX3, 8, 8, {}),
+    # contexts up to ~1,000 tokens, like the planner's workloads (the rows above stay under 200)
+    ("long outputs", 186, 0.7, 0.5, MIX3, 16, 8, {"input_len": (64, 256), "output_len": (128, 448)}),
+    ("long both high", 100, 1.5, 1.0, MIX3, 32, 8, {"input_len": (128, 512), "output_len": (64, 384)}),
+]
+LORA16 = dict(ranks=[16], kinds=["lora"])
+# Issue 21's saturated set: every row offered more than the HTTP server serves (about 1.3-3x its
+# capacity on this CPU), so queues build and TTFT measures the backlog; adapter thrash (1-4 slots
+# over many adapters), bursty arrivals (cv 3-4), long outputs, memory-bound slots, and the three
+# S-LoRA workloads the issue tried (64 skewed adapters/16 slots, 200 bursty/4 slots, 16/1 slot).
+SATURATED_ROWS = [
+    ("sat skew64 slots16", 64, 20.0, 1.0, LORA16, 32, 16, {}),
+    ("sat n200 cv3 slots4", 200, 12.0, 0.5, LORA16, 16, 4, {"cv": 3.0}),
+    ("sat n16 slots1", 16, 8.0, 0.5, LORA16, 8, 1, {}),
+    ("sat thrash slots2", 200, 7.0, 0.3, MIX3, 8, 2, {}),
+    ("sat thrash slots4", 500, 16.0, 0.3, MIX3, 16, 4, {}),
+    ("sat burst cv4", 100, 14.0, 0.5, MIX3, 32, 8, {"cv": 4.0}),
+    ("sat short overload", 200, 24.0, 0.1, MIX3, 16, 8, {}),
+    ("sat long outputs", 100, 1.0, 0.5, MIX3, 16, 8, {"input_len": (64, 256), "output_len": (128, 448)}),
+    ("sat long both", 100, 1.2, 1.0, MIX3, 32, 8, {"input_len": (128, 512), "output_len": (64, 384)}),
+    ("sat mem slots4", 100, 14.0, 0.5, MIX3, 32, 4, {"device_memory": 96 * 2**20}),
+]
+SETS = {"default": DEFAULT_ROWS, "saturated": SATURATED_ROWS}
+QUICK = {"default": (0, 2, 4, 11), "saturated": (0, 2, 5, 7)}  # --quick's rows of each set
+
+
+def workloads(
+    duration: float, rate_scale: float = 1.0, name: str = "default"
+) -> list[tuple[str, WorkloadSpec, dict]]:
+    """(label, spec, engine knobs incl. max_served/max_slots): the validation set ``name``.
+    ``rate_scale`` multiplies every rate (a slower model, e.g. SmolLM2, reaches its knee at lower
+    rates)."""
     rows = [
-        # label, adapters, rate, alpha, mix, served, slots, extra knobs
-        ("a1 low", 100, 1.0, 1.0, MIX3, 32, 8, {}),
-        ("a1 mid", 100, 3.0, 1.0, MIX3, 32, 8, {}),
-        ("a1 high", 100, 8.0, 1.0, MIX3, 32, 8, {}),
-        ("a0.1 mid", 100, 3.0, 0.1, MIX3, 16, 4, {}),
-        ("a0.1 high", 100, 8.0, 0.1, MIX3, 16, 4, {}),
-        ("a0.5 slots1", 50, 2.5, 0.5, MIX3, 8, 1, {"starvation_after": 3.0}),
-        ("a0.5 slots2", 50, 4.0, 0.5, MIX3, 4, 2, {}),
-        ("n500 a1", 500, 3.0, 1.0, MIX3, 64, 16, {}),
-        ("n20 lora", 20, 4.0, 1.0, dict(ranks=[8], kinds=["lora"]), 20, 8, {}),
-        ("r32 parallel", 50, 3.0, 0.5, dict(ranks=[32], kinds=["parallel"]), 16, 8, {}),
-        ("series r8/16", 50, 6.0, 0.3, dict(ranks=[8, 16], kinds=["series"]), 8, 4, {}),
-        ("mem slots4", 100, 4.0, 0.5, MIX3, 32, 4, {"device_memory": 96 * 2**20}),
-        ("mem slots16", 100, 4.0, 0.5, MIX3, 32, 16, {"device_memory": 96 * 2**20}),
-        ("burst cv3", 100, 3.0, 0.5, MIX3, 16, 8, {"cv": 3.0}),
-        ("long prompts", 100, 1.5, 1.0, {**MIX3}, 32, 8, {"input_len": (64, 256)}),
-        ("a0.1 overload", 200, 12.0, 0.1, MIX3, 8, 8, {}),
-        # contexts up to ~1,000 tokens, like the planner's workloads (the rows above stay under 200)
-        ("long outputs", 186, 0.7, 0.5, MIX3, 16, 8, {"input_len": (64, 256), "output_len": (128, 448)}),
-        ("long both high", 100, 1.5, 1.0, MIX3, 32, 8, {"input_len": (128, 512), "output_len": (64, 384)}),
+        (label, n, rate, alpha, mix, served, slots, dict(extra))
+        for label, n, rate, alpha, mix, served, slots, extra in SETS[name]
     ]
     out = []
     for i, (label, n, rate, alpha, mix, served, slots, extra) in enumerate(rows):
@@ -148,7 +177,9 @@ def run_real(model, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
     return result.to_dict(), check
 
 
-def run_server(model, tokenizer, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel) -> tuple[dict, dict]:
+def run_server(
+    model, tokenizer, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
+) -> tuple[dict, dict]:
     """The workload against the HTTP app (``paradapt serve``'s, in process) with the load client;
     returns the client's metrics (the engine's adapter loads) and the step-time check."""
     from paradapt.bench import BenchConfig, bench
@@ -327,7 +358,9 @@ def resim(args, specs) -> int:
     rows = saved["rows"]
     by_label = {
         label: (spec, knobs)
-        for label, spec, knobs in workloads(saved["rows"][0]["spec"]["duration"], args.rate_scale)
+        for label, spec, knobs in workloads(
+            saved["rows"][0]["spec"]["duration"], args.rate_scale, saved.get("set", args.set)
+        )
     }
     args.server = "twin_inproc" in rows[0]  # a --server run: the client waited for every request
     drain = {"drain": 1e9} if args.server else {}
@@ -364,6 +397,12 @@ def main(argv=None) -> int:
     p.add_argument("--scenarios", type=int, default=40, help="profile scenarios")
     p.add_argument("--quick", action="store_true", help="4 workloads of 8 s")
     p.add_argument(
+        "--set",
+        choices=sorted(SETS),
+        default="default",
+        help="the workloads: default (18, mostly below the knee) or saturated (10, past the knee)",
+    )
+    p.add_argument(
         "--model", help="a named decoder (smollm2-135m-instruct) or a folder instead of the random Llama"
     )
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply every workload's rate")
@@ -392,9 +431,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.quick:
         args.duration = 8.0
-    specs = workloads(args.duration, args.rate_scale)
+    specs = workloads(args.duration, args.rate_scale, args.set)
     if args.quick:
-        specs = [specs[i] for i in (0, 2, 4, 11)]
+        specs = [specs[i] for i in QUICK[args.set]]
     if args.only:
         specs = [specs[int(i)] for i in args.only.split(",")]
     if args.resim:
@@ -429,6 +468,7 @@ def main(argv=None) -> int:
     clear_adapters(model)
     warm = WorkloadSpec(num_adapters=10, rate=4.0, duration=3.0, **SHORT, **MIX3, adapter_prefix="warm")
     build_adapter_root(model, root, warm.generate().adapters)
+
     def run(spec: WorkloadSpec, knobs: dict) -> tuple[dict, dict]:
         if args.server:
             return run_server(model, tokenizer, root, spec, knobs, cost)
@@ -464,7 +504,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, args.out.with_suffix(".png"))
     args.out.with_suffix(".json").write_text(
-        json.dumps({"rows": rows, "cost": cost.to_dict()}, indent=1, default=str)
+        json.dumps({"set": args.set, "rows": rows, "cost": cost.to_dict()}, indent=1, default=str)
     )
     args.out.with_suffix(".md").write_text(md + "\n")
     print(f"saved {args.out.with_suffix('.png')}, .json, .md")
