@@ -1,4 +1,4 @@
-"""Where a decode step's attention time goes, and what the two CPU attention paths save (issue 17).
+"""Where a decode step's attention time goes, and what the CPU attention paths save (issue 17).
 
 The real decoder ``Engine`` in process (no HTTP), ``N`` requests running, every step a pure
 decode step (one token per request). The same engine alternates, every ``--steps`` steps, between
@@ -12,12 +12,14 @@ three ways its packed forward runs attention, interleaved and repeated (``--roun
 * ``lean``: ``serve.hf_paged.lean_decode`` with ``gather_attention`` (the engine's
   ``--decode-attention gather``): each request's keys copied into its own padded row, one
   batched SDPA with grouped heads;
-* ``compiled``: ``lean_decode`` with ``paged_attention`` (the engine's default where it
-  compiles): the same arithmetic compiled to read the keys in their pages, no copy.
+* ``compiled``: ``lean_decode`` with ``paged_attention`` (``--decode-attention compiled``): the
+  same arithmetic compiled by inductor to read the keys in their pages, no copy;
+* ``kernel``: ``lean_decode`` with ``kernel_attention`` (the engine's default where it builds):
+  the C++ kernel of ``serve/csrc/paged_decode.cpp``, each key and value row read once.
 
 Reported: the median step time per mode and its ratio to ``plain``; the context grows by one token
 per step, so the modes' rounds are interleaved. Models: the random Llama of
-``benchmarks/serve_load.py`` (hidden 512, 8 layers, 8 heads, no GQA: only ``lean`` and ``compiled`` can help) and
+``benchmarks/serve_load.py`` (hidden 512, 8 layers, 8 heads, no GQA: only ``lean``, ``compiled`` and ``kernel`` can help) and
 SmolLM2-135M-Instruct (9 query / 3 KV heads).
 
     python benchmarks/decode_attention.py                           # both models
@@ -44,6 +46,7 @@ MODES = {  # each replaces the Runner's lean_decode(device, attend); the engine'
     "gqa": lambda device, attend=None: hf_paged.sdpa_gqa(device),
     "lean": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.gather_attention),
     "compiled": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.paged_attention),
+    "kernel": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.kernel_attention),
 }
 
 

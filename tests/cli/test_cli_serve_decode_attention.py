@@ -1,5 +1,5 @@
 """``paradapt serve --decode-attention``: the decode path the engine took is reported at startup, and
-both paths serve the same greedy text."""
+every path serves the same greedy text."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ def _greedy(model_dir, mode: str) -> tuple[str, str]:
     return info["decode_attention"], [c["text"] for c in r.json()["choices"]]
 
 
-def test_compiled_and_gather_serve_the_same_greedy_text(tmp_path):
+def test_kernel_compiled_and_gather_serve_the_same_greedy_text(tmp_path):
     model_dir = make_llama(tmp_path / "tiny-llama")
-    path_g, text_g = _greedy(model_dir, "gather")
-    path_c, text_c = _greedy(model_dir, "compiled")
-    assert (path_g, path_c) == ("gather", "compiled")
-    assert text_g == text_c
+    served = {mode: _greedy(model_dir, mode) for mode in ("gather", "compiled", "kernel")}
+    assert {mode: path for mode, (path, _) in served.items()} == {m: m for m in served}
+    texts = {mode: text for mode, (_, text) in served.items()}
+    assert texts["gather"] == texts["compiled"] == texts["kernel"]
 
 
 def test_an_unknown_mode_is_refused_by_the_parser(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""Decode attention over the paged KV cache (serve/paged_attention.py): the gather + SDPA path and
-the compiled in-place path both equal transformers' masked attention over the packed row."""
+"""Decode attention over the paged KV cache (serve/paged_attention.py): the gather + SDPA path, the
+compiled in-place path and the C++ kernel (csrc/paged_decode.cpp) all equal transformers' masked
+attention over the packed row."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from paradapt.errors import ConfigError
 from paradapt.serve import paged_attention as pa_attn
 from paradapt.serve.hf_paged import _padded_rows
 
-ATTENDS = {"gather": pa_attn.gather_attention, "compiled": pa_attn.paged_attention}
+ATTENDS = {
+    "gather": pa_attn.gather_attention,
+    "compiled": pa_attn.paged_attention,
+    "kernel": pa_attn.kernel_attention,
+}
 
 
 def packed_case(lengths: list[int], heads: int, heads_kv: int, dim: int, dtype=torch.float32, seed: int = 0):
@@ -46,12 +51,34 @@ def test_decode_attention_equals_the_block_diagonal_packed_row(name, lengths, he
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_attention_in_bf16_is_close_to_the_gather():
+@pytest.mark.parametrize("name", ["compiled", "kernel"])
+def test_in_place_attention_in_bf16_is_close_to_the_gather(name):
     args, _ = packed_case([5, 12, 3], 4, 2, 16, dtype=torch.bfloat16)
-    got = pa_attn.paged_attention(*args, 0.25)
+    got = ATTENDS[name](*args, 0.25)
     want = pa_attn.gather_attention(*args, 0.25)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_kernel_reads_strided_queries_and_caches_of_different_lengths():
+    """The engine hands it a transposed query view, and transformers' K and V token views may
+    differ in length (only rows below both are indexed)."""
+    (q, k, v, where, valid), want = packed_case([3, 7, 1, 5], 4, 2, 8)
+    strided = q.transpose(0, 1).contiguous().transpose(0, 1)
+    got = pa_attn.kernel_attention(strided, k, v[: int(where.max()) + 1], where, valid, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_refuses_rows_outside_the_cache_and_copied_caches():
+    (q, k, v, where, valid), _ = packed_case([3, 7], 4, 2, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        pa_attn.kernel_attention(q, k, v, where + k.shape[0], valid, 0.3)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        pa_attn.kernel_attention(q, k, v, where - where.max() - 1, valid, 0.3)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        pa_attn.kernel_attention(q, k.transpose(0, 1), v, where, valid, 0.3)
+    with pytest.raises(RuntimeError, match="dtype"):
+        pa_attn.kernel_attention(q, k.double(), v, where, valid, 0.3)
 
 
 def test_a_mode_that_does_not_exist_names_the_field():
@@ -59,24 +86,41 @@ def test_a_mode_that_does_not_exist_names_the_field():
         pa_attn.DecodeAttention("fast")
 
 
-def test_auto_falls_back_to_the_gather_with_a_warning_when_compiling_fails(monkeypatch):
-    def broken():
-        raise RuntimeError("no C++ compiler\nsecond line")
+def _broken(*_args, **_kwargs):
+    raise RuntimeError("no C++ compiler\nsecond line")
 
-    monkeypatch.setattr(pa_attn, "_compiled_fn", broken)
+
+def test_auto_falls_back_kernel_then_compiled_then_gather_with_one_warning(monkeypatch):
+    from paradapt.serve import decode_kernel
+
+    monkeypatch.setattr(decode_kernel, "load", _broken)
     auto = pa_attn.DecodeAttention("auto")
-    with pytest.warns(UserWarning, match="compiled decode attention unavailable"):
+    with pytest.warns(UserWarning, match="decode attention compiled, the others failed .kernel: RuntimeError: no C\\+\\+ compiler"):
         auto.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
-    assert auto.attend is pa_attn.gather_attention and "no C++ compiler" in auto.error
-    forced = pa_attn.DecodeAttention("compiled")
-    with pytest.raises(ConfigError, match="decode_attention.*no C\\+\\+ compiler"):
-        forced.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
+    assert auto.used == "compiled" and auto.compiled
+    monkeypatch.setattr(pa_attn, "_compiled_fn", _broken)
+    auto = pa_attn.DecodeAttention("auto")
+    with pytest.warns(UserWarning, match="decode attention gather"):
+        auto.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
+    assert auto.attend is pa_attn.gather_attention and not auto.compiled
+    assert "kernel: RuntimeError: no C++ compiler" in auto.error and "compiled: RuntimeError" in auto.error
+    for forced in ("kernel", "compiled"):
+        with pytest.raises(ConfigError, match=f"decode_attention.*the {forced} .*no C\\+\\+ compiler"):
+            pa_attn.DecodeAttention(forced).warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
     gather = pa_attn.DecodeAttention("gather")
     gather.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))  # never compiles
-    assert gather.attend is pa_attn.gather_attention
+    assert gather.used == "gather"
 
 
-def test_a_warm_compiled_mode_is_the_compiled_path():
+def test_auto_takes_the_kernel_when_it_builds():
     mode = pa_attn.DecodeAttention("auto")
     mode.warm_up(4, 2, 8, torch.float32, torch.device("cpu"))
-    assert mode.compiled and mode.error is None
+    assert mode.used == "kernel" and mode.compiled and mode.error is None
+
+
+def test_the_kernel_build_is_named_after_the_cpu_and_the_source():
+    from paradapt.serve import decode_kernel
+
+    a = decode_kernel.cpu_fingerprint()
+    assert a == decode_kernel.cpu_fingerprint() and len(a) == 12
+    assert decode_kernel.SOURCE.is_file()

@@ -81,9 +81,10 @@ def add_parser(sub) -> None:
         "--decode-attention",
         choices=DECODE_ATTENTION,
         default="auto",
-        help="how decode steps read the paged KV cache on the CPU: compiled in place (torch.compile, "
-        "needs a C++ compiler; compiled once at startup), or gather + SDPA; auto: compiled where it "
-        "compiles, else gather (default: auto)",
+        help="how decode steps read the paged KV cache on the CPU: kernel (paradapt's C++ kernel, "
+        "built once per machine; needs a C++ compiler and ninja), compiled (torch.compile in place, "
+        "compiled at startup; needs a C++ compiler), or gather + SDPA; auto: the first of these that "
+        "works here (default: auto)",
     )
     serve.add_argument(
         "--threads",

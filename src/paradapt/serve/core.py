@@ -30,9 +30,10 @@ from ..errors import ConfigError, ParadaptError
 from .cache import AdapterCache, MemoryBudget, Move
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
-#: How a decode step reads the paged KV cache (serve/paged_attention.py): compiled where it can be, or
-#: always compiled (an error when it cannot), or gather + SDPA.
-DECODE_ATTENTION = ("auto", "compiled", "gather")
+#: How a decode step reads the paged KV cache (serve/paged_attention.py): the best that works here
+#: (the C++ kernel, else the compiled version, else gather + SDPA), or one of them (an error when
+#: it cannot run).
+DECODE_ATTENTION = ("auto", "kernel", "compiled", "gather")
 
 
 class AdapterLoadError(ParadaptError, RuntimeError):

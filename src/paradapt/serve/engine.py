@@ -586,8 +586,9 @@ class Engine(_EngineCore):
 
     @property
     def decode_attention(self) -> str:
-        """How decode steps read the KV pages: ``compiled`` (in place) or ``gather`` (copy + SDPA)."""
-        return "compiled" if self.runner.decode_attention.compiled else "gather"
+        """How decode steps read the KV pages: ``kernel`` (the C++ kernel), ``compiled`` (torch.compile,
+        in place) or ``gather`` (copy + SDPA)."""
+        return self.runner.decode_attention.used
 
     def add_request(
         self,

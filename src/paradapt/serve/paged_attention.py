@@ -15,9 +15,17 @@ isolation (B=32, 8 heads of 64, 1 thread) it ran 3-7x faster than gather + SDPA 
 
 The compiled function is built once per process and specialises per model shape; steps pad
 to at least 2 requests and 2 keys (masked), so the sizes 0 and 1 never cost a recompile.
-It needs a C++ compiler at run time. :class:`DecodeAttention` picks the implementation
-(``auto``: compiled where a warm-up compile succeeds, else the gather; ``compiled``: an error
-when it cannot; ``gather``), and its warm-up runs when the engine starts, not on a request.
+
+The compiled loops still read each value once per 16-float slice of the head dimension (the
+reduction over keys is innermost), and every request up to the batch's longest. A hand-written
+C++ kernel (``csrc/paged_decode.cpp``, built by serve/decode_kernel.py) streams each key and
+value row once and stops at each request's length: :func:`kernel_attention`, about 2x the
+compiled version on a decode step of the random Llama (``benchmarks/decode_attention.py``).
+
+Both need a C++ compiler at run time (the kernel also ``ninja``). :class:`DecodeAttention`
+picks the implementation: ``auto`` takes the first of kernel, compiled, gather whose warm-up
+succeeds; ``kernel`` and ``compiled`` are errors when they cannot run; ``gather`` never
+compiles. The warm-up runs when the engine starts, not on a request.
 """
 
 from __future__ import annotations
@@ -105,52 +113,88 @@ def paged_attention(
     return _compiled_fn()(q, k_cache, v_cache, where, valid, float(scale))[:b]
 
 
-class DecodeAttention:
-    """The decode attention a Runner uses: ``mode`` ``auto`` | ``compiled`` | ``gather``.
+def kernel_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: torch.Tensor, valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """:func:`gather_attention`'s result, computed by the C++ kernel (serve/decode_kernel.py)."""
+    from .decode_kernel import load
 
-    :meth:`warm_up` compiles for the model's shapes before any request (seconds the first time
-    in a process; inductor's on-disk cache makes later processes faster). ``auto`` falls back to
-    the gather, with one warning, when that fails (no C++ compiler, an unsupported platform).
+    return load().paged_decode(q, k_cache, v_cache, where, valid, float(scale))
+
+
+#: each implementation by its mode name, and the order ``auto`` tries them in
+IMPLEMENTATIONS: dict[str, Attend] = {
+    "kernel": kernel_attention,
+    "compiled": paged_attention,
+    "gather": gather_attention,
+}
+
+
+class DecodeAttention:
+    """The decode attention a Runner uses: ``mode`` ``auto`` | ``kernel`` | ``compiled`` | ``gather``.
+
+    :meth:`warm_up` builds or compiles for the model's shapes before any request (a minute for
+    the kernel's first build on a machine, seconds for inductor's first compile in a process;
+    both are cached on disk). ``auto`` takes the first of kernel, compiled, gather that works,
+    with one warning naming what failed (no C++ compiler, no ``ninja``, another platform).
     """
 
     def __init__(self, mode: str = "auto"):
         if mode not in MODES:
             raise ConfigError("decode_attention", f"must be one of {list(MODES)}, got {mode!r}")
         self.mode = mode
-        self.attend: Attend = gather_attention if mode == "gather" else paged_attention
-        self.error: str | None = None  # why ``auto`` fell back to the gather
+        self.attend: Attend = gather_attention if mode == "gather" else IMPLEMENTATIONS.get(mode, kernel_attention)
+        self.error: str | None = None  # why ``auto`` did not get the kernel (or the compiled version)
+
+    @property
+    def used(self) -> str:
+        """The implementation in use: ``kernel``, ``compiled`` or ``gather``."""
+        return next(name for name, fn in IMPLEMENTATIONS.items() if fn is self.attend)
 
     @property
     def compiled(self) -> bool:
-        return self.attend is paged_attention
+        """Whether the cache is read in place (the kernel or the compiled version), not copied."""
+        return self.attend is not gather_attention
 
     def warm_up(self, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Compile for these shapes now (a no-op for ``gather`` and off the CPU)."""
-        if not self.compiled:
+        """Build or compile for these shapes now (a no-op for ``gather``; off the CPU, the gather)."""
+        if self.mode == "gather":
             return
         if device.type != "cpu":
             self.attend = gather_attention
             return
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(3, heads, dim, generator=g).to(dtype)
-        cache = [torch.randn(12, kv_heads, dim, generator=g).to(dtype) for _ in range(2)]
-        where = torch.arange(9).view(3, 3)
-        valid = torch.ones(3, 3, dtype=torch.bool)
-        try:
-            with torch.no_grad():
-                got = paged_attention(q, *cache, where, valid, dim**-0.5)
-            want = gather_attention(q, *cache, where, valid, dim**-0.5)
-            if not torch.allclose(got.float(), want.float(), atol=1e-2 if dtype != torch.float32 else 1e-4):
-                raise RuntimeError("the compiled decode attention disagrees with the gather + SDPA reference")
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: use the gather
-            if self.mode == "compiled":
-                raise ConfigError("decode_attention", f"the compiled decode attention is unavailable: {e}") from e
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(
-                f"paradapt: compiled decode attention unavailable ({self.error}); using gather + SDPA",
-                stacklevel=2,
-            )
-            self.attend = gather_attention
+        tries = list(IMPLEMENTATIONS) if self.mode == "auto" else [self.mode]
+        failures = []
+        for name in tries:
+            fn = IMPLEMENTATIONS[name]
+            try:
+                if fn is not gather_attention:
+                    _check(fn, heads, kv_heads, dim, dtype)
+            except Exception as e:  # noqa: BLE001 - any build or compile failure means: try the next
+                if self.mode != "auto":
+                    raise ConfigError("decode_attention", f"the {name} decode attention is unavailable: {e}") from e
+                failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            self.attend = fn
+            break
+        if failures:
+            self.error = "; ".join(failures)
+            warnings.warn(f"paradapt: decode attention {self.used}, the others failed ({self.error})", stacklevel=2)
 
 
-__all__ = ["MODES", "DecodeAttention", "gather_attention", "paged_attention"]
+def _check(fn: Attend, heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
+    """Run ``fn`` once on random data with these shapes (building or compiling it) and compare
+    with the gather + SDPA reference: a wrong build is as unusable as a missing one."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, heads, dim, generator=g).to(dtype)
+    cache = [torch.randn(12, kv_heads, dim, generator=g).to(dtype) for _ in range(2)]
+    where = torch.arange(9).view(3, 3)
+    valid = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    with torch.no_grad():
+        got = fn(q, *cache, where, valid, dim**-0.5)
+    want = gather_attention(q, *cache, where, valid, dim**-0.5)
+    if not torch.allclose(got.float(), want.float(), atol=1e-2 if dtype != torch.float32 else 1e-4):
+        raise RuntimeError("it disagrees with the gather + SDPA reference")
+
+
+__all__ = ["IMPLEMENTATIONS", "MODES", "DecodeAttention", "gather_attention", "kernel_attention", "paged_attention"]
