@@ -396,9 +396,11 @@ class _OutOfRuns(Exception):
 
 
 def replica_capacity(workload: Workload, cost: CostModel, knobs: Mapping[str, Any]) -> float:
-    """Tokens/s one replica serves saturated with one adapter and the workload's mean lengths:
-    an upper bound (no adapter switches), so the replica count guessed from it is a lower one."""
+    """Tokens/s one replica serves saturated with one adapter (the kind and rank of the
+    workload's first) and the workload's mean lengths: an upper bound (no adapter switches), so
+    the replica count guessed from it is a lower one."""
     n = len(workload.requests)
+    first = workload.adapters[0] if workload.adapters else None
     mean_in = max(1, round(sum(r.prompt_len for r in workload.requests) / n))
     mean_out = max(1, round(sum(r.output_len for r in workload.requests) / n))
     probe = WorkloadSpec(
@@ -408,6 +410,7 @@ def replica_capacity(workload: Workload, cost: CostModel, knobs: Mapping[str, An
         max_requests=2000,
         input_len=(mean_in, mean_in),
         output_len=(mean_out, mean_out),
+        **({"ranks": {first.rank: 1.0}, "kinds": {first.kind: 1.0}} if first is not None else {}),
     )
     return float(simulate(probe, cost, max_served=1, max_slots=1, **dict(knobs)).throughput)
 
