@@ -22,18 +22,24 @@ Popularity is Zipf with exponent s (adapter i drawn with weight 1 / (i + 1)**s):
 about 10 % of the traffic to the hottest of 10,000 adapters, s = 0.5 about 0.5 %. (S-LoRA's
 power law, the ``alpha`` of paradapt's workload specs, runs the other way: alpha = 1 is uniform.)
 
-Sizing. The twin is pure Python; a run costs about one step of the engine's planning code per
-simulated step per replica, plus a router decision and up to N replica snapshots per request.
+Sizing. The twin is pure Python; its cost is about one pass of the engine's planning code per
+simulated step per replica, plus a router decision and a walk over the N replicas per request.
 The offered load is ``--load`` (0.7) times the cluster's nominal capacity (one replica's
-saturated tokens/s with one adapter, times N), so each replica steps continuously, and requests
-are short (8-256 prompt, 8-128 output tokens) so there are many of them (about 9 per replica
-per second of window at the shipped cost model's ~420 tokens/s). ``--duration 20`` then gives
-about 19,000 requests; each run takes about a minute on one busy core, eight runs (4 policies x 2
-exponents) in two processes about 5 minutes. Engines: ``--max-served 64 --max-slots 16`` on
-every replica, stats refreshed every 0.5 s (the ingress polls replicas that often).
+saturated tokens/s with one adapter and the workload's mean lengths, times N): every replica
+stays busy without the whole cluster being overloaded by construction. Requests are short
+(8-256 prompt, 8-64 output tokens), so a request decodes in a couple of seconds and the window
+is many request lifetimes long (with longer outputs the tokens still due after the window would
+make every policy look starved). With the shipped cost model (about 1,200 tokens/s nominal per
+replica at these lengths) that is about 380 requests/s; ``--duration 30`` gives about 11,000
+requests. Measured on a 2 s slice of the same workload (2 of 2 busy cores): 100 simulated
+replicas cost about one second of wall time per simulated second, so a run (30 s window, then
+the drain, mostly idle) takes about 40 s, and the 8 runs (4 policies x 2 exponents) about 3
+minutes in 2 processes, 5-6 on one. Engines: ``--max-served 64 --max-slots 16`` on every
+replica; router snapshots refreshed every 0.5 s (the ingress polls its replicas that often).
+The drain (half the window, at least 10 s) lets a request that arrived last finish.
 
     python benchmarks/cluster_twin.py --json runs/cluster_twin.json      # the on-paper report
-    python benchmarks/cluster_twin.py --quick                            # smoke: 8 x 400, a few seconds
+    python benchmarks/cluster_twin.py --quick                            # smoke: 8 x 400, 5 s window, seconds
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from paradapt.twin.cluster_plan import adapter_loads, offered_load, place_adapte
 from paradapt.twin.costmodel import load_cost
 
 POLICIES = ("sticky+spill", "sticky+spill+plan", "multiplex", "random")
+DRAIN_MIN = 10.0  # seconds after the window: a request that arrived last still finishes (no false starvation)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=100, help="replicas (default 100)")
     p.add_argument("--adapters", type=int, default=10_000, help="adapters (default 10,000)")
     p.add_argument("--zipf", default="1,0.5", help="Zipf exponents, comma-separated (default 1,0.5)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals (default 20)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals (default 30)")
     p.add_argument("--load", type=float, default=0.7, help="offered load / nominal capacity (default 0.7)")
     p.add_argument("--max-served", type=int, default=64, help="host adapters per replica (default 64)")
     p.add_argument("--max-slots", type=int, default=16, help="device adapters per replica (default 16)")
@@ -100,7 +107,7 @@ def zipf_workload(args: argparse.Namespace, s: float, rate: float) -> Workload:
         rate=rate,
         duration=args.duration,
         input_len=(8, 256),
-        output_len=(8, 128),
+        output_len=(8, 64),
         seed=args.seed,
     )
     base = spec.generate()
@@ -138,7 +145,7 @@ def run_one(job: tuple[argparse.Namespace, float, float, str]) -> dict[str, Any]
         replicas=args.replicas,
         max_served=args.max_served,
         max_slots=args.max_slots,
-        drain=args.duration / 2,
+        drain=max(DRAIN_MIN, args.duration / 2),
         stats_period=args.stats_period,
         placement=placement,
     )
