@@ -126,8 +126,8 @@ def place_adapters(loads: Mapping[str, float], replicas: int, *, max_share: floa
         raise ConfigError("replicas", f"must be an integer >= 1, got {replicas!r}")
     if not max_share > 0:
         raise ConfigError("max_share", f"must be positive, got {max_share!r}")
-    if not loads:
-        raise ConfigError("workload", "has no adapters to place")
+    if not loads:  # base-model traffic only: nothing to place, the replicas balance it freely
+        return Placement(tuple(() for _ in range(replicas)), (0.0,) * replicas, {})
     total = sum(loads.values())
     per_copy_cap = max_share * total / replicas
     copies = {
