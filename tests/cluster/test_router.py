@@ -311,3 +311,24 @@ def test_only_ray_serve_imports_ray():
             if path.name != "ray_serve.py":
                 assert not any(n == "ray" or n.startswith("ray.") for n in names), path
                 assert not any("ray_serve" in n for n in names), path
+
+
+# -- a planned placement ---------------------------------------------------------------------------
+
+
+def test_preplace_starts_sticky_routing_from_the_planned_map():
+    router = AdapterRouter(max_replicas_per_adapter=2)
+    router.preplace({"r0": ["hot", "a"], "r1": ["hot"], "r2": ["hot", "b"]})
+    assert router.placements("hot") == ("r0", "r1", "r2")  # more than the spill bound: a plan is not a spill
+    replicas = [rep("r0", queued=3), rep("r1", queued=1), rep("r2", queued=2)]
+    assert router.choose("hot", replicas) == "r1"  # the least loaded of its planned replicas
+    assert router.choose("b", replicas) == "r2"  # placed, though no snapshot holds it
+    assert router.stats.spills == 0
+    router.preplace({"r0": ["hot"]})  # again: nothing doubles
+    assert router.placements("hot") == ("r0", "r1", "r2")
+
+
+def test_the_baselines_ignore_a_placement():
+    for router in (MultiplexRouter(seed=1), RandomRouter(seed=1)):
+        router.preplace({"r0": ["a"]})
+        assert router.choose("a", [rep("r0"), rep("r1")]) in ("r0", "r1")

@@ -1,4 +1,5 @@
-"""``paradapt plan WORKLOAD.yaml``: recommend ``--max-served``/``--max-slots`` for a workload.
+"""``paradapt plan WORKLOAD.yaml``: recommend ``--max-served``/``--max-slots`` for a workload;
+with ``--replicas N|auto``, plan a cluster (replica count, knobs, placement) in the cluster twin.
 
 The models and how they are trained live in :mod:`paradapt.twin.configurator`, the search they
 learn from in :mod:`paradapt.twin.search`; this module loads or trains them as the flags say,
@@ -9,6 +10,7 @@ searched optimum in the twin (docs/twin.md).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +18,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..serve.workload import Workload, WorkloadSpec
+from ..twin.cluster_plan import MAX_RUNS as CLUSTER_MAX_RUNS
+from ..twin.cluster_plan import REFINE_EVALS as CLUSTER_REFINE_EVALS
+from ..twin.cluster_plan import plan_cluster
 from ..twin.configurator import (
     REFINE_EVALS,
     TARGETS,
@@ -26,7 +31,8 @@ from ..twin.configurator import (
     train,
 )
 from ..twin.features import num_adapters
-from ..twin.search import TIE_TOL, config_grid, cost_key, search_in_twin, twin_trial
+from ..twin.search import TIE_TOL, config_grid, cost_key, search_in_twin, twin_trial, write_json_atomic
+from .common import positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
 from .twin import add_workload_flags, cost_from_flags, describe_workload, workload_from_args
 
@@ -70,10 +76,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--refine",
         type=int,
-        default=REFINE_EVALS,
+        default=None,
         metavar="N",
-        help=f"refine the prediction with up to N twin runs around it (default: {REFINE_EVALS}; 0: the "
-        "model's prediction as is)",
+        help=f"refine the prediction with up to N twin runs around it (default: {REFINE_EVALS}, "
+        f"{CLUSTER_REFINE_EVALS} with --replicas; 0: the model's prediction as is)",
     )
     p.add_argument(
         "--check", action="store_true", help="run the twin at the recommendation and search the optimum"
@@ -95,11 +101,85 @@ def add_parser(sub: Any) -> None:
         help="arrival window of each training workload (default: 15)",
     )
     add_engine_flags(p)  # the engine knobs the twin runs with (a model is trained for one setting)
+    add_cluster_flags(p)
     p.set_defaults(func=run)
 
 
+def replicas_arg(s: str) -> int | str:
+    """An argparse type for ``--replicas``: a positive integer, or ``auto``."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'auto'), got {n}")
+    return n
+
+
+def positive_float(s: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
+    return x
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """``--replicas`` and what goes with it: the cluster planner (docs/cluster.md)."""
+    g = p.add_argument_group(
+        "cluster plan",
+        "with --replicas, plan a cluster of paradapt serve --replicas in the cluster twin instead: "
+        "replica count, each replica's --max-served/--max-slots, and which adapters each replica "
+        "holds (no fitted model needed; --model, --train, --check and friends do not apply)",
+    )
+    g.add_argument(
+        "--replicas",
+        type=replicas_arg,
+        metavar="N|auto",
+        help="plan for N replicas, or search the fewest that meet --target-throughput (auto)",
+    )
+    g.add_argument(
+        "--target-throughput",
+        type=positive_float,
+        metavar="TOK_S",
+        help="the offered load to plan for, tokens/s (prompt + output): the workload's traffic is "
+        "scaled to it; met when >= 90%% of it is served and no adapter starves",
+    )
+    g.add_argument(
+        "--max-replicas",
+        type=positive_int,
+        default=64,
+        metavar="M",
+        help="--replicas auto searches 1..M (default: 64)",
+    )
+    g.add_argument(
+        "--max-runs",
+        type=positive_int,
+        default=CLUSTER_MAX_RUNS,
+        metavar="N",
+        help=f"cluster twin runs the plan may spend (default: {CLUSTER_MAX_RUNS}; --refine of them "
+        f"refine the knobs, default {CLUSTER_REFINE_EVALS} with --replicas)",
+    )
+    g.add_argument("--json", metavar="FILE", help="also save the cluster plan as JSON")
+
+
 def run(args: argparse.Namespace) -> int:
-    """``paradapt plan``: load or train the models, recommend, optionally check in the twin."""
+    """``paradapt plan``: load or train the models, recommend, optionally check in the twin
+    (with ``--replicas``: plan a cluster instead, :func:`run_cluster`)."""
+    if args.refine is not None and args.refine < 0:
+        raise ConfigError("refine", f"must be 0 or more, got {args.refine}")
+    if args.replicas is not None:
+        return run_cluster(args)
+    for flag in ("target_throughput", "json"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(flag, f"--{flag.replace('_', '-')} plans a cluster: give --replicas N|auto too")
+    if args.refine is None:
+        args.refine = REFINE_EVALS
     workload = workload_from_args(args)  # a bad file is a ConfigError naming the field (and line)
     spec = workload.spec if workload.spec is not None else workload
     if args.train is not None and args.train < 2:
@@ -107,8 +187,6 @@ def run(args: argparse.Namespace) -> int:
     for name in ("workers", "max_depth"):
         if getattr(args, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(args, name)}")
-    if args.refine < 0:
-        raise ConfigError("refine", f"must be 0 or more, got {args.refine}")
     if not args.duration > 0:
         raise ConfigError("duration", f"must be positive, got {args.duration}")
     cost = cost_from_flags(args.cost, None)
@@ -165,6 +243,47 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cluster(args: argparse.Namespace) -> int:
+    """``paradapt plan --replicas N|auto``: the cluster planner (:mod:`paradapt.twin.cluster_plan`)."""
+    auto = args.replicas == "auto"
+    if auto and args.target_throughput is None:
+        raise ConfigError(
+            "target_throughput",
+            "--replicas auto searches the replica count for a target: give --target-throughput TOK_S",
+        )
+    for flag in ("train", "check"):
+        if getattr(args, flag):
+            raise ConfigError(
+                flag, f"--{flag} is for the single-engine plan; it does not apply with --replicas"
+            )
+    workload = workload_from_args(args)
+    cost = cost_from_flags(args.cost, None)
+    refine_evals = CLUSTER_REFINE_EVALS if args.refine is None else args.refine
+    plan = plan_cluster(
+        workload,
+        cost,
+        replicas=None if auto else args.replicas,
+        target=args.target_throughput,
+        max_replicas=args.max_replicas,
+        max_runs=args.max_runs,
+        refine_evals=refine_evals,
+        **knobs_from_args(args),
+    )
+    print(f"workload {describe_workload(args.workload, workload)}")
+    print(plan.summary())
+    print(
+        f"recommended: paradapt serve --replicas {plan.replicas} --max-served {plan.max_served} "
+        f"--max-slots {plan.max_slots}"
+    )
+    if not plan.met:
+        more = f" up to {plan.max_replicas} replicas" if auto else f" with {plan.replicas} replicas"
+        print(f"the target is not met{more}: raise --max-replicas, or plan for less load")
+    if args.json:
+        write_json_atomic(Path(args.json), plan.to_dict())
+        print(f"saved {args.json}")
+    return 0
+
+
 def _refined(
     spec: WorkloadSpec | Workload, cost: Any, rec: Recommendation, knobs: Mapping[str, Any], evals: int
 ) -> Recommendation:
@@ -196,7 +315,9 @@ def _print_heldout(model: Configurator) -> None:
                 )
 
 
-def _print_check(spec: WorkloadSpec | Workload, cost: Any, rec: Recommendation, knobs: Mapping[str, Any]) -> None:
+def _print_check(
+    spec: WorkloadSpec | Workload, cost: Any, rec: Recommendation, knobs: Mapping[str, Any]
+) -> None:
     result = search_in_twin(spec, cost, knobs=knobs)
     at = result.throughput_at(rec.max_served, rec.max_slots)
     best = result.best

@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError, ParadaptError
@@ -123,6 +123,13 @@ class Router(ABC):
     def forget(self, adapter: str) -> None:
         """``adapter`` was unloaded everywhere: drop what the router remembers of it (the
         baselines remember nothing)."""
+        return None
+
+    def preplace(self, placement: Mapping[str, Sequence[str]]) -> None:
+        """Start from a planned placement (``replica name -> adapters it holds``, hottest first),
+        as if the router had sent each adapter there: the cluster planner's
+        (:mod:`paradapt.twin.cluster_plan`). The baselines remember nothing, so they ignore it
+        (they still see the replicas' warm caches in their snapshots)."""
         return None
 
     @abstractmethod
@@ -223,6 +230,20 @@ class AdapterRouter(Router):
         for name in self._placed.pop(adapter, ()):
             self._count[name] -= 1
         self._orphans.discard(adapter)
+
+    def preplace(self, placement: Mapping[str, Sequence[str]]) -> None:
+        """Remember each adapter on the replicas ``placement`` lists it under (in the mapping's
+        order of replicas), after any placement it already has. Sticky routing then spreads a
+        replicated adapter over all of them from its first request, instead of waiting for its
+        replicas' queues to pass ``spill_queue``, and ``max_replicas_per_adapter`` bounds spills
+        only, not a planned placement (dLoRA places a hot adapter on as many replicas as its
+        load needs)."""
+        for replica, adapters in placement.items():
+            for adapter in adapters:
+                names = self._placed.setdefault(adapter, [])
+                if replica not in names:
+                    names.append(replica)
+                    self._count[replica] += 1
 
     def _pick(self, adapter, alive, replicas):
         self._drop_dead({r.name for r in alive})

@@ -25,6 +25,7 @@ imbalance, the router's hit rate and counters, and starved adapters.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -130,6 +131,7 @@ def simulate_cluster(
     slo_ttft: float | None = None,
     slo_tpot: float | None = None,
     server: bool = True,
+    placement: Sequence[Sequence[str]] | None = None,
     **engine_knobs: Any,
 ) -> ClusterResult:
     """Run ``spec``'s workload on ``replicas`` simulated engines behind ``router``.
@@ -140,6 +142,13 @@ def simulate_cluster(
     the router's snapshot refreshes (0: fresh for every request). ``router`` should be fresh:
     its counters are reported as they stand at the end. ``server=False``: replicas without
     the cost model's HTTP server costs (as :func:`~paradapt.twin.sim.simulate`).
+
+    ``placement``: the adapters each replica holds when the window opens (``placement[i]`` for
+    ``replica-i``, hottest first; :func:`paradapt.twin.cluster_plan.place_adapters`): each
+    engine starts with the first ``max_slots`` on its device and the first ``max_served`` in
+    host memory (:meth:`~paradapt.twin.sim.SimEngine.preload`), and the router starts from it
+    (:meth:`~paradapt.cluster.router.Router.preplace`; only :class:`AdapterRouter` remembers it).
+    None: every replica starts cold and the router remembers nothing.
     """
     if not isinstance(replicas, int) or replicas < 1:
         raise ConfigError("replicas", f"must be an integer >= 1, got {replicas!r}")
@@ -152,6 +161,8 @@ def simulate_cluster(
     stop = workload.duration + drain
     nodes = [_replica(f"replica-{i}", workload, cost, config, stop, server) for i in range(replicas)]
     by_name = {n.name: n for n in nodes}
+    if placement is not None:
+        _start_from(placement, nodes, router)
     states: list[ReplicaState] = []
     refreshed = float("-inf")
     for req in workload.requests:
@@ -166,6 +177,16 @@ def simulate_cluster(
     result = _cluster_result(workload, nodes, router, slo_ttft, slo_tpot)
     result.sim_seconds = time.perf_counter() - t0
     return result
+
+
+def _start_from(placement: Sequence[Sequence[str]], nodes: list[_Replica], router: Router) -> None:
+    """Warm each replica's cache with its share of ``placement`` and hand the router the map."""
+    if isinstance(placement, (str, bytes)) or len(placement) != len(nodes):
+        got = "a string" if isinstance(placement, (str, bytes)) else f"{len(placement)} lists"
+        raise ConfigError("placement", f"needs one list of adapters per replica ({len(nodes)}), got {got}")
+    for node, adapters in zip(nodes, placement, strict=True):
+        node.backend.engine.preload(adapters)
+    router.preplace({n.name: list(adapters) for n, adapters in zip(nodes, placement, strict=True)})
 
 
 def _replica(

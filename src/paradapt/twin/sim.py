@@ -27,6 +27,7 @@ request joins), and other processes on the machine.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -62,6 +63,23 @@ class SimEngine(ServeCore):
         self.end: dict[str, float] = {}
         self._loads = 0
         self.busy = 0.0  # simulated seconds spent in steps and moves
+
+    def preload(self, adapters: Sequence[str]) -> None:
+        """Hold ``adapters`` (hottest first) before the window opens, as a replica that has been
+        serving them would: the first ``max_slots`` on the device, the first ``max_served`` in
+        host memory, the hottest most recently used. Free on the clock and not counted as
+        loads (the window measures the steady state, not the warm-up)."""
+        served = list(dict.fromkeys(adapters))[: self.cache.max_served]
+        for name in served:
+            if name not in self.sizes:
+                raise ConfigError("placement", f"adapter {name!r} is not in the workload")
+            if name not in self.cache:
+                self.cache.add_adapter(name, self.sizes[name])
+        self.cache.prefetch(reversed(served))  # coldest first: the hottest end up most recently used
+        self.cache.ensure_resident(list(reversed(served[: self.cache.max_slots])))
+        self.t = 0.0
+        self.busy = 0.0
+        self.cache.stats = CacheStats()
 
     def _clock(self) -> float:
         return self.t
