@@ -21,7 +21,8 @@ configuration generates the same tokens) routed by name, through the top-1 mixtu
 the top-2 mixture; the three run interleaved, ``--repeats`` times, and requests/s is reported
 relative to routing by name.
 
-    python benchmarks/mixture_quality.py                                   # top 1 and 2, ~1 h here
+    python benchmarks/mixture_quality.py                                   # top 1 and 2, ~2 h here (each router ~40 min)
+    python benchmarks/mixture_quality.py --top-k 1 --reuse                 # top 1 only, its router already trained
     python benchmarks/mixture_quality.py --top-k 1 --steps 5 --eval-limit 16 --serve-rows 12   # smoke
 
 Results go to ``--out`` (``results.json``) and the table is printed.
@@ -114,6 +115,14 @@ def train_router(
     t0 = time.perf_counter()
     result = train(raw, overwrite=True, progress=False)
     return result.adapters[f"mix-top{top_k}"], time.perf_counter() - t0
+
+
+def trained_router(out: Path, top_k: int) -> Path | None:
+    """The mixture an earlier run of this script finished training into ``out`` (``--reuse``)."""
+    for cfg in sorted((out / f"top{top_k}").rglob("adapter_config.json")):
+        if cfg.parent.name == f"mix-top{top_k}" and "checkpoints" not in cfg.parts:
+            return cfg.parent
+    return None
 
 
 def accuracy(model, tok, evals: list[dict], max_length: int, entry) -> float:
@@ -235,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-rows", type=int, default=96, help="requests per pass of the serving stream")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-serve", action="store_true")
+    ap.add_argument(
+        "--reuse", action="store_true", help="use the routers an earlier run trained into --out (same settings)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/mixture_quality"))
     args = ap.parse_args(argv)
@@ -250,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     n_mix = write_mix(mix, train, args.train_rows, args.seed)
     mixtures, train_s = {}, {}
     for k in (int(x) for x in args.top_k.split(",")):
+        done = trained_router(args.out, k) if args.reuse else None
+        if done is not None:
+            mixtures[k], train_s[k] = done, None
+            print(f"top-{k}: reusing the router trained in {done}", flush=True)
+            continue
         mixtures[k], train_s[k] = train_router(args.out / f"top{k}", experts, mix, k, max(lengths.values()), args)
     q = quality(mixtures, experts, evals, lengths)
     cost = None if args.no_serve else serving_cost(mixtures, experts, evals, args)
