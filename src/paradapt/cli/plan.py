@@ -110,12 +110,9 @@ def replicas_arg(s: str) -> int | str:
     if s.strip().lower() == "auto":
         return "auto"
     try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'auto'), got {n}")
-    return n
+        return positive_int(s)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 'auto')") from None
 
 
 def positive_float(s: str) -> float:
