@@ -178,7 +178,7 @@ def run_real(model, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
 
 
 def run_server(
-    model, tokenizer, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
+    model, tokenizer, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel, client_process: bool = False
 ) -> tuple[dict, dict]:
     """The workload against the HTTP app (``paradapt serve``'s, in process) with the load client;
     returns the client's metrics (the engine's adapter loads) and the step-time check."""
@@ -191,16 +191,35 @@ def run_server(
     engine = Engine(model, root, cfg, tokenizer=tokenizer)
     engine.enable_trace()
     with serve_engine(engine) as url:
-        config = BenchConfig(url=url, vocab_size=model.config.vocab_size, seed=spec.seed, progress=False)
-        result = bench(workload, config)
+        if client_process:
+            out = bench_process(workload, url, model.config.vocab_size, spec.seed)
+        else:
+            config = BenchConfig(url=url, vocab_size=model.config.vocab_size, seed=spec.seed, progress=False)
+            out = bench(workload, config).to_dict()
     stats = engine.cache.stats
-    result.loads, result.disk_loads = stats.device_loads, stats.host_loads + stats.prefetch_loads
-    result.steps = len(engine.trace)  # a client sees no steps
+    out["loads"], out["disk_loads"] = stats.device_loads, stats.host_loads + stats.prefetch_loads
+    out["steps"] = len(engine.trace)  # a client sees no steps
     check = step_check(engine, workload, cost, spec.duration)
     clear_adapters(model)
-    out = result.to_dict()
-    out["sim_seconds"] = result.extra["duration"]
+    out["sim_seconds"] = out["extra"]["duration"]
     return out, check
+
+
+def bench_process(workload, url: str, vocab: int, seed: int) -> dict:
+    """``paradapt bench`` in its own process (as a real client is): the workload as a trace, the
+    metrics from its ``--json``. In this process the client's work would share the GIL with the
+    server's event loop and engine thread, and slow the steps it measures."""
+    import subprocess
+
+    from paradapt.serve.trace import write_trace
+
+    with tempfile.TemporaryDirectory(prefix="twin_accuracy-bench-") as tmp:
+        trace = write_trace(Path(tmp) / "workload.jsonl", workload)
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "paradapt.cli", "bench", str(trace), "--url", url]
+        cmd += ["--vocab-size", str(vocab), "--seed", str(seed), "--no-progress", "--json", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return json.loads(out.read_text())
 
 
 def step_check(engine, workload, cost: CostModel, duration: float) -> dict:
@@ -412,6 +431,11 @@ def main(argv=None) -> int:
         help="measure the real side over HTTP (the app paradapt serve runs, with paradapt bench), and "
         "profile the server's costs too",
     )
+    p.add_argument(
+        "--client-process",
+        action="store_true",
+        help="with --server: run the load client (paradapt bench) in its own process, not in the server's",
+    )
     p.add_argument("--only", type=str, help="comma-separated workload indices")
     p.add_argument(
         "--resim",
@@ -471,7 +495,7 @@ def main(argv=None) -> int:
 
     def run(spec: WorkloadSpec, knobs: dict) -> tuple[dict, dict]:
         if args.server:
-            return run_server(model, tokenizer, root, spec, knobs, cost)
+            return run_server(model, tokenizer, root, spec, knobs, cost, args.client_process)
         return run_real(model, root, spec, knobs, cost)
 
     run(warm, {"max_served": 8, "max_slots": 4})  # warm-up, not reported
