@@ -25,7 +25,7 @@ error), and a PNG of predicted vs real.
     python benchmarks/twin_accuracy.py --threads 1 --cost cost.json  # skip the profile
     python benchmarks/twin_accuracy.py --threads 1 --model smollm2-135m-instruct --rate-scale 0.2
     python benchmarks/twin_accuracy.py --threads 1 --server          # against the HTTP server
-    python benchmarks/twin_accuracy.py --threads 1 --server --set saturated   # issue 21's saturated set
+    python benchmarks/twin_accuracy.py --threads 1 --server --set saturated --client-process   # issue 21's set
 
 ``--server``: the real side is ``paradapt serve``'s app (in this process, on 127.0.0.1, with the
 model's tokenizer; the default random model streams with stories260K's) measured by the load
@@ -33,6 +33,9 @@ client (:func:`paradapt.bench.bench`: open loop, streaming, ``ignore_eos``), and
 adds ``paradapt profile --server``'s section, which the twin then uses; the twin without it
 (the in-process prediction) is reported next to it. Both sides count every request: the client
 waits for all of them, and the twin drains to the end. Adapter loads come from the engine.
+``--client-process`` runs the load client as ``paradapt bench`` in its own process (a real
+client is elsewhere: in the server's process its work shares the GIL with the engine thread and
+slowed a saturated run's steps by up to 15 %).
 
 Every report splits the workloads into saturated (measured throughput < 0.9 x offered) and
 below the knee, with SMAPE per metric for each.
