@@ -120,12 +120,9 @@ def workloads(
     """(label, spec, engine knobs incl. max_served/max_slots): the validation set ``name``.
     ``rate_scale`` multiplies every rate (a slower model, e.g. SmolLM2, reaches its knee at lower
     rates)."""
-    rows = [
-        (label, n, rate, alpha, mix, served, slots, dict(extra))
-        for label, n, rate, alpha, mix, served, slots, extra in SETS[name]
-    ]
     out = []
-    for i, (label, n, rate, alpha, mix, served, slots, extra) in enumerate(rows):
+    for i, (label, n, rate, alpha, mix, served, slots, extra) in enumerate(SETS[name]):
+        extra = dict(extra)  # the spec's fields are popped from it below; the set stays as it is
         spec_kw = {k: extra.pop(k) for k in ("cv", "input_len", "output_len") if k in extra}
         spec = WorkloadSpec(
             num_adapters=n,

@@ -10,7 +10,6 @@ searched optimum in the twin (docs/twin.md).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..twin.configurator import (
 )
 from ..twin.features import num_adapters
 from ..twin.search import TIE_TOL, config_grid, cost_key, search_in_twin, twin_trial, write_json_atomic
-from .common import positive_int
+from .common import positive_float, positive_int
 from .engine_flags import add_engine_flags, knobs_from_args
 from .twin import add_workload_flags, cost_from_flags, describe_workload, workload_from_args
 
@@ -113,17 +112,6 @@ def replicas_arg(s: str) -> int | str:
         return positive_int(s)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{e} (or 'auto')") from None
-
-
-def positive_float(s: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
-    return x
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,8 @@ def _ninja_on_path() -> None:
 def load() -> ModuleType:
     """The compiled extension (built on first use; raises if it cannot be built)."""
     global _module
+    if _module is not None:  # every decode step's every layer calls this: no lock once loaded
+        return _module
     with _lock:
         if _module is None:
             from torch.utils import cpp_extension

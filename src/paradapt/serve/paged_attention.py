@@ -20,7 +20,8 @@ The compiled loops still read each value once per 16-float slice of the head dim
 reduction over keys is innermost), and every request up to the batch's longest. A hand-written
 C++ kernel (``csrc/paged_decode.cpp``, built by serve/decode_kernel.py) streams each key and
 value row once and stops at each request's length: :func:`kernel_attention`, about 2x the
-compiled version on a decode step of the random Llama (``benchmarks/decode_attention.py``).
+compiled version per attention call and 1.08x per whole decode step on the random Llama
+(``benchmarks/decode_attention.py``; in a step the call is bound by reading the cache from DRAM).
 
 Both need a C++ compiler at run time (the kernel also ``ninja``). :class:`DecodeAttention`
 picks the implementation: ``auto`` takes the first of kernel, compiled, gather whose warm-up
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from . import decode_kernel
 from .core import DECODE_ATTENTION as MODES
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -117,9 +119,7 @@ def kernel_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: torch.Tensor, valid: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """:func:`gather_attention`'s result, computed by the C++ kernel (serve/decode_kernel.py)."""
-    from .decode_kernel import load
-
-    return load().paged_decode(q, k_cache, v_cache, where, valid, float(scale))
+    return decode_kernel.load().paged_decode(q, k_cache, v_cache, where, valid, float(scale))
 
 
 #: each implementation by its mode name, and the order ``auto`` tries them in
@@ -143,7 +143,7 @@ class DecodeAttention:
         if mode not in MODES:
             raise ConfigError("decode_attention", f"must be one of {list(MODES)}, got {mode!r}")
         self.mode = mode
-        self.attend: Attend = gather_attention if mode == "gather" else IMPLEMENTATIONS.get(mode, kernel_attention)
+        self.attend: Attend = IMPLEMENTATIONS.get(mode, kernel_attention)  # auto: the first to try
         self.error: str | None = None  # why ``auto`` did not get the kernel (or the compiled version)
 
     @property
@@ -157,9 +157,7 @@ class DecodeAttention:
         return self.attend is not gather_attention
 
     def warm_up(self, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Build or compile for these shapes now (a no-op for ``gather``; off the CPU, the gather)."""
-        if self.mode == "gather":
-            return
+        """Build or compile for these shapes now (``gather`` needs nothing; off the CPU, the gather)."""
         if device.type != "cpu":
             self.attend = gather_attention
             return
