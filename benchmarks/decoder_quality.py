@@ -113,7 +113,7 @@ def evaluate(model, examples: list[dict], pad_id: int, answers: dict[int, str]) 
     """``strict`` and ``choice`` accuracy of ``model`` (adapters as routed by the caller)."""
     from paradapt.train.data.records import IGNORE_INDEX
     from paradapt.train.data.tokens import collate
-    from paradapt.train.loop import token_eval
+    from paradapt.train.lm_loss import pick
 
     model.eval()
     firsts = torch.tensor(sorted(answers))
@@ -122,7 +122,7 @@ def evaluate(model, examples: list[dict], pad_id: int, answers: dict[int, str]) 
         batch = collate(examples[s : s + EVAL_BATCH], pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
-        _, right = token_eval(logits, labels)
+        right = pick(logits, labels).rows_right()
         strict += int(right.sum())
         first = (labels != IGNORE_INDEX).int().argmax(1)  # the answer's first token
         rows = torch.arange(len(labels))

@@ -52,8 +52,9 @@ from ..errors import ConfigError
 from ..heads import classify
 from ..io import save_adapter
 from ..mixture import mixture_aux_loss
-from . import distributed
+from . import distributed, lm_loss
 from .data import IGNORE_INDEX, TokenizedDataset, length_buckets, seeded_order
+from .lm_loss import LearnedLogits
 
 # micro_batches "auto" on CPU: the fixed cost of one forward + backward, in tokens (routed MiniLM
 # on one busy core: ~55-110 ms a forward plus ~1.2 ms a token, i.e. 50-90 tokens; RESULTS.md)
@@ -192,6 +193,7 @@ class Trainer:
         self._index = {t.name: i for i, t in enumerate(tasks)}
         self._interrupted = False
         self._routed: list[str] = []  # the rows' adapters of the forward running now
+        self._gather: bool | None = None  # lm_loss.head_gathers' answer, once a token task asked
         self._rows: torch.Tensor | None = None  # rows per task in the global batch (aux loss shares)
         if args.gradient_checkpointing:
             _enable_checkpointing(model, self._recompute_contexts)
@@ -245,11 +247,9 @@ class Trainer:
         return contextlib.nullcontext(), lifecycle.route(self.model, list(self._routed))
 
     # -- loss -----------------------------------------------------------------------------
-    def _forward(self, batch: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One routed forward of a batch: (logits, labels) on the model's device.
-
-        Classification logits come from each row's adapter head; LM logits are the model's.
-        """
+    def _forward(self, batch: dict, names: list[str]) -> tuple[torch.Tensor | LearnedLogits, torch.Tensor]:
+        """One routed forward of a batch, on the model's device: (class logits, labels) from each
+        row's adapter head, or (the learned positions' LM logits, labels) for token tasks."""
         dev = next(self.model.parameters()).device
         inputs = {k: v.to(dev) for k, v in batch.items()}
         labels = inputs.pop("labels")
@@ -258,15 +258,21 @@ class Trainer:
             # A decoder with an LM head (e.g. *ForCausalLM) has no last_hidden_state: the
             # classifier reads the final hidden states, so ask for them.
             inputs["output_hidden_states"] = True
-        with (
-            torch.autocast(
-                dev.type, dtype=torch.bfloat16, enabled=self.args.bf16 and dev.type in ("cuda", "cpu")
-            ),
-            lifecycle.route(self.model, names),
-        ):
-            out = self.model(**inputs)
+        def context(rows: list[str]) -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            bf16 = self.args.bf16 and dev.type in ("cuda", "cpu")
+            stack.enter_context(torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16))
+            stack.enter_context(lifecycle.route(self.model, rows))
+            return stack
+
         if self.kind != "classification":
-            return out.logits, labels
+            if self._gather is None:  # once: may the LM head run on the learned positions alone?
+                with context(names[:1]):
+                    self._gather = lm_loss.head_gathers(self.model, {k: v[:1] for k, v in inputs.items()})
+            with context(names):
+                return lm_loss.learned_logits(self.model, inputs, labels, self._gather), labels
+        with context(names):
+            out = self.model(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return classify(self.model, hidden.float(), inputs.get("attention_mask"), names), labels
 
@@ -306,11 +312,7 @@ class Trainer:
         if self.kind == "classification":
             per_row = F.cross_entropy(logits, labels, reduction="none")
         else:
-            target = labels[:, 1:]
-            tok = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX
-            )
-            per_row = tok.sum(1)
+            per_row = logits.row_losses()
         if denominators is None:
             denominators = self._denominators(self._row_weights(batch["labels"]), names)
         dev = per_row.device
@@ -484,8 +486,8 @@ class Trainer:
                     hits += int((logits.argmax(-1) == labels).sum())
                     weight += len(labels)
                 else:
-                    logits, labels = self._forward(batch, names)
-                    loss, right = token_eval(logits, labels)
+                    learned, labels = self._forward(batch, names)
+                    loss, right = float(learned.row_losses().sum()), learned.rows_right().cpu()
                     w = float((labels[:, 1:] != IGNORE_INDEX).sum())
                     loss_sum, weight = loss_sum + loss, weight + w
                     hits, rows = hits + int(right.sum()), rows + len(right)
@@ -553,16 +555,6 @@ class Trainer:
         self.tokens = state.get("tokens", 0)
         if "rng" in state:
             _set_rng_state(state["rng"])
-
-
-def token_eval(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Summed next-token loss over the learned tokens, and per row whether every learned token
-    is the argmax (what greedy decoding would produce after the same prefix)."""
-    target = labels[:, 1:]
-    scores = logits[:, :-1].float()
-    loss = F.cross_entropy(scores.transpose(1, 2), target, reduction="sum", ignore_index=IGNORE_INDEX)
-    right = ((scores.argmax(-1) == target) | (target == IGNORE_INDEX)).all(1)
-    return float(loss), right.cpu()
 
 
 def _real_tokens(example: dict) -> int:
