@@ -55,7 +55,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from paradapt.cluster import AdapterRouter, MultiplexRouter, RandomRouter
+from paradapt.cluster import make_router
 from paradapt.files import write_text_atomic
 from paradapt.serve.workload import Workload, WorkloadSpec
 from paradapt.twin.cluster import simulate_cluster
@@ -122,11 +122,8 @@ def zipf_workload(args: argparse.Namespace, s: float, rate: float) -> Workload:
 
 
 def router_for(policy: str, seed: int):
-    if policy == "multiplex":
-        return MultiplexRouter(seed)
-    if policy == "random":
-        return RandomRouter(seed)
-    return AdapterRouter(seed)
+    """Both sticky+spill policies are paradapt's router (the planned one is preplaced later)."""
+    return make_router("adapter" if policy.startswith("sticky+spill") else policy, seed)
 
 
 def run_one(job: tuple[argparse.Namespace, float, float, str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from paradapt import cli
+from paradapt.cluster.placement import read_placement
 
 # Small and skewed, short requests: each cluster twin run takes a fraction of a second.
 WORKLOAD = {
@@ -48,8 +49,10 @@ def test_fixed_replicas_prints_the_plan_and_saves_json(workload, tmp_path, capsy
     assert "per replica         --max-served" in out and "placement" in out and "hit rate" in out
     assert "adapter-0000 x2" in out  # the hottest adapter is on both replicas
     assert recommended_replicas(out) == 2
+    assert f"--placement {out_json}" in out  # the serve command starts from the saved placement
     d = json.loads(out_json.read_text())
     assert d["replicas"] == 2 and len(d["placement"]["replicas"]) == 2
+    assert read_placement(out_json, 2) == tuple(tuple(names) for names in d["placement"]["replicas"])
     held = {a for names in d["placement"]["replicas"] for a in names}
     assert held == {f"adapter-{i:04d}" for i in range(12)}
     assert d["twin_runs"] == len(d["trials"]) >= 1

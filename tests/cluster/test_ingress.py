@@ -394,3 +394,38 @@ def test_a_replica_that_lost_a_vllm_alias_gets_it_back_but_not_while_admin_is_ch
 
     assert asyncio.run(run()) == []
     assert r1.restored == [("mine", "a2")] and r0.restored == []
+
+
+# -- router choice and a planned placement ------------------------------------------------------
+
+
+def test_a_planned_placement_sends_each_adapter_to_its_planned_replicas_from_the_first_request():
+    """Without a plan the first replica by residency/fewest takes a1; with one, a1 goes where the
+    plan put it (replica-1) and a replicated a2 spreads over both."""
+    r0, r1 = (FakeReplica(n, lambda fwd: ok_json(), adapters=("a1", "a2", "a3")) for n in ("r0", "r1"))
+    ing = Ingress([r0, r1], ["r0", "r1"], "adapter", placement=[("a2",), ("a1", "a2")])
+
+    async def go() -> list[str]:
+        out = []
+        for model in ("a1", "a1", "a2", "a2"):
+            response = await ing(request("POST", "/v1/completions", {**COMPLETION, "model": model}))
+            out.append(response.headers[REPLICA_HEADER])
+        return out
+
+    served = asyncio.run(go())
+    assert served[:2] == ["r1", "r1"]
+    assert set(served[2:]) <= {"r0", "r1"}
+    assert ing.router.placements("a2") == ("r0", "r1") and ing.router.placements("a1") == ("r1",)
+
+
+def test_the_router_is_chosen_by_name_and_an_unknown_name_is_a_config_error():
+    import pytest
+
+    from paradapt.cluster.router import MultiplexRouter, RandomRouter
+    from paradapt.errors import ConfigError
+
+    r0 = FakeReplica("r0", lambda fwd: ok_json())
+    assert isinstance(Ingress([r0], ["r0"], "multiplex").router, MultiplexRouter)
+    assert isinstance(Ingress([r0], ["r0"], "random").router, RandomRouter)
+    with pytest.raises(ConfigError, match="router: unknown router 'sticky'"):
+        Ingress([r0], ["r0"], "sticky")

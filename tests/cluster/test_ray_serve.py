@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ STORIES = asset_path("models", "stories260k-hf")
 ADAPTERS = ("a1", "a2", "a3")
 ENGINE_FLAGS = ["--max-slots", "2", "--max-served", "3", "--no-access-log"]
 RAY_PROCESSES = ("raylet", "gcs_server", "ray::")
+PLACEMENT = [["a2"], ["a1", "a3"]]  # the cluster starts from this plan (--placement)
 
 
 def _ray_pids() -> set[int]:
@@ -46,6 +48,7 @@ def flags(tmp_path_factory) -> list[str]:
         pa.save_adapter(model, name, root / name)
     template = root.parent / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
+    (root.parent / "plan.json").write_text(json.dumps({"placement": {"replicas": PLACEMENT}}))
     return [
         "--model",
         str(STORIES),
@@ -62,7 +65,8 @@ def booting(flags):
     """``paradapt serve --replicas 2`` in a child process, started first: it boots while the
     reference server loads; SIGTERM at module end."""
     before = _ray_pids()
-    server = ServerProcess([*flags, "--replicas", "2", "--threads-per-replica", "1"])
+    plan = str(Path(flags[flags.index("--adapter-root") + 1]).parent / "plan.json")
+    server = ServerProcess([*flags, "--replicas", "2", "--threads-per-replica", "1", "--placement", plan])
     server.ray_before = before  # type: ignore[attr-defined]
     yield server
     server.stop()
@@ -125,15 +129,16 @@ def test_greedy_outputs_equal_the_single_process_server(cluster, single):
     assert _stream_text(cluster.url, "/v1/chat/completions", chat)[0] == want
 
 
-def test_adapters_stick_to_one_replica_and_both_replicas_serve(cluster):
+def test_adapters_go_where_the_plan_placed_them_and_stick(cluster):
+    """--placement: a1 and a3 on replica-1, a2 on replica-0, from their first request on (the
+    router alone would have put a1, the first adapter asked for, on replica-0)."""
     where: dict[str, set[str]] = {}
     for _ in range(3):
         for model in ADAPTERS:
             r = _post(cluster, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 200, r.text
             where.setdefault(model, set()).add(r.headers[REPLICA_HEADER])
-    assert all(len(replicas) == 1 for replicas in where.values()), where  # sticky
-    assert set().union(*where.values()) == {"replica-0", "replica-1"}, where  # spread over both
+    assert where == {"a1": {"replica-1"}, "a2": {"replica-0"}, "a3": {"replica-1"}}, where
 
 
 def test_models_health_and_errors_in_openai_shape(cluster, single):
@@ -162,6 +167,10 @@ def test_metrics_cover_every_replica_and_the_router(cluster):
     requests = next(s.value for s in fams["paradapt_router_requests"].samples if s.name.endswith("_total"))
     hits = next(s.value for s in fams["paradapt_router_hits"].samples if s.name.endswith("_total"))
     assert requests >= sum(routed.values()) - 1 and 0 < hits <= requests
+    adapter_requests = next(
+        s.value for s in fams["paradapt_router_adapter_requests"].samples if s.name.endswith("_total")
+    )
+    assert hits == adapter_requests > 0  # each replica had loaded its planned adapters ahead
 
 
 def test_admin_holds_on_every_replica_or_is_answered_as_one_server(cluster, single):

@@ -256,9 +256,10 @@ def run_cluster(args: argparse.Namespace) -> int:
     )
     print(f"workload {describe_workload(args.workload, workload)}")
     print(plan.summary())
+    placement = f" --placement {args.json}" if args.json else ""  # the real cluster starts from it
     print(
         f"recommended: paradapt serve --replicas {plan.replicas} --max-served {plan.max_served} "
-        f"--max-slots {plan.max_slots}"
+        f"--max-slots {plan.max_slots}{placement}"
     )
     if not plan.met:
         more = f" up to {plan.max_replicas} replicas" if auto else f" with {plan.replicas} replicas"

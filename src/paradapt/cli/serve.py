@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import QuantizationError, one_line
+from ..errors import ConfigError, QuantizationError, one_line
 from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
 from ..quantized import describe, quantization
@@ -137,6 +137,19 @@ def _add_cluster_flags(serve) -> None:
         metavar="T",
         help="with --replicas: torch threads (and Ray CPUs) per replica (default: the usable cores minus "
         "one, shared among the replicas, at least 1)",
+    )
+    serve.add_argument(
+        "--router",
+        choices=["adapter", "multiplex", "random"],
+        help="with --replicas: how requests pick a replica: adapter (default: sticky, residency, bounded "
+        "spill, fewest adapters), multiplex (a model of Ray Serve's default multiplexing) or random; "
+        "the last two are baselines (docs/cluster.md)",
+    )
+    serve.add_argument(
+        "--placement",
+        metavar="PLAN.json",
+        help="with --replicas: start from the placement of `paradapt plan --replicas N --json PLAN.json`: "
+        "each replica loads its adapters ahead and the router sends them there",
     )
 
 
@@ -431,8 +444,9 @@ def run(args: argparse.Namespace) -> int:
     """``paradapt serve``: 0 after SIGTERM (running requests drained), 130 after SIGINT."""
     if getattr(args, "replicas", None):
         return run_cluster(args)
-    if getattr(args, "ray_address", None) or getattr(args, "threads_per_replica", None):
-        raise CLIError("--ray-address and --threads-per-replica need --replicas N")
+    alone = [f for f in ("ray_address", "threads_per_replica", "router", "placement") if getattr(args, f, None)]
+    if alone:
+        raise CLIError(f"--{alone[0].replace('_', '-')} needs --replicas N")
     import uvicorn
 
     app, info = build_server_app(args)
@@ -499,6 +513,28 @@ def _replica_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
     return one, threads
 
 
+def _placement(args: argparse.Namespace, root: Path | None) -> tuple[tuple[str, ...], ...] | None:
+    """``--placement``'s adapters per replica, each a folder under the adapter root (checked here,
+    on the driver: the replicas read the same root, docs/cluster.md)."""
+    if not args.placement:
+        return None
+    from ..cluster.placement import read_placement, unknown_adapters
+
+    try:
+        placement = read_placement(args.placement, args.replicas)
+    except ConfigError as e:
+        raise CLIError(f"--placement {e.message}") from None
+    folders = {p.name for p in root.iterdir() if p.is_dir()} if root is not None else set()
+    missing = unknown_adapters(placement, folders)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CLIError(
+            f"--placement {Path(args.placement).name} places adapters with no folder under --adapter-root: "
+            f"{', '.join(missing[:3])}{more}"
+        )
+    return placement
+
+
 def _note(got: list[int], stop: threading.Event):
     """A signal handler that records the signal and wakes the waiting main thread."""
 
@@ -520,6 +556,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         raise CLIError(f"--replicas needs Ray Serve: pip install 'paradapt[cluster]' ({e})") from None
     model_dir, root, name = _serve_sources(args)  # named models convert here once, not in every replica
     one, threads = _replica_args(args)
+    placement = _placement(args, root)
     if args.ray_address is None:
         check_port(args.host, args.port)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from an offline server
@@ -530,6 +567,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         address=args.ray_address,
         cpus_per_replica=float(threads),
         drain_s=args.shutdown_timeout,
+        router=args.router or "adapter",
+        placement=placement,
     )
     cluster = RayCluster(functools.partial(replica_app, one), options)
     got: list[int] = []

@@ -5,14 +5,17 @@ Pure Python: no Ray import here. The routers decide from small replica snapshots
 (:mod:`paradapt.twin.cluster`) drive the same code.
 """
 
+from .placement import read_placement
 from .router import (
     RESIDENCY_SCORES,
+    ROUTERS,
     AdapterRouter,
     MultiplexRouter,
     NoReplicaError,
     RandomRouter,
     Router,
     RouterStats,
+    make_router,
     residency_score,
     two_choices,
 )
@@ -20,6 +23,7 @@ from .state import ReplicaState, replica_state
 
 __all__ = [
     "RESIDENCY_SCORES",
+    "ROUTERS",
     "AdapterRouter",
     "MultiplexRouter",
     "NoReplicaError",
@@ -29,5 +33,7 @@ __all__ = [
     "RouterStats",
     "replica_state",
     "residency_score",
+    "make_router",
+    "read_placement",
     "two_choices",
 ]

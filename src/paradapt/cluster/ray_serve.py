@@ -65,7 +65,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..serve.protocol import error_event, error_response
 from .broadcast import AdminCall, ReplicaAnswer, admin_op, settle, undo_plan
 from .metrics import IngressCounts, cluster_metrics
-from .router import AdapterRouter, NoReplicaError, Router
+from .router import NoReplicaError, Router, make_router
 from .state import ReplicaState, replica_state
 
 log = logging.getLogger(__name__)
@@ -214,11 +214,32 @@ class ReplicaServer:
     the driver, and each replica has its own engine thread.
     """
 
-    def __init__(self, name: str, build: Callable[[], tuple[Any, dict]], drain_s: float = 30.0):
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[], tuple[Any, dict]],
+        drain_s: float = 30.0,
+        warm: Sequence[str] = (),
+    ):
         self.name, self.drain_s = name, drain_s
         self.app, _ = build()
         self.loop = self.app.state.loop  # the EngineLoop create_app started
         self.engine = self.loop.engine
+        self.warmed = self._warm(warm)
+
+    def _warm(self, adapters: Sequence[str]) -> list[str]:
+        """Read this replica's planned adapters (``--placement``, hottest first) into host memory
+        before serving: as many as the cache serves, coldest first, so the hottest are the most
+        recently used. One that fails to load is logged and left to load on demand."""
+        room = getattr(getattr(self.engine, "cache", None), "max_served", len(adapters))
+        done = []
+        for name in reversed(list(adapters)[:room]):
+            try:
+                self.loop.call(self.engine.load_adapter, name)
+                done.append(name)
+            except Exception as e:  # a broken folder fails its own requests later, with its message
+                log.warning("replica %s: planned adapter %r not loaded ahead (%s)", self.name, name, e)
+        return done
 
     async def forward(self, request: Forwarded) -> AsyncIterator[Head | bytes]:
         """Serve one forwarded request through the app: a :class:`Head`, then body chunks."""
@@ -330,9 +351,17 @@ class Ingress:
     (the sticky rule) is the whole cluster's.
     """
 
-    def __init__(self, replicas: Sequence[Any], names: Sequence[str], router: Router | None = None):
+    def __init__(
+        self,
+        replicas: Sequence[Any],
+        names: Sequence[str],
+        router: Router | str = "adapter",
+        placement: Sequence[Sequence[str]] | None = None,
+    ):
         self.handles = dict(zip(names, replicas, strict=True))
-        self.router = router if router is not None else AdapterRouter()
+        self.router = make_router(router) if isinstance(router, str) else router
+        if placement is not None:  # a planned placement: start from its map (docs/cluster.md)
+            self.router.preplace(dict(zip(names, placement, strict=True)))
         self.reports: dict[str, ReplicaReport] = {}
         self.unreachable: set[str] = set()  # replicas whose last report failed
         self.inflight: Counter[str] = Counter()  # requests this ingress has open on each replica
@@ -619,6 +648,8 @@ class ClusterOptions:
     object_store_mb: int = 128
     drain_s: float = 30.0
     app_name: str = "paradapt"
+    router: str = "adapter"
+    placement: tuple[tuple[str, ...], ...] | None = None
 
 
 def replica_names(n: int) -> list[str]:
@@ -639,8 +670,8 @@ def application(build: Callable[[], tuple[Any, dict]], options: ClusterOptions):
             ray_actor_options={"num_cpus": options.cpus_per_replica},
             graceful_shutdown_timeout_s=options.drain_s + 10,
             logging_config=_QUIET,
-        ).bind(name, build, options.drain_s)
-        for name in replica_names(options.replicas)
+        ).bind(name, build, options.drain_s, options.placement[i] if options.placement else ())
+        for i, name in enumerate(replica_names(options.replicas))
     ]
     ingress = serve.deployment(Ingress).options(
         name="ingress",
@@ -649,7 +680,7 @@ def application(build: Callable[[], tuple[Any, dict]], options: ClusterOptions):
         ray_actor_options={"num_cpus": 0},
         logging_config=_QUIET,
     )
-    return ingress.bind(bound, replica_names(options.replicas))
+    return ingress.bind(bound, replica_names(options.replicas), options.router, options.placement)
 
 
 class RayCluster:

@@ -313,3 +313,14 @@ class AdapterRouter(Router):
         for n in gone:
             del self._count[n]
 
+
+
+#: The routers by the name ``paradapt serve --replicas --router`` and the benchmarks use.
+ROUTERS: dict[str, type[Router]] = {"adapter": AdapterRouter, "multiplex": MultiplexRouter, "random": RandomRouter}
+
+
+def make_router(name: str, seed: int = 0) -> Router:
+    """The router called ``name`` in :data:`ROUTERS` (a ConfigError naming ``router`` otherwise)."""
+    if name not in ROUTERS:
+        raise ConfigError("router", f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")
+    return ROUTERS[name](seed)
