@@ -57,6 +57,7 @@ class Outcome:
     chunks: list[float] = field(default_factory=list)
     tokens: int = 0
     status: str = "ok"  # "ok", an HTTP status ("429"), "stream_error", "transport_error"
+    text: str = ""  # the completion's text, as streamed (to compare two runs' greedy answers)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def bench(workload: Workload, config: BenchConfig, source: str = "workload") -> 
     run's seconds) and ``mode``.
     """
     outcomes, duration = send(workload, config, source)
-    return _result(workload, config, outcomes, duration)
+    return result_of(workload, config, outcomes, duration)
 
 
 def send(workload: Workload, config: BenchConfig, source: str = "workload") -> tuple[dict[int, Outcome], float]:
@@ -222,6 +223,7 @@ async def _send(httpx, client, req, config: BenchConfig, base: str, out: Outcome
                     return
                 if chunk.get("choices"):
                     out.chunks.append(now())
+                    out.text += chunk["choices"][0].get("text") or ""
                 if chunk.get("usage"):
                     usage = chunk["usage"].get("completion_tokens")
             else:
@@ -241,10 +243,11 @@ async def _send(httpx, client, req, config: BenchConfig, base: str, out: Outcome
         out.status = "stream_error"
 
 
-def _result(
+def result_of(
     workload: Workload, config: BenchConfig, outcomes: dict[int, Outcome], duration: float
 ) -> TwinResult:
-    """The run as a :class:`ReplayLog` of token events, summarized by the twin's code."""
+    """The run as a :class:`ReplayLog` of token events, summarized by the twin's code (what
+    :func:`bench` returns; for a caller of :func:`send` that also wants each outcome)."""
     window = duration if config.concurrency else workload.duration
     stop = float("inf") if config.drain is None or config.concurrency else workload.duration + config.drain
     log = ReplayLog(workload, window, stop)

@@ -1,0 +1,329 @@
+"""Scale-out on one machine (issue 18): ``paradapt serve --replicas 2`` against one replica, each
+router on the real cluster, the twin's prediction of each run, and a replica killed under load.
+
+All on 127.0.0.1, each replica one torch thread (``--threads-per-replica 1``), the random Llama of
+``benchmarks/serve_load.py`` (hidden 512, 8 layers; random weights: speed, routing and
+correctness are measured, not quality) and N adapters (default 1,000, LoRA/parallel/series)
+under one adapter root. Every configuration is a fresh ``paradapt serve --replicas R`` (its own
+local Ray) driven by ``paradapt.bench`` (the project's load client: streaming
+``/v1/completions``, Gamma arrivals on time, greedy, ``ignore_eos``), for each popularity
+exponent alpha (default 1 and 0.1):
+
+- ``1 replica``: ``--replicas 1`` (the same ingress, so the ratio prices the second replica only);
+- ``2 x adapter``: two replicas behind paradapt's router (sticky, residency, bounded spill);
+- ``2 x multiplex``: the model of Ray Serve's default multiplexing (``--router multiplex``);
+- ``2 x random``: random routing, the floor;
+- ``kill`` (alpha 1, paradapt's router): SIGKILL replica-0's Ray actor process once
+  ``--kill-at`` of the window has passed. Every request must end (served, after a retry if it
+  had not started, or a clean error), the replica must come back (``paradapt_replica_up`` 1
+  again), and every served answer must equal the same request's answer in the ``2 x adapter``
+  run (greedy, so a request served with another adapter's weights would differ).
+
+Per run: throughput as the twin defines it (prompt and output tokens processed within the
+window, over the window; the default rate is above two replicas' capacity, so this is what the
+cluster can do), its ratio to ``1 replica``, the router's cache-hit rate and the per-replica request split (from one ``/metrics`` scrape:
+``paradapt_router_hits_total / paradapt_router_adapter_requests_total``,
+``paradapt_router_routed_total``), the per-adapter served fraction by the end of the run (min;
+"starved": adapters with requests and none served, the cluster twin's definition) and, with the twin (``--cost``, default the shipped cost
+model), the cluster twin's throughput and split for the same workload, router and knobs
+(``simulate_cluster``, snapshots every 0.5 s as the ingress polls) and their SMAPE to the
+measured ones.
+
+    python benchmarks/serve_cluster.py --out runs/serve_cluster              # about 15 min
+    python benchmarks/serve_cluster.py --quick --out /tmp/sc                  # about 3 min
+
+The timing numbers need a quiet machine: two replicas take both cores of this CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_load  # noqa: E402  (the same model and adapter folders as the load benchmark)
+
+from paradapt.serve.process import ServerProcess  # noqa: E402
+from paradapt.serve.workload import WorkloadSpec  # noqa: E402
+
+#: (label, replicas, router)
+CONFIGS = (("1 replica", 1, "adapter"), ("2 x adapter", 2, "adapter"), ("2 x multiplex", 2, "multiplex"),
+           ("2 x random", 2, "random"))
+STATS_PERIOD = 0.5  # seconds: the ingress's report polling (cluster.ray_serve.REPORT_EVERY_S)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="results.json, server logs and the model go here")
+    p.add_argument("--adapters", type=int, default=1000)
+    p.add_argument("--alphas", default="1,0.1")
+    p.add_argument("--rate", type=float, default=10.0, help="requests/s offered (above two replicas' capacity)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    p.add_argument("--grace", type=float, default=150.0, help="seconds after the window before open requests are cut")
+    p.add_argument("--input-len", default="32,96")
+    p.add_argument("--output-len", default="16,48")
+    p.add_argument("--max-served", type=int, default=128, help="each replica's host adapters")
+    p.add_argument("--max-slots", type=int, default=16, help="each replica's device adapters")
+    p.add_argument("--max-running", type=int, default=32)
+    p.add_argument("--kill-at", type=float, default=0.4, help="share of the window after which replica-0 is killed")
+    p.add_argument("--only", default="", help="comma-separated config labels (and/or 'kill') to run")
+    p.add_argument("--cost", default=None, help="the twin's cost model (default: the shipped one); 'none': no twin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="40 adapters, 12 s windows, alpha 1 only")
+    a = p.parse_args(argv)
+    a.alphas = [float(x) for x in a.alphas.split(",") if x]
+    a.input_len = tuple(int(x) for x in a.input_len.split(","))
+    a.output_len = tuple(int(x) for x in a.output_len.split(","))
+    a.only = [x.strip() for x in a.only.split(",") if x.strip()]
+    if a.quick:
+        a.adapters, a.duration, a.alphas, a.rate, a.grace = 40, 12.0, [1.0], 6.0, 30.0
+        a.max_served, a.max_slots = 12, 4
+    return a
+
+
+def spec_for(a, alpha: float) -> WorkloadSpec:
+    return WorkloadSpec(
+        num_adapters=a.adapters,
+        rate=a.rate,
+        duration=a.duration,
+        alpha=alpha,
+        input_len=a.input_len,
+        output_len=a.output_len,
+        seed=a.seed,
+    )
+
+
+def flags(a, model: Path, root: Path, replicas: int, router: str) -> list[str]:
+    kv = a.max_running * (a.input_len[1] + a.output_len[1] + 16)
+    return [
+        "--model", str(model), "--adapter-root", str(root), "--served-model-name", serve_load.BASE_NAME,
+        "--replicas", str(replicas), "--threads-per-replica", "1", "--router", router,
+        "--max-served", str(a.max_served), "--max-slots", str(a.max_slots), "--max-running", str(a.max_running),
+        "--kv-tokens", str(kv), "--queue-bound", "100000", "--no-access-log",
+    ]  # fmt: skip
+
+
+def scrape(url: str) -> dict:
+    """The router's counters and each replica's up flag from one ``/metrics`` scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    out: dict = {"routed": {}, "up": {}}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "paradapt_router_routed_total":
+                out["routed"][s.labels["replica"]] = int(s.value)
+            elif s.name == "paradapt_replica_up":
+                out["up"][s.labels["replica"]] = s.value
+            elif s.name in ("paradapt_router_hits_total", "paradapt_router_adapter_requests_total",
+                            "paradapt_router_retries_total", "paradapt_router_spills_total"):  # fmt: skip
+                out[s.name.removeprefix("paradapt_router_").removesuffix("_total")] = int(s.value)
+    return out
+
+
+def replica_pid(name: str) -> int | None:
+    """The process of the Ray actor serving deployment ``name`` (its title names it)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in ps.splitlines():
+        if "ServeReplica" in line and f":{name}" in line:
+            return int(line.split()[0])
+    return None
+
+
+def drive(url: str, workload, a) -> tuple[dict, dict]:
+    """The workload through ``paradapt.bench``: (its metrics, each request's outcome)."""
+    from paradapt.bench import BenchConfig, result_of, send
+
+    config = BenchConfig(url=url, base_name=serve_load.BASE_NAME, vocab_size=512, seed=a.seed, drain=a.grace,
+                         progress=False)  # fmt: skip
+    outcomes, duration = send(workload, config, source="serve_cluster")
+    result = result_of(workload, config, outcomes, duration)
+    result.extra["outcomes"] = outcomes
+    return result, outcomes
+
+
+def run(a, label: str, replicas: int, router: str, alpha: float, model: Path, root: Path, kill: bool = False) -> dict:
+    workload = spec_for(a, alpha).generate()
+    tag = label.replace(" ", "") + f"-a{alpha:g}"
+    server = ServerProcess(flags(a, model, root, replicas, router), log=a.out / f"server-{tag}.log")
+    t0 = time.monotonic()
+    killed: dict = {}
+    try:
+        server.wait_healthy(timeout=300)
+        started = time.monotonic() - t0
+        if kill:
+            threading.Thread(target=_kill_later, args=(a.kill_at * a.duration, killed), daemon=True).start()
+        result, outcomes = drive(server.url, workload, a)
+        metrics = scrape(server.url)
+        if kill:
+            killed["back_s"] = _wait_back(server.url, "replica-0", killed.get("at", time.monotonic()))
+            metrics = scrape(server.url)
+    finally:
+        rc = server.stop()
+    row = summarize(label, replicas, router, alpha, result, served_by_adapter(workload, outcomes), metrics)
+    row.update(start_s=started, exit_status=rc, killed=killed if kill else None)
+    return row
+
+
+def _kill_later(after: float, killed: dict) -> None:
+    time.sleep(after)
+    pid = replica_pid("replica-0")
+    if pid is None:
+        killed["error"] = "replica-0's process not found"
+        return
+    os.kill(pid, signal.SIGKILL)
+    killed.update(pid=pid, at=time.monotonic(), after_s=after)
+
+
+def _wait_back(url: str, name: str, since: float, timeout: float = 240.0) -> float | None:
+    """Seconds from the kill until ``/metrics`` says the replica is up again (None: not in time)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if scrape(url)["up"].get(name) == 1.0:
+                return time.monotonic() - since
+        except httpx.HTTPError:
+            pass
+        time.sleep(2.0)
+    return None
+
+
+def served_by_adapter(workload, outcomes: dict) -> dict[str, float]:
+    """Each adapter's share of its requests served by the end of the run (the cluster twin's
+    starvation: an adapter with requests and none served)."""
+    sent: dict[str, int] = {}
+    ok: dict[str, int] = {}
+    for r in workload.requests:
+        if r.adapter is not None:
+            sent[r.adapter] = sent.get(r.adapter, 0) + 1
+            ok[r.adapter] = ok.get(r.adapter, 0) + (outcomes[r.id].status == "ok" if r.id in outcomes else 0)
+    return {a: ok[a] / n for a, n in sent.items()}
+
+
+def summarize(label, replicas, router, alpha, result, fractions: dict[str, float], metrics) -> dict:
+    outcomes = result.extra.pop("outcomes")
+    adapter_requests = max(1, metrics.get("adapter_requests", 0))
+    return {
+        "label": label,
+        "replicas": replicas,
+        "router": router,
+        "alpha": alpha,
+        "sent": result.extra["sent"],
+        "served": result.extra["served"],
+        "failed": result.extra["failed"],
+        "req_s": result.requests_per_s,
+        "tok_s": result.output_throughput,
+        "throughput": result.throughput,
+        "ttft_p50": result.ttft_p50,
+        "tpot_p50": result.tpot_p50,
+        "hit_rate": metrics.get("hits", 0) / adapter_requests,
+        "routed": metrics["routed"],
+        "retries": metrics.get("retries", 0),
+        "spills": metrics.get("spills", 0),
+        "min_served": min(fractions.values(), default=float("nan")),
+        "starved": sum(1 for f in fractions.values() if f == 0),
+        "texts": {str(i): o.text for i, o in outcomes.items() if o.status == "ok"},
+        "statuses": {str(i): o.status for i, o in outcomes.items()},
+    }
+
+
+def twin(a, row: dict, cost) -> dict:
+    """The cluster twin's throughput and request split for ``row``'s workload, router and knobs."""
+    from paradapt.cluster import make_router
+    from paradapt.twin.cluster import simulate_cluster
+
+    r = simulate_cluster(
+        spec_for(a, row["alpha"]),
+        cost,
+        make_router(row["router"], a.seed),
+        replicas=row["replicas"],
+        max_served=a.max_served,
+        max_slots=a.max_slots,
+        max_running=a.max_running,
+        drain=a.grace,
+        stats_period=STATS_PERIOD,
+    )
+    return {"throughput": r.result.throughput, "routed": dict(r.requests), "hit_rate": r.hit_rate}
+
+
+def smape(pred: float, real: float) -> float:
+    return abs(pred - real) / ((abs(pred) + abs(real)) / 2) if pred or real else 0.0
+
+
+def check_kill(row: dict, reference: dict) -> dict:
+    """Every request ended; every served answer equals the reference run's for the same request."""
+    statuses = list(row["statuses"].values())
+    unclean = [s for s in statuses if not (s == "ok" or s.isdigit() or s == "stream_error")]
+    same = [i for i in row["texts"] if i in reference["texts"]]
+    wrong = [i for i in same if row["texts"][i] != reference["texts"][i]]
+    return {"ended": not unclean, "unclean": len(unclean), "compared": len(same), "different": len(wrong)}
+
+
+def line(row: dict, base: float | None) -> str:
+    ratio = f"{row['throughput'] / base:.2f}" if base else "-"
+    split = "/".join(str(row["routed"].get(f"replica-{i}", 0)) for i in range(row["replicas"]))
+    twin_part = ""
+    if "twin" in row:
+        t = row["twin"]
+        twin_part = f"  twin {t['throughput']:.0f} tok/s (SMAPE {100 * row['smape']:.1f} %), split {row['twin_split']}"
+    return (
+        f"{row['label']:<14} a={row['alpha']:<4g} {row['served']:>4}/{row['sent']:<4} {row['req_s']:>6.2f} req/s "
+        f"{row['throughput']:>7.1f} tok/s x1: {ratio:>5}  hit {row['hit_rate']:.2f}  split {split:<9} "
+        f"min served {row['min_served']:.2f} starved {row['starved']}{twin_part}"
+    )
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    model, root = a.out / "model", a.out / "adapters"
+    if not (model / "config.json").is_file():
+        serve_load.build_model(model, 8, 512, a.seed)
+    if not root.is_dir():
+        root.mkdir()
+        serve_load.build_adapters(model, root, spec_for(a, 1.0).generate(), a.seed)
+    cost = None
+    if a.cost != "none":
+        from paradapt.twin.costmodel import load_cost
+
+        cost = load_cost(a.cost)
+    print(f"serve_cluster: {a.adapters} adapters, {a.rate:g} req/s for {a.duration:g} s, input {a.input_len}, "
+          f"output {a.output_len}; cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    rows: list[dict] = []
+    for alpha in a.alphas:
+        for label, replicas, router in CONFIGS:
+            if a.only and label not in a.only:
+                continue
+            row = run(a, label, replicas, router, alpha, model, root)
+            if cost is not None:
+                row["twin"] = twin(a, row, cost)
+                row["smape"] = smape(row["twin"]["throughput"], row["throughput"])
+                row["twin_split"] = "/".join(str(v) for v in row["twin"]["routed"].values())
+            rows.append(row)
+            base = next((r["throughput"] for r in rows if r["replicas"] == 1 and r["alpha"] == alpha), None)
+            print(line(row, base), flush=True)
+    if not a.only or "kill" in a.only:
+        reference = next((r for r in rows if r["label"] == "2 x adapter" and r["alpha"] == a.alphas[0]), None)
+        row = run(a, "kill", 2, "adapter", a.alphas[0], model, root, kill=True)
+        if reference is not None:
+            row["check"] = check_kill(row, reference)
+        rows.append(row)
+        print(line(row, None), flush=True)
+        print(f"kill: {json.dumps(row['killed'])}; failed {row['failed']}; retries {row['retries']}; "
+              f"check {json.dumps(row.get('check'))}", flush=True)  # fmt: skip
+    (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}))
+    print(f"saved {a.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
