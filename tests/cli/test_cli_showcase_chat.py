@@ -106,3 +106,19 @@ def test_showcase_end_to_end_on_the_shipped_chat_adapters():
         mixed, base_rate, ratio = float(m.group(7)), float(m.group(8)), float(m.group(9))
         assert n == 6 and 0.5 <= acc <= 1.0 and 0.0 <= base <= 1.0
         assert mixed > 0 and base_rate > 0 and ratio == pytest.approx(mixed / base_rate, rel=0.02, abs=0.01)
+
+
+def test_quantize_reaches_the_server_and_is_refused_for_the_encoder(monkeypatch, capsys):
+    from paradapt import cli
+
+    seen = []
+
+    def start(args, threads):
+        seen.append((args, threads))
+        raise showcase_chat.ShowcaseError("stop here")
+
+    monkeypatch.setattr(showcase_chat, "start_server", start)
+    assert cli.main(["showcase", "--rows", "1", "--quantize", "bf16", "--threads", "2"]) == 2
+    assert seen == [(["--model", showcase_chat.MODEL, "--quantize", "bf16"], 2)]
+    assert cli.main(["showcase", "--model", "all-minilm-l6-v2", "--quantize", "bf16"]) == 2
+    assert "--quantize is for the SmolLM2 showcase" in capsys.readouterr().err

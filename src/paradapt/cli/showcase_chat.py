@@ -107,8 +107,10 @@ async def _stream(url: str, phase: str, reqs: list, concurrency: int) -> float:
         return time.perf_counter() - t0
 
 
-def run(rows: int, concurrency: int, threads: int | None) -> int:
-    """The whole decoder showcase; returns the exit status (0 ok, 1 an adapter under its floor)."""
+def run(rows: int, concurrency: int, threads: int | None, quantize: str = "none") -> int:
+    """The whole decoder showcase; returns the exit status (0 ok, 1 an adapter under its floor).
+    ``quantize``: the server's ``--quantize`` (the base model's linear layers; the adapters and
+    the base model it is compared with run in the same precision)."""
     if rows < 1 or concurrency < 1:
         raise ShowcaseError(f"--rows and --concurrency must be at least 1, got {rows} and {concurrency}")
     t_start = time.perf_counter()
@@ -116,6 +118,7 @@ def run(rows: int, concurrency: int, threads: int | None) -> int:
     reqs = interleave(tasks)
     print(
         f"paradapt showcase: {MODEL} + {', '.join(t.adapter for t in tasks)} (shipped) behind `paradapt serve`"
+        + (f" --quantize {quantize}" if quantize != "none" else "")
     )
     print(
         f"stream: {len(reqs)} /v1/chat/completions requests (greedy, up to {MAX_TOKENS} tokens), the "
@@ -124,7 +127,7 @@ def run(rows: int, concurrency: int, threads: int | None) -> int:
     )
     for t in tasks:
         t.tokens = [MAX_TOKENS] * len(t.prompts)
-    server = start_server(["--model", MODEL], threads)
+    server = start_server(["--model", MODEL, "--quantize", quantize], threads)
     try:
         warm = [(t, 0) for t in tasks]
         asyncio.run(_stream(server.url, "warmup", warm, concurrency))  # loads the adapters
