@@ -150,8 +150,9 @@ def test_sdpa_gqa_reads_grouped_heads_bit_exactly_and_restores_the_switch(monkey
 
 def test_one_token_prompts_alone_in_a_step_take_the_write_only_path():
     """A step whose every request brings its first and only prompt token has one query per
-    request but nothing to read back (an empty prompt's BOS, found by the fuzz test): it must
-    not take ``lean_decode``'s per-request path, and greedy output equals ``generate``."""
+    request but nothing to read back (an empty prompt's BOS, found by the fuzz test): it takes
+    the write-only path (each request over its own keys of the step), and greedy output equals
+    ``generate``."""
     from paradapt.serve.engine import Engine, EngineConfig
     from paradapt.serve.sampling import SamplingParams
 
@@ -196,6 +197,48 @@ def test_per_request_attention_in_mixed_steps_equals_transformers_packed_row(fam
 
     packed, lean = run(False), run(True)
     for (t0, lp0, pp0), (t1, lp1, pp1) in zip(packed, lean, strict=True):
+        assert t0 == t1
+        torch.testing.assert_close(torch.tensor(lp1), torch.tensor(lp0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor([p or 0.0 for p in pp1]), torch.tensor([p or 0.0 for p in pp0]), rtol=1e-4, atol=1e-4
+        )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_burst_of_new_requests_attends_request_by_request_as_transformers_packed_row(family, monkeypatch):
+    """A step in which every request is at its first chunk reads nothing back from the cache:
+    it takes the write-only per-request path (one causal SDPA per request, not transformers'
+    block-diagonal square), with the same tokens and log-probabilities as the packed row."""
+    import paradapt.serve.hf_paged as hf_paged_mod
+    import paradapt.serve.runner as runner_mod
+    from paradapt.serve.engine import Engine, EngineConfig
+    from paradapt.serve.sampling import SamplingParams
+
+    own_calls = []
+    real_own = hf_paged_mod._attend_own
+
+    def counting(*a, **k):
+        own_calls.append(1)
+        return real_own(*a, **k)
+
+    def run(per_request: bool) -> list:
+        if not per_request:
+            monkeypatch.setattr(runner_mod, "lean_decode", lambda device, attend=None: contextlib.nullcontext())
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(hf_paged_mod, "_attend_own", counting)
+        engine = Engine(tiny_model(family), None, EngineConfig(page_size=4, num_blocks=80, max_running=4))
+        g = torch.Generator().manual_seed(2)
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+        handles = [
+            engine.add_request(torch.randint(3, 60, (n,), generator=g).tolist(), None, params) for n in (7, 2, 11, 5)
+        ]
+        engine.run()  # the first step holds all four whole prompts: nothing to read back yet
+        return [(h.tokens, [lp.logprob for lp in h.logprobs], [p and p.logprob for p in h.prompt_logprobs]) for h in handles]
+
+    packed, own = run(False), run(True)
+    assert own_calls, "the burst's first step took the write-only per-request path"
+    for (t0, lp0, pp0), (t1, lp1, pp1) in zip(packed, own, strict=True):
         assert t0 == t1
         torch.testing.assert_close(torch.tensor(lp1), torch.tensor(lp0), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(
