@@ -175,6 +175,18 @@ class _QuantMatmul(torch.autograd.Function):
         return grad.to(torch.bfloat16) @ w, None
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16), so a bf16
+    base model's linear layers run faster than float32 ones (1.8x prefill for SmolLM2 here,
+    benchmarks/RESULTS.md, quantized.py). Elsewhere bf16 is emulated and slower (0.86x decode at
+    batch 1 on a machine without AMX). torch's own probes are private, hence the defaults."""
+    cpu = torch.cpu
+    return bool(
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    )
+
+
 def _dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """``(q - 8) * scale + zero`` in float32, ``[N, K]``: what the kernel multiplies by."""
     n, k = codes.shape

@@ -122,3 +122,10 @@ def test_quantize_reaches_the_server_and_is_refused_for_the_encoder(monkeypatch,
     assert seen == [(["--model", showcase_chat.MODEL, "--quantize", "bf16"], 2)]
     assert cli.main(["showcase", "--model", "all-minilm-l6-v2", "--quantize", "bf16"]) == 2
     assert "--quantize is for the SmolLM2 showcase" in capsys.readouterr().err
+    import paradapt.quantized as quantized
+
+    for native, want in ((True, "bf16"), (False, "none")):  # the default, auto: by what the CPU does natively
+        monkeypatch.setattr(quantized, "native_bf16", lambda native=native: native)
+        seen.clear()
+        assert cli.main(["showcase"]) == 2
+        assert seen == [(["--model", showcase_chat.MODEL, "--quantize", want], 1)]

@@ -107,10 +107,15 @@ async def _stream(url: str, phase: str, reqs: list, concurrency: int) -> float:
         return time.perf_counter() - t0
 
 
-def run(rows: int, concurrency: int, threads: int | None, quantize: str = "none") -> int:
+def run(rows: int, concurrency: int, threads: int | None, quantize: str = "auto") -> int:
     """The whole decoder showcase; returns the exit status (0 ok, 1 an adapter under its floor).
     ``quantize``: the server's ``--quantize`` (the base model's linear layers; the adapters and
-    the base model it is compared with run in the same precision)."""
+    the base model it is compared with run in the same precision); ``auto``: bf16 where the CPU
+    multiplies it natively (:func:`paradapt.quantized.native_bf16`), else float32."""
+    if quantize == "auto":
+        from ..quantized import native_bf16
+
+        quantize = "bf16" if native_bf16() else "none"
     if rows < 1 or concurrency < 1:
         raise ShowcaseError(f"--rows and --concurrency must be at least 1, got {rows} and {concurrency}")
     t_start = time.perf_counter()
