@@ -6,9 +6,9 @@ on a small model with a large vocabulary that head is a large share of the work 
 576 x 49,152, a fifth of the forward's multiply-adds) and most of the activation memory (the
 float logits of a 16 x 100 batch are 315 MB, and their gradient as much again). So a pre-hook on
 the head hands it only the hidden states of the positions whose next token is learned; the
-rest of the model's forward, its hooks and routing run unchanged. Measured on SmolLM2 with a parallel adapter,
-16 rows x 100 tokens, 4 learned a row: 1.5x faster per training step on this CPU
-(`benchmarks/RESULTS.md`, `decoder_quality.py`). PEFT and transformers' Trainer compute every
+rest of the model's forward, its hooks and routing run unchanged. Measured on SmolLM2 with a
+parallel adapter, 16 rows x 100 tokens, 4 learned a row, one thread: 1.44x faster per training
+step (``benchmarks/prefill_paths.py``). PEFT and transformers' Trainer compute every
 position's logits; the loss is the same up to float rounding (tested).
 
 This holds when nothing after the head mixes positions: an element-wise transform of the
