@@ -196,6 +196,14 @@ def tiny_model(family: str, attn: str = "sdpa", seed: int = 0, **config) -> torc
     return m.eval()
 
 
+def load_script(path: Path, name: str):
+    """A benchmark or example script (not a package module) imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def outputs(model, ids, **kw) -> torch.Tensor:
     out = model(ids, **kw)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -3,20 +3,17 @@ replica killed under load (slow: it starts Ray twice)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_cluster.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("serve_cluster_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "serve_cluster_bench")
 
 
 def test_the_kill_check_counts_unclean_ends_and_answers_that_differ():

@@ -8,11 +8,10 @@ chat template's generation prompt, most likely of the card's words), with and wi
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
-from conftest import asset_path, require_asset
+from conftest import asset_path, load_script, require_asset
 from test_serve_api import live_server
 
 import paradapt as pa
@@ -27,10 +26,7 @@ CFG = EngineConfig(page_size=16, num_blocks=128, token_budget=256, max_running=8
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("lm_eval_chat", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "lm_eval_chat")
 
 
 def _direct_accuracy(model, tok, adapter: str | None) -> float:

@@ -4,7 +4,7 @@ gradients as the full forward's logits, and the full forward kept where position
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import _DECODER, tiny_model
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import paradapt as pa
@@ -33,16 +33,7 @@ def _reference(model, ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _gemma2(cap: float | None) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = Gemma2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=cap,
-    )
+    cfg = Gemma2Config(**_DECODER, head_dim=8, final_logit_softcapping=cap)
     return Gemma2ForCausalLM(cfg).eval()
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "cluster_twin.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("cluster_twin_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "cluster_twin_bench")
 
 
 def test_quick_report_compares_every_policy_and_saves_json(tmp_path, capsys):
