@@ -65,8 +65,12 @@ def booting(flags):
     """``paradapt serve --replicas 2`` in a child process, started first: it boots while the
     reference server loads; SIGTERM at module end."""
     before = _ray_pids()
-    plan = str(Path(flags[flags.index("--adapter-root") + 1]).parent / "plan.json")
-    server = ServerProcess([*flags, "--replicas", "2", "--threads-per-replica", "1", "--placement", plan])
+    folder = Path(flags[flags.index("--adapter-root") + 1]).parent
+    plan, log = str(folder / "plan.json"), str(folder / "requests.jsonl")
+    server = ServerProcess(
+        [*flags, "--replicas", "2", "--threads-per-replica", "1", "--placement", plan, "--request-log", log]
+    )
+    server.request_log = Path(log)  # type: ignore[attr-defined]
     server.ray_before = before  # type: ignore[attr-defined]
     yield server
     server.stop()
@@ -206,3 +210,17 @@ def test_sigterm_stops_ray_and_leaves_no_process(cluster):
     time.sleep(2)
     left = _ray_pids() - cluster.ray_before
     assert not left, f"Ray processes left after SIGTERM: {sorted(left)}"
+    _check_request_log(cluster.request_log)
+
+
+def _check_request_log(path: Path) -> None:
+    """--request-log with replicas: one header, then every replica's finished requests on one
+    time axis, and the file replays as a trace (paradapt twin / bench read it)."""
+    from paradapt.serve.trace import read_trace
+
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sum(1 for line in lines if "t" not in line) == 1, lines[:2]  # the header, once
+    requests = [line for line in lines if "t" in line]
+    assert len(requests) >= len(REQUESTS) and all(r["t"] >= 0 for r in requests)
+    assert {r["adapter"] for r in requests} >= {*ADAPTERS, "stories260k-hf"}
+    assert len(read_trace(path).requests) == len(requests)

@@ -197,6 +197,26 @@ def test_request_log_lines_replay_through_the_twin(tmp_path, monkeypatch):
         assert len(read_trace(path).requests) == 3
 
 
+def test_replicas_appending_to_one_request_log_share_its_header_and_time_axis(tmp_path):
+    """paradapt serve --replicas N --request-log FILE: the driver writes the header (start_log),
+    then each replica's RequestLog appends: one header, every line whole, one time axis."""
+    from paradapt.serve.request_log import start_log
+
+    path = tmp_path / "requests.jsonl"
+    start = start_log(path, "model")
+    assert start_log(path, "model") == start  # an existing header is kept
+    logs = [RequestLog(path, base="model", clock=lambda: 100.0) for _ in range(2)]
+    for i in range(50):
+        for k, log in enumerate(logs):
+            log.record(_handle(f"{k}-{i}", f"a{k}", 100.0 + i * 0.01, 3, 2))
+    for log in logs:
+        log.close()
+    rows = [json.loads(r) for r in path.read_text().splitlines()]
+    assert sum("trace" in r for r in rows) == 1 and len(rows) == 101
+    assert {r["adapter"] for r in rows if "t" in r} == {"a0", "a1"}
+    assert len(read_trace(path).requests) == 100
+
+
 def _root_with_shapes(tmp_path: Path) -> Path:
     """Adapter folders of four kinds (one rank given by a reduction factor) and a broken one."""
     import paradapt as pa

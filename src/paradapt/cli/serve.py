@@ -506,8 +506,6 @@ def replica_app(args: argparse.Namespace):
 def _replica_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
     """The flags each replica builds its app from (its own torch threads), and those threads."""
     threads = args.threads_per_replica or args.threads or max(1, default_threads() // args.replicas)
-    if args.request_log:
-        raise CLIError("--request-log is not supported with --replicas yet (one log per replica: not built)")
     one = argparse.Namespace(**vars(args))
     one.threads = threads
     return one, threads
@@ -557,6 +555,13 @@ def run_cluster(args: argparse.Namespace) -> int:
     model_dir, root, name = _serve_sources(args)  # named models convert here once, not in every replica
     one, threads = _replica_args(args)
     placement = _placement(args, root)
+    if args.request_log:  # the header first, so every replica appends on its time axis
+        from ..serve.request_log import start_log
+
+        try:
+            start_log(args.request_log, name)
+        except OSError as e:
+            raise CLIError(f"--request-log: cannot append to {args.request_log} ({e.strerror})") from None
     if args.ray_address is None:
         check_port(args.host, args.port)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from an offline server

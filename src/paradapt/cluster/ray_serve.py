@@ -266,6 +266,8 @@ class ReplicaServer:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.shutdown(drain=True, timeout=self.drain_s)
+            if loop.metrics.request_log is not None:  # --request-log: write what is queued
+                loop.metrics.request_log.close()
 
 
 # -- the ingress -------------------------------------------------------------------------------------

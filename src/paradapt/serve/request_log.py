@@ -13,7 +13,11 @@ line-buffered file opened for appending, so a line is whole or absent and concur
 never see half a line.
 
 Times: ``t`` counts from the ``start`` (Unix time) in the file's header line, written when the
-file is new; a server appending to an existing log continues its time axis. Lines come in the
+file is new; a server appending to an existing log continues its time axis. Several servers
+may append to one log: ``paradapt serve --replicas N --request-log FILE`` writes the header
+first (:func:`start_log`), then every replica appends on that one time axis (wall clocks; on a
+real cluster FILE is on shared storage and the nodes' clocks are synchronised), each line one
+``write`` to a file opened for appending, so lines from different replicas never mix. Lines come in the
 order requests finish; a reader sorts them by ``t`` (silently: the header says it is a log).
 """
 
@@ -49,16 +53,8 @@ class RequestLog:
         self.path = Path(path)
         self.base = base
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        start = _existing_start(self.path)
+        start = start_log(self.path, base)
         self._file = self.path.open("a", encoding="utf-8", buffering=1)
-        if start is None:
-            start = time.time()
-            if self.path.stat().st_size == 0:
-                self._file.write(
-                    json.dumps({HEADER_KEY: {"start": start, "base": base, "source": REQUEST_LOG_SOURCE}})
-                    + "\n"
-                )
         self.origin = clock() - (time.time() - start)  # t = 0 on the engine's clock
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="paradapt-request-log", daemon=True)
@@ -110,6 +106,21 @@ class RequestLog:
             self._q.put(None)
             self._thread.join(timeout)
         self._file.close()
+
+
+def start_log(path: str | Path, base: str | None) -> float:
+    """Make ``path`` a request log before any server appends to it: its header's ``start``, from
+    the existing header, or now (written as the header of a new or empty file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = _existing_start(path)
+    if start is not None:
+        return start
+    start = time.time()
+    with path.open("a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({HEADER_KEY: {"start": start, "base": base, "source": REQUEST_LOG_SOURCE}}) + "\n")
+    return start
 
 
 def _existing_start(path: Path) -> float | None:
