@@ -26,6 +26,8 @@ def test_a_plan_files_placement_is_read_per_replica_without_repeats(tmp_path):
         ("{not json", 2, "plan.json: not a readable JSON plan"),
         ({"placement": {"replicas": [["a"], ["b"]]}}, 3, "places adapters on 2 replicas but --replicas is 3"),
         ({"placement": {}}, 2, "plan.json: placement.replicas: expected a list"),
+        ({"placement": [["a"], ["b"]]}, 2, "plan.json: placement.replicas: expected a list"),
+        ("7", 2, "plan.json: expected a list"),
         ({"placement": {"replicas": [["a"], "b"]}}, 2, "expected a list with one list"),
         ({"placement": {"replicas": [["a"], ["../../etc"]]}}, 2, r"placement.replicas\[1\]\[0\]: adapter names"),
         ({"placement": {"replicas": [["a"], [7]]}}, 2, r"placement.replicas\[1\]\[0\]"),

@@ -29,7 +29,8 @@ def read_placement(path: str | Path, replicas: int) -> tuple[tuple[str, ...], ..
     plan file written by ``paradapt plan --replicas N --json FILE`` (its ``placement.replicas``),
     or a file holding just that list of lists."""
     data = _load(Path(path))
-    lists = data.get("placement", {}).get("replicas") if isinstance(data, dict) else data
+    section = data.get("placement") if isinstance(data, dict) else None
+    lists = (section.get("replicas") if isinstance(section, dict) else None) if isinstance(data, dict) else data
     where = f"{Path(path).name}: placement.replicas" if isinstance(data, dict) else Path(path).name
     if not isinstance(lists, list) or not all(isinstance(x, list) for x in lists):
         raise ConfigError(FLAG, f"{where}: expected a list with one list of adapter names per replica")
