@@ -138,9 +138,11 @@ def _add_cluster_flags(serve) -> None:
         help="with --replicas: torch threads (and Ray CPUs) per replica (default: the usable cores minus "
         "one, shared among the replicas, at least 1)",
     )
+    from ..cluster.router import ROUTERS  # pure Python: no Ray import
+
     serve.add_argument(
         "--router",
-        choices=["adapter", "multiplex", "random"],
+        choices=list(ROUTERS),
         help="with --replicas: how requests pick a replica: adapter (default: sticky, residency, bounded "
         "spill, fewest adapters), multiplex (a model of Ray Serve's default multiplexing) or random; "
         "the last two are baselines (docs/cluster.md)",
