@@ -5,7 +5,6 @@ Pure Python: no Ray import here. The routers decide from small replica snapshots
 (:mod:`paradapt.twin.cluster`) drive the same code.
 """
 
-from .placement import read_placement
 from .router import (
     RESIDENCY_SCORES,
     ROUTERS,
@@ -34,6 +33,5 @@ __all__ = [
     "replica_state",
     "residency_score",
     "make_router",
-    "read_placement",
     "two_choices",
 ]
