@@ -30,7 +30,7 @@ model), the cluster twin's throughput and split for the same workload, router an
 measured ones.
 
     python benchmarks/serve_cluster.py --out runs/serve_cluster              # about 15 min
-    python benchmarks/serve_cluster.py --quick --out /tmp/sc                  # about 3 min
+    python benchmarks/serve_cluster.py --quick --out /tmp/sc                  # a smoke run, minutes
 
 The timing numbers need a quiet machine: two replicas take both cores of this CPU.
 """
@@ -78,15 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated config labels (and/or 'kill') to run")
     p.add_argument("--cost", default=None, help="the twin's cost model (default: the shipped one); 'none': no twin")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="40 adapters, 12 s windows, alpha 1 only")
+    p.add_argument(
+        "--quick", action="store_true", help="a correctness smoke run: 40 adapters, 10 s of short requests, alpha 1"
+    )
     a = p.parse_args(argv)
     a.alphas = [float(x) for x in a.alphas.split(",") if x]
     a.input_len = tuple(int(x) for x in a.input_len.split(","))
     a.output_len = tuple(int(x) for x in a.output_len.split(","))
     a.only = [x.strip() for x in a.only.split(",") if x.strip()]
-    if a.quick:
-        a.adapters, a.duration, a.alphas, a.rate, a.grace = 40, 12.0, [1.0], 6.0, 30.0
-        a.max_served, a.max_slots = 12, 4
+    if a.quick:  # every request waited for (a busy machine serves slowly; nothing is timed)
+        a.adapters, a.duration, a.alphas, a.rate, a.grace = 40, 10.0, [1.0], 4.0, 600.0
+        a.input_len, a.output_len, a.max_served, a.max_slots = (16, 48), (8, 16), 12, 4
     return a
 
 
