@@ -148,9 +148,7 @@ def drive(url: str, workload, a) -> tuple[dict, dict]:
     config = BenchConfig(url=url, base_name=serve_load.BASE_NAME, vocab_size=512, seed=a.seed, drain=a.grace,
                          progress=False)  # fmt: skip
     outcomes, duration = send(workload, config, source="serve_cluster")
-    result = result_of(workload, config, outcomes, duration)
-    result.extra["outcomes"] = outcomes
-    return result, outcomes
+    return result_of(workload, config, outcomes, duration), outcomes
 
 
 def run(a, label: str, replicas: int, router: str, alpha: float, model: Path, root: Path, kill: bool = False) -> dict:
@@ -171,7 +169,7 @@ def run(a, label: str, replicas: int, router: str, alpha: float, model: Path, ro
             metrics = scrape(server.url)
     finally:
         rc = server.stop()
-    row = summarize(label, replicas, router, alpha, result, served_by_adapter(workload, outcomes), metrics)
+    row = summarize(label, replicas, router, alpha, result, outcomes, served_by_adapter(workload, outcomes), metrics)
     row.update(start_s=started, exit_status=rc, killed=killed if kill else None)
     return row
 
@@ -211,8 +209,7 @@ def served_by_adapter(workload, outcomes: dict) -> dict[str, float]:
     return {a: ok[a] / n for a, n in sent.items()}
 
 
-def summarize(label, replicas, router, alpha, result, fractions: dict[str, float], metrics) -> dict:
-    outcomes = result.extra.pop("outcomes")
+def summarize(label, replicas, router, alpha, result, outcomes: dict, fractions: dict[str, float], metrics) -> dict:
     adapter_requests = max(1, metrics.get("adapter_requests", 0))
     return {
         "label": label,

@@ -28,10 +28,13 @@ def read_placement(path: str | Path, replicas: int) -> tuple[tuple[str, ...], ..
     """The adapters of each replica (replica-0 first, each hottest first, no repeats) from a
     plan file written by ``paradapt plan --replicas N --json FILE`` (its ``placement.replicas``),
     or a file holding just that list of lists."""
-    data = _load(Path(path))
-    section = data.get("placement") if isinstance(data, dict) else None
-    lists = (section.get("replicas") if isinstance(section, dict) else None) if isinstance(data, dict) else data
-    where = f"{Path(path).name}: placement.replicas" if isinstance(data, dict) else Path(path).name
+    data, where = _load(Path(path)), Path(path).name
+    if isinstance(data, dict):  # a plan: its placement.replicas
+        section = data.get("placement")
+        lists = section.get("replicas") if isinstance(section, dict) else None
+        where += ": placement.replicas"
+    else:
+        lists = data
     if not isinstance(lists, list) or not all(isinstance(x, list) for x in lists):
         raise ConfigError(FLAG, f"{where}: expected a list with one list of adapter names per replica")
     if len(lists) != replicas:

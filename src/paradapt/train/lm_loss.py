@@ -62,7 +62,7 @@ class LearnedLogits:
 def _head_on(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
     """While open, the model's LM head sees only the hidden states at ``mask`` (batch, length - 1):
     a pre-hook on the head gathers them, so everything around the head (the model's own forward
-    hooks, routing, a Parallel composition, a post-head transform of the logits) runs as usual."""
+    hooks, routing, an element-wise transform of the logits) runs as usual."""
 
     def gather(module: nn.Module, args: tuple) -> tuple:
         if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
