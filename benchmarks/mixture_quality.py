@@ -17,12 +17,12 @@ the end of turn). Target: the mixture within 2 points of ``oracle`` on every tas
 
 Serving cost (``--serve``): the real decoder ``Engine`` in process, one mixed stream of held-out
 prompts (the three tasks interleaved, greedy, 3 new tokens each with EOS ignored so every
-configuration generates the same tokens) routed by name, through the top-1 mixture and through
-the top-2 mixture; the three run interleaved, ``--repeats`` times, and requests/s is reported
+configuration generates the same tokens) routed by name and through each mixture (top-1, top-2,
+dense); they run interleaved, ``--repeats`` times, and requests/s is reported
 relative to routing by name.
 
-    python benchmarks/mixture_quality.py                                   # top 1 and 2, ~2 h here (each router ~40 min)
-    python benchmarks/mixture_quality.py --top-k 1 --reuse                 # top 1 only, its router already trained
+    python benchmarks/mixture_quality.py                                   # top 1, 2 and dense, ~2 h here
+    python benchmarks/mixture_quality.py --top-k 1,2,3 --reuse             # routers and cells already done are kept
     python benchmarks/mixture_quality.py --top-k 1 --steps 5 --eval-limit 16 --serve-rows 12   # smoke
 
 Results go to ``--out`` (``results.json``) and the table is printed.
@@ -137,8 +137,15 @@ def accuracy(model, tok, evals: list[dict], max_length: int, entry) -> float:
         return dq.evaluate(model, examples, pad_id_of(tok), answers)["strict"]
 
 
-def quality(mixtures: dict[int, Path], experts: dict[str, Path], evals: dict, lengths: dict) -> dict:
-    """Accuracy per task of base, oracle, average and each mixture, on one model carrying them all."""
+def quality(
+    mixtures: dict[int, Path], experts: dict[str, Path], evals: dict, lengths: dict, known: dict | None = None
+) -> dict:
+    """Accuracy per task of base, oracle, average and each mixture, on one model carrying them all.
+
+    ``known`` (task -> label -> accuracy) holds cells an earlier run measured on the same rows
+    with the same adapters (``--reuse``); they are copied, not re-evaluated, since the held-out
+    sets take minutes per configuration here.
+    """
     import paradapt as pa
     from paradapt.loading import load_model
     from paradapt.train import load_mixture
@@ -149,16 +156,33 @@ def quality(mixtures: dict[int, Path], experts: dict[str, Path], evals: dict, le
     for k, folder in mixtures.items():
         load_mixture(model, folder, f"mix-top{k}")
     entries = {"base": None, "average": pa.Average(*TASKS)}
+    entries |= {mixture_label(k): f"mix-top{k}" for k in mixtures}
     out: dict[str, dict[str, float]] = {}
     for t in TASKS:
-        row = {"oracle": accuracy(model, tok, evals[t], lengths[t], t)}
-        for label, entry in entries.items():
-            row[label] = accuracy(model, tok, evals[t], lengths[t], entry)
-        for k in mixtures:
-            row[f"mixture top-{k}"] = accuracy(model, tok, evals[t], lengths[t], f"mix-top{k}")
+        row = {}
+        for label, entry in {"oracle": t, **entries}.items():
+            cached = (known or {}).get(t, {}).get(label)
+            row[label] = cached if cached is not None else accuracy(model, tok, evals[t], lengths[t], entry)
         out[t] = row
         print(t, {k: round(v, 4) for k, v in row.items()}, flush=True)
     return out
+
+
+def mixture_label(k: int) -> str:
+    """The column of the mixture with ``top_k = k`` (``k`` = every expert: the dense softmax gate)."""
+    return "mixture dense" if k == len(TASKS) else f"mixture top-{k}"
+
+
+def known_cells(path: Path, evals: dict, reused: set[int], experts: str) -> dict:
+    """Cells of an earlier ``results.json`` that still hold: same experts and held-out rows;
+    a mixture's cells only where its router was reused, not retrained."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("experts") != experts or old.get("eval_rows") != {t: len(evals[t]) for t in TASKS}:
+        return {}
+    keep = {"oracle", "base", "average"} | {mixture_label(k) for k in reused}
+    return {t: {c: v for c, v in row.items() if c in keep} for t, row in old.get("accuracy", {}).items()}
 
 
 # --------------------------------------------------------------------------- serving cost
@@ -187,7 +211,7 @@ def serving_cost(mixtures: dict[int, Path], experts: dict[str, Path], evals: dic
             msgs = r["messages"][:-1]  # the answer is the last message
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             stream.append((tok(text, add_special_tokens=False)["input_ids"], t))
-    configs = {"by name": None, **{f"mixture top-{k}": f"mix-top{k}" for k in mixtures}}
+    configs = {"by name": None, **{mixture_label(k): f"mix-top{k}" for k in mixtures}}
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
     seconds: dict[str, list[float]] = {c: [] for c in configs}
     for rep in range(args.repeats + 1):  # the first pass warms every adapter up and is not counted
@@ -234,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", default="lora-1%", help="decoder_quality row whose adapters are the experts")
     ap.add_argument("--quality-out", type=Path, default=Path("runs/decoder_quality"))
-    ap.add_argument("--top-k", default="1,2", help="comma list: one mixture trained per top_k")
+    ap.add_argument(
+        "--top-k", default="1,2,3", help="comma list: one mixture per top_k (3, every expert: the dense gate)"
+    )
     ap.add_argument("--train-rows", type=int, default=800, help="training conversations per task in the mix")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -268,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"top-{k}: reusing the router trained in {done}", flush=True)
             continue
         mixtures[k], train_s[k] = train_router(args.out / f"top{k}", experts, mix, k, max(lengths.values()), args)
-    q = quality(mixtures, experts, evals, lengths)
+    reused = {k for k, s in train_s.items() if s is None}
+    known = known_cells(args.out / "results.json", evals, reused, args.experts) if args.reuse else {}
+    q = quality(mixtures, experts, evals, lengths, known)
     cost = None if args.no_serve else serving_cost(mixtures, experts, evals, args)
     result = {
         "experts": args.experts,

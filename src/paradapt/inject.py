@@ -290,7 +290,7 @@ def attach(
                 _apply_pissa(state, spec, comp)
         else:
             site = state.attention_site(spec.key)
-        site.components[name] = comp
+        site.add(name, comp)
         rec.sites.append(spec.key)
     state.adapters[name] = rec
     return rec

@@ -217,7 +217,14 @@ def _check_not_merged(st: State, comp) -> None:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, entries, *, packed: bool = False, lengths: list[int] | None = None):
+def route(
+    model: nn.Module,
+    entries,
+    *,
+    packed: bool = False,
+    lengths: list[int] | None = None,
+    fixed_weights: bool = False,
+):
     """Route row ``i`` of every forward in this block to ``entries[i]`` (a name, composition or None).
 
     Works inside ``model.generate`` (beams and returned sequences repeat each
@@ -226,6 +233,13 @@ def route(model: nn.Module, entries, *, packed: bool = False, lengths: list[int]
     ``packed=True`` routes the tokens of one packed sequence (continuous batching's
     ``[1, T]`` input): ``entries[t]`` is token ``t``'s route, or with ``lengths`` (the
     requests' token counts, ``diff(cu_seq_lens_q)``) ``entries[i]`` is request ``i``'s.
+
+    ``fixed_weights=True`` promises that no routed adapter's tensors were changed in place
+    since a mixed batch last copied them into the site's bank (what a serving engine knows of
+    the adapters it read from files). The banks then reuse their slots without checking each
+    source tensor's version and storage, a check that took ~10 % of a decode step with 32
+    LoRAs at q/k/v/o (``benchmarks/RESULTS.md``). Adding, removing or reloading an adapter is
+    seen either way; only an in-place edit (``p.data.add_(...)``, an optimizer step) is not.
     """
     st = require_state(model)
     if lengths is not None and not packed:
@@ -237,6 +251,7 @@ def route(model: nn.Module, entries, *, packed: bool = False, lengths: list[int]
         route_map = RouteMap(routes)
     else:
         route_map = RouteMap.for_all(normalize(entries))
+    route_map.fixed_weights = fixed_weights
     st.check_names(route_map.names())
     _check_not_merged(st, route_map.names() or None)
     if packed:

@@ -55,10 +55,11 @@ def bankable_gate(components: dict, gate: MixtureGate) -> bool:
 
 
 def prepare(
-    site: Site, route: Route, rows: torch.Tensor | None, h: torch.Tensor, x: torch.Tensor
+    site: Site, route: Route, rows: torch.Tensor | None, h: torch.Tensor, x: torch.Tensor, check: bool = True
 ) -> Pending | None:
     """Run the gate of the mixture ``route`` on its ``rows`` (None: all) of ``h``/``x`` (``[N, T, ...]``)
-    and put its experts in the site's banks; None when no expert of it writes at the output here.
+    and put its experts in the site's banks (``check``: as :meth:`Site.bank_for`); None when no
+    expert of it writes at the output here.
 
     The caller has checked :func:`bankable_gate`. Banks are filled here, before any segments of
     the forward are built, so plain rows and mixture rows see the same slots.
@@ -80,7 +81,7 @@ def prepare(
     experts = []
     for i in op.idx:
         name = op.gate.experts[i]
-        experts.append((i, name, site.bank_for(name, op.experts[i], h.device)))
+        experts.append((i, name, site.bank_for(name, op.experts[i], h.device, check)))
     return Pending(tokens, g, chosen, experts)
 
 

@@ -119,8 +119,10 @@ class QuantLinear(nn.Linear):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if self.precision == "bf16":
             y = F.linear(x2, self.qweight)  # autograd knows its input gradient
-        else:
+        elif x2.requires_grad and torch.is_grad_enabled():
             y = _QuantMatmul.apply(x2, self)
+        else:  # nothing to differentiate: skip the autograd.Function's per-call cost (~3 us x 210 a step)
+            y = self.matmul(x2)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

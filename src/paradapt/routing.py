@@ -156,6 +156,7 @@ class RouteMap:
     routes: list[Route | None]
     uniform: bool = False  # one route for every row, whatever the batch size
     packed: bool = False  # one route per token of a packed [1, T] sequence (tokens are the rows)
+    fixed_weights: bool = False  # the caller promises no in-place change: banks skip their check
     _cache: dict = field(default_factory=dict)
     segment_builds: int = 0  # how many times rows were sorted for a bank layout (tests check sharing)
 

@@ -52,6 +52,21 @@ class Site:
         self._bank_of: dict[str, Bank] = {}
         self._bank_lock = threading.Lock()
         self._handles: list = []
+        self._input_writers: bool | None = None  # cache of writes_input(); None = recompute
+
+    def add(self, name: str, comp: nn.Module) -> None:
+        """Put an adapter's component at this site (what :meth:`drop` undoes)."""
+        self.components[name] = comp
+        self._input_writers = None
+
+    def writes_input(self) -> bool:
+        """Whether any component here may change the site's input (a series adapter before the
+        module, a scale on its input, a mixture whose experts might): if none does, the entry
+        hook has nothing to do for any route, and a mixed batch of 32 adapters skips a loop over
+        its 32 groups per site per step."""
+        if self._input_writers is None:
+            self._input_writers = any(getattr(c, "writes", "output") != "output" for c in self.components.values())
+        return self._input_writers
 
     # copies (deepcopy, pickle) leave the banks behind: they are a cache, rebuilt on first use
     def __getstate__(self) -> dict:
@@ -62,6 +77,7 @@ class Site:
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
         self._bank_lock = threading.Lock()
+        self._input_writers = None
 
     def unbank(self, name: str) -> None:
         """Free an adapter's bank slot (it is refilled from its parameters when next banked)."""
@@ -74,12 +90,16 @@ class Site:
     def drop(self, name: str) -> nn.Module:
         """Take an adapter's component (and its bank slot) out of this site."""
         self.unbank(name)
+        self._input_writers = None
         return self.components.pop(name)
 
-    def bank_for(self, name: str, comp: nn.Module, device: torch.device) -> Bank:
-        """The bank holding ``name``'s current weights on ``device`` (inserting or recopying as needed)."""
+    def bank_for(self, name: str, comp: nn.Module, device: torch.device, check: bool = True) -> Bank:
+        """The bank holding ``name``'s current weights on ``device`` (inserting or recopying as needed).
+
+        ``check=False`` (a route with ``fixed_weights``) reuses a slot the adapter already has
+        without checking its source tensors for in-place changes."""
         bank = self._bank_of.get(name)
-        if bank is not None and bank.device == device and bank.fresh(name, comp):
+        if bank is not None and bank.device == device and (not check or bank.fresh(name, comp)):
             return bank
         with self._bank_lock:  # forwards in several threads may fill the same bank
             bank = self._bank_of.get(name)
@@ -165,13 +185,14 @@ def apply_banks(
     """
     rest, used, pending = [], {}, []
     merged = site.state.merged
+    check = not route_map.fixed_weights
     for g in groups:
         name = single_name(g.route)
         comp = site.components.get(name) if name is not None else None
         if name is not None and (comp is None or name in merged):
             continue  # nothing of this adapter here
         if isinstance(comp, MixtureGate) and mixture_banks.bankable_gate(site.components, comp):
-            p = mixture_banks.prepare(site, g.route, g.rows, h, x)
+            p = mixture_banks.prepare(site, g.route, g.rows, h, x, check)
             if p is not None:
                 pending.append(p)
             continue
@@ -180,7 +201,7 @@ def apply_banks(
                 site.unbank(name)  # else its slot would still match these rows' segments
             rest.append(g)
             continue
-        bank = site.bank_for(name, comp, h.device)
+        bank = site.bank_for(name, comp, h.device, check)
         used[id(bank)] = bank
     batch = h.shape[0]
     out = h
@@ -284,8 +305,10 @@ class HookSite(Site):
             return None
         x = _first_arg(args, kwargs)
         xr = as_rows(route_map, x, self.key)
-        groups = route_map.groups(_batch(xr), x.device)
-        x2 = transform(self, route_map, groups, xr, None, "input") if groups else xr
+        x2 = xr
+        if self.writes_input():
+            groups = route_map.groups(_batch(xr), x.device)
+            x2 = transform(self, route_map, groups, xr, None, "input") if groups else xr
         self._x[threading.get_ident()] = x2  # kept in row view: the exit transforms in the same view
         if x2 is xr:
             return None

@@ -8,6 +8,7 @@ from conftest import FAMILIES, outputs, tiny_model
 
 import paradapt as pa
 from paradapt import kernels
+from paradapt.sites import Site
 from paradapt.state import get_state
 
 STRATEGIES = [*kernels.STRATEGIES, None]  # None: the measured choice
@@ -128,6 +129,38 @@ def test_bank_follows_in_place_weight_changes_and_reloads():
     )
 
 
+def test_fixed_weights_skips_the_check_but_sees_a_reloaded_adapter(monkeypatch, tmp_path):
+    """``pa.route(..., fixed_weights=True)`` (what the serving engine uses) reuses bank slots
+    without checking their source tensors, yet an adapter removed and loaded again under the
+    same name with other weights gets a fresh slot."""
+    model = tiny_model("llama")
+    add_lora_and_parallel(model)
+    ids = torch.randint(0, 96, (2, 5))
+    rows = ["a", "b"]
+    with torch.no_grad(), pa.route(model, rows, fixed_weights=True):
+        first = outputs(model, ids)  # fills the banks
+    other = tiny_model("llama")
+    torch.manual_seed(7)
+    pa.add_adapter(other, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.save_adapter(other, "a", tmp_path / "a")
+    pa.remove_adapter(model, "a")
+    pa.load_adapter(model, tmp_path / "a", name="a")
+    ref = per_row_reference(model, ids, rows)
+    checks = []
+    original = Site.bank_for
+
+    def bank_for(self, name, comp, device, check=True):
+        checks.append(check)
+        return original(self, name, comp, device, check)
+
+    monkeypatch.setattr(Site, "bank_for", bank_for)
+    with torch.no_grad(), pa.route(model, rows, fixed_weights=True):
+        got = outputs(model, ids)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(got[0], first[0])  # row "a" really changed
+    assert checks and not any(checks)  # every slot lookup skipped the check
+
+
 def test_removed_slots_are_reused_and_capacity_doubles():
     model = tiny_model("llama")
     names = [f"a{i}" for i in range(9)]
@@ -234,3 +267,23 @@ def test_adapter_switched_to_train_mode_leaves_its_bank_slot():
     torch.testing.assert_close(
         mixed(model, ids, rows), per_row_reference(model, ids, rows), atol=1e-5, rtol=0
     )
+
+
+def test_entry_hook_follows_input_writers_added_and_removed_after_a_forward():
+    """The entry hook skips sites where nothing writes the input (cached per site); an (IA)^3
+    added later at the same site (its FFN scale writes the down projection's input) must be
+    applied, and after it is removed the site is skipped again with the right output."""
+    model = tiny_model("llama")
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random", targets="all-linear"))
+    ids = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(2))
+    rows = ["a", None, "a"]
+    before = mixed(model, ids, rows)  # every site cached as writing no input
+    sites = get_state(model).sites
+    assert not any(s.writes_input() for s in sites.values() if hasattr(s, "writes_input"))
+    pa.add_adapter(model, "ia3", pa.IA3Config(init="random"))
+    rows = ["a", "ia3", None]
+    assert any(s.writes_input() for s in sites.values() if hasattr(s, "writes_input"))
+    torch.testing.assert_close(mixed(model, ids, rows), per_row_reference(model, ids, rows), atol=1e-5, rtol=1e-5)
+    pa.remove_adapter(model, "ia3")
+    assert not any(s.writes_input() for s in sites.values() if hasattr(s, "writes_input"))
+    torch.testing.assert_close(mixed(model, ids, ["a", None, "a"]), before)

@@ -74,6 +74,10 @@ def test_a_row_whose_hidden_states_are_nan_leaves_the_other_rows_bit_identical()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
     adapters = ["broken", "fine", None]
     before = _packed_logits(model, prompts, adapters)
+    # replaced, not edited in place: the runner routes with fixed_weights, as a served adapter
+    # changes only by being loaded again
+    pa.remove_adapter(model, "broken")
+    pa.add_adapter(model, "broken", pa.LoRAConfig(r=4, init="random"))
     with torch.no_grad():
         for p in require_state(model).container["broken"].parameters():
             p.fill_(float("nan"))

@@ -237,7 +237,11 @@ class Runner:
             if any(a is not None for a in adapters):
                 raise ParadaptError(f"adapters {sorted({a for a in adapters if a})} are not on the model")
             return contextlib.nullcontext()
-        return route(self.model, adapters, packed=True, lengths=[len(t) for _, t, _ in batch])
+        # fixed_weights: the engine serves adapters as read from their files; nothing edits them
+        # in place while it runs, so the banks skip their per-step version check
+        return route(
+            self.model, adapters, packed=True, lengths=[len(t) for _, t, _ in batch], fixed_weights=True
+        )
 
     def _require(self, request_id: str) -> Sequence:
         seq = self._seqs.get(request_id)
