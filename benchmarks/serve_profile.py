@@ -8,7 +8,10 @@ the same random Llama (hidden 512, 8 layers) and the same 1,000-adapter folder m
 from the same ranges, ``ignore_eos``), run to completion. Configurations:
 
 - ``base``: every request names the base model, on a model without any adapter;
-- ``a1`` / ``a0.1``: each request's adapter drawn with popularity exponent alpha (1 = uniform).
+- ``a1`` / ``a0.1``: each request's adapter drawn with popularity exponent alpha (1 = uniform);
+- ``a1-checked`` (any config + ``-checked``): the same with ``EngineConfig(check_adapter_weights=True)``,
+  every step checking each served adapter's tensors for in-place edits as the engine did
+  before 2026-12-06 (the A/B of that change).
 
 Rounds interleave the configurations (base, a1, a0.1, base, ...) so slow drifts of the machine
 hit all of them alike; the report gives each configuration's median generated tokens per second
@@ -19,6 +22,7 @@ cProfile (top functions) and ``torch.profiler`` (top operators).
 
     python benchmarks/serve_profile.py --threads 1 --requests 96 --rounds 3
     python benchmarks/serve_profile.py --threads 1 --requests 96 --profile a1
+    python benchmarks/serve_profile.py --threads 1 --requests 96 --configs base,a1,a1-checked
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from paradapt.serve.workload import WorkloadSpec  # noqa: E402
 from paradapt.state import get_state  # noqa: E402
 
 ALPHAS = {"base": None, "a1": 1.0, "a0.1": 0.1}
+CHECKED = "-checked"  # suffix: the same configuration with the per-step adapter weight check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,7 +125,7 @@ def clear_adapters(model) -> None:
 
 def run_once(args, model, root: Path, config: str, rnd: int) -> dict:
     """One saturated run: all requests at once, stepped to completion."""
-    alpha = ALPHAS[config]
+    alpha = ALPHAS[config.removesuffix(CHECKED)]
     clear_adapters(model)
     cfg = EngineConfig(
         num_blocks=args.max_running * (args.input_len[1] + args.output_len[1] + 16) // 16,
@@ -129,6 +134,7 @@ def run_once(args, model, root: Path, config: str, rnd: int) -> dict:
         max_slots=args.max_slots,
         max_served=args.adapters,
         queue_bound=100_000,
+        check_adapter_weights=config.endswith(CHECKED),
     )
     engine = Engine(model, root if alpha is not None else None, cfg)
     for prompt, adapter, n in requests(args, alpha, rnd):
@@ -161,18 +167,18 @@ def measure(args, model, root: Path) -> None:
             r = run_once(args, model, root, c, rnd)
             got[c].append(r)
             print(
-                f"round {rnd} {c:<5} {r['tok_s']:8.1f} tok/s wall {r['cpu_tok_s']:8.1f} tok/CPU-s  "
+                f"round {rnd} {c:<10} {r['tok_s']:8.1f} tok/s wall {r['cpu_tok_s']:8.1f} tok/CPU-s  "
                 f"{r['wall']:6.2f} s  {r['steps']:4} steps  loads {r['loads']}  load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     for key, what in (("tok_s", "tok/s (wall)"), ("cpu_tok_s", "tok per CPU-s")):
         base = statistics.median(r[key] for r in got["base"]) if "base" in got else None
-        print(f"\n{'config':<6} {'median ' + what:>20} {'runs':>28} {'xbase':>6}")
+        print(f"\n{'config':<10} {'median ' + what:>20} {'runs':>28} {'xbase':>6}")
         for c, rs in got.items():
             med = statistics.median(r[key] for r in rs)
             runs = "/".join(f"{r[key]:.0f}" for r in rs)
             ratio = f"{med / base:.3f}" if base else ""
-            print(f"{c:<6} {med:20.1f} {runs:>28} {ratio:>6}")
+            print(f"{c:<10} {med:20.1f} {runs:>28} {ratio:>6}")
     print("kernel choices:", {k[2:5]: v for k, v in kernels.choices().items()})
 
 

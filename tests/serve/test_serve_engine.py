@@ -414,3 +414,25 @@ def test_admin_operations_load_unload_discard_and_fail(tmp_path):
     assert {x.id for x in engine.fail_all(boom)} == {a.id, b.id}
     assert a.error is boom and b.status == "failed" and not engine.has_work()
     assert engine.runner.pages_in_use() == 0
+
+
+def test_check_adapter_weights_sees_an_adapter_edited_in_place_between_requests(tmp_path):
+    """``EngineConfig(check_adapter_weights=True)``: a LoRA the process edits in place (an
+    optimizer step while the engine serves it) is served with its new weights at once."""
+    adapter_root(tmp_path, "llama")
+    engine = Engine(tiny_model("llama"), tmp_path, EngineConfig(check_adapter_weights=True, max_slots=4))
+    reqs = [([5, 6, 7, 8], "lo4", 6), ([9, 10, 11], "lo8", 6), ([12, 13], None, 6)]
+
+    def run() -> list[list[int]]:
+        handles = [engine.add_request(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in reqs]
+        engine.run()
+        return [h.tokens for h in handles]
+
+    run()  # the adapters are attached and banked
+    with torch.no_grad():
+        for p in engine.model.paradapt["lo4"].parameters():
+            p.mul_(-3.0)
+    got = run()
+    assert got == [alone(engine.model, p, n, a) for p, a, n in reqs]
+    with pytest.raises(pa.ConfigError, match="check_adapter_weights"):
+        EngineConfig(check_adapter_weights="yes")

@@ -59,6 +59,11 @@ class EngineConfig:
     ``device_memory`` is set (None: the largest adapter the engine knows at start).
     ``decode_attention``: how decode steps read the paged KV cache
     (:mod:`paradapt.serve.paged_attention`: ``auto``, ``compiled`` or ``gather``).
+    ``check_adapter_weights``: every step checks the served adapters' tensors for in-place
+    edits, as a mixed batch outside the engine does (``pa.route``'s ``fixed_weights``). Off by
+    default: the engine's adapters change only by being loaded again, and the check cost ~10 %
+    of a decode step with 32 LoRAs. Turn it on in a process that edits an adapter in place
+    (an optimizer step on a LoRA the engine also serves, as in online RL).
     """
 
     page_size: int = 16
@@ -73,6 +78,7 @@ class EngineConfig:
     device_memory: int | None = None
     slot_bytes: int | None = None
     decode_attention: str = "auto"
+    check_adapter_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("page_size", "num_blocks", "token_budget", "max_running", "max_slots", "max_served"):
@@ -85,6 +91,10 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 0):
                 raise ConfigError(name, f"must be a number of bytes >= 0 or None, got {v!r}")
+        if not isinstance(self.check_adapter_weights, bool):
+            raise ConfigError(
+                "check_adapter_weights", f"must be true or false, got {self.check_adapter_weights!r}"
+            )
         if self.decode_attention not in DECODE_ATTENTION:
             raise ConfigError(
                 "decode_attention", f"must be one of {list(DECODE_ATTENTION)}, got {self.decode_attention!r}"

@@ -570,6 +570,7 @@ class Engine(_EngineCore):
             num_blocks=split.num_blocks,
             max_batch_tokens=config.token_budget,
             decode_attention=config.decode_attention,
+            check_adapter_weights=config.check_adapter_weights,
         )
         sched = scheduler_config(config, split.num_blocks)
         if (sched.kv_tokens, sched.kv_block) != (self.runner.kv_tokens, self.runner.kv_block):

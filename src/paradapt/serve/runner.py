@@ -63,7 +63,8 @@ class Runner:
     ``num_blocks`` pages of ``page_size`` tokens hold the KV of every running request; the
     scheduler must reserve in the same units (``kv_block=runner.kv_block``,
     ``kv_tokens=runner.kv_tokens``) so that allocation never fails. ``max_batch_tokens`` bounds one step's tokens (the
-    scheduler's ``token_budget``).
+    scheduler's ``token_budget``). ``check_adapter_weights``: route without ``fixed_weights``
+    (see :class:`~paradapt.serve.core.EngineConfig`).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Runner:
         num_blocks: int = 256,
         max_batch_tokens: int = 256,
         decode_attention: str = "auto",
+        check_adapter_weights: bool = False,
     ):
         for name, v, lo in (
             ("page_size", page_size, 4),
@@ -83,6 +85,7 @@ class Runner:
             if not is_int(v) or v < lo:
                 raise ConfigError(name, f"must be an integer >= {lo}, got {v!r}")
         self.model = model
+        self.check_adapter_weights = check_adapter_weights
         self.page_size = page_size
         self.kv = PagedKV(
             model, page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens
@@ -239,8 +242,9 @@ class Runner:
             return contextlib.nullcontext()
         # fixed_weights: the engine serves adapters as read from their files; nothing edits them
         # in place while it runs, so the banks skip their per-step version check
+        lengths = [len(t) for _, t, _ in batch]
         return route(
-            self.model, adapters, packed=True, lengths=[len(t) for _, t, _ in batch], fixed_weights=True
+            self.model, adapters, packed=True, lengths=lengths, fixed_weights=not self.check_adapter_weights
         )
 
     def _require(self, request_id: str) -> Sequence:
