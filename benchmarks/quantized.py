@@ -691,6 +691,9 @@ def train_worker(args) -> int:
     pa.add_adapter(model, "lora", pa.LoRAConfig(r=16, alpha=32, targets=list(LORA_TARGETS)))
     pa.set_active(model, "lora")
     model.train()
+    if args.train_checkpointing:  # as `paradapt train` with gradient_checkpointing: true does it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -762,18 +765,23 @@ def _reset_peak() -> bool:
 
 
 def part_train(res: Results, args) -> None:
+    """Each precision's training step in a fresh process (peak RSS is the process's), taking
+    turns. With ``--train-checkpointing`` the rows go to part ``train_ckpt``: QLoRA trains with
+    activation checkpointing, where the base weights are a larger share of the peak."""
+    part = "train_ckpt" if args.train_checkpointing else "train"
     for rep in range(args.repeats):
         for p in ("fp32", "int4"):
             cmd = [sys.executable, __file__, "--train-worker", p, "--threads", str(args.threads)]
             cmd += ["--train-batch", str(args.train_batch), "--train-seq", str(args.train_seq)]
             cmd += ["--train-steps", str(args.train_steps)]
+            cmd += ["--train-checkpointing"] * args.train_checkpointing
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             if done.returncode != 0:
                 raise SystemExit(f"quantized: training worker {p} failed: {done.stderr.strip()[-800:]}")
             got = json.loads(done.stdout.strip().splitlines()[-1])
-            res.add("train", "step_s", p, got["step_s"], rep, steps=got["steps"])
+            res.add(part, "step_s", p, got["step_s"], rep, steps=got["steps"])
             res.add(
-                "train",
+                part,
                 "peak_rss",
                 p,
                 got["peak_rss"],
@@ -781,7 +789,7 @@ def part_train(res: Results, args) -> None:
                 rss_before=got["rss_before"],
                 how=got["peak_how"],
             )
-            res.add("train", "peak_over_baseline", p, got["peak_rss"] - got["rss_baseline"], rep)
+            res.add(part, "peak_over_baseline", p, got["peak_rss"] - got["rss_baseline"], rep)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -867,6 +875,43 @@ def _verdict(value: float | None, op: str, target: float) -> str:
         return "-"
     ok = value >= target if op == ">=" else value <= target
     return "met" if ok else "not met"
+
+
+def _train_rows(rows: list[dict], part: str, how: str, line) -> None:
+    """The table's training lines of ``part`` (``train`` or ``train_ckpt``), ``how`` said in the label."""
+    for p in ("fp32", "int4"):
+        step = _vals(rows, part, "step_s", p)
+        peak = _vals(rows, part, "peak_rss", p)
+        if not step:
+            continue
+        r1 = _ratios(rows, part, "step_s", p, "fp32") if p != "fp32" else []
+        r2 = _ratios(rows, part, "peak_rss", p, "fp32") if p != "fp32" else []
+        line(
+            f"training step, s (LoRA r16 qkvo{how})",
+            p,
+            _spread(step, ".3f"),
+            _spread(r1, ".2f") + "x" * bool(r1),
+            "<= 1.2x fp32" if r1 else "",
+            _verdict(statistics.median(r1), "<=", 1.2) if r1 else "",
+        )
+        line(
+            f"training peak RSS, MB{how}",
+            p,
+            _spread([x / 1e6 for x in peak], ".0f"),
+            _spread(r2, ".2f") + "x" * bool(r2),
+            "<= 0.6x fp32" if r2 else "",
+            _verdict(statistics.median(r2), "<=", 0.6) if r2 else "",
+        )
+    for p in ("fp32", "int4"):
+        over = _vals(rows, part, "peak_over_baseline", p)
+        if over:
+            r3 = _ratios(rows, part, "peak_over_baseline", p, "fp32") if p != "fp32" else []
+            line(
+                f"training peak RSS above the pre-load RSS, MB{how}",
+                p,
+                _spread([x / 1e6 for x in over], ".0f"),
+                _spread(r3, ".2f") + "x" * bool(r3),
+            )
 
 
 def table(rows: list[dict]) -> str:
@@ -1014,39 +1059,8 @@ def table(rows: list[dict]) -> str:
             )
             split = f" (anon {got['anon'] / 1e6:.0f}, file {got['file'] / 1e6:.0f})" if "anon" in got else ""
             line("`paradapt serve` process RSS after start, MB", p, f"{vals[0] / 1e6:.0f}{split}", ratio)
-    for p in ("fp32", "int4"):
-        step = _vals(rows, "train", "step_s", p)
-        peak = _vals(rows, "train", "peak_rss", p)
-        if step:
-            r1 = _ratios(rows, "train", "step_s", p, "fp32") if p != "fp32" else []
-            r2 = _ratios(rows, "train", "peak_rss", p, "fp32") if p != "fp32" else []
-            line(
-                "training step, s (LoRA r16 qkvo)",
-                p,
-                _spread(step, ".3f"),
-                _spread(r1, ".2f") + "x" * bool(r1),
-                "<= 1.2x fp32" if r1 else "",
-                _verdict(statistics.median(r1), "<=", 1.2) if r1 else "",
-            )
-            line(
-                "training peak RSS, MB",
-                p,
-                _spread([x / 1e6 for x in peak], ".0f"),
-                _spread(r2, ".2f") + "x" * bool(r2),
-                "<= 0.6x fp32" if r2 else "",
-                _verdict(statistics.median(r2), "<=", 0.6) if r2 else "",
-            )
-    for p in ("fp32", "int4"):
-        over = _vals(rows, "train", "peak_over_baseline", p)
-        if over:
-            r3 = _ratios(rows, "train", "peak_over_baseline", p, "fp32") if p != "fp32" else []
-            ratio = _spread(r3, ".2f") + "x" * bool(r3)
-            line(
-                "training peak RSS above the pre-load RSS, MB",
-                p,
-                _spread([x / 1e6 for x in over], ".0f"),
-                ratio,
-            )
+    for part, how in (("train", ""), ("train_ckpt", ", activation checkpointing")):
+        _train_rows(rows, part, how, line)
     for p in precisions:
         vals = _vals(rows, "stream", "tok_s", p)
         if vals:
@@ -1119,6 +1133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-seq", type=int, default=128)
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training worker")
+    ap.add_argument(
+        "--train-checkpointing", action="store_true", help="train with activation checkpointing (part train_ckpt)"
+    )
     ap.add_argument("--stream-requests", type=int, default=32)
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument(
