@@ -116,7 +116,13 @@ def vocab_size() -> int:
 
 def serve_flag(precision: str) -> str:
     """``paradapt serve --quantize`` spelling of a precision."""
-    return "none" if precision == "fp32" else precision
+    return {"fp32": "none", "int4h8": "int4"}.get(precision, precision)
+
+
+def serve_flags(precision: str) -> list[str]:
+    """The ``paradapt serve`` flags that load a precision (``int4h8``: the LM head in int8 too)."""
+    flags = ["--quantize", serve_flag(precision)]
+    return flags + ["--quantize-lm-head", "int8"] * (precision == "int4h8")
 
 
 def gguf_path() -> Path:
@@ -803,13 +809,13 @@ def part_http(res: Results, args, work: Path) -> None:
     servers = {}
     try:
         for p in args.precisions:
-            flags = ["--model", MODEL, "--quantize", serve_flag(p), "--threads", str(args.threads)]
+            flags = ["--model", MODEL, *serve_flags(p), "--threads", str(args.threads)]
             flags += ["--no-access-log", "--log-level", "error"]
             servers[p] = ServerProcess(flags, log=work / f"serve-{p}.log")
             try:
                 servers[p].wait_healthy(600)
             except ServerStartError as e:
-                raise SystemExit(f"quantized: paradapt serve --quantize {serve_flag(p)}: {e}") from None
+                raise SystemExit(f"quantized: paradapt serve {' '.join(serve_flags(p))}: {e}") from None
         vocab = vocab_size()
         for p, server in servers.items():  # the whole server process, model and KV pool included
             pid = server.proc.pid
