@@ -817,11 +817,9 @@ def part_http(res: Results, args, work: Path) -> None:
             except ServerStartError as e:
                 raise SystemExit(f"quantized: paradapt serve {' '.join(serve_flags(p))}: {e}") from None
         vocab = vocab_size()
-        for p, server in servers.items():  # the whole server process, model and KV pool included
-            pid = server.proc.pid
-            anon, file = _status_kb("RssAnon", pid) * 1024, _status_kb("RssFile", pid) * 1024
-            res.add("http", "server_rss", p, _status_kb("VmRSS", pid) * 1024, anon=anon, file=file)
         for rep in range(-1, args.repeats):  # repeat -1 warms every server up, unrecorded
+            if rep == 0:
+                _record_rss(servers, res)
             for c in args.http_concurrency:
                 n = 2 * c if rep >= 0 else c
                 prompts = random_prompts(n, args.prompt_tokens, vocab, seed=1000 + rep)
@@ -849,6 +847,16 @@ def part_http(res: Results, args, work: Path) -> None:
     finally:
         for server in servers.values():
             server.stop()
+
+
+def _record_rss(servers: dict, res: Results) -> None:
+    """Each server process's RSS after its warm-up requests: the whole process, model and KV
+    pool included. After requests, not at start: a float32 model is read through a memory map,
+    whose pages count only once a forward has touched them."""
+    for p, server in servers.items():
+        pid = server.proc.pid
+        anon, file = _status_kb("RssAnon", pid) * 1024, _status_kb("RssFile", pid) * 1024
+        res.add("http", "server_rss", p, _status_kb("VmRSS", pid) * 1024, anon=anon, file=file)
 
 
 # --------------------------------------------------------------------------- the table
@@ -1064,7 +1072,7 @@ def table(rows: list[dict]) -> str:
                 r for r in rows if (r["part"], r["metric"], r["precision"]) == ("http", "server_rss", p)
             )
             split = f" (anon {got['anon'] / 1e6:.0f}, file {got['file'] / 1e6:.0f})" if "anon" in got else ""
-            line("`paradapt serve` process RSS after start, MB", p, f"{vals[0] / 1e6:.0f}{split}", ratio)
+            line("`paradapt serve` process RSS after warm-up requests, MB", p, f"{vals[0] / 1e6:.0f}{split}", ratio)
     for part, how in (("train", ""), ("train_ckpt", ", activation checkpointing")):
         _train_rows(rows, part, how, line)
     for p in precisions:

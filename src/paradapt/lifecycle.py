@@ -237,7 +237,7 @@ def route(
     ``fixed_weights=True`` promises that no routed adapter's tensors were changed in place
     since a mixed batch last copied them into the site's bank (what a serving engine knows of
     the adapters it read from files). The banks then reuse their slots without checking each
-    source tensor's version and storage, a check that took ~10 % of a decode step with 32
+    source tensor's version and storage, a check that took ~8 % of a decode step with 32
     LoRAs at q/k/v/o (``benchmarks/RESULTS.md``). Adding, removing or reloading an adapter is
     seen either way; only an in-place edit (``p.data.add_(...)``, an optimizer step) is not.
     """

@@ -12,7 +12,7 @@ import pytest
 
 PROBE = """
 import ctypes, ctypes.util, sys
-from paradapt.serve.malloc import keep_freed_memory
+from paradapt.serve.malloc import keep_freed_memory, release_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
@@ -26,21 +26,34 @@ p = libc.malloc(n)
 ctypes.memset(p, 1, n)
 touched = rss_mib()
 libc.free(p)
-print(kept, round(touched - rss_mib()))
+after_free = rss_mib()
+trimmed = release_freed_memory() if sys.argv[2:] == ["trim"] else False
+print(kept, round(touched - after_free), trimmed, round(after_free - rss_mib()))
 """
 
 
-def run(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-    kept, released = out.stdout.split()
-    return kept, int(released)
+def run(mode: str, *extra: str) -> tuple[str, int, str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, *extra], capture_output=True, text=True, check=True)
+    kept, released, trimmed, returned = out.stdout.split()
+    return kept, int(released), trimmed, int(returned)
 
 
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 def test_freed_large_blocks_stay_in_the_heap_only_after_keep_freed_memory():
-    kept, released = run("keep")
+    kept, released, _, _ = run("keep")
     assert kept == "True" and released < 8  # MiB given back to the OS on free
-    kept, released = run("default")
+    kept, released, _, _ = run("default")
     assert kept == "False" and released > 56
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_release_freed_memory_hands_back_what_the_heap_kept():
+    """What ``paradapt serve`` does once the model is loaded: the load's freed temporaries, kept
+    by the raised thresholds, go back to the system."""
+    kept, released, trimmed, returned = run("keep", "trim")
+    assert kept == "True" and released < 8 and trimmed == "True"
+    assert returned > 56  # of the 64 MiB block

@@ -311,13 +311,14 @@ def build_server_app(args: argparse.Namespace):
         raise CLIError(f"serve needs fastapi and uvicorn: pip install 'paradapt[serve]' ({e})") from None
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    from ..serve.malloc import keep_freed_memory
+    from ..serve.malloc import keep_freed_memory, release_freed_memory
 
     heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
     model_dir, root, name = _serve_sources(args)
     tok, model = load_base(
         args.model or DEFAULT_MODEL, getattr(args, "quantize", "none"), getattr(args, "quantize_lm_head", "none")
     )
+    release_freed_memory()  # what loading freed goes back to the system, not kept for the steps
     config = engine_config(args)
     if model.can_generate():
         engine = Engine(model, root, config, tokenizer=tok)
