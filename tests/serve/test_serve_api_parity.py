@@ -407,3 +407,19 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(client):
     events = _events(client, "/v1/chat/completions", chat)
     streamed = [e for c in events for e in ((c["choices"][0].get("logprobs") or {}).get("content") or [])]
     assert streamed == whole
+
+
+def test_tokens_without_text_still_get_their_chunk_as_vllm_sends_them(client, setup):
+    """A generated token that adds no text (here BOS, a special token the text skips) still
+    streams a chunk with empty text and its token id, as vLLM does: a client timing the first
+    token, or the pace of the stream, must not see a stall until text appears."""
+    _, _, tok = setup
+    bos = tok.bos_token_id
+    body = {"model": "lo", "prompt": "Lily saw a bird", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    body |= {"logit_bias": {str(bos): 100}, "return_token_ids": True}
+    events = _events(client, "/v1/completions", body)
+    choices = [e["choices"][0] for e in events if e.get("choices")]
+    assert [c["text"] for c in choices] == [""] * len(choices)
+    per_chunk = [c["token_ids"] for c in choices]
+    assert sum(per_chunk, []) == [bos] * 4
+    assert sum(1 for ids in per_chunk if ids) >= 3  # a chunk as the tokens come, not one at the end

@@ -347,8 +347,14 @@ async def _wait(
 class _StreamedChoice:
     """What of one streamed choice went out: its text (held back at possible stop strings), and
     the tokens whose log-probabilities and ids went with it. Each chunk carries those of the
-    tokens generated since the previous chunk (a token whose text is held back goes with the
-    next chunk); the last chunk carries the rest."""
+    tokens generated since the previous chunk; the last chunk carries the rest.
+
+    A new token whose text is held back (part of a character, a skipped special token, a
+    possible stop string) still gets its chunk, with empty text, as vLLM sends one
+    (``delta_token_ids`` without ``delta_text``): a client measures its first token and the
+    pace of the stream from the chunks, and a request whose first tokens add no text would
+    otherwise look stalled until they do.
+    """
 
     def __init__(self, server, c: _Choice, index: int, chat: bool, spec: _StreamSpec):
         self.server, self.tokenizer, self.c, self.index = server, server.tokenizer, c, index
@@ -358,6 +364,7 @@ class _StreamedChoice:
         self.scored = 0  # tokens whose log-probabilities went out
         self.ids = 0  # tokens whose ids went out
         self.offset = 0  # characters sent before the next token's text (completions' text_offset)
+        self.chunked = 0  # tokens a chunk went out for
 
     def _shown(self) -> list[int]:
         return [] if self.spec.hide_output else self.c.handle.tokens
@@ -383,14 +390,19 @@ class _StreamedChoice:
         return out
 
     def delta(self, final: bool) -> str | None:
-        """The text to send now (None: nothing new)."""
+        """The text to send now: ``""`` for new tokens that add no text yet, None when no token
+        is new."""
         h = self.c.handle
         if self.spec.hide_output:
             return None
         text = streamable(h.text or "", h.params.stop, final=final)
+        tokens = len(h.tokens)
         if len(text) > len(self.text) and text.startswith(self.text):
-            out, self.text = text[len(self.text) :], text
+            out, self.text, self.chunked = text[len(self.text) :], text, tokens
             return out
+        if tokens > self.chunked and not final:  # the final chunk carries them with its reason
+            self.chunked = tokens
+            return ""
         return None
 
     def body(self, text: str | None, reason: str | None, logprobs) -> dict:
