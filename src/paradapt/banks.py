@@ -136,12 +136,16 @@ def _sources(comp: Bottleneck) -> list[tuple[dict, str]]:
 
 
 class _Stamp:
-    """The tensors a slot was copied from, with their storage and version, checked in O(tensors)."""
+    """The tensors a slot was copied from, with their storage and version, checked in O(tensors).
 
-    __slots__ = ("entries",)
+    ``trainable``: whether any of them required a gradient when copied (an adapter being trained,
+    whose optimizer edits it in place): such a slot is checked even under ``fixed_weights``."""
+
+    __slots__ = ("entries", "trainable")
 
     def __init__(self, comp: Bottleneck):
         self.entries = [(d, k, d[k], d[k].data_ptr(), d[k]._version) for d, k in _sources(comp)]
+        self.trainable = any(t.requires_grad for _, _, t, _, _ in self.entries)
 
     def current(self) -> bool:
         """Still the same tensors, storage and version (no in-place change, no replacement)?"""
@@ -236,6 +240,12 @@ class Bank:
         """Whether the slot still holds exactly the component's current parameters."""
         stamp = self.stamps[self.layout.index[name]]
         return stamp is not None and stamp.current()
+
+    def trusted(self, name: str) -> bool:
+        """Whether the slot may be reused unchecked under ``fixed_weights``: it was copied from
+        tensors none of which required a gradient (frozen, e.g. read from a file)."""
+        stamp = self.stamps[self.layout.index[name]]
+        return stamp is not None and not stamp.trainable
 
     def refresh(self, name: str, comp: Bottleneck) -> None:
         """Recopy a slot whose parameters changed since it was written."""

@@ -239,7 +239,9 @@ def route(
     the adapters it read from files). The banks then reuse their slots without checking each
     source tensor's version and storage, a check that took ~8 % of a decode step with 32
     LoRAs at q/k/v/o (``benchmarks/RESULTS.md``). Adding, removing or reloading an adapter is
-    seen either way; only an in-place edit (``p.data.add_(...)``, an optimizer step) is not.
+    seen either way, and so is an in-place edit of an adapter whose tensors require a gradient
+    (one being trained: its slots are always checked); only an in-place edit of a frozen
+    adapter's tensors is not.
     """
     st = require_state(model)
     if lengths is not None and not packed:
@@ -371,12 +373,17 @@ def fold(model: nn.Module, name: str) -> None:
 
 
 def set_trainable(model: nn.Module, names, trainable: bool = True) -> None:
-    """Explicitly make adapters trainable (or frozen); the only call that changes requires_grad."""
+    """Explicitly make adapters trainable (or frozen); the only call that changes requires_grad.
+
+    Their bank slots are freed: a slot remembers whether it was copied from trainable tensors
+    (which ``fixed_weights`` routes still check), and that has just changed."""
     st = require_state(model)
     for n in [names] if isinstance(names, str) else names:
-        st.record(n)
+        rec = st.record(n)
         for prm in st.container[n].parameters():
             prm.requires_grad_(trainable)
+        for k in rec.sites:
+            st.sites[k].unbank(n)
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

@@ -97,10 +97,12 @@ class Site:
         """The bank holding ``name``'s current weights on ``device`` (inserting or recopying as needed).
 
         ``check=False`` (a route with ``fixed_weights``) reuses a slot the adapter already has
-        without checking its source tensors for in-place changes."""
+        without checking its source tensors for in-place changes, unless they required a
+        gradient when copied (an adapter being trained is always checked)."""
         bank = self._bank_of.get(name)
-        if bank is not None and bank.device == device and (not check or bank.fresh(name, comp)):
-            return bank
+        if bank is not None and bank.device == device:
+            if (not check and bank.trusted(name)) or bank.fresh(name, comp):
+                return bank
         with self._bank_lock:  # forwards in several threads may fill the same bank
             bank = self._bank_of.get(name)
             if bank is not None and bank.device == device:

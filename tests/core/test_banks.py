@@ -161,6 +161,37 @@ def test_fixed_weights_skips_the_check_but_sees_a_reloaded_adapter(monkeypatch, 
     assert checks and not any(checks)  # every slot lookup skipped the check
 
 
+def test_fixed_weights_still_checks_an_adapter_being_trained(monkeypatch):
+    """Under ``fixed_weights`` a slot copied from tensors that require a gradient (an adapter
+    being trained, as in online RL between generations) is still checked, so an optimizer's
+    in-place step is seen; once ``pa.set_trainable(..., False)`` freezes it, its slots are
+    refilled and then reused without the check."""
+    model = tiny_model("llama")
+    add_lora_and_parallel(model)  # added adapters are trainable
+    ids = torch.randint(0, 96, (2, 5))
+    rows = ["a", "b"]
+
+    def fixed():
+        with torch.no_grad(), pa.route(model, rows, fixed_weights=True):
+            return outputs(model, ids)
+
+    fixed()  # fill the banks
+    with torch.no_grad():
+        for p in model.paradapt["a"].parameters():
+            p.mul_(1.5)  # what an optimizer step does: in place
+    torch.testing.assert_close(fixed(), per_row_reference(model, ids, rows), atol=1e-5, rtol=0)
+    pa.set_trainable(model, ["a", "b"], False)
+    first = fixed()  # refilled from the frozen tensors
+    torch.testing.assert_close(first, per_row_reference(model, ids, rows), atol=1e-5, rtol=0)
+    from paradapt.banks import Bank
+
+    checked = []
+    original = Bank.fresh
+    monkeypatch.setattr(Bank, "fresh", lambda self, n, c: checked.append(n) or original(self, n, c))
+    fixed()
+    assert checked == []  # frozen slots are trusted
+
+
 def test_removed_slots_are_reused_and_capacity_doubles():
     model = tiny_model("llama")
     names = [f"a{i}" for i in range(9)]

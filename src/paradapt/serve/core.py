@@ -62,8 +62,9 @@ class EngineConfig:
     ``check_adapter_weights``: every step checks the served adapters' tensors for in-place
     edits, as a mixed batch outside the engine does (``pa.route``'s ``fixed_weights``). Off by
     default: the engine's adapters change only by being loaded again, and the check cost ~8 %
-    of a decode step with 32 LoRAs. Turn it on in a process that edits an adapter in place
-    (an optimizer step on a LoRA the engine also serves, as in online RL).
+    of a decode step with 32 LoRAs. An adapter whose tensors require a gradient (one being
+    trained in this process, as in online RL) is checked either way; turn this on where frozen
+    adapters' tensors are edited in place.
     """
 
     page_size: int = 16
