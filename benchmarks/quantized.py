@@ -35,7 +35,9 @@ median and the range over repeats are reported):
   configs with ``quantize: int4`` (``paradapt train examples/train_chat_<task>.yaml --quantize
   int4``) and scores those on every precision too.
 * ``train``: one training step (forward + backward + AdamW) of a LoRA r 16 on q/k/v/o at batch
-  ``--train-batch`` x ``--train-seq`` tokens, fp32 vs int4, each in a fresh subprocess per repeat:
+  ``--train-batch`` x ``--train-seq`` tokens, every token learned, with ``paradapt train``'s loss
+  (``train/lm_loss.py``: the LM head in chunks of positions; ``--train-hf-loss``: transformers'
+  loss over every position's logits at once), fp32 vs int4, each in a fresh subprocess per repeat:
   the median step time of ``--train-steps`` steps after one warm-up step, and the process's peak
   RSS from the warm-up on (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``
   once the model is loaded and quantised; torch has no CPU allocator statistics).
@@ -711,9 +713,23 @@ def train_worker(args) -> int:
     rss_before = _status_kb("VmRSS")
     reset = _reset_peak()
 
+    if args.train_hf_loss:
+        def loss_fn() -> torch.Tensor:
+            return model(input_ids=ids, labels=ids).loss
+    else:  # as paradapt train computes it: the head on the learned positions, in chunks when many
+        from paradapt.train import lm_loss
+
+        one = {"input_ids": ids[:1]}
+        gather = lm_loss.head_gathers(model, one)
+        chunk = gather and lm_loss.head_alone(model, one)
+
+        def loss_fn() -> torch.Tensor:
+            learned = lm_loss.learned_logits(model, {"input_ids": ids}, ids, gather, chunk)
+            return learned.row_losses().sum() / len(learned.targets)
+
     def step() -> float:
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -781,6 +797,7 @@ def part_train(res: Results, args) -> None:
             cmd += ["--train-batch", str(args.train_batch), "--train-seq", str(args.train_seq)]
             cmd += ["--train-steps", str(args.train_steps)]
             cmd += ["--train-checkpointing"] * args.train_checkpointing
+            cmd += ["--train-hf-loss"] * args.train_hf_loss
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             if done.returncode != 0:
                 raise SystemExit(f"quantized: training worker {p} failed: {done.stderr.strip()[-800:]}")
@@ -1147,6 +1164,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-seq", type=int, default=128)
     ap.add_argument("--train-steps", type=int, default=3, help="timed steps per training worker")
+    ap.add_argument(
+        "--train-hf-loss",
+        action="store_true",
+        help="train with transformers' loss (every position's logits at once) instead of paradapt train's",
+    )
     ap.add_argument(
         "--train-checkpointing", action="store_true", help="train with activation checkpointing (part train_ckpt)"
     )

@@ -103,3 +103,62 @@ def test_the_check_leaves_the_training_mode_as_it_was():
     model.eval()
     lm_loss.head_gathers(model, {"input_ids": _batch()[0][:1]})
     assert not model.training
+
+
+def _all_learned(seed: int = 3, rows: int = 4, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position learned, as completion or pre-training-style data is."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 90, (rows, length), generator=g)
+    return ids, ids.clone()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_chunked_head_gives_the_same_losses_gradients_and_answers(family, monkeypatch):
+    model = tiny_model(family)
+    pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
+    ids, labels = _all_learned()
+    with pa.route(model, ["a"]):
+        assert lm_loss.head_alone(model, {"input_ids": ids[:1]})
+    params = list(model.paradapt["a"].parameters())
+
+    def run(chunk: bool) -> tuple[lm_loss.LearnedLogits, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        with pa.route(model, ["a"] * len(ids)):
+            learned = lm_loss.learned_logits(model, {"input_ids": ids}, labels, gather=True, chunk=chunk)
+            loss = learned.row_losses()
+            loss.sum().backward()
+        return learned, loss.detach(), [p.grad.clone() for p in params]
+
+    whole, ref_loss, ref_grads = run(chunk=False)
+    vocab = model.get_output_embeddings().out_features if family == "llama" else model.config.vocab_size
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 7 * vocab * 4)  # 60 positions -> 9 chunks, the last short
+    chunked, loss, grads = run(chunk=True)
+    assert whole.head is None and chunked.logits is None and chunked.chunk == 7, "the chunked path ran"
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert torch.equal(chunked.rows_right(), whole.rows_right())
+    with torch.no_grad(), pa.route(model, ["a"] * len(ids)):  # evaluation: no checkpointing
+        torch.testing.assert_close(
+            lm_loss.learned_logits(model, {"input_ids": ids}, labels, True, True).row_losses(), ref_loss
+        )
+
+
+def test_chunking_keeps_the_whole_head_when_few_positions_are_learned_or_it_has_hooks(monkeypatch):
+    model = tiny_model("llama")
+    ids, labels = _all_learned()
+    assert lm_loss.learned_logits(model, {"input_ids": ids}, labels, True, True).head is None, "under CHUNK_BYTES"
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 1)
+    assert lm_loss.learned_logits(model, {"input_ids": ids}, labels, True, True).head is not None
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out)
+    try:  # a hook on the head (an adapter on it) would run outside the forward's routing
+        assert lm_loss.learned_logits(model, {"input_ids": ids}, labels, True, True).head is None
+    finally:
+        handle.remove()
+
+
+def test_a_transform_after_the_head_is_not_chunked():
+    ids = _batch()[0][:1]
+    assert lm_loss.head_gathers(_gemma2(cap=0.5), {"input_ids": ids}), "gathering is fine"
+    assert not lm_loss.head_alone(_gemma2(cap=0.5), {"input_ids": ids}), "but the head alone misses the cap"
+    assert lm_loss.head_alone(_gemma2(cap=None), {"input_ids": ids})

@@ -16,7 +16,7 @@ import paradapt as pa
 from paradapt.config import CONFIG_CLASSES
 from paradapt.errors import ConfigError
 from paradapt.loading import load_model
-from paradapt.train import Task, TrainArgs, Trainer, train
+from paradapt.train import Task, TrainArgs, Trainer, lm_loss, train
 from paradapt.train.config import load_config
 from paradapt.train.data import (
     IGNORE_INDEX,
@@ -469,3 +469,34 @@ def test_chatml_fixture_matches_smollm2_shape(chat_tok):
     assert (
         text == "<|im_start|>user\nw1<|im_end|>\n<|im_start|>assistant\n" and chat_tok.chat_template == CHATML
     )
+
+
+def _numbers(d) -> list[float]:
+    """Every number in a (nested) history record, in order."""
+    if isinstance(d, dict):
+        return [x for k in sorted(d) for x in _numbers(d[k])]
+    return [float(d)] if isinstance(d, int | float) else []
+
+
+def test_the_trainer_runs_the_head_in_chunks_with_the_same_losses(chat_llama, tmp_path, monkeypatch):
+    """With many learned positions the trainer's LM loss runs the head in chunks
+    (train/lm_loss.py); training and evaluation come out as with the whole head."""
+
+    def run(out: str) -> list[dict]:
+        cfg = chat_config(chat_llama, tmp_path, "lora", max_steps=4, eval_every=2)
+        cfg["adapter"]["data"]["path"] = str(tmp_path / "train.tsv")
+        cfg["adapter"]["eval_data"]["path"] = str(tmp_path / "test.tsv")
+        cfg["output_dir"] = str(tmp_path / out)
+        torch.manual_seed(0)
+        result = train(cfg, progress=False)
+        return [{k: r[k] for k in ("loss", "eval") if k in r} for r in result.history]
+
+    whole = run("whole")
+    chunks = []
+    real = lm_loss._head_loss
+    monkeypatch.setattr(lm_loss, "_head_loss", lambda *a: chunks.append(1) or real(*a))
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 1)  # one position per chunk
+    chunked = run("chunked")
+    assert len(chunks) >= 4 * 16, "the chunked path ran, a chunk per learned position"
+    assert [sorted(r) for r in whole] == [sorted(r) for r in chunked]
+    assert _numbers({"h": dict(enumerate(chunked))}) == pytest.approx(_numbers({"h": dict(enumerate(whole))}), rel=1e-4)

@@ -11,6 +11,14 @@ parallel adapter, 16 rows x 100 tokens, 4 learned a row, one thread: 1.44x faste
 step (``benchmarks/prefill_paths.py``). PEFT and transformers' Trainer compute every
 position's logits; the loss is the same up to float rounding (tested).
 
+When every token is learned (completions, pre-training-style data) the learned positions are
+most of the batch, and their float logits dominate the step's memory (8 x 128 tokens of SmolLM2:
+201 MB of logits, and the cross-entropy's softmax and the gradient as much again each). Above
+:data:`CHUNK_BYTES` of logits the head and the loss run in chunks of positions under activation
+checkpointing instead: each chunk's logits live only while its loss is taken and again while its
+gradient is, as torchtune's chunked cross-entropy and Liger's fused linear cross-entropy do. The
+head is then called outside the model's forward, which :func:`head_alone` checks once per model.
+
 This holds when nothing after the head mixes positions: an element-wise transform of the
 logits (Gemma 2's soft-capping, Cohere's ``logit_scale``) is fine, a model whose forward
 reshapes or reduces its logits over the sequence is not. Rather than keep a list,
@@ -28,8 +36,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX
+
+#: Logits of the learned positions above this many bytes (as float32) are computed in chunks of
+#: about this size (:meth:`LearnedLogits.row_losses`); below it, in one piece as before.
+CHUNK_BYTES = 32 * 2**20
 
 log = logging.getLogger(__name__)
 
@@ -37,37 +50,79 @@ log = logging.getLogger(__name__)
 @dataclass
 class LearnedLogits:
     """The logits of the learned positions of a batch, flattened: ``logits`` (n, vocab), the
-    token each should predict (``targets``, n) and the batch row it belongs to (``rows``, n)."""
+    token each should predict (``targets``, n) and the batch row it belongs to (``rows``, n).
 
-    logits: torch.Tensor
+    Chunked (``head`` set): ``logits`` is None and ``hidden`` (n, hidden size) holds the head's
+    input at those positions; the head runs on ``chunk`` positions at a time when asked.
+    """
+
+    logits: torch.Tensor | None
     targets: torch.Tensor
     rows: torch.Tensor
     batch_rows: int
+    hidden: torch.Tensor | None = None
+    head: nn.Module | None = None
+    chunk: int = 0
 
     def row_losses(self) -> torch.Tensor:
         """Each batch row's summed next-token loss (float32)."""
-        tok = F.cross_entropy(self.logits.float(), self.targets, reduction="none")
+        tok = self._token_losses()
         return torch.zeros(self.batch_rows, dtype=tok.dtype, device=tok.device).index_add(0, self.rows, tok)
+
+    def _token_losses(self) -> torch.Tensor:
+        if self.head is None:
+            return _cross_entropy(self.logits, self.targets)
+        parts = []
+        for s in range(0, len(self.targets), self.chunk):
+            h, t = self.hidden[s : s + self.chunk], self.targets[s : s + self.chunk]
+            if torch.is_grad_enabled():  # keep only h: the logits are recomputed for backward
+                parts.append(checkpoint(_head_loss, self.head, h, t, use_reentrant=False))
+            else:
+                parts.append(_head_loss(self.head, h, t))
+        return torch.cat(parts) if parts else self.hidden.new_zeros(0, dtype=torch.float32)
 
     def rows_right(self) -> torch.Tensor:
         """Per batch row, whether every learned token is the argmax (what greedy decoding would
         produce after the same prefix): a row without learned tokens counts as right."""
-        wrong = self.logits.argmax(-1) != self.targets
-        right = torch.ones(self.batch_rows, dtype=torch.bool, device=self.logits.device)
+        wrong = self._argmax() != self.targets
+        right = torch.ones(self.batch_rows, dtype=torch.bool, device=self.targets.device)
         right[self.rows[wrong]] = False
         return right
 
+    def _argmax(self) -> torch.Tensor:
+        if self.head is None:
+            return self.logits.argmax(-1)
+        with torch.no_grad():
+            return torch.cat(
+                [self.head(self.hidden[s : s + self.chunk]).argmax(-1) for s in range(0, len(self.targets), self.chunk)]
+                or [self.targets[:0]]
+            )
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One chunk: the head on ``hidden`` and each position's loss (a checkpointed unit)."""
+    return _cross_entropy(head(hidden), targets)
+
 
 @contextmanager
-def _head_on(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+def _head_on(model: nn.Module, mask: torch.Tensor, keep: list | None = None) -> Iterator[None]:
     """While open, the model's LM head sees only the hidden states at ``mask`` (batch, length - 1):
     a pre-hook on the head gathers them, so everything around the head (the model's own forward
-    hooks, routing, an element-wise transform of the logits) runs as usual."""
+    hooks, routing, an element-wise transform of the logits) runs as usual. With ``keep``, the
+    gathered states are appended to it and the head gets none of them (chunked: it runs later)."""
 
     def gather(module: nn.Module, args: tuple) -> tuple:
         if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
             raise TypeError("the LM head was not called with the hidden states as (batch, length, hidden)")
-        return (args[0][:, :-1][mask], *args[1:])
+        picked = args[0][:, :-1][mask]
+        if keep is not None:
+            keep.append(picked)
+            picked = picked[:0]
+        return (picked, *args[1:])
 
     handle = model.get_output_embeddings().register_forward_pre_hook(gather)
     try:
@@ -110,6 +165,40 @@ def head_gathers(model: nn.Module, inputs: dict) -> bool:
     return True
 
 
+def head_alone(model: nn.Module, inputs: dict) -> bool:
+    """Whether the LM head called on its own, on the gathered hidden states, gives the model's
+    logits (nothing after the head changes them, e.g. Gemma 2's soft-capping): then the loss may
+    run it in chunks (:data:`CHUNK_BYTES`). Checked like :func:`head_gathers`, whose answer it
+    assumes."""
+    ids = inputs["input_ids"]
+    everything = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
+    kept: list[torch.Tensor] = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(**inputs).logits[:, :-1][everything].float()
+            with _head_on(model, everything, keep=kept):
+                model(**inputs)
+            mine = model.get_output_embeddings()(kept[0]).float()
+    except Exception:  # noqa: BLE001 - any failure means "do not chunk"
+        return False
+    finally:
+        model.train(was)
+    return full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-4, atol=1e-5))
+
+
+def _chunk_rows(model: nn.Module, n: int) -> int:
+    """Positions per chunk when ``n`` learned positions' float logits exceed :data:`CHUNK_BYTES`,
+    else 0 (one piece). A head with hooks of its own (an adapter on it) is never chunked: its
+    recompute in backward would run after the forward's routing has closed."""
+    head = model.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    if n * vocab * 4 <= CHUNK_BYTES or head._forward_hooks or head._forward_pre_hooks:
+        return 0
+    return max(1, CHUNK_BYTES // (vocab * 4))
+
+
 def _learned(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mask over positions 0..length-2, their targets, their rows): position t predicts t+1."""
     target = labels[:, 1:]
@@ -124,13 +213,23 @@ def pick(logits: torch.Tensor, labels: torch.Tensor) -> LearnedLogits:
     return LearnedLogits(logits[:, :-1][mask], targets, rows, labels.shape[0])
 
 
-def learned_logits(model: nn.Module, inputs: dict, labels: torch.Tensor, gather: bool) -> LearnedLogits:
+def learned_logits(
+    model: nn.Module, inputs: dict, labels: torch.Tensor, gather: bool, chunk: bool = False
+) -> LearnedLogits:
     """The logits of one forward at the positions whose next token is learned: the head runs on
     those positions alone when ``gather`` (from :func:`head_gathers`), else they are picked
-    from the model's full logits."""
+    from the model's full logits. With ``chunk`` too (from :func:`head_alone`), many learned
+    positions leave the head for the loss to run in chunks (:data:`CHUNK_BYTES`)."""
     if not gather:
         return pick(model(**inputs).logits, labels)
     mask, targets, rows = _learned(labels)
+    rows_per_chunk = _chunk_rows(model, int(mask.sum())) if chunk else 0
+    if rows_per_chunk:
+        kept: list[torch.Tensor] = []
+        with _head_on(model, mask, keep=kept):
+            model(**inputs)
+        head = model.get_output_embeddings()
+        return LearnedLogits(None, targets, rows, labels.shape[0], kept[0], head, rows_per_chunk)
     with _head_on(model, mask):
         logits = model(**inputs).logits
     return LearnedLogits(logits, targets, rows, labels.shape[0])

@@ -194,6 +194,7 @@ class Trainer:
         self._interrupted = False
         self._routed: list[str] = []  # the rows' adapters of the forward running now
         self._gather: bool | None = None  # lm_loss.head_gathers' answer, once a token task asked
+        self._chunk = False  # lm_loss.head_alone's: many learned positions go through the head in chunks
         self._rows: torch.Tensor | None = None  # rows per task in the global batch (aux loss shares)
         if args.gradient_checkpointing:
             _enable_checkpointing(model, self._recompute_contexts)
@@ -267,10 +268,12 @@ class Trainer:
 
         if self.kind != "classification":
             if self._gather is None:  # once: may the LM head run on the learned positions alone?
+                one = {k: v[:1] for k, v in inputs.items()}
                 with context(names[:1]):
-                    self._gather = lm_loss.head_gathers(self.model, {k: v[:1] for k, v in inputs.items()})
+                    self._gather = lm_loss.head_gathers(self.model, one)
+                    self._chunk = self._gather and lm_loss.head_alone(self.model, one)
             with context(names):
-                return lm_loss.learned_logits(self.model, inputs, labels, self._gather), labels
+                return lm_loss.learned_logits(self.model, inputs, labels, self._gather, self._chunk), labels
         with context(names):
             out = self.model(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
