@@ -627,6 +627,8 @@ def train_int4(args, work: Path) -> dict[str, Path]:
     out = {}
     for name in SHIPPED:
         task = task_of(name)
+        if args.train_int4_tasks and task not in args.train_int4_tasks:
+            continue
         raw = read_yaml(dq.TASKS[task])
         raw["quantize"] = "int4"
         raw["output_dir"] = str(work / "train_int4" / task)
@@ -1160,6 +1162,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=None,
         help="max_steps for --train-int4 (default: the configs')",
+    )
+    ap.add_argument(
+        "--train-int4-tasks",
+        type=lambda v: [t for t in v.split(",") if t],
+        default=[],
+        help="with --train-int4: only these tasks (sst2,agnews,sms; default: all three)",
     )
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-seq", type=int, default=128)
