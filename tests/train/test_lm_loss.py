@@ -181,6 +181,6 @@ def test_chunked_head_under_bf16_autocast_matches_the_whole_head(monkeypatch):
     ref_loss, ref_grads = run()
     monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 1)
     loss, grads = run()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)  # equal here; bf16 recompute would not be
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)  # a recompute outside autocast would differ
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
