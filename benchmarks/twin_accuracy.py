@@ -26,6 +26,7 @@ error), and a PNG of predicted vs real.
     python benchmarks/twin_accuracy.py --threads 1 --model smollm2-135m-instruct --rate-scale 0.2
     python benchmarks/twin_accuracy.py --threads 1 --server          # against the HTTP server
     python benchmarks/twin_accuracy.py --threads 1 --server --set saturated --client-process   # issue 21's set
+    python benchmarks/twin_accuracy.py --threads 1 --server --set saturated --client-process --decompose
 
 ``--server``: the real side is ``paradapt serve``'s app (in this process, on 127.0.0.1, with the
 model's tokenizer; the default random model streams with stories260K's) measured by the load
@@ -35,7 +36,10 @@ adds ``paradapt profile --server``'s section, which the twin then uses; the twin
 waits for all of them, and the twin drains to the end. Adapter loads come from the engine.
 ``--client-process`` runs the load client as ``paradapt bench`` in its own process (a real
 client is elsewhere: in the server's process its work shares the GIL with the engine thread and
-slowed a saturated run's steps by up to 15 %).
+slowed a saturated run's steps by up to 15 %). ``--decompose`` (with ``--server``) also runs
+each workload on the in-process engine and reports both step-time errors side by side, with the
+engine thread's CPU time over its steps' wall time under the server: which part of the error is
+the cost model's own and which the server adds.
 
 Every report splits the workloads into saturated (measured throughput < 0.9 x offered) and
 below the knee, with SMAPE per metric for each.
@@ -190,6 +194,7 @@ def run_server(
     cfg = engine_config(queue_bound=max(1, len(workload.requests)), **knobs)
     engine = Engine(model, root, cfg, tokenizer=tokenizer)
     engine.enable_trace()
+    cpu = thread_cpu(engine)
     with serve_engine(engine) as url:
         if client_process:
             out = bench_process(workload, url, model.config.vocab_size, spec.seed)
@@ -200,9 +205,28 @@ def run_server(
     out["loads"], out["disk_loads"] = stats.device_loads, stats.host_loads + stats.prefetch_loads
     out["steps"] = len(engine.trace)  # a client sees no steps
     check = step_check(engine, workload, cost, spec.duration)
+    check["cpu_share"] = sum(c for _, c in cpu) / max(sum(w for w, _ in cpu), 1e-9)
     clear_adapters(model)
     out["sim_seconds"] = out["extra"]["duration"]
     return out, check
+
+
+def thread_cpu(engine) -> list[tuple[float, float]]:
+    """Record (wall, CPU time of the stepping thread) of every ``engine.step`` from now on: under
+    the server, their ratio is the share of a step the engine thread ran, the rest it waited for
+    the GIL or a core (the event loop, the client, other threads)."""
+    out: list[tuple[float, float]] = []
+    step = engine.step
+
+    def timed():
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            return step()
+        finally:
+            out.append((time.perf_counter() - w, time.thread_time() - c))
+
+    engine.step = timed
+    return out
 
 
 def bench_process(workload, url: str, vocab: int, seed: int) -> dict:
@@ -303,8 +327,9 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
         f"cpus {os.cpu_count()}, load average before/after {load}; total {total:.0f} s.",
         "",
         "| workload | S/K | rate | real tok/s | twin tok/s | ideal | real TTFT p50/p90 s | twin | "
-        "real TPOT p50/p90 ms | twin | loads real/twin | step-time err | twin speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "real TPOT p50/p90 ms | twin | loads real/twin | step-time err | twin speed-up |"
+        + (" in process: step-time err | engine thread CPU / step wall |" if decomposed(rows) else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if decomposed(rows) else ""),
     ]
     for row in rows:
         r, t, c = row["real"], row["twin"], row["check"]
@@ -314,6 +339,7 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
             f"{r['ttft_p50']:.2f}/{r['ttft_p90']:.2f} | {t['ttft_p50']:.2f}/{t['ttft_p90']:.2f} | "
             f"{1e3 * r['tpot_p50']:.0f}/{1e3 * r['tpot_p90']:.0f} | {1e3 * t['tpot_p50']:.0f}/{1e3 * t['tpot_p90']:.0f} | "
             f"{r['loads']}/{t['loads']} | {c['step_err']:+.1f}% | {row['speedup']:.0f}x |"
+            + (f" {row['check_inproc']['step_err']:+.1f}% | {c['cpu_share']:.3f} |" if decomposed(rows) else "")
         )
     lines += ["", *smape_table(rows), "", "| | |", "|---|---|"]
     sp = sorted(x["speedup"] for x in rows)
@@ -337,6 +363,11 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
         f"R^2 {held.get('r2')}, held-out sum error {held.get('sum_err')}%; profile {cost.fit.get('seconds')} s."
     )
     return "\n".join(lines)
+
+
+def decomposed(rows: list[dict]) -> bool:
+    """Whether each workload also ran in process (``--decompose``)."""
+    return bool(rows) and all("check_inproc" in r for r in rows)
 
 
 def no_server(row: dict) -> str:
@@ -436,6 +467,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="with --server: run the load client (paradapt bench) in its own process, not in the server's",
     )
+    p.add_argument(
+        "--decompose",
+        action="store_true",
+        help="with --server: also run each workload on the in-process engine, and report its step-time "
+        "error next to the server's and the engine thread's CPU share of its steps",
+    )
     p.add_argument("--only", type=str, help="comma-separated workload indices")
     p.add_argument(
         "--resim",
@@ -507,6 +544,8 @@ def main(argv=None) -> int:
         real, check = run(spec, knobs)
         twin = simulate(spec, cost, **drain, **knobs).to_dict()
         row = {"label": label, "rate": spec.rate, "spec": spec.to_dict(), "knobs": knobs}
+        if args.server and args.decompose:  # the same workload without the server: whose step time is off?
+            row["real_inproc"], row["check_inproc"] = run_real(model, root, spec, knobs, cost)
         if args.server:
             row["twin_inproc"] = simulate(spec, cost, server=False, **drain, **knobs).to_dict()
         row.update(
@@ -518,7 +557,13 @@ def main(argv=None) -> int:
             f"ideal {real['ideal_throughput']:7.1f}  TTFT p50 {real['ttft_p50']:.2f}/{twin['ttft_p50']:.2f}  "
             f"TPOT p50 {1e3 * real['tpot_p50']:.0f}/{1e3 * twin['tpot_p50']:.0f} ms  loads {real['loads']}/{twin['loads']}  "
             f"{no_server(row)}"
-            f"step-time err {check['step_err']:+.1f}%  move err {check['move_err']:+.0f}%  busy {check['busy']:.2f}  "
+            f"step-time err {check['step_err']:+.1f}%"
+            + (
+                f" (in process {row['check_inproc']['step_err']:+.1f}%, engine thread CPU {check['cpu_share']:.2f})"
+                if "check_inproc" in row
+                else ""
+            )
+            + f"  move err {check['move_err']:+.0f}%  busy {check['busy']:.2f}  "
             f"speed-up {row['speedup']:.0f}x",
             flush=True,
         )
