@@ -1,0 +1,136 @@
+"""How much a float32 decode step would gain from oneDNN's prepacked linear layers (issue 17).
+
+The engine's base-model step is mostly its linear layers (``F.linear``: MKL's sgemm, which
+packs the weight again on every call). vLLM's CPU backend keeps its weights prepacked for
+oneDNN. This measures the same swap on paradapt without changing the engine: every ``Linear``
+of the random Llama of ``serve_load.py`` / ``vs_vllm.py`` (hidden 512, 8 layers, float32) gets a
+forward that calls ``torch.ops.mkldnn._linear_pointwise`` on a weight packed once by
+``torch.ops.mkldnn._reorder_linear_weight``, switched on and off per round. Two parts:
+
+* ``matmul``: one 512 -> 1344 product at 1, 8, 32 and 200 rows, ``F.linear`` against prepacked;
+* ``step``: two engines with 32 base-model requests decoding at once, one run with each backend,
+  rounds interleaved; the median decode step of each, and whether their greedy tokens agree.
+
+    python benchmarks/linear_backends.py --rounds 6
+
+Nothing here changes how paradapt serves: it measures whether the swap is worth building.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from paradapt.serve.engine import Engine, EngineConfig
+from paradapt.serve.sampling import SamplingParams
+from paradapt.twin.profile import build_model
+
+
+def packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's product with its prepacked weight while ``self._packed_on``, else ``F.linear``."""
+    if not self._packed_on:
+        return F.linear(x, self.weight, self.bias)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._packed, self.bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def prepack(model: torch.nn.Module, rows: int) -> list[torch.nn.Linear]:
+    """Give every Linear of ``model`` a prepacked copy of its weight and the switchable forward."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in layers:
+        m._packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        m._packed_on = False
+        m.forward = types.MethodType(packed_forward, m)
+    return layers
+
+
+def switch(layers: list[torch.nn.Linear], on: bool) -> None:
+    for m in layers:
+        m._packed_on = on
+
+
+def part_matmul(rounds: int) -> None:
+    w = torch.randn(1344, 512)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+    print("matmul 512 -> 1344, median us per call (F.linear / prepacked, ratio)")
+    for rows in (1, 8, 32, 200):
+        x = torch.randn(rows, 512)
+        calls = {
+            "F.linear": lambda x=x: F.linear(x, w),
+            "prepacked": lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+        }
+        err = float((calls["F.linear"]() - calls["prepacked"]()).abs().max())
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                for _ in range(100):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / 100)
+        a, b = (statistics.median(times[k]) for k in calls)
+        print(f"  {rows:4d} rows: {1e6 * a:7.1f} / {1e6 * b:7.1f} us  {a / b:.2f}x  (max abs diff {err:.1e})")
+
+
+def engine(model, root: Path) -> Engine:
+    eng = Engine(model, root, EngineConfig(num_blocks=1024))
+    rng = random.Random(0)
+    for _ in range(32):
+        prompt = [rng.randrange(3, 500) for _ in range(64)]
+        eng.add_request(prompt, None, SamplingParams(max_new_tokens=400, ignore_eos=True))
+    for _ in range(10):  # the prompts (token budget 256 a step), then decoding only
+        eng.step()
+    return eng
+
+
+def part_step(rounds: int) -> None:
+    model = build_model(layers=8, hidden=512, seed=0)
+    layers = prepack(model, 32)
+    root = Path(tempfile.mkdtemp(prefix="linear_backends-"))
+    engines = {False: engine(model, root), True: engine(model, root)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for on, eng in engines.items():
+            switch(layers, on)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                eng.step()
+            times[on].append((time.perf_counter() - t0) / 5)
+    same = [h.tokens for h in engines[False].handles.values()] == [h.tokens for h in engines[True].handles.values()]
+    a, b = statistics.median(times[False]), statistics.median(times[True])
+    print("decode step, 32 requests, base model (median of rounds of 5 steps)")
+    print(f"  F.linear {1e3 * a:.1f} ms, prepacked {1e3 * b:.1f} ms: {a / b:.2f}x; greedy tokens equal: {same}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", default="matmul,step")
+    args = p.parse_args(argv)
+    if not torch.backends.mkldnn.is_available():
+        print("this torch has no oneDNN (mkldnn); nothing to compare")
+        return 1
+    torch.set_num_threads(args.threads)
+    from paradapt.serve.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as paradapt serve runs
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds")
+    parts = args.parts.split(",")
+    if "matmul" in parts:
+        part_matmul(args.rounds)
+    if "step" in parts:
+        part_step(args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
