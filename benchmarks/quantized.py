@@ -721,9 +721,7 @@ def train_worker(args) -> int:
     else:  # as paradapt train computes it: the head on the learned positions, in chunks when many
         from paradapt.train import lm_loss
 
-        one = {"input_ids": ids[:1]}
-        gather = lm_loss.head_gathers(model, one)
-        chunk = gather and lm_loss.head_alone(model, one)
+        gather, chunk = lm_loss.head_checks(model, {"input_ids": ids[:1]})
 
         def loss_fn() -> torch.Tensor:
             learned = lm_loss.learned_logits(model, {"input_ids": ids}, ids, gather, chunk)

@@ -118,7 +118,7 @@ def test_chunked_head_gives_the_same_losses_gradients_and_answers(family, monkey
     pa.add_adapter(model, "a", pa.LoRAConfig(r=4, init="random"))
     ids, labels = _all_learned()
     with pa.route(model, ["a"]):
-        assert lm_loss.head_alone(model, {"input_ids": ids[:1]})
+        assert lm_loss.head_checks(model, {"input_ids": ids[:1]}) == (True, True)
     params = list(model.paradapt["a"].parameters())
 
     def run(chunk: bool) -> tuple[lm_loss.LearnedLogits, torch.Tensor, list[torch.Tensor]]:
@@ -160,8 +160,8 @@ def test_chunking_keeps_the_whole_head_when_few_positions_are_learned_or_it_has_
 def test_a_transform_after_the_head_is_not_chunked():
     ids = _batch()[0][:1]
     assert lm_loss.head_gathers(_gemma2(cap=0.5), {"input_ids": ids}), "gathering is fine"
-    assert not lm_loss.head_alone(_gemma2(cap=0.5), {"input_ids": ids}), "but the head alone misses the cap"
-    assert lm_loss.head_alone(_gemma2(cap=None), {"input_ids": ids})
+    assert not lm_loss.head_checks(_gemma2(cap=0.5), {"input_ids": ids})[1], "but the head alone misses the cap"
+    assert lm_loss.head_checks(_gemma2(cap=None), {"input_ids": ids})[1]
 
 
 def test_chunked_head_under_bf16_autocast_matches_the_whole_head(monkeypatch):

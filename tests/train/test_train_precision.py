@@ -38,7 +38,7 @@ def grads(model, task: Task, checkpointing: bool, monkeypatch) -> dict[str, torc
     args = TrainArgs(max_steps=1, batch_size=4, gradient_checkpointing=checkpointing)
     tr = Trainer(model, [task], args)
     model.train()
-    tr._accumulate()  # the first step also checks the LM head once (lm_loss.head_gathers): count the next
+    tr._accumulate()  # the first step also checks the LM head once (lm_loss.head_checks): count the next
     model.zero_grad(set_to_none=True)
     inner = model.model.layers[0].mlp if hasattr(model, "model") else model.encoder.layer[0].output
     calls, forward = [], type(inner).forward  # (module hooks do not fire in a checkpoint's recompute)

@@ -17,7 +17,7 @@ most of the batch, and their float logits dominate the step's memory (8 x 128 to
 :data:`CHUNK_BYTES` of logits the head and the loss run in chunks of positions under activation
 checkpointing instead: each chunk's logits live only while its loss is taken and again while its
 gradient is, as torchtune's chunked cross-entropy and Liger's fused linear cross-entropy do. The
-head is then called outside the model's forward, which :func:`head_alone` checks once per model.
+head is then called outside the model's forward, which :func:`head_checks` checks once per model.
 
 This holds when nothing after the head mixes positions: an element-wise transform of the
 logits (Gemma 2's soft-capping, Cohere's ``logit_scale``) is fine, a model whose forward
@@ -69,12 +69,16 @@ class LearnedLogits:
         tok = self._token_losses()
         return torch.zeros(self.batch_rows, dtype=tok.dtype, device=tok.device).index_add(0, self.rows, tok)
 
+    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(hidden states, targets) of ``chunk`` positions at a time (chunked only)."""
+        for s in range(0, len(self.targets), self.chunk):
+            yield self.hidden[s : s + self.chunk], self.targets[s : s + self.chunk]
+
     def _token_losses(self) -> torch.Tensor:
         if self.head is None:
             return _cross_entropy(self.logits, self.targets)
         parts = []
-        for s in range(0, len(self.targets), self.chunk):
-            h, t = self.hidden[s : s + self.chunk], self.targets[s : s + self.chunk]
+        for h, t in self._chunks():
             if torch.is_grad_enabled():  # keep only h: the logits are recomputed for backward
                 parts.append(checkpoint(_head_loss, self.head, h, t, use_reentrant=False))
             else:
@@ -93,10 +97,7 @@ class LearnedLogits:
         if self.head is None:
             return self.logits.argmax(-1)
         with torch.no_grad():
-            return torch.cat(
-                [self.head(self.hidden[s : s + self.chunk]).argmax(-1) for s in range(0, len(self.targets), self.chunk)]
-                or [self.targets[:0]]
-            )
+            return torch.cat([self.head(h).argmax(-1) for h, _ in self._chunks()] or [self.targets[:0]])
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -131,29 +132,43 @@ def _head_on(model: nn.Module, mask: torch.Tensor, keep: list | None = None) -> 
         handle.remove()
 
 
-def head_gathers(model: nn.Module, inputs: dict) -> bool:
-    """Whether the model's logits at chosen positions equal its head on those positions' hidden
-    states alone, checked on ``inputs`` (one row is enough; in eval mode, without gradients;
-    call it in the routing and autocast context of the training forward)."""
+def head_checks(model: nn.Module, inputs: dict) -> tuple[bool, bool]:
+    """``(gathers, alone)``, checked on ``inputs`` (one row is enough; in eval mode, without
+    gradients; call it in the routing and autocast context of the training forward), from one
+    full forward, one gathered forward and one call of the head:
+
+    - ``gathers``: the model's logits at chosen positions equal its head on those positions'
+      hidden states alone (nothing after the head mixes positions);
+    - ``alone``: the head called on its own, outside the model's forward, gives them too
+      (nothing after it changes them, e.g. Gemma 2's soft-capping), so the loss may run it in
+      chunks (:data:`CHUNK_BYTES`). Never true without ``gathers``.
+    """
     get_head = getattr(model, "get_output_embeddings", None)
     if not callable(get_head) or get_head() is None or getattr(model.config, "is_encoder_decoder", False):
-        return False
+        return False, False
+    head = get_head()
     ids = inputs["input_ids"]
     everything = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
+    seen: list[torch.Tensor] = []  # the head's input in the gathered forward
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
             full = model(**inputs).logits[:, :-1][everything].float()
             with _head_on(model, everything):
-                mine = model(**inputs).logits.float()
+                handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+                try:
+                    mine = model(**inputs).logits.float()
+                finally:
+                    handle.remove()
+            alone = _head_alone(head, seen[0])
     except Exception as e:  # noqa: BLE001 - any failure means "use the full forward"
         log.info(
             "LM loss: %s's head cannot take gathered positions (%s); using all logits",
             type(model).__name__,
             e,
         )
-        return False
+        return False, False
     finally:
         model.train(was)
     scale = float(full.abs().max()) + 1e-6
@@ -161,31 +176,23 @@ def head_gathers(model: nn.Module, inputs: dict) -> bool:
         log.info(
             "LM loss: %s's logits depend on the positions around them; using all logits", type(model).__name__
         )
-        return False
-    return True
+        return False, False
+    return True, alone is not None and full.shape == alone.shape and bool(
+        torch.allclose(full, alone, rtol=1e-4, atol=1e-5)
+    )
 
 
-def head_alone(model: nn.Module, inputs: dict) -> bool:
-    """Whether the LM head called on its own, on the gathered hidden states, gives the model's
-    logits (nothing after the head changes them, e.g. Gemma 2's soft-capping): then the loss may
-    run it in chunks (:data:`CHUNK_BYTES`). Checked like :func:`head_gathers`, whose answer it
-    assumes."""
-    ids = inputs["input_ids"]
-    everything = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
-    kept: list[torch.Tensor] = []
-    was = model.training
-    model.eval()
+def _head_alone(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The head's logits on ``hidden`` called on its own; None if it cannot be (do not chunk)."""
     try:
-        with torch.no_grad():
-            full = model(**inputs).logits[:, :-1][everything].float()
-            with _head_on(model, everything, keep=kept):
-                model(**inputs)
-            mine = model.get_output_embeddings()(kept[0]).float()
+        return head(hidden).float()
     except Exception:  # noqa: BLE001 - any failure means "do not chunk"
-        return False
-    finally:
-        model.train(was)
-    return full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-4, atol=1e-5))
+        return None
+
+
+def head_gathers(model: nn.Module, inputs: dict) -> bool:
+    """:func:`head_checks`' ``gathers``: the LM head may run on the learned positions alone."""
+    return head_checks(model, inputs)[0]
 
 
 def _chunk_rows(model: nn.Module, n: int) -> int:
@@ -217,8 +224,8 @@ def learned_logits(
     model: nn.Module, inputs: dict, labels: torch.Tensor, gather: bool, chunk: bool = False
 ) -> LearnedLogits:
     """The logits of one forward at the positions whose next token is learned: the head runs on
-    those positions alone when ``gather`` (from :func:`head_gathers`), else they are picked
-    from the model's full logits. With ``chunk`` too (from :func:`head_alone`), many learned
+    those positions alone when ``gather`` (:func:`head_checks`' ``gathers``), else they are picked
+    from the model's full logits. With ``chunk`` too (:func:`head_checks`' ``alone``), many learned
     positions leave the head for the loss to run in chunks (:data:`CHUNK_BYTES`)."""
     if not gather:
         return pick(model(**inputs).logits, labels)

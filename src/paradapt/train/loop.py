@@ -193,8 +193,8 @@ class Trainer:
         self._index = {t.name: i for i, t in enumerate(tasks)}
         self._interrupted = False
         self._routed: list[str] = []  # the rows' adapters of the forward running now
-        self._gather: bool | None = None  # lm_loss.head_gathers' answer, once a token task asked
-        self._chunk = False  # lm_loss.head_alone's: many learned positions go through the head in chunks
+        self._gather: bool | None = None  # lm_loss.head_checks' gathers, once a token task asked
+        self._chunk = False  # its alone: many learned positions go through the head in chunks
         self._rows: torch.Tensor | None = None  # rows per task in the global batch (aux loss shares)
         if args.gradient_checkpointing:
             _enable_checkpointing(model, self._recompute_contexts)
@@ -270,8 +270,7 @@ class Trainer:
             if self._gather is None:  # once: may the LM head run on the learned positions alone?
                 one = {k: v[:1] for k, v in inputs.items()}
                 with context(names[:1]):
-                    self._gather = lm_loss.head_gathers(self.model, one)
-                    self._chunk = self._gather and lm_loss.head_alone(self.model, one)
+                    self._gather, self._chunk = lm_loss.head_checks(self.model, one)
             with context(names):
                 return lm_loss.learned_logits(self.model, inputs, labels, self._gather, self._chunk), labels
         with context(names):
