@@ -271,6 +271,8 @@ class Bank:
             "segments": lambda: kernels.segments(x, self.wd, self.wu, seg.slots, seg.counts, post),
             "gather": lambda: kernels.gather(x, self.wd, self.wu, seg.row_slot, post),
         }
+        if kernels.native_ready(x.device):
+            candidates["kernel"] = lambda: kernels.kernel(x, self.wd, self.wu, seg.row_slot, post)
         if kernels.grouped_ok(x, self.r, self.d_out):
             candidates["grouped"] = lambda: kernels.grouped(
                 x, self.wd, self.wu, None if whole else seg.present, offs, post

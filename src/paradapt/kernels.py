@@ -10,7 +10,10 @@ Three ways to compute it for all rows at once:
 - ``grouped``: the same segments in one ``torch.nn.functional.grouped_mm`` call
   per matrix (SGMV proper), after compacting the bank to the slots present;
 - ``gather``: gather each row's weights and ``bmm`` (Punica's BGMV; best for
-  small decode batches where rows and segments are few).
+  small decode batches where rows and segments are few);
+- ``kernel``: Punica's BGMV without the copies: a C++ kernel (``csrc/bgmv.cpp``) reads each
+  row's matrices where the bank holds them (CPU; a candidate once :func:`enable_native` has
+  built or loaded it, which the serving engine does at start).
 
 Which one is fastest depends on device, dtype and shape, so it is *measured*:
 the first time a shape class is seen every strategy runs and is timed, the
@@ -27,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-STRATEGIES = ("segments", "grouped", "gather")
+STRATEGIES = ("segments", "grouped", "gather", "kernel")
 
 _table: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
@@ -56,6 +59,11 @@ def force(strategy: str | None) -> Iterator[None]:
         _forced.pop()
 
 
+def forced() -> str | None:
+    """The strategy :func:`force` pins now, if any."""
+    return _forced[-1] if _forced else None
+
+
 def choices() -> dict[tuple, str]:
     """The strategy picked per shape class so far: (device, dtype, rows, tokens, groups, dims...)."""
     return dict(_table)
@@ -64,6 +72,33 @@ def choices() -> dict[tuple, str]:
 def timings() -> dict[tuple, dict[str, float]]:
     """Seconds each strategy took when its shape class was measured."""
     return {k: dict(v) for k, v in _timings.items()}
+
+
+_native_error: list[str | None] = []  # the outcome of the first enable_native in this process
+
+
+def enable_native() -> str | None:
+    """Build (first time on a machine, 30-60 s) or load the C++ ``kernel`` strategy, so that banks
+    measure it too. Returns ``None``, or why it cannot be had here (no compiler, no ``ninja``);
+    a failed build is not retried in this process."""
+    from . import native
+
+    if not _native_error:
+        try:
+            native.BGMV.load()
+            _native_error.append(None)
+        except Exception as exc:  # noqa: BLE001 - any build failure means: measure the other strategies
+            text = str(exc).strip()
+            _native_error.append(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+    return _native_error[0]
+
+
+def native_ready(device: torch.device) -> bool:
+    """Whether the ``kernel`` strategy is a candidate on ``device``: a CPU, and the kernel loaded
+    (or pinned by :func:`force`, which builds it if need be)."""
+    from . import native
+
+    return device.type == "cpu" and (native.BGMV.loaded or forced() == "kernel")
 
 
 def reset() -> None:
@@ -80,9 +115,9 @@ def _sync(device: torch.device) -> None:
 
 def run(key: tuple, device: torch.device, candidates: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
     """Run the strategy chosen for ``key``, measuring all candidates the first time."""
-    forced = _forced[-1] if _forced else None
-    if forced is not None:  # a strategy that cannot run this shape falls back to segments
-        return candidates.get(forced, candidates["segments"])()
+    pinned = forced()
+    if pinned is not None:  # a strategy that cannot run this shape falls back to segments
+        return candidates.get(pinned, candidates["segments"])()
     usable = {n: f for n, f in candidates.items() if (n, key) not in _unsupported}
     pick = _table.get(key)
     if pick in usable:
@@ -149,3 +184,11 @@ def gather(x, wd, wu, row_slot: torch.Tensor, post) -> torch.Tensor:
     """Each row's own weights, gathered, then two batched matmuls."""
     a = post(torch.bmm(x, wd.index_select(0, row_slot)))
     return torch.bmm(a, wu.index_select(0, row_slot))
+
+
+def kernel(x, wd, wu, row_slot: torch.Tensor, post) -> torch.Tensor:
+    """:func:`gather`'s products, each row's weights read in place by the C++ kernel."""
+    from . import native
+
+    ext = native.BGMV.load()
+    return ext.expand(post(ext.shrink(x, wd, row_slot)), wu, row_slot)

@@ -203,35 +203,43 @@ def _dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int)
 #: Rows from which :meth:`QuantLinear.matmul` dequantises to bf16 instead of calling the kernel
 #: (the measured crossover on one SmolLM2 layer: int4 3.4 ms vs 3.3 ms at M = 128).
 DEQUANT_ROWS = 128
-_LAYOUT_BLOCK = 64  # the CPU packing's block of output rows (AVX512 build of torch 2.13)
-_layout_ok: bool | None = None
+_LAYOUT_BLOCKS = (64, 32)  # the CPU packing's block of output rows: 64 in AVX512 builds of torch 2.13, 32 in AVX2 ones
+_layout_block: int | None = None  # measured once per process: a block size, or 0 (unknown layout)
 
 
 def _unpack_int4_fast(packed: torch.Tensor, k: int, n: int) -> torch.Tensor | None:
     """The codes ``uint8 [N, K]`` read straight out of the CPU packing, or None where
     :func:`_packing_readable` says it cannot be (callers then use :func:`_unpack_int4`)."""
-    return _read_blocks(packed, k, n) if _packing_readable(packed, k, n) else None
+    return _read_blocks(packed, k, n, _layout()) if _packing_readable(packed, k, n) else None
+
+
+def _layout() -> int:
+    """The packing's block of output rows on this CPU (0: a layout not known here). Blocks of
+    ``B`` rows, each ``[K, B/2]`` bytes whose low nibble is row ``j`` and high nibble row
+    ``B/2 + j`` of the block: the kernel's layout, which depends on the instruction set torch's
+    CPU code was dispatched to, so it is checked once per process against a packed probe."""
+    global _layout_block
+    if _layout_block is None:
+        rows = 2 * max(_LAYOUT_BLOCKS)
+        probe = torch.randint(0, 16, (rows, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        found = [
+            b
+            for b in _LAYOUT_BLOCKS
+            if tuple(packed.shape) == (rows, 32) and torch.equal(_read_blocks(packed, 64, rows, b), probe.to(torch.uint8))
+        ]
+        _layout_block = found[0] if found else 0
+    return _layout_block
 
 
 def _packing_readable(packed: torch.Tensor, k: int, n: int) -> bool:
-    """Is ``packed`` laid out as measured here: blocks of 64 output rows, each ``[K, 32]`` bytes
-    whose low nibble is row ``j`` and high nibble row ``32 + j`` of the block? The layout is the
-    kernel's (it differs between CPU builds), so it is checked once per process against a packed
-    probe."""
-    global _layout_ok
-    if n % _LAYOUT_BLOCK or packed.dtype != torch.uint8 or tuple(packed.shape) != (n, k // 2):
-        return False
-    if _layout_ok is None:
-        probe = torch.randint(0, 16, (2 * _LAYOUT_BLOCK, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-        packed_probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-        _layout_ok = tuple(packed_probe.shape) == (2 * _LAYOUT_BLOCK, 32) and torch.equal(
-            _read_blocks(packed_probe, 64, 2 * _LAYOUT_BLOCK), probe.to(torch.uint8)
-        )
-    return _layout_ok
+    """Is ``packed`` laid out as :func:`_layout` found, in whole blocks?"""
+    block = _layout()
+    return bool(block) and n % block == 0 and packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
 
 
-def _read_blocks(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    v = packed.view(n // _LAYOUT_BLOCK, k, _LAYOUT_BLOCK // 2)
+def _read_blocks(packed: torch.Tensor, k: int, n: int, block: int) -> torch.Tensor:
+    v = packed.view(n // block, k, block // 2)
     return torch.stack([v & 0x0F, v >> 4], 1).transpose(2, 3).reshape(n, k)
 
 

@@ -113,22 +113,27 @@ def test_padded_mixed_batch_runs_mixture_experts_in_the_banks(family, module_cal
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_hot_gate_in_a_packed_step_equals_its_experts_banked_tokens(family, strategy):
-    """The same tokens routed to a one-hot mixture and to its expert, in one step: bit-exact with
-    one strategy for every bank call (the same slot, the same math, though the calls' row counts
-    differ), and both equal the expert alone up to the banks' rounding. The measured choice may
-    pick another strategy for the mixture's call (another shape class): then only rounding."""
+    """The same token routed to a one-hot mixture and to its expert, in one step: bit-exact with
+    one row-wise strategy for every bank call (the same slot, the same math, though the calls' row
+    counts differ), and both equal the expert alone up to the banks' rounding. ``segments`` and
+    ``grouped`` multiply a segment's rows at once, and a matmul's bits may depend on its row count
+    (MKL on an AMD EPYC: one row and two round differently); the measured choice may pick another
+    strategy for the mixture's call (another shape class): for these, only rounding."""
     model = zoo(family)
+    # The two copies are one token each: a lone token's attention is its own value exactly, so
+    # their bits cannot differ through the base model's packed attention, whose rounding depends
+    # on a row's offset in the packed block on some CPUs (an AMD EPYC here), not only on its data.
+    seqs = seqs_for([1, 3, 1, 2, 1])
+    seqs[2] = seqs[0]
     for expert, i in (("l8", 1), ("l4b", 2)):
         force(model, "top2", i)  # top_k=2 forced one-hot: the other kept expert weighs exactly 0
-        seqs = seqs_for([4, 3, 4, 2, 1])
-        seqs[2] = seqs[0]
         routes = ["top2", "l4", expert, "dense", "top2"]
         with torch.no_grad(), kernels.force(strategy):
             got = packed_forward(model, seqs, routes)
             want = alone(model, seqs, [expert, "l4", expert, "dense", expert])
-        if strategy is not None:
-            assert torch.equal(got[0, :4], got[0, 7:11]), expert
-        torch.testing.assert_close(got[0, :4], got[0, 7:11], atol=1e-6, rtol=1e-6)
+        if strategy in ("gather", "kernel"):
+            assert torch.equal(got[0, 0], got[0, 4]), expert
+        torch.testing.assert_close(got[0, 0], got[0, 4], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -4,6 +4,8 @@ attention over the packed row."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -124,3 +126,22 @@ def test_the_kernel_build_is_named_after_the_cpu_and_the_source():
     a = decode_kernel.cpu_fingerprint()
     assert a == decode_kernel.cpu_fingerprint() and len(a) == 12
     assert decode_kernel.SOURCE.is_file()
+
+
+def test_the_runner_makes_the_adapter_kernel_a_candidate_and_warns_once_when_it_cannot(monkeypatch):
+    """The engine's Runner builds or loads the banks' C++ strategy at start (kernels.py); where
+    it cannot be built the engine still serves, with one warning naming why."""
+    from conftest import tiny_model
+
+    from paradapt.serve import runner as runner_mod
+
+    model = tiny_model("llama")
+    assert runner_mod.Runner(model, page_size=4, num_blocks=8, max_batch_tokens=16).adapter_kernel
+    monkeypatch.setattr(runner_mod.kernels, "enable_native", lambda: "RuntimeError: no C++ compiler")
+    monkeypatch.setattr(runner_mod, "_warned", [])
+    with pytest.warns(UserWarning, match="adapter kernel is unavailable.*no C\\+\\+ compiler"):
+        first = runner_mod.Runner(model, page_size=4, num_blocks=8, max_batch_tokens=16)
+    assert not first.adapter_kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not runner_mod.Runner(model, page_size=4, num_blocks=8, max_batch_tokens=16).adapter_kernel

@@ -11,11 +11,13 @@ The Runner owns the model, the KV pages and the IO buffers; it knows nothing of 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .. import kernels
 from ..checks import is_int
 from ..errors import ConfigError, ParadaptError
 from ..lifecycle import route
@@ -55,6 +57,18 @@ class Sequence:
         default_factory=list
     )  # per output token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token (first: None)
+
+
+def _adapter_kernel() -> bool:
+    """Make the banks' C++ strategy a candidate (kernels.py), warning once if it cannot be built."""
+    why = kernels.enable_native()
+    if why is not None and not _warned:
+        _warned.append(why)
+        warnings.warn(f"the adapter kernel is unavailable, banks use their torch strategies ({why})", stacklevel=3)
+    return why is None
+
+
+_warned: list[str] = []
 
 
 class Runner:
@@ -101,6 +115,7 @@ class Runner:
         self.decode_attention = DecodeAttention(decode_attention)
         heads_kv, dim, dtype, device = self.kv.kv_layout()
         self.decode_attention.warm_up(model.config.num_attention_heads, heads_kv, dim, dtype, device)
+        self.adapter_kernel = device.type == "cpu" and _adapter_kernel()
         self._seqs: dict[str, Sequence] = {}
         self._nonfinite: list[NonFiniteLogitsError] = []  # rows dropped since the last take_nonfinite
 
