@@ -129,10 +129,11 @@ class Group:
     never need one per route.
     """
 
-    __slots__ = ("_rows", "_list", "_device", "route")
+    __slots__ = ("_rows", "_list", "_device", "route", "name")
 
     def __init__(self, rows, route: Route, device: torch.device | None = None):
         self.route = route
+        self.name = single_name(route)  # read at every site of the forward: resolved once
         self._rows = rows if isinstance(rows, torch.Tensor) or rows is None else None
         self._list = None if self._rows is not None or rows is None else rows
         self._device = device

@@ -33,7 +33,7 @@ from . import mixture_banks
 from .banks import Bank, bankable, signature
 from .errors import RoutingError
 from .gate import MixtureGate, MixtureOp
-from .routing import Group, Route, RouteMap, single_name
+from .routing import Group, Route, RouteMap
 
 if TYPE_CHECKING:
     from .state import State
@@ -50,6 +50,9 @@ class Site:
         self.components: dict[str, nn.Module] = {}
         self.banks: dict[tuple, Bank] = {}  # signature -> stacked bottlenecks for mixed batches
         self._bank_of: dict[str, Bank] = {}
+        # adapter -> (component, bank) whose slot may be reused unchecked under fixed_weights
+        # (Bank.trusted): a mixed decode step looks each row's adapter up here at every site
+        self._trusted: dict[str, tuple[nn.Module, Bank]] = {}
         self._bank_lock = threading.Lock()
         self._handles: list = []
         self._input_writers: bool | None = None  # cache of writes_input(); None = recompute
@@ -71,7 +74,7 @@ class Site:
     # copies (deepcopy, pickle) leave the banks behind: they are a cache, rebuilt on first use
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
-        d.update(banks={}, _bank_of={}, _bank_lock=None)
+        d.update(banks={}, _bank_of={}, _trusted={}, _bank_lock=None)
         return d
 
     def __setstate__(self, d: dict) -> None:
@@ -81,6 +84,7 @@ class Site:
 
     def unbank(self, name: str) -> None:
         """Free an adapter's bank slot (it is refilled from its parameters when next banked)."""
+        self._trusted.pop(name, None)
         if name in self._bank_of:
             with self._bank_lock:
                 bank = self._bank_of.pop(name, None)
@@ -104,6 +108,7 @@ class Site:
             if (not check and bank.trusted(name)) or bank.fresh(name, comp):
                 return bank
         with self._bank_lock:  # forwards in several threads may fill the same bank
+            self._trusted.pop(name, None)
             bank = self._bank_of.get(name)
             if bank is not None and bank.device == device:
                 if bank.fresh(name, comp):
@@ -175,6 +180,14 @@ def _delta(c: nn.Module | MixtureOp, h: torch.Tensor, x: torch.Tensor | None) ->
     return c.delta(src)
 
 
+def _still_trusted(site: Site, name: str, hit: tuple[nn.Module, Bank], merged, device: torch.device) -> bool:
+    """Whether a remembered (component, bank) may be used as is: the same component is still at
+    the site, not merged, not in training mode, and its bank is on this device. Its slot cannot
+    have gone: every path that frees or moves one forgets the entry first (Site.unbank, bank_for)."""
+    comp, bank = hit
+    return site.components.get(name) is comp and not comp.training and name not in merged and bank.device == device
+
+
 def apply_banks(
     site: Site, route_map: RouteMap, groups: list[Group], h: torch.Tensor, x: torch.Tensor
 ) -> tuple[torch.Tensor, list[Group]]:
@@ -188,8 +201,13 @@ def apply_banks(
     rest, used, pending = [], {}, []
     merged = site.state.merged
     check = not route_map.fixed_weights
+    trusted = site._trusted
     for g in groups:
-        name = single_name(g.route)
+        name = g.name
+        hit = None if check else trusted.get(name)
+        if hit is not None and _still_trusted(site, name, hit, merged, h.device):
+            used[id(hit[1])] = hit[1]
+            continue
         comp = site.components.get(name) if name is not None else None
         if name is not None and (comp is None or name in merged):
             continue  # nothing of this adapter here
@@ -205,6 +223,8 @@ def apply_banks(
             continue
         bank = site.bank_for(name, comp, h.device, check)
         used[id(bank)] = bank
+        if not check and bank.trusted(name):
+            trusted[name] = (comp, bank)
     batch = h.shape[0]
     out = h
     for bank in used.values():

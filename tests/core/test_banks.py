@@ -161,6 +161,43 @@ def test_fixed_weights_skips_the_check_but_sees_a_reloaded_adapter(monkeypatch, 
     assert checks and not any(checks)  # every slot lookup skipped the check
 
 
+def test_fixed_weights_remembers_trusted_slots_but_sees_train_mode_and_reloads(monkeypatch, tmp_path):
+    """Under ``fixed_weights`` each site remembers the (component, bank) of a trusted adapter, so
+    a decode step's rows skip the bank lookup; a component put in train mode, or removed and
+    loaded again with other weights, is not served from the memory."""
+    model = tiny_model("llama")
+    add_lora_and_parallel(model)
+    pa.set_trainable(model, ["a", "b"], False)
+    ids = torch.randint(0, 96, (2, 5))
+    rows = ["a", "b"]
+
+    def fixed():
+        with torch.no_grad(), pa.route(model, rows, fixed_weights=True):
+            return outputs(model, ids)
+
+    first = fixed()  # fills the banks and the memory
+    lookups = []
+    original = Site.bank_for
+    monkeypatch.setattr(Site, "bank_for", lambda self, *a, **k: lookups.append(a[0]) or original(self, *a, **k))
+    torch.testing.assert_close(fixed(), first, atol=0, rtol=0)
+    assert lookups == []  # every row found its bank in the memory
+    model.paradapt["a"].train()  # dropout 0: the same math, but the general way, not banked
+    torch.testing.assert_close(fixed(), per_row_reference(model, ids, rows), atol=1e-5, rtol=0)
+    sites = get_state(model).sites.values()
+    assert not any("a" in site._trusted for site in sites) and any("b" in site._trusted for site in sites)
+    model.paradapt["a"].eval()
+    other = tiny_model("llama")
+    torch.manual_seed(7)
+    pa.add_adapter(other, "a", pa.LoRAConfig(r=4, init="random"))
+    pa.save_adapter(other, "a", tmp_path / "a")
+    pa.remove_adapter(model, "a")
+    pa.load_adapter(model, tmp_path / "a", name="a")
+    got = fixed()
+    torch.testing.assert_close(got, per_row_reference(model, ids, rows), atol=1e-5, rtol=0)
+    assert not torch.allclose(got[0], first[0])  # row "a" really changed
+    assert "a" in lookups  # the reloaded adapter was looked up, not remembered
+
+
 def test_fixed_weights_still_checks_an_adapter_being_trained(monkeypatch):
     """Under ``fixed_weights`` a slot copied from tensors that require a gradient (an adapter
     being trained, as in online RL between generations) is still checked, so an optimizer's
