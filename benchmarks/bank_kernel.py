@@ -3,7 +3,7 @@ against ``gather``, ``grouped`` and ``segments``, each pinned for whole decode s
 measured choice (which now has the kernel among its candidates), side by side in one process.
 
 32 requests decoding at once, each with its own LoRA (r 16, q/k/v/o, random weights) on the
-random Llama of ``serve_load.py`` (hidden 512, 8 layers), one engine, rounds interleaved; the
+random Llama of ``serve_load.py`` (hidden 512, 8 layers), one engine, rounds interleaved (the order rotated each round); the
 median decode step of each, and of the base model (no adapter) for scale. A per-site product
 (32 rows, one token each, 32 slots, 512 -> 16 -> 512) is timed the same way.
 
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_ms(engine, args.requests, True, gen, args.tokens)  # warm-up: adapters banked, choices measured
         steps: dict[str, list[float]] = {str(k): [] for k in PINNED} | {"base": []}
         sites: dict[str, list[float]] = {k: [] for k in PINNED if k}
-        for _ in range(args.rounds):
-            for k in PINNED:
+        for r in range(args.rounds):
+            for k in PINNED[r % len(PINNED) :] + PINNED[: r % len(PINNED)]:  # each first in turn
                 with kernels.force(k):
                     steps[str(k)].append(decode_ms(engine, args.requests, True, gen, args.tokens))
                 if k:

@@ -252,6 +252,15 @@ class Bank:
         self._write(self.layout.index[name], comp)
 
     # -- math ------------------------------------------------------------------------
+    def _strategies(self, x: torch.Tensor) -> tuple[str, ...]:
+        """The strategies that may run on ``x`` (kernels.py), in the order they are measured."""
+        names = ("segments", "gather")
+        if kernels.native_ready(x.device):
+            names += ("kernel",)
+        if kernels.grouped_ok(x, self.r, self.d_out):
+            names += ("grouped",)
+        return names
+
     def delta(self, src: torch.Tensor, seg: Segments) -> torch.Tensor:
         """``s * act(src Wd + bd) Wu + bu`` for rows sorted by slot; src: [n, T, d_in]."""
         x = src.to(self.dtype)
@@ -264,20 +273,19 @@ class Bank:
             return self.act(a) * scale
 
         n, t = x.shape[0], x.shape[1]
-        whole = len(seg.slots) == self.capacity  # every slot present: no compaction needed
-        offs = seg.offsets(t)
         key = kernels.shape_key(x.device, self.dtype, n, t, len(seg.slots), (self.d_in, self.r, self.d_out))
-        candidates = {
-            "segments": lambda: kernels.segments(x, self.wd, self.wu, seg.slots, seg.counts, post),
-            "gather": lambda: kernels.gather(x, self.wd, self.wu, seg.row_slot, post),
-        }
-        if kernels.native_ready(x.device):
-            candidates["kernel"] = lambda: kernels.kernel(x, self.wd, self.wu, seg.row_slot, post)
-        if kernels.grouped_ok(x, self.r, self.d_out):
-            candidates["grouped"] = lambda: kernels.grouped(
-                x, self.wd, self.wu, None if whole else seg.present, offs, post
-            )
-        out = kernels.run(key, x.device, candidates)
+
+        def make(name: str):
+            if name == "kernel":
+                return lambda: kernels.kernel(x, self.wd, self.wu, seg.row_slot, post)
+            if name == "gather":
+                return lambda: kernels.gather(x, self.wd, self.wu, seg.row_slot, post)
+            if name == "grouped":  # every slot present: no compaction needed
+                present = None if len(seg.slots) == self.capacity else seg.present
+                return lambda: kernels.grouped(x, self.wd, self.wu, present, seg.offsets(t), post)
+            return lambda: kernels.segments(x, self.wd, self.wu, seg.slots, seg.counts, post)
+
+        out = kernels.run(key, x.device, lambda: self._strategies(x), make)
         if self.has_bu:
             out = out + self.bu.index_select(0, seg.row_slot)[:, None, :]
         return out

@@ -113,15 +113,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(key: tuple, device: torch.device, candidates: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
-    """Run the strategy chosen for ``key``, measuring all candidates the first time."""
+def run(
+    key: tuple,
+    device: torch.device,
+    strategies: Callable[[], tuple[str, ...]],
+    make: Callable[[str], Callable[[], torch.Tensor]],
+) -> torch.Tensor:
+    """Run the strategy chosen for ``key`` (``make(name)`` gives its call), measuring each of
+    ``strategies()`` the first time. Once a shape class is measured only the chosen call is made
+    (it can run: what may run depends only on what the key holds, and a loaded kernel stays): a
+    decode step asks this at every site, so a hit costs one lookup."""
     pinned = forced()
     if pinned is not None:  # a strategy that cannot run this shape falls back to segments
-        return candidates.get(pinned, candidates["segments"])()
-    usable = {n: f for n, f in candidates.items() if (n, key) not in _unsupported}
+        return make(pinned if pinned in strategies() else "segments")()
     pick = _table.get(key)
-    if pick in usable:
-        return usable[pick]()
+    if pick is not None:
+        return make(pick)()
+    usable = {n: make(n) for n in strategies() if (n, key) not in _unsupported}
     best, best_t, out, times = None, float("inf"), None, {}
     for name, fn in usable.items():
         try:
