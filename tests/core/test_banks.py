@@ -129,6 +129,16 @@ def test_bank_follows_in_place_weight_changes_and_reloads():
     )
 
 
+def reload_with_other_weights(model, name: str, tmp_path) -> None:
+    """Remove a LoRA (r 4) and load one of the same name with other weights from a folder."""
+    other = tiny_model("llama")
+    torch.manual_seed(7)
+    pa.add_adapter(other, name, pa.LoRAConfig(r=4, init="random"))
+    pa.save_adapter(other, name, tmp_path / name)
+    pa.remove_adapter(model, name)
+    pa.load_adapter(model, tmp_path / name, name=name)
+
+
 def test_fixed_weights_skips_the_check_but_sees_a_reloaded_adapter(monkeypatch, tmp_path):
     """``pa.route(..., fixed_weights=True)`` (what the serving engine uses) reuses bank slots
     without checking their source tensors, yet an adapter removed and loaded again under the
@@ -139,12 +149,7 @@ def test_fixed_weights_skips_the_check_but_sees_a_reloaded_adapter(monkeypatch, 
     rows = ["a", "b"]
     with torch.no_grad(), pa.route(model, rows, fixed_weights=True):
         first = outputs(model, ids)  # fills the banks
-    other = tiny_model("llama")
-    torch.manual_seed(7)
-    pa.add_adapter(other, "a", pa.LoRAConfig(r=4, init="random"))
-    pa.save_adapter(other, "a", tmp_path / "a")
-    pa.remove_adapter(model, "a")
-    pa.load_adapter(model, tmp_path / "a", name="a")
+    reload_with_other_weights(model, "a", tmp_path)
     ref = per_row_reference(model, ids, rows)
     checks = []
     original = Site.bank_for
@@ -186,12 +191,7 @@ def test_fixed_weights_remembers_trusted_slots_but_sees_train_mode_and_reloads(m
     sites = get_state(model).sites.values()
     assert not any("a" in site._trusted for site in sites) and any("b" in site._trusted for site in sites)
     model.paradapt["a"].eval()
-    other = tiny_model("llama")
-    torch.manual_seed(7)
-    pa.add_adapter(other, "a", pa.LoRAConfig(r=4, init="random"))
-    pa.save_adapter(other, "a", tmp_path / "a")
-    pa.remove_adapter(model, "a")
-    pa.load_adapter(model, tmp_path / "a", name="a")
+    reload_with_other_weights(model, "a", tmp_path)
     got = fixed()
     torch.testing.assert_close(got, per_row_reference(model, ids, rows), atol=1e-5, rtol=0)
     assert not torch.allclose(got[0], first[0])  # row "a" really changed

@@ -97,38 +97,34 @@ torch::Tensor checked_slots(const torch::Tensor& in, const torch::Tensor& w, con
   return s;
 }
 
-torch::Tensor shrink(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& slot) {
-  auto s = checked_slots(x, w, slot, "shrink");
-  auto xc = x.contiguous();
-  const int64_t n = x.size(0), tokens = x.size(1), K = x.size(2), R = w.size(2);
-  auto out = torch::empty({n, tokens, R}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "shrink", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
+// One product for every row: shrink (x [n, T, K] by [K, R] slots) or expand (a [n, T, R] by [R, N]).
+torch::Tensor per_row(const torch::Tensor& in, const torch::Tensor& w, const torch::Tensor& slot, bool expand) {
+  const char* what = expand ? "expand" : "shrink";
+  auto s = checked_slots(in, w, slot, what);
+  auto ic = in.contiguous();
+  const int64_t n = in.size(0), tokens = in.size(1), K = in.size(2), M = w.size(2);
+  auto out = torch::empty({n, tokens, M}, in.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "per_row", [&] {
+    const scalar_t* ip = ic.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* sp = s.data_ptr<int64_t>();
-    at::parallel_for(0, n, grain(tokens * K * R), [&](int64_t b, int64_t e) {
-      shrink_rows<scalar_t>(xp, wp, sp, op, b, e, tokens, K, R);
+    at::parallel_for(0, n, grain(tokens * K * M), [&](int64_t b, int64_t e) {
+      if (expand)
+        expand_rows<scalar_t>(ip, wp, sp, op, b, e, tokens, K, M);
+      else
+        shrink_rows<scalar_t>(ip, wp, sp, op, b, e, tokens, K, M);
     });
   });
   return out;
 }
 
+torch::Tensor shrink(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& slot) {
+  return per_row(x, w, slot, false);
+}
+
 torch::Tensor expand(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& slot) {
-  auto s = checked_slots(a, w, slot, "expand");
-  auto ac = a.contiguous();
-  const int64_t n = a.size(0), tokens = a.size(1), R = a.size(2), N = w.size(2);
-  auto out = torch::empty({n, tokens, N}, a.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "expand", [&] {
-    const scalar_t* ap = ac.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t* sp = s.data_ptr<int64_t>();
-    at::parallel_for(0, n, grain(tokens * R * N), [&](int64_t b, int64_t e) {
-      expand_rows<scalar_t>(ap, wp, sp, op, b, e, tokens, R, N);
-    });
-  });
-  return out;
+  return per_row(a, w, slot, true);
 }
 
 }  // namespace
