@@ -79,6 +79,7 @@ class Site:
 
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
+        self._trusted = {}  # a cache (and absent from copies pickled before it existed)
         self._bank_lock = threading.Lock()
         self._input_writers = None
 
@@ -182,10 +183,17 @@ def _delta(c: nn.Module | MixtureOp, h: torch.Tensor, x: torch.Tensor | None) ->
 
 def _still_trusted(site: Site, name: str, hit: tuple[nn.Module, Bank], merged, device: torch.device) -> bool:
     """Whether a remembered (component, bank) may be used as is: the same component is still at
-    the site, not merged, not in training mode, and its bank is on this device. Its slot cannot
-    have gone: every path that frees or moves one forgets the entry first (Site.unbank, bank_for)."""
+    the site, not merged, not in training mode, and its bank is on this device and still holds
+    its slot (every path that frees or moves one forgets the entry first, Site.unbank and
+    bank_for; the slot check covers a forward in another thread that remembered it meanwhile)."""
     comp, bank = hit
-    return site.components.get(name) is comp and not comp.training and name not in merged and bank.device == device
+    return (
+        site.components.get(name) is comp
+        and not comp.training
+        and name not in merged
+        and bank.device == device
+        and name in bank
+    )
 
 
 def apply_banks(
