@@ -98,3 +98,34 @@ def test_a_failed_build_is_reported_once_and_not_retried(monkeypatch):
     monkeypatch.setattr(native.BGMV, "load", broken)
     assert kernels.enable_native() == "RuntimeError: no C++ compiler"
     assert kernels.enable_native() == "RuntimeError: no C++ compiler" and len(calls) == 1
+
+
+def test_the_choice_takes_each_strategys_fastest_call_timed_in_rounds(monkeypatch):
+    """Each strategy is warmed up once, then timed in rounds over all of them; its fastest call
+    counts, so one noisy call does not decide (here ``segments``' first timed call is slow)."""
+    kernels.reset()
+    order, clock = [], [0.0]
+    cost = {"segments": [5.0, 1.0, 1.0], "gather": [2.0, 2.0, 2.0]}
+    assert kernels.TIMED_ROUNDS == 3
+
+    def make(name):
+        def fn():
+            order.append(name)
+            if len(order) > 2:  # the warm-ups take no time
+                clock[0] += cost[name].pop(0)
+            return torch.tensor(float(len(name)))
+
+        return fn
+
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    try:
+        out = kernels.run(("shape",), torch.device("cpu"), lambda: ("segments", "gather"), make)
+        assert order == ["segments", "gather"] * (1 + kernels.TIMED_ROUNDS)
+        assert kernels.choices()[("shape",)] == "segments"
+        assert kernels.timings()[("shape",)] == {"segments": 1.0, "gather": 2.0}
+        assert out.item() == len("segments")  # the chosen strategy's own result
+        order.clear()
+        kernels.run(("shape",), torch.device("cpu"), lambda: ("segments", "gather"), make)
+        assert order == ["segments"]  # measured once: later calls run only the pick
+    finally:
+        kernels.reset()
