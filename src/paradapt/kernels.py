@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 STRATEGIES = ("segments", "grouped", "gather", "kernel")
 
 _table: dict[tuple, str] = {}
@@ -85,8 +87,6 @@ def enable_native() -> str | None:
     """Build (first time on a machine, 30-60 s) or load the C++ ``kernel`` strategy, so that banks
     measure it too. Returns ``None``, or why it cannot be had here (no compiler, no ``ninja``);
     a failed build is not retried in this process."""
-    from . import native
-
     if not _native_error:
         try:
             native.BGMV.load()
@@ -100,8 +100,6 @@ def enable_native() -> str | None:
 def native_ready(device: torch.device) -> bool:
     """Whether the ``kernel`` strategy is a candidate on ``device``: a CPU, and the kernel loaded
     (or pinned by :func:`force`, which builds it if need be)."""
-    from . import native
-
     return device.type == "cpu" and (native.BGMV.loaded or forced() == "kernel")
 
 
@@ -199,7 +197,5 @@ def gather(x, wd, wu, row_slot: torch.Tensor, post) -> torch.Tensor:
 
 def kernel(x, wd, wu, row_slot: torch.Tensor, post) -> torch.Tensor:
     """:func:`gather`'s products, each row's weights read in place by the C++ kernel."""
-    from . import native
-
     ext = native.BGMV.load()
     return ext.expand(post(ext.shrink(x, wd, row_slot)), wu, row_slot)
