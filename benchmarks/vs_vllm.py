@@ -285,6 +285,7 @@ def start_paradapt(args, model_dir: Path, root: Path, n: int, work: Path) -> Ser
             str(min(args.max_loras, n)),
         ]
     cmd += ["--max-running", str(args.max_seqs), "--token-budget", str(args.max_batched_tokens)]
+    cmd += ["--no-enable-prefix-caching"]  # off on both sides, as vLLM's below
     cmd += ["--kv-tokens", str(args.max_seqs * (args.input_len + args.output_len + 16))]
     cmd += [
         "--queue-bound",

@@ -135,6 +135,14 @@ def test_device_memory_takes_adapter_slots_out_of_the_kv_tokens(llama_setup):
     assert engines[8].runner.kv_tokens < engines[1].runner.kv_tokens
 
 
+def test_prefix_caching_is_on_unless_turned_off_with_vllms_flag(llama_setup):
+    model_dir, _ = llama_setup
+    parse = cli.build_parser().parse_args
+    assert serve_cli.engine_config(parse(["serve", "--model", str(model_dir)])).prefix_caching is True
+    off = parse(["serve", "--model", str(model_dir), "--no-enable-prefix-caching"])
+    assert serve_cli.engine_config(off).prefix_caching is False
+
+
 def test_kv_tokens_and_device_memory_together_are_refused(llama_setup):
     model_dir, root = llama_setup
     args = cli.build_parser().parse_args(

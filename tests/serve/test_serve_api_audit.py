@@ -199,7 +199,9 @@ def test_chat_uses_the_tokenizer_chat_template(root, tok):
         chat = c.post("/v1/chat/completions", json={**body, "messages": messages}).json()
         plain = c.post("/v1/completions", json={**body, "prompt": prompt}).json()
     assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+    cached = [x["usage"].pop("prompt_tokens_details")["cached_tokens"] for x in (chat, plain)]
     assert chat["usage"] == plain["usage"]
+    assert cached[0] <= cached[1] < plain["usage"]["prompt_tokens"]  # the second may reuse the first's pages
     parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
     assert chat_prompt(templated, [ChatMessage(**m) for m in parts]) == prompt  # OpenAI's list form
 

@@ -93,6 +93,7 @@ def test_every_prompt_form_is_served_and_choices_are_indexed_across_prompts(clie
         assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]  # prompt i, choice j: i * n + j
         assert [c["text"] for c in body["choices"]] == [alone[0], alone[0], alone[1], alone[1]]
         n_prompt = sum(map(len, ids))  # each prompt counted once, each choice's tokens counted
+        assert 0 <= body["usage"].pop("prompt_tokens_details")["cached_tokens"] < n_prompt
         assert body["usage"] == {
             "prompt_tokens": n_prompt,
             "completion_tokens": 24,

@@ -87,6 +87,13 @@ def add_parser(sub) -> None:
         "works here (default: auto)",
     )
     serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the KV pages of a common prompt start (a system prompt, an instruction) between "
+        "requests for the same adapter, and skip their prefill (vLLM's flag; default: on)",
+    )
+    serve.add_argument(
         "--threads",
         type=positive_int,
         metavar="N",
@@ -287,6 +294,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_served=args.max_served or max(base.max_served, max_slots),
         queue_bound=args.queue_bound or base.queue_bound,
         decode_attention=getattr(args, "decode_attention", base.decode_attention),
+        prefix_caching=getattr(args, "enable_prefix_caching", base.prefix_caching),
     )
 
 
@@ -463,6 +471,7 @@ def run(args: argparse.Namespace) -> int:
         f"{info['threads']} torch threads{', large blocks kept in the heap' if info['heap'] else ''}; "
         f"base weights {info['quantization']}; "
         f"{'decode attention ' + info['decode_attention'] + '; ' if info['decode_attention'] else ''}"
+        f"{'prefix caching ' + ('on' if c.prefix_caching else 'off') + '; ' if info['kind'] == 'decoder' else ''}"
         f"http://{args.host}:{args.port}",
         flush=True,
     )

@@ -11,6 +11,12 @@ freely answering base model rambles on for more tokens than a one-word answer), 
 freely (the base model's zero-shot accuracy on the same rows). It prints per adapter its
 accuracy next to the base model's and its throughput next to the base model's.
 
+The server caches prompt prefixes (``--enable-prefix-caching``, its default): within each timed
+phase every request shares its adapter's (or the base model's) KV pages of the system prompt and
+the task's instruction, which the chat template puts first, so both phases skip the same share
+of their prefill. The last, untimed phase asks the base model the timed base phase's prompts
+again and reads most of their pages from the cache.
+
 An answer is right when it is the row's label word, compared without case, surrounding space and a
 trailing full stop (the base model often writes "Positive." for "positive"); every row is scored the
 same way for the adapter and the base model. Exit 0 when every adapter is at or above its card's

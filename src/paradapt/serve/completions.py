@@ -227,7 +227,7 @@ async def completions(server, req: CompletionRequest, request: Request):
         "created": int(time.time()),
         "model": req.model,
         "choices": out,
-        "usage": usage(sum(len(ids) for _, ids in prompts), generated),
+        "usage": usage(sum(len(ids) for _, ids in prompts), generated, _cached(choices)),
     }
 
 
@@ -241,6 +241,16 @@ def _for_access_log(server, req, request: Request) -> None:
 def _cancelled(choices: list[_Choice]) -> bool:
     """Whether the server cancelled a choice (SIGTERM past the drain): the answer is a 503."""
     return any(c.handle.status == "cancelled" for c in choices)
+
+
+def _cached(choices: list[_Choice]) -> int:
+    """Prompt tokens served from the prefix cache, each prompt counted once (as its tokens are
+    in ``prompt_tokens``): the least any of its choices found cached."""
+    per_prompt: dict[int, int] = {}
+    for c in choices:
+        n = c.handle.cached_tokens if c.handle is not None else 0
+        per_prompt[c.prompt] = min(per_prompt.get(c.prompt, n), n)
+    return sum(per_prompt.values())
 
 
 def _decode(server, ids: list[int]) -> str:
@@ -294,7 +304,7 @@ async def chat(server, req: ChatRequest, request: Request):
         "created": int(time.time()),
         "model": req.model,
         "choices": out,
-        "usage": usage(len(ids), sum(len(c.handle.tokens) for c in choices)),
+        "usage": usage(len(ids), sum(len(c.handle.tokens) for c in choices), _cached(choices)),
     }
     if req.return_token_ids:
         body["prompt_token_ids"] = list(ids)
@@ -496,7 +506,7 @@ async def _sse(
             if spec.include_usage:
                 prompt_tokens = sum(len(ids) for ids in {id(c.ids): c.ids for c in choices}.values())
                 generated = 0 if spec.hide_output else sum(len(h.tokens) for h in handles)
-                yield chunk(rid, obj, created, model, None, usage(prompt_tokens, generated))
+                yield chunk(rid, obj, created, model, None, usage(prompt_tokens, generated, _cached(choices)))
         yield "data: [DONE]\n\n"
     finally:
         for h in handles:

@@ -65,6 +65,11 @@ class EngineConfig:
     of a decode step with 32 LoRAs. An adapter whose tensors require a gradient (one being
     trained in this process, as in online RL) is checked either way; turn this on where frozen
     adapters' tensors are edited in place.
+    ``prefix_caching``: requests for the same adapter (or the base model) whose prompts start
+    with the same full KV pages share those pages and skip their prefill (a system prompt, an
+    instruction, few-shot examples, earlier chat turns); on by default, as in vLLM. Off when
+    ``check_adapter_weights`` is on (edited weights would make cached pages stale). The twin
+    does not model it (its workloads' prompts share nothing).
     """
 
     page_size: int = 16
@@ -80,6 +85,7 @@ class EngineConfig:
     slot_bytes: int | None = None
     decode_attention: str = "auto"
     check_adapter_weights: bool = False
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("page_size", "num_blocks", "token_budget", "max_running", "max_slots", "max_served"):
@@ -92,10 +98,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 0):
                 raise ConfigError(name, f"must be a number of bytes >= 0 or None, got {v!r}")
-        if not isinstance(self.check_adapter_weights, bool):
-            raise ConfigError(
-                "check_adapter_weights", f"must be true or false, got {self.check_adapter_weights!r}"
-            )
+        for name in ("check_adapter_weights", "prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.decode_attention not in DECODE_ATTENTION:
             raise ConfigError(
                 "decode_attention", f"must be one of {list(DECODE_ATTENTION)}, got {self.decode_attention!r}"

@@ -383,6 +383,7 @@ class RequestHandle:
     result: dict | None = None  # encoder requests: {"label", "logits", "probs"} or {"embedding"}
     logprobs: list = field(default_factory=list)  # TokenLogprob per token, when params.logprobs is set
     prompt_logprobs: list = field(default_factory=list)  # per prompt token (None first), if asked
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's usage.prompt_tokens_details)
     task: str = "generate"
     arrival: float | None = None  # engine clock: queued, first token sampled, ended (TTFT, TPOT)
     first_token_at: float | None = None
@@ -418,6 +419,7 @@ class _EngineCore(ServeCore):
         super().__init__(config, sched, clock, loader=store, device_bytes=device_bytes)
         self.handles: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
+        self._kv_epoch = 0  # the served adapters' version (bumped when one is reloaded, unloaded or dropped)
 
     # -- adapters (the admin operations a server runs between steps) -----------------------
     def register_adapter(self, adapter: str | None) -> None:
@@ -451,6 +453,7 @@ class _EngineCore(ServeCore):
                     "load it again when they have finished (or save the new version under another name)"
                 )
             self.cache.remove_adapter(name)
+            self._kv_epoch += 1
             self.store.forget(name)
             self.store.stamps.pop(name, None)
         self.register_adapter(name)
@@ -474,6 +477,7 @@ class _EngineCore(ServeCore):
         if users:
             raise AdapterPinnedError(f"adapter {name!r} is in use by {users} running or queued request(s)")
         self.cache.remove_adapter(name)
+        self._kv_epoch += 1
         self.store.aliases.pop(name, None)
 
     def served_adapters(self) -> list[str]:
@@ -530,6 +534,7 @@ class _EngineCore(ServeCore):
         return h
 
     def _drop_adapter(self, adapter: str) -> None:
+        self._kv_epoch += 1
         self.store.forget(adapter)
         self.store.mark_failed(adapter)
         st = get_state(self.model)
@@ -579,6 +584,8 @@ class Engine(_EngineCore):
                 f"the scheduler expected {sched.kv_tokens} in blocks of {sched.kv_block}"
             )
         super().__init__(model, store, config, sched, clock, split.device_bytes)
+        self.scheduler.on_admit = self._admitted
+        self.prefix_stats = {"queries": 0, "hits": 0}  # prompt tokens looked up / found in the prefix cache
         self.tokenizer = tokenizer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.default_eos: frozenset[int] = (
@@ -631,15 +638,30 @@ class Engine(_EngineCore):
     def _forget(self, request_id: str) -> None:
         self.runner.free(request_id)
 
+    def _admitted(self, r: Request) -> int:
+        """Start an admitted request in the runner (the scheduler's ``on_admit``); returns the
+        prompt tokens its prefix-cache hit covers, where its prefill starts."""
+        h = self.handles[r.id]
+        seq = self.runner.add(r.id, h.prompt, h.adapter, h.params, self._eos_of(h), salt=self._salt(h.adapter))
+        h.logprobs, h.prompt_logprobs = seq.logprobs, seq.prompt_logprobs  # the runner fills them
+        h.status, h.cached_tokens = "running", seq.cached
+        self.prefix_stats["queries"] += len(h.prompt) if seq.salt is not None else 0
+        self.prefix_stats["hits"] += seq.cached
+        return seq.cached
+
+    def _salt(self, adapter: str | None) -> str | None:
+        """The prefix cache's key for ``adapter``'s KV: its name and the adapters' version
+        (:attr:`_kv_epoch`, bumped whenever a served adapter is reloaded, unloaded or dropped:
+        pages computed with the old weights, a mixture's experts' included, are never shared
+        again). None when prefix caching is off."""
+        if not self.config.prefix_caching or self.config.check_adapter_weights:
+            return None
+        return "base" if adapter is None else f"{self._kv_epoch}:{adapter}"
+
     def step(self) -> list[RequestHandle]:
         """One scheduler step: schedule, load adapters, one packed forward, sample; returns the
         handles that ended in it (finished or failed)."""
-        step, now = self._schedule()
-        for rid in step.admitted:
-            h = self.handles[rid]
-            seq = self.runner.add(rid, h.prompt, h.adapter, h.params, self._eos_of(h))
-            h.logprobs, h.prompt_logprobs = seq.logprobs, seq.prompt_logprobs  # the runner fills them
-            h.status = "running"
+        step, now = self._schedule()  # each admitted request starts in the runner (_admitted)
         shape = self._traced_shape(step)
         try:
             return self._execute(step, now)

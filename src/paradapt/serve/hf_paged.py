@@ -15,6 +15,8 @@ first when an upgrade changes it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
+from transformers.generation.continuous_batching.cache_allocators.cache_allocator import compute_block_hash
 from transformers.generation.continuous_batching.requests import FutureRequestState
 from transformers.generation.continuous_batching.requests import RequestState as KVState
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -296,12 +299,33 @@ def _attend_chunk(
     return out[0].transpose(0, 1)
 
 
+def _tokens(prompt: list[int], output: list[int], start: int, stop: int) -> list[int]:
+    """``(prompt + output)[start:stop]`` without building the whole list."""
+    n = len(prompt)
+    if stop <= n:
+        return prompt[start:stop]
+    if start >= n:
+        return output[start - n : stop - n]
+    return prompt[start:] + output[: stop - n]
+
+
 class PagedKV:
     """Paged KV pages for every running request, and the packed inputs of one step.
 
     ``num_blocks`` pages of ``page_size`` tokens; ``max_batch_tokens`` bounds one step's
-    tokens. Block sharing (prefix caching) is off: the scheduler reserves whole pages per
-    request, in the units :attr:`kv_block` and :attr:`kv_tokens` say.
+    tokens. The scheduler reserves whole pages per request, in the units :attr:`kv_block` and
+    :attr:`kv_tokens` say.
+
+    Prefix caching (:meth:`match_prefix`, :meth:`mark_complete`): a full page of KV is keyed by
+    a chain hash of its tokens and every token before it, rooted in a *salt* (the request's
+    adapter and its version, see ``Runner.add``), because the same tokens under another adapter
+    have other keys and values. A later request whose prompt starts with the same pages under
+    the same salt shares them (reference counted in transformers' block ledger) and starts its
+    prefill after them, as vLLM's automatic prefix caching does (its block hashes carry the
+    LoRA id the same way). A page no request references stays cached until a request needs
+    its room (:meth:`_future` evicts the least recently released first). The scheduler's
+    reservations are unchanged (a shared page counts in every sharer's reservation), so a
+    running request never waits for a page: cached pages can always be evicted.
     """
 
     def __init__(self, model: nn.Module, *, page_size: int, num_blocks: int, max_batch_tokens: int):
@@ -313,7 +337,7 @@ class PagedKV:
             num_blocks=num_blocks,
             max_batch_tokens=max_batch_tokens,
             max_blocks_per_request=0,
-            allow_block_sharing=False,  # the scheduler reserves whole pages per request
+            allow_block_sharing=False,  # transformers' own (unsalted) matching stays off: ours is below
             auto_switch_to_flash=False,
         )
         # creates the cache and IO buffers without starting the manager's thread
@@ -325,6 +349,7 @@ class PagedKV:
         self.max_batch_tokens: int = bp.max_batch_tokens
         self.kv_block: int = self.cache.tokens_per_sector  # allocation unit: the scheduler reserves in these
         self.kv_tokens: int = self.cache.pool.num_free_sectors * self.kv_block  # all pages, free at start
+        self._marked: dict[str, int] = {}  # request -> its leading pages already hashed
 
     def kv_layout(self) -> tuple[int, int, torch.dtype, torch.device]:
         """``(kv heads, head dim, dtype, device)`` of the cache's pages (what decode attention reads)."""
@@ -344,8 +369,86 @@ class PagedKV:
         return KVState(request_id=request_id, initial_tokens=list(prompt), max_new_tokens=max_new_tokens)
 
     def free(self, request_id: str) -> None:
-        """Give a request's pages back."""
+        """Give a request's pages back (its hashed pages stay cached for later prefixes)."""
+        self._marked.pop(request_id, None)
         self.cache.free_blocks(request_id)
+
+    # -- prefix caching -------------------------------------------------------------
+    @property
+    def _allocator(self):
+        return next(iter(self.cache.cache_allocators.values()))  # full attention only (the Runner checks)
+
+    @staticmethod
+    def _root(salt: str) -> int:
+        """The hash every chain of ``salt``'s pages starts from."""
+        digest = hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=8, person=b"paradapt-kv")
+        return int.from_bytes(digest.digest(), "little")
+
+    def match_prefix(self, kv: KVState, salt: str) -> int:
+        """Share the cached pages that hold the start of ``kv``'s prompt under ``salt``; returns
+        the tokens they cover (0: none), where the request's prefill starts. Never the whole
+        prompt: its last token must run to give the first sampled token its logits."""
+        alloc = self._allocator
+        page, prompt = alloc.tokens_per_page, kv.initial_tokens
+        h, blocks = self._root(salt), []
+        for b in range((len(prompt) - 1) // page):
+            h = compute_block_hash(h, prompt[b * page : (b + 1) * page])
+            block = alloc.ledger.hash_to_block.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        if not blocks:
+            return 0
+        for block in blocks:
+            alloc.ledger.acquire(block)
+        alloc.block_table[kv.request_id] = blocks
+        self._marked[kv.request_id] = len(blocks)
+        kv.position_offset = len(blocks) * page
+        return kv.position_offset
+
+    def mark_complete(self, kv: KVState, output: list[int], salt: str) -> None:
+        """Hash the pages ``kv`` has filled since the last call (its prompt, then ``output``, the
+        tokens it generated), so later requests can share them. A page whose content is already
+        cached under the same hash is replaced by that one and freed. Costs a comparison on the
+        steps that complete no page (most decode steps)."""
+        alloc = self._allocator
+        page, ledger = alloc.tokens_per_page, alloc.ledger
+        table = alloc.block_table.get(kv.request_id, [])
+        full, done = min(kv.position_offset // page, len(table)), self._marked.get(kv.request_id, 0)
+        if full <= done:
+            return
+        h = ledger.block_to_hash[table[done - 1]] if done else self._root(salt)
+        for i in range(done, full):
+            block = table[i]
+            known = ledger.block_to_hash.get(block)
+            if known is None:
+                known = compute_block_hash(h, _tokens(kv.initial_tokens, output, i * page, (i + 1) * page))
+                same = ledger.register_new_hash(block, known)
+                if same is not None:  # another request cached these tokens first: share its page
+                    ledger.acquire(same)
+                    table[i] = same
+                    if ledger.release(block):
+                        alloc.pool.free_blocks(alloc.index, [block])
+            h = known
+        self._marked[kv.request_id] = full
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages no request uses, kept for the prefixes they hold."""
+        return len(self._allocator.ledger.cached_blocks)
+
+    def _evict(self, pages: int) -> int:
+        """Give up to ``pages`` cached pages back to the pool, least recently released first."""
+        alloc = self._allocator
+        ledger = alloc.ledger
+        victims = list(itertools.islice(ledger.cached_blocks, max(pages, 0)))
+        for block in victims:
+            del ledger.cached_blocks[block]
+            ledger.hash_to_block.pop(ledger.block_to_hash.pop(block))
+        if victims:
+            alloc.pool.free_blocks(alloc.index, victims)
+            self.cache.pool.try_to_free_sectors()
+        return len(victims)
 
     def pages_in_use(self, request_id: str | None = None) -> int:
         """KV pages held by one request (or by all)."""
@@ -375,7 +478,10 @@ class PagedKV:
 
     def _future(self, kv: KVState, tokens: list[int], samples: bool) -> FutureRequestState:
         kv.tokens_to_process = tokens
-        if not self.cache.can_store_request_tokens(kv, len(tokens)):  # allocates the pages
+        if not self.cache.can_store_request_tokens(kv, len(tokens)) and not (  # allocates the pages
+            self._evict(self._allocator.needs_new_blocks(kv.request_id, kv.position_offset, len(tokens)))
+            and self.cache.can_store_request_tokens(kv, len(tokens))
+        ):
             raise ParadaptError(
                 f"request {kv.request_id!r}: no free KV page for {len(tokens)} tokens; the scheduler's "
                 f"kv_tokens/kv_block must match the Runner's ({self.kv_tokens} tokens in blocks of "

@@ -115,6 +115,10 @@ class EngineCollector:
             "paradapt_adapter_evictions", "adapters evicted from device or host", s.device_evictions + s.host_evictions
         )
         yield _counter("paradapt_generated_tokens", "tokens generated", m.tokens_out)
+        prefix = getattr(e, "prefix_stats", None)  # decoders only
+        if prefix is not None:  # vLLM's prefix_cache_queries / prefix_cache_hits, in tokens
+            yield _counter("paradapt_prefix_cache_queries", "prompt tokens looked up in the prefix cache", prefix["queries"])
+            yield _counter("paradapt_prefix_cache_hits", "prompt tokens found in the prefix cache", prefix["hits"])
         yield _gauge(
             "paradapt_generation_tokens_per_second",
             f"tokens generated per second over the last {RATE_WINDOW:.0f} s",

@@ -340,12 +340,17 @@ def choice(
     return body if logprobs is None else {**body, "logprobs": logprobs}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: the prompt tokens served from the prefix cache
+    (``prompt_tokens_details``, as OpenAI reports it; left out where unknown)."""
+    out: dict = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 # -- log-probabilities --------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class Sequence:
         default_factory=list
     )  # per output token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token (first: None)
+    salt: str | None = None  # the prefix cache's key for this adapter (None: not cached)
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 def _adapter_kernel() -> bool:
@@ -127,15 +129,26 @@ class Runner:
         adapter: str | None,
         params: SamplingParams,
         eos: frozenset[int] = frozenset(),
+        salt: str | None = None,
     ) -> Sequence:
         """Start tracking a request (its KV pages are allocated as its tokens run); ``eos``: the
-        ids that end it, held back while it has fewer than ``params.min_tokens``."""
+        ids that end it, held back while it has fewer than ``params.min_tokens``.
+
+        ``salt``: the prefix cache's key for the request's adapter, in the version it is served
+        in (None: the request neither reads nor fills the cache). Requests with the same salt
+        share the KV pages of a common prompt start (:meth:`PagedKV.match_prefix`); the
+        sequence's ``cached`` says how many prompt tokens it skips, where its prefill starts. A
+        request asking for prompt log-probabilities runs its whole prompt (skipped tokens would
+        have no logits) but still fills the cache.
+        """
         if request_id in self._seqs:
             raise ConfigError("id", f"request id {request_id!r} is already running")
         kv = self.kv.new_request(request_id, prompt, params.max_new_tokens)
-        seq = Sequence(request_id, list(prompt), adapter, params, make_generator(params), kv=kv, eos=eos)
+        seq = Sequence(request_id, list(prompt), adapter, params, make_generator(params), kv=kv, eos=eos, salt=salt)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first prompt token has no context to score it
+        elif salt is not None:
+            seq.cached = self.kv.match_prefix(kv, salt)
         self._seqs[request_id] = seq
         return seq
 
@@ -176,6 +189,7 @@ class Runner:
             self._record_prompt_logprobs(scored, logits[len(samplers) :])
             logits = logits[: len(samplers)]
         samplers, logits = self._finite_rows(samplers, logits)
+        self._fill_prefix_cache(batch)
         histories = [None if s.params.plain else History(s.prompt, s.output, s.eos) for s in samplers]
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers], histories)
         asked = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
@@ -205,6 +219,14 @@ class Runner:
         keep = [i for i, fine in enumerate(ok) if fine]
         rows = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
         return [samplers[i] for i in keep], rows
+
+    def _fill_prefix_cache(self, batch) -> None:
+        """Offer the pages this step filled to the prefix cache; not those of a request whose
+        logits went non-finite (its KV may be garbage, and must not reach another request)."""
+        bad = {e.request_id for e in self._nonfinite}
+        for seq, _, _ in batch:
+            if seq.salt is not None and seq.id not in bad:
+                self.kv.mark_complete(seq.kv, seq.output, seq.salt)
 
     def take_nonfinite(self) -> list[NonFiniteLogitsError]:
         """The requests whose logits were not finite since the last call (each one's error);

@@ -33,7 +33,7 @@ import bisect
 import enum
 import heapq
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..checks import is_int
@@ -190,6 +190,9 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._kv_used = 0
         self._adapter_users: dict[str, int] = {}  # adapter -> running requests using it
+        # Called as each request is admitted; returns how many of its prompt tokens are already
+        # in the KV cache (the engine's prefix cache), where its prefill starts. None: 0.
+        self.on_admit: Callable[[Request], int] | None = None
 
     # -- queue ----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -412,6 +415,10 @@ class Scheduler:
         if r.adapter is not None:
             self._adapter_users[r.adapter] = self._adapter_users.get(r.adapter, 0) + 1
             self.cache.pin(r.adapter)
+        if self.on_admit is not None:
+            r.prefilled = self.on_admit(r)
+            if not is_int(r.prefilled) or not 0 <= r.prefilled < r.prompt_len:
+                raise ParadaptError(f"request {r.id!r}: on_admit gave {r.prefilled!r} cached prompt tokens")
 
     # -- after the step ---------------------------------------------------------
     def complete(self, step: ScheduledStep, now: float, stopped: Iterable[str] = ()) -> list[Request]:
