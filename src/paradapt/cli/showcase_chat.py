@@ -4,12 +4,13 @@ Starts the real ``paradapt serve`` (SmolLM2-135M-Instruct with ``chat-sst2-paral
 ``chat-agnews-lora`` and ``chat-sms-series``) as a subprocess on a free loopback port, sends one
 mixed, interleaved, concurrent stream of ``/v1/chat/completions`` requests for the three adapters
 over the first rows of their held-out test sets (the rows their cards' accuracies were measured
-on, :func:`paradapt.bundled.held_out_records`), then the same requests to the base model twice:
+on, :func:`paradapt.bundled.held_out_records`), and the same requests to the base model twice:
 with the adapters' answer lengths (``max_tokens`` = the adapter's token count for that row,
 ``ignore_eos``: the same work, so the throughput ratio is what serving the adapters costs; a
-freely answering base model rambles on for more tokens than a one-word answer), and answering
-freely (the base model's zero-shot accuracy on the same rows). It prints per adapter its
-accuracy next to the base model's and its throughput next to the base model's.
+freely answering base model rambles on for more tokens than a one-word answer), block by block
+after each block of the mixed stream (:func:`_timed`), and at the end answering freely (the base
+model's zero-shot accuracy on the same rows, untimed). It prints per adapter its accuracy next to
+the base model's and its throughput next to the base model's.
 
 The server caches prompt prefixes (``--enable-prefix-caching``, its default): within each timed
 phase every request shares its adapter's (or the base model's) KV pages of the system prompt and
@@ -33,7 +34,12 @@ from ..errors import ParadaptError
 from .showcase import ShowcaseError, _httpx, start_server
 
 MODEL = "smollm2-135m-instruct"
+CONCURRENCY = 32  # requests in flight: the engine's max_running, so decode steps run full
 MAX_TOKENS = 8  # every answer word is at most 3 tokens, then the end of turn
+# The base model's free answers: a right one is at most 4 tokens (a space, the word's <= 2, a
+# full stop), so by the 5th token it has either ended or is no longer the label word; more
+# tokens would only make its rambling answers longer (SmolLM2's tokenizer, tests/cli).
+FREE_TOKENS = 5
 
 
 @dataclass
@@ -47,7 +53,8 @@ class ChatTask:
     answers: list[str]
     right: dict[str, int] = field(default_factory=lambda: {"mixed": 0, "zero": 0})
     tokens: list[int] = field(default_factory=list)  # each answer's token count (the mixed phase's)
-    spans: dict[str, list[float]] = field(default_factory=dict)  # phase -> [first send, last reply]
+    spans: dict[str, list[float]] = field(default_factory=dict)  # phase -> [first send, last reply] in a block
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> its spans summed over the blocks
 
 
 def load_tasks(rows: int) -> list[ChatTask]:
@@ -89,6 +96,8 @@ async def _send(client, sem, url: str, phase: str, req: tuple[ChatTask, int]) ->
     body = {"model": model, "messages": task.prompts[i], "max_tokens": MAX_TOKENS, "temperature": 0}
     if phase == "base":
         body |= {"max_tokens": task.tokens[i], "ignore_eos": True}
+    elif phase == "zero":
+        body["max_tokens"] = FREE_TOKENS
     async with sem:
         span = task.spans.setdefault(phase, [time.perf_counter(), 0.0])
         span[0] = min(span[0], time.perf_counter())
@@ -104,13 +113,41 @@ async def _send(client, sem, url: str, phase: str, req: tuple[ChatTask, int]) ->
 
 
 async def _stream(url: str, phase: str, reqs: list, concurrency: int) -> float:
-    """Send ``reqs`` with at most ``concurrency`` in flight; the wall time in seconds."""
+    """Send ``reqs`` with at most ``concurrency`` in flight; the wall time in seconds. Each
+    task's span of this stream is added to its ``seconds[phase]``."""
     httpx = _httpx()
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600.0, limits=httpx.Limits(max_connections=concurrency)) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(_send(client, sem, url, phase, r) for r in reqs))
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+    for task in {id(t): t for t, _ in reqs}.values():
+        first, last = task.spans.pop(phase)
+        task.seconds[phase] = task.seconds.get(phase, 0.0) + (last - first)
+    return wall
+
+
+BLOCKS = 5  # the timed phases alternate in this many blocks of rows (fewer when there are fewer rows)
+
+
+def blocks(reqs: list, n: int) -> list[list]:
+    """``reqs`` cut into ``n`` contiguous blocks of near-equal size (an interleaved stream stays
+    interleaved in each)."""
+    n = max(1, min(n, len(reqs)))
+    return [reqs[len(reqs) * k // n : len(reqs) * (k + 1) // n] for k in range(n)]
+
+
+def _timed(url: str, reqs: list, concurrency: int, n_blocks: int) -> tuple[float, float]:
+    """The two timed phases, alternating block by block: a block of the mixed stream, then the
+    same block's requests to the base model with the answer lengths the adapters just gave. A
+    machine that speeds up or slows down during the run (a shared VM does, by tens of percent
+    over minutes) then moves both phases alike, and their ratio stays the adapters' cost. The
+    wall seconds of each phase, summed."""
+    t_mixed = t_base = 0.0
+    for block in blocks(reqs, n_blocks):
+        t_mixed += asyncio.run(_stream(url, "mixed", block, concurrency))
+        t_base += asyncio.run(_stream(url, "base", block, concurrency))
+    return t_mixed, t_base
 
 
 def run(rows: int, concurrency: int, threads: int | None, quantize: str = "auto") -> int:
@@ -133,26 +170,33 @@ def run(rows: int, concurrency: int, threads: int | None, quantize: str = "auto"
     )
     print(
         f"stream: {len(reqs)} /v1/chat/completions requests (greedy, up to {MAX_TOKENS} tokens), the "
-        f"{len(tasks)} adapters interleaved, {concurrency} in flight; then the same requests to the base "
-        "model, with the adapters' answer lengths and answering freely"
+        f"{len(tasks)} adapters interleaved, {concurrency} in flight, in {min(BLOCKS, rows)} blocks, each "
+        "followed by the same requests to the base model with the adapters' answer lengths; then the "
+        "base model answering freely"
     )
     for t in tasks:
         t.tokens = [MAX_TOKENS] * len(t.prompts)
-    server = start_server(["--model", MODEL, "--quantize", quantize], threads)
+    server = start_server(["--model", MODEL, "--quantize", quantize, "--kv-tokens", str(kv_tokens(tasks))], threads)
     try:
         warm = [(t, 0) for t in tasks]
         asyncio.run(_stream(server.url, "warmup", warm, concurrency))  # loads the adapters
-        t_mixed = asyncio.run(_stream(server.url, "mixed", reqs, concurrency))
-        t_base = asyncio.run(_stream(server.url, "base", reqs, concurrency))
-        asyncio.run(_stream(server.url, "zero", reqs, concurrency))
+        t_mixed, t_base = _timed(server.url, reqs, concurrency, min(BLOCKS, rows))
+        asyncio.run(_stream(server.url, "zero", reqs, concurrency))  # untimed: the base model's accuracy
     finally:
         server.stop()
     return report(tasks, t_mixed, t_base, time.perf_counter() - t_start)
 
 
+def kv_tokens(tasks: list[ChatTask]) -> int:
+    """KV room for every base-phase request's pages at once (about 100 tokens each), so the
+    untimed free-answer phase finds all of them in the prefix cache: with the server's default
+    room the cache keeps only the latest few dozen, and a phase that replays the prompts in the
+    same order would find none of them (each evicted just before it is needed)."""
+    return max(4096, 128 * sum(len(t.prompts) for t in tasks))
+
+
 def _rate(task: ChatTask, phase: str) -> float:
-    first, last = task.spans[phase]
-    return len(task.prompts) / max(last - first, 1e-9)
+    return len(task.prompts) / max(task.seconds[phase], 1e-9)
 
 
 def report(tasks: list[ChatTask], t_mixed: float, t_base: float, total: float) -> int:
@@ -179,7 +223,7 @@ def report(tasks: list[ChatTask], t_mixed: float, t_base: float, total: float) -
     )
     print(
         "(accuracy: the answer is the label word; base 0-shot: the base model, same request, no adapter; "
-        "req/s: an adapter's requests over its span of the mixed stream; base req/s: the same requests "
+        "req/s: an adapter's requests over its spans in the mixed blocks; base req/s: the same requests "
         "to the base model, generating as many tokens as the adapter's answers)"
     )
     verdict = (
