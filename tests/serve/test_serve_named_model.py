@@ -60,6 +60,15 @@ def test_chat_on_smollm2_by_name_uses_its_template_and_equals_transformers(smoll
                 body["usage"]["prompt_tokens"] == smollm2_reference["ids"].shape[1]
             )  # the template's tokens
             assert body["usage"]["completion_tokens"] == SMOLLM2_NEW
+            # each adapter keys its own KV pages: a first request finds none of another's
+            assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}, model
+        again = client.post(  # the same chat again: its template's pages come from the prefix cache
+            "/v1/chat/completions",
+            json={"model": SMOLLM2, "messages": smollm2_reference["messages"], "max_tokens": SMOLLM2_NEW, "temperature": 0},
+        ).json()
+        n = smollm2_reference["ids"].shape[1]
+        assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+        assert again["choices"][0]["message"]["content"] == want
         r = client.post(  # the model answers the question it was asked (the conversion kept its weights)
             "/v1/chat/completions",
             json={
