@@ -179,3 +179,20 @@ def test_a_next_chat_turn_reads_the_pages_of_the_answer_it_continues(tmp_path):
     # every page of the first turn's KV (prompt and answer; its last token never got KV) is shared
     assert turn2.cached_tokens == (len(p) + 12 - 1) // PAGE * PAGE > len(p)
     assert turn2.tokens == alone(ref, follow, 5, "par")
+
+
+def test_a_folder_rewritten_while_evicted_is_read_again_without_its_old_pages(tmp_path):
+    ref = saved(tmp_path)
+    one = EngineConfig(page_size=PAGE, num_blocks=96, token_budget=24, max_running=6, max_slots=1, max_served=1)
+    engine = Engine(tiny_model("llama"), tmp_path, one)
+    p = prompts(1)[0]
+    run(engine, [(p, "lo", 4)])
+    run(engine, [(p, "par", 4)])  # one adapter in host memory: "lo" is evicted
+    assert "lo" not in engine.cache.on_host
+    torch.manual_seed(11)
+    pa.remove_adapter(ref, "lo")
+    pa.add_adapter(ref, "lo", pa.LoRAConfig(r=4, init="random"))
+    pa.save_adapter(ref, "lo", tmp_path / "lo")  # rewritten on disk, no load_adapter call
+    (h,) = run(engine, [(p, "lo", 4)])  # read again on demand: the new weights
+    assert h.cached_tokens == 0
+    assert h.tokens == alone(ref, p, 4, "lo")

@@ -187,6 +187,11 @@ class AdapterStore:
             out.append((f, st.st_ino, st.st_size, st.st_mtime_ns))
         return tuple(out)
 
+    def contents(self, name: str) -> tuple:
+        """The folder contents ``name`` runs with: the read copy's, when it is in host memory,
+        else what a read gets now (the folder's current fingerprint)."""
+        return self.stamps.get(name, ()) if name in self.host else self.fingerprint(name)
+
     def changed(self, name: str) -> bool:
         """Whether the folder of ``name`` was rewritten since it was last read (False if never read)."""
         return name in self.stamps and self.stamps[name] != self.fingerprint(name)
@@ -650,13 +655,17 @@ class Engine(_EngineCore):
         return seq.cached
 
     def _salt(self, adapter: str | None) -> str | None:
-        """The prefix cache's key for ``adapter``'s KV: its name and the adapters' version
-        (:attr:`_kv_epoch`, bumped whenever a served adapter is reloaded, unloaded or dropped:
-        pages computed with the old weights, a mixture's experts' included, are never shared
-        again). None when prefix caching is off."""
+        """The prefix cache's key for ``adapter``'s KV: its name, the contents of its folder (and
+        of its experts', for a mixture) that this request runs with, and :attr:`_kv_epoch`
+        (bumped whenever a served adapter is reloaded, unloaded or dropped). So pages computed
+        with other weights are never shared: a folder rewritten on disk while the adapter was
+        evicted is read again with a new fingerprint. None when prefix caching is off."""
         if not self.config.prefix_caching or self.config.check_adapter_weights:
             return None
-        return "base" if adapter is None else f"{self._kv_epoch}:{adapter}"
+        if adapter is None:
+            return "base"
+        weights = [self.store.contents(a) for a in (*self.cache.needs(adapter), adapter)]
+        return f"{self._kv_epoch}:{adapter}:{weights}"
 
     def step(self) -> list[RequestHandle]:
         """One scheduler step: schedule, load adapters, one packed forward, sample; returns the
