@@ -76,6 +76,12 @@ def test_interleave_spreads_every_task_over_the_stream():
     )
 
 
+def test_kv_room_grows_with_the_rows_up_to_its_cap():
+    assert showcase_chat.kv_tokens([_task("a", 1)]) == 4096
+    assert showcase_chat.kv_tokens([_task("a", 100), _task("b", 100), _task("c", 100)]) == 128 * 300
+    assert showcase_chat.kv_tokens([_task("a", 872)] * 3) == showcase_chat.KV_TOKENS_CAP
+
+
 def test_blocks_cut_the_stream_into_near_equal_contiguous_parts():
     reqs = list(range(300))
     parts = showcase_chat.blocks(reqs, 5)

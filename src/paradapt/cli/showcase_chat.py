@@ -187,12 +187,16 @@ def run(rows: int, concurrency: int, threads: int | None, quantize: str = "auto"
     return report(tasks, t_mixed, t_base, time.perf_counter() - t_start)
 
 
+KV_TOKENS_CAP = 40960  # 1.9 GB of SmolLM2's float32 KV (46 KB a token): --rows past ~106 share it
+
+
 def kv_tokens(tasks: list[ChatTask]) -> int:
     """KV room for every base-phase request's pages at once (about 100 tokens each), so the
     untimed free-answer phase finds all of them in the prefix cache: with the server's default
     room the cache keeps only the latest few dozen, and a phase that replays the prompts in the
-    same order would find none of them (each evicted just before it is needed)."""
-    return max(4096, 128 * sum(len(t.prompts) for t in tasks))
+    same order would find none of them (each evicted just before it is needed). At most
+    :data:`KV_TOKENS_CAP`, so a large ``--rows`` does not claim gigabytes (it finds fewer)."""
+    return min(KV_TOKENS_CAP, max(4096, 128 * sum(len(t.prompts) for t in tasks)))
 
 
 def _rate(task: ChatTask, phase: str) -> float:
