@@ -48,7 +48,9 @@ def test_showcase_end_to_end_on_bundled_adapters():
         mixed, base, ratio = float(m.group(6)), float(m.group(7)), float(m.group(8))
         assert rows_n == 24
         assert floor <= acc <= 1.0  # trained adapters: well above chance on these rows
-        assert mixed > 0 and base > 0 and ratio == pytest.approx(mixed / base, abs=0.01)
+        # the table prints rates to 0.1 and the ratio to 0.01: their rounding moves the quotient of
+        # the printed rates by up to ~1 % from the printed ratio (19.2 / 15.6 = 1.231 printed 1.22)
+        assert mixed > 0 and base > 0 and ratio == pytest.approx(mixed / base, rel=0.015, abs=0.01)
     assert "OK: every accuracy is at or above its floor" in proc.stdout
 
 
