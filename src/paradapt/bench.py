@@ -58,6 +58,7 @@ class Outcome:
     tokens: int = 0
     status: str = "ok"  # "ok", an HTTP status ("429"), "stream_error", "transport_error"
     text: str = ""  # the completion's text, as streamed (to compare two runs' greedy answers)
+    cached: int = 0  # prompt tokens the server served from its prefix cache (usage.prompt_tokens_details)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ async def _send(httpx, client, req, config: BenchConfig, base: str, out: Outcome
                     out.text += chunk["choices"][0].get("text") or ""
                 if chunk.get("usage"):
                     usage = chunk["usage"].get("completion_tokens")
+                    out.cached = _cached_tokens(chunk["usage"])
             else:
                 out.status = "stream_error"  # the stream ended without [DONE]
                 return
@@ -243,6 +245,14 @@ async def _send(httpx, client, req, config: BenchConfig, base: str, out: Outcome
         out.status = "stream_error"
 
 
+def _cached_tokens(usage: dict) -> int:
+    """``usage.prompt_tokens_details.cached_tokens`` (OpenAI's, paradapt's), 0 where a server
+    does not report it."""
+    details = usage.get("prompt_tokens_details")
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
 def result_of(
     workload: Workload, config: BenchConfig, outcomes: dict[int, Outcome], duration: float
 ) -> TwinResult:
@@ -253,7 +263,7 @@ def result_of(
     log = ReplayLog(workload, window, stop)
     events: list[StepEvent] = []
     failed: Counter[str] = Counter()
-    served_in = served_out = 0
+    served_in = served_out = cached = 0
     for req in workload.requests:
         o = outcomes.get(req.id)
         if o is None or o.status != "ok":
@@ -268,6 +278,7 @@ def result_of(
             events.append(StepEvent(t, ((rid, req.prompt_len),) if i == 0 else (), (rid,)))
         served_in += req.prompt_len
         served_out += o.tokens
+        cached += o.cached
     log.steps = sorted(events, key=lambda e: e.end)
     log.wall_seconds = duration
     result = summarize(log, config.slo_ttft, config.slo_tpot)
@@ -279,6 +290,7 @@ def result_of(
             "served": len(log.finished),
             "failed": dict(sorted(failed.items())),
             "input_tokens": served_in,
+            "cached_input_tokens": cached,
             "output_tokens": served_out,
             "duration": duration,
         }
@@ -292,7 +304,8 @@ def table(result: TwinResult) -> str:
     failed = ", ".join(f"{n} x {s}" for s, n in e.get("failed", {}).items()) or "none"
     lines = [
         f"mode                {e.get('mode')}; {e.get('sent')} sent, {e.get('served')} served, failed: {failed}",
-        f"tokens served       {e.get('input_tokens')} in, {e.get('output_tokens')} out in {e.get('duration', 0):.2f} s",
+        f"tokens served       {e.get('input_tokens')} in ({e.get('cached_input_tokens', 0)} from the prefix cache), "
+        f"{e.get('output_tokens')} out in {e.get('duration', 0):.2f} s",
         f"TTFT / TPOT p99     {result.ttft_p99:.3f} s / {1e3 * result.tpot_p99:.1f} ms",
         result.table(),
     ]

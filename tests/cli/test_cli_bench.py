@@ -86,6 +86,18 @@ def test_bench_counts_exactly_what_it_sent_and_the_request_log_replays(setup, tm
     assert set(replayed) - {"extra"} == set(d) - {"extra"}  # bench and twin: the same keys
 
 
+def test_bench_reports_the_prompt_tokens_the_server_served_from_its_prefix_cache(setup, tmp_path, capsys):
+    prompt = list(range(3, 23))  # 20 tokens: one full page of 16 can be shared
+    rows = [{"t": 0.0, "adapter": "alpha", "input_len": 20, "output_len": 2, "prompt": prompt}] * 3
+    out = tmp_path / "bench.json"
+    for flag, want in (("--enable-prefix-caching", 32), ("--no-enable-prefix-caching", 0)):
+        with live_server(_server(setup, flag)) as port:  # one at a time: the 2nd and 3rd find the 1st's page
+            argv = ["bench", str(_trace(tmp_path / "t.jsonl", rows)), "--url", f"http://127.0.0.1:{port}"]
+            assert cli.main([*argv, "--concurrency", "1", "--no-progress", "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["extra"]["cached_input_tokens"] == want
+        assert f"60 in ({want} from the prefix cache)" in capsys.readouterr().out
+
+
 def test_refused_requests_are_counted_by_status_never_served(setup, tmp_path, capsys):
     rows = [{**r, "t": 0.0} for r in ROWS[:3]] + [{"t": 0.0, "adapter": "nope", "input_len": 3, "output_len": 2}]
     trace = _trace(tmp_path / "t.jsonl", rows)
