@@ -250,7 +250,7 @@ def _cached_tokens(usage: dict) -> int:
     does not report it."""
     details = usage.get("prompt_tokens_details")
     n = details.get("cached_tokens") if isinstance(details, dict) else None
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+    return n if is_int(n) and n >= 0 else 0
 
 
 def result_of(

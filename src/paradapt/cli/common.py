@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import warnings
 
@@ -16,6 +17,14 @@ QUANTIZE_CHOICES = ("none", "bf16", "int8", "int4")
 
 class CLIError(ParadaptError):
     """A command-line problem (bad path, missing package); printed as one line, exit 2."""
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity; all cores where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def positive_int(s: str) -> int:

@@ -25,7 +25,7 @@ from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
 from ..quantized import describe, quantization
 from ..serve.core import DECODE_ATTENTION, EngineConfig
-from .common import QUANTIZE_CHOICES, CLIError, positive_int
+from .common import QUANTIZE_CHOICES, CLIError, positive_int, usable_cores
 from .engine_flags import add_engine_flags, knobs_from_args
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # what `paradapt serve` serves with no --model
@@ -304,11 +304,7 @@ def default_threads() -> int:
     The engine thread's torch ops share the cores with the HTTP event loop (JSON, tokenizer) and
     the clients; on a 2-core machine 1 thread serves faster than 2 (benchmarks/serve_threads.py).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - 1))
+    return max(1, min(torch.get_num_threads(), usable_cores() - 1))
 
 
 def build_server_app(args: argparse.Namespace):

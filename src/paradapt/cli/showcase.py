@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import os
 import random
 import shutil
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from ..errors import ParadaptError
 from ..loading import find_assets
 from ..serve.process import ServerProcess, ServerStartError
-from .common import QUANTIZE_CHOICES, one_line_warning, positive_int
+from .common import QUANTIZE_CHOICES, one_line_warning, positive_int, usable_cores
 
 BASE_NAME = "all-minilm-l6-v2"  # the encoder showcase's base model, served under its name
 MODELS = ("smollm2-135m-instruct", BASE_NAME)
@@ -268,14 +267,6 @@ def report(tasks: list[Task], t_mixed: float, t_base: float, total: float) -> in
 
 
 # -- flags ---------------------------------------------------------------------------------------
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def run_command(args: argparse.Namespace) -> int:

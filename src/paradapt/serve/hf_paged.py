@@ -350,6 +350,9 @@ class PagedKV:
         self.kv_block: int = self.cache.tokens_per_sector  # allocation unit: the scheduler reserves in these
         self.kv_tokens: int = self.cache.pool.num_free_sectors * self.kv_block  # all pages, free at start
         self._marked: dict[str, int] = {}  # request -> its leading pages already hashed
+        # the full-attention layers' allocator (the Runner refuses models with other kinds): the
+        # prefix cache's block tables, ledger and pool, looked up once rather than every step
+        self._allocator = next(iter(self.cache.cache_allocators.values()))
 
     def kv_layout(self) -> tuple[int, int, torch.dtype, torch.device]:
         """``(kv heads, head dim, dtype, device)`` of the cache's pages (what decode attention reads)."""
@@ -374,10 +377,6 @@ class PagedKV:
         self.cache.free_blocks(request_id)
 
     # -- prefix caching -------------------------------------------------------------
-    @property
-    def _allocator(self):
-        return next(iter(self.cache.cache_allocators.values()))  # full attention only (the Runner checks)
-
     @staticmethod
     def _root(salt: str) -> int:
         """The hash every chain of ``salt``'s pages starts from."""
