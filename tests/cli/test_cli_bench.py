@@ -133,3 +133,23 @@ def test_requests_longer_than_the_servers_context_fail_before_anything_is_sent(s
         assert cli.main(argv) == 2
         assert app.state.loop.metrics.tokens_out == 0  # nothing was sent
     assert "long.jsonl: request 1: input_len + output_len = 200 exceeds" in capsys.readouterr().err
+
+
+def test_a_traces_shared_prefix_is_sent_as_shared_tokens_and_the_twin_predicts_the_same_hits(setup, tmp_path):
+    """Three requests to ``alpha`` sharing their first 17 of 20 tokens (one full page of 16), each
+    arriving after the one before has finished: the server finds the page cached for the second
+    and the third, and the twin, replaying the same trace, counts the same tokens."""
+    rows = [
+        {"t": t, "adapter": "alpha", "input_len": 20, "output_len": 2, "shared_prefix": 17} for t in (0.0, 0.5, 1.0)
+    ]
+    trace = _trace(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "bench.json"
+    with live_server(_server(setup)) as port:
+        argv = ["bench", str(trace), "--url", f"http://127.0.0.1:{port}", "--vocab-size", "20", "--no-progress"]
+        assert cli.main([*argv, "--json", str(out)]) == 0
+    measured = json.loads(out.read_text())["extra"]["cached_input_tokens"]
+    twin = tmp_path / "twin.json"
+    cost = COST.save(tmp_path / "cost.json")
+    argv = ["twin", str(trace), "--max-served", "2", "--max-slots", "1", "--cost", str(cost), "--drain", "10"]
+    assert cli.main([*argv, "--json", str(twin)]) == 0
+    assert measured == json.loads(twin.read_text())["extra"]["cached_input_tokens"] == 32

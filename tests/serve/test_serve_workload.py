@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from paradapt.errors import ConfigError
-from paradapt.serve.workload import WorkloadSpec, adapter_probabilities, generate
+from paradapt.serve.workload import WorkloadSpec, adapter_probabilities, generate, shared_prefix_ids
 
 
 def spec(**kw) -> WorkloadSpec:
@@ -45,6 +45,20 @@ def test_empirical_rate_and_cv_match_the_spec(cv):
     mean = statistics.fmean(gaps)
     assert 1 / mean == pytest.approx(20.0, rel=0.05)
     assert statistics.pstdev(gaps) / mean == pytest.approx(cv, rel=0.08)
+
+
+def test_shared_prefix_is_each_requests_up_to_its_prompt_and_the_same_ids_per_adapter():
+    w = spec(shared_prefix=20, input_len=(8, 40), seed=5).generate()
+    assert [r.shared_prefix for r in w.requests] == [min(20, r.prompt_len) for r in w.requests]
+    a = shared_prefix_ids("adapter-0001", 20, 0, range(3, 100))
+    assert a == shared_prefix_ids("adapter-0001", 20, 0, range(3, 100)) and len(a) == 20
+    assert a != shared_prefix_ids("adapter-0002", 20, 0, range(3, 100))  # another adapter, other ids
+    assert shared_prefix_ids(None, 0, 0, range(3, 100)) == []
+    # the spec without shared_prefix draws the same requests as before the field existed
+    plain = spec(seed=5).generate().requests
+    assert [(r.arrival, r.prompt_len) for r in plain] == [
+        (r.arrival, r.prompt_len) for r in spec(shared_prefix=3, seed=5).generate().requests
+    ]
 
 
 def test_max_requests_caps_the_count():
@@ -159,6 +173,8 @@ def test_missing_field_is_named(tmp_path, missing):
         ("ranks", {}, "empty"),
         ("kinds", ["lora", "adalora"], "unknown adapter kind"),
         ("max_requests", 0, ">= 1"),
+        ("shared_prefix", -1, ">= 0"),
+        ("shared_prefix", 1.5, "integer"),
     ],
 )
 def test_bad_values_name_their_field(field, value, match):

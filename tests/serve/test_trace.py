@@ -39,6 +39,18 @@ def test_spec_trace_twin_round_trip_gives_the_specs_result(tmp_path):
     assert a.row() == b.row() and a.served_fraction == b.served_fraction
 
 
+def test_a_shared_prefix_survives_the_trace_and_the_twin_prices_its_cache_hits(tmp_path):
+    spec = SPEC.__class__(**{**SPEC.to_dict(), "shared_prefix": 9})
+    back = read_trace(write_trace(tmp_path / "t.jsonl", spec.generate()))
+    assert [r.shared_prefix for r in back.requests] == [r.shared_prefix for r in spec.generate().requests]
+    knobs = dict(max_served=3, max_slots=2, drain=0.5, page_size=4)
+    a, b = simulate(spec, COST, **knobs), simulate(back, COST, **knobs)
+    assert a.row() == b.row() and a.extra["cached_input_tokens"] == b.extra["cached_input_tokens"] > 0
+    assert simulate(SPEC, COST, **knobs).extra["cached_input_tokens"] == 0
+    off = simulate(spec, COST, **knobs, prefix_caching=False)
+    assert "cached_input_tokens" not in off.extra and off.row() != a.row()
+
+
 def test_cli_workload_then_twin_prints_the_same_metrics(tmp_path, capsys):
     spec = tmp_path / "w.yaml"
     spec.write_text(
@@ -98,6 +110,8 @@ def read_back(spec):
         ('{"t": NaN, "adapter": "a", "input_len": 4, "output_len": 3}', "t", "finite"),
         ({**GOOD, "adapter": 3}, "adapter", "name"),
         ({**GOOD, "prompt": [1, 2]}, "prompt", "input_len"),
+        ({**GOOD, "shared_prefix": 5}, "shared_prefix", "0 to input_len"),
+        ({**GOOD, "shared_prefix": -1}, "shared_prefix", "0 to input_len"),
         ("[1, 2]", "trace", "object"),
         ("{not json", "trace", "JSON"),
         ({"trace": {"window": 1.0}}, "trace", "first line"),
@@ -164,7 +178,9 @@ def test_request_log_lines_replay_through_the_twin(tmp_path, monkeypatch):
     path = tmp_path / "logs" / "requests.jsonl"
     t0 = 1000.0
     log = RequestLog(path, base="model", clock=lambda: t0)
-    log.record(_handle("1", "a", t0 + 0.2, 5, 4))
+    first = _handle("1", "a", t0 + 0.2, 5, 4)
+    first.cached_tokens = 4
+    log.record(first)
     log.record(_handle("2", None, t0 + 0.5, 3, 2))
     enc = _handle("3", "a", t0 + 0.6, 3, 1)
     enc.task = "classify"
@@ -180,6 +196,7 @@ def test_request_log_lines_replay_through_the_twin(tmp_path, monkeypatch):
         "ttft": pytest.approx(0.1),
         "e2e": pytest.approx(0.3),
         "finish_reason": "length",
+        "cached_tokens": 4,
     }
     w = read_trace(path)
     assert [(r.adapter, r.prompt_len, r.output_len) for r in w.requests] == [("a", 5, 4), (None, 3, 2)]

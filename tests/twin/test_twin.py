@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -456,3 +457,24 @@ def test_cli_twin_without_cost_uses_the_shipped_cost_model(capsys):
     assert shipped.fingerprint["model"] == "random-llama-h512-l8" and shipped.fit["steps"] > 100
     assert cli.main(["twin", str(EXAMPLES / "workload.yaml"), "--max-served", "16", "--max-slots", "4"]) == 0
     assert "throughput" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("num_blocks", [40, 400])
+def test_twin_prefix_cache_takes_the_real_engines_hits_step_by_step(tmp_path, num_blocks):
+    """A workload whose prompts share their adapter's first 9 tokens (two pages of 4): the twin's
+    prefix cache finds the same tokens cached as the real engine's, so every chunk starts where
+    the real one does, with KV room to spare (400 pages) and with cached pages evicted (40)."""
+    spec = replace(SPEC, shared_prefix=9)
+    knobs = {**KNOBS, "num_blocks": num_blocks}
+    workload, engine, clock = real_engine_on_modelled_time(tmp_path, spec, COST, **knobs)
+    real = replay(workload, ModelledTimeBackend(engine, clock, vocab=96), drain=5.0)
+    twin_engine = SimEngine(workload, COST, EngineConfig(max_served=3, max_slots=2, **knobs))
+    twin = replay(workload, SimBackend(twin_engine), drain=5.0)
+
+    assert engine.prefix_stats["hits"] > 0  # the real engine did share pages
+    assert twin_engine.prefix.hits == engine.prefix_stats["hits"]
+    assert twin_engine.prefix.queries == engine.prefix_stats["queries"]
+    assert twin.steps == real.steps
+    assert summarize(twin).row() == summarize(real).row()
+    off = SimEngine(workload, COST, EngineConfig(max_served=3, max_slots=2, **knobs, prefix_caching=False))
+    assert replay(workload, SimBackend(off), drain=5.0).steps != twin.steps  # the cache changed the steps

@@ -69,7 +69,8 @@ class EngineConfig:
     with the same full KV pages share those pages and skip their prefill (a system prompt, an
     instruction, few-shot examples, earlier chat turns); on by default, as in vLLM. Off when
     ``check_adapter_weights`` is on (edited weights would make cached pages stale). The twin
-    does not model it (its workloads' prompts share nothing).
+    models it (:mod:`paradapt.twin.prefix_cache`) for prompts that share a start (a trace's
+    token ids, a workload's ``shared_prefix``).
     """
 
     page_size: int = 16

@@ -73,12 +73,13 @@ class RequestLog:
                 h.first_token_at,
                 h.finished_at,
                 h.finish_reason,
+                h.cached_tokens,
             )
         )
 
     def line(self, item: tuple) -> dict[str, Any]:
         """The trace line of a queued item."""
-        arrival, adapter, n_in, n_out, first, end, reason = item
+        arrival, adapter, n_in, n_out, first, end, reason, cached = item
         return {
             "t": round(arrival - self.origin, 6),
             "adapter": adapter if adapter is not None else self.base,
@@ -87,6 +88,7 @@ class RequestLog:
             "ttft": None if first is None else round(first - arrival, 6),
             "e2e": None if end is None else round(end - arrival, 6),
             "finish_reason": reason,
+            "cached_tokens": cached,  # prompt tokens the prefix cache served (measured; not replayed)
         }
 
     def _run(self) -> None:

@@ -2,7 +2,10 @@
 
 A request line is ``{"t": seconds from the start, "adapter": name (or the base model's served
 name, or null for the base), "input_len": int, "output_len": int}`` with an optional
-``"prompt"`` (its token ids, ``input_len`` of them). Other keys are kept out of the way: a
+``"prompt"`` (its token ids, ``input_len`` of them) and an optional ``"shared_prefix"`` (how
+many of its first tokens every request to its adapter shares, at most ``input_len``: a system
+prompt; the load client sends such prompts and the twin prices the prefix cache's hits).
+Other keys are kept out of the way: a
 server's request log (:mod:`paradapt.serve.request_log`) adds its measured ``ttft``, ``e2e``
 and ``finish_reason`` to each line, and the log replays as it is.
 
@@ -125,6 +128,8 @@ def request_record(req: WorkloadRequest, base: str | None = None) -> dict[str, A
     }
     if req.prompt is not None:
         d["prompt"] = list(req.prompt)
+    if req.shared_prefix:
+        d["shared_prefix"] = req.shared_prefix
     return d
 
 
@@ -221,7 +226,7 @@ def parse_trace(
     if not reqs:
         raise ConfigError("trace", f"{source}: no requests")
     reqs = [
-        WorkloadRequest(i, r.adapter, r.arrival, r.prompt_len, r.output_len, r.prompt)
+        WorkloadRequest(i, r.adapter, r.arrival, r.prompt_len, r.output_len, r.prompt, r.shared_prefix)
         for i, r in enumerate(reqs)
     ]
     kinds = head.get("adapters", {})
@@ -328,5 +333,11 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
                 f"{where}: 'prompt' has {len(prompt)} token ids but 'input_len' is {obj['input_len']}",
             )
         prompt = tuple(prompt)
+    shared = obj.get("shared_prefix", 0)
+    if not is_int(shared) or not 0 <= shared <= obj["input_len"]:
+        raise ConfigError(
+            "shared_prefix",
+            f"{where}: 'shared_prefix' must be an integer from 0 to input_len ({obj['input_len']}), got {shared!r}",
+        )
     name = None if adapter == base else adapter
-    return WorkloadRequest(0, name, float(t), obj["input_len"], obj["output_len"], prompt)
+    return WorkloadRequest(0, name, float(t), obj["input_len"], obj["output_len"], prompt, shared)

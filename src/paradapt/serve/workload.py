@@ -13,7 +13,11 @@ The definition follows S-LoRA's ``benchmarks/trace.py`` (Sheng et al. 2023):
 * input and output lengths are uniform integers from inclusive ranges (S-LoRA's ``[8, 512)``
   is ``[8, 511]`` here);
 * unlike S-LoRA (a fixed count ``rate * duration``), requests arrive until ``duration`` is
-  reached, Agullo et al.'s "by time" window, so the offered load of the window is exact.
+  reached, Agullo et al.'s "by time" window, so the offered load of the window is exact;
+* ``shared_prefix`` (not in S-LoRA): the first tokens of every prompt to the same adapter are
+  the same (a system prompt, a task's instruction, few-shot examples), which the engine's
+  prefix cache serves without running them again; the load client and the in-process replay
+  draw those tokens once per adapter (:func:`shared_prefix_ids`), the twin models the cache.
 
 Pure Python (``random.Random``): no torch, no numpy, so the twin can import it cheaply. Each
 random stream (adapter mix, arrivals) has its own generator seeded from ``seed``, so a longer
@@ -26,7 +30,7 @@ from __future__ import annotations
 import difflib
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,9 @@ class AdapterSpec:
 @dataclass(frozen=True)
 class WorkloadRequest:
     """One request of a workload: which adapter (None: the base model), when, and how many tokens
-    in and out; ``prompt`` holds its token ids when a trace gave them (replayed as they are)."""
+    in and out; ``prompt`` holds its token ids when a trace gave them (replayed as they are);
+    ``shared_prefix``: how many of its first prompt tokens every request to its adapter shares
+    (0: none; ignored when ``prompt`` is given, whose own tokens say what they share)."""
 
     id: int
     adapter: str | None
@@ -60,6 +66,7 @@ class WorkloadRequest:
     prompt_len: int
     output_len: int
     prompt: tuple[int, ...] | None = None
+    shared_prefix: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class WorkloadSpec:
     seed: int = 0
     max_requests: int | None = None
     adapter_prefix: str = "adapter"
+    shared_prefix: int = 0
 
     def __post_init__(self) -> None:
         _check_int("num_adapters", self.num_adapters, minimum=1)
@@ -105,6 +113,7 @@ class WorkloadSpec:
             _check_int("max_requests", self.max_requests, minimum=1)
         if not isinstance(self.adapter_prefix, str) or not self.adapter_prefix:
             raise ConfigError("adapter_prefix", f"must be a non-empty string, got {self.adapter_prefix!r}")
+        _check_int("shared_prefix", self.shared_prefix, minimum=0)
 
     def __hash__(self) -> int:  # the mixes are dicts; hash a frozen view (specs key caches in the twin)
         return hash(tuple(_freeze(v) for v in self.to_dict().values()))
@@ -218,8 +227,18 @@ def generate(spec: WorkloadSpec) -> Workload:
         idx = min(int(u * spec.num_adapters), spec.num_adapters - 1)
         prompt_len = rng.randint(*spec.input_len)
         output_len = rng.randint(*spec.output_len)
-        requests.append(WorkloadRequest(len(requests), names[idx], t, prompt_len, output_len))
+        shared = min(spec.shared_prefix, prompt_len)
+        requests.append(WorkloadRequest(len(requests), names[idx], t, prompt_len, output_len, None, shared))
     return Workload(spec, tuple(adapters), tuple(requests))
+
+
+def shared_prefix_ids(adapter: str | None, n: int, seed: int | str, population: Sequence[int]) -> list[int]:
+    """The ``n`` prompt tokens every request to ``adapter`` starts with (its ``shared_prefix``):
+    drawn from ``population`` by a generator seeded with ``seed`` and the adapter's name, so
+    every request of the adapter gets the same ones and other adapters get others. The load
+    client (:mod:`paradapt.bench`) and the in-process replay (:mod:`paradapt.twin.replay`) both
+    build prompts with it: a request's remaining tokens are random, as before."""
+    return random.Random(f"{seed}:prefix:{adapter}").choices(population, k=n) if n > 0 else []
 
 
 def _draw_adapters(spec: WorkloadSpec) -> list[AdapterSpec]:

@@ -101,6 +101,11 @@ class TwinResult:
             f"ITL p50 / p90 / p99 {1e3 * self.itl_p50:.1f} / {1e3 * self.itl_p90:.1f} / {1e3 * self.itl_p99:.1f} ms",
             f"output throughput   {self.output_throughput:.1f} tok/s;  goodput {self.goodput:.2f} req/s",
             f"adapter loads       {self.loads} host->device, {self.disk_loads} disk->host",
+            *(
+                [f"prefix cache        {self.extra['cached_input_tokens']} prompt tokens found cached"]
+                if self.extra.get("cached_input_tokens")
+                else []
+            ),
             f"served fraction     min {self.min_served_fraction:.2f} over {len(self.served_fraction)} adapters with requests",
             f"run time            {self.sim_seconds:.3f} s",
         ]
@@ -124,6 +129,7 @@ def summarize(log: ReplayLog, slo_ttft: float | None = None, slo_tpot: float | N
     T = log.window
     reqs = log.requests
     done_tokens: dict[str, int] = {}
+    prompt_done: dict[str, int] = {}  # per request: prompt tokens done (events carry the running total)
     out_tokens = 0
     token_times: dict[str, list[float]] = {}
     for ev in log.steps:
@@ -133,7 +139,8 @@ def summarize(log: ReplayLog, slo_ttft: float | None = None, slo_tpot: float | N
         if ev.end > T:
             continue
         for rid, n in ev.prompt:
-            done_tokens[rid] = done_tokens.get(rid, 0) + n
+            done_tokens[rid] = done_tokens.get(rid, 0) + n - prompt_done.get(rid, 0)
+            prompt_done[rid] = n
         for rid in ev.sampled:
             done_tokens[rid] = done_tokens.get(rid, 0) + 1
         out_tokens += len(ev.sampled)

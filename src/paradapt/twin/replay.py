@@ -21,7 +21,7 @@ from typing import Protocol
 
 from ..serve.cache import CacheStats
 from ..serve.scheduler import ScheduledStep
-from ..serve.workload import Workload, WorkloadRequest
+from ..serve.workload import Workload, WorkloadRequest, shared_prefix_ids
 
 
 class Backend(Protocol):
@@ -39,8 +39,9 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class StepEvent:
-    """A step that ran: when it ended, prompt tokens it prefilled and output tokens it sampled,
-    per request id."""
+    """A step that ran: when it ended, per request id the prompt tokens done by its end (those
+    the prefix cache served included: the server counts them as served, and so do the metrics)
+    and the output tokens it sampled."""
 
     end: float
     prompt: tuple[tuple[str, int], ...]
@@ -109,7 +110,7 @@ def collect(log: ReplayLog, backend: Backend) -> None:
 
 def step_event(end: float, step: ScheduledStep) -> StepEvent:
     """The :class:`StepEvent` of ``step``, which ended at ``end`` (what the metrics read)."""
-    prompt = tuple((c.request_id, c.length) for c in step.prefills)
+    prompt = tuple((c.request_id, c.start + c.length) for c in step.prefills)
     sampled = (*(c.request_id for c in step.prefills if c.last), *step.decodes)
     return StepEvent(end, prompt, sampled)
 
@@ -132,6 +133,7 @@ class RealBackend:
         self.clock = clock
         self._params = SamplingParams
         self._rng = random.Random(seed)
+        self._seed = seed
         self._ids = range(3, vocab)
 
     @staticmethod
@@ -149,9 +151,14 @@ class RealBackend:
             time.sleep(delay)
 
     def submit(self, req: WorkloadRequest) -> str:
-        prompt = list(req.prompt) if req.prompt else self._rng.choices(self._ids, k=req.prompt_len)
+        prompt = list(req.prompt) if req.prompt else self._prompt(req)
         params = self._params(max_new_tokens=req.output_len, ignore_eos=True)
         return self.engine.add_request(prompt, req.adapter, params, request_id=f"w{req.id}").id
+
+    def _prompt(self, req: WorkloadRequest) -> list[int]:
+        """Random ids, the first ``shared_prefix`` of them the same for every request to the adapter."""
+        shared = shared_prefix_ids(req.adapter, min(req.shared_prefix, req.prompt_len), self._seed, self._ids)
+        return shared + self._rng.choices(self._ids, k=req.prompt_len - len(shared))
 
     def step(self) -> ScheduledStep | None:
         self.engine.step()

@@ -14,6 +14,9 @@ What it models:
   guard (all the engine's own code);
 * adapter load/evict times, and each step's time as a function of its shape;
 * ``EngineConfig.device_memory`` (slots carved out of the KV pages);
+* the prefix cache (``EngineConfig.prefix_caching``, on by default as in the engine): requests
+  whose prompts start alike (a trace's token ids, a workload's ``shared_prefix``) skip the
+  cached pages' prefill (:mod:`paradapt.twin.prefix_cache`);
 * the HTTP server, when the cost model has a ``server`` section (``paradapt profile --server``;
   ``server=False`` ignores it): each step costs ``step + token x tokens emitted`` more, and each
   request's first token and finish come ``request`` seconds later (a latency, not engine time).
@@ -38,6 +41,7 @@ from ..serve.scheduler import Request, ScheduledStep
 from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec
 from .costmodel import CostModel
 from .metrics import TwinResult, summarize
+from .prefix_cache import PrefixCacheModel, page_keys
 from .replay import replay
 
 #: Engine knobs ``simulate`` accepts besides max_served/max_slots: EngineConfig's other fields.
@@ -63,6 +67,11 @@ class SimEngine(ServeCore):
         self.end: dict[str, float] = {}
         self._loads = 0
         self.busy = 0.0  # simulated seconds spent in steps and moves
+        self.prefix: PrefixCacheModel | None = None
+        self._prompts: dict[str, tuple[int, tuple[int, ...] | None]] = {}  # rid -> (shared_prefix, prompt)
+        if config.prefix_caching and not config.check_adapter_weights:  # the engine's rule (Engine._salt)
+            self.prefix = PrefixCacheModel(config.page_size, split.num_blocks)
+            self.scheduler.on_admit = self._admitted
 
     def preload(self, adapters: Sequence[str]) -> None:
         """Hold ``adapters`` (hottest first) before the window opens, as a replica that has been
@@ -90,13 +99,42 @@ class SimEngine(ServeCore):
         self.busy += dt
         self._loads += move.op == "load_device"
 
-    def add(self, rid: str, adapter: str | None, prompt_len: int, max_new_tokens: int) -> str:
-        """Queue a request as ``Engine.add_request`` does (register the adapter, then the scheduler)."""
+    def add(
+        self,
+        rid: str,
+        adapter: str | None,
+        prompt_len: int,
+        max_new_tokens: int,
+        *,
+        shared_prefix: int = 0,
+        prompt: tuple[int, ...] | None = None,
+    ) -> str:
+        """Queue a request as ``Engine.add_request`` does (register the adapter, then the scheduler);
+        ``shared_prefix``/``prompt``: what its prompt shares with others (the prefix cache's keys)."""
         if adapter is not None and adapter not in self.cache:
             self.cache.add_adapter(adapter, self.sizes[adapter])
         self.t += self.cost.submit
         self.scheduler.add(Request(rid, adapter, prompt_len, max_new_tokens, self.t))
+        if self.prefix is not None:
+            self._prompts[rid] = (shared_prefix, prompt)
         return rid
+
+    def _admitted(self, r: Request) -> int:
+        """The scheduler's ``on_admit``: the prompt tokens ``r`` finds in the prefix cache."""
+        shared, prompt = self._prompts.pop(r.id, (0, None))
+        keys = page_keys(r.id, r.adapter, r.prompt_len, self.prefix.page, shared=shared, prompt=prompt)
+        return self.prefix.admit(r.id, keys, r.prompt_len)
+
+    def _cache_after(self, step: ScheduledStep, ended: list[Request]) -> None:
+        """After a step: its prompt pages join the prefix cache, ended requests let theirs go, and
+        the free cached pages shrink to what the running requests' pages leave."""
+        for c in step.prefills:
+            self.prefix.written(c.request_id, c.start + c.length)
+        for r in ended:
+            self.prefix.release(r.id)
+        running = self.scheduler.running
+        own = sum(self.prefix.private_pages(r.id, r.prefilled + r.generated) for r in running)
+        self.prefix.evict(own + len(self.prefix.refs))
 
     def step(self) -> ScheduledStep:
         """Schedule with the engine's code, then charge the step's modelled time."""
@@ -115,8 +153,11 @@ class SimEngine(ServeCore):
         for c in step.prefills:
             if c.last:
                 self.first.setdefault(c.request_id, seen)
-        for r in self.scheduler.complete(step, now):
+        ended = self.scheduler.complete(step, now)
+        for r in ended:
             self.end[r.id] = seen
+        if self.prefix is not None:
+            self._cache_after(step, ended)
         return step
 
 
@@ -133,7 +174,14 @@ class SimBackend:
         self.engine.t = max(self.engine.t, t)
 
     def submit(self, req: WorkloadRequest) -> str:
-        return self.engine.add(f"w{req.id}", req.adapter, req.prompt_len, req.output_len)
+        return self.engine.add(
+            f"w{req.id}",
+            req.adapter,
+            req.prompt_len,
+            req.output_len,
+            shared_prefix=req.shared_prefix,
+            prompt=req.prompt,
+        )
 
     def step(self) -> ScheduledStep:
         return self.engine.step()
@@ -186,4 +234,6 @@ def simulate(
     result = summarize(log, slo_ttft, slo_tpot)
     result.sim_seconds = time.perf_counter() - t0
     result.extra["busy_seconds"] = engine.busy
+    if engine.prefix is not None:  # what paradapt bench reports from the server's usage
+        result.extra["cached_input_tokens"] = engine.prefix.hits
     return result
