@@ -26,6 +26,7 @@ error), and a PNG of predicted vs real.
     python benchmarks/twin_accuracy.py --threads 1 --model smollm2-135m-instruct --rate-scale 0.2
     python benchmarks/twin_accuracy.py --threads 1 --server          # against the HTTP server
     python benchmarks/twin_accuracy.py --threads 1 --server --set saturated --client-process   # issue 21's set
+    python benchmarks/twin_accuracy.py --threads 1 --server --set prefix --client-process      # shared prompt starts
     python benchmarks/twin_accuracy.py --threads 1 --server --set saturated --client-process --decompose
 
 ``--server``: the real side is ``paradapt serve``'s app (in this process, on 127.0.0.1, with the
@@ -114,8 +115,29 @@ SATURATED_ROWS = [
     ("sat long both", 100, 1.2, 1.0, MIX3, 32, 8, {"input_len": (128, 512), "output_len": (64, 384)}),
     ("sat mem slots4", 100, 14.0, 0.5, MIX3, 32, 4, {"device_memory": 96 * 2**20}),
 ]
-SETS = {"default": DEFAULT_ROWS, "saturated": SATURATED_ROWS}
-QUICK = {"default": (0, 2, 4, 11), "saturated": (0, 2, 5, 7)}  # --quick's rows of each set
+# Shared prompt starts (the engine's prefix cache): each adapter's prompts begin with the same
+# system prompt / instruction of ``shared_prefix`` tokens; below the knee and past it, many
+# adapters over few slots, a KV pool too small to keep every adapter's pages, long outputs.
+PFX = dict(shared_prefix=128, input_len=(160, 288))
+PREFIX_ROWS = [
+    ("pfx n8 mid", 8, 3.0, 1.0, LORA16, 8, 8, {**PFX}),
+    ("pfx n8 high", 8, 8.0, 1.0, LORA16, 8, 8, {**PFX}),
+    ("pfx n100 slots8", 100, 4.0, 0.5, MIX3, 32, 8, {"shared_prefix": 96, "input_len": (128, 256)}),
+    ("pfx tight kv", 16, 5.0, 0.5, LORA16, 16, 8, {**PFX, "num_blocks": 96}),
+    (
+        "pfx long outputs",
+        8,
+        1.0,
+        1.0,
+        LORA16,
+        8,
+        8,
+        {"shared_prefix": 192, "input_len": (224, 320), "output_len": (64, 256)},
+    ),
+    ("pfx a0.1 overload", 50, 10.0, 0.1, MIX3, 16, 8, {"shared_prefix": 64, "input_len": (80, 160)}),
+]
+SETS = {"default": DEFAULT_ROWS, "saturated": SATURATED_ROWS, "prefix": PREFIX_ROWS}
+QUICK = {"default": (0, 2, 4, 11), "saturated": (0, 2, 5, 7), "prefix": (0, 3)}  # --quick's rows of each set
 
 
 def workloads(
@@ -127,7 +149,7 @@ def workloads(
     out = []
     for i, (label, n, rate, alpha, mix, served, slots, extra) in enumerate(SETS[name]):
         extra = dict(extra)  # the spec's fields are popped from it below; the set stays as it is
-        spec_kw = {k: extra.pop(k) for k in ("cv", "input_len", "output_len") if k in extra}
+        spec_kw = {k: extra.pop(k) for k in ("cv", "input_len", "output_len", "shared_prefix") if k in extra}
         spec = WorkloadSpec(
             num_adapters=n,
             rate=rate * rate_scale,
@@ -176,13 +198,20 @@ def run_real(model, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel
     clock.reset()
     log = replay(workload, backend)
     result = summarize(log)
+    result.extra["cached_input_tokens"] = engine.prefix_stats["hits"]
     check = step_check(engine, workload, cost, spec.duration)
     clear_adapters(model)
     return result.to_dict(), check
 
 
 def run_server(
-    model, tokenizer, root: Path, spec: WorkloadSpec, knobs: dict, cost: CostModel, client_process: bool = False
+    model,
+    tokenizer,
+    root: Path,
+    spec: WorkloadSpec,
+    knobs: dict,
+    cost: CostModel,
+    client_process: bool = False,
 ) -> tuple[dict, dict]:
     """The workload against the HTTP app (``paradapt serve``'s, in process) with the load client;
     returns the client's metrics (the engine's adapter loads) and the step-time check."""
@@ -339,7 +368,11 @@ def report(rows: list[dict], args, cost: CostModel, load: str, total: float) -> 
             f"{r['ttft_p50']:.2f}/{r['ttft_p90']:.2f} | {t['ttft_p50']:.2f}/{t['ttft_p90']:.2f} | "
             f"{1e3 * r['tpot_p50']:.0f}/{1e3 * r['tpot_p90']:.0f} | {1e3 * t['tpot_p50']:.0f}/{1e3 * t['tpot_p90']:.0f} | "
             f"{r['loads']}/{t['loads']} | {c['step_err']:+.1f}% | {row['speedup']:.0f}x |"
-            + (f" {row['check_inproc']['step_err']:+.1f}% | {c['cpu_share']:.3f} |" if decomposed(rows) else "")
+            + (
+                f" {row['check_inproc']['step_err']:+.1f}% | {c['cpu_share']:.3f} |"
+                if decomposed(rows)
+                else ""
+            )
         )
     lines += ["", *smape_table(rows), "", "| | |", "|---|---|"]
     sp = sorted(x["speedup"] for x in rows)
@@ -387,6 +420,7 @@ def smape_table(rows: list[dict]) -> list[str]:
     groups = [("all", rows), ("saturated", [r for r in rows if saturated(r)])]
     groups.append(("below knee", [r for r in rows if not saturated(r)]))
     twins = [("twin", "twin")] + ([("twin, no server", "twin_inproc")] if "twin_inproc" in rows[0] else [])
+    twins += [("twin, no prefix cache", "twin_nocache")] if "twin_nocache" in rows[0] else []
     head = " | ".join(f"{t}: {g} ({len(rs)})" for t, _ in twins for g, rs in groups)
     lines = [f"SMAPE % (saturated: measured throughput < {SATURATED:g} x offered)", ""]
     lines += [f"| metric | {head} |", "|---|" + "---|" * (len(twins) * len(groups))]
@@ -548,6 +582,8 @@ def main(argv=None) -> int:
             row["real_inproc"], row["check_inproc"] = run_real(model, root, spec, knobs, cost)
         if args.server:
             row["twin_inproc"] = simulate(spec, cost, server=False, **drain, **knobs).to_dict()
+        if spec.shared_prefix:  # what modelling the prefix cache buys: the twin without it
+            row["twin_nocache"] = simulate(spec, cost, **drain, **knobs, prefix_caching=False).to_dict()
         row.update(
             real=real, twin=twin, check=check, speedup=real["sim_seconds"] / max(twin["sim_seconds"], 1e-9)
         )
@@ -564,7 +600,12 @@ def main(argv=None) -> int:
                 else ""
             )
             + f"  move err {check['move_err']:+.0f}%  busy {check['busy']:.2f}  "
-            f"speed-up {row['speedup']:.0f}x",
+            + (
+                f"cached {real['extra'].get('cached_input_tokens')}/{twin['extra'].get('cached_input_tokens')}  "
+                if spec.shared_prefix
+                else ""
+            )
+            + f"speed-up {row['speedup']:.0f}x",
             flush=True,
         )
     load = f"{load0:.1f}/{os.getloadavg()[0]:.1f}"
