@@ -3,7 +3,8 @@
 Issue 17's measurement. Both servers serve the random Llama of ``benchmarks/serve_load.py``
 (hidden 512, 8 layers, 8 heads of 64, intermediate 1344, vocab 512, stories260K's tokenizer),
 float32, with the same N PEFT-format LoRA folders (r=16, alpha 32, q/k/v/o, random non-zero B),
-on one compute thread each:
+on one compute thread each (``--model smollm2-135m-instruct``, or a Hugging Face folder: that
+model instead, the prompts' random ids below its vocabulary):
 
 - **paradapt**: ``python -m paradapt.cli serve --model DIR --adapter-root ROOT --threads T
   --max-running 32 --token-budget 512 --max-slots 32 --max-served N`` (the adapters load from the
@@ -45,6 +46,7 @@ markdown table of medians over repeats. Timings from a shared or busy machine ar
     python benchmarks/vs_vllm.py --quick                     # smoke: 8 adapters, 8 requests, 8 tokens
     python benchmarks/vs_vllm.py                             # issue 17's table (long)
     python benchmarks/vs_vllm.py --setup                     # create the vLLM venv (pip, PyPI)
+    python benchmarks/vs_vllm.py --model smollm2-135m-instruct --adapters 0,8 --workloads closed --requests 64
 """
 
 from __future__ import annotations
@@ -425,7 +427,7 @@ def drive(server: Server, workload, mode: str, args, seed: int) -> dict:
         url=server.url,
         concurrency=args.concurrency if mode == "closed" else None,
         base_name=BASE_NAME,
-        vocab_size=512,
+        vocab_size=args.vocab,
         seed=seed,
         drain=None if mode == "closed" else args.grace,
         progress=False,
@@ -484,7 +486,7 @@ def warm(server: Server, n: int, args) -> float:
 
 def agree_cases(args, n: int) -> list[tuple[list[int], str | None]]:
     rng = random.Random(f"{args.seed}:agree")
-    prompts = [[rng.randrange(3, 512) for _ in range(args.input_len)] for _ in range(args.agree_prompts)]
+    prompts = [[rng.randrange(3, args.vocab) for _ in range(args.input_len)] for _ in range(args.agree_prompts)]
     targets = [None] + adapter_names(min(n, 2))
     return [(p, a) for a in targets for p in prompts]
 
@@ -590,6 +592,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=32, help="adapters per step (paradapt --max-slots)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--templates", type=int, default=8, help="distinct adapter weight sets (0: all distinct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a named model (smollm2-135m-instruct) or a Hugging Face folder, served by both "
+        "(default: the random Llama of --layers/--hidden)",
+    )
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=1024)
@@ -701,15 +709,20 @@ def main(argv=None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="vs_vllm-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir, root = work / "model", work / "adapters"
-    if not (model_dir / "config.json").is_file():
+    if args.model:  # a real model: its own folder (a named one converted once into paradapt's cache)
+        from paradapt.models import resolve_model
+
+        model_dir = resolve_model(args.model)
+    elif not (model_dir / "config.json").is_file():
         build_model(model_dir, args.layers, args.hidden, args.seed)
+    args.vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     nmax = max(args.adapters)
     if nmax:
         build_adapters(model_dir, root, nmax, args.rank, args.templates, args.seed)
     out_path = args.out or work / "vs_vllm.jsonl"
     out = open(out_path, "a")  # noqa: SIM115
     print(
-        f"vs_vllm: Llama h{args.hidden} x{args.layers}; N {args.adapters}; {args.workloads}; "
+        f"vs_vllm: {args.model or f'Llama h{args.hidden} x{args.layers}'}; N {args.adapters}; {args.workloads}; "
         f"{args.repeats} repeats; {args.input_len}+{args.output_len} tokens; threads {args.threads}; "
         f"setup {time.monotonic() - t0:.0f} s; load {os.getloadavg()[0]:.1f}; work {work}",
         flush=True,
