@@ -35,7 +35,7 @@ from typing import Any
 from .checks import is_int
 from .errors import ParadaptError
 from .serve.trace import check_requests
-from .serve.workload import Workload, WorkloadRequest, shared_prefix_ids
+from .serve.workload import Workload, WorkloadRequest, leading_ids
 from .twin.metrics import TwinResult, summarize
 from .twin.replay import ReplayLog, StepEvent
 
@@ -145,7 +145,7 @@ def _prompt(req: WorkloadRequest, config: BenchConfig) -> list[int]:
     if req.prompt is not None:
         return list(req.prompt)
     ids = range(3, max(4, config.vocab_size))
-    shared = shared_prefix_ids(req.adapter, min(req.shared_prefix, req.prompt_len), config.seed, ids)
+    shared = leading_ids(req, config.seed, ids)
     rng = random.Random(f"{config.seed}:{req.id}")
     return shared + [rng.randrange(ids.start, ids.stop) for _ in range(req.prompt_len - len(shared))]
 

@@ -153,3 +153,28 @@ def test_a_traces_shared_prefix_is_sent_as_shared_tokens_and_the_twin_predicts_t
     argv = ["twin", str(trace), "--max-served", "2", "--max-slots", "1", "--cost", str(cost), "--drain", "10"]
     assert cli.main([*argv, "--json", str(twin)]) == 0
     assert measured == json.loads(twin.read_text())["extra"]["cached_input_tokens"] == 32
+
+
+def test_a_request_log_replays_the_prefix_sharing_it_recorded(setup, tmp_path):
+    """The shared-prefix trace above, sent to a server that logs its requests; the log (prefix
+    hashes, no prompts) sent again to a fresh server finds the same tokens cached, and the twin
+    replaying the log predicts them."""
+    rows = [
+        {"t": t, "adapter": "alpha", "input_len": 20, "output_len": 2, "shared_prefix": 17} for t in (0.0, 0.5, 1.0)
+    ]
+    log_path = tmp_path / "requests.jsonl"
+    app = _server(setup, "--request-log", str(log_path))
+    with live_server(app) as port:
+        argv = ["bench", str(_trace(tmp_path / "t.jsonl", rows)), "--url", f"http://127.0.0.1:{port}"]
+        assert cli.main([*argv, "--vocab-size", "20", "--no-progress"]) == 0
+    app.state.loop.metrics.request_log.close()
+    out = tmp_path / "replay.json"
+    with live_server(_server(setup)) as port:
+        argv = ["bench", str(log_path), "--url", f"http://127.0.0.1:{port}", "--vocab-size", "20"]
+        assert cli.main([*argv, "--no-progress", "--json", str(out)]) == 0
+    twin = tmp_path / "twin.json"
+    cost = COST.save(tmp_path / "cost.json")
+    argv = ["twin", str(log_path), "--max-served", "2", "--max-slots", "1", "--cost", str(cost), "--drain", "10"]
+    assert cli.main([*argv, "--json", str(twin)]) == 0
+    replayed = json.loads(out.read_text())["extra"]["cached_input_tokens"]
+    assert replayed == json.loads(twin.read_text())["extra"]["cached_input_tokens"] == 32

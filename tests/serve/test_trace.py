@@ -15,6 +15,7 @@ from paradapt.serve.engine import RequestHandle
 from paradapt.serve.request_log import RequestLog
 from paradapt.serve.sampling import SamplingParams
 from paradapt.serve.trace import is_trace, load_workload, read_trace, write_trace
+from paradapt.serve.workload import leading_ids
 from paradapt.twin import simulate
 from paradapt.twin.features import trace_features, workload_features
 
@@ -197,6 +198,7 @@ def test_request_log_lines_replay_through_the_twin(tmp_path, monkeypatch):
         "e2e": pytest.approx(0.3),
         "finish_reason": "length",
         "cached_tokens": 4,
+        "prefix_hashes": [],  # 5 prompt tokens: no whole unit of 16
     }
     w = read_trace(path)
     assert [(r.adapter, r.prompt_len, r.output_len) for r in w.requests] == [("a", 5, 4), (None, 3, 2)]
@@ -212,6 +214,45 @@ def test_request_log_lines_replay_through_the_twin(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # still sorted
         assert len(read_trace(path).requests) == 3
+
+
+def test_a_request_logs_prefix_hashes_replay_as_prompts_that_share_what_the_logged_ones_shared(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    log = RequestLog(path, base="model", clock=lambda: 0.0)
+    system = list(range(100, 140))  # 40 shared tokens: two whole units of 16
+    for i, (adapter, tail) in enumerate([("a", [1, 2, 3]), ("a", [4, 5, 6, 7]), ("b", [1, 2, 3])]):
+        h = _handle(str(i), adapter, float(i), 1, 2)
+        h.prompt = system + tail
+        log.record(h)
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    hashes = [x["prefix_hashes"] for x in lines]
+    assert all(len(h) == 2 for h in hashes)
+    assert hashes[0] == hashes[1] and hashes[2][0] != hashes[0][0]  # same adapter shares; another does not
+    assert all("prompt" not in x for x in lines) and "100, 101, 102" not in path.read_text()  # no tokens
+    back = read_trace(path)
+    lead = [leading_ids(r, 0, range(3, 20)) for r in back.requests]  # what bench sends first
+    assert lead[0] == lead[1] and len(lead[0]) == 32 and lead[2][:16] != lead[0][:16]
+    assert all(3 <= t < 20 for x in lead for t in x)
+    again_back = read_trace(write_trace(tmp_path / "round.jsonl", back))
+    assert [r.prefix_hashes for r in again_back.requests] == [r.prefix_hashes for r in back.requests]
+    again = RequestLog(tmp_path / "other.jsonl", base="model", clock=lambda: 0.0)
+    h = _handle("x", "a", 0.0, 1, 2)
+    h.prompt = system
+    again.record(h)
+    again.close()
+    other = json.loads((tmp_path / "other.jsonl").read_text().splitlines()[1])["prefix_hashes"]
+    assert other[0] != hashes[0][0]  # keyed per log: nothing to look a known prompt up by
+
+
+def test_bad_prefix_hashes_are_named(tmp_path):
+    for row, message in (
+        ({**GOOD, "input_len": 16, "prefix_hashes": ["ab", "cd"]}, "one per whole 16"),
+        ({**GOOD, "prefix_hashes": "ab"}, "list of hash strings"),
+    ):
+        with pytest.raises(ConfigError, match=message) as e:
+            read_trace(_write(tmp_path / "bad.jsonl", [row]))
+        assert e.value.field == "prefix_hashes" and "bad.jsonl:1" in str(e.value)
 
 
 def test_replicas_appending_to_one_request_log_share_its_header_and_time_axis(tmp_path):

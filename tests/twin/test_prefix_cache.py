@@ -5,38 +5,43 @@ from __future__ import annotations
 from paradapt.twin.prefix_cache import PrefixCacheModel, page_keys
 
 
-def test_keys_share_only_whole_pages_of_the_shared_prefix_under_one_adapter():
-    a = page_keys("r1", "x", 40, 16, shared=20)
-    b = page_keys("r2", "x", 40, 16, shared=20)
-    assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]  # page 2 holds tokens past the prefix
-    assert page_keys("r3", "y", 40, 16, shared=20)[0] != a[0]  # another adapter: other pages
+def test_keys_share_only_whole_pages_of_the_shared_start_under_one_adapter():
+    lead = list(range(100, 120))  # 20 shared ids: one whole page of 16
+    a = page_keys("r1", "x", 40, 16, lead=lead)
+    b = page_keys("r2", "x", 40, 16, lead=lead)
+    assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]  # page 2 holds tokens past the shared start
+    assert page_keys("r3", "y", 40, 16, lead=lead)[0] != a[0]  # another adapter: other pages
     ids = list(range(40))
     same = page_keys("r4", "x", 40, 16, prompt=ids), page_keys("r5", "x", 33, 16, prompt=ids[:33])
     assert same[0] == same[1]  # token ids: a chain over the pages' tokens
     assert page_keys("r6", "x", 40, 16, prompt=[99, *ids[1:]])[1] != same[0][1]  # an earlier token differs
 
 
+def _keys(rid: str, n: int) -> list:
+    return page_keys(rid, None, n, 4, lead=list(range(8)))
+
+
 def test_a_page_is_found_once_written_never_the_prompts_last_token_and_not_after_eviction():
     c = PrefixCacheModel(page_size=4, num_blocks=10)
-    keys = page_keys("a", None, 8, 4, shared=8)
+    keys = _keys("a", 8)
     assert c.admit("a", keys, 8) == 0  # nothing cached yet
-    assert c.admit("b", page_keys("b", None, 8, 4, shared=8), 8) == 0  # same step: not written yet
+    assert c.admit("b", _keys("b", 8), 8) == 0  # same step: not written yet
     c.written("a", 8)
     c.written("b", 8)  # b's pages are a's: shared, not copied
     assert len(c.refs) == 2 and c.refs[keys[0]] == 2
-    assert c.admit("c", page_keys("c", None, 8, 4, shared=8), 8) == 4  # the last token's page runs
-    assert c.admit("d", page_keys("d", None, 9, 4, shared=8), 9) == 8
+    assert c.admit("c", _keys("c", 8), 8) == 4  # the last token's page runs
+    assert c.admit("d", _keys("d", 9), 9) == 8
     assert (c.queries, c.hits) == (33, 12)
     for rid in "abcd":
         c.release(rid)
     assert not c.refs and list(c.free) == keys  # released, kept, least recently released first
     c.evict(allocated=9)  # one page of room left
     assert list(c.free) == [keys[1]]
-    assert c.admit("e", page_keys("e", None, 9, 4, shared=8), 9) == 0  # its first page is gone
+    assert c.admit("e", _keys("e", 9), 9) == 0  # its first page is gone
 
 
 def test_private_pages_leave_out_the_shared_ones():
     c = PrefixCacheModel(page_size=4, num_blocks=10)
-    c.admit("a", page_keys("a", None, 8, 4, shared=8), 8)
+    c.admit("a", _keys("a", 8), 8)
     c.written("a", 8)
     assert c.private_pages("a", 10) == 1  # 3 pages for 10 tokens, 2 of them in the cache

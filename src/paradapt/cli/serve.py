@@ -195,7 +195,8 @@ def _add_security_flags(serve) -> None:
     serve.add_argument(
         "--request-log",
         metavar="FILE",
-        help="append one trace line per finished request (its lengths, adapter, ttft, e2e; docs/twin.md): "
+        help="append one trace line per finished request (its lengths, adapter, ttft, e2e, cached tokens, "
+        "hashes of what its prompt shared; docs/twin.md): "
         "replay it with paradapt twin FILE or paradapt bench FILE",
     )
     serve.add_argument(

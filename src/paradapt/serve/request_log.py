@@ -2,9 +2,16 @@
 
 Each line is a request line of :mod:`paradapt.serve.trace` (``t``, ``adapter``, ``input_len``,
 ``output_len``) plus what the server measured: ``ttft`` and ``e2e`` (seconds from queued to the
-first token and to the end) and ``finish_reason``. So the log replays through the twin as it
-is (``paradapt twin FILE``), and ``paradapt bench FILE`` replays it against a server. Prompts
-are not logged (they are the users' text).
+first token and to the end), ``finish_reason`` and ``cached_tokens`` (prompt tokens the prefix
+cache served). So the log replays through the twin as it is (``paradapt twin FILE``), and
+``paradapt bench FILE`` replays it against a server. Prompts are not logged (they are the users'
+text); what prompts share is: ``prefix_hashes`` holds one hash per whole
+:data:`~paradapt.serve.workload.PREFIX_UNIT` tokens of the prompt, each over the adapter's name and
+every token up to the unit's end (a chain, as the engine's prefix cache keys its pages), keyed
+with a secret drawn for this log and never written. Two requests of one log with equal first
+hashes started with the same tokens for the same adapter; nothing else can be read from them. A
+replay turns equal hashes into equal tokens (:func:`~paradapt.serve.workload.leading_ids`), so the twin's prefix
+cache and a server replaying the log share what production shared.
 
 Why a writer thread: the engine thread calls :meth:`RequestLog.record` between steps, and a
 disk write there (or on the event loop) would stall every running request; ``record`` only
@@ -23,21 +30,36 @@ order requests finish; a reader sorts them by ``t`` (silently: the header says i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .trace import HEADER_KEY, REQUEST_LOG_SOURCE
+from .workload import PREFIX_UNIT
 
 if TYPE_CHECKING:
     from .engine import RequestHandle
 
 log = logging.getLogger(__name__)
+
+
+def prefix_hashes(adapter: str | None, prompt: Sequence[int], key: bytes) -> list[str]:
+    """One hex hash per whole :data:`PREFIX_UNIT` tokens of ``prompt``: blake2b keyed with ``key``
+    over the previous hash and the unit's tokens, the first rooted in ``adapter``'s name."""
+    out: list[str] = []
+    h = hashlib.blake2b(repr(adapter).encode(), key=key, digest_size=8).digest()
+    for i in range(len(prompt) // PREFIX_UNIT):
+        unit = prompt[i * PREFIX_UNIT : (i + 1) * PREFIX_UNIT]
+        h = hashlib.blake2b(h + b",".join(str(t).encode() for t in unit), key=key, digest_size=8).digest()
+        out.append(h.hex())
+    return out
 
 
 class RequestLog:
@@ -56,6 +78,7 @@ class RequestLog:
         start = start_log(self.path, base)
         self._file = self.path.open("a", encoding="utf-8", buffering=1)
         self.origin = clock() - (time.time() - start)  # t = 0 on the engine's clock
+        self._key = os.urandom(16)  # prefix_hashes: comparable within this log only, never stored
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="paradapt-request-log", daemon=True)
         self._thread.start()
@@ -74,12 +97,13 @@ class RequestLog:
                 h.finished_at,
                 h.finish_reason,
                 h.cached_tokens,
+                tuple(h.prompt),
             )
         )
 
     def line(self, item: tuple) -> dict[str, Any]:
         """The trace line of a queued item."""
-        arrival, adapter, n_in, n_out, first, end, reason, cached = item
+        arrival, adapter, n_in, n_out, first, end, reason, cached, prompt = item
         return {
             "t": round(arrival - self.origin, 6),
             "adapter": adapter if adapter is not None else self.base,
@@ -89,6 +113,7 @@ class RequestLog:
             "e2e": None if end is None else round(end - arrival, 6),
             "finish_reason": reason,
             "cached_tokens": cached,  # prompt tokens the prefix cache served (measured; not replayed)
+            "prefix_hashes": prefix_hashes(adapter, prompt, self._key),
         }
 
     def _run(self) -> None:
@@ -121,7 +146,9 @@ def start_log(path: str | Path, base: str | None) -> float:
     start = time.time()
     with path.open("a", encoding="utf-8") as f:
         if f.tell() == 0:
-            f.write(json.dumps({HEADER_KEY: {"start": start, "base": base, "source": REQUEST_LOG_SOURCE}}) + "\n")
+            f.write(
+                json.dumps({HEADER_KEY: {"start": start, "base": base, "source": REQUEST_LOG_SOURCE}}) + "\n"
+            )
     return start
 
 

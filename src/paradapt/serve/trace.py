@@ -5,7 +5,11 @@ name, or null for the base), "input_len": int, "output_len": int}`` with an opti
 ``"prompt"`` (its token ids, ``input_len`` of them) and an optional ``"shared_prefix"`` (how
 many of its first tokens every request to its adapter shares, at most ``input_len``: a system
 prompt; the load client sends such prompts and the twin prices the prefix cache's hits).
-Other keys are kept out of the way: a
+A server's request log adds ``"prefix_hashes"`` (:mod:`paradapt.serve.request_log`: one keyed
+hash per whole :data:`~paradapt.serve.workload.PREFIX_UNIT` prompt tokens, equal where prompts
+started alike): a replay gives equal hashes equal token ids
+(:func:`~paradapt.serve.workload.leading_ids`), so the twin's prefix cache and a server that
+``paradapt bench`` replays the log to share what the logged server shared. Other keys are kept out of the way: a
 server's request log (:mod:`paradapt.serve.request_log`) adds its measured ``ttft``, ``e2e``
 and ``finish_reason`` to each line, and the log replays as it is.
 
@@ -34,7 +38,7 @@ from typing import Any
 from ..checks import is_int, is_number
 from ..errors import ConfigError
 from ..files import write_text_atomic
-from .workload import KNOWN_KINDS, AdapterSpec, Workload, WorkloadRequest, WorkloadSpec
+from .workload import KNOWN_KINDS, PREFIX_UNIT, AdapterSpec, Workload, WorkloadRequest, WorkloadSpec
 
 #: Fields of a request line: name -> what it must be.
 REQUIRED = ("t", "adapter", "input_len", "output_len")
@@ -130,6 +134,8 @@ def request_record(req: WorkloadRequest, base: str | None = None) -> dict[str, A
         d["prompt"] = list(req.prompt)
     if req.shared_prefix:
         d["shared_prefix"] = req.shared_prefix
+    if req.prefix_hashes:
+        d["prefix_hashes"] = list(req.prefix_hashes)
     return d
 
 
@@ -226,7 +232,9 @@ def parse_trace(
     if not reqs:
         raise ConfigError("trace", f"{source}: no requests")
     reqs = [
-        WorkloadRequest(i, r.adapter, r.arrival, r.prompt_len, r.output_len, r.prompt, r.shared_prefix)
+        WorkloadRequest(
+            i, r.adapter, r.arrival, r.prompt_len, r.output_len, r.prompt, r.shared_prefix, r.prefix_hashes
+        )
         for i, r in enumerate(reqs)
     ]
     kinds = head.get("adapters", {})
@@ -333,6 +341,17 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
                 f"{where}: 'prompt' has {len(prompt)} token ids but 'input_len' is {obj['input_len']}",
             )
         prompt = tuple(prompt)
+    hashes = obj.get("prefix_hashes")
+    if hashes is not None:
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and h for h in hashes):
+            raise ConfigError("prefix_hashes", f"{where}: 'prefix_hashes' must be a list of hash strings")
+        if len(hashes) > obj["input_len"] // PREFIX_UNIT:
+            raise ConfigError(
+                "prefix_hashes",
+                f"{where}: {len(hashes)} prefix hashes for {obj['input_len']} prompt tokens "
+                f"(one per whole {PREFIX_UNIT})",
+            )
+        hashes = tuple(hashes)
     shared = obj.get("shared_prefix", 0)
     if not is_int(shared) or not 0 <= shared <= obj["input_len"]:
         raise ConfigError(
@@ -340,4 +359,4 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
             f"{where}: 'shared_prefix' must be an integer from 0 to input_len ({obj['input_len']}), got {shared!r}",
         )
     name = None if adapter == base else adapter
-    return WorkloadRequest(0, name, float(t), obj["input_len"], obj["output_len"], prompt, shared)
+    return WorkloadRequest(0, name, float(t), obj["input_len"], obj["output_len"], prompt, shared, hashes)

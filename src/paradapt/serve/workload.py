@@ -58,7 +58,9 @@ class WorkloadRequest:
     """One request of a workload: which adapter (None: the base model), when, and how many tokens
     in and out; ``prompt`` holds its token ids when a trace gave them (replayed as they are);
     ``shared_prefix``: how many of its first prompt tokens every request to its adapter shares
-    (0: none; ignored when ``prompt`` is given, whose own tokens say what they share)."""
+    (0: none); ``prefix_hashes``: a request log's hashes of its first whole :data:`PREFIX_UNIT`
+    token units (equal hashes, equal tokens). Both are ignored when ``prompt`` is given, whose
+    own tokens say what they share."""
 
     id: int
     adapter: str | None
@@ -67,6 +69,7 @@ class WorkloadRequest:
     output_len: int
     prompt: tuple[int, ...] | None = None
     shared_prefix: int = 0
+    prefix_hashes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,23 @@ def generate(spec: WorkloadSpec) -> Workload:
         shared = min(spec.shared_prefix, prompt_len)
         requests.append(WorkloadRequest(len(requests), names[idx], t, prompt_len, output_len, None, shared))
     return Workload(spec, tuple(adapters), tuple(requests))
+
+
+#: Prompt tokens per entry of a request log's ``prefix_hashes`` (the engine's default KV page).
+PREFIX_UNIT = 16
+
+
+def leading_ids(req: WorkloadRequest, seed: int | str, population: Sequence[int]) -> list[int]:
+    """The first prompt ids of ``req`` that it shares with other requests: one unit per prefix
+    hash (drawn from ``population`` by the hash, so equal hashes give equal ids), else its
+    ``shared_prefix`` (:func:`shared_prefix_ids`), else none. The load client and the in-process
+    replay add random ids for the rest of the prompt; a trace's own ``prompt`` needs none."""
+    if req.prefix_hashes:
+        out: list[int] = []
+        for h in req.prefix_hashes[: req.prompt_len // PREFIX_UNIT]:
+            out += random.Random(h).choices(population, k=PREFIX_UNIT)
+        return out
+    return shared_prefix_ids(req.adapter, min(req.shared_prefix, req.prompt_len), seed, population)
 
 
 def shared_prefix_ids(adapter: str | None, n: int, seed: int | str, population: Sequence[int]) -> list[int]:

@@ -6,9 +6,10 @@ the pages that start its prompt and skips their prefill. The twin has no token i
 requests, so it keys pages by what is known to be shared:
 
 * a request with token ids (a trace's ``prompt``): the chain of its pages' tokens under its
-  adapter, exactly as the engine hashes them;
-* a request with a ``shared_prefix`` of S tokens: its first ``S // page`` pages are the adapter's
-  shared pages ``(adapter, i)``; every later page is its own (no other request has it).
+  adapter, as the engine hashes them;
+* a request with a ``shared_prefix`` or a request log's ``prefix_hashes``: the same chain over
+  the ids it shares (:func:`~paradapt.serve.workload.leading_ids`, the ids the load client
+  sends too); every later page is its own (no other request has it).
 
 What it keeps to the engine's rules: a request matches only full pages, and never its prompt's
 last token (that token runs to give the first sampled token its logits); a page is offered to
@@ -36,19 +37,23 @@ def page_keys(
     prompt_len: int,
     page: int,
     *,
-    shared: int = 0,
     prompt: Sequence[int] | None = None,
+    lead: Sequence[int] = (),
 ) -> list[Key]:
-    """The keys of a request's full prompt pages (see the module docstring)."""
-    full = prompt_len // page
-    if prompt is not None:
-        keys, h = [], hash(("root", adapter))
-        for i in range(full):
-            h = hash((h, tuple(prompt[i * page : (i + 1) * page])))
-            keys.append(h)
-        return keys
-    common = min(shared, prompt_len) // page
-    return [("shared", adapter, i) if i < common else ("own", rid, i) for i in range(full)]
+    """The keys of a request's full prompt pages: a chain over the pages' token ids rooted in the
+    adapter, as the engine hashes them, for the pages inside ``prompt`` (all its ids) or
+    ``lead`` (the first ids it shares: :func:`~paradapt.serve.workload.leading_ids`); a page
+    past ``lead`` is the request's own."""
+    ids = prompt if prompt is not None else lead
+    keys: list[Key] = []
+    h = hash(("root", adapter))
+    for i in range(prompt_len // page):
+        if (i + 1) * page > len(ids):
+            keys.append(("own", rid, i))
+            continue
+        h = hash((h, tuple(ids[i * page : (i + 1) * page])))
+        keys.append(h)
+    return keys
 
 
 class PrefixCacheModel:

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from ..serve.cache import CacheStats
 from ..serve.scheduler import ScheduledStep
-from ..serve.workload import Workload, WorkloadRequest, shared_prefix_ids
+from ..serve.workload import Workload, WorkloadRequest, leading_ids
 
 
 class Backend(Protocol):
@@ -156,8 +156,8 @@ class RealBackend:
         return self.engine.add_request(prompt, req.adapter, params, request_id=f"w{req.id}").id
 
     def _prompt(self, req: WorkloadRequest) -> list[int]:
-        """Random ids, the first ``shared_prefix`` of them the same for every request to the adapter."""
-        shared = shared_prefix_ids(req.adapter, min(req.shared_prefix, req.prompt_len), self._seed, self._ids)
+        """Random ids after those it shares (:func:`~paradapt.serve.workload.leading_ids`)."""
+        shared = leading_ids(req, self._seed, self._ids)
         return shared + self._rng.choices(self._ids, k=req.prompt_len - len(shared))
 
     def step(self) -> ScheduledStep | None:

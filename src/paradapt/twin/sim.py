@@ -38,11 +38,14 @@ from ..errors import ConfigError
 from ..serve.cache import CacheStats, Move
 from ..serve.core import EngineConfig, ServeCore, memory_split, scheduler_config, step_shape
 from ..serve.scheduler import Request, ScheduledStep
-from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec
+from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec, leading_ids
 from .costmodel import CostModel
 from .metrics import TwinResult, summarize
 from .prefix_cache import PrefixCacheModel, page_keys
 from .replay import replay
+
+#: The ids the twin draws a request's shared prompt start from (any will do: only equality counts).
+LEAD_IDS = range(3, 256)
 
 #: Engine knobs ``simulate`` accepts besides max_served/max_slots: EngineConfig's other fields.
 ENGINE_KNOBS = tuple(f.name for f in fields(EngineConfig) if f.name not in ("max_served", "max_slots"))
@@ -106,23 +109,23 @@ class SimEngine(ServeCore):
         prompt_len: int,
         max_new_tokens: int,
         *,
-        shared_prefix: int = 0,
         prompt: tuple[int, ...] | None = None,
+        lead: Sequence[int] = (),
     ) -> str:
         """Queue a request as ``Engine.add_request`` does (register the adapter, then the scheduler);
-        ``shared_prefix``/``prompt``: what its prompt shares with others (the prefix cache's keys)."""
+        ``prompt`` (its ids) or ``lead`` (the ids it shares): the prefix cache's keys."""
         if adapter is not None and adapter not in self.cache:
             self.cache.add_adapter(adapter, self.sizes[adapter])
         self.t += self.cost.submit
         self.scheduler.add(Request(rid, adapter, prompt_len, max_new_tokens, self.t))
         if self.prefix is not None:
-            self._prompts[rid] = (shared_prefix, prompt)
+            self._prompts[rid] = (prompt, lead)
         return rid
 
     def _admitted(self, r: Request) -> int:
         """The scheduler's ``on_admit``: the prompt tokens ``r`` finds in the prefix cache."""
-        shared, prompt = self._prompts.pop(r.id, (0, None))
-        keys = page_keys(r.id, r.adapter, r.prompt_len, self.prefix.page, shared=shared, prompt=prompt)
+        prompt, lead = self._prompts.pop(r.id, (None, ()))
+        keys = page_keys(r.id, r.adapter, r.prompt_len, self.prefix.page, prompt=prompt, lead=lead)
         return self.prefix.admit(r.id, keys, r.prompt_len)
 
     def _cache_after(self, step: ScheduledStep, ended: list[Request]) -> None:
@@ -179,8 +182,8 @@ class SimBackend:
             req.adapter,
             req.prompt_len,
             req.output_len,
-            shared_prefix=req.shared_prefix,
             prompt=req.prompt,
+            lead=() if req.prompt else leading_ids(req, 0, LEAD_IDS),
         )
 
     def step(self) -> ScheduledStep:
