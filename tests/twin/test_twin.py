@@ -459,6 +459,14 @@ def test_cli_twin_without_cost_uses_the_shipped_cost_model(capsys):
     assert "throughput" in capsys.readouterr().out
 
 
+def test_the_chat_example_finds_its_shared_prompt_starts_cached(tmp_path, capsys):
+    chat = str(EXAMPLES / "workload_chat.yaml")
+    out = tmp_path / "twin.json"
+    assert cli.main(["twin", chat, "--max-served", "32", "--max-slots", "8", "--json", str(out)]) == 0
+    assert "prefix cache" in capsys.readouterr().out
+    assert json.loads(out.read_text())["extra"]["cached_input_tokens"] > 0
+
+
 @pytest.mark.parametrize("num_blocks", [40, 400])
 def test_twin_prefix_cache_takes_the_real_engines_hits_step_by_step(tmp_path, num_blocks):
     """A workload whose prompts share their adapter's first 9 tokens (two pages of 4): the twin's
