@@ -71,7 +71,8 @@ class SimEngine(ServeCore):
         self._loads = 0
         self.busy = 0.0  # simulated seconds spent in steps and moves
         self.prefix: PrefixCacheModel | None = None
-        self._prompts: dict[str, tuple[int, tuple[int, ...] | None]] = {}  # rid -> (shared_prefix, prompt)
+        # queued request -> (its token ids, or None; the ids it shares): its pages' keys at admission
+        self._prompts: dict[str, tuple[tuple[int, ...] | None, Sequence[int]]] = {}
         if config.prefix_caching and not config.check_adapter_weights:  # the engine's rule (Engine._salt)
             self.prefix = PrefixCacheModel(config.page_size, split.num_blocks)
             self.scheduler.on_admit = self._admitted
