@@ -6,19 +6,27 @@ from paradapt.twin.prefix_cache import PrefixCacheModel, page_keys
 
 
 def test_keys_share_only_whole_pages_of_the_shared_start_under_one_adapter():
-    lead = list(range(100, 120))  # 20 shared ids: one whole page of 16
-    a = page_keys("r1", "x", 40, 16, lead=lead)
-    b = page_keys("r2", "x", 40, 16, lead=lead)
+    a = page_keys("r1", "x", 40, 16, shared=20)  # 20 shared tokens: one whole page of 16
+    b = page_keys("r2", "x", 40, 16, shared=20)
     assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]  # page 2 holds tokens past the shared start
-    assert page_keys("r3", "y", 40, 16, lead=lead)[0] != a[0]  # another adapter: other pages
+    assert page_keys("r3", "y", 40, 16, shared=20)[0] != a[0]  # another adapter: other pages
     ids = list(range(40))
     same = page_keys("r4", "x", 40, 16, prompt=ids), page_keys("r5", "x", 33, 16, prompt=ids[:33])
     assert same[0] == same[1]  # token ids: a chain over the pages' tokens
     assert page_keys("r6", "x", 40, 16, prompt=[99, *ids[1:]])[1] != same[0][1]  # an earlier token differs
 
 
+def test_a_request_logs_hashes_key_pages_of_any_size():
+    h1, h2 = ["a1", "a2", "a3", "a4"], ["a1", "a2", "b3", "b4"]  # the same first 32 tokens
+    assert page_keys("r1", "x", 64, 32, hashes=h1)[0] == page_keys("r2", "x", 64, 32, hashes=h2)[0]
+    assert page_keys("r1", "x", 64, 32, hashes=h1)[1] != page_keys("r2", "x", 64, 32, hashes=h2)[1]
+    k8 = page_keys("r1", "x", 64, 8, hashes=h1), page_keys("r2", "x", 64, 8, hashes=h2)  # pages split the units
+    assert k8[0][:4] == k8[1][:4] and k8[0][4] != k8[1][4]
+    assert page_keys("r3", "x", 64, 16, hashes=h1[:1])[1] == ("own", "r3", 1)  # past the hashes: its own
+
+
 def _keys(rid: str, n: int) -> list:
-    return page_keys(rid, None, n, 4, lead=list(range(8)))
+    return page_keys(rid, None, n, 4, shared=8)
 
 
 def test_a_page_is_found_once_written_never_the_prompts_last_token_and_not_after_eviction():

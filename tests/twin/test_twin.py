@@ -468,10 +468,14 @@ def test_the_chat_example_finds_its_shared_prompt_starts_cached(tmp_path, capsys
 
 
 @pytest.mark.parametrize("num_blocks", [40, 400])
-def test_twin_prefix_cache_takes_the_real_engines_hits_step_by_step(tmp_path, num_blocks):
+def test_twin_prefix_cache_takes_the_real_engines_hits_step_by_step(tmp_path, num_blocks, monkeypatch):
     """A workload whose prompts share their adapter's first 9 tokens (two pages of 4): the twin's
     prefix cache finds the same tokens cached as the real engine's, so every chunk starts where
     the real one does, with KV room to spare (400 pages) and with cached pages evicted (40)."""
+    from paradapt.serve.hf_paged import PagedKV
+
+    evicted, evict = [], PagedKV._evict
+    monkeypatch.setattr(PagedKV, "_evict", lambda self, pages: evicted.append(evict(self, pages)) or evicted[-1])
     spec = replace(SPEC, shared_prefix=9)
     knobs = {**KNOBS, "num_blocks": num_blocks}
     workload, engine, clock = real_engine_on_modelled_time(tmp_path, spec, COST, **knobs)
@@ -484,5 +488,6 @@ def test_twin_prefix_cache_takes_the_real_engines_hits_step_by_step(tmp_path, nu
     assert twin_engine.prefix.queries == engine.prefix_stats["queries"]
     assert twin.steps == real.steps
     assert summarize(twin).row() == summarize(real).row()
+    assert (sum(evicted) > 0, twin_engine.prefix.evicted > 0) == ((num_blocks == 40),) * 2  # pages went
     off = SimEngine(workload, COST, EngineConfig(max_served=3, max_slots=2, **knobs, prefix_caching=False))
     assert replay(workload, SimBackend(off), drain=5.0).steps != twin.steps  # the cache changed the steps

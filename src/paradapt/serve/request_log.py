@@ -8,8 +8,9 @@ cache served). So the log replays through the twin as it is (``paradapt twin FIL
 text); what prompts share is: ``prefix_hashes`` holds one hash per whole
 :data:`~paradapt.serve.workload.PREFIX_UNIT` tokens of the prompt, each over the adapter's name and
 every token up to the unit's end (a chain, as the engine's prefix cache keys its pages), keyed
-with a secret drawn for this log and never written. Two requests of one log with equal first
-hashes started with the same tokens for the same adapter; nothing else can be read from them. A
+with a secret drawn for this log and never written: no token can be read back and no guess
+checked offline, but equal first hashes link two requests that started with the same tokens
+for the same adapter (repeated system prompts, the turns of one conversation; docs/twin.md). A
 replay turns equal hashes into equal tokens (:func:`~paradapt.serve.workload.leading_ids`), so the twin's prefix
 cache and a server replaying the log share what production shared.
 
@@ -97,7 +98,7 @@ class RequestLog:
                 h.finished_at,
                 h.finish_reason,
                 h.cached_tokens,
-                tuple(h.prompt),
+                h.prompt,  # not copied: a finished request's prompt does not change
             )
         )
 

@@ -343,8 +343,10 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
         prompt = tuple(prompt)
     hashes = obj.get("prefix_hashes")
     if hashes is not None:
-        if not isinstance(hashes, list) or not all(isinstance(h, str) and h for h in hashes):
-            raise ConfigError("prefix_hashes", f"{where}: 'prefix_hashes' must be a list of hash strings")
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and 0 < len(h) <= 64 for h in hashes):
+            raise ConfigError(
+                "prefix_hashes", f"{where}: 'prefix_hashes' must be a list of hash strings (1-64 characters)"
+            )
         if len(hashes) > obj["input_len"] // PREFIX_UNIT:
             raise ConfigError(
                 "prefix_hashes",
@@ -356,7 +358,8 @@ def _check_line(obj: dict[str, Any], where: str, base: str | None) -> WorkloadRe
     if not is_int(shared) or not 0 <= shared <= obj["input_len"]:
         raise ConfigError(
             "shared_prefix",
-            f"{where}: 'shared_prefix' must be an integer from 0 to input_len ({obj['input_len']}), got {shared!r}",
+            f"{where}: 'shared_prefix' must be an integer from 0 to input_len ({obj['input_len']}), "
+            f"got {repr(shared)[:40]}",
         )
     name = None if adapter == base else adapter
     return WorkloadRequest(0, name, float(t), obj["input_len"], obj["output_len"], prompt, shared, hashes)

@@ -2,8 +2,8 @@
 
 The measurement window is ``[0, T]`` with ``T = spec.duration``: requests arrive during it.
 
-* **throughput** (tokens/s): prompt tokens prefilled plus output tokens sampled by the steps
-  that *ended* by ``T``, divided by ``T``. Partial progress counts (a request half done at
+* **throughput** (tokens/s): prompt tokens done (prefilled, or served by the prefix cache)
+  plus output tokens sampled by the steps that *ended* by ``T``, divided by ``T``. Partial progress counts (a request half done at
   ``T`` contributes its processed half), so overload is measured, not hidden;
 * **ideal throughput**: every token of every request that arrived in the window (prompt plus
   output) divided by ``T`` (Agullo et al.);

@@ -7,9 +7,12 @@ requests, so it keys pages by what is known to be shared:
 
 * a request with token ids (a trace's ``prompt``): the chain of its pages' tokens under its
   adapter, as the engine hashes them;
-* a request with a ``shared_prefix`` or a request log's ``prefix_hashes``: the same chain over
-  the ids it shares (:func:`~paradapt.serve.workload.leading_ids`, the ids the load client
-  sends too); every later page is its own (no other request has it).
+* a request with a ``shared_prefix`` of S tokens: its first ``S // page`` pages are the adapter's
+  shared pages ``(adapter, i)``;
+* a request log's ``prefix_hashes`` (chain hashes of 16-token units): a page's key is the hash
+  of the unit it ends with;
+
+every other page is the request's own (no other request has it).
 
 What it keeps to the engine's rules: a request matches only full pages, and never its prompt's
 last token (that token runs to give the first sampled token its logits); a page is offered to
@@ -25,8 +28,11 @@ serving (the engine then keys its pages anew).
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+
+from ..serve.workload import PREFIX_UNIT
 
 Key = Hashable
 
@@ -38,22 +44,39 @@ def page_keys(
     page: int,
     *,
     prompt: Sequence[int] | None = None,
-    lead: Sequence[int] = (),
+    shared: int = 0,
+    hashes: Sequence[str] | None = None,
 ) -> list[Key]:
-    """The keys of a request's full prompt pages: a chain over the pages' token ids rooted in the
-    adapter, as the engine hashes them, for the pages inside ``prompt`` (all its ids) or
-    ``lead`` (the first ids it shares: :func:`~paradapt.serve.workload.leading_ids`); a page
-    past ``lead`` is the request's own."""
-    ids = prompt if prompt is not None else lead
-    keys: list[Key] = []
-    h = hash(("root", adapter))
-    for i in range(prompt_len // page):
-        if (i + 1) * page > len(ids):
-            keys.append(("own", rid, i))
-            continue
-        h = hash((h, tuple(ids[i * page : (i + 1) * page])))
-        keys.append(h)
-    return keys
+    """The keys of a request's full prompt pages (see the module docstring); a page past what
+    the request shares with others is its own. Built from counts and hash strings, never from
+    drawn token ids, so a long trace costs the twin little."""
+    full = prompt_len // page
+    if prompt is not None:  # token ids: a chain over the pages' tokens, as the engine hashes them
+        keys: list[Key] = []
+        h = hash(("root", adapter))
+        for i in range(full):
+            h = hash((h, tuple(prompt[i * page : (i + 1) * page])))
+            keys.append(h)
+        return keys
+    if hashes:  # a request log's chain hashes: page i ends where unit (i + 1) * page / UNIT does
+        if page % PREFIX_UNIT == 0:
+            k = page // PREFIX_UNIT
+            return [
+                ("log", hashes[(i + 1) * k - 1]) if (i + 1) * k <= len(hashes) else ("own", rid, i)
+                for i in range(full)
+            ]
+        return page_keys(rid, adapter, prompt_len, page, prompt=_lead(hashes, prompt_len))
+    common = min(shared, prompt_len) // page
+    return [("shared", adapter, i) if i < common else ("own", rid, i) for i in range(full)]
+
+
+def _lead(hashes: Sequence[str], prompt_len: int) -> list[int]:
+    """Token ids that repeat the hashes' sharing, for a page size that splits the log's units
+    (only equality counts: the rest of the prompt is left out, its pages are the request's own)."""
+    ids: list[int] = []
+    for h in hashes:
+        ids += random.Random(h).choices(range(3, 256), k=PREFIX_UNIT)
+    return ids + [-1 - i for i in range(prompt_len - len(ids))]  # ids no other request has
 
 
 class PrefixCacheModel:
@@ -69,6 +92,8 @@ class PrefixCacheModel:
         self.held: dict[str, int] = {}  # running request -> how many of its first pages it references
         self.queries = 0  # prompt tokens looked up (the engine's paradapt_prefix_cache_queries_total)
         self.hits = 0  # of those, found cached
+        self.found: dict[str, int] = {}  # running request -> the prompt tokens it found cached
+        self.evicted = 0  # cached pages given back for room
 
     def admit(self, rid: str, keys: list[Key], prompt_len: int) -> int:
         """Start ``rid``: share the cached pages its prompt starts with; returns the tokens they
@@ -83,6 +108,7 @@ class PrefixCacheModel:
         self.keys[rid], self.held[rid] = keys, n
         self.queries += prompt_len
         self.hits += n * self.page
+        self.found[rid] = n * self.page
         return n * self.page
 
     def written(self, rid: str, tokens: int) -> None:
@@ -96,20 +122,23 @@ class PrefixCacheModel:
             self._acquire(k)
         self.held[rid] = max(done, upto)
 
-    def release(self, rid: str) -> None:
-        """``rid`` ended: its pages stay cached, those no other request uses become evictable."""
+    def release(self, rid: str) -> int:
+        """``rid`` ended: its pages stay cached, those no other request uses become evictable.
+        Returns the prompt tokens it had found cached."""
         keys, n = self.keys.pop(rid, []), self.held.pop(rid, 0)
         for k in keys[:n]:
             self.refs[k] -= 1
             if not self.refs[k]:
                 del self.refs[k]
                 self.free[k] = None
+        return self.found.pop(rid, 0)
 
     def evict(self, allocated: int) -> None:
         """Keep the free cached pages within what ``allocated`` pages of running requests leave."""
         room = max(0, self.capacity - allocated)
         while len(self.free) > room:
             self.free.popitem(last=False)
+            self.evicted += 1
 
     def private_pages(self, rid: str, context: int) -> int:
         """Pages ``rid`` holds alone with ``context`` tokens in its KV (its shared ones aside)."""

@@ -38,14 +38,11 @@ from ..errors import ConfigError
 from ..serve.cache import CacheStats, Move
 from ..serve.core import EngineConfig, ServeCore, memory_split, scheduler_config, step_shape
 from ..serve.scheduler import Request, ScheduledStep
-from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec, leading_ids
+from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec
 from .costmodel import CostModel
 from .metrics import TwinResult, summarize
 from .prefix_cache import PrefixCacheModel, page_keys
 from .replay import replay
-
-#: The ids the twin draws a request's shared prompt start from (any will do: only equality counts).
-LEAD_IDS = range(3, 256)
 
 #: Engine knobs ``simulate`` accepts besides max_served/max_slots: EngineConfig's other fields.
 ENGINE_KNOBS = tuple(f.name for f in fields(EngineConfig) if f.name not in ("max_served", "max_slots"))
@@ -71,8 +68,8 @@ class SimEngine(ServeCore):
         self._loads = 0
         self.busy = 0.0  # simulated seconds spent in steps and moves
         self.prefix: PrefixCacheModel | None = None
-        # queued request -> (its token ids, or None; the ids it shares): its pages' keys at admission
-        self._prompts: dict[str, tuple[tuple[int, ...] | None, Sequence[int]]] = {}
+        self._shares: dict[str, WorkloadRequest] = {}  # queued request -> what its prompt shares
+        self.cached_done = 0  # prompt tokens found cached by the requests that finished
         if config.prefix_caching and not config.check_adapter_weights:  # the engine's rule (Engine._salt)
             self.prefix = PrefixCacheModel(config.page_size, split.num_blocks)
             self.scheduler.on_admit = self._admitted
@@ -110,24 +107,38 @@ class SimEngine(ServeCore):
         prompt_len: int,
         max_new_tokens: int,
         *,
-        prompt: tuple[int, ...] | None = None,
-        lead: Sequence[int] = (),
+        share: WorkloadRequest | None = None,
     ) -> str:
         """Queue a request as ``Engine.add_request`` does (register the adapter, then the scheduler);
-        ``prompt`` (its ids) or ``lead`` (the ids it shares): the prefix cache's keys."""
+        ``share``: its workload request, whose prompt, ``shared_prefix`` or ``prefix_hashes`` say
+        what its prompt shares (the prefix cache's keys, made when it is admitted)."""
         if adapter is not None and adapter not in self.cache:
             self.cache.add_adapter(adapter, self.sizes[adapter])
         self.t += self.cost.submit
         self.scheduler.add(Request(rid, adapter, prompt_len, max_new_tokens, self.t))
-        if self.prefix is not None:
-            self._prompts[rid] = (prompt, lead)
+        if self.prefix is not None and share is not None:
+            self._shares[rid] = share
         return rid
 
     def _admitted(self, r: Request) -> int:
         """The scheduler's ``on_admit``: the prompt tokens ``r`` finds in the prefix cache."""
-        prompt, lead = self._prompts.pop(r.id, (None, ()))
-        keys = page_keys(r.id, r.adapter, r.prompt_len, self.prefix.page, prompt=prompt, lead=lead)
+        w = self._shares.pop(r.id, None)
+        keys = page_keys(
+            r.id,
+            r.adapter,
+            r.prompt_len,
+            self.prefix.page,
+            prompt=None if w is None else w.prompt,
+            shared=0 if w is None else w.shared_prefix,
+            hashes=None if w is None else w.prefix_hashes,
+        )
         return self.prefix.admit(r.id, keys, r.prompt_len)
+
+    def _forget(self, request_id: str) -> None:
+        """A request failed or was cancelled: its pages go back as the engine's do."""
+        self._shares.pop(request_id, None)
+        if self.prefix is not None:
+            self.prefix.release(request_id)
 
     def _cache_after(self, step: ScheduledStep, ended: list[Request]) -> None:
         """After a step: its prompt pages join the prefix cache, ended requests let theirs go, and
@@ -135,9 +146,10 @@ class SimEngine(ServeCore):
         for c in step.prefills:
             self.prefix.written(c.request_id, c.start + c.length)
         for r in ended:
-            self.prefix.release(r.id)
+            self.cached_done += self.prefix.release(r.id)
         running = self.scheduler.running
-        own = sum(self.prefix.private_pages(r.id, r.prefilled + r.generated) for r in running)
+        # a request's KV holds its last sampled token only after the next step has written it
+        own = sum(self.prefix.private_pages(r.id, r.prefilled + max(r.generated - 1, 0)) for r in running)
         self.prefix.evict(own + len(self.prefix.refs))
 
     def step(self) -> ScheduledStep:
@@ -183,8 +195,7 @@ class SimBackend:
             req.adapter,
             req.prompt_len,
             req.output_len,
-            prompt=req.prompt,
-            lead=() if req.prompt else leading_ids(req, 0, LEAD_IDS),
+            share=req,
         )
 
     def step(self) -> ScheduledStep:
@@ -238,6 +249,6 @@ def simulate(
     result = summarize(log, slo_ttft, slo_tpot)
     result.sim_seconds = time.perf_counter() - t0
     result.extra["busy_seconds"] = engine.busy
-    if engine.prefix is not None:  # what paradapt bench reports from the server's usage
-        result.extra["cached_input_tokens"] = engine.prefix.hits
+    if engine.prefix is not None:  # what paradapt bench reports: the finished requests' usage
+        result.extra["cached_input_tokens"] = engine.cached_done
     return result
