@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_model
 
 from paradapt import cli
+from paradapt.errors import ConfigError
 from paradapt.serve.core import StepShape, memory_split, step_shape
 from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.serve.workload import WorkloadSpec
@@ -448,6 +449,22 @@ def test_cli_profile_bad_model_is_one_line(tmp_path, capsys):
     assert cli.main(["profile", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope" in err
+
+
+def test_profile_prices_every_kind_the_engine_serves():
+    """Prefix tuning, MAM, (IA)^3 and SSF profile like the default three: the twin then prices a
+    workload of them (the shipped cost model, which has none, says which flag measures them)."""
+    from paradapt.twin.profile import profile
+
+    kinds = ("prefix", "mam", "ia3", "ssf")
+    cost = profile(tiny_model("llama"), kinds=kinds, ranks=(4, 8), scenarios=3, copies=1, move_repeats=1,
+                   workload_rates=(20.0,), workload_seconds=0.5, mixtures=False, log=lambda s: None)
+    assert all(cost.adapter_bytes(k, 4) > 0 for k in kinds) and {f"adapters_{k}" for k in kinds} <= set(cost.step)
+    spec = WorkloadSpec(num_adapters=8, rate=20.0, duration=1.0, input_len=(4, 16), output_len=(2, 8),
+                        ranks=[4, 8], kinds=list(kinds))
+    assert simulate(spec, cost, max_served=8, max_slots=4, drain=5.0).finished > 0
+    with pytest.raises(ConfigError, match="paradapt profile --kinds lora,parallel,series,(prefix|mam|ia3|ssf) measures it"):
+        simulate(spec, CostModel.from_coefficients({"step": 1e-3}), max_served=8, max_slots=4)
 
 
 def test_cli_twin_without_cost_uses_the_shipped_cost_model(capsys):

@@ -35,7 +35,7 @@ def add_parsers(sub) -> None:
         help="a named decoder (smollm2-135m-instruct) or a local Hugging Face decoder folder",
     )
     p.add_argument("--out", default="cost.json", metavar="FILE", help="where to save (default: cost.json)")
-    p.add_argument("--kinds", type=csv_of(str), default=None, help="adapter kinds (default: lora,parallel,series)")
+    p.add_argument("--kinds", type=csv_of(str), default=None, help="adapter kinds (default: lora,parallel,series; also prefix, mam, ia3, ssf)")
     p.add_argument("--ranks", type=csv_of(int), default=None, help="adapter ranks (default: 8,16,32)")
     p.add_argument(
         "--adapter-root",

@@ -314,7 +314,8 @@ class CostModel:
         if kind not in self.adapter_size:
             raise ConfigError(
                 "kinds",
-                f"the cost model has no size for adapter kind {kind!r} (profiled: {list(self.kinds)})",
+                f"the cost model has no size for adapter kind {kind!r} (profiled: {list(self.kinds)}; "
+                f"paradapt profile --kinds {','.join([*self.kinds, kind])} measures it)",
             )
         per_rank, fixed = self.adapter_size[kind]
         return int(round(per_rank * rank + fixed))

@@ -35,7 +35,7 @@ from ..serve.cache import Move
 from ..serve.core import StepTrace
 from ..serve.engine import Engine, EngineConfig, kv_bytes_per_token
 from ..serve.sampling import SamplingParams
-from ..serve.workload import AdapterSpec
+from ..serve.workload import KNOWN_KINDS, AdapterSpec
 from ..state import get_state
 from .costmodel import (
     BASE_FEATURES,
@@ -50,7 +50,9 @@ from .costmodel import (
     model_fingerprint,
 )
 
-SERVABLE_KINDS = ("lora", "parallel", "series")
+#: Every kind the engine serves can be profiled; the default profile measures the three most used.
+SERVABLE_KINDS = KNOWN_KINDS
+DEFAULT_KINDS = ("lora", "parallel", "series")
 TEMPLATES = 4  # distinct random weight sets per (kind, rank); adapter folders hard-link them
 
 
@@ -89,6 +91,14 @@ def adapter_config(kind: str, rank: int):
         return pa.ParallelConfig(r=rank, scale=4.0)
     if kind == "series":
         return pa.SeriesConfig(r=rank)
+    if kind == "prefix":  # the rank of a prefix is its length (serve/trace.py reads it back so)
+        return pa.PrefixConfig(num_virtual_tokens=rank, reparam=False)
+    if kind == "mam":
+        return pa.MAMConfig(num_virtual_tokens=rank, reparam=False, r=rank)
+    if kind == "ia3":
+        return pa.IA3Config()
+    if kind == "ssf":
+        return pa.SSFConfig()
     raise ConfigError("kinds", f"the engine benchmarks serve {list(SERVABLE_KINDS)}, not {kind!r}")
 
 
@@ -376,7 +386,7 @@ def fit_sizes(root: Path, adapters: Sequence[AdapterSpec]) -> dict[str, tuple[fl
 def profile(
     model: torch.nn.Module | None = None,
     *,
-    kinds: Sequence[str] = SERVABLE_KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     ranks: Sequence[int] = (8, 16, 32),
     scenarios: int = 40,
     copies: int = 3,
