@@ -35,7 +35,12 @@ def add_parsers(sub) -> None:
         help="a named decoder (smollm2-135m-instruct) or a local Hugging Face decoder folder",
     )
     p.add_argument("--out", default="cost.json", metavar="FILE", help="where to save (default: cost.json)")
-    p.add_argument("--kinds", type=csv_of(str), default=None, help="adapter kinds (default: lora,parallel,series; also prefix, mam, ia3, ssf)")
+    p.add_argument(
+        "--kinds",
+        type=csv_of(str),
+        default=None,
+        help="adapter kinds (default: lora,parallel,series; also prefix, mam, ia3, ssf)",
+    )
     p.add_argument("--ranks", type=csv_of(int), default=None, help="adapter ranks (default: 8,16,32)")
     p.add_argument(
         "--adapter-root",
@@ -261,8 +266,12 @@ def run_twin(args: argparse.Namespace) -> int:
 
 def add_slo_flags(p: argparse.ArgumentParser) -> None:
     """``--slo-ttft``/``--slo-tpot``: the latency targets goodput counts against (twin and bench)."""
-    p.add_argument("--slo-ttft", type=float, metavar="S", help="goodput counts requests with TTFT <= S seconds")
-    p.add_argument("--slo-tpot", type=float, metavar="S", help="goodput counts requests with TPOT <= S seconds")
+    p.add_argument(
+        "--slo-ttft", type=float, metavar="S", help="goodput counts requests with TTFT <= S seconds"
+    )
+    p.add_argument(
+        "--slo-tpot", type=float, metavar="S", help="goodput counts requests with TPOT <= S seconds"
+    )
 
 
 def add_workload_flags(p: argparse.ArgumentParser) -> None:
@@ -313,9 +322,7 @@ def describe_workload(source: str, workload) -> str:
     """One line naming a workload: its spec's parameters, or a trace's size."""
     spec = workload.spec
     if spec is not None:
-        return (
-            f"{source}: {spec.num_adapters} adapters, {spec.rate:g} req/s for {spec.duration:g} s, alpha {spec.alpha:g}"
-        )
+        return f"{source}: {spec.num_adapters} adapters, {spec.rate:g} req/s for {spec.duration:g} s, alpha {spec.alpha:g}"
     n = len(workload.requests)
     return (
         f"{source}: trace of {n} requests, {len(workload.adapters)} adapters, "
