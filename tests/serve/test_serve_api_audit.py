@@ -267,3 +267,23 @@ def test_token_rate_averages_over_its_window_and_decays_when_idle():
     assert rate.rate(130) == pytest.approx(100 / 10)
     now[0] += 10.5  # idle
     assert rate.rate(130) == 0.0
+
+
+def test_cache_salt_over_http_keeps_tenants_apart_and_a_bad_one_is_a_400_naming_it(client):
+    """vLLM's ``cache_salt`` field, on completions and chat: the same prompt finds its pages only
+    under the same salt; an empty or oversized salt is refused before anything runs."""
+    body = {"model": "lo", "prompt": list(range(3, 40)), "max_tokens": 2, "temperature": 0}
+
+    def cached(**extra) -> int:
+        r = client.post("/v1/completions", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-b") == 0 and cached() == 0
+    assert cached(cache_salt="tenant-a") > 0
+    chat = {"model": "lo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for bad in ("", "x" * 1025):
+        for path, payload in (("/v1/completions", body), ("/v1/chat/completions", chat)):
+            r = client.post(path, json={**payload, "cache_salt": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text

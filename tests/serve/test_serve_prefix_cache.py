@@ -196,3 +196,22 @@ def test_a_folder_rewritten_while_evicted_is_read_again_without_its_old_pages(tm
     (h,) = run(engine, [(p, "lo", 4)])  # read again on demand: the new weights
     assert h.cached_tokens == 0
     assert h.tokens == alone(ref, p, 4, "lo")
+
+
+def test_a_cache_salt_shares_pages_only_with_requests_of_the_same_salt(tmp_path):
+    """vLLM's ``cache_salt``: one tenant's requests cannot find another tenant's pages (whose
+    hits would tell it what the other sent), nor an unsalted request's; the same salt shares."""
+    ref = saved(tmp_path)
+    engine = Engine(tiny_model("llama"), tmp_path, CONFIG)
+    p = prompts(1)[0]
+    (a,) = run(engine, [(p, "lo", 6)], cache_salt="tenant-a")
+    (b,) = run(engine, [(p, "lo", 6)], cache_salt="tenant-b")
+    (plain,) = run(engine, [(p, "lo", 6)])
+    (again,) = run(engine, [(p, "lo", 6)], cache_salt="tenant-a")
+    (base_a,) = run(engine, [(p, None, 6)], cache_salt="tenant-a")
+    assert (a.cached_tokens, b.cached_tokens, plain.cached_tokens, base_a.cached_tokens) == (0, 0, 0, 0)
+    assert again.cached_tokens == (len(p) - 1) // PAGE * PAGE > 0  # the same prompt: all but its last page
+    assert again.tokens == a.tokens == alone(ref, p, 6, "lo")
+    for bad in ("", 3, "x" * 1025):
+        with pytest.raises(pa.ConfigError, match="cache_salt"):
+            SamplingParams(cache_salt=bad)

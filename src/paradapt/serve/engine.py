@@ -647,25 +647,29 @@ class Engine(_EngineCore):
         """Start an admitted request in the runner (the scheduler's ``on_admit``); returns the
         prompt tokens its prefix-cache hit covers, where its prefill starts."""
         h = self.handles[r.id]
-        seq = self.runner.add(r.id, h.prompt, h.adapter, h.params, self._eos_of(h), salt=self._salt(h.adapter))
+        salt = self._salt(h.adapter, h.params.cache_salt)
+        seq = self.runner.add(r.id, h.prompt, h.adapter, h.params, self._eos_of(h), salt=salt)
         h.logprobs, h.prompt_logprobs = seq.logprobs, seq.prompt_logprobs  # the runner fills them
         h.status, h.cached_tokens = "running", seq.cached
         self.prefix_stats["queries"] += len(h.prompt) if seq.salt is not None else 0
         self.prefix_stats["hits"] += seq.cached
         return seq.cached
 
-    def _salt(self, adapter: str | None) -> str | None:
+    def _salt(self, adapter: str | None, cache_salt: str | None = None) -> str | None:
         """The prefix cache's key for ``adapter``'s KV: its name, the contents of its folder (and
         of its experts', for a mixture) that this request runs with, and :attr:`_kv_epoch`
         (bumped whenever a served adapter is reloaded, unloaded or dropped). So pages computed
         with other weights are never shared: a folder rewritten on disk while the adapter was
-        evicted is read again with a new fingerprint. None when prefix caching is off."""
+        evicted is read again with a new fingerprint. A request's ``cache_salt`` (vLLM's) comes
+        last: pages are shared only between requests with the same one. None when prefix
+        caching is off."""
         if not self.config.prefix_caching or self.config.check_adapter_weights:
             return None
+        tenant = "" if cache_salt is None else f"|salt:{cache_salt}"  # adapter names hold no "|"
         if adapter is None:
-            return "base"
+            return "base" + tenant
         weights = [self.store.contents(a) for a in (*self.cache.needs(adapter), adapter)]
-        return f"{self._kv_epoch}:{adapter}:{weights}"
+        return f"{self._kv_epoch}:{adapter}:{weights}{tenant}"
 
     def step(self) -> list[RequestHandle]:
         """One scheduler step: schedule, load adapters, one packed forward, sample; returns the

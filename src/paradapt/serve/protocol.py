@@ -19,7 +19,7 @@ from .core import AdapterAccessError, AdapterLoadError
 from .engine_thread import EngineStoppedError
 from .limits import bounded_stop
 from .runner import NonFiniteLogitsError
-from .sampling import SamplingParams
+from .sampling import MAX_CACHE_SALT, SamplingParams
 from .scheduler import QueueFullError, RequestTooLargeError
 
 # -- requests -------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ class StreamOptions(BaseModel):
 
 class _Sampling(BaseModel):
     """The sampling fields completions and chat share: OpenAI's names, plus vLLM's ``top_k``,
-    ``ignore_eos``, ``repetition_penalty`` and ``min_tokens``.
+    ``ignore_eos``, ``repetition_penalty``, ``min_tokens`` and ``cache_salt``.
 
     Unknown fields are refused with a 400 naming them, as OpenAI does (``extra="forbid"``);
     fields OpenAI takes that this server does not implement are declared and refused when set
@@ -62,6 +62,8 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and ignored, as OpenAI's end-user id is
     return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids
+    # vLLM's: the prefix cache shares pages only between requests with the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
 
 
 #: Fields OpenAI accepts that this server does not implement: a request that sets one (to
@@ -245,6 +247,7 @@ def sampling_params(max_tokens: int, req: Any, **extra) -> SamplingParams:
         repetition_penalty=req.repetition_penalty,
         min_tokens=req.min_tokens,
         logit_bias=_logit_bias(req.logit_bias),
+        cache_salt=req.cache_salt,
         **extra,
     )
 

@@ -20,6 +20,7 @@ from ..checks import is_int
 from ..errors import ConfigError
 
 MAX_LOGPROBS = 20  # OpenAI's bound on top log-probabilities per token
+MAX_CACHE_SALT = 1024  # characters of a cache_salt (vLLM suggests 43: 256 bits in base64)
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature under it samples as argmax
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
@@ -47,6 +48,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # top alternatives per generated token (0: the chosen one's only)
     prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
+    # vLLM's: requests share prefix-cache pages only with requests of the same salt (one per
+    # tenant: another tenant cannot learn from cache hits what it sent)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         _number("temperature", self.temperature, lambda v: v >= 0, ">= 0")
@@ -67,6 +71,9 @@ class SamplingParams:
         _number("frequency_penalty", self.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]")
         _number("repetition_penalty", self.repetition_penalty, lambda v: 0 < v <= 10, "in (0, 10]")
         _integer("min_tokens", self.min_tokens, 0)
+        salt = self.cache_salt
+        if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_CACHE_SALT):
+            raise ConfigError("cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT} characters")
         if self.min_tokens > self.max_new_tokens:
             raise ConfigError("min_tokens", f"{self.min_tokens} is over max_tokens ({self.max_new_tokens})")
         bias = tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items())
