@@ -220,18 +220,21 @@ def test_a_request_logs_prefix_hashes_replay_as_prompts_that_share_what_the_logg
     path = tmp_path / "requests.jsonl"
     log = RequestLog(path, base="model", clock=lambda: 0.0)
     system = list(range(100, 140))  # 40 shared tokens: two whole units of 16
-    for i, (adapter, tail) in enumerate([("a", [1, 2, 3]), ("a", [4, 5, 6, 7]), ("b", [1, 2, 3])]):
+    cases = [("a", [1, 2, 3], None), ("a", [4, 5, 6, 7], None), ("b", [1, 2, 3], None), ("a", [1], "tenant")]
+    for i, (adapter, tail, salt) in enumerate(cases):
         h = _handle(str(i), adapter, float(i), 1, 2)
-        h.prompt = system + tail
+        h.prompt, h.params = system + tail, SamplingParams(max_new_tokens=2, cache_salt=salt)
         log.record(h)
     log.close()
     lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
     hashes = [x["prefix_hashes"] for x in lines]
     assert all(len(h) == 2 for h in hashes)
     assert hashes[0] == hashes[1] and hashes[2][0] != hashes[0][0]  # same adapter shares; another does not
+    assert hashes[3][0] != hashes[0][0] and "tenant" not in path.read_text()  # a cache_salt keeps its requests apart
+    lines, hashes = lines[:3], hashes[:3]
     assert all("prompt" not in x for x in lines) and "100, 101, 102" not in path.read_text()  # no tokens
     back = read_trace(path)
-    lead = [leading_ids(r, 0, range(3, 20)) for r in back.requests]  # what bench sends first
+    lead = [leading_ids(r, 0, range(3, 20)) for r in back.requests][:3]  # what bench sends first
     assert lead[0] == lead[1] and len(lead[0]) == 32 and lead[2][:16] != lead[0][:16]
     assert all(3 <= t < 20 for x in lead for t in x)
     again_back = read_trace(write_trace(tmp_path / "round.jsonl", back))

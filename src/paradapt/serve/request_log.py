@@ -51,11 +51,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def prefix_hashes(adapter: str | None, prompt: Sequence[int], key: bytes) -> list[str]:
+def prefix_hashes(
+    adapter: str | None, prompt: Sequence[int], key: bytes, cache_salt: str | None = None
+) -> list[str]:
     """One hex hash per whole :data:`PREFIX_UNIT` tokens of ``prompt``: blake2b keyed with ``key``
-    over the previous hash and the unit's tokens, the first rooted in ``adapter``'s name."""
+    over the previous hash and the unit's tokens, the first rooted in ``adapter``'s name and the
+    request's ``cache_salt`` (requests the server kept apart stay apart in a replay)."""
     out: list[str] = []
-    h = hashlib.blake2b(repr(adapter).encode(), key=key, digest_size=8).digest()
+    h = hashlib.blake2b(repr((adapter, cache_salt)).encode(), key=key, digest_size=8).digest()
     for i in range(len(prompt) // PREFIX_UNIT):
         unit = prompt[i * PREFIX_UNIT : (i + 1) * PREFIX_UNIT]
         h = hashlib.blake2b(h + b",".join(str(t).encode() for t in unit), key=key, digest_size=8).digest()
@@ -99,12 +102,13 @@ class RequestLog:
                 h.finish_reason,
                 h.cached_tokens,
                 h.prompt,  # not copied: a finished request's prompt does not change
+                h.params.cache_salt,
             )
         )
 
     def line(self, item: tuple) -> dict[str, Any]:
         """The trace line of a queued item."""
-        arrival, adapter, n_in, n_out, first, end, reason, cached, prompt = item
+        arrival, adapter, n_in, n_out, first, end, reason, cached, prompt, salt = item
         return {
             "t": round(arrival - self.origin, 6),
             "adapter": adapter if adapter is not None else self.base,
@@ -114,7 +118,7 @@ class RequestLog:
             "e2e": None if end is None else round(end - arrival, 6),
             "finish_reason": reason,
             "cached_tokens": cached,  # prompt tokens the prefix cache served (measured; not replayed)
-            "prefix_hashes": prefix_hashes(adapter, prompt, self._key),
+            "prefix_hashes": prefix_hashes(adapter, prompt, self._key, salt),
         }
 
     def _run(self) -> None:
