@@ -248,6 +248,19 @@ def test_a_request_logs_prefix_hashes_replay_as_prompts_that_share_what_the_logg
     assert other[0] != hashes[0][0]  # keyed per log: nothing to look a known prompt up by
 
 
+def test_a_request_log_without_hashes_keeps_only_the_counts(tmp_path):
+    from paradapt.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--request-log-no-hashes"]).request_log_no_hashes
+    log = RequestLog(tmp_path / "r.jsonl", base="model", clock=lambda: 0.0, prefix_hashes=False)
+    h = _handle("1", "a", 0.5, 40, 2)
+    log.record(h)
+    log.close()
+    line = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[1])
+    assert "prefix_hashes" not in line and line["input_len"] == 40
+    assert read_trace(tmp_path / "r.jsonl").requests[0].prefix_hashes is None
+
+
 def test_bad_prefix_hashes_are_named(tmp_path):
     for row, message in (
         ({**GOOD, "input_len": 16, "prefix_hashes": ["ab", "cd"]}, "one per whole 16"),

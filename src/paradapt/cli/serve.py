@@ -200,6 +200,12 @@ def _add_security_flags(serve) -> None:
         "replay it with paradapt twin FILE or paradapt bench FILE",
     )
     serve.add_argument(
+        "--request-log-no-hashes",
+        action="store_true",
+        help="leave the prompts' prefix hashes out of --request-log (they link requests that "
+        "started alike; a replay then shares no prompt starts)",
+    )
+    serve.add_argument(
         "--access-log-health",
         action="store_true",
         help="log /health requests that answer 200 too (off by default: probes every few seconds)",
@@ -347,7 +353,10 @@ def build_server_app(args: argparse.Namespace):
         from ..serve.request_log import RequestLog
 
         try:
-            app.state.loop.metrics.request_log = RequestLog(args.request_log, base=name, clock=engine.clock)
+            hashes = not getattr(args, "request_log_no_hashes", False)
+            app.state.loop.metrics.request_log = RequestLog(
+                args.request_log, base=name, clock=engine.clock, prefix_hashes=hashes
+            )
         except OSError as e:
             raise CLIError(f"--request-log: cannot append to {args.request_log} ({e.strerror})") from None
     return app, info

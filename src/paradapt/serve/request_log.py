@@ -70,11 +70,17 @@ class RequestLog:
     """Appends finished requests to ``path`` from a daemon thread; :meth:`close` flushes and stops it.
 
     ``clock`` is the engine's clock (the handles' ``arrival``/``first_token_at``/``finished_at``
-    are on it); ``base`` is the base model's served name, written for base-model requests.
+    are on it); ``base`` is the base model's served name, written for base-model requests;
+    ``prefix_hashes`` False leaves the prompts' hashes out (``--request-log-no-hashes``).
     """
 
     def __init__(
-        self, path: str | Path, *, base: str | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        path: str | Path,
+        *,
+        base: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        prefix_hashes: bool = True,
     ):
         self.path = Path(path)
         self.base = base
@@ -82,7 +88,8 @@ class RequestLog:
         start = start_log(self.path, base)
         self._file = self.path.open("a", encoding="utf-8", buffering=1)
         self.origin = clock() - (time.time() - start)  # t = 0 on the engine's clock
-        self._key = os.urandom(16)  # prefix_hashes: comparable within this log only, never stored
+        # prefix_hashes: comparable within this log only, never stored (None: not written)
+        self._key = os.urandom(16) if prefix_hashes else None
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="paradapt-request-log", daemon=True)
         self._thread.start()
@@ -109,7 +116,7 @@ class RequestLog:
     def line(self, item: tuple) -> dict[str, Any]:
         """The trace line of a queued item."""
         arrival, adapter, n_in, n_out, first, end, reason, cached, prompt, salt = item
-        return {
+        out = {
             "t": round(arrival - self.origin, 6),
             "adapter": adapter if adapter is not None else self.base,
             "input_len": n_in,
@@ -118,8 +125,10 @@ class RequestLog:
             "e2e": None if end is None else round(end - arrival, 6),
             "finish_reason": reason,
             "cached_tokens": cached,  # prompt tokens the prefix cache served (measured; not replayed)
-            "prefix_hashes": prefix_hashes(adapter, prompt, self._key, salt),
         }
+        if self._key is not None:
+            out["prefix_hashes"] = prefix_hashes(adapter, prompt, self._key, salt)
+        return out
 
     def _run(self) -> None:
         while True:
