@@ -23,6 +23,8 @@ def test_a_request_logs_hashes_key_pages_of_any_size():
     k8 = page_keys("r1", "x", 64, 8, hashes=h1), page_keys("r2", "x", 64, 8, hashes=h2)  # pages split the units
     assert k8[0][:4] == k8[1][:4] and k8[0][4] != k8[1][4]
     assert page_keys("r3", "x", 64, 16, hashes=h1[:1])[1] == ("own", "r3", 1)  # past the hashes: its own
+    same = page_keys("r4", "x", 64, 8, hashes=h1[:1]), page_keys("r5", "x", 64, 8, hashes=h1[:1])
+    assert same[0][:2] == same[1][:2] and same[0][2] != same[1][2]  # equal starts; the rest each one's own
 
 
 def _keys(rid: str, n: int) -> list:

@@ -245,11 +245,17 @@ def leading_ids(req: WorkloadRequest, seed: int | str, population: Sequence[int]
     ``shared_prefix`` (:func:`shared_prefix_ids`), else none. The load client and the in-process
     replay add random ids for the rest of the prompt; a trace's own ``prompt`` needs none."""
     if req.prefix_hashes:
-        out: list[int] = []
-        for h in req.prefix_hashes[: req.prompt_len // PREFIX_UNIT]:
-            out += random.Random(h).choices(population, k=PREFIX_UNIT)
-        return out
+        return hash_ids(req.prefix_hashes[: req.prompt_len // PREFIX_UNIT], population)
     return shared_prefix_ids(req.adapter, min(req.shared_prefix, req.prompt_len), seed, population)
+
+
+def hash_ids(hashes: Sequence[str], population: Sequence[int]) -> list[int]:
+    """:data:`PREFIX_UNIT` ids per prefix hash, drawn from ``population`` by the hash: equal
+    hashes give equal ids."""
+    out: list[int] = []
+    for h in hashes:
+        out += random.Random(h).choices(population, k=PREFIX_UNIT)
+    return out
 
 
 def shared_prefix_ids(adapter: str | None, n: int, seed: int | str, population: Sequence[int]) -> list[int]:

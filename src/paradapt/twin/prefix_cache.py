@@ -28,11 +28,10 @@ serving (the engine then keys its pages anew).
 
 from __future__ import annotations
 
-import random
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
-from ..serve.workload import PREFIX_UNIT
+from ..serve.workload import PREFIX_UNIT, hash_ids
 
 Key = Hashable
 
@@ -52,12 +51,7 @@ def page_keys(
     drawn token ids, so a long trace costs the twin little."""
     full = prompt_len // page
     if prompt is not None:  # token ids: a chain over the pages' tokens, as the engine hashes them
-        keys: list[Key] = []
-        h = hash(("root", adapter))
-        for i in range(full):
-            h = hash((h, tuple(prompt[i * page : (i + 1) * page])))
-            keys.append(h)
-        return keys
+        return _chain(rid, adapter, full, page, prompt)
     if hashes:  # a request log's chain hashes: page i ends where unit (i + 1) * page / UNIT does
         if page % PREFIX_UNIT == 0:
             k = page // PREFIX_UNIT
@@ -65,18 +59,23 @@ def page_keys(
                 ("log", hashes[(i + 1) * k - 1]) if (i + 1) * k <= len(hashes) else ("own", rid, i)
                 for i in range(full)
             ]
-        return page_keys(rid, adapter, prompt_len, page, prompt=_lead(hashes, prompt_len))
+        return _chain(rid, adapter, full, page, hash_ids(hashes, range(3, 256)))  # pages split the units
     common = min(shared, prompt_len) // page
     return [("shared", adapter, i) if i < common else ("own", rid, i) for i in range(full)]
 
 
-def _lead(hashes: Sequence[str], prompt_len: int) -> list[int]:
-    """Token ids that repeat the hashes' sharing, for a page size that splits the log's units
-    (only equality counts: the rest of the prompt is left out, its pages are the request's own)."""
-    ids: list[int] = []
-    for h in hashes:
-        ids += random.Random(h).choices(range(3, 256), k=PREFIX_UNIT)
-    return ids + [-1 - i for i in range(prompt_len - len(ids))]  # ids no other request has
+def _chain(rid: str, adapter: str | None, full: int, page: int, ids: Sequence[int]) -> list[Key]:
+    """A chain over the pages ``ids`` fill, rooted in the adapter; the pages past them are
+    ``rid``'s own."""
+    keys: list[Key] = []
+    h = hash(("root", adapter))
+    for i in range(full):
+        if (i + 1) * page > len(ids):
+            keys.append(("own", rid, i))
+            continue
+        h = hash((h, tuple(ids[i * page : (i + 1) * page])))
+        keys.append(h)
+    return keys
 
 
 class PrefixCacheModel:
