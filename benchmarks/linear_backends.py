@@ -13,7 +13,14 @@ forward that calls ``torch.ops.mkldnn._linear_pointwise`` on a weight packed onc
 
     python benchmarks/linear_backends.py --rounds 6
 
-Nothing here changes how paradapt serves: it measures whether the swap is worth building.
+The swap for every layer was not worth building (see RESULTS.md). What was built is the LM
+head's alone (``paradapt.serve.lm_head``, the engine's ``lm_head_gemm``), measured by a third part:
+
+* ``head``: the engine with ``lm_head_gemm="linear"`` against ``"packed"`` on a real model
+  (``--model``, default SmolLM2-135M-Instruct, whose 49,152-word head is a large share of a
+  step), decode steps at 1, 8 and 32 requests, rounds interleaved, greedy tokens compared.
+
+    python benchmarks/linear_backends.py --parts head --model smollm2-135m-instruct --rounds 8
 """
 
 from __future__ import annotations
@@ -110,11 +117,46 @@ def part_step(rounds: int) -> None:
     print(f"  F.linear {1e3 * a:.1f} ms, prepacked {1e3 * b:.1f} ms: {a / b:.2f}x; greedy tokens equal: {same}")
 
 
+def head_engine(model, root: Path, mode: str, requests: int) -> Engine:
+    eng = Engine(model, root, EngineConfig(num_blocks=1024, token_budget=512, lm_head_gemm=mode))
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    for _ in range(requests):
+        prompt = [rng.randrange(3, vocab) for _ in range(64)]
+        eng.add_request(prompt, None, SamplingParams(max_new_tokens=400, ignore_eos=True))
+    while any(len(h.tokens) == 0 for h in eng.handles.values()):  # past every prompt
+        eng.step()
+    return eng
+
+
+def part_head(model_name: str, rounds: int) -> None:
+    from paradapt.loading import load_model
+
+    model = load_model(model_name)[1]
+    root = Path(tempfile.mkdtemp(prefix="linear_backends-"))
+    print(f"decode step on {model_name}: LM head F.linear vs prepacked (median of rounds of 4 steps)")
+    for requests in (1, 8, 32):
+        engines = {mode: head_engine(model, root, mode, requests) for mode in ("linear", "packed")}
+        times: dict[str, list[float]] = {mode: [] for mode in engines}
+        for r in range(rounds):
+            for mode in list(engines)[:: 1 if r % 2 else -1]:
+                t0 = time.perf_counter()
+                for _ in range(4):
+                    engines[mode].step()
+                times[mode].append((time.perf_counter() - t0) / 4)
+        same = [h.tokens for h in engines["linear"].handles.values()] == [
+            h.tokens for h in engines["packed"].handles.values()
+        ]
+        a, b = statistics.median(times["linear"]), statistics.median(times["packed"])
+        print(f"  {requests:2d} requests: linear {1e3 * a:.1f} ms, packed {1e3 * b:.1f} ms: {a / b:.2f}x; greedy tokens equal: {same}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--parts", default="matmul,step")
+    p.add_argument("--parts", default="matmul,step", help="matmul, step, head")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the model of the head part")
     args = p.parse_args(argv)
     if not torch.backends.mkldnn.is_available():
         print("this torch has no oneDNN (mkldnn); nothing to compare")
@@ -129,6 +171,8 @@ def main(argv=None) -> int:
         part_matmul(args.rounds)
     if "step" in parts:
         part_step(args.rounds)
+    if "head" in parts:
+        part_head(args.model, args.rounds)
     return 0
 
 

@@ -34,6 +34,7 @@ from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 #: (the C++ kernel, else the compiled version, else gather + SDPA), or one of them (an error when
 #: it cannot run).
 DECODE_ATTENTION = ("auto", "kernel", "compiled", "gather")
+LM_HEAD_GEMM = ("auto", "packed", "linear")
 
 
 class AdapterLoadError(ParadaptError, RuntimeError):
@@ -59,6 +60,9 @@ class EngineConfig:
     ``device_memory`` is set (None: the largest adapter the engine knows at start).
     ``decode_attention``: how decode steps read the paged KV cache
     (:mod:`paradapt.serve.paged_attention`: ``auto``, ``compiled`` or ``gather``).
+    ``lm_head_gemm``: how the LM head multiplies (:mod:`paradapt.serve.lm_head`): ``auto``
+    (a weight prepacked for oneDNN where a measurement at start says it is faster; it costs a
+    second copy of the head's weight), ``packed`` or ``linear`` (``F.linear``, no copy).
     ``check_adapter_weights``: every step checks the served adapters' tensors for in-place
     edits, as a mixed batch outside the engine does (``pa.route``'s ``fixed_weights``). Off by
     default: the engine's adapters change only by being loaded again, and the check cost ~8 %
@@ -85,6 +89,7 @@ class EngineConfig:
     device_memory: int | None = None
     slot_bytes: int | None = None
     decode_attention: str = "auto"
+    lm_head_gemm: str = "auto"
     check_adapter_weights: bool = False
     prefix_caching: bool = True
 
@@ -106,6 +111,8 @@ class EngineConfig:
             raise ConfigError(
                 "decode_attention", f"must be one of {list(DECODE_ATTENTION)}, got {self.decode_attention!r}"
             )
+        if self.lm_head_gemm not in LM_HEAD_GEMM:
+            raise ConfigError("lm_head_gemm", f"must be one of {list(LM_HEAD_GEMM)}, got {self.lm_head_gemm!r}")
 
 
 @dataclass(frozen=True)

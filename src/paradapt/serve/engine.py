@@ -581,6 +581,8 @@ class Engine(_EngineCore):
             max_batch_tokens=config.token_budget,
             decode_attention=config.decode_attention,
             check_adapter_weights=config.check_adapter_weights,
+            lm_head_gemm=config.lm_head_gemm,
+            max_rows=config.max_running,
         )
         sched = scheduler_config(config, split.num_blocks)
         if (sched.kv_tokens, sched.kv_block) != (self.runner.kv_tokens, self.runner.kv_block):
@@ -602,6 +604,12 @@ class Engine(_EngineCore):
         """How decode steps read the KV pages: ``kernel`` (the C++ kernel), ``compiled`` (torch.compile,
         in place) or ``gather`` (copy + SDPA)."""
         return self.runner.decode_attention.used
+
+    @property
+    def lm_head_gemm(self) -> str:
+        """How the LM head multiplies: ``linear`` (``F.linear``) or ``packed from N rows``
+        (a weight prepacked for oneDNN, :mod:`paradapt.serve.lm_head`)."""
+        return self.runner.head_product.used
 
     def add_request(
         self,

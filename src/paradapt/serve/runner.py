@@ -23,6 +23,7 @@ from ..errors import ConfigError, ParadaptError
 from ..lifecycle import route
 from ..state import get_state
 from .hf_paged import KVState, PagedKV, lean_decode
+from .lm_head import HeadProduct
 from .paged_attention import DecodeAttention
 from .sampling import History, SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
 from .scheduler import ScheduledStep
@@ -79,7 +80,9 @@ class Runner:
     ``num_blocks`` pages of ``page_size`` tokens hold the KV of every running request; the
     scheduler must reserve in the same units (``kv_block=runner.kv_block``,
     ``kv_tokens=runner.kv_tokens``) so that allocation never fails. ``max_batch_tokens`` bounds one step's tokens (the
-    scheduler's ``token_budget``). ``check_adapter_weights``: route without ``fixed_weights``
+    scheduler's ``token_budget``). ``lm_head_gemm``: how the LM head multiplies
+    (:class:`~paradapt.serve.lm_head.HeadProduct`, packed for ``max_rows`` rows, the most a step
+    samples). ``check_adapter_weights``: route without ``fixed_weights``
     (see :class:`~paradapt.serve.core.EngineConfig`).
     """
 
@@ -92,6 +95,8 @@ class Runner:
         max_batch_tokens: int = 256,
         decode_attention: str = "auto",
         check_adapter_weights: bool = False,
+        lm_head_gemm: str = "auto",
+        max_rows: int = 32,
     ):
         for name, v, lo in (
             ("page_size", page_size, 4),
@@ -118,6 +123,8 @@ class Runner:
         heads_kv, dim, dtype, device = self.kv.kv_layout()
         self.decode_attention.warm_up(model.config.num_attention_heads, heads_kv, dim, dtype, device)
         self.adapter_kernel = device.type == "cpu" and _adapter_kernel()
+        self.head_product = HeadProduct(lm_head_gemm, rows=max_rows)
+        self.head_product.prepare(model)
         self._seqs: dict[str, Sequence] = {}
         self._nonfinite: list[NonFiniteLogitsError] = []  # rows dropped since the last take_nonfinite
 
@@ -183,7 +190,12 @@ class Runner:
         scored = self._scored_prompt_rows(step, batch)
         if scored:  # only requests that asked for prompt log-probabilities keep all their rows
             keep = torch.cat([keep, torch.tensor([p for _, _, p in scored], device=keep.device)])
-        with torch.no_grad(), self._routes(batch), lean_decode(keep.device, self.decode_attention.attend):
+        with (
+            torch.no_grad(),
+            self._routes(batch),
+            lean_decode(keep.device, self.decode_attention.attend),
+            self.head_product.active(),
+        ):
             logits = self.model(**kw, logits_to_keep=keep).logits[0]  # LM head on those rows only
         if scored:
             self._record_prompt_logprobs(scored, logits[len(samplers) :])
