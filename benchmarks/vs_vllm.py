@@ -297,6 +297,7 @@ def start_paradapt(args, model_dir: Path, root: Path, n: int, work: Path) -> Ser
         "--no-access-log",
         "--log-level",
         "warning",
+        *args.paradapt_arg,
     ]
     port = free_port()
     s = Server(
@@ -614,6 +615,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--base-with-lora", action="store_true", help="vLLM's base rows with --enable-lora too")
     p.add_argument("--vllm-arg", action="append", default=[], help="extra vllm serve argument (repeatable)")
+    p.add_argument(
+        "--paradapt-arg", action="append", default=[], help="extra paradapt serve argument (repeatable)"
+    )
     p.add_argument("--warm", choices=["all", "few"], default="all", help="warm-up: every adapter, or one")
     p.add_argument("--agree-prompts", type=int, default=3, help="greedy agreement prompts (0: skip)")
     p.add_argument("--agree-tokens", type=int, default=16)

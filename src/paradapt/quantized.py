@@ -26,6 +26,8 @@ device is refused with an error that says so.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,21 +91,28 @@ class QuantLinear(nn.Linear):
 
     # -- compute --------------------------------------------------------------------------------
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """``x2 [M, K] (bf16) @ W^T`` in bf16: by this layer's kernel, or for ``M >= DEQUANT_ROWS``
-        (a prefill) by a bf16 GEMM on the weight dequantised for this call (:meth:`bf16_weight`).
+        """``x2 [M, K] (bf16) @ W^T``: by this layer's kernel (in bf16), or for ``M >= DEQUANT_ROWS``
+        (a prefill, a training batch) by a GEMM on the weight dequantised for this call
+        (:meth:`call_weight`), in bf16 where the CPU multiplies bf16 natively
+        (:func:`native_bf16`) and in float32 elsewhere.
 
         torch's int4/int8 CPU kernels are built for few rows: measured on one 1536 x 576 layer
-        (1 thread, 2026-12-06), int4 takes 0.08 ms at M = 1 (fp32: 0.18) but 6.5 ms at M = 256
-        and 13.5 ms at M = 512, where dequantising (~2 ms) and a bf16 GEMM (1-2 ms) take 3-4 ms.
-        The dequantised weight equals the kernel's exactly in float32 and is rounded to bf16 for
-        the GEMM, so rows of such a step see weights within one bf16 rounding of the kernel's.
+        (1 thread, 2026-12-06, Intel Xeon with AMX), int4 takes 0.08 ms at M = 1 (fp32: 0.18) but
+        6.5 ms at M = 256 and 13.5 ms at M = 512, where dequantising (~2 ms) and a bf16 GEMM
+        (1-2 ms) take 3-4 ms. The dequantised weight equals the kernel's exactly in float32 (and
+        is rounded to bf16 for a bf16 GEMM), so rows of such a step see weights within one bf16
+        rounding of the kernel's. Without native bf16 a bf16 GEMM is widened to float32 piece by
+        piece, 8x slower than float32 itself (AMD EPYC, AVX2, 2026-12-07: 240 against 30 ms at
+        M = 1024), so the float32 weight is used there: at M = 128 dequantising (2.5 ms) and the
+        float32 GEMM (3.3 ms) match the kernel (6.0 ms), and at M = 1024 take 33 against 48 ms.
         """
         if x2.shape[0] == 0:
             return x2.new_zeros(0, self.out_features)
         if x2.shape[0] >= DEQUANT_ROWS and self.precision != "bf16":
-            w = self.bf16_weight()
+            dtype = torch.bfloat16 if native_bf16() else torch.float32
+            w = self.call_weight(dtype)
             if w is not None:
-                return F.linear(x2, w)
+                return F.linear(x2.to(dtype), w)
         if self.precision == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
         if self.precision == "int8":
@@ -127,12 +136,12 @@ class QuantLinear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     @torch.no_grad()
-    def bf16_weight(self) -> torch.Tensor | None:
-        """The weight in bf16 for one call, not kept; None for an int4 layer whose packing is
-        not laid out as :func:`_unpack_int4_fast` reads it (the kernel is used instead)."""
+    def call_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+        """The weight in ``dtype`` for one call, not kept; None for an int4 layer whose packing
+        is not laid out as :func:`_unpack_int4_fast` reads it (the kernel is used instead)."""
         if self.precision == "int4" and not _packing_readable(self.qweight, self.in_features, self.out_features):
             return None
-        return self.dequantized_weight(torch.bfloat16)
+        return self.dequantized_weight(dtype)
 
     @torch.no_grad()
     def int4_codes(self) -> torch.Tensor:
@@ -173,10 +182,15 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = ctx.layer.dequantized_weight(torch.bfloat16)
-        return grad.to(torch.bfloat16) @ w, None
+        # bf16 where the CPU multiplies it natively; float32 elsewhere, where a bf16 product of
+        # this shape ran 47x slower than float32's (1.2 s against 26 ms for 1024 x 1536 by 1536 x
+        # 576 on the AMD EPYC). The gradient goes back to the input in bf16 either way.
+        dtype = torch.bfloat16 if native_bf16() else torch.float32
+        w = ctx.layer.dequantized_weight(dtype)
+        return (grad.to(dtype) @ w).to(torch.bfloat16), None
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16), so a bf16
     base model's linear layers run faster than float32 ones: on the AMX machine of 2026-12-06 a

@@ -54,10 +54,12 @@ def test_layer_equals_its_dequantised_reference(precision):
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_many_rows_go_through_a_dequantised_bf16_gemm_within_bf16_error(precision):
+def test_many_rows_go_through_a_dequantised_bf16_gemm_within_bf16_error(precision, monkeypatch):
     """A prefill's ``M >= DEQUANT_ROWS`` rows multiply by the weight dequantised for the call (the
-    kernels are slow there); the result is the dequantised reference within bf16 error, and the
-    rows' values match the same rows computed by the kernel within one bf16 rounding."""
+    kernels are slow there) where bf16 is native; the result is the dequantised reference within
+    bf16 error, and the rows' values match the same rows computed by the kernel within one bf16
+    rounding."""
+    monkeypatch.setattr(quantized, "native_bf16", lambda: True)  # the path of an AMX / AVX512-BF16 CPU
     torch.manual_seed(0)
     q = pa.quantize(nn.Sequential(nn.Linear(128, 192)), precision)[0]
     rows = quantized.DEQUANT_ROWS
@@ -70,7 +72,32 @@ def test_many_rows_go_through_a_dequantised_bf16_gemm_within_bf16_error(precisio
     torch.testing.assert_close(many, ref, atol=2e-2 * scale, rtol=0)
     torch.testing.assert_close(many, few, atol=2e-2 * scale, rtol=0)
     if precision == "int4":
-        assert q.bf16_weight() is not None  # 192 rows: the packing's layout was read, not the kernel used
+        assert q.call_weight() is not None  # 192 rows: the packing's layout was read, not the kernel used
+
+
+def test_without_native_bf16_many_rows_and_backward_multiply_in_float32(monkeypatch):
+    """Where bf16 products are widened to float32 (AVX2) a bf16 GEMM is the slow path: many rows
+    multiply by the float32 dequantised weight, and so does the input gradient."""
+    monkeypatch.setattr(quantized, "native_bf16", lambda: False)
+    q = pa.quantize(nn.Sequential(nn.Linear(128, 192)), "int4")[0]
+    asked = []
+    real = quantized.QuantLinear.dequantized_weight
+
+    def spy(self, dtype=torch.float32):
+        asked.append(dtype)
+        return real(self, dtype)
+
+    monkeypatch.setattr(quantized.QuantLinear, "dequantized_weight", spy)
+    x = torch.randn(quantized.DEQUANT_ROWS + 3, 128, requires_grad=True)
+    y = q(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    assert asked == [torch.float32, torch.float32]  # forward, then backward
+    w = real(q)
+    want_y = x.detach().bfloat16().float() @ w.t() + q.bias
+    torch.testing.assert_close(y, want_y, atol=1e-5 * want_y.abs().max().item(), rtol=0)
+    want = (g.bfloat16().float() @ w).bfloat16().float()  # the gradient, rounded to bf16 once
+    torch.testing.assert_close(x.grad, want, atol=1e-2 * want.abs().max().item(), rtol=0)
 
 
 def test_the_fast_read_of_the_packing_equals_the_kernels_own_read():
