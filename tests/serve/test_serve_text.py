@@ -172,6 +172,27 @@ def test_a_request_whose_logits_go_nan_fails_alone(tmp_path):
     assert engine.runner.pages_in_use() == 0 and engine.scheduler.kv_used == 0
 
 
+def test_only_rows_with_nan_plus_inf_or_nothing_above_minus_inf_are_left_out(tmp_path):
+    engine = Engine(tiny_model("llama"), tmp_path, BUSY)
+    runner = engine.runner
+    seqs = [f"s{i}" for i in range(5)]
+    logits = torch.randn(5, 7)
+    same, rows = runner._finite_rows(seqs, logits)  # all finite: the one-pass check keeps every row
+    assert same == seqs and rows is logits and runner._nonfinite == []
+    logits[0, 2] = float("nan")
+    logits[1, 4] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, :6] = float("-inf")  # a masked vocabulary with one token left: fine
+    kept, rows = runner._finite_rows([_Seq(s) for s in seqs], logits)
+    assert [k.id for k in kept] == ["s3", "s4"] and torch.equal(rows, logits[3:])
+    assert [e.request_id for e in runner.take_nonfinite()] == ["s0", "s1", "s2"]
+
+
+class _Seq:
+    def __init__(self, rid: str):
+        self.id, self.adapter, self.output = rid, None, []
+
+
 def test_a_nan_request_is_a_422_naming_the_cause_over_http(tmp_path):
     adapter_root(tmp_path, "llama")
     engine = Engine(tiny_model("llama"), tmp_path, BUSY)

@@ -220,6 +220,8 @@ class Runner:
         recorded for :meth:`take_nonfinite`, and the other rows go on untouched."""
         if not samplers:
             return samplers, logits
+        if torch.isfinite(logits.sum()):  # one pass: every value finite (a NaN or an inf would show)
+            return samplers, logits
         # NaN or +inf anywhere, or nothing above -inf (a model may mask tokens with -inf)
         bad = logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1)
         ok = (~bad).tolist()
