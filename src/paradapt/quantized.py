@@ -109,7 +109,7 @@ class QuantLinear(nn.Linear):
         if x2.shape[0] == 0:
             return x2.new_zeros(0, self.out_features)
         if x2.shape[0] >= DEQUANT_ROWS and self.precision != "bf16":
-            dtype = torch.bfloat16 if native_bf16() else torch.float32
+            dtype = gemm_dtype()
             w = self.call_weight(dtype)
             if w is not None:
                 return F.linear(x2.to(dtype), w)
@@ -185,9 +185,16 @@ class _QuantMatmul(torch.autograd.Function):
         # bf16 where the CPU multiplies it natively; float32 elsewhere, where a bf16 product of
         # this shape ran 47x slower than float32's (1.2 s against 26 ms for 1024 x 1536 by 1536 x
         # 576 on the AMD EPYC). The gradient goes back to the input in bf16 either way.
-        dtype = torch.bfloat16 if native_bf16() else torch.float32
+        dtype = gemm_dtype()
         w = ctx.layer.dequantized_weight(dtype)
         return (grad.to(dtype) @ w).to(torch.bfloat16), None
+
+
+def gemm_dtype() -> torch.dtype:
+    """The dtype of a quantised layer's GEMMs on a dequantised weight (many-row products, input
+    gradients): bf16 where the CPU multiplies it natively, float32 elsewhere (see
+    :meth:`QuantLinear.matmul`)."""
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 @functools.cache

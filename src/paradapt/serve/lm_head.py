@@ -143,7 +143,7 @@ class HeadProduct:
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """The head multiplies with the packed weight inside this block (when it is used)."""
-        if self.head is None or self.min_rows is None:
+        if self.min_rows is None:  # also None whenever no head was kept
             yield
             return
         head = self.head
