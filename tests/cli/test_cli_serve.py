@@ -344,3 +344,35 @@ def test_security_flags_make_the_guard_config(monkeypatch):
     )
     assert g.allowed_hosts == ("a.example", "b.example") and g.max_request_bytes == 10
     assert serve_cli.guard_config(parse(["serve", "--allowed-hosts", "*"])).allowed_hosts is None
+
+
+def _log_prompt(args, prompt: list[int]) -> None:
+    """Build a server app from ``args`` (as a replica or the single process does), send one
+    completion of ``prompt`` (token ids), and stop it, which closes its request log."""
+    app, _ = serve_cli.build_server_app(args)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_replicas_share_the_request_logs_hash_key_so_a_shared_prompt_start_hashes_alike(tmp_path):
+    # --replicas N: every replica appends to one --request-log; hashes keyed per replica would
+    # make a prompt start two replicas both served look unrelated in the replay
+    model_dir = make_llama(tmp_path / "tiny")
+    log = tmp_path / "requests.jsonl"
+    argv = ["serve", "--model", str(model_dir), "--served-model-name", "tiny", "--request-log", str(log)]
+    args = cli.build_parser().parse_args([*argv, "--replicas", "2", "--threads-per-replica", "1"])
+    one, _ = serve_cli._replica_args(args)
+    assert isinstance(one.request_log_key, bytes) and len(one.request_log_key) == 16
+    assert "request_log_key" not in vars(args)  # the driver's own flags are left as they were
+    prompt = list(range(5, 25))  # 20 tokens: one whole unit of 16
+    _log_prompt(one, prompt)  # replica 0
+    _log_prompt(one, prompt)  # replica 1 (the same flags, as Ray hands them to each)
+    _log_prompt(cli.build_parser().parse_args(argv), prompt)  # a single-process server: its own key
+    lines = [json.loads(x) for x in log.read_text().splitlines() if '"t"' in x]
+    hashes = [x["prefix_hashes"] for x in lines]
+    assert len(hashes) == 3 and all(len(h) == 1 for h in hashes)
+    assert hashes[0] == hashes[1] and hashes[2] != hashes[0]
+    assert one.request_log_key.hex() not in log.read_text()
+    no_hashes = cli.build_parser().parse_args([*argv, "--replicas", "2", "--request-log-no-hashes"])
+    assert not hasattr(serve_cli._replica_args(no_hashes)[0], "request_log_key")

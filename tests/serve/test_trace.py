@@ -366,3 +366,9 @@ def test_profile_takes_kinds_and_ranks_from_an_adapter_root(tmp_path):
         ["lora", "parallel", "series"],
         [8, 16, 32],
     )
+
+
+def test_a_request_log_key_must_be_a_blake2b_key(tmp_path):
+    for bad in (b"short", "a text of sixteen", b"x" * 65):
+        with pytest.raises(ValueError, match="16 to 64 bytes"):
+            RequestLog(tmp_path / "r.jsonl", base="model", clock=lambda: 0.0, key=bad)

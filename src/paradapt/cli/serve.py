@@ -365,7 +365,11 @@ def build_server_app(args: argparse.Namespace):
         try:
             hashes = not getattr(args, "request_log_no_hashes", False)
             app.state.loop.metrics.request_log = RequestLog(
-                args.request_log, base=name, clock=engine.clock, prefix_hashes=hashes
+                args.request_log,
+                base=name,
+                clock=engine.clock,
+                prefix_hashes=hashes,
+                key=getattr(args, "request_log_key", None),  # a cluster's replicas share one
             )
         except OSError as e:
             raise CLIError(f"--request-log: cannot append to {args.request_log} ({e.strerror})") from None
@@ -533,10 +537,15 @@ def replica_app(args: argparse.Namespace):
 
 
 def _replica_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
-    """The flags each replica builds its app from (its own torch threads), and those threads."""
+    """The flags each replica builds its app from (its own torch threads; with ``--request-log``,
+    the log's hash key, the same for every replica), and those threads."""
     threads = args.threads_per_replica or args.threads or max(1, default_threads() // args.replicas)
     one = argparse.Namespace(**vars(args))
     one.threads = threads
+    if getattr(args, "request_log", None) and not getattr(args, "request_log_no_hashes", False):
+        # one secret for the log all replicas append to, so their prefix hashes compare (a
+        # replay links what production shared across replicas); in memory only, never written
+        one.request_log_key = os.urandom(16)
     return one, threads
 
 

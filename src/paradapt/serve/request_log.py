@@ -72,6 +72,9 @@ class RequestLog:
     ``clock`` is the engine's clock (the handles' ``arrival``/``first_token_at``/``finished_at``
     are on it); ``base`` is the base model's served name, written for base-model requests;
     ``prefix_hashes`` False leaves the prompts' hashes out (``--request-log-no-hashes``).
+    ``key``: the hashes' secret when several servers append to one log (``paradapt serve
+    --replicas``: the driver draws one and hands it to every replica), so a prompt start
+    shared across replicas hashes alike; None draws one for this log alone.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class RequestLog:
         base: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         prefix_hashes: bool = True,
+        key: bytes | None = None,
     ):
         self.path = Path(path)
         self.base = base
@@ -89,7 +93,9 @@ class RequestLog:
         self._file = self.path.open("a", encoding="utf-8", buffering=1)
         self.origin = clock() - (time.time() - start)  # t = 0 on the engine's clock
         # prefix_hashes: comparable within this log only, never stored (None: not written)
-        self._key = os.urandom(16) if prefix_hashes else None
+        if key is not None and not (isinstance(key, bytes) and 16 <= len(key) <= 64):
+            raise ValueError("a request log's key is 16 to 64 bytes (blake2b's key)")
+        self._key = (key or os.urandom(16)) if prefix_hashes else None
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="paradapt-request-log", daemon=True)
         self._thread.start()
