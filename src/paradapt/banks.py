@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
+from . import kernels, native
 from .bottleneck import _ACTS, Bottleneck
 
 
@@ -61,6 +61,9 @@ class Segments:
     slots: list[int]  # slots present, ascending
     counts: list[int]  # rows per present slot
     present: torch.Tensor  # slots present, as a tensor
+    # every row's slot in batch order, -1 for rows of no slot here (the fused kernel reads rows
+    # as they come); None where rows are not a batch's (a mixture's (token, expert) pairs)
+    slot_of_row: torch.Tensor | None = None
     _offs: dict = field(default_factory=dict)
 
     def offsets(self, tokens: int) -> torch.Tensor:
@@ -88,12 +91,16 @@ class Segments:
                 slots.append(s)
                 counts.append(1)
         identity = rows == list(range(len(row_names)))
+        every = [-1] * len(row_names)
+        for s, i in pairs:
+            every[i] = s
         return cls(
             perm=None if identity else torch.tensor(rows, device=device),
             row_slot=torch.tensor(slot_of_row, device=device),
             slots=slots,
             counts=counts,
             present=torch.tensor(slots, device=device),
+            slot_of_row=torch.tensor(every, device=device),
         )
 
     @classmethod
@@ -105,6 +112,11 @@ class Segments:
         return cls(
             perm=perm, row_slot=row_slot, slots=present.tolist(), counts=counts.tolist(), present=present
         )
+
+
+#: Activations the fused kernel (``csrc/bgmv.cpp``'s ``lora_add``) applies itself: LoRA's and the
+#: bottleneck adapters' usual ReLU.
+FUSED_ACTS = ("identity", "relu")
 
 
 def bankable(comp) -> bool:
@@ -162,6 +174,7 @@ class Bank:
         self.sig = signature(comp, device)
         self.reads = comp.reads
         self.act = _ACTS[comp.act_name]
+        self.act_name = comp.act_name
         self.r, self.d_in, self.d_out = comp.r, comp.d_in, comp.d_out
         self.dtype, self.device = comp.down.weight.dtype, device
         self.has_bd, self.has_bu = comp.down.bias is not None, comp.up.bias is not None
@@ -261,6 +274,40 @@ class Bank:
             names += ("grouped",)
         return names
 
+    def _key(self, device: torch.device, rows: int, tokens: int, seg: Segments) -> tuple:
+        """The shape class of ``seg``'s ``rows`` of ``tokens`` tokens, for :func:`kernels.run`."""
+        dims = (self.d_in, self.r, self.d_out)
+        return kernels.shape_key(device, self.dtype, rows, tokens, len(seg.slots), dims)
+
+    def add_fused(self, h: torch.Tensor, src: torch.Tensor, seg: Segments) -> torch.Tensor | None:
+        """``h`` plus this bank's delta for every row of a batch in one C++ call, when ``kernel`` is
+        the strategy chosen for the shape (it reads each row's slot in place, so the rows need no
+        sorting and the deltas no scatter back, and the bias, activation and scale between the two
+        products are no separate tensor ops); None where it does not apply (another strategy, an
+        activation it does not have, dtypes that differ, a shape not measured yet).
+
+        ``h``: [batch, ..., d_out] of the bank's dtype; ``src``: the rows the bank reads, [batch, ..., d_in].
+        Rounds as :meth:`delta` then ``h + delta`` do, so the results are the same to the bit.
+        """
+        if self.act_name not in FUSED_ACTS or seg.slot_of_row is None or h.dtype != self.dtype:
+            return None
+        x = src.reshape(src.shape[0], -1, src.shape[-1])
+        key = self._key(h.device, len(seg.row_slot), x.shape[1], seg)
+        if h.device.type != "cpu" or kernels.chosen(key, h.device) != "kernel":
+            return None
+        out = native.BGMV.load().lora_add(
+            h.reshape(x.shape[0], x.shape[1], -1),
+            x.to(self.dtype),
+            self.wd,
+            self.wu,
+            seg.slot_of_row,
+            self.scale,
+            self.bd if self.has_bd else None,
+            self.bu if self.has_bu else None,
+            self.act_name == "relu",
+        )
+        return out.view(h.shape)
+
     def delta(self, src: torch.Tensor, seg: Segments) -> torch.Tensor:
         """``s * act(src Wd + bd) Wu + bu`` for rows sorted by slot; src: [n, T, d_in]."""
         x = src.to(self.dtype)
@@ -272,8 +319,7 @@ class Bank:
                 a = a + bd
             return self.act(a) * scale
 
-        n, t = x.shape[0], x.shape[1]
-        key = kernels.shape_key(x.device, self.dtype, n, t, len(seg.slots), (self.d_in, self.r, self.d_out))
+        key = self._key(x.device, x.shape[0], x.shape[1], seg)
 
         def make(name: str):
             if name == "kernel":
@@ -282,7 +328,7 @@ class Bank:
                 return lambda: kernels.gather(x, self.wd, self.wu, seg.row_slot, post)
             if name == "grouped":  # every slot present: no compaction needed
                 present = None if len(seg.slots) == self.capacity else seg.present
-                return lambda: kernels.grouped(x, self.wd, self.wu, present, seg.offsets(t), post)
+                return lambda: kernels.grouped(x, self.wd, self.wu, present, seg.offsets(x.shape[1]), post)
             return lambda: kernels.segments(x, self.wd, self.wu, seg.slots, seg.counts, post)
 
         out = kernels.run(key, x.device, lambda: self._strategies(x), make)

@@ -115,6 +115,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def chosen(key: tuple, device: torch.device) -> str | None:
+    """The strategy :func:`run` would call for ``key`` without measuring: the pinned one, else
+    the one measured for it (None: not measured yet)."""
+    pinned = forced()
+    if pinned is not None:
+        return pinned if pinned != "kernel" or native_ready(device) else "segments"
+    return _table.get(key)
+
+
 def run(
     key: tuple,
     device: torch.device,

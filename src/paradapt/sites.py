@@ -240,6 +240,10 @@ def apply_banks(
         if seg is None:
             continue
         src = x if bank.reads == "input" else h
+        fused = bank.add_fused(out, src, seg)
+        if fused is not None:
+            out = fused
+            continue
         if seg.perm is not None:
             src = src.index_select(0, seg.perm)
         d = bank.delta(src.reshape(src.shape[0], -1, src.shape[-1]), seg)

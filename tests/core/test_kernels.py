@@ -77,6 +77,93 @@ def test_bad_arguments_are_refused_not_read_out_of_bounds(ext):
         ext.shrink(x, wd, torch.tensor([0, 1], dtype=torch.int32))
 
 
+def _two_calls(ext, h, x, wd, wu, slot, scale, bd, bu, relu):
+    """lora_add's result the unfused way: shrink, bias, activation, scale, expand, bias as
+    separate calls and tensor ops on the rows with a slot, then h + delta."""
+    rows = slot >= 0
+    s = slot[rows]
+    a = ext.shrink(x[rows], wd, s)
+    if bd is not None:
+        a = a + bd.index_select(0, s)[:, None, :]
+    if relu:
+        a = torch.relu(a)
+    d = ext.expand(a * scale.index_select(0, s)[:, None, None], wu, s)
+    if bu is not None:
+        d = d + bu.index_select(0, s)[:, None, :]
+    out = h.clone()
+    out[rows] = h[rows] + d
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relu,biases", [(False, False), (True, True), (True, False)])
+def test_the_fused_add_equals_the_two_calls_to_the_bit_and_leaves_rows_of_no_slot_as_they_were(
+    ext, dtype, relu, biases
+):
+    wd, wu = bank(dtype)
+    g = torch.Generator().manual_seed(2)
+    scale = torch.rand(5, generator=g).to(dtype)
+    bd = torch.randn(5, 4, generator=g).to(dtype) if biases else None
+    bu = torch.randn(5, 40, generator=g).to(dtype) if biases else None
+    x = torch.randn(7, 3, 24, generator=g).to(dtype)
+    h = torch.randn(7, 3, 40, generator=g).to(dtype)
+    slot = torch.tensor([3, -1, 0, 4, 3, -1, 1])
+    out = ext.lora_add(h, x, wd, wu, slot, scale, bd, bu, relu)
+    assert torch.equal(out, _two_calls(ext, h, x, wd, wu, slot, scale, bd, bu, relu))
+    assert torch.equal(out[slot < 0], h[slot < 0]) and out.data_ptr() != h.data_ptr()  # h is not written
+    for i in range(7):  # a row alone: the same bits
+        alone = ext.lora_add(h[i : i + 1], x[i : i + 1], wd, wu, slot[i : i + 1], scale, bd, bu, relu)
+        assert torch.equal(alone[0], out[i])
+
+
+def test_the_fused_add_refuses_what_it_cannot_read(ext):
+    wd, wu = bank(torch.float32)
+    x, h, scale = torch.randn(2, 1, 24), torch.randn(2, 1, 40), torch.ones(5)
+    with pytest.raises(RuntimeError, match="slot -2 outside a bank of 5"):
+        ext.lora_add(h, x, wd, wu, torch.tensor([0, -2]), scale)
+    with pytest.raises(RuntimeError, match="slot 5 outside"):
+        ext.lora_add(h, x, wd, wu, torch.tensor([0, 5]), scale)
+    with pytest.raises(RuntimeError, match="h must be"):
+        ext.lora_add(torch.randn(2, 1, 39), x, wd, wu, torch.tensor([0, 1]), scale)
+    with pytest.raises(RuntimeError, match="scale has 4 values for 5 slots"):
+        ext.lora_add(h, x, wd, wu, torch.tensor([0, 1]), torch.ones(4))
+    with pytest.raises(RuntimeError, match="bu has 40 values for 5 slots of 40"):
+        ext.lora_add(h, x, wd, wu, torch.tensor([0, 1]), scale, None, torch.ones(40))
+    with pytest.raises(RuntimeError, match="wu must be"):
+        ext.lora_add(h, x, wd, wu[:, :3], torch.tensor([0, 1]), scale)
+
+
+@pytest.mark.parametrize("kind", ["lora", "parallel"])
+def test_a_mixed_batch_through_the_fused_add_equals_the_unfused_kernel_path(ext, kind, monkeypatch):
+    # rows of three adapters and of the base model, unsorted: the fused call reads each row's slot
+    # in place; the unfused path sorts the rows, runs shrink and expand, and scatters back
+    from paradapt.banks import Bank
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    config = pa.LoRAConfig(r=4, init="random") if kind == "lora" else pa.ParallelConfig(r=8, init="random")
+    for name in ("a", "b", "c"):
+        pa.add_adapter(model, name, config)
+    x = torch.randint(0, 96, (6, 5))
+    rows = ["b", None, "a", "c", "b", None]
+    calls = []
+    fused = Bank.add_fused
+
+    def counted(self, *args):
+        out = fused(self, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Bank, "add_fused", counted)
+    with kernels.force("kernel"), torch.no_grad(), pa.route(model, rows):
+        got = model(x).logits
+    assert calls and all(calls)  # every bank went through the fused call
+    monkeypatch.setattr(Bank, "add_fused", lambda self, *args: None)
+    with kernels.force("kernel"), torch.no_grad(), pa.route(model, rows):
+        ref = model(x).logits
+    assert torch.equal(got, ref)
+
+
 def test_banks_measure_the_kernel_once_it_is_loaded(ext):
     kernels.reset()
     model = tiny_model("llama")
