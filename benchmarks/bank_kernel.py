@@ -1,6 +1,9 @@
 """The banks' strategies in a decode step with many adapters: the C++ ``kernel`` (csrc/bgmv.cpp)
 against ``gather``, ``grouped`` and ``segments``, each pinned for whole decode steps, and the
 measured choice (which now has the kernel among its candidates), side by side in one process.
+``kernel`` runs as the engine runs it, one fused call per bank and site (``lora_add``: rows in
+batch order, the scale between the products inside); ``kernel-2calls`` is the same kernel as two
+calls on rows sorted by slot and scattered back, as it ran before the fused call.
 
 32 requests decoding at once, each with its own LoRA (r 16, q/k/v/o, random weights) on the
 random Llama of ``serve_load.py`` (hidden 512, 8 layers), one engine, rounds interleaved (the order rotated each round); the
@@ -13,6 +16,7 @@ median decode step of each, and of the base model (no adapter) for scale. A per-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -22,11 +26,28 @@ from pathlib import Path
 import torch
 from adapter_weight_check import adapters, decode_ms
 
-from paradapt import kernels
+from paradapt import kernels, native
+from paradapt.banks import Bank
 from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.twin.profile import build_model
 
-PINNED = ("kernel", "gather", "grouped", "segments", None)  # None: the measured choice
+PINNED = ("kernel", "kernel-2calls", "gather", "grouped", "segments", None)  # None: the measured choice
+
+
+@contextlib.contextmanager
+def pinned(label: str | None):
+    """Force the strategy ``label`` names; ``kernel-2calls``: the kernel without the fused call."""
+    if label != "kernel-2calls":
+        with kernels.force(label):
+            yield
+        return
+    fused = Bank.add_fused
+    Bank.add_fused = lambda self, *args: None
+    try:
+        with kernels.force("kernel"):
+            yield
+    finally:
+        Bank.add_fused = fused
 
 
 def per_site_us(strategy: str, n: int, reps: int = 200) -> float:
@@ -36,11 +57,14 @@ def per_site_us(strategy: str, n: int, reps: int = 200) -> float:
     x, slot = torch.randn(n, 1, 512, generator=g), torch.arange(n)
     counts, present = [1] * n, torch.arange(n)
     offs = torch.arange(1, n + 1, dtype=torch.int32)
+    h, scale = torch.randn(n, 1, 512, generator=g), torch.full((n,), 2.0)
+    ext = native.BGMV.load()
     fns = {
-        "kernel": lambda: kernels.kernel(x, wd, wu, slot, lambda a: a * 2.0),
-        "gather": lambda: kernels.gather(x, wd, wu, slot, lambda a: a * 2.0),
-        "grouped": lambda: kernels.grouped(x, wd, wu, present, offs, lambda a: a * 2.0),
-        "segments": lambda: kernels.segments(x, wd, wu, list(range(n)), counts, lambda a: a * 2.0),
+        "kernel": lambda: ext.lora_add(h, x, wd, wu, slot, scale),
+        "kernel-2calls": lambda: h + kernels.kernel(x, wd, wu, slot, lambda a: a * 2.0),
+        "gather": lambda: h + kernels.gather(x, wd, wu, slot, lambda a: a * 2.0),
+        "grouped": lambda: h + kernels.grouped(x, wd, wu, present, offs, lambda a: a * 2.0),
+        "segments": lambda: h + kernels.segments(x, wd, wu, list(range(n)), counts, lambda a: a * 2.0),
     }
     fn = fns[strategy]
     for _ in range(10):
@@ -81,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         sites: dict[str, list[float]] = {k: [] for k in PINNED if k}
         for r in range(args.rounds):
             for k in PINNED[r % len(PINNED) :] + PINNED[: r % len(PINNED)]:  # each first in turn
-                with kernels.force(k):
+                with pinned(k):
                     steps[str(k)].append(decode_ms(engine, args.requests, True, gen, args.tokens))
                 if k:
                     sites[k].append(per_site_us(k, args.requests))
