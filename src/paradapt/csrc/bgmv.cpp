@@ -15,7 +15,9 @@
 //     (-1: the row is h), fused: a site's rows need neither sorting by slot nor a scatter back, and the
 //     step between the two products costs no tensor ops (vLLM's add_lora does the same on GPUs).
 //
-// Accumulation is in float for float, bfloat16 and half, in double for double. Rows are split across torch's
+// Accumulation is in float for float, bfloat16 and half, in double for double, each step an explicit
+// fused multiply-add (std::fma), so no compiler choice between fused and separate rounding can make
+// one code path (grouped or not, fused or two calls, a full block or the last) differ from another. Rows are split across torch's
 // intra-op threads. The GIL is released.
 
 #include <torch/extension.h>
@@ -25,6 +27,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -36,15 +39,65 @@ int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 65536 / std::max<in
 
 // One token's products, shared by the two-call path (shrink, expand) and the fused one (lora_add),
 // so both round alike: out[R] = x[K] @ w[K, R] and out[N] = a[R] @ w[R, N], sums in acc_t.
+// G tokens' shrinks at once (each through its own slot): G independent chains of sums, so the
+// multiply-adds overlap instead of each waiting on the one before it. Each output's sum runs as in
+// shrink_fixed, so the bits are the same however tokens are grouped.
+template <typename T, int RR, int G>
+void shrink_group(const T* const* xr, const T* const* wi, T* const* o, int64_t K) {
+  using acc_t = at::opmath_type<T>;
+  acc_t a[G][RR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int g = 0; g < G; ++g) {
+      const acc_t xv = static_cast<acc_t>(xr[g][k]);
+      const T* wr = wi[g] + k * RR;
+#pragma omp simd
+      for (int j = 0; j < RR; ++j) a[g][j] = std::fma(xv, static_cast<acc_t>(wr[j]), a[g][j]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < RR; ++j) o[g][j] = static_cast<T>(a[g][j]);
+}
+
+// Tokens grouped for shrink_group at the usual ranks (as many as the registers hold); false for a
+// rank without a fixed-size version (the caller takes shrink_one per token).
+template <typename T>
+bool shrink_grouped(const T* const* xr, const T* const* wi, T* const* o, int64_t count, int64_t K, int64_t R) {
+  int64_t i = 0;
+  switch (R) {
+    case 4:
+      for (; i + 4 <= count; i += 4) shrink_group<T, 4, 4>(xr + i, wi + i, o + i, K);
+      for (; i < count; ++i) shrink_group<T, 4, 1>(xr + i, wi + i, o + i, K);
+      return true;
+    case 8:
+      for (; i + 4 <= count; i += 4) shrink_group<T, 8, 4>(xr + i, wi + i, o + i, K);
+      for (; i < count; ++i) shrink_group<T, 8, 1>(xr + i, wi + i, o + i, K);
+      return true;
+    case 16:
+      for (; i + 4 <= count; i += 4) shrink_group<T, 16, 4>(xr + i, wi + i, o + i, K);
+      for (; i < count; ++i) shrink_group<T, 16, 1>(xr + i, wi + i, o + i, K);
+      return true;
+    case 32:
+      for (; i + 2 <= count; i += 2) shrink_group<T, 32, 2>(xr + i, wi + i, o + i, K);
+      for (; i < count; ++i) shrink_group<T, 32, 1>(xr + i, wi + i, o + i, K);
+      return true;
+    case 64:
+      for (; i < count; ++i) shrink_group<T, 64, 1>(xr + i, wi + i, o + i, K);
+      return true;
+    default:
+      return false;
+  }
+}
+
 template <typename T>
 void shrink_one(const T* xr, const T* wi, T* o, at::opmath_type<T>* a, int64_t K, int64_t R) {
   using acc_t = at::opmath_type<T>;
+  if (shrink_grouped<T>(&xr, &wi, &o, 1, K, R)) return;
   std::fill(a, a + R, acc_t(0));
   for (int64_t k = 0; k < K; ++k) {
     const acc_t xv = static_cast<acc_t>(xr[k]);
     const T* wr = wi + k * R;
 #pragma omp simd
-    for (int64_t j = 0; j < R; ++j) a[j] += xv * static_cast<acc_t>(wr[j]);
+    for (int64_t j = 0; j < R; ++j) a[j] = std::fma(xv, static_cast<acc_t>(wr[j]), a[j]);
   }
   for (int64_t j = 0; j < R; ++j) o[j] = static_cast<T>(a[j]);
 }
@@ -53,26 +106,56 @@ template <typename T>
 void expand_one(const T* ar, const T* wi, T* o, at::opmath_type<T>* av, int64_t R, int64_t N) {
   using acc_t = at::opmath_type<T>;
   for (int64_t j = 0; j < R; ++j) av[j] = static_cast<acc_t>(ar[j]);
-  for (int64_t ob = 0; ob < N; ob += kBlock) {
+  int64_t ob = 0;
+  for (; ob + kBlock <= N; ob += kBlock) {  // whole blocks: a trip count the compiler knows, sums in registers
+    acc_t acc[kBlock] = {};
+    for (int64_t j = 0; j < R; ++j) {
+      const acc_t s = av[j];
+      const T* wr = wi + j * N + ob;
+#pragma omp simd
+      for (int64_t c = 0; c < kBlock; ++c) acc[c] = std::fma(s, static_cast<acc_t>(wr[c]), acc[c]);
+    }
+    for (int64_t c = 0; c < kBlock; ++c) o[ob + c] = static_cast<T>(acc[c]);
+  }
+  for (; ob < N; ob += kBlock) {  // the last, partial block
     const int64_t width = std::min(kBlock, N - ob);
     acc_t acc[kBlock] = {};
     for (int64_t j = 0; j < R; ++j) {
       const acc_t s = av[j];
       const T* wr = wi + j * N + ob;
 #pragma omp simd
-      for (int64_t c = 0; c < width; ++c) acc[c] += s * static_cast<acc_t>(wr[c]);
+      for (int64_t c = 0; c < width; ++c) acc[c] = std::fma(s, static_cast<acc_t>(wr[c]), acc[c]);
     }
     for (int64_t c = 0; c < width; ++c) o[ob + c] = static_cast<T>(acc[c]);
   }
 }
 
+// Pointers to rows begin..end's tokens (their inputs, their slots' weights, their outputs), for
+// shrink_grouped; tokens of rows whose slot is negative are left out. Returns how many.
+template <typename T>
+int64_t token_pointers(const T* x, const T* w, const int64_t* slot, T* out, int64_t begin, int64_t end, int64_t tokens,
+                       int64_t K, int64_t R, std::vector<const T*>& xs, std::vector<const T*>& ws, std::vector<T*>& os) {
+  xs.clear(), ws.clear(), os.clear();
+  for (int64_t i = begin; i < end; ++i) {
+    if (slot[i] < 0) continue;
+    for (int64_t t = 0; t < tokens; ++t) {
+      xs.push_back(x + (i * tokens + t) * K);
+      ws.push_back(w + slot[i] * K * R);
+      os.push_back(out + (i * tokens + t) * R);
+    }
+  }
+  return static_cast<int64_t>(xs.size());
+}
+
 template <typename T>
 void shrink_rows(const T* x, const T* w, const int64_t* slot, T* out, int64_t begin, int64_t end, int64_t tokens,
                  int64_t K, int64_t R) {
+  std::vector<const T*> xs, ws;
+  std::vector<T*> os;
+  const int64_t count = token_pointers<T>(x, w, slot, out, begin, end, tokens, K, R, xs, ws, os);
+  if (shrink_grouped<T>(xs.data(), ws.data(), os.data(), count, K, R)) return;
   std::vector<at::opmath_type<T>> acc(R);
-  for (int64_t i = begin; i < end; ++i)
-    for (int64_t t = 0; t < tokens; ++t)
-      shrink_one<T>(x + (i * tokens + t) * K, w + slot[i] * K * R, out + (i * tokens + t) * R, acc.data(), K, R);
+  for (int64_t i = 0; i < count; ++i) shrink_one<T>(xs[i], ws[i], os[i], acc.data(), K, R);
 }
 
 template <typename T>
@@ -100,7 +183,9 @@ void lora_rows(const T* h, const T* x, const Bank<T>& b, const int64_t* slot, T*
                int64_t tokens) {
   using acc_t = at::opmath_type<T>;
   std::vector<acc_t> acc(std::max(b.R, int64_t(1)));
-  std::vector<T> a(b.R), d(b.N);
+  std::vector<T> shrunk((end - begin) * tokens * b.R), d(b.N);
+  // every token's shrink first (grouped), into shrunk[(i - begin) * tokens + t]
+  shrink_rows<T>(x + begin * tokens * b.K, b.wd, slot + begin, shrunk.data(), 0, end - begin, tokens, b.K, b.R);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t s = slot[i];
     for (int64_t t = 0; t < tokens; ++t) {
@@ -110,7 +195,7 @@ void lora_rows(const T* h, const T* x, const Bank<T>& b, const int64_t* slot, T*
         std::copy(hr, hr + b.N, o);
         continue;
       }
-      shrink_one<T>(x + (i * tokens + t) * b.K, b.wd + s * b.K * b.R, a.data(), acc.data(), b.K, b.R);
+      T* a = shrunk.data() + ((i - begin) * tokens + t) * b.R;
       const acc_t sc = static_cast<acc_t>(b.scale[s]);
       for (int64_t j = 0; j < b.R; ++j) {
         T v = a[j];
@@ -118,7 +203,7 @@ void lora_rows(const T* h, const T* x, const Bank<T>& b, const int64_t* slot, T*
         if (b.relu && static_cast<acc_t>(v) < acc_t(0)) v = static_cast<T>(0);
         a[j] = static_cast<T>(static_cast<acc_t>(v) * sc);
       }
-      expand_one<T>(a.data(), b.wu + s * b.R * b.N, d.data(), acc.data(), b.R, b.N);
+      expand_one<T>(a, b.wu + s * b.R * b.N, d.data(), acc.data(), b.R, b.N);
       for (int64_t c = 0; c < b.N; ++c) {
         T v = d[c];
         if (b.bu) v = static_cast<T>(static_cast<acc_t>(v) + static_cast<acc_t>(b.bu[s * b.N + c]));
