@@ -17,8 +17,8 @@
 //
 // Accumulation is in float for float, bfloat16 and half, in double for double, each step an explicit
 // fused multiply-add (std::fma), so no compiler choice between fused and separate rounding can make
-// one code path (grouped or not, fused or two calls, a full block or the last) differ from another. Rows are split across torch's
-// intra-op threads. The GIL is released.
+// one code path (grouped or not, fused or two calls, a full block or the last) differ from another.
+// Rows are split across torch's intra-op threads. The GIL is released.
 
 #include <torch/extension.h>
 
@@ -37,11 +37,13 @@ constexpr int64_t kBlock = 64;  // output columns kept in registers while an exp
 // Rows per parallel task: enough multiply-adds (~64K) that a task outweighs its scheduling.
 int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, per_row)); }
 
-// One token's products, shared by the two-call path (shrink, expand) and the fused one (lora_add),
-// so both round alike: out[R] = x[K] @ w[K, R] and out[N] = a[R] @ w[R, N], sums in acc_t.
-// G tokens' shrinks at once (each through its own slot): G independent chains of sums, so the
-// multiply-adds overlap instead of each waiting on the one before it. Each output's sum runs as in
-// shrink_fixed, so the bits are the same however tokens are grouped.
+// The per-token products, shared by the two-call path (shrink, expand) and the fused one
+// (lora_add), so both round alike: out[R] = x[K] @ w[K, R] and out[N] = a[R] @ w[R, N], sums in acc_t.
+
+// G tokens' shrinks at once (each through its own slot) at a rank RR known at compile time: the
+// sums stay in registers, and the G independent chains overlap instead of each multiply-add
+// waiting on the one before it. Each output's sum runs in the same order for any G, so the bits
+// are the same however tokens are grouped.
 template <typename T, int RR, int G>
 void shrink_group(const T* const* xr, const T* const* wi, T* const* o, int64_t K) {
   using acc_t = at::opmath_type<T>;
@@ -58,40 +60,32 @@ void shrink_group(const T* const* xr, const T* const* wi, T* const* o, int64_t K
     for (int j = 0; j < RR; ++j) o[g][j] = static_cast<T>(a[g][j]);
 }
 
+// ``count`` tokens in groups of G, the rest one at a time.
+template <typename T, int RR, int G>
+void shrink_groups(const T* const* xr, const T* const* wi, T* const* o, int64_t count, int64_t K) {
+  int64_t i = 0;
+  for (; i + G <= count; i += G) shrink_group<T, RR, G>(xr + i, wi + i, o + i, K);
+  for (; i < count; ++i) shrink_group<T, RR, 1>(xr + i, wi + i, o + i, K);
+}
+
 // Tokens grouped for shrink_group at the usual ranks (as many as the registers hold); false for a
-// rank without a fixed-size version (the caller takes shrink_one per token).
+// rank without a fixed-size version (the caller takes shrink_generic per token).
 template <typename T>
 bool shrink_grouped(const T* const* xr, const T* const* wi, T* const* o, int64_t count, int64_t K, int64_t R) {
-  int64_t i = 0;
   switch (R) {
-    case 4:
-      for (; i + 4 <= count; i += 4) shrink_group<T, 4, 4>(xr + i, wi + i, o + i, K);
-      for (; i < count; ++i) shrink_group<T, 4, 1>(xr + i, wi + i, o + i, K);
-      return true;
-    case 8:
-      for (; i + 4 <= count; i += 4) shrink_group<T, 8, 4>(xr + i, wi + i, o + i, K);
-      for (; i < count; ++i) shrink_group<T, 8, 1>(xr + i, wi + i, o + i, K);
-      return true;
-    case 16:
-      for (; i + 4 <= count; i += 4) shrink_group<T, 16, 4>(xr + i, wi + i, o + i, K);
-      for (; i < count; ++i) shrink_group<T, 16, 1>(xr + i, wi + i, o + i, K);
-      return true;
-    case 32:
-      for (; i + 2 <= count; i += 2) shrink_group<T, 32, 2>(xr + i, wi + i, o + i, K);
-      for (; i < count; ++i) shrink_group<T, 32, 1>(xr + i, wi + i, o + i, K);
-      return true;
-    case 64:
-      for (; i < count; ++i) shrink_group<T, 64, 1>(xr + i, wi + i, o + i, K);
-      return true;
-    default:
-      return false;
+    case 4: shrink_groups<T, 4, 4>(xr, wi, o, count, K); return true;
+    case 8: shrink_groups<T, 8, 4>(xr, wi, o, count, K); return true;
+    case 16: shrink_groups<T, 16, 4>(xr, wi, o, count, K); return true;
+    case 32: shrink_groups<T, 32, 2>(xr, wi, o, count, K); return true;
+    case 64: shrink_groups<T, 64, 1>(xr, wi, o, count, K); return true;
+    default: return false;
   }
 }
 
+// One token's shrink at any rank, the sums in ``a`` (R values).
 template <typename T>
-void shrink_one(const T* xr, const T* wi, T* o, at::opmath_type<T>* a, int64_t K, int64_t R) {
+void shrink_generic(const T* xr, const T* wi, T* o, at::opmath_type<T>* a, int64_t K, int64_t R) {
   using acc_t = at::opmath_type<T>;
-  if (shrink_grouped<T>(&xr, &wi, &o, 1, K, R)) return;
   std::fill(a, a + R, acc_t(0));
   for (int64_t k = 0; k < K; ++k) {
     const acc_t xv = static_cast<acc_t>(xr[k]);
@@ -102,32 +96,28 @@ void shrink_one(const T* xr, const T* wi, T* o, at::opmath_type<T>* a, int64_t K
   for (int64_t j = 0; j < R; ++j) o[j] = static_cast<T>(a[j]);
 }
 
+// Output columns ob..ob+width of one expand, the sums in registers; W is kBlock for a whole block
+// (a trip count the compiler knows) and 0 for the last, partial one (``width`` columns).
+template <typename T, int64_t W>
+void expand_block(const at::opmath_type<T>* av, const T* wi, T* o, int64_t R, int64_t N, int64_t ob, int64_t width) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t cols = W > 0 ? W : width;
+  acc_t acc[kBlock] = {};
+  for (int64_t j = 0; j < R; ++j) {
+    const acc_t s = av[j];
+    const T* wr = wi + j * N + ob;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) acc[c] = std::fma(s, static_cast<acc_t>(wr[c]), acc[c]);
+  }
+  for (int64_t c = 0; c < cols; ++c) o[ob + c] = static_cast<T>(acc[c]);
+}
+
 template <typename T>
 void expand_one(const T* ar, const T* wi, T* o, at::opmath_type<T>* av, int64_t R, int64_t N) {
-  using acc_t = at::opmath_type<T>;
-  for (int64_t j = 0; j < R; ++j) av[j] = static_cast<acc_t>(ar[j]);
+  for (int64_t j = 0; j < R; ++j) av[j] = static_cast<at::opmath_type<T>>(ar[j]);
   int64_t ob = 0;
-  for (; ob + kBlock <= N; ob += kBlock) {  // whole blocks: a trip count the compiler knows, sums in registers
-    acc_t acc[kBlock] = {};
-    for (int64_t j = 0; j < R; ++j) {
-      const acc_t s = av[j];
-      const T* wr = wi + j * N + ob;
-#pragma omp simd
-      for (int64_t c = 0; c < kBlock; ++c) acc[c] = std::fma(s, static_cast<acc_t>(wr[c]), acc[c]);
-    }
-    for (int64_t c = 0; c < kBlock; ++c) o[ob + c] = static_cast<T>(acc[c]);
-  }
-  for (; ob < N; ob += kBlock) {  // the last, partial block
-    const int64_t width = std::min(kBlock, N - ob);
-    acc_t acc[kBlock] = {};
-    for (int64_t j = 0; j < R; ++j) {
-      const acc_t s = av[j];
-      const T* wr = wi + j * N + ob;
-#pragma omp simd
-      for (int64_t c = 0; c < width; ++c) acc[c] = std::fma(s, static_cast<acc_t>(wr[c]), acc[c]);
-    }
-    for (int64_t c = 0; c < width; ++c) o[ob + c] = static_cast<T>(acc[c]);
-  }
+  for (; ob + kBlock <= N; ob += kBlock) expand_block<T, kBlock>(av, wi, o, R, N, ob, kBlock);
+  if (ob < N) expand_block<T, 0>(av, wi, o, R, N, ob, N - ob);
 }
 
 // Pointers to rows begin..end's tokens (their inputs, their slots' weights, their outputs), for
@@ -155,7 +145,7 @@ void shrink_rows(const T* x, const T* w, const int64_t* slot, T* out, int64_t be
   const int64_t count = token_pointers<T>(x, w, slot, out, begin, end, tokens, K, R, xs, ws, os);
   if (shrink_grouped<T>(xs.data(), ws.data(), os.data(), count, K, R)) return;
   std::vector<at::opmath_type<T>> acc(R);
-  for (int64_t i = 0; i < count; ++i) shrink_one<T>(xs[i], ws[i], os[i], acc.data(), K, R);
+  for (int64_t i = 0; i < count; ++i) shrink_generic<T>(xs[i], ws[i], os[i], acc.data(), K, R);
 }
 
 template <typename T>
