@@ -92,7 +92,7 @@ def test_auto_keeps_the_copy_only_where_it_measured_faster(monkeypatch):
 
     model = tiny_model("llama")
     times = iter([1.0] * 6 + [1.0, 0.5] * 3)  # 1 row (timed first): not faster; 32 rows: faster
-    monkeypatch.setattr(lm_head, "_timed", lambda fn, least=0.002: next(times))
+    monkeypatch.setattr(lm_head, "timed", lambda fn, least=0.002: next(times))
     monkeypatch.setattr(lm_head, "LEAST_BYTES", 0)
     hp = HeadProduct("auto", rows=32)
     hp.prepare(model)

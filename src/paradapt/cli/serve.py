@@ -24,7 +24,7 @@ from ..errors import ConfigError, QuantizationError, one_line
 from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
 from ..quantized import describe, quantization
-from ..serve.core import DECODE_ATTENTION, LM_HEAD_GEMM, EngineConfig
+from ..serve.core import DECODE_ATTENTION, LAYER_GEMM, LM_HEAD_GEMM, EngineConfig
 from .common import QUANTIZE_CHOICES, CLIError, positive_int, usable_cores
 from .engine_flags import add_engine_flags, knobs_from_args
 
@@ -93,6 +93,15 @@ def add_parser(sub) -> None:
         help="how the LM head multiplies on the CPU: packed (its weight prepacked for oneDNN once, "
         "as vLLM's CPU backend does; costs a second copy of the head's weight), linear (F.linear), or "
         "auto: packed where a measurement at startup finds it faster (default: auto)",
+    )
+    serve.add_argument(
+        "--layer-gemm",
+        choices=LAYER_GEMM,
+        default="auto",
+        help="how the model's other linear layers multiply a step of few rows on the CPU: kernel "
+        "(paradapt's C++ kernel, up to 16 rows; built once per machine, needs AVX2, a C++ compiler "
+        "and ninja), linear (F.linear), or auto: the kernel up to the row count where a measurement "
+        "at startup finds it faster (default: auto)",
     )
     serve.add_argument(
         "--enable-prefix-caching",
@@ -310,6 +319,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         queue_bound=args.queue_bound or base.queue_bound,
         decode_attention=getattr(args, "decode_attention", base.decode_attention),
         lm_head_gemm=getattr(args, "lm_head_gemm", base.lm_head_gemm),
+        layer_gemm=getattr(args, "layer_gemm", base.layer_gemm),
         prefix_caching=getattr(args, "enable_prefix_caching", base.prefix_caching),
     )
 
@@ -356,6 +366,7 @@ def build_server_app(args: argparse.Namespace):
         "quantization": describe(quantization(model)),
         "decode_attention": getattr(engine, "decode_attention", None),
         "lm_head_gemm": getattr(engine, "lm_head_gemm", None),
+        "layer_gemm": getattr(engine, "layer_gemm", None),
     }
     template = _chat_template(args)
     app = create_app(engine, model_name=name, tokenizer=tok, chat_template=template, guard=guard_config(args))
@@ -492,6 +503,7 @@ def run(args: argparse.Namespace) -> int:
         f"base weights {info['quantization']}; "
         f"{'decode attention ' + info['decode_attention'] + '; ' if info['decode_attention'] else ''}"
         f"{'LM head ' + info['lm_head_gemm'] + '; ' if info.get('lm_head_gemm') else ''}"
+        f"{'layers ' + info['layer_gemm'] + '; ' if info.get('layer_gemm') else ''}"
         f"{'prefix caching ' + ('on' if c.prefix_caching else 'off') + '; ' if info['kind'] == 'decoder' else ''}"
         f"http://{args.host}:{args.port}",
         flush=True,

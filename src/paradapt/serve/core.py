@@ -35,6 +35,7 @@ from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 #: it cannot run).
 DECODE_ATTENTION = ("auto", "kernel", "compiled", "gather")
 LM_HEAD_GEMM = ("auto", "packed", "linear")
+LAYER_GEMM = ("auto", "kernel", "linear")
 
 
 class AdapterLoadError(ParadaptError, RuntimeError):
@@ -63,6 +64,9 @@ class EngineConfig:
     ``lm_head_gemm``: how the LM head multiplies (:mod:`paradapt.serve.lm_head`): ``auto``
     (a weight prepacked for oneDNN where a measurement at start says it is faster; it costs a
     second copy of the head's weight), ``packed`` or ``linear`` (``F.linear``, no copy).
+    ``layer_gemm``: how the other linear layers multiply a step's rows
+    (:mod:`paradapt.serve.layer_gemm`): ``auto`` (a C++ kernel for steps of few rows, up to where
+    a measurement at start says it is faster), ``kernel`` (up to 16 rows) or ``linear``.
     ``check_adapter_weights``: every step checks the served adapters' tensors for in-place
     edits, as a mixed batch outside the engine does (``pa.route``'s ``fixed_weights``). Off by
     default: the engine's adapters change only by being loaded again, and the check cost ~8 %
@@ -90,6 +94,7 @@ class EngineConfig:
     slot_bytes: int | None = None
     decode_attention: str = "auto"
     lm_head_gemm: str = "auto"
+    layer_gemm: str = "auto"
     check_adapter_weights: bool = False
     prefix_caching: bool = True
 
@@ -113,6 +118,8 @@ class EngineConfig:
             )
         if self.lm_head_gemm not in LM_HEAD_GEMM:
             raise ConfigError("lm_head_gemm", f"must be one of {list(LM_HEAD_GEMM)}, got {self.lm_head_gemm!r}")
+        if self.layer_gemm not in LAYER_GEMM:
+            raise ConfigError("layer_gemm", f"must be one of {list(LAYER_GEMM)}, got {self.layer_gemm!r}")
 
 
 @dataclass(frozen=True)

@@ -582,6 +582,7 @@ class Engine(_EngineCore):
             decode_attention=config.decode_attention,
             check_adapter_weights=config.check_adapter_weights,
             lm_head_gemm=config.lm_head_gemm,
+            layer_gemm=config.layer_gemm,
             max_rows=config.max_running,
         )
         sched = scheduler_config(config, split.num_blocks)
@@ -610,6 +611,12 @@ class Engine(_EngineCore):
         """How the LM head multiplies: ``linear`` (``F.linear``) or ``packed from N rows``
         (a weight prepacked for oneDNN, :mod:`paradapt.serve.lm_head`)."""
         return self.runner.head_product.used
+
+    @property
+    def layer_gemm(self) -> str:
+        """How the other linear layers multiply: ``linear`` (``F.linear``) or ``kernel up to N rows``
+        (the few-rows C++ kernel, :mod:`paradapt.serve.layer_gemm`)."""
+        return self.runner.layer_product.used
 
     def add_request(
         self,

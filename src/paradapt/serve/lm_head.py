@@ -119,8 +119,8 @@ class HeadProduct:
             plain, packed = [], []
             with torch.no_grad():
                 for _ in range(3):
-                    plain.append(_timed(lambda x=x: F.linear(x, w, self.head.bias)))
-                    packed.append(_timed(lambda x=x: self._product(x)))
+                    plain.append(timed(lambda x=x: F.linear(x, w, self.head.bias)))
+                    packed.append(timed(lambda x=x: self._product(x)))
             wins[rows] = min(plain) > MARGIN * min(packed)
         if not wins[self.rows]:
             return None
@@ -154,7 +154,7 @@ class HeadProduct:
             del head.forward
 
 
-def _timed(fn, least: float = 0.002) -> float:
+def timed(fn, least: float = 0.002) -> float:
     """Seconds per call of ``fn``, over as many calls as take ``least`` seconds (after one
     untimed call: oneDNN builds its primitive for a new row count on the first)."""
     fn()

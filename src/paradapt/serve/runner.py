@@ -23,6 +23,7 @@ from ..errors import ConfigError, ParadaptError
 from ..lifecycle import route
 from ..state import get_state
 from .hf_paged import KVState, PagedKV, lean_decode
+from .layer_gemm import LayerProduct
 from .lm_head import HeadProduct
 from .paged_attention import DecodeAttention
 from .sampling import History, SamplingParams, TokenLogprob, logprobs_of, make_generator, sample
@@ -82,7 +83,8 @@ class Runner:
     ``kv_tokens=runner.kv_tokens``) so that allocation never fails. ``max_batch_tokens`` bounds one step's tokens (the
     scheduler's ``token_budget``). ``lm_head_gemm``: how the LM head multiplies
     (:class:`~paradapt.serve.lm_head.HeadProduct`, packed for ``max_rows`` rows, the most a step
-    samples). ``check_adapter_weights``: route without ``fixed_weights``
+    samples). ``layer_gemm``: how the other linear layers multiply
+    (:class:`~paradapt.serve.layer_gemm.LayerProduct`). ``check_adapter_weights``: route without ``fixed_weights``
     (see :class:`~paradapt.serve.core.EngineConfig`).
     """
 
@@ -96,6 +98,7 @@ class Runner:
         decode_attention: str = "auto",
         check_adapter_weights: bool = False,
         lm_head_gemm: str = "auto",
+        layer_gemm: str = "auto",
         max_rows: int = 32,
     ):
         for name, v, lo in (
@@ -125,6 +128,8 @@ class Runner:
         self.adapter_kernel = device.type == "cpu" and _adapter_kernel()
         self.head_product = HeadProduct(lm_head_gemm, rows=max_rows)
         self.head_product.prepare(model)
+        self.layer_product = LayerProduct(layer_gemm)
+        self.layer_product.prepare(model)
         self._seqs: dict[str, Sequence] = {}
         self._nonfinite: list[NonFiniteLogitsError] = []  # rows dropped since the last take_nonfinite
 
@@ -195,6 +200,7 @@ class Runner:
             self._routes(batch),
             lean_decode(keep.device, self.decode_attention.attend),
             self.head_product.active(),
+            self.layer_product.active(),
         ):
             logits = self.model(**kw, logits_to_keep=keep).logits[0]  # LM head on those rows only
         if scored:

@@ -1,0 +1,137 @@
+"""The few-rows C++ kernel for the model's linear layers against ``F.linear`` (issue 17).
+
+``paradapt.serve.layer_gemm`` (the engine's ``layer_gemm``) multiplies a step's rows by each
+plain float32 ``nn.Linear`` with ``csrc/few_rows.cpp`` when the step has few rows, up to the row
+count where a measurement at engine start finds it faster than MKL's sgemm. Two parts:
+
+* ``products``: one product per weight shape of the model, ``F.linear`` against the kernel, at
+  1-32 rows (best of 5 timings, interleaved); ratios > 1 mean the kernel is faster;
+* ``steps``: two engines on the same model, ``layer_gemm="linear"`` and ``"auto"``, with 1, 4, 8,
+  16 and 32 base-model requests decoding at once; rounds alternate the order; the median decode
+  step of each and whether their greedy tokens agree.
+
+    python benchmarks/layer_gemm.py --model random --rounds 8
+    python benchmarks/layer_gemm.py --model smollm2-135m-instruct --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from paradapt.serve import layer_gemm
+from paradapt.serve.engine import Engine, EngineConfig
+from paradapt.serve.sampling import SamplingParams
+from paradapt.twin.profile import build_model
+
+ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
+
+
+def load(name: str) -> torch.nn.Module:
+    if name == "random":
+        return build_model(layers=8, hidden=512, seed=0)  # serve_load.py's and vs_vllm.py's model
+    from paradapt.loading import load_model
+
+    return load_model(name)[1]
+
+
+def best_of(fn, reps: int = 5) -> float:
+    return min(layer_gemm.timed(fn) for _ in range(reps))
+
+
+def part_products(model: torch.nn.Module) -> None:
+    ext = layer_gemm.load()
+    shapes = sorted({tuple(m.weight.shape) for m in layer_gemm.layers(model)})
+    print("products, F.linear time / kernel time (> 1: the kernel is faster)")
+    print("  out x in     " + " ".join(f"{r:>6d}" for r in ROWS))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for shape in shapes:
+            w = torch.randn(shape, generator=gen)
+            ratios = []
+            for rows in ROWS:
+                x = torch.randn(rows, shape[1], generator=gen)
+                ratios.append(
+                    best_of(lambda x=x, w=w: F.linear(x, w))
+                    / best_of(lambda x=x, w=w: ext.few_rows_linear(x, w, None))
+                )
+            print(f"  {shape[0]:>4d} x {shape[1]:<5d} " + " ".join(f"{r:6.2f}" for r in ratios))
+
+
+def engine(model, root: Path, mode: str, requests: int, tokens: int) -> Engine:
+    eng = Engine(
+        model, root, EngineConfig(num_blocks=1024, token_budget=512, max_running=32, layer_gemm=mode)
+    )
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    for _ in range(requests):
+        prompt = [rng.randrange(3, vocab) for _ in range(64)]
+        eng.add_request(prompt, None, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+    while any(len(h.tokens) == 0 for h in eng.handles.values()):  # past every prompt
+        eng.step()
+    return eng
+
+
+def part_steps(model: torch.nn.Module, rounds: int, steps: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="layer_gemm-"))
+    print(f"decode step, base model (median of {rounds} rounds of {steps} steps)")
+    for requests in (1, 4, 8, 16, 32):
+        engines = {
+            mode: engine(model, root, mode, requests, rounds * steps + 8) for mode in ("linear", "auto")
+        }
+        if requests == 1:
+            print(
+                f"  auto uses: {engines['auto'].layer_gemm} {engines['auto'].runner.layer_product.max_rows}"
+            )
+        times: dict[str, list[float]] = {mode: [] for mode in engines}
+        for r in range(rounds):
+            for mode in list(engines)[:: 1 if r % 2 else -1]:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    engines[mode].step()
+                times[mode].append((time.perf_counter() - t0) / steps)
+        same = [h.tokens for h in engines["linear"].handles.values()] == [
+            h.tokens for h in engines["auto"].handles.values()
+        ]
+        a, b = statistics.median(times["linear"]), statistics.median(times["auto"])
+        print(
+            f"  {requests:2d} requests: linear {1e3 * a:6.1f} ms, auto {1e3 * b:6.1f} ms: {a / b:.2f}x; "
+            f"greedy tokens equal: {same}"
+        )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random", help="random (hidden 512, 8 layers) or a bundled model name")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4, help="decode steps per round")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", default="products,steps")
+    args = p.parse_args(argv)
+    why = layer_gemm.unsupported()
+    if why:
+        print(f"the kernel cannot run here: {why}")
+        return 1
+    torch.set_num_threads(args.threads)
+    from paradapt.serve.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as paradapt serve runs
+    model = load(args.model)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), model {args.model}")
+    if "products" in args.parts:
+        part_products(model)
+    if "steps" in args.parts:
+        part_steps(model, args.rounds, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

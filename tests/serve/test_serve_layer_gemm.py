@@ -1,0 +1,163 @@
+"""The linear layers' few-rows product in serving steps (``paradapt.serve.layer_gemm``): the C++
+kernel gives F.linear's results, a row's bits do not depend on its batch or the threads, it runs
+only inside a step and only where it may, and the engine's invariants hold with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from test_serve_engine import BUSY, adapter_root, alone, workload
+
+import paradapt as pa
+from paradapt.errors import ConfigError
+from paradapt.serve import layer_gemm
+from paradapt.serve.engine import Engine, EngineConfig
+from paradapt.serve.layer_gemm import LayerProduct
+from paradapt.serve.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(
+    layer_gemm.unsupported() is not None, reason=f"the kernel needs AVX2: {layer_gemm.unsupported()}"
+)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The built extension: a machine with AVX2, a C++ compiler and ninja (CI's) must build it."""
+    return layer_gemm.load()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 33])
+@pytest.mark.parametrize(("out", "inp"), [(64, 64), (11, 37), (96, 8), (5, 200), (1, 3)])
+def test_kernel_equals_f_linear(ext, rows, out, inp):
+    g = torch.Generator().manual_seed(rows * 1000 + out + inp)
+    x, w, b = (
+        torch.randn(rows, inp, generator=g),
+        torch.randn(out, inp, generator=g),
+        torch.randn(out, generator=g),
+    )
+    torch.testing.assert_close(ext.few_rows_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ext.few_rows_linear(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_leading_dims_non_contiguous_inputs_and_empty_shapes(ext):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g)
+    x = torch.randn(2, 3, 40, generator=g)
+    assert ext.few_rows_linear(x, w, None).shape == (2, 3, 24)
+    torch.testing.assert_close(ext.few_rows_linear(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(40, 6, generator=g).t()  # not contiguous
+    torch.testing.assert_close(ext.few_rows_linear(xt, w, None), F.linear(xt, w), rtol=1e-5, atol=1e-5)
+    assert ext.few_rows_linear(torch.randn(0, 40), w, None).shape == (0, 24)
+    b = torch.randn(24, generator=g)
+    assert torch.equal(ext.few_rows_linear(torch.randn(3, 0), torch.randn(24, 0), b), b.expand(3, 24))
+
+
+def test_a_row_gives_the_same_bits_alone_in_any_batch_and_at_any_thread_count(ext):
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(50, 77, generator=g), torch.randn(50, generator=g)
+    x = torch.randn(19, 77, generator=g)
+    full = ext.few_rows_linear(x, w, b)
+    for start, n in ((0, 1), (3, 2), (5, 3), (9, 4), (2, 7), (10, 9)):
+        assert torch.equal(ext.few_rows_linear(x[start : start + n], w, b), full[start : start + n])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(ext.few_rows_linear(x, w, b), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_arguments_are_refused_by_name(ext):
+    w = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.few_rows_linear(torch.randn(2, 8, dtype=torch.float64), w, None)
+    with pytest.raises(RuntimeError, match="last dimension is 7"):
+        ext.few_rows_linear(torch.randn(2, 7), w, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.few_rows_linear(torch.randn(2, 4), torch.randn(4, 8).t(), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ext.few_rows_linear(torch.randn(2, 8), w, torch.randn(5))
+
+
+def test_installed_only_inside_a_step_and_only_for_few_rows_without_a_gradient(ext, monkeypatch):
+    model = tiny_model("llama")
+    lp = LayerProduct("kernel")
+    lp.prepare(model)
+    mods = layer_gemm.layers(model)
+    head = model.get_output_embeddings()
+    assert mods and head not in mods and lp.used == f"kernel up to {layer_gemm.KERNEL_ROWS} rows"
+    calls = []
+    real = lp._ext.few_rows_linear
+    monkeypatch.setattr(
+        lp,
+        "_ext",
+        type("E", (), {"few_rows_linear": staticmethod(lambda *a: calls.append(a[0].shape) or real(*a))}),
+    )
+    layer = mods[0]
+    few = torch.randn(1, 3, layer.in_features)
+    many = torch.randn(layer_gemm.KERNEL_ROWS + 1, layer.in_features)
+    with torch.no_grad():
+        want = F.linear(few, layer.weight, layer.bias)
+        with lp.active():
+            assert all("forward" in m.__dict__ for m in mods) and "forward" not in head.__dict__
+            got = layer(few)
+            layer(many)  # too many rows: F.linear
+        assert not any("forward" in m.__dict__ for m in mods)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="boom"), lp.active():
+            raise RuntimeError("boom")
+        assert not any("forward" in m.__dict__ for m in mods)  # restored on an error too
+    with lp.active():  # a gradient: F.linear (the kernel has no backward)
+        y = layer(torch.randn(2, layer.in_features, requires_grad=True))
+    assert y.requires_grad
+    assert calls == [few.shape]
+
+
+def test_modes_and_auto_decisions(monkeypatch):
+    with pytest.raises(ConfigError, match="layer_gemm"):
+        LayerProduct("fast")
+    with pytest.raises(ConfigError, match="layer_gemm"):
+        EngineConfig(layer_gemm="fast")
+    model = tiny_model("llama")
+    off = LayerProduct("linear")
+    off.prepare(model)
+    assert off.used == "linear" and off.reason == "layer_gemm=linear"
+    small = LayerProduct("auto")  # a tiny model is not measured
+    small.prepare(model)
+    assert small.used == "linear" and "under 8 MB" in small.reason
+    monkeypatch.setattr(layer_gemm, "LEAST_BYTES", 0)
+    # F.linear, kernel per candidate row count: faster at 1, 2, 4 rows, not at 8: up to 4 rows
+    times = iter([1.0, 0.5] * 9 + [1.0, 1.0] * 3 + [9.0, 0.1] * 100)
+    monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: next(times))
+    monkeypatch.setattr(layer_gemm, "CANDIDATE_ROWS", (1, 2, 4, 8, 12))
+    shapes = {tuple(m.weight.shape) for m in layer_gemm.layers(model)}
+    one = LayerProduct("auto")
+    one.prepare(model)
+    assert one.max_rows[min(shapes)] == 4  # measured first (sorted); the other shapes win at every count
+    assert all(one.max_rows[s] == 12 for s in shapes - {min(shapes)})
+    never = LayerProduct("auto")
+    monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: 1.0)
+    never.prepare(model)
+    assert never.used == "linear" and never.reason == "the kernel was not faster on this machine"
+    monkeypatch.setattr(layer_gemm, "unsupported", lambda: "the CPU offers DEFAULT, the kernel needs AVX2")
+    with pytest.raises(ConfigError, match="cannot use the kernel: the CPU offers DEFAULT"):
+        LayerProduct("kernel").prepare(model)
+    fallback = LayerProduct("auto")
+    fallback.prepare(model)
+    assert fallback.used == "linear" and "AVX2" in fallback.reason
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_busy_mixed_batch_with_the_kernel_equals_each_request_alone(tmp_path, family):
+    ref_model = adapter_root(tmp_path, family)
+    reqs = workload(seed=5)
+    ref = [alone(ref_model, p, n, a) for p, a, n in reqs]
+    engine = Engine(tiny_model(family), tmp_path, EngineConfig(**{**BUSY.__dict__, "layer_gemm": "kernel"}))
+    assert engine.layer_gemm == f"kernel up to {layer_gemm.KERNEL_ROWS} rows"
+    handles = [engine.add_request(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in reqs]
+    engine.run()
+    assert [h.tokens for h in handles] == ref
+    assert not any("forward" in m.__dict__ for m in layer_gemm.layers(engine.model))
+    assert sorted(pa.list_adapters(engine.model)) == sorted(engine.cache.on_device)
