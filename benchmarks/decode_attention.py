@@ -15,7 +15,9 @@ three ways its packed forward runs attention, interleaved and repeated (``--roun
 * ``compiled``: ``lean_decode`` with ``paged_attention`` (``--decode-attention compiled``): the
   same arithmetic compiled by inductor to read the keys in their pages, no copy;
 * ``kernel``: ``lean_decode`` with ``kernel_attention`` (the engine's default where it builds):
-  the C++ kernel of ``serve/csrc/paged_decode.cpp``, each key and value row read once.
+  the C++ kernel of ``serve/csrc/paged_decode.cpp``, each key and value row read once;
+* ``kernel-generic``: the same kernel without its vectorised float32 path (keys eight at a time,
+  ``exp`` eight at a time): its generic loop, as the kernel was before 2026-12-07 12:50 UTC.
 
 Reported: the median step time per mode and its ratio to ``plain``; the context grows by one token
 per step, so the modes' rounds are interleaved. Models: the random Llama of
@@ -37,9 +39,15 @@ import time
 import torch
 
 import paradapt.serve.runner as runner_mod
-from paradapt.serve import hf_paged, paged_attention
+from paradapt.serve import decode_kernel, hf_paged, paged_attention
 from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.serve.sampling import SamplingParams
+
+
+def _generic(q, k_cache, v_cache, where, valid, scale):
+    """The C++ kernel's generic loop (no vectorised float32 path)."""
+    return decode_kernel.load().paged_decode_generic(q, k_cache, v_cache, where, valid, float(scale))
+
 
 MODES = {  # each replaces the Runner's lean_decode(device, attend); the engine's own attend is ignored
     "plain": lambda device, attend=None: contextlib.nullcontext(),
@@ -47,6 +55,7 @@ MODES = {  # each replaces the Runner's lean_decode(device, attend); the engine'
     "lean": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.gather_attention),
     "compiled": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.paged_attention),
     "kernel": lambda device, attend=None: hf_paged.lean_decode(device, paged_attention.kernel_attention),
+    "kernel-generic": lambda device, attend=None: hf_paged.lean_decode(device, _generic),
 }
 
 

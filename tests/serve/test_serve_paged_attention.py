@@ -71,6 +71,39 @@ def test_the_kernel_reads_strided_queries_and_caches_of_different_lengths():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "lengths,heads,heads_kv,dim",
+    [
+        ([100, 3, 17, 64], 8, 8, 64),  # the vectorised float path: blocks of 8 keys and a tail
+        ([9, 16, 23], 9, 3, 64),  # grouped KV heads (SmolLM2's 9 query heads over 3)
+        ([5, 12], 4, 2, 12),  # a head size that is not a multiple of 8: the generic loop
+        ([1, 8], 2, 1, 8),
+    ],
+)
+def test_the_kernel_at_real_head_sizes_equals_the_packed_row(lengths, heads, heads_kv, dim):
+    args, want = packed_case(lengths, heads, heads_kv, dim, seed=len(lengths))
+    got = pa_attn.kernel_attention(*args, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    generic = pa_attn.decode_kernel.load().paged_decode_generic(*args, 0.3)  # the loop without decode_f32
+    torch.testing.assert_close(got, generic, rtol=1e-5, atol=1e-5)
+    # a request's result does not depend on the others in the call
+    q, k, v, where, valid = args
+    for i in range(len(lengths)):
+        alone = pa_attn.kernel_attention(q[i : i + 1], k, v, where[i : i + 1], valid[i : i + 1], 0.3)
+        assert torch.equal(alone, got[i : i + 1])
+
+
+def test_the_kernel_softmax_is_stable_for_large_and_very_different_scores():
+    """Scores far apart (exp of the smaller ones underflows to 0) and large in size must give the
+    softmax of the largest, not NaN or inf."""
+    (q, k, v, where, valid), _ = packed_case([20, 9], 4, 4, 16)
+    q = q * 300.0  # scores of several hundred
+    got = pa_attn.kernel_attention(q, k, v, where, valid, 1.0)
+    want = pa_attn.gather_attention(q, k, v, where, valid, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_the_kernel_refuses_rows_outside_the_cache_and_copied_caches():
     (q, k, v, where, valid), _ = packed_case([3, 7], 4, 2, 8)
     with pytest.raises(RuntimeError, match="outside the cache"):
