@@ -67,9 +67,8 @@ def part_products(model: torch.nn.Module) -> None:
 
 
 def engine(model, root: Path, mode: str, requests: int, tokens: int) -> Engine:
-    eng = Engine(
-        model, root, EngineConfig(num_blocks=1024, token_budget=512, max_running=32, layer_gemm=mode)
-    )
+    config = EngineConfig(num_blocks=1024, token_budget=512, max_running=32, layer_gemm=mode)
+    eng = Engine(model, root, config)
     rng = random.Random(0)
     vocab = model.config.vocab_size
     for _ in range(requests):
@@ -80,6 +79,22 @@ def engine(model, root: Path, mode: str, requests: int, tokens: int) -> Engine:
     return eng
 
 
+def compare(engines: dict[str, Engine], rounds: int, steps: int) -> tuple[float, float, bool]:
+    """Median step times of the two engines (rounds alternate their order), and whether their
+    greedy tokens agree."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for r in range(rounds):
+        for name in list(engines)[:: 1 if r % 2 else -1]:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engines[name].step()
+            times[name].append((time.perf_counter() - t0) / steps)
+    a, b = engines.values()
+    same = [h.tokens for h in a.handles.values()] == [h.tokens for h in b.handles.values()]
+    first, second = (statistics.median(t) for t in times.values())
+    return first, second, same
+
+
 def part_steps(model: torch.nn.Module, rounds: int, steps: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="layer_gemm-"))
     print(f"decode step, base model (median of {rounds} rounds of {steps} steps)")
@@ -88,20 +103,9 @@ def part_steps(model: torch.nn.Module, rounds: int, steps: int) -> None:
             mode: engine(model, root, mode, requests, rounds * steps + 8) for mode in ("linear", "auto")
         }
         if requests == 1:
-            print(
-                f"  auto uses: {engines['auto'].layer_gemm} {engines['auto'].runner.layer_product.max_rows}"
-            )
-        times: dict[str, list[float]] = {mode: [] for mode in engines}
-        for r in range(rounds):
-            for mode in list(engines)[:: 1 if r % 2 else -1]:
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    engines[mode].step()
-                times[mode].append((time.perf_counter() - t0) / steps)
-        same = [h.tokens for h in engines["linear"].handles.values()] == [
-            h.tokens for h in engines["auto"].handles.values()
-        ]
-        a, b = statistics.median(times["linear"]), statistics.median(times["auto"])
+            auto = engines["auto"]
+            print(f"  auto uses: {auto.layer_gemm} {auto.runner.layer_product.max_rows}")
+        a, b, same = compare(engines, rounds, steps)
         print(
             f"  {requests:2d} requests: linear {1e3 * a:6.1f} ms, auto {1e3 * b:6.1f} ms: {a / b:.2f}x; "
             f"greedy tokens equal: {same}"

@@ -16,16 +16,14 @@ them (MKL picks different code paths by row count).
 starts and keeps the kernel for the row counts (from 1 up) where it is clearly faster;
 ``kernel`` uses it up to :data:`KERNEL_ROWS` rows (an error where it cannot be built); ``linear``
 never uses it. Like the LM head's product (:mod:`paradapt.serve.lm_head`), the kernel is
-installed only for the duration of a step, as an instance ``forward`` of each plain float32
-``nn.Linear`` of the model (the LM head excepted), so the model is unchanged outside the
+installed only for the duration of a step (serve/step_forwards.py), as an instance ``forward``
+of each plain float32 ``nn.Linear`` of the model (the LM head excepted), so the model is unchanged outside the
 engine's steps and the hooks that add adapters still run. Steps that need a gradient, or other
 dtypes, go to ``F.linear``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +35,7 @@ from .. import native
 from ..errors import ConfigError
 from .core import LAYER_GEMM as MODES
 from .lm_head import timed
+from .step_forwards import installed
 
 MARGIN = 1.05  # auto takes the kernel only where it is at least this much faster: noise must not flip it
 KERNEL_ROWS = 16  # ``kernel`` mode's limit, where it still matched MKL on the machine measured
@@ -154,21 +153,9 @@ class LayerProduct:
                 best = rows
         return best
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
+    def active(self):
         """The layers multiply with the kernel inside this block (those it is used for)."""
-        if not self._layers:
-            yield
-            return
-        for m, rows in self._layers:
-            m.forward = self._forward_of(
-                m, rows
-            )  # an instance attribute: nn.Module.__call__ runs it, hooks included
-        try:
-            yield
-        finally:
-            for m, _ in self._layers:
-                m.__dict__.pop("forward", None)
+        return installed([(m, self._forward_of(m, rows)) for m, rows in self._layers])
 
     def _forward_of(self, m: nn.Linear, rows: int):
         product = self._ext.few_rows_linear

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .core import LM_HEAD_GEMM as MODES
+from .step_forwards import installed
 
 MARGIN = 1.05  # auto packs only where packed is at least this much faster: noise must not flip it
 # auto measures only heads at least this large: a smaller weight stays in cache between MKL's own
@@ -146,12 +147,8 @@ class HeadProduct:
         if self.min_rows is None:  # also None whenever no head was kept
             yield
             return
-        head = self.head
-        head.forward = self._forward  # an instance attribute: nn.Module.__call__ runs it, hooks included
-        try:
+        with installed([(self.head, self._forward)]):
             yield
-        finally:
-            del head.forward
 
 
 def timed(fn, least: float = 0.002) -> float:
