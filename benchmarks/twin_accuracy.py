@@ -294,7 +294,7 @@ def step_check(engine, workload, cost: CostModel, duration: float) -> dict:
         "trace": {  # per step: cost features and measured seconds (for refits: --resim)
             "features": names,
             "rows": [
-                [round(v, 6) for v in featurize(t.shape, info, cost.kinds).values()] for t in engine.trace
+                [round(v, 6) for v in featurize(t.shape, info, cost.kinds, cost.packed_prompts, cost.kernel_rows).values()] for t in engine.trace
             ],
             "seconds": [round(t.seconds, 6) for t in engine.trace],
         },

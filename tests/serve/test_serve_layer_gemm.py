@@ -128,6 +128,7 @@ def test_modes_and_auto_decisions(monkeypatch):
     small.prepare(model)
     assert small.used == "linear" and "under 8 MB" in small.reason
     monkeypatch.setattr(layer_gemm, "LEAST_BYTES", 0)
+    monkeypatch.setattr(layer_gemm, "_MEASURED", {})  # nothing measured in this process yet
     # F.linear, kernel per candidate row count: faster at 1, 2, 4 rows, not at 8: up to 4 rows
     times = iter([1.0, 0.5] * 9 + [1.0, 1.0] * 3 + [9.0, 0.1] * 100)
     monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: next(times))
@@ -137,7 +138,12 @@ def test_modes_and_auto_decisions(monkeypatch):
     one.prepare(model)
     assert one.max_rows[min(shapes)] == 4  # measured first (sorted); the other shapes win at every count
     assert all(one.max_rows[s] == 12 for s in shapes - {min(shapes)})
+    again = LayerProduct("auto")  # a second engine of the process: the same choice, not measured again
+    monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: pytest.fail("measured twice"))
+    again.prepare(model)
+    assert again.max_rows == one.max_rows and again.rows == 12
     never = LayerProduct("auto")
+    monkeypatch.setattr(layer_gemm, "_MEASURED", {})
     monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: 1.0)
     never.prepare(model)
     assert never.used == "linear" and never.reason == "the kernel was not faster on this machine"

@@ -252,6 +252,21 @@ def test_a_mixture_step_is_priced_by_its_tokens_times_experts_evaluated():
         featurize(shape, info, ("lora",))
 
 
+def test_steps_bend_at_the_few_rows_kernel_reach():
+    """Below the engine's few-rows kernel reach (serve/layer_gemm.py) a token costs ``few_rows``
+    more, above it that is a constant: the profile records the reach, an older file has none."""
+    decode = lambda n: StepShape(0, 0, decodes=n, samplers=n, attention=10 * n, context=10 * n, adapter_tokens=((None, n),))  # noqa: E731
+    assert [featurize(decode(n), {}, (), kernel_rows=8)["few_rows"] for n in (1, 8, 9, 32)] == [1.0, 8.0, 8.0, 8.0]
+    assert featurize(decode(4), {}, ())["few_rows"] == 0.0  # no kernel: no bend
+    coefs = {"step": 1e-3, "tokens": 1e-4, "few_rows": 5e-5}
+    old = CostModel.from_coefficients(coefs)
+    bent = replace(old, fit={"kernel_rows": 8})
+    assert old.kernel_rows == 0 and bent.kernel_rows == 8
+    assert bent.step_time(decode(4), {}) - old.step_time(decode(4), {}) == pytest.approx(4 * 5e-5)
+    assert bent.step_time(decode(32), {}) - old.step_time(decode(32), {}) == pytest.approx(8 * 5e-5)
+    assert CostModel.from_dict(bent.to_dict()).kernel_rows == 8
+
+
 def test_cost_fit_recovers_known_coefficients():
     kinds = ("lora", "parallel", "series")
     rng = random.Random(0)
@@ -279,7 +294,7 @@ def test_cost_fit_recovers_known_coefficients():
             device_loads=rng.randint(0, 2),
             resident=rng.randint(0, 16),
         )
-        f = featurize(shape, info, kinds)
+        f = featurize(shape, info, kinds, kernel_rows=16)  # steps of <= 16 tokens bend (few_rows)
         rows.append([f[n] for n in names])
         ys.append(sum(truth[n] * f[n] for n in names))
     coef = fit_linear(rows, ys)

@@ -44,6 +44,9 @@ CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
 # auto measures only models whose linear layers hold at least this much: a tiny model's step is
 # call overhead either way, and skipping keeps a small engine's start instant
 LEAST_BYTES = 8 << 20
+# what auto measured in this process, per (weight shape, torch threads): every engine of a process
+# (the twin's profile runs many) then makes the same choice, which the cost model records
+_MEASURED: dict[tuple[tuple[int, int], int], int] = {}
 
 SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 _EXTENSION = native.Extension("few_rows", SOURCE)
@@ -93,11 +96,16 @@ class LayerProduct:
         self._ext: ModuleType | None = None
 
     @property
+    def rows(self) -> int:
+        """The most rows any layer multiplies with the kernel (0: none)."""
+        return max((rows for _, rows in self._layers), default=0)
+
+    @property
     def used(self) -> str:
         """``kernel up to N rows`` (the most over the shapes), or ``linear``."""
         if not self._layers:
             return "linear"
-        return f"kernel up to {max(self.max_rows.values())} rows"
+        return f"kernel up to {self.rows} rows"
 
     def prepare(self, model: nn.Module) -> None:
         """Find the layers, build the kernel and (``auto``) measure where it pays."""
@@ -119,7 +127,7 @@ class LayerProduct:
         if self.mode == "kernel":
             self.max_rows = dict.fromkeys(shapes, KERNEL_ROWS)
         else:
-            self.max_rows = {s: n for s in sorted(shapes) if (n := self._measure(s))}
+            self.max_rows = {s: n for s in sorted(shapes) if (n := self._measured(s))}
         self._layers = [
             (m, self.max_rows[tuple(m.weight.shape)]) for m in found if tuple(m.weight.shape) in self.max_rows
         ]
@@ -134,6 +142,12 @@ class LayerProduct:
                 f"the kernel did not build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             )
         return None
+
+    def _measured(self, shape: tuple[int, int]) -> int:
+        key = (shape, torch.get_num_threads())
+        if key not in _MEASURED:
+            _MEASURED[key] = self._measure(shape)
+        return _MEASURED[key]
 
     def _measure(self, shape: tuple[int, int]) -> int:
         """The most rows (0: none) up to which the kernel beats ``F.linear`` by ``MARGIN`` at

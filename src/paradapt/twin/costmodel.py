@@ -60,6 +60,7 @@ BASE_FEATURES = (
     "resident",
     "mixtures",
     "mixture_tokens",
+    "few_rows",
 )
 #: Model config keys that decide its speed (the model part of a fingerprint).
 MODEL_KEYS = (
@@ -97,12 +98,20 @@ def kind_features(kinds: Sequence[str]) -> tuple[str, ...]:
 
 
 def featurize(
-    shape: StepShape, adapters: Mapping[str, AdapterCost], kinds: Sequence[str], packed_prompts: bool = True
+    shape: StepShape,
+    adapters: Mapping[str, AdapterCost],
+    kinds: Sequence[str],
+    packed_prompts: bool = True,
+    kernel_rows: int = 0,
 ) -> dict[str, float]:
     """The cost features of one step; ``adapters`` maps an adapter name to (kind, rank), or a
     mixture's name to its :class:`MixtureCost`. ``packed_prompts``: the engine attends a step
     with prompt tokens over its whole packed row (transformers' path, CUDA); on the CPU every
-    step attends per request (``serve/hf_paged.py``) and ``packed_attention`` is 0."""
+    step attends per request (``serve/hf_paged.py``) and ``packed_attention`` is 0.
+    ``kernel_rows``: the most rows the engine's linear layers multiply with the few-rows kernel
+    (serve/layer_gemm.py; 0: never). Such steps cost more per token than MKL's but without its
+    fixed cost, so a step's cost bends at that row count: ``few_rows`` = min(tokens, kernel_rows)
+    is the extra per-token slope below it (and a constant above)."""
     f = {
         "step": 1.0,
         "tokens": float(shape.tokens),
@@ -122,6 +131,7 @@ def featurize(
         "resident": float(shape.resident),
         "mixtures": 0.0,
         "mixture_tokens": 0.0,
+        "few_rows": float(min(shape.tokens, kernel_rows)),
     }
     for k in kinds:
         f[f"adapters_{k}"] = 0.0
@@ -265,6 +275,12 @@ class CostModel:
         (:func:`featurize`): as the profile recorded it, else from the machine (older files)."""
         return bool(self.fit.get("packed_prompts", self.fingerprint.get("device") != "cpu"))
 
+    @property
+    def kernel_rows(self) -> int:
+        """The most rows the profiled engine multiplied with the few-rows kernel (:func:`featurize`;
+        0 in files profiled before it)."""
+        return int(self.fit.get("kernel_rows", 0))
+
     # -- construction -----------------------------------------------------------------
     @classmethod
     def from_coefficients(
@@ -302,7 +318,7 @@ class CostModel:
     # -- prediction -------------------------------------------------------------------
     def step_time(self, shape: StepShape, adapters: Mapping[str, AdapterCost]) -> float:
         """Seconds of one step of ``shape`` (adapters: name -> (kind, rank) or a :class:`MixtureCost`)."""
-        f = featurize(shape, adapters, self.kinds, self.packed_prompts)
+        f = featurize(shape, adapters, self.kinds, self.packed_prompts, self.kernel_rows)
         return sum(self.step[n] * v for n, v in f.items() if v)
 
     def move_time(self, op: str, size: int) -> float:

@@ -34,6 +34,7 @@ from ..quantized import describe, quantization
 from ..serve.cache import Move
 from ..serve.core import StepTrace
 from ..serve.engine import Engine, EngineConfig, kv_bytes_per_token
+from ..serve.layer_gemm import LayerProduct
 from ..serve.sampling import SamplingParams
 from ..serve.workload import KNOWN_KINDS, AdapterSpec
 from ..state import get_state
@@ -332,12 +333,19 @@ def run_workload(
 
 
 def fit_steps(
-    samples: Samples, info: dict[str, tuple[str, int]], kinds: Sequence[str], packed_prompts: bool = True
+    samples: Samples,
+    info: dict[str, tuple[str, int]],
+    kinds: Sequence[str],
+    packed_prompts: bool = True,
+    kernel_rows: int = 0,
 ) -> tuple[dict[str, float], dict]:
     """Step coefficients (fitted on all samples) and the held-out error (every fifth scenario held
-    out); ``packed_prompts`` as :func:`~paradapt.twin.costmodel.featurize` (False on the CPU)."""
+    out); ``packed_prompts`` and ``kernel_rows`` as :func:`~paradapt.twin.costmodel.featurize`."""
     names = (*BASE_FEATURES, *kind_features(kinds))
-    X = [[featurize(t.shape, info, kinds, packed_prompts)[n] for n in names] for _, t in samples.steps]
+    X = [
+        [featurize(t.shape, info, kinds, packed_prompts, kernel_rows)[n] for n in names]
+        for _, t in samples.steps
+    ]
     y = [t.seconds for _, t in samples.steps]
     held = [i % 5 == 4 for i, _ in samples.steps]
     tr = [i for i, h in enumerate(held) if not h]
@@ -453,8 +461,13 @@ def profile(
         measure_moves(model, root, [a.name for a in adapters], move_repeats, samples)
         # the engine attends per request in every step on the CPU (serve/hf_paged.py, featurize)
         packed = next(model.parameters()).device.type != "cpu"
-        step, fit = fit_steps(samples, info, kinds, packed_prompts=packed)
+        # the few-rows kernel's reach, as every engine above chose it (measured once per process)
+        layers = LayerProduct(config.layer_gemm)
+        layers.prepare(model)
+        rows = layers.rows
+        step, fit = fit_steps(samples, info, kinds, packed_prompts=packed, kernel_rows=rows)
         fit["packed_prompts"] = packed
+        fit["kernel_rows"] = rows
         fit["steps"] = len(samples.steps)
         fit["mixture_steps"] = sum(
             1 for _, t in samples.steps if any(n in mix for n, _ in t.shape.adapter_tokens)
