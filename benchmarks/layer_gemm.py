@@ -12,6 +12,13 @@ count where a measurement at engine start finds it faster than MKL's sgemm. Two 
 
     python benchmarks/layer_gemm.py --model random --rounds 8
     python benchmarks/layer_gemm.py --model smollm2-135m-instruct --rounds 8
+
+A third part, ``overhead``, puts a number on what is left at few rows: the same random Llama
+(8 layers, 8 and 32 requests) at hidden 512 and at hidden 64, where the arithmetic is
+negligible, so the hidden-64 step is mostly per-operation cost (module calls, dispatch, the
+continuous-batching inputs), rounds alternating.
+
+    python benchmarks/layer_gemm.py --parts overhead --rounds 8
 """
 
 from __future__ import annotations
@@ -112,6 +119,18 @@ def part_steps(model: torch.nn.Module, rounds: int, steps: int) -> None:
         )
 
 
+def part_overhead(rounds: int, steps: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="layer_gemm-"))
+    models = {h: build_model(layers=8, hidden=h, seed=0) for h in (512, 64)}
+    print(f"decode step, base model, hidden 512 vs 64 (8 layers; median of {rounds} rounds of {steps} steps)")
+    for requests in (8, 32):
+        engines = {h: engine(m, root, "auto", requests, rounds * steps + 8) for h, m in models.items()}
+        a, b, _ = compare(engines, rounds, steps)
+        print(
+            f"  {requests:2d} requests: hidden 512 {1e3 * a:6.1f} ms, hidden 64 {1e3 * b:6.1f} ms ({b / a:.0%})"
+        )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random", help="random (hidden 512, 8 layers) or a bundled model name")
@@ -132,6 +151,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {args.threads} thread(s), model {args.model}")
     if "products" in args.parts:
         part_products(model)
+    if "overhead" in args.parts:
+        part_overhead(args.rounds, args.steps)
     if "steps" in args.parts:
         part_steps(model, args.rounds, args.steps)
     return 0
