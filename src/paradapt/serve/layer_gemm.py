@@ -92,20 +92,18 @@ class LayerProduct:
         self.mode = mode
         self.max_rows: dict[tuple[int, int], int] = {}
         self.reason: str | None = None
-        self._layers: list[tuple[nn.Linear, int]] = []
+        self._forwards: list[tuple[nn.Linear, object]] = []  # built once, installed for each step
         self._ext: ModuleType | None = None
 
     @property
     def rows(self) -> int:
         """The most rows any layer multiplies with the kernel (0: none)."""
-        return max((rows for _, rows in self._layers), default=0)
+        return max(self.max_rows.values(), default=0)
 
     @property
     def used(self) -> str:
         """``kernel up to N rows`` (the most over the shapes), or ``linear``."""
-        if not self._layers:
-            return "linear"
-        return f"kernel up to {self.rows} rows"
+        return f"kernel up to {self.rows} rows" if self.rows else "linear"
 
     def prepare(self, model: nn.Module) -> None:
         """Find the layers, build the kernel and (``auto``) measure where it pays."""
@@ -128,10 +126,12 @@ class LayerProduct:
             self.max_rows = dict.fromkeys(shapes, KERNEL_ROWS)
         else:
             self.max_rows = {s: n for s in sorted(shapes) if (n := self._measured(s))}
-        self._layers = [
-            (m, self.max_rows[tuple(m.weight.shape)]) for m in found if tuple(m.weight.shape) in self.max_rows
+        self._forwards = [
+            (m, self._forward_of(m, self.max_rows[tuple(m.weight.shape)]))
+            for m in found
+            if tuple(m.weight.shape) in self.max_rows
         ]
-        if not self._layers:
+        if not self._forwards:
             self.reason = "the kernel was not faster on this machine"
 
     def _build(self) -> str | None:
@@ -169,11 +169,9 @@ class LayerProduct:
 
     def active(self):
         """The layers multiply with the kernel inside this block (those it is used for)."""
-        return installed([(m, self._forward_of(m, rows)) for m, rows in self._layers])
+        return installed(self._forwards)
 
     def _forward_of(self, m: nn.Linear, rows: int):
-        product = self._ext.few_rows_linear
-
         def forward(x: torch.Tensor) -> torch.Tensor:
             w = m.weight
             if (
@@ -184,7 +182,7 @@ class LayerProduct:
                 or not w.is_contiguous()
             ):
                 return F.linear(x, w, m.bias)
-            return product(x, w, m.bias)
+            return self._ext.few_rows_linear(x, w, m.bias)
 
         return forward
 
