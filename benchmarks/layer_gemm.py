@@ -4,8 +4,10 @@
 plain float32 ``nn.Linear`` with ``csrc/few_rows.cpp`` when the step has few rows, up to the row
 count where a measurement at engine start finds it faster than MKL's sgemm. Two parts:
 
-* ``products``: one product per weight shape of the model, ``F.linear`` against the kernel, at
-  1-32 rows (best of 5 timings, interleaved); ratios > 1 mean the kernel is faster;
+* ``products``: per weight shape of the model, ``F.linear`` against the kernel at 1-64 rows,
+  timed over all of the model's linear layers in order (as a step meets them: the weights stream
+  from memory; the sweeps ``auto`` decides with), median of 7 interleaved sweeps; ratios > 1 mean
+  the kernel is faster;
 * ``steps``: two engines on the same model, ``layer_gemm="linear"`` and ``"auto"``, with 1, 4, 8,
   16 and 32 base-model requests decoding at once; rounds alternate the order; the median decode
   step of each and whether their greedy tokens agree.
@@ -39,7 +41,7 @@ from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.serve.sampling import SamplingParams
 from paradapt.twin.profile import build_model
 
-ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
+ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 def load(name: str) -> torch.nn.Module:
@@ -50,27 +52,29 @@ def load(name: str) -> torch.nn.Module:
     return load_model(name)[1]
 
 
-def best_of(fn, reps: int = 5) -> float:
-    return min(layer_gemm.timed(fn) for _ in range(reps))
-
-
-def part_products(model: torch.nn.Module) -> None:
+def part_products(model: torch.nn.Module, repeats: int = 7) -> None:
+    """Per weight shape, F.linear's time over the model's layers in order / the kernel's (the
+    sweeps auto measures with: the weights stream from memory as in a step), median of
+    ``repeats`` interleaved sweeps."""
     ext = layer_gemm.load()
-    shapes = sorted({tuple(m.weight.shape) for m in layer_gemm.layers(model)})
-    print("products, F.linear time / kernel time (> 1: the kernel is faster)")
+    found = layer_gemm.layers(model)
+    shapes = sorted({tuple(m.weight.shape) for m in found})
+    mb = sum(m.weight.numel() * 4 for m in found) / 1e6
+    print(f"products over the model's {len(found)} linear layers ({mb:.0f} MB), F.linear / kernel (> 1: the kernel is faster)")
     print("  out x in     " + " ".join(f"{r:>6d}" for r in ROWS))
     gen = torch.Generator().manual_seed(0)
+    ratios = {s: [] for s in shapes}
     with torch.no_grad():
-        for shape in shapes:
-            w = torch.randn(shape, generator=gen)
-            ratios = []
-            for rows in ROWS:
-                x = torch.randn(rows, shape[1], generator=gen)
-                ratios.append(
-                    best_of(lambda x=x, w=w: F.linear(x, w))
-                    / best_of(lambda x=x, w=w: ext.few_rows_linear(x, w, None))
-                )
-            print(f"  {shape[0]:>4d} x {shape[1]:<5d} " + " ".join(f"{r:6.2f}" for r in ratios))
+        for rows in ROWS:
+            xs = {k: torch.randn(rows, k, generator=gen) for k in {m.in_features for m in found}}
+            plain, ours = [], []
+            for _ in range(repeats):
+                plain.append(layer_gemm.sweep(found, xs, F.linear))
+                ours.append(layer_gemm.sweep(found, xs, lambda x, w: ext.few_rows_linear(x, w, None)))
+            for s in shapes:
+                ratios[s].append(statistics.median(t[s] for t in plain) / statistics.median(t[s] for t in ours))
+    for s in shapes:
+        print(f"  {s[0]:>4d} x {s[1]:<5d} " + " ".join(f"{r:6.2f}" for r in ratios[s]))
 
 
 def engine(model, root: Path, mode: str, requests: int, tokens: int) -> Engine:
@@ -111,7 +115,7 @@ def part_steps(model: torch.nn.Module, rounds: int, steps: int) -> None:
         }
         if requests == 1:
             auto = engines["auto"]
-            print(f"  auto uses: {auto.layer_gemm} {auto.runner.layer_product.max_rows}")
+            print(f"  auto uses: {auto.layer_gemm} {auto.runner.layer_product.row_range}")
         a, b, same = compare(engines, rounds, steps)
         print(
             f"  {requests:2d} requests: linear {1e3 * a:6.1f} ms, auto {1e3 * b:6.1f} ms: {a / b:.2f}x; "

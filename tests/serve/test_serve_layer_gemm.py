@@ -129,22 +129,45 @@ def test_modes_and_auto_decisions(monkeypatch):
     assert small.used == "linear" and "under 8 MB" in small.reason
     monkeypatch.setattr(layer_gemm, "LEAST_BYTES", 0)
     monkeypatch.setattr(layer_gemm, "_MEASURED", {})  # nothing measured in this process yet
-    # F.linear, kernel per candidate row count: faster at 1, 2, 4 rows, not at 8: up to 4 rows
-    times = iter([1.0, 0.5] * 9 + [1.0, 1.0] * 3 + [9.0, 0.1] * 100)
-    monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: next(times))
-    monkeypatch.setattr(layer_gemm, "CANDIDATE_ROWS", (1, 2, 4, 8, 12))
     shapes = {tuple(m.weight.shape) for m in layer_gemm.layers(model)}
+    smallest, largest = min(shapes), max(shapes)
+    swept = []
+
+    def fake_sweep(chosen, xs, product):
+        """F.linear takes 1 s per shape; the kernel 0.5 s, except on the smallest shape from 8
+        rows and on the largest at 1 row."""
+        rows = next(iter(xs.values())).shape[0]
+        swept.append(rows)
+
+        def spent(s):
+            loses = (s == smallest and rows >= 8) or (s == largest and rows == 1)
+            return 1.0 if product is F.linear or loses else 0.5
+
+        return {tuple(m.weight.shape): spent(tuple(m.weight.shape)) for m in chosen}
+
+    monkeypatch.setattr(layer_gemm, "sweep", fake_sweep)
+    monkeypatch.setattr(layer_gemm, "CANDIDATE_ROWS", (1, 2, 4, 8, 12))
     one = LayerProduct("auto")
     one.prepare(model)
-    assert one.max_rows[min(shapes)] == 4  # measured first (sorted); the other shapes win at every count
-    assert all(one.max_rows[s] == 12 for s in shapes - {min(shapes)})
+    assert one.row_range[smallest] == (1, 4)  # lost at 8 rows
+    assert one.row_range[largest] == (2, 12)  # lost at 1 row only: from 2 rows up
+    assert all(one.row_range[s] == (1, 12) for s in shapes - {smallest, largest})
+    assert sorted(set(swept)) == [1, 2, 4, 8, 12]
+    layer = next(m for m in layer_gemm.layers(model) if tuple(m.weight.shape) == largest)
+    calls = []
+    monkeypatch.setattr(one, "_ext", type("Ext", (), {"few_rows_linear": lambda *a: calls.append(1) or F.linear(*a)}))
+    one._forwards = [(m, one._forward_of(m, *one.row_range[tuple(m.weight.shape)])) for m in [layer]]
+    with one.active(), torch.no_grad():
+        for rows in (1, 2, 12, 13):
+            layer(torch.randn(rows, layer.in_features))
+    assert len(calls) == 2  # 2 and 12 rows: the kernel; 1 and 13: F.linear
     again = LayerProduct("auto")  # a second engine of the process: the same choice, not measured again
-    monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: pytest.fail("measured twice"))
+    monkeypatch.setattr(layer_gemm, "sweep", lambda *a: pytest.fail("measured twice"))
     again.prepare(model)
-    assert again.max_rows == one.max_rows and again.rows == 12
+    assert again.row_range == one.row_range and again.rows == 12
     never = LayerProduct("auto")
     monkeypatch.setattr(layer_gemm, "_MEASURED", {})
-    monkeypatch.setattr(layer_gemm, "timed", lambda fn, least=0.002: 1.0)
+    monkeypatch.setattr(layer_gemm, "sweep", lambda chosen, xs, product: dict.fromkeys(shapes, 1.0))
     never.prepare(model)
     assert never.used == "linear" and never.reason == "the kernel was not faster on this machine"
     monkeypatch.setattr(layer_gemm, "unsupported", lambda: "the CPU offers DEFAULT, the kernel needs AVX2")
@@ -153,6 +176,31 @@ def test_modes_and_auto_decisions(monkeypatch):
     fallback = LayerProduct("auto")
     fallback.prepare(model)
     assert fallback.used == "linear" and "AVX2" in fallback.reason
+
+
+def test_auto_times_the_models_own_layers_in_order_up_to_the_sweep_bytes(monkeypatch):
+    model = tiny_model("llama")
+    found = layer_gemm.layers(model)
+    shapes = {tuple(m.weight.shape) for m in found}
+    assert layer_gemm.sweep_layers(found) == found  # a tiny model: all of it
+    first = found[0].weight.numel() * 4
+    monkeypatch.setattr(layer_gemm, "SWEEP_BYTES", first)  # room for one layer: then one of each shape
+    chosen = layer_gemm.sweep_layers(found)
+    assert chosen[0] is found[0] and len(chosen) == len(shapes) < len(found)
+    assert {tuple(m.weight.shape) for m in chosen} == shapes
+    xs = {k: torch.randn(3, k) for k in {m.in_features for m in found}}
+    calls = []
+    spent = layer_gemm.sweep(found, xs, lambda x, w: calls.append((x.shape[1], tuple(w.shape))))
+    assert calls == [(m.in_features, tuple(m.weight.shape)) for m in found]
+    assert set(spent) == shapes and all(t > 0 for t in spent.values())
+    # the real measurement, end to end: every shape gets a candidate row count or 0
+    monkeypatch.setattr(layer_gemm, "LEAST_BYTES", 0)
+    monkeypatch.setattr(layer_gemm, "_MEASURED", {})
+    monkeypatch.setattr(layer_gemm, "CANDIDATE_ROWS", (1, 4))
+    lp = LayerProduct("auto")
+    lp.prepare(model)
+    assert set(layer_gemm._MEASURED) == {(s, torch.get_num_threads()) for s in shapes}
+    assert all(r in {(0, 0), (1, 1), (1, 4), (2, 4)} for r in layer_gemm._MEASURED.values())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

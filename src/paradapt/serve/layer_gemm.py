@@ -12,8 +12,11 @@ Every output of the kernel is the same computation whatever the number of rows o
 a request's logits do not change with how many others share its step while the kernel runs
 them (MKL picks different code paths by row count).
 
-``auto`` measures both products on each distinct weight shape of the model when the engine
-starts and keeps the kernel for the row counts (from 1 up) where it is clearly faster;
+``auto`` measures both products when the engine starts, on the model's own layers taken in order
+(as a step meets them: more weights than the caches hold, so each is read from memory), and keeps
+the kernel, per weight shape, for the row counts (from 1 up) where it is clearly faster. Timing
+one weight over and over instead (it then sits in the cache) favoured MKL from about 16 rows,
+where over a whole model the kernel was still 1.2x faster at 32;
 ``kernel`` uses it up to :data:`KERNEL_ROWS` rows (an error where it cannot be built); ``linear``
 never uses it. Like the LM head's product (:mod:`paradapt.serve.lm_head`), the kernel is
 installed only for the duration of a step (serve/step_forwards.py), as an instance ``forward``
@@ -24,6 +27,7 @@ dtypes, go to ``F.linear``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -34,19 +38,22 @@ from torch import nn
 from .. import native
 from ..errors import ConfigError
 from .core import LAYER_GEMM as MODES
-from .lm_head import timed
 from .step_forwards import installed
 
 MARGIN = 1.05  # auto takes the kernel only where it is at least this much faster: noise must not flip it
-KERNEL_ROWS = 16  # ``kernel`` mode's limit, where it still matched MKL on the machine measured
+KERNEL_ROWS = 32  # ``kernel`` mode's limit, where it still beat MKL over a whole model measured
 # row counts auto measures, in order; it keeps the kernel up to the last one before it first loses
-CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
+CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+# auto times the model's layers in order up to this many bytes of weights: more than most CPUs'
+# last-level cache (a step streams the weights from memory; a cached weight flatters MKL)
+SWEEP_BYTES = 96 << 20
+REPEATS = 3  # sweeps per product and row count, interleaved; the best counts
 # auto measures only models whose linear layers hold at least this much: a tiny model's step is
 # call overhead either way, and skipping keeps a small engine's start instant
 LEAST_BYTES = 8 << 20
 # what auto measured in this process, per (weight shape, torch threads): every engine of a process
 # (the twin's profile runs many) then makes the same choice, which the cost model records
-_MEASURED: dict[tuple[tuple[int, int], int], int] = {}
+_MEASURED: dict[tuple[tuple[int, int], int], tuple[int, int]] = {}
 
 SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 _EXTENSION = native.Extension("few_rows", SOURCE)
@@ -82,15 +89,16 @@ def layers(model: nn.Module) -> list[nn.Linear]:
 class LayerProduct:
     """How the served model's linear layers multiply few rows: ``mode`` ``auto`` | ``kernel`` | ``linear``.
 
-    After :meth:`prepare`, ``max_rows`` maps each weight shape ``(out, in)`` that takes the
-    kernel to the most rows it takes it for; ``reason`` says why none does, when none does.
+    After :meth:`prepare`, ``row_range`` maps each weight shape ``(out, in)`` that takes the
+    kernel to the row counts ``(fewest, most)`` it takes it for; ``reason`` says why none does,
+    when none does.
     """
 
     def __init__(self, mode: str = "auto"):
         if mode not in MODES:
             raise ConfigError("layer_gemm", f"must be one of {list(MODES)}, got {mode!r}")
         self.mode = mode
-        self.max_rows: dict[tuple[int, int], int] = {}
+        self.row_range: dict[tuple[int, int], tuple[int, int]] = {}
         self.reason: str | None = None
         self._forwards: list[tuple[nn.Linear, object]] = []  # built once, installed for each step
         self._ext: ModuleType | None = None
@@ -98,7 +106,7 @@ class LayerProduct:
     @property
     def rows(self) -> int:
         """The most rows any layer multiplies with the kernel (0: none)."""
-        return max(self.max_rows.values(), default=0)
+        return max((hi for _, hi in self.row_range.values()), default=0)
 
     @property
     def used(self) -> str:
@@ -123,13 +131,13 @@ class LayerProduct:
             return
         shapes = {tuple(m.weight.shape) for m in found}
         if self.mode == "kernel":
-            self.max_rows = dict.fromkeys(shapes, KERNEL_ROWS)
+            self.row_range = dict.fromkeys(shapes, (1, KERNEL_ROWS))
         else:
-            self.max_rows = {s: n for s in sorted(shapes) if (n := self._measured(s))}
+            self.row_range = {s: r for s, r in sorted(self._measured(found).items()) if r[1]}
         self._forwards = [
-            (m, self._forward_of(m, self.max_rows[tuple(m.weight.shape)]))
+            (m, self._forward_of(m, *self.row_range[tuple(m.weight.shape)]))
             for m in found
-            if tuple(m.weight.shape) in self.max_rows
+            if tuple(m.weight.shape) in self.row_range
         ]
         if not self._forwards:
             self.reason = "the kernel was not faster on this machine"
@@ -143,40 +151,62 @@ class LayerProduct:
             )
         return None
 
-    def _measured(self, shape: tuple[int, int]) -> int:
-        key = (shape, torch.get_num_threads())
-        if key not in _MEASURED:
-            _MEASURED[key] = self._measure(shape)
-        return _MEASURED[key]
+    def _measured(self, found: list[nn.Linear]) -> dict[tuple[int, int], tuple[int, int]]:
+        """Per weight shape, the rows the kernel takes (measured once per process and thread
+        count: every engine of the process then makes the same choice)."""
+        threads = torch.get_num_threads()
+        shapes = {tuple(m.weight.shape) for m in found}
+        if any((s, threads) not in _MEASURED for s in shapes):
+            for s, r in self._measure(found).items():
+                _MEASURED[(s, threads)] = r
+        return {s: _MEASURED[(s, threads)] for s in shapes}
 
-    def _measure(self, shape: tuple[int, int]) -> int:
-        """The most rows (0: none) up to which the kernel beats ``F.linear`` by ``MARGIN`` at
-        every candidate row count, timed interleaved, best of 3, on a weight of this shape."""
+    def _measure(self, found: list[nn.Linear]) -> dict[tuple[int, int], tuple[int, int]]:
+        """Per weight shape, the row counts ``(fewest, most)`` (``(0, 0)``: none) of the first
+        run of candidate row counts where the kernel beats ``F.linear`` by ``MARGIN``: both
+        products over the model's first ``SWEEP_BYTES`` of layers, in order, sweeps interleaved,
+        the best of ``REPEATS``. A run may start above one row (a weight whose rows are long
+        can stream as fast through MKL's one-row product), and ends where the kernel first loses
+        after it."""
+        chosen = sweep_layers(found)
+        best = dict.fromkeys((tuple(m.weight.shape) for m in found), (0, 0))
+        alive = set(best)
+        previous = 0
         gen = torch.Generator().manual_seed(0)
-        w = torch.randn(shape, generator=gen)
-        best = 0
+
+        def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return self._ext.few_rows_linear(x, w, None)
+
         with torch.no_grad():
             for rows in CANDIDATE_ROWS:
-                x = torch.randn(rows, shape[1], generator=gen)
-                plain, kernel = [], []
-                for _ in range(3):
-                    plain.append(timed(lambda x=x: F.linear(x, w)))
-                    kernel.append(timed(lambda x=x: self._ext.few_rows_linear(x, w, None)))
-                if min(plain) <= MARGIN * min(kernel):
+                xs = {k: torch.randn(rows, k, generator=gen) for k in {m.in_features for m in chosen}}
+                firsts = list({tuple(m.weight.shape): m for m in chosen}.values())
+                sweep(firsts, xs, F.linear)  # untimed: oneDNN builds its primitive per row count
+                plain, ours = [], []
+                for _ in range(REPEATS):
+                    plain.append(sweep(chosen, xs, F.linear))
+                    ours.append(sweep(chosen, xs, kernel))
+                for s in list(alive):
+                    wins = min(t[s] for t in plain) > MARGIN * min(t[s] for t in ours)
+                    if wins:
+                        best[s] = (best[s][0] or previous + 1, rows)
+                    elif best[s][1]:  # the run is over
+                        alive.discard(s)
+                if not alive:
                     break
-                best = rows
+                previous = rows
         return best
 
     def active(self):
         """The layers multiply with the kernel inside this block (those it is used for)."""
         return installed(self._forwards)
 
-    def _forward_of(self, m: nn.Linear, rows: int):
+    def _forward_of(self, m: nn.Linear, fewest: int, most: int):
         def forward(x: torch.Tensor) -> torch.Tensor:
             w = m.weight
             if (
                 x.dtype is not torch.float32
-                or x.numel() > rows * w.shape[1]
+                or not fewest * w.shape[1] <= x.numel() <= most * w.shape[1]
                 or torch.is_grad_enabled()
                 or w.dtype is not torch.float32
                 or not w.is_contiguous()
@@ -187,6 +217,32 @@ class LayerProduct:
         return forward
 
 
+def sweep_layers(found: list[nn.Linear]) -> list[nn.Linear]:
+    """The layers ``auto`` times: the model's own in order, up to :data:`SWEEP_BYTES` of weights
+    (at least one of each shape)."""
+    chosen, total, seen = [], 0, set()
+    for m in found:
+        shape = tuple(m.weight.shape)
+        if total < SWEEP_BYTES or shape not in seen:
+            chosen.append(m)
+            total += m.weight.numel() * 4
+            seen.add(shape)
+    return chosen
+
+
+def sweep(chosen: list[nn.Linear], xs: dict[int, torch.Tensor], product) -> dict[tuple[int, int], float]:
+    """Seconds spent per weight shape by ``product(x, weight)`` over ``chosen`` in order, each
+    layer given ``xs[its in_features]``."""
+    spent: dict[tuple[int, int], float] = {}
+    for m in chosen:
+        x, w = xs[m.in_features], m.weight
+        t0 = time.perf_counter()
+        product(x, w)
+        shape = tuple(w.shape)
+        spent[shape] = spent.get(shape, 0.0) + time.perf_counter() - t0
+    return spent
+
+
 __all__ = [
     "CANDIDATE_ROWS",
     "KERNEL_ROWS",
@@ -195,5 +251,7 @@ __all__ = [
     "SOURCE",
     "layers",
     "load",
+    "sweep",
+    "sweep_layers",
     "unsupported",
 ]

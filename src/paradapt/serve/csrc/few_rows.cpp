@@ -8,6 +8,12 @@
 // place, as the dot products of nn.Linear's own layout: a tile of 4 input rows x 3 weight rows
 // keeps 12 sums in registers, 8 lanes each, so each 8-float step costs 7 loads for 12 FMAs.
 //
+// The model's weights (100-500 MB) do not fit in the caches, so a step streams every weight from
+// memory once. The hardware prefetcher alone leaves memory idle while a block of weight rows
+// already in L1 is multiplied by the second and later groups of rows; so each tile also touches
+// the next block's cache lines, spread evenly over the passes over the current block (1.3-1.4x
+// faster over a whole model's layers at 4-12 rows, within 25 % of a plain read at 8).
+//
 // Every output element is the same computation whatever the tile that computes it (8 lane sums
 // over k in order, the same horizontal sum, then the scalar tail): a row's result does not
 // depend on how many other rows are in the call, nor on the thread count.
@@ -40,15 +46,51 @@ inline float finish(__m256 acc, const float* x, const float* w, int64_t k8, int6
   return b ? s + *b : s;
 }
 
+// The cache lines of the next block of weight rows that one pass over the current block asks for
+// ahead of use, into L1: `per` lines each 8-float step, the first `head` floats of each row
+// (lines [i, e) of the block, counted row by row).
+struct Ahead {
+  const float* row = nullptr;  // the row of the next line asked for
+  int64_t K = 0, head = 0, k = 0, left = 0;
+  int per = 0;
+
+  inline void step() {
+    for (int q = 0; q < per && left > 0; ++q, --left) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k), _MM_HINT_T0);
+      if ((k += 16) >= head) k = 0, row += K;
+    }
+  }
+
+  // pass p of `passes` over the current block takes its share of the next block's `rows` rows
+  // (starting at `next`): every pass keeps memory busy, not only the first (the later ones read
+  // the current block from L1)
+  static Ahead share(const float* next, int64_t rows, int64_t K, int64_t head, int64_t p, int64_t passes) {
+    if (next == nullptr || rows <= 0 || passes <= 0 || K <= 0) return {};
+    const int64_t per_row = (std::min(head, K) + 15) / 16, lines = rows * per_row;
+    const int64_t first = lines * p / passes, count = lines * (p + 1) / passes - first;
+    const int64_t steps = std::max<int64_t>(K / 8, 1);
+    return {next + (first / per_row) * K, K, std::min(head, K), (first % per_row) * 16, count,
+            static_cast<int>((count + steps - 1) / steps)};
+  }
+};
+
+// At one row the hardware prefetcher keeps up with long rows once it has caught on: software asks
+// for rows of up to 512 floats whole, and for the first 128 floats of longer ones (measured at one
+// row, 21 interleaved sweeps: rows of 1,344 floats asked for whole were 1.2x slower than none,
+// their first 128 floats 1.1x faster than none; rows of 512 whole 1.1x faster than none)
+inline int64_t head_of(int64_t K) { return K <= 512 ? K : 128; }
+
 // The main tile, written out: 4 rows of x against 3 rows of w, 12 sums in registers. (GCC folds
 // the loads of a generic template's unrolled arrays into every FMA and spills the sums.)
-void tile_4x3(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, const float* b) {
+void tile_4x3(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, const float* b,
+              Ahead ahead) {
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
   __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
   const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
   const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K;
   const int64_t k8 = K & ~int64_t(7);
   for (int64_t k = 0; k < k8; k += 8) {
+    ahead.step();
     const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k);
     __m256 u = _mm256_loadu_ps(x0 + k);
     a00 = _mm256_fmadd_ps(u, v0, a00), a01 = _mm256_fmadd_ps(u, v1, a01), a02 = _mm256_fmadd_ps(u, v2, a02);
@@ -66,12 +108,14 @@ void tile_4x3(const float* x, int64_t ldx, const float* w, int64_t K, float* y, 
 
 // Edge tiles (MB rows of x, NB rows of w; at most 8 sums): the same arithmetic per output.
 template <int MB, int NB>
-void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, const float* b) {
+void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, const float* b,
+          Ahead ahead = {}) {
   __m256 acc[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t k8 = K & ~int64_t(7);
   for (int64_t k = 0; k < k8; k += 8) {
+    ahead.step();
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const __m256 u = _mm256_loadu_ps(x + i * ldx + k);
@@ -83,12 +127,15 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int6
     for (int j = 0; j < NB; ++j) y[i * ldy + j] = finish(acc[i][j], x + i * ldx, w + j * K, k8, K, b ? b + j : nullptr);
 }
 
-// rows [0, M) of x against weight rows [n, n + NB) (NB <= 3): 4-row tiles, then the rest in one tile
+// rows [0, M) of x against weight rows [n, n + NB) (NB <= 3): 4-row tiles, then the rest in one
+// tile; the 4-row passes ask for the next block's rows ahead (next_rows rows from next)
 template <int NB>
-void column_block(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t N, const float* b) {
+void column_block(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t N, const float* b,
+                  const float* next, int64_t next_rows) {
   int64_t m = 0;
   if constexpr (NB == 3)
-    for (; m + 4 <= M; m += 4) tile_4x3(x + m * K, K, w, K, y + m * N, N, b);
+    for (; m + 4 <= M; m += 4)
+      tile_4x3(x + m * K, K, w, K, y + m * N, N, b, Ahead::share(next, next_rows, K, K, m / 4, M / 4));
   else
     for (; m + 4 <= M; m += 4) tile<4, NB>(x + m * K, K, w, K, y + m * N, N, b);
   switch (M - m) {  // the last 1-3 rows together: more independent sums than one row at a time
@@ -98,14 +145,20 @@ void column_block(const float* x, int64_t M, const float* w, int64_t K, float* y
   }
 }
 
-// fewer than 4 rows: each row against 8 weight rows at once (8 independent sums per row)
+// fewer than 4 rows: each row against 8 weight rows at once (8 independent sums per row), every
+// row of x against one block of weight rows before the next block (read from memory once)
 void few(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t N, const float* b, int64_t n0,
          int64_t n1) {
-  for (int64_t m = 0; m < M; ++m) {
-    int64_t n = n0;
-    for (; n + 8 <= n1; n += 8) tile<1, 8>(x + m * K, K, w + n * K, K, y + m * N + n, N, b ? b + n : nullptr);
-    for (; n < n1; ++n) tile<1, 1>(x + m * K, K, w + n * K, K, y + m * N + n, N, b ? b + n : nullptr);
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) {
+    const float* next = w + (n + 8) * K;
+    const int64_t next_rows = std::min(n + 16, n1) - (n + 8);
+    for (int64_t m = 0; m < M; ++m)
+      tile<1, 8>(x + m * K, K, w + n * K, K, y + m * N + n, N, b ? b + n : nullptr,
+                 Ahead::share(next, next_rows, K, head_of(K), m, M));
   }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) tile<1, 1>(x + m * K, K, w + n * K, K, y + m * N + n, N, b ? b + n : nullptr);
 }
 
 torch::Tensor few_rows_linear(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
@@ -142,12 +195,15 @@ torch::Tensor few_rows_linear(const torch::Tensor& x_in, const torch::Tensor& w,
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t n = blk * 3, left = std::min<int64_t>(3, N - n);
       const float* bn = bp ? bp + n : nullptr;
+      // the next block of this thread's range (none after its last: another thread reads that)
+      const float* next = blk + 1 < hi ? wp + (n + 3) * K : nullptr;
+      const int64_t next_rows = std::min(n + 6, N) - (n + 3);
       if (left == 3)
-        column_block<3>(xp, M, wp + n * K, K, yp + n, N, bn);
+        column_block<3>(xp, M, wp + n * K, K, yp + n, N, bn, next, next_rows);
       else if (left == 2)
-        column_block<2>(xp, M, wp + n * K, K, yp + n, N, bn);
+        column_block<2>(xp, M, wp + n * K, K, yp + n, N, bn, next, next_rows);
       else
-        column_block<1>(xp, M, wp + n * K, K, yp + n, N, bn);
+        column_block<1>(xp, M, wp + n * K, K, yp + n, N, bn, next, next_rows);
     }
   });
   return y;
