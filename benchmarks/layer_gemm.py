@@ -60,7 +60,9 @@ def part_products(model: torch.nn.Module, repeats: int = 7) -> None:
     found = layer_gemm.layers(model)
     shapes = sorted({tuple(m.weight.shape) for m in found})
     mb = sum(m.weight.numel() * 4 for m in found) / 1e6
-    print(f"products over the model's {len(found)} linear layers ({mb:.0f} MB), F.linear / kernel (> 1: the kernel is faster)")
+    print(
+        f"products over the model's {len(found)} linear layers ({mb:.0f} MB), F.linear / kernel (> 1: the kernel is faster)"
+    )
     print("  out x in     " + " ".join(f"{r:>6d}" for r in ROWS))
     gen = torch.Generator().manual_seed(0)
     ratios = {s: [] for s in shapes}
@@ -72,7 +74,9 @@ def part_products(model: torch.nn.Module, repeats: int = 7) -> None:
                 plain.append(layer_gemm.sweep(found, xs, F.linear))
                 ours.append(layer_gemm.sweep(found, xs, lambda x, w: ext.few_rows_linear(x, w, None)))
             for s in shapes:
-                ratios[s].append(statistics.median(t[s] for t in plain) / statistics.median(t[s] for t in ours))
+                ratios[s].append(
+                    statistics.median(t[s] for t in plain) / statistics.median(t[s] for t in ours)
+                )
     for s in shapes:
         print(f"  {s[0]:>4d} x {s[1]:<5d} " + " ".join(f"{r:6.2f}" for r in ratios[s]))
 

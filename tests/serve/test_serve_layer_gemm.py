@@ -155,7 +155,9 @@ def test_modes_and_auto_decisions(monkeypatch):
     assert sorted(set(swept)) == [1, 2, 4, 8, 12]
     layer = next(m for m in layer_gemm.layers(model) if tuple(m.weight.shape) == largest)
     calls = []
-    monkeypatch.setattr(one, "_ext", type("Ext", (), {"few_rows_linear": lambda *a: calls.append(1) or F.linear(*a)}))
+    monkeypatch.setattr(
+        one, "_ext", type("Ext", (), {"few_rows_linear": lambda *a: calls.append(1) or F.linear(*a)})
+    )
     one._forwards = [(m, one._forward_of(m, *one.row_range[tuple(m.weight.shape)])) for m in [layer]]
     with one.active(), torch.no_grad():
         for rows in (1, 2, 12, 13):
