@@ -4,9 +4,11 @@ Why: a decode step at low load (one chat, a few concurrent requests) multiplies 
 every weight of the model. ``F.linear`` hands that to MKL's sgemm, which packs the weight into
 its own panel layout on every call; with a handful of rows the packing is most of the work.
 ``csrc/few_rows.cpp`` reads each weight row once where it lies (nn.Linear's own ``[out, in]``
-layout, no copy) and keeps a 4 x 3 tile of sums in registers. Measured on a 2-core AMD EPYC
-(AVX2, one thread; ``benchmarks/layer_gemm.py``): the products 1.2-2x faster at 1-8 rows, even
-around 16, slower than MKL from about 24 rows, so only steps with few rows take it.
+layout, no copy), keeps a 4 x 3 tile of sums in registers, and asks for the next weight rows
+ahead of use so that memory stays busy. Measured on a 2-core AMD EPYC (AVX2, one thread;
+``benchmarks/layer_gemm.py``), over a whole model's layers: the products 1.3-2.2x faster at
+1-16 rows (1.0x for a 1,344-float-row weight at one row), even at 24, slower than MKL from
+about 32 rows, so only steps with few rows take it.
 
 Every output of the kernel is the same computation whatever the number of rows or threads, so
 a request's logits do not change with how many others share its step while the kernel runs
@@ -14,9 +16,9 @@ them (MKL picks different code paths by row count).
 
 ``auto`` measures both products when the engine starts, on the model's own layers taken in order
 (as a step meets them: more weights than the caches hold, so each is read from memory), and keeps
-the kernel, per weight shape, for the row counts (from 1 up) where it is clearly faster. Timing
-one weight over and over instead (it then sits in the cache) favoured MKL from about 16 rows,
-where over a whole model the kernel was still 1.2x faster at 32;
+the kernel, per weight shape, for the first run of row counts where it is clearly faster (timing
+one weight over and over instead, cached, favoured MKL from about 12 rows, where over a whole
+model the kernel was still 1.2-1.4x faster at 12-16);
 ``kernel`` uses it up to :data:`KERNEL_ROWS` rows (an error where it cannot be built); ``linear``
 never uses it. Like the LM head's product (:mod:`paradapt.serve.lm_head`), the kernel is
 installed only for the duration of a step (serve/step_forwards.py), as an instance ``forward``
