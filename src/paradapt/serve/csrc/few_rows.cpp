@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -46,31 +47,49 @@ inline float finish(__m256 acc, const float* x, const float* w, int64_t k8, int6
   return b ? s + *b : s;
 }
 
-// The cache lines of the next block of weight rows that one pass over the current block asks for
-// ahead of use, into L1: `per` lines each 8-float step, the first `head` floats of each row
-// (lines [i, e) of the block, counted row by row).
+// Which cache lines of the next block of weight rows one pass over the current block asks for
+// ahead of use: `count` lines from line `offset + k` of the block (rows of `head` floats asked
+// for, counted row by row), `per` lines each 8-float step. The same for every block of a call
+// (only the block's address differs), so it is worked out once per call: its divisions cost as
+// much as a short tile.
+struct Share {
+  int64_t offset = 0, k = 0, count = 0;
+  int per = 0;
+
+  // pass p of `passes` over the current block takes its share of the next block's `rows` rows:
+  // every pass keeps memory busy, not only the first (the later ones read the block from L1)
+  static Share of(int64_t rows, int64_t K, int64_t head, int64_t p, int64_t passes) {
+    if (rows <= 0 || passes <= 0 || K <= 0) return {};
+    const int64_t per_row = (std::min(head, K) + 15) / 16, lines = rows * per_row;
+    const int64_t first = lines * p / passes, count = lines * (p + 1) / passes - first;
+    const int64_t steps = std::max<int64_t>(K / 8, 1);
+    return {(first / per_row) * K, (first % per_row) * 16, count, static_cast<int>((count + steps - 1) / steps)};
+  }
+
+  // the shares of passes 0..passes-1 over blocks whose next block has `rows` rows
+  static std::vector<Share> all(int64_t rows, int64_t K, int64_t head, int64_t passes) {
+    std::vector<Share> out;
+    for (int64_t p = 0; p < passes; ++p) out.push_back(of(rows, K, head, p, passes));
+    return out;
+  }
+};
+
+// A pass's prefetches in flight: into L1, `per` lines each 8-float step, until `left` is 0.
 struct Ahead {
   const float* row = nullptr;  // the row of the next line asked for
   int64_t K = 0, head = 0, k = 0, left = 0;
   int per = 0;
+
+  Ahead() = default;
+  Ahead(const float* next, int64_t K_, int64_t head_, const Share& s)
+      : row(next ? next + s.offset : nullptr), K(K_), head(std::min(head_, K_)), k(s.k),
+        left(next ? s.count : 0), per(s.per) {}
 
   inline void step() {
     for (int q = 0; q < per && left > 0; ++q, --left) {
       _mm_prefetch(reinterpret_cast<const char*>(row + k), _MM_HINT_T0);
       if ((k += 16) >= head) k = 0, row += K;
     }
-  }
-
-  // pass p of `passes` over the current block takes its share of the next block's `rows` rows
-  // (starting at `next`): every pass keeps memory busy, not only the first (the later ones read
-  // the current block from L1)
-  static Ahead share(const float* next, int64_t rows, int64_t K, int64_t head, int64_t p, int64_t passes) {
-    if (next == nullptr || rows <= 0 || passes <= 0 || K <= 0) return {};
-    const int64_t per_row = (std::min(head, K) + 15) / 16, lines = rows * per_row;
-    const int64_t first = lines * p / passes, count = lines * (p + 1) / passes - first;
-    const int64_t steps = std::max<int64_t>(K / 8, 1);
-    return {next + (first / per_row) * K, K, std::min(head, K), (first % per_row) * 16, count,
-            static_cast<int>((count + steps - 1) / steps)};
   }
 };
 
@@ -89,8 +108,7 @@ void tile_4x3(const float* x, int64_t ldx, const float* w, int64_t K, float* y, 
   const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
   const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K;
   const int64_t k8 = K & ~int64_t(7);
-  for (int64_t k = 0; k < k8; k += 8) {
-    ahead.step();
+  auto body = [&](int64_t k) __attribute__((always_inline)) {
     const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k);
     __m256 u = _mm256_loadu_ps(x0 + k);
     a00 = _mm256_fmadd_ps(u, v0, a00), a01 = _mm256_fmadd_ps(u, v1, a01), a02 = _mm256_fmadd_ps(u, v2, a02);
@@ -100,7 +118,10 @@ void tile_4x3(const float* x, int64_t ldx, const float* w, int64_t K, float* y, 
     a20 = _mm256_fmadd_ps(u, v0, a20), a21 = _mm256_fmadd_ps(u, v1, a21), a22 = _mm256_fmadd_ps(u, v2, a22);
     u = _mm256_loadu_ps(x3 + k);
     a30 = _mm256_fmadd_ps(u, v0, a30), a31 = _mm256_fmadd_ps(u, v1, a31), a32 = _mm256_fmadd_ps(u, v2, a32);
-  }
+  };
+  int64_t k = 0;
+  for (; k < k8 && ahead.left > 0; k += 8) ahead.step(), body(k);  // while lines are left to ask for
+  for (; k < k8; k += 8) body(k);
   const __m256 acc[4][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 3; ++j) y[i * ldy + j] = finish(acc[i][j], x + i * ldx, w + j * K, k8, K, b ? b + j : nullptr);
@@ -114,28 +135,29 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int6
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t k8 = K & ~int64_t(7);
-  for (int64_t k = 0; k < k8; k += 8) {
-    ahead.step();
+  auto body = [&](int64_t k) __attribute__((always_inline)) {
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const __m256 u = _mm256_loadu_ps(x + i * ldx + k);
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + j * K + k), acc[i][j]);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k < k8 && ahead.left > 0; k += 8) ahead.step(), body(k);
+  for (; k < k8; k += 8) body(k);
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) y[i * ldy + j] = finish(acc[i][j], x + i * ldx, w + j * K, k8, K, b ? b + j : nullptr);
 }
 
 // rows [0, M) of x against weight rows [n, n + NB) (NB <= 3): 4-row tiles, then the rest in one
-// tile; the 4-row passes ask for the next block's rows ahead (next_rows rows from next)
+// tile; the 4-row passes ask for the next block's rows ahead (from next; shares[p]: pass p's lines)
 template <int NB>
 void column_block(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t N, const float* b,
-                  const float* next, int64_t next_rows) {
+                  const float* next, const Share* shares) {
   int64_t m = 0;
   if constexpr (NB == 3)
-    for (; m + 4 <= M; m += 4)
-      tile_4x3(x + m * K, K, w, K, y + m * N, N, b, Ahead::share(next, next_rows, K, K, m / 4, M / 4));
+    for (; m + 4 <= M; m += 4) tile_4x3(x + m * K, K, w, K, y + m * N, N, b, Ahead(next, K, K, shares[m / 4]));
   else
     for (; m + 4 <= M; m += 4) tile<4, NB>(x + m * K, K, w, K, y + m * N, N, b);
   switch (M - m) {  // the last 1-3 rows together: more independent sums than one row at a time
@@ -149,13 +171,16 @@ void column_block(const float* x, int64_t M, const float* w, int64_t K, float* y
 // row of x against one block of weight rows before the next block (read from memory once)
 void few(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t N, const float* b, int64_t n0,
          int64_t n1) {
+  const std::vector<Share> full = Share::all(8, K, head_of(K), M);
   int64_t n = n0;
   for (; n + 8 <= n1; n += 8) {
     const float* next = w + (n + 8) * K;
     const int64_t next_rows = std::min(n + 16, n1) - (n + 8);
+    const std::vector<Share> part = next_rows < 8 ? Share::all(next_rows, K, head_of(K), M) : std::vector<Share>();
+    const Share* shares = next_rows < 8 ? part.data() : full.data();
     for (int64_t m = 0; m < M; ++m)
       tile<1, 8>(x + m * K, K, w + n * K, K, y + m * N + n, N, b ? b + n : nullptr,
-                 Ahead::share(next, next_rows, K, head_of(K), m, M));
+                 Ahead(next, K, head_of(K), shares[m]));
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) tile<1, 1>(x + m * K, K, w + n * K, K, y + m * N + n, N, b ? b + n : nullptr);
@@ -191,19 +216,21 @@ torch::Tensor few_rows_linear(const torch::Tensor& x_in, const torch::Tensor& w,
     });
     return y;
   }
+  const std::vector<Share> full = Share::all(3, K, K, M / 4);  // the next block: 3 rows ...
+  const std::vector<Share> last = Share::all(N % 3, K, K, M / 4);  // ... or the last one's N % 3
   at::parallel_for(0, (N + 2) / 3, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t n = blk * 3, left = std::min<int64_t>(3, N - n);
       const float* bn = bp ? bp + n : nullptr;
       // the next block of this thread's range (none after its last: another thread reads that)
       const float* next = blk + 1 < hi ? wp + (n + 3) * K : nullptr;
-      const int64_t next_rows = std::min(n + 6, N) - (n + 3);
+      const Share* shares = n + 6 <= N ? full.data() : last.data();
       if (left == 3)
-        column_block<3>(xp, M, wp + n * K, K, yp + n, N, bn, next, next_rows);
+        column_block<3>(xp, M, wp + n * K, K, yp + n, N, bn, next, shares);
       else if (left == 2)
-        column_block<2>(xp, M, wp + n * K, K, yp + n, N, bn, next, next_rows);
+        column_block<2>(xp, M, wp + n * K, K, yp + n, N, bn, next, shares);
       else
-        column_block<1>(xp, M, wp + n * K, K, yp + n, N, bn, next, next_rows);
+        column_block<1>(xp, M, wp + n * K, K, yp + n, N, bn, next, shares);
     }
   });
   return y;
