@@ -108,7 +108,8 @@ void tile_4x3(const float* x, int64_t ldx, const float* w, int64_t K, float* y, 
   const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
   const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K;
   const int64_t k8 = K & ~int64_t(7);
-  auto body = [&](int64_t k) __attribute__((always_inline)) {
+  for (int64_t k = 0; k < k8; k += 8) {
+    ahead.step();
     const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k);
     __m256 u = _mm256_loadu_ps(x0 + k);
     a00 = _mm256_fmadd_ps(u, v0, a00), a01 = _mm256_fmadd_ps(u, v1, a01), a02 = _mm256_fmadd_ps(u, v2, a02);
@@ -118,10 +119,7 @@ void tile_4x3(const float* x, int64_t ldx, const float* w, int64_t K, float* y, 
     a20 = _mm256_fmadd_ps(u, v0, a20), a21 = _mm256_fmadd_ps(u, v1, a21), a22 = _mm256_fmadd_ps(u, v2, a22);
     u = _mm256_loadu_ps(x3 + k);
     a30 = _mm256_fmadd_ps(u, v0, a30), a31 = _mm256_fmadd_ps(u, v1, a31), a32 = _mm256_fmadd_ps(u, v2, a32);
-  };
-  int64_t k = 0;
-  for (; k < k8 && ahead.left > 0; k += 8) ahead.step(), body(k);  // while lines are left to ask for
-  for (; k < k8; k += 8) body(k);
+  }
   const __m256 acc[4][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 3; ++j) y[i * ldy + j] = finish(acc[i][j], x + i * ldx, w + j * K, k8, K, b ? b + j : nullptr);
@@ -135,17 +133,15 @@ void tile(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int6
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t k8 = K & ~int64_t(7);
-  auto body = [&](int64_t k) __attribute__((always_inline)) {
+  for (int64_t k = 0; k < k8; k += 8) {
+    ahead.step();
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const __m256 u = _mm256_loadu_ps(x + i * ldx + k);
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + j * K + k), acc[i][j]);
     }
-  };
-  int64_t k = 0;
-  for (; k < k8 && ahead.left > 0; k += 8) ahead.step(), body(k);
-  for (; k < k8; k += 8) body(k);
+  }
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) y[i * ldy + j] = finish(acc[i][j], x + i * ldx, w + j * K, k8, K, b ? b + j : nullptr);
 }
