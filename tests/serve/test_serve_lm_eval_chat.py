@@ -4,12 +4,17 @@ live server holding the shipped chat adapters (issue 16, evaluation through the 
 lm-eval's ``acc`` for the base model and for ``chat-sst2-parallel`` on the first test rows must
 equal the same multiple choice computed on a plain forward of the model (the label word after the
 chat template's generation prompt, most likely of the card's words), with and without the adapter.
+
+Marked slow (about 110 s on 2 cores, the suite's longest; run with ``-m slow``) to keep CI under
+its 20 minutes: lm-eval against the server stays in CI through ``test_serve_lm_eval.py`` (all
+three request types), and SmolLM2's chat through the server through ``test_serve_named_model.py``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import asset_path, load_script, require_asset
 from test_serve_api import live_server
@@ -45,6 +50,7 @@ def _direct_accuracy(model, tok, adapter: str | None) -> float:
     return right / len(rows)
 
 
+@pytest.mark.slow
 def test_lm_eval_chat_example_scores_base_and_adapter_as_a_plain_forward(smollm2, tmp_path):
     require_asset(asset_path("data"))
     example = _example()
