@@ -3,16 +3,16 @@
 // Why a hand-written product (serve/layer_gemm.py builds it and decides where it is used): a
 // decode step multiplies a handful of rows by every weight of the model. MKL's sgemm packs the
 // weight into its own panel layout on every call, which is most of the work when there are 1-16
-// rows to multiply it with (measured on a 2-core AMD EPYC, AVX2, one thread: 1.2-2x faster at 1-8
-// rows, even at 16-24 rows, slower from 32 up). This kernel reads each weight row once, in
+// rows to multiply it with (measured on a 2-core AMD EPYC, AVX2, one thread, over a whole model's
+// layers: 1.1-2.4x faster at 1-16 rows, about even at 24-32, slower from 48). This kernel reads each weight row once, in
 // place, as the dot products of nn.Linear's own layout: a tile of 4 input rows x 3 weight rows
 // keeps 12 sums in registers, 8 lanes each, so each 8-float step costs 7 loads for 12 FMAs.
 //
 // The model's weights (100-500 MB) do not fit in the caches, so a step streams every weight from
 // memory once. The hardware prefetcher alone leaves memory idle while a block of weight rows
 // already in L1 is multiplied by the second and later groups of rows; so each tile also touches
-// the next block's cache lines, spread evenly over the passes over the current block (1.3-1.4x
-// faster over a whole model's layers at 4-12 rows, within 25 % of a plain read at 8).
+// the next block's cache lines, spread evenly over the passes over the current block (1.2-1.6x
+// faster over a whole model's layers at 1-16 rows; at 8 rows within 25 % of a plain read).
 //
 // Every output element is the same computation whatever the tile that computes it (8 lane sums
 // over k in order, the same horizontal sum, then the scalar tail): a row's result does not
