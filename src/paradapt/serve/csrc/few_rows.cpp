@@ -4,8 +4,9 @@
 // decode step multiplies a handful of rows by every weight of the model. MKL's sgemm packs the
 // weight into its own panel layout on every call, which is most of the work when there are 1-16
 // rows to multiply it with (measured on a 2-core AMD EPYC, AVX2, one thread, over a whole model's
-// layers: 1.1-2.4x faster at 1-16 rows, about even at 24-32, slower from 48). This kernel reads each weight row once, in
-// place, as the dot products of nn.Linear's own layout: a tile of 4 input rows x 3 weight rows
+// layers: 1.1-2.4x faster at 1-16 rows, about even at 24-32, slower from 48). This kernel reads
+// each weight row once, in place, as the dot products of nn.Linear's own layout: a tile of 4
+// input rows x 3 weight rows
 // keeps 12 sums in registers, 8 lanes each, so each 8-float step costs 7 loads for 12 FMAs.
 //
 // The model's weights (100-500 MB) do not fit in the caches, so a step streams every weight from
