@@ -6,8 +6,8 @@
 // rows to multiply it with (measured on a 2-core AMD EPYC, AVX2, one thread, over a whole model's
 // layers: 1.1-2.4x faster at 1-16 rows, about even at 24-32, slower from 48). This kernel reads
 // each weight row once, in place, as the dot products of nn.Linear's own layout: a tile of 4
-// input rows x 3 weight rows
-// keeps 12 sums in registers, 8 lanes each, so each 8-float step costs 7 loads for 12 FMAs.
+// input rows x 3 weight rows keeps 12 sums in registers, 8 lanes each, so each 8-float step
+// costs 7 loads for 12 FMAs.
 //
 // The model's weights (100-500 MB) do not fit in the caches, so a step streams every weight from
 // memory once. The hardware prefetcher alone leaves memory idle while a block of weight rows
