@@ -217,3 +217,28 @@ def test_busy_mixed_batch_with_the_kernel_equals_each_request_alone(tmp_path, fa
     assert [h.tokens for h in handles] == ref
     assert not any("forward" in m.__dict__ for m in layer_gemm.layers(engine.model))
     assert sorted(pa.list_adapters(engine.model)) == sorted(engine.cache.on_device)
+
+
+@pytest.mark.parametrize(
+    ("rows", "inp", "head", "passes"),
+    [
+        (3, 512, 512, 1),
+        (3, 512, 512, 2),
+        (3, 512, 512, 8),
+        (3, 1344, 1344, 16),
+        (2, 64, 64, 5),
+        (1, 8, 8, 3),
+        (8, 1344, 128, 1),
+        (8, 576, 128, 3),
+        (5, 512, 512, 2),
+        (3, 100, 100, 4),
+    ],
+)
+def test_the_passes_ask_for_every_line_of_the_next_block_once_within_their_steps(
+    ext, rows, inp, head, passes
+):
+    """The prefetching covers the next block (each row's first ``head`` floats, 64-byte lines),
+    every line once, in order, split over the passes, each pass done within its own 8-float
+    steps (a -1 would mark one that was not): a slip here costs speed, never bits."""
+    plan = ext.prefetch_plan(rows, inp, head, passes)
+    assert plan == [r * inp + k for r in range(rows) for k in range(0, min(head, inp), 16)]

@@ -86,11 +86,17 @@ struct Ahead {
       : row(next ? next + s.offset : nullptr), K(K_), head(std::min(head_, K_)), k(s.k),
         left(next ? s.count : 0), per(s.per) {}
 
-  inline void step() {
+  // one 8-float step's lines, each given to `use` (the prefetch; a test's record)
+  template <class Use>
+  inline void step(Use use) {
     for (int q = 0; q < per && left > 0; ++q, --left) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k), _MM_HINT_T0);
+      use(row + k);
       if ((k += 16) >= head) k = 0, row += K;
     }
+  }
+
+  inline void step() {
+    step([](const float* line) { _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0); });
   }
 };
 
@@ -233,9 +239,24 @@ torch::Tensor few_rows_linear(const torch::Tensor& x_in, const torch::Tensor& w,
   return y;
 }
 
+// For tests: the offsets (in floats, from the next block's start) of the lines that `passes`
+// passes over a block ask for, in order, each pass stepping K / 8 times as a tile does; -1 after
+// a pass whose lines were not all asked for within its steps.
+std::vector<int64_t> prefetch_plan(int64_t rows, int64_t K, int64_t head, int64_t passes) {
+  const std::vector<float> block(std::max<int64_t>(rows * K, 1));
+  std::vector<int64_t> out;
+  for (const Share& s : Share::all(rows, K, head, passes)) {
+    Ahead a(block.data(), K, head, s);
+    for (int64_t k = 0; k < (K & ~int64_t(7)); k += 8) a.step([&](const float* line) { out.push_back(line - block.data()); });
+    if (a.left > 0) out.push_back(-1);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("prefetch_plan", &prefetch_plan, "the lines a call's passes ask for ahead (for tests)");
   m.def("few_rows_linear", &few_rows_linear, "x w^T + b for few float32 rows (AVX2, FMA)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
