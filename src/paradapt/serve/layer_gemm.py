@@ -6,9 +6,9 @@ its own panel layout on every call; with a handful of rows the packing is most o
 ``csrc/few_rows.cpp`` reads each weight row once where it lies (nn.Linear's own ``[out, in]``
 layout, no copy), keeps a 4 x 3 tile of sums in registers, and asks for the next weight rows
 ahead of use so that memory stays busy. Measured on a 2-core AMD EPYC (AVX2, one thread;
-``benchmarks/layer_gemm.py``), over a whole model's layers: the products 1.3-2.2x faster at
-1-16 rows (1.0x for a 1,344-float-row weight at one row), even at 24, slower than MKL from
-about 32 rows, so only steps with few rows take it.
+``benchmarks/layer_gemm.py``), over a whole model's layers: the products 1.1-2.4x faster at
+1-16 rows, about even at 24-32, slower than MKL from about 48 rows, so only steps with few rows
+take it.
 
 Every output of the kernel is the same computation whatever the number of rows or threads, so
 a request's logits do not change with how many others share its step while the kernel runs
@@ -44,7 +44,7 @@ from .step_forwards import installed
 
 MARGIN = 1.05  # auto takes the kernel only where it is at least this much faster: noise must not flip it
 KERNEL_ROWS = 32  # ``kernel`` mode's limit, where it still beat MKL over a whole model measured
-# row counts auto measures, in order; it keeps the kernel up to the last one before it first loses
+# row counts auto measures, in order; per shape it keeps the first run of them where the kernel wins
 CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 # auto times the model's layers in order up to this many bytes of weights: more than most CPUs'
 # last-level cache (a step streams the weights from memory; a cached weight flatters MKL)
@@ -179,10 +179,10 @@ class LayerProduct:
         def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return self._ext.few_rows_linear(x, w, None)
 
+        firsts = list({tuple(m.weight.shape): m for m in chosen}.values())  # one layer per shape
         with torch.no_grad():
             for rows in CANDIDATE_ROWS:
                 xs = {k: torch.randn(rows, k, generator=gen) for k in {m.in_features for m in chosen}}
-                firsts = list({tuple(m.weight.shape): m for m in chosen}.values())
                 sweep(firsts, xs, F.linear)  # untimed: oneDNN builds its primitive per row count
                 plain, ours = [], []
                 for _ in range(REPEATS):
