@@ -86,4 +86,7 @@ _HERE = Path(__file__).parent
 #: The banks' per-row adapter products (kernels.py's ``kernel`` strategy).
 BGMV = Extension("bgmv", _HERE / "csrc" / "bgmv.cpp")
 
-__all__ = ["BGMV", "Extension", "cpu_fingerprint"]
+#: A quantised int4 layer's product with float32 rows on CPUs without native bf16 (quantized.py).
+INT4_ROWS = Extension("int4_rows", _HERE / "csrc" / "int4_rows.cpp")
+
+__all__ = ["BGMV", "INT4_ROWS", "Extension", "cpu_fingerprint"]

@@ -10,7 +10,9 @@ LM head unless asked) by a :class:`QuantLinear` on torch's own CPU kernels:
 - bf16: the weight in bf16, ``F.linear``.
 
 All three compute in bf16 (these kernels are 10-30x slower with fp32 activations, and the int4
-one refuses them): the input is cast to bf16 and the result back to the input's dtype. The base
+one refuses them): the input is cast to bf16 and the result back to the input's dtype. The
+exception: on a CPU without native bf16 (AVX2), int4 layers multiply float32 rows with
+paradapt's own kernel on the same packed bytes (``csrc/int4_rows.cpp``, :func:`int4_rows_usable`). The base
 is frozen, so backward gives only the input gradient, from a weight dequantised on the fly; the
 adapters above and below a quantised layer train as on an fp32 base (QLoRA-style).
 
@@ -27,11 +29,14 @@ device is refused with an error that says so.
 from __future__ import annotations
 
 import functools
+import warnings
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .errors import ConfigError, QuantizationError
 
 PRECISIONS = ("int4", "int8", "bf16")
@@ -63,6 +68,7 @@ class QuantLinear(nn.Linear):
         self.precision, self.group_size, self.layer_name = precision, group_size, name
         self.register_parameter("bias", None)
         self._codes: torch.Tensor | None = None  # int4 codes, uint8 [N, K]: read once, for backward
+        self._rows_kernel: tuple[str | None, bool] = (None, False)  # (INT4_KERNEL, int4_rows_usable)
 
     # -- the float weight does not exist ------------------------------------------------------
     @property
@@ -91,9 +97,9 @@ class QuantLinear(nn.Linear):
 
     # -- compute --------------------------------------------------------------------------------
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """``x2 [M, K] (bf16) @ W^T``: by this layer's kernel (in bf16), or for ``M >= DEQUANT_ROWS``
-        (a prefill, a training batch) by a GEMM on the weight dequantised for this call
-        (:meth:`call_weight`), in bf16 where the CPU multiplies bf16 natively
+        """``x2 [M, K] @ W^T`` with ``x2`` in :meth:`input_dtype`: by this layer's kernel, or for
+        ``M >= DEQUANT_ROWS`` (a prefill, a training batch) by a GEMM on the weight dequantised
+        for this call (:meth:`call_weight`), in bf16 where the CPU multiplies bf16 natively
         (:func:`native_bf16`) and in float32 elsewhere.
 
         torch's int4/int8 CPU kernels are built for few rows: measured on one 1536 x 576 layer
@@ -103,8 +109,8 @@ class QuantLinear(nn.Linear):
         is rounded to bf16 for a bf16 GEMM), so rows of such a step see weights within one bf16
         rounding of the kernel's. Without native bf16 a bf16 GEMM is widened to float32 piece by
         piece, 8x slower than float32 itself (AMD EPYC, AVX2, 2026-12-07: 240 against 30 ms at
-        M = 1024), so the float32 weight is used there: at M = 128 dequantising (2.5 ms) and the
-        float32 GEMM (3.3 ms) match the kernel (6.0 ms), and at M = 1024 take 33 against 48 ms.
+        M = 1024), so the float32 weight is used there, and an int4 layer's few rows go through
+        paradapt's own float32 kernel (:func:`int4_rows`).
         """
         if x2.shape[0] == 0:
             return x2.new_zeros(0, self.out_features)
@@ -114,10 +120,25 @@ class QuantLinear(nn.Linear):
             if w is not None:
                 return F.linear(x2.to(dtype), w)
         if self.precision == "int4":
+            if x2.dtype == torch.float32:
+                return int4_rows().int4_rows_linear(x2, self.qweight, self.scales, self.group_size, _layout())
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
         if self.precision == "int8":
             return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
         return F.linear(x2, self.qweight)
+
+    def input_dtype(self) -> torch.dtype:
+        """What :meth:`matmul` takes: float32 for an int4 layer on paradapt's own kernel
+        (:func:`int4_rows_usable`), bf16 otherwise (torch's kernels are 10-30x slower with
+        float32 activations, and the int4 one refuses them)."""
+        if self.precision != "int4":
+            return torch.bfloat16
+        if self._rows_kernel[0] != INT4_KERNEL:  # asked once per layer (and per INT4_KERNEL setting)
+            self._rows_kernel = (
+                INT4_KERNEL,
+                int4_rows_usable(self.qweight, self.in_features, self.out_features),
+            )
+        return torch.float32 if self._rows_kernel[1] else torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -125,7 +146,7 @@ class QuantLinear(nn.Linear):
                 f"layer {self.layer_name}: quantised layers use torch's CPU kernels only for now "
                 f"(got an input on {x.device.type}); pa.dequantize(model) to run elsewhere"
             )
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        x2 = x.reshape(-1, self.in_features).to(self.input_dtype()).contiguous()
         if self.precision == "bf16":
             y = F.linear(x2, self.qweight)  # autograd knows its input gradient
         elif x2.requires_grad and torch.is_grad_enabled():
@@ -139,7 +160,9 @@ class QuantLinear(nn.Linear):
     def call_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
         """The weight in ``dtype`` for one call, not kept; None for an int4 layer whose packing
         is not laid out as :func:`_unpack_int4_fast` reads it (the kernel is used instead)."""
-        if self.precision == "int4" and not _packing_readable(self.qweight, self.in_features, self.out_features):
+        if self.precision == "int4" and not _packing_readable(
+            self.qweight, self.in_features, self.out_features
+        ):
             return None
         return self.dequantized_weight(dtype)
 
@@ -168,6 +191,10 @@ class QuantLinear(nn.Linear):
             return self.qweight.to(dtype)
         if self.precision == "int8":
             return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        if self.input_dtype() == torch.float32:  # paradapt's kernel: the same bits, 3x faster
+            return (
+                int4_rows().int4_dequantize(self.qweight, self.scales, self.group_size, _layout()).to(dtype)
+            )
         return _dequantize_int4(self.int4_codes(), self.scales, self.group_size).to(dtype)
 
 
@@ -177,17 +204,17 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
-        ctx.layer = layer
+        ctx.layer, ctx.input_dtype = layer, x2.dtype
         return layer.matmul(x2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # bf16 where the CPU multiplies it natively; float32 elsewhere, where a bf16 product of
         # this shape ran 47x slower than float32's (1.2 s against 26 ms for 1024 x 1536 by 1536 x
-        # 576 on the AMD EPYC). The gradient goes back to the input in bf16 either way.
+        # 576 on the AMD EPYC). The gradient goes back in the dtype the input came in.
         dtype = gemm_dtype()
         w = ctx.layer.dequantized_weight(dtype)
-        return (grad.to(dtype) @ w).to(torch.bfloat16), None
+        return (grad.to(dtype) @ w).to(ctx.input_dtype), None
 
 
 def gemm_dtype() -> torch.dtype:
@@ -213,6 +240,49 @@ def native_bf16() -> bool:
     )
 
 
+#: ``"auto"``: int4 layers on a CPU without native bf16 multiply few float32 rows with
+#: paradapt's own kernel (csrc/int4_rows.cpp) where it builds; ``"torch"``: always torch's
+#: bf16 kernel (for comparisons).
+INT4_KERNEL = "auto"
+_int4_rows_failed: str | None = None  # why the kernel did not build, once per process
+
+
+def int4_rows() -> ModuleType:
+    """The compiled float32-row int4 product (built on first use; raises if it cannot be)."""
+    return native.INT4_ROWS.load()
+
+
+def int4_rows_usable(packed: torch.Tensor, k: int, n: int) -> bool:
+    """Whether an int4 layer's few rows go through :func:`int4_rows`: ``INT4_KERNEL`` is
+    ``"auto"``, the CPU has AVX2 but no native bf16, the packing's layout is known
+    (:func:`_packing_readable`) and the kernel builds.
+
+    Why: torch's int4 kernel computes in bf16, which an AVX2 CPU widens piece by piece; there
+    int4 decoded only 1.55x float32 at batch 1 and 1.23x at batch 8 (SmolLM2-135M, AMD EPYC,
+    2026-12-07). The kernel reads the same packed bytes and multiplies in float32: over the
+    model's 210 layers in order, 12 against torch's 20 ms at one row and 46 against 54 at eight
+    (float32 weights: 36 and 50 ms; benchmarks/RESULTS.md, quantized.py).
+    """
+    global _int4_rows_failed
+    if INT4_KERNEL != "auto" or _int4_rows_failed is not None or packed.device.type != "cpu":
+        return False
+    if native_bf16() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    if not _packing_readable(packed, k, n):
+        return False
+    if not native.INT4_ROWS.loaded:
+        try:
+            int4_rows()
+        except Exception as e:  # no compiler or ninja: torch's kernel instead, said once
+            _int4_rows_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(
+                f"paradapt's int4 kernel did not build ({_int4_rows_failed}); using torch's bf16 one",
+                stacklevel=2,
+            )
+            return False
+    return True
+
+
 def _dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """``(q - 8) * scale + zero`` in float32, ``[N, K]``: what the kernel multiplies by."""
     n, k = codes.shape
@@ -224,7 +294,10 @@ def _dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int)
 #: Rows from which :meth:`QuantLinear.matmul` dequantises to bf16 instead of calling the kernel
 #: (the measured crossover on one SmolLM2 layer: int4 3.4 ms vs 3.3 ms at M = 128).
 DEQUANT_ROWS = 128
-_LAYOUT_BLOCKS = (64, 32)  # the CPU packing's block of output rows: 64 in AVX512 builds of torch 2.13, 32 in AVX2 ones
+_LAYOUT_BLOCKS = (
+    64,
+    32,
+)  # the CPU packing's block of output rows: 64 in AVX512 builds of torch 2.13, 32 in AVX2 ones
 _layout_block: int | None = None  # measured once per process: a block size, or 0 (unknown layout)
 
 
@@ -242,12 +315,15 @@ def _layout() -> int:
     global _layout_block
     if _layout_block is None:
         rows = 2 * max(_LAYOUT_BLOCKS)
-        probe = torch.randint(0, 16, (rows, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        probe = torch.randint(
+            0, 16, (rows, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+        )
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
         found = [
             b
             for b in _LAYOUT_BLOCKS
-            if tuple(packed.shape) == (rows, 32) and torch.equal(_read_blocks(packed, 64, rows, b), probe.to(torch.uint8))
+            if tuple(packed.shape) == (rows, 32)
+            and torch.equal(_read_blocks(packed, 64, rows, b), probe.to(torch.uint8))
         ]
         _layout_block = found[0] if found else 0
     return _layout_block
@@ -256,7 +332,9 @@ def _layout() -> int:
 def _packing_readable(packed: torch.Tensor, k: int, n: int) -> bool:
     """Is ``packed`` laid out as :func:`_layout` found, in whole blocks?"""
     block = _layout()
-    return bool(block) and n % block == 0 and packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
+    return (
+        bool(block) and n % block == 0 and packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
+    )
 
 
 def _read_blocks(packed: torch.Tensor, k: int, n: int, block: int) -> torch.Tensor:

@@ -75,11 +75,15 @@ def test_many_rows_go_through_a_dequantised_bf16_gemm_within_bf16_error(precisio
         assert q.call_weight() is not None  # 192 rows: the packing's layout was read, not the kernel used
 
 
-def test_without_native_bf16_many_rows_and_backward_multiply_in_float32(monkeypatch):
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_without_native_bf16_many_rows_and_backward_multiply_in_float32(monkeypatch, kernel):
     """Where bf16 products are widened to float32 (AVX2) a bf16 GEMM is the slow path: many rows
-    multiply by the float32 dequantised weight, and so does the input gradient."""
+    multiply by the float32 dequantised weight, and so does the input gradient; with paradapt's
+    own int4 kernel (``auto``) the input stays float32, with torch's it is rounded to bf16."""
     monkeypatch.setattr(quantized, "native_bf16", lambda: False)
+    monkeypatch.setattr(quantized, "INT4_KERNEL", kernel)
     q = pa.quantize(nn.Sequential(nn.Linear(128, 192)), "int4")[0]
+    assert q.input_dtype() == (torch.float32 if kernel == "auto" else torch.bfloat16)
     asked = []
     real = quantized.QuantLinear.dequantized_weight
 
@@ -94,10 +98,12 @@ def test_without_native_bf16_many_rows_and_backward_multiply_in_float32(monkeypa
     (y * g).sum().backward()
     assert asked == [torch.float32, torch.float32]  # forward, then backward
     w = real(q)
-    want_y = x.detach().bfloat16().float() @ w.t() + q.bias
+    rounded = q.input_dtype()
+    want_y = x.detach().to(rounded).float() @ w.t() + q.bias
     torch.testing.assert_close(y, want_y, atol=1e-5 * want_y.abs().max().item(), rtol=0)
-    want = (g.bfloat16().float() @ w).bfloat16().float()  # the gradient, rounded to bf16 once
-    torch.testing.assert_close(x.grad, want, atol=1e-2 * want.abs().max().item(), rtol=0)
+    want = (g.to(rounded).float() @ w).to(rounded).float()  # the gradient, rounded once (bf16) or not
+    tol = 1e-2 if rounded == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(x.grad, want, atol=tol * want.abs().max().item(), rtol=0)
 
 
 def test_the_fast_read_of_the_packing_equals_the_kernels_own_read():
@@ -107,7 +113,9 @@ def test_the_fast_read_of_the_packing_equals_the_kernels_own_read():
     fast = quantized._unpack_int4_fast(packed, 96, 192)
     assert fast is not None and torch.equal(fast, codes.to(torch.uint8))
     assert torch.equal(quantized._unpack_int4(packed, 96, 192, 32), codes.float())
-    assert quantized._unpack_int4_fast(packed[:48], 96, 48) is None  # not whole blocks (of 64 rows, or 32 on AVX2)
+    assert (
+        quantized._unpack_int4_fast(packed[:48], 96, 48) is None
+    )  # not whole blocks (of 64 rows, or 32 on AVX2)
 
 
 def test_int4_codes_unpack_exactly():
