@@ -80,8 +80,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # decoder_quality's evaluation code
 
 MODEL = "smollm2-135m-instruct"
-PRECISIONS = ("fp32", "bf16", "int8", "int4", "int4h8")  # int4h8: int4 with the LM head in int8
-INT4 = ("int4", "int4h8")
+# int4h8: int4 with the LM head in int8; int4t: int4 always on torch's bf16 kernel (where int4
+# otherwise uses paradapt's own float32 one: a CPU without native bf16, quantized.int4_rows_usable)
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "int4h8", "int4t")
+INT4 = ("int4", "int4h8", "int4t")
 PARTS = ("memory", "agreement", "decode", "prefill", "stream", "accuracy", "train", "http")
 SHIPPED = ("chat-sst2-parallel", "chat-agnews-lora", "chat-sms-series")
 STREAM_ADAPTERS = 8
@@ -105,7 +107,18 @@ def load_precision(precision: str):
     else:
         tok, model = load_model(MODEL, quantize=serve_flag(precision))
     model.eval()
+    if precision in INT4:  # the int4 kernel is chosen process-wide: each int4 model sets it as it runs
+        model.register_forward_pre_hook(_int4_kernel("torch" if precision == "int4t" else "auto"))
     return tok, model
+
+
+def _int4_kernel(choice: str):
+    from paradapt import quantized
+
+    def hook(module, args) -> None:
+        quantized.INT4_KERNEL = choice
+
+    return hook
 
 
 def vocab_size() -> int:
@@ -118,7 +131,7 @@ def vocab_size() -> int:
 
 def serve_flag(precision: str) -> str:
     """``paradapt serve --quantize`` spelling of a precision."""
-    return {"fp32": "none", "int4h8": "int4"}.get(precision, precision)
+    return {"fp32": "none", "int4h8": "int4", "int4t": "int4"}.get(precision, precision)
 
 
 def serve_flags(precision: str) -> list[str]:
@@ -825,7 +838,7 @@ def part_http(res: Results, args, work: Path) -> None:
 
     servers = {}
     try:
-        for p in args.precisions:
+        for p in [p for p in args.precisions if p != "int4t"]:  # a server has no switch for the kernel
             flags = ["--model", MODEL, *serve_flags(p), "--threads", str(args.threads)]
             flags += ["--no-access-log", "--log-level", "error"]
             servers[p] = ServerProcess(flags, log=work / f"serve-{p}.log")

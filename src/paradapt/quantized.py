@@ -140,7 +140,22 @@ class QuantLinear(nn.Linear):
             )
         return torch.float32 if self._rows_kernel[1] else torch.bfloat16
 
+    def _few_float_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` goes straight to paradapt's int4 kernel, which takes any leading shape:
+        float32, fewer than ``DEQUANT_ROWS`` rows, nothing to differentiate. Each ``reshape``,
+        ``to`` and ``contiguous`` around a layer is a dispatched op of 1-3 us, 210 layers a step."""
+        return (
+            x.dtype == torch.float32
+            and self.input_dtype() == torch.float32
+            and x.numel() < DEQUANT_ROWS * self.in_features
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and x.device.type == "cpu"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._few_float_rows(x):  # a decode step's layer: one call, no reshapes or casts around it
+            y = int4_rows().int4_rows_linear(x, self.qweight, self.scales, self.group_size, _layout())
+            return y if self.bias is None else y + self.bias
         if x.device.type != "cpu":
             raise QuantizationError(
                 f"layer {self.layer_name}: quantised layers use torch's CPU kernels only for now "

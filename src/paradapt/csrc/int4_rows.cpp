@@ -71,6 +71,12 @@ struct Item {  // one work item: 32 output columns of one packing block
   const uint8_t* codes;  // its bytes of k = 0 (16 of them), `stride` bytes per k
   int64_t stride, lo, hi;  // first row of its low and of its high nibbles
   int64_t col(int v) const { return v < 2 ? lo + 8 * v : hi + 8 * (v - 2); }
+
+  // item i of a packing with blocks of `block` rows: unit i % (block / 32) of block i / (block / 32)
+  static Item at(const uint8_t* codes, int64_t K, int64_t block, int64_t i) {
+    const int64_t b = i / (block / COLS), u = i % (block / COLS);
+    return Item{codes + b * block * (K / 2) + 16 * u, block / 2, b * block + 16 * u, b * block + block / 2 + 16 * u};
+  }
 };
 
 struct Call {
@@ -231,12 +237,10 @@ torch::Tensor int4_rows_linear(const torch::Tensor& x_in, const torch::Tensor& p
     pack_tiles(xp, M, K, xt.data_ptr<float>());
   }
   const Call c{xp, M > DIRECT_ROWS ? xt.data_ptr<float>() : nullptr, xsum.data_ptr<float>(), sp, yp, M, K, N, group_size};
-  const int64_t units = block / COLS;
   at::parallel_for(0, N / COLS, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> panel(M > DIRECT_ROWS ? std::max(PANEL_K, group_size) * COLS : 0);
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t b = item / units, u = item % units;
-      const Item it{cp + b * block * (K / 2) + 16 * u, block / 2, b * block + 16 * u, b * block + block / 2 + 16 * u};
+      const Item it = Item::at(cp, K, block, item);
       if (M > DIRECT_ROWS) {
         panelled(c, it, panel.data());
         continue;
@@ -274,12 +278,10 @@ torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& 
   const uint8_t* cp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   float* wp = w.data_ptr<float>();
-  const int64_t units = block / COLS;
   at::parallel_for(0, N / COLS, 1, [&](int64_t i0, int64_t i1) {
     alignas(32) float panel[PANEL_K * COLS];
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t b = item / units, u = item % units;
-      const Item it{cp + b * block * (K / 2) + 16 * u, block / 2, b * block + 16 * u, b * block + block / 2 + 16 * u};
+      const Item it = Item::at(cp, K, block, item);
       __m256 s[4], o[4];
       for (int64_t k0 = 0; k0 < K; k0 += PANEL_K) {
         const int64_t kc = std::min(PANEL_K, K - k0);
