@@ -729,6 +729,7 @@ def train_worker(args) -> int:
     reset = _reset_peak()
 
     if args.train_hf_loss:
+
         def loss_fn() -> torch.Tensor:
             return model(input_ids=ids, labels=ids).loss
     else:  # as paradapt train computes it: the head on the learned positions, in chunks when many
@@ -1102,7 +1103,12 @@ def table(rows: list[dict]) -> str:
                 r for r in rows if (r["part"], r["metric"], r["precision"]) == ("http", "server_rss", p)
             )
             split = f" (anon {got['anon'] / 1e6:.0f}, file {got['file'] / 1e6:.0f})" if "anon" in got else ""
-            line("`paradapt serve` process RSS after warm-up requests, MB", p, f"{vals[0] / 1e6:.0f}{split}", ratio)
+            line(
+                "`paradapt serve` process RSS after warm-up requests, MB",
+                p,
+                f"{vals[0] / 1e6:.0f}{split}",
+                ratio,
+            )
     for part, how in (("train", ""), ("train_ckpt", ", activation checkpointing")):
         _train_rows(rows, part, how, line)
     for p in precisions:
@@ -1148,9 +1154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=list(PARTS),
         help=f"comma list of {', '.join(PARTS)} (default: all)",
     )
-    ap.add_argument(
-        "--precisions", type=_csv(str), default=list(PRECISIONS), help="default: fp32,bf16,int8,int4"
-    )
+    ap.add_argument("--precisions", type=_csv(str), default=list(PRECISIONS), help="default: all of them")
     ap.add_argument("--out", type=Path, default=Path("runs/quantized"))
     ap.add_argument("--table-only", action="store_true", help="print the table from --out's results.jsonl")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (precisions take turns in each)")
@@ -1189,7 +1193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train with transformers' loss (every position's logits at once) instead of paradapt train's",
     )
     ap.add_argument(
-        "--train-checkpointing", action="store_true", help="train with activation checkpointing (part train_ckpt)"
+        "--train-checkpointing",
+        action="store_true",
+        help="train with activation checkpointing (part train_ckpt)",
     )
     ap.add_argument("--stream-requests", type=int, default=32)
     ap.add_argument("--stream-tokens", type=int, default=64)

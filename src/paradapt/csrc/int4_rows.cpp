@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -203,21 +204,31 @@ void group_sums(const float* x, int64_t M, int64_t K, int64_t g, float* out) {
     }
 }
 
-torch::Tensor int4_rows_linear(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& scales,
-                               int64_t group_size, int64_t block) {
-  TORCH_CHECK(x_in.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat, "x must be float32");
+// (N, K) of a packed weight, after checking it and its scales (errors name what is wrong)
+std::pair<int64_t, int64_t> checked_shape(const torch::Tensor& packed, const torch::Tensor& scales, int64_t group_size,
+                                          int64_t block) {
+  TORCH_CHECK(packed.device().is_cpu() && scales.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.dim() == 2 && packed.is_contiguous(),
               "packed must be a contiguous uint8 [N, K/2]");
   TORCH_CHECK(block == 32 || block == 64, "block must be 32 or 64, got ", block);
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   TORCH_CHECK(N % block == 0, "out_features ", N, " is not a multiple of the packing's block ", block);
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "x's last dimension is ", x_in.size(-1), ", the weight has ", K,
-              " inputs");
-  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0 && K % group_size == 0, "group_size ", group_size, " does not divide K = ", K);
+  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0 && K % group_size == 0, "group_size ", group_size,
+              " does not divide K = ", K);
   TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.is_contiguous() && scales.dim() == 3 &&
                   scales.size(0) == K / group_size && scales.size(1) == N && scales.size(2) == 2,
               "scales must be a contiguous bf16 [K/g, N, 2]");
+  return {N, K};
+}
+
+torch::Tensor int4_rows_linear(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& scales,
+                               int64_t group_size, int64_t block) {
+  TORCH_CHECK(x_in.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat, "x must be float32");
+  const auto shape = checked_shape(packed, scales, group_size, block);
+  const int64_t N = shape.first, K = shape.second;
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "x's last dimension is ", x_in.size(-1), ", the weight has ", K,
+              " inputs");
   auto x = x_in.contiguous();
   auto sizes = x.sizes().vec();
   sizes.back() = N;
@@ -262,17 +273,8 @@ torch::Tensor int4_rows_linear(const torch::Tensor& x_in, const torch::Tensor& p
 // into L1, then written out row by row.
 torch::Tensor int4_dequantize(const torch::Tensor& packed, const torch::Tensor& scales, int64_t group_size,
                               int64_t block) {
-  TORCH_CHECK(packed.device().is_cpu() && scales.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.dim() == 2 && packed.is_contiguous(),
-              "packed must be a contiguous uint8 [N, K/2]");
-  TORCH_CHECK(block == 32 || block == 64, "block must be 32 or 64, got ", block);
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(N % block == 0, "out_features ", N, " is not a multiple of the packing's block ", block);
-  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0 && K % group_size == 0, "group_size ", group_size,
-              " does not divide K = ", K);
-  TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && scales.is_contiguous() && scales.dim() == 3 &&
-                  scales.size(0) == K / group_size && scales.size(1) == N && scales.size(2) == 2,
-              "scales must be a contiguous bf16 [K/g, N, 2]");
+  const auto shape = checked_shape(packed, scales, group_size, block);
+  const int64_t N = shape.first, K = shape.second;
   auto w = torch::empty({N, K}, torch::kFloat);
   if (N == 0 || K == 0) return w;
   const uint8_t* cp = packed.data_ptr<uint8_t>();
