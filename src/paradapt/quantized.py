@@ -68,7 +68,7 @@ class QuantLinear(nn.Linear):
         self.precision, self.group_size, self.layer_name = precision, group_size, name
         self.register_parameter("bias", None)
         self._codes: torch.Tensor | None = None  # int4 codes, uint8 [N, K]: read once, for backward
-        self._rows_kernel: tuple[str | None, bool] = (None, False)  # (INT4_KERNEL, int4_rows_usable)
+        self._rows_kernel: tuple[str | None, object] = (None, None)  # (INT4_KERNEL, the product or None)
 
     # -- the float weight does not exist ------------------------------------------------------
     @property
@@ -121,7 +121,7 @@ class QuantLinear(nn.Linear):
                 return F.linear(x2.to(dtype), w)
         if self.precision == "int4":
             if x2.dtype == torch.float32:
-                return int4_rows().int4_rows_linear(x2, self.qweight, self.scales, self.group_size, _layout())
+                return self._rows_product()(x2, self.qweight, self.scales, self.group_size, _layout())
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
         if self.precision == "int8":
             return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
@@ -131,30 +131,29 @@ class QuantLinear(nn.Linear):
         """What :meth:`matmul` takes: float32 for an int4 layer on paradapt's own kernel
         (:func:`int4_rows_usable`), bf16 otherwise (torch's kernels are 10-30x slower with
         float32 activations, and the int4 one refuses them)."""
-        if self.precision != "int4":
-            return torch.bfloat16
-        if self._rows_kernel[0] != INT4_KERNEL:  # asked once per layer (and per INT4_KERNEL setting)
-            self._rows_kernel = (
-                INT4_KERNEL,
-                int4_rows_usable(self.qweight, self.in_features, self.out_features),
-            )
-        return torch.float32 if self._rows_kernel[1] else torch.bfloat16
+        return torch.float32 if self._rows_product() is not None else torch.bfloat16
 
-    def _few_float_rows(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` goes straight to paradapt's int4 kernel, which takes any leading shape:
-        float32, fewer than ``DEQUANT_ROWS`` rows, nothing to differentiate. Each ``reshape``,
-        ``to`` and ``contiguous`` around a layer is a dispatched op of 1-3 us, 210 layers a step."""
-        return (
-            x.dtype == torch.float32
-            and self.input_dtype() == torch.float32
-            and x.numel() < DEQUANT_ROWS * self.in_features
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and x.device.type == "cpu"
-        )
+    def _rows_product(self):
+        """paradapt's int4 product when this layer uses it, else None; asked once per layer
+        (and again when ``INT4_KERNEL`` changes)."""
+        if self._rows_kernel[0] != INT4_KERNEL:
+            usable = self.precision == "int4" and int4_rows_usable(
+                self.qweight, self.in_features, self.out_features
+            )
+            self._rows_kernel = (INT4_KERNEL, int4_rows().int4_rows_linear if usable else None)
+        return self._rows_kernel[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._few_float_rows(x):  # a decode step's layer: one call, no reshapes or casts around it
-            y = int4_rows().int4_rows_linear(x, self.qweight, self.scales, self.group_size, _layout())
+        product = self._rows_product()
+        if (
+            product is not None
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and x.numel() < DEQUANT_ROWS * self.in_features
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):  # a decode step's layer: one call (any leading shape), no reshapes or casts around it,
+            # each of which would be a dispatched op of 1-3 us, 210 layers a step
+            y = product(x, self.qweight, self.scales, self.group_size, _layout())
             return y if self.bias is None else y + self.bias
         if x.device.type != "cpu":
             raise QuantizationError(

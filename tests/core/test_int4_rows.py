@@ -125,19 +125,11 @@ def test_an_int4_layer_without_native_bf16_multiplies_few_rows_in_float32(monkey
     torch.manual_seed(0)
     q = pa.quantize(nn.Sequential(nn.Linear(576, 192)), "int4")[0]
     assert q.input_dtype() == torch.float32
-    called = []
-    real = quantized.int4_rows
-
-    def spy():
-        called.append(1)
-        return real()
-
-    monkeypatch.setattr(quantized, "int4_rows", spy)
     x = torch.randn(5, 576)
     with torch.no_grad():
         got = q(x)
         alone = torch.cat([q(x[i : i + 1]) for i in range(5)])
-    assert called
+    # float32 error: an input rounded to bf16 (torch's kernel) would miss this by 100x
     ref = x.double() @ q.dequantized_weight().double().t() + q.bias.double()
     torch.testing.assert_close(got.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
     assert torch.equal(got, alone)
