@@ -37,18 +37,20 @@ namespace {
 
 constexpr int64_t COLS = 32;  // output columns per work item (16 low nibbles, 16 high)
 constexpr int64_t PANEL_K = 128;  // k per panel (at least one group): 128 x 32 floats = 16 KB, in L1
-constexpr int DIRECT_ROWS = 3;  // up to this many rows, decode each k's codes in registers
+constexpr int DIRECT_ROWS = 2;  // up to this many rows, decode each k's codes in registers (3 spill)
 constexpr int TILE_ROWS = 6;  // beyond: 6 rows x 16 columns per tile over a decoded panel
 
-// 32 codes of one k as floats: rows lo..lo+7, lo+8..lo+15, hi..hi+7, hi+8..hi+15
+// 32 codes of one k as floats: rows lo..lo+7, lo+8..lo+15, hi..hi+7, hi+8..hi+15. Each 8 bytes are
+// widened to 32-bit lanes straight from memory, then split into their low and high nibbles in
+// the lanes: 2 shuffles for 32 codes instead of 6.
 inline void decode(const uint8_t* bytes, __m256 q[4]) {
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-  const __m128i l = _mm_and_si128(b, nibble), h = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
-  q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l));
-  q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l, 8)));
-  q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h));
-  q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h, 8)));
+  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8)));
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
+  q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, nibble));
+  q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, nibble));
+  q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+  q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
 }
 
 // scale and zero - 8 * scale of 8 columns from their bf16 (scale, zero) pairs
@@ -181,6 +183,17 @@ void panelled(const Call& c, const Item& it, float* panel) {
   }
 }
 
+// Ask for the next item's scales ahead of use: a line per group for its 16 low columns and one
+// for its 16 high ones, N * 4 bytes apart. Seen over a call, each group's scales are a stream
+// of its own (18-48 of them), more than the hardware prefetcher follows; the codes are one
+// contiguous stream it does follow.
+void ask_ahead(const Call& c, const Item& next) {
+  for (int64_t gi = 0; gi < c.K / c.g; ++gi) {
+    _mm_prefetch(reinterpret_cast<const char*>(c.pairs(gi, next.lo)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c.pairs(gi, next.hi)), _MM_HINT_T0);
+  }
+}
+
 // x [M, K] -> for each tile of TILE_ROWS rows (the last one what is left), its rows as [K][rows]
 void pack_tiles(const float* x, int64_t M, int64_t K, float* out) {
   for (int64_t m = 0; m < M; m += TILE_ROWS) {
@@ -252,16 +265,15 @@ torch::Tensor int4_rows_linear(const torch::Tensor& x_in, const torch::Tensor& p
     std::vector<float> panel(M > DIRECT_ROWS ? std::max(PANEL_K, group_size) * COLS : 0);
     for (int64_t item = i0; item < i1; ++item) {
       const Item it = Item::at(cp, K, block, item);
+      if (item + 1 < i1) ask_ahead(c, Item::at(cp, K, block, item + 1));
       if (M > DIRECT_ROWS) {
         panelled(c, it, panel.data());
         continue;
       }
-      for (int64_t m = 0; m < M; m += DIRECT_ROWS) {
-        const int64_t r = std::min<int64_t>(DIRECT_ROWS, M - m);
-        if (r == 3) direct<3>(c, it, m);
-        else if (r == 2) direct<2>(c, it, m);
-        else direct<1>(c, it, m);
-      }
+      if (M == 2)
+        direct<2>(c, it, 0);
+      else
+        direct<1>(c, it, 0);
     }
   });
   return y;
