@@ -274,8 +274,9 @@ def int4_rows_usable(packed: torch.Tensor, k: int, n: int) -> bool:
     Why: torch's int4 kernel computes in bf16, which an AVX2 CPU widens piece by piece; there
     int4 decoded only 1.55x float32 at batch 1 and 1.23x at batch 8 (SmolLM2-135M, AMD EPYC,
     2026-12-07). The kernel reads the same packed bytes and multiplies in float32: over the
-    model's 210 layers in order, 12 against torch's 20 ms at one row and 46 against 54 at eight
-    (float32 weights: 36 and 50 ms; benchmarks/RESULTS.md, quantized.py).
+    model's 210 layers in order, 9.1 against torch's 20.2 ms at one row and 41 against 51 at
+    eight (float32 weights: 36 and 43 ms); a decode step 1.71x float32 at batch 1 and 1.10x at 8
+    (benchmarks/RESULTS.md, quantized.py).
     """
     global _int4_rows_failed
     if INT4_KERNEL != "auto" or _int4_rows_failed is not None or packed.device.type != "cpu":
