@@ -120,8 +120,9 @@ class QuantLinear(nn.Linear):
             if w is not None:
                 return F.linear(x2.to(dtype), w)
         if self.precision == "int4":
-            if x2.dtype == torch.float32:
-                return self._rows_product()(x2, self.qweight, self.scales, self.group_size, _layout())
+            product = self._rows_product()
+            if product is not None and x2.dtype == torch.float32:
+                return product(x2, self.qweight, self.scales, self.group_size, _layout())
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales)
         if self.precision == "int8":
             return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
@@ -205,7 +206,7 @@ class QuantLinear(nn.Linear):
             return self.qweight.to(dtype)
         if self.precision == "int8":
             return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
-        if self.input_dtype() == torch.float32:  # paradapt's kernel: the same bits, 3x faster
+        if self._rows_product() is not None:  # paradapt's kernel: the same bits, 3x faster
             return (
                 int4_rows().int4_dequantize(self.qweight, self.scales, self.group_size, _layout()).to(dtype)
             )
@@ -309,10 +310,8 @@ def _dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int)
 #: Rows from which :meth:`QuantLinear.matmul` dequantises to bf16 instead of calling the kernel
 #: (the measured crossover on one SmolLM2 layer: int4 3.4 ms vs 3.3 ms at M = 128).
 DEQUANT_ROWS = 128
-_LAYOUT_BLOCKS = (
-    64,
-    32,
-)  # the CPU packing's block of output rows: 64 in AVX512 builds of torch 2.13, 32 in AVX2 ones
+# the CPU packing's block of output rows: 64 in AVX512 builds of torch 2.13, 32 in AVX2 ones
+_LAYOUT_BLOCKS = (64, 32)
 _layout_block: int | None = None  # measured once per process: a block size, or 0 (unknown layout)
 
 

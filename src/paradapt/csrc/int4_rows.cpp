@@ -104,23 +104,23 @@ void direct(const Call& c, const Item& it, int64_t m) {
   const int64_t G = c.K / c.g;
   for (int64_t gi = 0; gi < G; ++gi) {
     __m256 acc[R][4];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
     for (int64_t k = gi * c.g; k < (gi + 1) * c.g; ++k) {
       __m256 q[4];
       decode(it.codes + k * it.stride, q);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 xb = _mm256_broadcast_ss(c.x + (m + r) * c.K + k);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_fmadd_ps(xb, q[v], acc[r][v]);
       }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int v = 0; v < 4; ++v)
         fold(c.y + (m + r) * c.N + it.col(v), acc[r][v], c.pairs(gi, it.col(v)), c.xsum[(m + r) * G + gi], gi == 0);
   }
@@ -173,7 +173,7 @@ void panelled(const Call& c, const Item& it, float* panel) {
     for (int64_t k = 0; k < kc; ++k) {
       __m256 q[4];
       decode(it.codes + (k0 + k) * it.stride, q);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int v = 0; v < 4; ++v) _mm256_storeu_ps(panel + k * COLS + 8 * v, q[v]);
     }
     int64_t m = 0;
