@@ -89,4 +89,7 @@ BGMV = Extension("bgmv", _HERE / "csrc" / "bgmv.cpp")
 #: A quantised int4 layer's product with float32 rows on CPUs without native bf16 (quantized.py).
 INT4_ROWS = Extension("int4_rows", _HERE / "csrc" / "int4_rows.cpp")
 
-__all__ = ["BGMV", "INT4_ROWS", "Extension", "cpu_fingerprint"]
+#: An int8 layer's product with float32 rows and group (or row) scales: a GGUF's Q8_0 LM head (quantized.py).
+INT8_ROWS = Extension("int8_rows", _HERE / "csrc" / "int8_rows.cpp")
+
+__all__ = ["BGMV", "INT4_ROWS", "INT8_ROWS", "Extension", "cpu_fingerprint"]

@@ -299,6 +299,75 @@ def int4_rows_usable(packed: torch.Tensor, k: int, n: int) -> bool:
     return True
 
 
+_int8_rows_failed: str | None = None  # why the int8 kernel did not build, once per process
+
+
+def int8_rows() -> ModuleType:
+    """The compiled float32-row int8 product with group scales (csrc/int8_rows.cpp; built on
+    first use; raises if it cannot be)."""
+    return native.INT8_ROWS.load()
+
+
+def int8_rows_usable() -> bool:
+    """Whether :func:`int8_rows` runs here: an x86 CPU with AVX2 (or AVX512) where the kernel
+    builds. A failed build warns once; callers then keep their float product."""
+    global _int8_rows_failed
+    if _int8_rows_failed is not None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    if not native.INT8_ROWS.loaded:
+        try:
+            int8_rows()
+        except Exception as e:  # no compiler or ninja
+            _int8_rows_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"paradapt's int8 kernel did not build ({_int8_rows_failed})", stacklevel=2)
+            return False
+    return True
+
+
+#: GGUF's Q8_0 blocks: one float16 scale per 32 weights
+INT8_GRID_GROUP = 32
+
+
+@torch.no_grad()
+def int8_grid(
+    weight: torch.Tensor, group_size: int = INT8_GRID_GROUP
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, scales)``, ``int8 [N, K]`` and ``float32 [N, K / group_size]``, with
+    ``float(q) * scale`` equal to ``weight`` bit for bit, when the float32 ``weight`` lies on
+    such a grid; else None.
+
+    Why: a GGUF file's Q8_0 tensors (SmolLM2's tied embedding and LM head) are stored as
+    ``d * q``, ``q`` in -127..127 and ``d`` one float16 per 32 weights, and the float32 model
+    holds exactly those products. The grid is found again from the weights alone: each block's
+    largest magnitude is ``127 d`` (Q8_0 scales a block by its largest element), so
+    ``amax / 127`` gives ``d`` back exactly and ``weight / d`` the integers. Multiplying by
+    ``q`` and ``d`` is then the same weight in a quarter of the bytes (serve/lm_head.py). Any
+    weight off such a grid (a float model's, a bf16 one's) gives None after the first block of
+    rows that disagrees.
+    """
+    if (
+        weight.dtype != torch.float32
+        or weight.dim() != 2
+        or weight.shape[1] % group_size
+        or weight.shape[1] == 0
+    ):
+        return None
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // group_size, dtype=torch.float32)
+    for i in range(0, n, 4096):  # in blocks of rows: a weight off the grid is rejected early
+        wg = weight[i : i + 4096].reshape(-1, k // group_size, group_size)
+        d = wg.abs().amax(-1) / 127.0
+        codes = torch.where(d[..., None] > 0, wg / d[..., None], 0.0).round_()
+        if not bool(torch.isfinite(codes).all()) or bool((codes.abs() > 127).any()):
+            return None
+        if not torch.equal(codes * d[..., None], wg):
+            return None
+        q[i : i + 4096] = codes.reshape(-1, k).to(torch.int8)
+        scales[i : i + 4096] = d
+    return q, scales
+
+
 def _dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """``(q - 8) * scale + zero`` in float32, ``[N, K]``: what the kernel multiplies by."""
     n, k = codes.shape

@@ -121,3 +121,97 @@ def test_busy_mixed_batch_with_the_packed_head_equals_each_request_alone(tmp_pat
     assert [h.tokens for h in handles] == ref
     assert "forward" not in engine.model.get_output_embeddings().__dict__
     assert sorted(pa.list_adapters(engine.model)) == sorted(engine.cache.on_device)
+
+
+# -- the int8 product of a head on a GGUF Q8_0 grid ------------------------------------------------
+needs_avx2 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the int8 kernel needs AVX2"
+)
+
+
+def on_grid(model) -> torch.nn.Module:
+    """``model`` with its head's weights moved onto a Q8_0 grid (one float16 scale per 32
+    inputs, the largest of each block at +-127), as a GGUF Q8_0 head loads."""
+    w = model.get_output_embeddings().weight
+    with torch.no_grad():
+        blocks = w.view(w.shape[0], -1, 32)
+        d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+        w.copy_(((blocks / d).round().clamp(-127, 127) * d).view_as(w))
+    return model
+
+
+@needs_avx2
+def test_int8_product_of_a_head_on_the_grid_equals_f_linear():
+    model = on_grid(tiny_model("llama"))
+    head = model.get_output_embeddings()
+    hp = HeadProduct("int8", rows=8)
+    hp.prepare(model)
+    assert hp.used == "int8 at every row count" and hp._packed is None
+    calls = []
+    real = hp._int8_product
+    hp._int8_product = lambda x: calls.append(x.shape) or real(x)
+    x = torch.randn(2, 5, head.in_features)
+    with torch.no_grad(), hp.active():
+        got = head(x)
+    assert calls == [x.shape]
+    torch.testing.assert_close(got, F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        head.weight.mul_(1.0001)  # an in-place edit off the grid: F.linear from then on
+        with hp.active():
+            after = head(x)
+    assert calls == [x.shape] and hp.int8_rows == 0
+    torch.testing.assert_close(after, F.linear(x, head.weight))
+
+
+@needs_avx2
+def test_int8_mode_refuses_a_head_off_the_grid():
+    with pytest.raises(
+        ConfigError, match="cannot multiply the LM head in int8: its weights are not on an int8 grid"
+    ):
+        HeadProduct("int8").prepare(tiny_model("llama"))
+    model = on_grid(tiny_model("llama"))
+    model.set_output_embeddings(torch.nn.Identity())
+    with pytest.raises(ConfigError, match="not a plain nn.Linear"):
+        HeadProduct("int8").prepare(model)
+
+
+@needs_avx2
+def test_auto_takes_int8_up_to_the_rows_where_it_measured_faster(monkeypatch):
+    import paradapt.serve.lm_head as lm_head
+
+    monkeypatch.setattr(lm_head, "LEAST_BYTES", 0)
+    model = on_grid(tiny_model("llama"))
+    # packed: never faster (3 rounds x 2 products at 1 and 32 rows); then int8 against F.linear
+    # at 1, 2, 4, 8 rows: faster at 1, 2 and 4, not at 8 (the measuring stops there)
+    times = iter([1.0] * 12 + [1.0, 0.5] * 9 + [1.0] * 6)
+    monkeypatch.setattr(lm_head, "timed", lambda fn, least=0.002: next(times))
+    hp = HeadProduct("auto", rows=32)
+    hp.prepare(model)
+    assert hp.int8_rows == 4 and hp.min_rows is None and hp._packed is None
+    assert hp.used == "int8 up to 4 rows" and hp.reason is None
+    # faster at every sample up to the step's rows: int8 for every row a step sends, no packed copy
+    times = iter([1.0, 0.5] * 6 + [1.0, 0.5] * 18)
+    hp = HeadProduct("auto", rows=32)
+    hp.prepare(model)
+    assert hp.int8_rows == 32 and hp.min_rows is None and hp._packed is None
+    assert hp.used == "int8 up to 32 rows"
+    off = tiny_model("llama")  # off the grid: int8 is never measured
+    times = iter([1.0, 0.5] * 6)
+    hp = HeadProduct("auto", rows=32)
+    hp.prepare(off)
+    assert hp.int8_rows == 0 and hp._int8 is None and hp.used == "packed from 1 rows"
+
+
+@needs_avx2
+def test_busy_mixed_batch_with_the_int8_head_equals_each_request_alone(tmp_path):
+    ref_model = on_grid(adapter_root(tmp_path, "llama"))
+    reqs = workload(seed=4)
+    ref = [alone(ref_model, p, n, a) for p, a, n in reqs]
+    engine = Engine(
+        on_grid(tiny_model("llama")), tmp_path, EngineConfig(**{**BUSY.__dict__, "lm_head_gemm": "int8"})
+    )
+    assert engine.lm_head_gemm == "int8 at every row count"
+    handles = [engine.add_request(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in reqs]
+    engine.run()
+    assert [h.tokens for h in handles] == ref
+    assert "forward" not in engine.model.get_output_embeddings().__dict__

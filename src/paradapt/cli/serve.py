@@ -91,8 +91,9 @@ def add_parser(sub) -> None:
         choices=LM_HEAD_GEMM,
         default="auto",
         help="how the LM head multiplies on the CPU: packed (its weight prepacked for oneDNN once, "
-        "as vLLM's CPU backend does; costs a second copy of the head's weight), linear (F.linear), or "
-        "auto: packed where a measurement at startup finds it faster (default: auto)",
+        "as vLLM's CPU backend does; costs a second copy of the head's weight), int8 (a head whose "
+        "weights lie on a GGUF Q8_0 grid, as SmolLM2's, multiplied as int8: a quarter of the bytes), "
+        "linear (F.linear), or auto: each where a measurement at startup finds it faster (default: auto)",
     )
     serve.add_argument(
         "--layer-gemm",

@@ -34,7 +34,7 @@ from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 #: (the C++ kernel, else the compiled version, else gather + SDPA), or one of them (an error when
 #: it cannot run).
 DECODE_ATTENTION = ("auto", "kernel", "compiled", "gather")
-LM_HEAD_GEMM = ("auto", "packed", "linear")
+LM_HEAD_GEMM = ("auto", "packed", "int8", "linear")
 LAYER_GEMM = ("auto", "kernel", "linear")
 
 
@@ -63,7 +63,8 @@ class EngineConfig:
     (:mod:`paradapt.serve.paged_attention`: ``auto``, ``compiled`` or ``gather``).
     ``lm_head_gemm``: how the LM head multiplies (:mod:`paradapt.serve.lm_head`): ``auto``
     (a weight prepacked for oneDNN where a measurement at start says it is faster; it costs a
-    second copy of the head's weight), ``packed`` or ``linear`` (``F.linear``, no copy).
+    second copy of the head's weight; and, for a head whose weights lie on a GGUF Q8_0 grid, its
+    int8 form for few rows), ``packed``, ``int8`` or ``linear`` (``F.linear``, no copy).
     ``layer_gemm``: how the other linear layers multiply a step's rows
     (:mod:`paradapt.serve.layer_gemm`): ``auto`` (a C++ kernel for steps of few rows, up to where
     a measurement at start says it is faster), ``kernel`` (up to 16 rows) or ``linear``.

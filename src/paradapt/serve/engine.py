@@ -608,8 +608,9 @@ class Engine(_EngineCore):
 
     @property
     def lm_head_gemm(self) -> str:
-        """How the LM head multiplies: ``linear`` (``F.linear``) or ``packed from N rows``
-        (a weight prepacked for oneDNN, :mod:`paradapt.serve.lm_head`)."""
+        """How the LM head multiplies: ``linear`` (``F.linear``), ``packed from N rows`` (a weight
+        prepacked for oneDNN), ``int8 up to N rows`` (a GGUF Q8_0 head's own int8 form), or both
+        (:mod:`paradapt.serve.lm_head`)."""
         return self.runner.head_product.used
 
     @property
