@@ -16,11 +16,13 @@ forward that calls ``torch.ops.mkldnn._linear_pointwise`` on a weight packed onc
 The swap for every layer was not worth building (see RESULTS.md). What was built is the LM
 head's alone (``paradapt.serve.lm_head``, the engine's ``lm_head_gemm``), measured by a third part:
 
-* ``head``: the engine with ``lm_head_gemm="linear"`` against ``"packed"`` on a real model
-  (``--model``, default SmolLM2-135M-Instruct, whose 49,152-word head is a large share of a
-  step), decode steps at 1, 8 and 32 requests, rounds interleaved, greedy tokens compared.
+* ``head``: the engine with ``lm_head_gemm="linear"`` against ``"packed"`` (``--head-modes``:
+  any of them, ``int8`` and ``auto`` too) on a real model (``--model``, default
+  SmolLM2-135M-Instruct, whose 49,152-word head is a large share of a step; ``--quantize`` its
+  base), decode steps at 1, 8 and 32 requests, rounds interleaved, greedy tokens compared.
 
     python benchmarks/linear_backends.py --parts head --model smollm2-135m-instruct --rounds 8
+    python benchmarks/linear_backends.py --parts head --head-modes packed,int8,auto --rounds 8
 """
 
 from __future__ import annotations
@@ -129,14 +131,14 @@ def head_engine(model, root: Path, mode: str, requests: int) -> Engine:
     return eng
 
 
-def part_head(model_name: str, rounds: int) -> None:
+def part_head(model_name: str, rounds: int, modes: list[str], quantize: str = "none") -> None:
     from paradapt.loading import load_model
 
-    model = load_model(model_name)[1]
+    model = load_model(model_name, quantize=quantize)[1]
     root = Path(tempfile.mkdtemp(prefix="linear_backends-"))
-    print(f"decode step on {model_name}: LM head F.linear vs prepacked (median of rounds of 4 steps)")
+    print(f"decode step on {model_name} ({quantize}): LM head {' vs '.join(modes)} (median of rounds of 4 steps)")
     for requests in (1, 8, 32):
-        engines = {mode: head_engine(model, root, mode, requests) for mode in ("linear", "packed")}
+        engines = {mode: head_engine(model, root, mode, requests) for mode in modes}
         times: dict[str, list[float]] = {mode: [] for mode in engines}
         for r in range(rounds):
             for mode in list(engines)[:: 1 if r % 2 else -1]:
@@ -144,11 +146,15 @@ def part_head(model_name: str, rounds: int) -> None:
                 for _ in range(4):
                     engines[mode].step()
                 times[mode].append((time.perf_counter() - t0) / 4)
-        same = [h.tokens for h in engines["linear"].handles.values()] == [
-            h.tokens for h in engines["packed"].handles.values()
+        first = [h.tokens for h in engines[modes[0]].handles.values()]
+        same = all([h.tokens for h in e.handles.values()] == first for e in engines.values())
+        base = statistics.median(times[modes[0]])
+        cells = [
+            f"{mode} ({engines[mode].lm_head_gemm}) {1e3 * statistics.median(times[mode]):.1f} ms "
+            f"{base / statistics.median(times[mode]):.2f}x"
+            for mode in modes
         ]
-        a, b = statistics.median(times["linear"]), statistics.median(times["packed"])
-        print(f"  {requests:2d} requests: linear {1e3 * a:.1f} ms, packed {1e3 * b:.1f} ms: {a / b:.2f}x; greedy tokens equal: {same}")
+        print(f"  {requests:2d} requests: {'; '.join(cells)}; greedy tokens equal: {same}")
 
 
 def main(argv=None) -> int:
@@ -157,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parts", default="matmul,step", help="matmul, step, head")
     p.add_argument("--model", default="smollm2-135m-instruct", help="the model of the head part")
+    p.add_argument("--head-modes", default="linear,packed", help="head part: lm_head_gemm modes, the first the baseline")
+    p.add_argument("--quantize", default="none", help="head part: the base's precision (none, int4, ...)")
     args = p.parse_args(argv)
     if not torch.backends.mkldnn.is_available():
         print("this torch has no oneDNN (mkldnn); nothing to compare")
@@ -172,7 +180,7 @@ def main(argv=None) -> int:
     if "step" in parts:
         part_step(args.rounds)
     if "head" in parts:
-        part_head(args.model, args.rounds)
+        part_head(args.model, args.rounds, args.head_modes.split(","), args.quantize)
     return 0
 
 

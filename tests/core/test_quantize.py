@@ -106,6 +106,21 @@ def test_without_native_bf16_many_rows_and_backward_multiply_in_float32(monkeypa
     torch.testing.assert_close(x.grad, want, atol=tol * want.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_a_decode_steps_one_call_path_gives_the_kernels_bits(monkeypatch, kernel):
+    """Few float32 rows without a gradient skip the general path's reshapes and casts (each a
+    dispatched op, 210 layers a step): the result must be the same bits as the kernel's."""
+    monkeypatch.setattr(quantized, "INT4_KERNEL", kernel)
+    q = pa.quantize(nn.Sequential(nn.Linear(128, 192)), "int4")[0]
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        got = q(x)
+        want = q.matmul(x.reshape(6, 128).to(q.input_dtype())).float().view(2, 3, 192) + q.bias
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    y = q(x.requires_grad_())  # a gradient: the general path, same values
+    assert y.requires_grad and torch.equal(y.detach(), got)
+
+
 def test_the_fast_read_of_the_packing_equals_the_kernels_own_read():
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (192, 96), generator=g, dtype=torch.int32)
