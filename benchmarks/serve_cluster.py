@@ -9,6 +9,8 @@ local Ray) driven by ``paradapt.bench`` (the project's load client: streaming
 ``/v1/completions``, Gamma arrivals on time, greedy, ``ignore_eos``), for each popularity
 exponent alpha (default 1 and 0.1):
 
+- ``no Ray``: plain ``paradapt serve --threads 1`` (what the twin prices a replica as; against
+  ``1 replica`` it prices the Ray path: proxy, ingress, streaming through actors);
 - ``1 replica``: ``--replicas 1`` (the same ingress, so the ratio prices the second replica only);
 - ``2 x adapter``: two replicas behind paradapt's router (sticky, residency, bounded spill);
 - ``2 x multiplex``: the model of Ray Serve's default multiplexing (``--router multiplex``);
@@ -56,8 +58,8 @@ from paradapt.serve.process import ServerProcess  # noqa: E402
 from paradapt.serve.workload import WorkloadSpec  # noqa: E402
 
 #: (label, replicas, router)
-CONFIGS = (("1 replica", 1, "adapter"), ("2 x adapter", 2, "adapter"), ("2 x multiplex", 2, "multiplex"),
-           ("2 x random", 2, "random"))
+CONFIGS = (("no Ray", 0, "none"), ("1 replica", 1, "adapter"), ("2 x adapter", 2, "adapter"),
+           ("2 x multiplex", 2, "multiplex"), ("2 x random", 2, "random"))
 STATS_PERIOD = 0.5  # seconds: the ingress's report polling (cluster.ray_serve.REPORT_EVERY_S)
 
 
@@ -106,9 +108,11 @@ def spec_for(a, alpha: float) -> WorkloadSpec:
 
 def flags(a, model: Path, root: Path, replicas: int, router: str) -> list[str]:
     kv = a.max_running * (a.input_len[1] + a.output_len[1] + 16)
+    where = ["--threads", "1"] if replicas == 0 else [  # 0: plain paradapt serve, no Ray
+        "--replicas", str(replicas), "--threads-per-replica", "1", "--router", router]
     return [
         "--model", str(model), "--adapter-root", str(root), "--served-model-name", serve_load.BASE_NAME,
-        "--replicas", str(replicas), "--threads-per-replica", "1", "--router", router,
+        *where,
         "--max-served", str(a.max_served), "--max-slots", str(a.max_slots), "--max-running", str(a.max_running),
         "--kv-tokens", str(kv), "--queue-bound", "100000", "--no-access-log",
     ]  # fmt: skip
@@ -243,8 +247,8 @@ def twin(a, row: dict, cost) -> dict:
     r = simulate_cluster(
         spec_for(a, row["alpha"]),
         cost,
-        make_router(row["router"], a.seed),
-        replicas=row["replicas"],
+        make_router("adapter" if row["replicas"] == 0 else row["router"], a.seed),
+        replicas=max(1, row["replicas"]),  # the twin prices a replica as the plain server
         max_served=a.max_served,
         max_slots=a.max_slots,
         max_running=a.max_running,
