@@ -39,3 +39,14 @@ def test_quick_run_survives_a_killed_replica_with_every_answer_right(tmp_path):
     assert kill["killed"]["pid"] and kill["killed"]["back_s"] is not None  # it came back
     check = kill["check"]
     assert check["ended"] and check["different"] == 0 and check["compared"] > 0
+
+
+def test_no_ray_runs_the_plain_server_and_replicas_run_behind_ray(tmp_path):
+    bench = load_bench()
+    a = bench.parse_args(["--out", str(tmp_path)])
+    plain = bench.flags(a, tmp_path / "m", tmp_path / "r", 0, "none")
+    assert "--replicas" not in plain and "--router" not in plain
+    assert plain[plain.index("--threads") + 1] == "1"
+    two = bench.flags(a, tmp_path / "m", tmp_path / "r", 2, "adapter")
+    assert two[two.index("--replicas") + 1] == "2" and two[two.index("--threads-per-replica") + 1] == "1"
+    assert ("no Ray", 0, "none") == bench.CONFIGS[0]
