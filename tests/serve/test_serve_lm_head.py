@@ -170,6 +170,9 @@ def test_int8_mode_refuses_a_head_off_the_grid():
     ):
         HeadProduct("int8").prepare(tiny_model("llama"))
     model = on_grid(tiny_model("llama"))
+    model.get_output_embeddings().to(torch.bfloat16)
+    with pytest.raises(ConfigError, match="the LM head is torch.bfloat16 on cpu, not float32"):
+        HeadProduct("int8").prepare(model)
     model.set_output_embeddings(torch.nn.Identity())
     with pytest.raises(ConfigError, match="not a plain nn.Linear"):
         HeadProduct("int8").prepare(model)

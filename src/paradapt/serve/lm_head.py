@@ -137,9 +137,12 @@ class HeadProduct:
             self.head, self._key = None, None
 
     def _prepare_int8(self, head: nn.Module | None) -> None:
-        why = packable(head)
-        if why is None and head.weight.dtype != torch.float32:
-            why = f"the LM head is {head.weight.dtype}"
+        if type(head) is not nn.Linear:
+            why = "the LM head is not a plain nn.Linear"
+        elif head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
+            why = f"the LM head is {head.weight.dtype} on {head.weight.device.type}, not float32 on the CPU"
+        else:
+            why = None
         if why is None:
             self._int8 = _int8_form(head)
             if self._int8 is None:
