@@ -183,9 +183,7 @@ class QuantLinear(nn.Linear):
     def call_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
         """The weight in ``dtype`` for one call, not kept; None for an int4 layer whose packing
         is not laid out as :func:`_unpack_int4_fast` reads it (the kernel is used instead)."""
-        if self.precision == "int4" and not _packing_readable(
-            self.qweight, self.in_features, self.out_features
-        ):
+        if self.precision == "int4" and not _packing_readable(self.qweight, self.in_features, self.out_features):
             return None
         return self.dequantized_weight(dtype)
 
@@ -267,7 +265,24 @@ def native_bf16() -> bool:
 #: paradapt's own kernel (csrc/int4_rows.cpp) where it builds; ``"torch"``: always torch's
 #: bf16 kernel (for comparisons).
 INT4_KERNEL = "auto"
-_int4_rows_failed: str | None = None  # why the kernel did not build, once per process
+_build_failed: dict[str, str] = {}  # extension name -> why it did not build, said once per process
+
+
+def _builds(extension: native.Extension, instead: str) -> bool:
+    """Whether ``extension`` is (or can now be) loaded on this x86 CPU with AVX2 or AVX512; a
+    failed build (no compiler or ninja) warns once, saying what runs ``instead``, and is not
+    tried again in this process."""
+    if extension.name in _build_failed or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    if not extension.loaded:
+        try:
+            extension.load()
+        except Exception as e:  # the caller's fallback runs instead
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _build_failed[extension.name] = why
+            warnings.warn(f"paradapt's {extension.name} kernel did not build ({why}); {instead}", stacklevel=3)
+            return False
+    return True
 
 
 def int4_rows() -> ModuleType:
@@ -287,27 +302,9 @@ def int4_rows_usable(packed: torch.Tensor, k: int, n: int) -> bool:
     eight (float32 weights: 36 and 43 ms); a decode step 1.71x float32 at batch 1 and 1.10x at 8
     (benchmarks/RESULTS.md, quantized.py).
     """
-    global _int4_rows_failed
-    if INT4_KERNEL != "auto" or _int4_rows_failed is not None or packed.device.type != "cpu":
+    if INT4_KERNEL != "auto" or packed.device.type != "cpu" or native_bf16():
         return False
-    if native_bf16() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    if not _packing_readable(packed, k, n):
-        return False
-    if not native.INT4_ROWS.loaded:
-        try:
-            int4_rows()
-        except Exception as e:  # no compiler or ninja: torch's kernel instead, said once
-            _int4_rows_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(
-                f"paradapt's int4 kernel did not build ({_int4_rows_failed}); using torch's bf16 one",
-                stacklevel=2,
-            )
-            return False
-    return True
-
-
-_int8_rows_failed: str | None = None  # why the int8 kernel did not build, once per process
+    return _packing_readable(packed, k, n) and _builds(native.INT4_ROWS, "using torch's bf16 one")
 
 
 def int8_rows() -> ModuleType:
@@ -319,17 +316,7 @@ def int8_rows() -> ModuleType:
 def int8_rows_usable() -> bool:
     """Whether :func:`int8_rows` runs here: an x86 CPU with AVX2 (or AVX512) where the kernel
     builds. A failed build warns once; callers then keep their float product."""
-    global _int8_rows_failed
-    if _int8_rows_failed is not None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    if not native.INT8_ROWS.loaded:
-        try:
-            int8_rows()
-        except Exception as e:  # no compiler or ninja
-            _int8_rows_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"paradapt's int8 kernel did not build ({_int8_rows_failed})", stacklevel=2)
-            return False
-    return True
+    return _builds(native.INT8_ROWS, "the LM head keeps its float product")
 
 
 #: GGUF's Q8_0 blocks: one float16 scale per 32 weights
@@ -387,8 +374,7 @@ def _dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int)
 #: Rows from which :meth:`QuantLinear.matmul` dequantises to bf16 instead of calling the kernel
 #: (the measured crossover on one SmolLM2 layer: int4 3.4 ms vs 3.3 ms at M = 128).
 DEQUANT_ROWS = 128
-# the CPU packing's block of output rows: 64 in AVX512 builds of torch 2.13, 32 in AVX2 ones
-_LAYOUT_BLOCKS = (64, 32)
+_LAYOUT_BLOCKS = (64, 32)  # the CPU packing's block of output rows: 64 in AVX512 builds of torch 2.13, 32 in AVX2 ones
 _layout_block: int | None = None  # measured once per process: a block size, or 0 (unknown layout)
 
 
@@ -406,15 +392,12 @@ def _layout() -> int:
     global _layout_block
     if _layout_block is None:
         rows = 2 * max(_LAYOUT_BLOCKS)
-        probe = torch.randint(
-            0, 16, (rows, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
-        )
+        probe = torch.randint(0, 16, (rows, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
         found = [
             b
             for b in _LAYOUT_BLOCKS
-            if tuple(packed.shape) == (rows, 32)
-            and torch.equal(_read_blocks(packed, 64, rows, b), probe.to(torch.uint8))
+            if tuple(packed.shape) == (rows, 32) and torch.equal(_read_blocks(packed, 64, rows, b), probe.to(torch.uint8))
         ]
         _layout_block = found[0] if found else 0
     return _layout_block
@@ -423,9 +406,7 @@ def _layout() -> int:
 def _packing_readable(packed: torch.Tensor, k: int, n: int) -> bool:
     """Is ``packed`` laid out as :func:`_layout` found, in whole blocks?"""
     block = _layout()
-    return (
-        bool(block) and n % block == 0 and packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
-    )
+    return bool(block) and n % block == 0 and packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
 
 
 def _read_blocks(packed: torch.Tensor, k: int, n: int, block: int) -> torch.Tensor:

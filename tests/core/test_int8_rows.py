@@ -141,3 +141,22 @@ def test_weights_off_the_grid_have_none():
     assert quantized.int8_grid(w.bfloat16()) is None  # only float32 weights
     assert quantized.int8_grid(w[:, :80]) is None  # inputs not whole groups of 32
     assert quantized.int8_grid(w[0]) is None
+
+
+def test_a_kernel_that_does_not_build_warns_once_and_is_not_tried_again(monkeypatch):
+    from paradapt import native
+
+    monkeypatch.setattr(quantized, "_build_failed", {})
+    tries = []
+
+    class Broken(native.Extension):
+        def load(self):
+            tries.append(1)
+            raise RuntimeError("no compiler\nmore detail")
+
+    broken = Broken("int8_rows", native.INT8_ROWS.source)
+    monkeypatch.setattr(native, "INT8_ROWS", broken)
+    with pytest.warns(UserWarning, match=r"int8_rows kernel did not build \(RuntimeError: no compiler\); the LM head"):
+        assert quantized.int8_rows_usable() is False
+    assert quantized.int8_rows_usable() is False  # no second try, no second warning
+    assert tries == [1]
