@@ -183,8 +183,8 @@ class HeadProduct:
         interleaved, best of 3; 0 if it does not at one row."""
         w = self.head.weight
         gen = torch.Generator().manual_seed(1)
-        best = 0
-        for rows in [r for r in INT8_SAMPLES if r <= self.rows]:
+        best, samples = 0, [r for r in INT8_SAMPLES if r <= self.rows]
+        for rows in samples:
             x = torch.randn(rows, w.shape[1], generator=gen)
             other = self._other(rows)
             theirs, ours = [], []
@@ -195,7 +195,7 @@ class HeadProduct:
             if min(theirs) <= MARGIN * min(ours):
                 break
             best = rows
-        return self.rows if best == max(r for r in INT8_SAMPLES if r <= self.rows) else best
+        return self.rows if best == samples[-1] else best  # faster at every sample: every row count
 
     def _other(self, rows: int):
         """What multiplies ``rows`` rows when the int8 product does not."""
