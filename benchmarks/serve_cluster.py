@@ -80,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated config labels (and/or 'kill') to run")
     p.add_argument("--cost", default=None, help="the twin's cost model (default: the shipped one); 'none': no twin")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each configuration, taking turns")
+    p.add_argument("--fit-ray", action="store_true",
+                   help="fit the twin's Ray Serve cost on the first '1 replica' run (twin.ray_cost) and predict "
+                        "the later runs with it")  # fmt: skip
     p.add_argument(
         "--quick", action="store_true", help="a correctness smoke run: 40 adapters, 10 s of short requests, alpha 1"
     )
@@ -145,6 +149,31 @@ def replica_pid(name: str) -> int | None:
     return None
 
 
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by role: each replica and the ingress (their Ray actor processes),
+    ``ray`` (the rest of the server's process tree; for ``no Ray`` the whole server;
+    :func:`paradapt.cluster.cpu.cpu_by_role`) and ``client`` (this process: the load client)."""
+    import resource
+
+    from paradapt.cluster.cpu import cpu_by_role
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return {**cpu_by_role(server_pid), "client": me.ru_utime + me.ru_stime}
+
+
+def cpu_per_token(before: dict, after: dict, wall: float, tokens: int) -> dict:
+    """Each role's CPU over the load (cores busy on average, and ms per processed token)."""
+    roles = sorted(set(before) | set(after))
+    used = {r: after.get(r, 0.0) - before.get(r, 0.0) for r in roles}
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "seconds": used,
+        "cores": {r: used[r] / wall for r in roles},
+        "ms_per_token": {r: 1e3 * used[r] / max(1, tokens) for r in roles},
+    }
+
+
 def drive(url: str, workload, a) -> tuple[dict, dict]:
     """The workload through ``paradapt.bench``: (its metrics, each request's outcome)."""
     from paradapt.bench import BenchConfig, result_of, send
@@ -166,7 +195,9 @@ def run(a, label: str, replicas: int, router: str, alpha: float, model: Path, ro
         started = time.monotonic() - t0
         if kill:
             threading.Thread(target=_kill_later, args=(a.kill_at * a.duration, killed), daemon=True).start()
+        cpu0, w0 = cpu_seconds(server.proc.pid), time.monotonic()
         result, outcomes = drive(server.url, workload, a)
+        cpu1, wall = cpu_seconds(server.proc.pid), time.monotonic() - w0
         metrics = scrape(server.url)
         if kill:
             killed["back_s"] = _wait_back(server.url, "replica-0", killed.get("at", time.monotonic()))
@@ -174,7 +205,10 @@ def run(a, label: str, replicas: int, router: str, alpha: float, model: Path, ro
     finally:
         rc = server.stop()
     row = summarize(label, replicas, router, alpha, result, outcomes, served_by_adapter(workload, outcomes), metrics)
-    row.update(start_s=started, exit_status=rc, killed=killed if kill else None)
+    served = sum(r.prompt_len + r.output_len for r in workload.requests
+                 if r.id in outcomes and outcomes[r.id].status == "ok")  # fmt: skip
+    row.update(start_s=started, exit_status=rc, killed=killed if kill else None,
+               cpu=cpu_per_token(cpu0, cpu1, wall, served))  # fmt: skip
     return row
 
 
@@ -248,14 +282,29 @@ def twin(a, row: dict, cost) -> dict:
         spec_for(a, row["alpha"]),
         cost,
         make_router("adapter" if row["replicas"] == 0 else row["router"], a.seed),
-        replicas=max(1, row["replicas"]),  # the twin prices a replica as the plain server
+        replicas=max(1, row["replicas"]),
         max_served=a.max_served,
         max_slots=a.max_slots,
         max_running=a.max_running,
         drain=a.grace,
         stats_period=STATS_PERIOD,
+        ray=row["replicas"] > 0,  # no Ray: the plain server
     )
-    return {"throughput": r.result.throughput, "routed": dict(r.requests), "hit_rate": r.hit_rate}
+    return {"throughput": r.result.throughput, "routed": dict(r.requests), "hit_rate": r.hit_rate,
+            "slowdown": r.slowdown}  # fmt: skip
+
+
+def fit_ray(a, row: dict, cost):
+    """The cost model with a ``ray`` section fitted on ``row`` (a saturated ``1 replica`` run)."""
+    from dataclasses import replace
+
+    from paradapt.twin.ray_cost import RayRun, fit_ray_cost
+
+    cpu = row["cpu"]
+    run = RayRun(throughput=row["throughput"], cpu=cpu["seconds"], wall=cpu["wall_s"], tokens=cpu["tokens"],
+                 cores=os.cpu_count() or 1, replicas=row["replicas"])  # fmt: skip
+    fitted = fit_ray_cost(cost, run, lambda c: twin(a, row, c)["throughput"])
+    return replace(cost, ray=fitted)
 
 
 def smape(pred: float, real: float) -> float:
@@ -285,6 +334,47 @@ def line(row: dict, base: float | None) -> str:
     )
 
 
+def median_row(rows: list[dict]) -> dict:
+    """The run with the median throughput (the lower middle of an even count)."""
+    return sorted(rows, key=lambda r: r["throughput"])[(len(rows) - 1) // 2]
+
+
+def predict(a, rows: list[dict], cost):
+    """The twin for every configuration and alpha run, against the median of its repeats; with
+    ``--fit-ray``, Ray's cost is first fitted on the median ``1 replica`` run at the first alpha
+    (every other configuration and alpha is then a prediction). Prints a table; returns the cost."""
+    if a.fit_ray and cost.ray is None:
+        ones = [r for r in rows if r["replicas"] == 1 and r["alpha"] == a.alphas[0]]
+        if ones:
+            on = median_row(ones)
+            cost = fit_ray(a, on, cost)
+            on["fitted"] = cost.ray.to_dict()
+            print(cost.ray.describe(), flush=True)
+    print("| config | alpha | runs | measured tok/s, median [min, max] | twin tok/s | SMAPE | split (median run) "
+          "| twin split | twin slowdown |\n|---|--:|--:|--:|--:|--:|---|---|--:|")  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["alpha"]), []).append(r)
+    for (label, alpha), runs in groups.items():
+        mid = median_row(runs)
+        t = twin(a, mid, cost)
+        for r in runs:
+            r["twin"], r["smape"] = t, smape(t["throughput"], r["throughput"])
+            r["twin_split"] = "/".join(str(v) for v in t["routed"].values())
+        vals = [r["throughput"] for r in runs]
+        split = "/".join(str(mid["routed"].get(f"replica-{i}", 0)) for i in range(mid["replicas"])) or "-"
+        fitted = " (fitted)" if any("fitted" in r for r in runs) else ""
+        print(f"| {label}{fitted} | {alpha:g} | {len(runs)} | {mid['throughput']:.1f} [{min(vals):.1f}, {max(vals):.1f}] "
+              f"| {t['throughput']:.1f} | {100 * mid['smape']:.1f} % | {split} | {mid['twin_split']} "
+              f"| {t.get('slowdown', 1.0):.2f} |", flush=True)  # fmt: skip
+    return cost
+
+
+def cpu_line(cpu: dict) -> str:
+    parts = [f"{r} {cpu['cores'][r]:.2f} cores {cpu['ms_per_token'][r]:.2f} ms/tok" for r in cpu["cores"]]
+    return f"{cpu['tokens']} tokens in {cpu['wall_s']:.1f} s: " + ", ".join(parts)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -303,17 +393,18 @@ def main(argv=None) -> int:
           f"output {a.output_len}; cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     rows: list[dict] = []
     for alpha in a.alphas:
-        for label, replicas, router in CONFIGS:
-            if a.only and label not in a.only:
-                continue
-            row = run(a, label, replicas, router, alpha, model, root)
-            if cost is not None:
-                row["twin"] = twin(a, row, cost)
-                row["smape"] = smape(row["twin"]["throughput"], row["throughput"])
-                row["twin_split"] = "/".join(str(v) for v in row["twin"]["routed"].values())
-            rows.append(row)
-            base = next((r["throughput"] for r in rows if r["replicas"] == 1 and r["alpha"] == alpha), None)
-            print(line(row, base), flush=True)
+        for repeat in range(a.repeats):  # the configurations take turns: a drifting machine hits all alike
+            for label, replicas, router in CONFIGS:
+                if a.only and label not in a.only:
+                    continue
+                row = run(a, label, replicas, router, alpha, model, root)
+                row["repeat"] = repeat
+                rows.append(row)
+                base = next((r["throughput"] for r in rows[::-1] if r["replicas"] == 1 and r["alpha"] == alpha), None)
+                print(line(row, base), flush=True)
+                print("    cpu " + cpu_line(row["cpu"]), flush=True)
+    if cost is not None:
+        cost = predict(a, rows, cost)
     if not a.only or "kill" in a.only:
         reference = next((r for r in rows if r["label"] == "2 x adapter" and r["alpha"] == a.alphas[0]), None)
         row = run(a, "kill", 2, "adapter", a.alphas[0], model, root, kill=True)

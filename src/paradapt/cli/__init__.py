@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     showcase.add_parser(sub)
     twin.add_parsers(sub)  # profile, twin
+    twin.add_profile_ray_parser(sub)  # profile-ray
     plan.add_parser(sub)
     workload.add_parser(sub)
     bench.add_parser(sub)

@@ -77,3 +77,21 @@ def knobs_from_args(args: argparse.Namespace) -> dict:
     budget = knobs.get("token_budget", DEFAULTS.token_budget)
     knobs.setdefault("max_running", min(DEFAULTS.max_running, budget))
     return knobs
+
+
+def engine_flag_args(args: argparse.Namespace) -> list[str]:
+    """The flags of :func:`add_engine_flags` that were given, as arguments for ``paradapt serve``
+    (a command that starts the server runs it with the knobs its twin is priced with)."""
+    out: list[str] = []
+    for name in (
+        "token_budget",
+        "max_running",
+        "kv_tokens",
+        "device_memory_mb",
+        "starvation_after",
+        "prefetch",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out

@@ -126,6 +126,102 @@ def add_parsers(sub) -> None:
     t.set_defaults(func=run_twin)
 
 
+def add_profile_ray_parser(sub) -> None:
+    """Register ``paradapt profile-ray`` (the cluster twin's Ray Serve cost)."""
+    r = sub.add_parser(
+        "profile-ray",
+        help="measure what Ray Serve adds to a replica (for paradapt plan --replicas and the cluster twin)",
+        description="Start paradapt serve --replicas 1 (a local Ray) with --model, --adapter-root and the "
+        "engine flags, replay WORKLOAD (a YAML spec or a trace that saturates one replica) through "
+        "paradapt bench, read each process's CPU time, and add a ray section to the cost model of "
+        "--cost (from paradapt profile --server): Ray's extra engine time per streamed token in a "
+        "replica (fitted so the cluster twin's one-replica throughput equals the measured one), a "
+        "busy replica's cores, the CPU per token of Ray's other processes, and this machine's cores "
+        "(docs/cluster.md).",
+    )
+    r.add_argument("workload", metavar="WORKLOAD.yaml|TRACE.jsonl")
+    add_workload_flags(r)
+    r.add_argument(
+        "--model", required=True, metavar="NAME|PATH", help="the decoder to serve (as paradapt serve)"
+    )
+    r.add_argument(
+        "--cost",
+        required=True,
+        metavar="FILE",
+        help="cost model with a server section (paradapt profile --server)",
+    )
+    r.add_argument("--out", metavar="FILE", help="where to save (default: over --cost)")
+    r.add_argument(
+        "--max-served", type=positive_int, required=True, metavar="S", help="adapters in host memory"
+    )
+    r.add_argument(
+        "--max-slots", type=positive_int, required=True, metavar="K", help="adapters on the device"
+    )
+    add_engine_flags(r)
+    r.add_argument(
+        "--threads-per-replica", type=positive_int, default=1, metavar="T", help="torch threads (default: 1)"
+    )
+    r.add_argument(
+        "--seed", type=int, default=0, help="seed of the random prompts and the router (default: 0)"
+    )
+    r.set_defaults(func=run_profile_ray)
+
+
+def run_profile_ray(args: argparse.Namespace) -> int:
+    """``paradapt profile-ray``: measure one replica behind Ray Serve, fit, print and save."""
+    from ..bench import BenchConfig
+    from ..cluster import make_router
+    from ..cluster.profile import check_saturated, measure_replica
+    from ..twin.cluster import simulate_cluster
+    from ..twin.ray_cost import fit_ray_cost
+    from .engine_flags import engine_flag_args
+
+    if not args.adapter_root:
+        raise ConfigError(
+            "adapter_root", "profile-ray serves the workload's adapters: give --adapter-root DIR"
+        )
+    workload = workload_from_args(args, args.model)
+    cost = cost_from_flags(args.cost, resolve_model(args.model))
+    if cost.server is None:
+        raise ConfigError("cost", f"{args.cost} has no server section: run paradapt profile --server first")
+    knobs = knobs_from_args(args)
+    serve_args = [
+        "--model", args.model, "--adapter-root", args.adapter_root,
+        "--threads-per-replica", str(args.threads_per_replica),
+        "--max-served", str(args.max_served), "--max-slots", str(args.max_slots), *engine_flag_args(args),
+        "--queue-bound", str(max(1, len(workload.requests))), "--no-access-log",
+    ]  # fmt: skip
+    vocab = model_vocab(args.model)
+    config = BenchConfig(url="", vocab_size=vocab, seed=args.seed)
+    print(
+        f"profile-ray: {describe_workload(args.workload, workload)} -> paradapt serve --replicas 1",
+        flush=True,
+    )
+    run, measured = measure_replica(serve_args, workload, config)
+    check_saturated(run, workload)
+
+    def twin(c) -> float:
+        router = make_router("adapter", args.seed)
+        return simulate_cluster(
+            workload, c, router, replicas=1, max_served=args.max_served, max_slots=args.max_slots, **knobs
+        ).result.throughput
+
+    cost.ray = fit_ray_cost(cost, run, twin)
+    print(f"one replica: {run.throughput:.1f} tokens/s, {measured.finished} of {measured.requests} requests")
+    print(cost.ray.describe())
+    print(f"saved {cost.save(args.out or args.cost)}")
+    return 0
+
+
+def model_vocab(model: str) -> int:
+    """The vocabulary size in a model folder's config.json (random prompts are drawn below it)."""
+    try:
+        n = json.loads((resolve_model(model) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        n = None
+    return n if isinstance(n, int) and n > 3 else 256
+
+
 def run_profile(args: argparse.Namespace) -> int:
     """``paradapt profile``: measure, print and save the cost model."""
     import torch

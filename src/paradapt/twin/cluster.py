@@ -16,6 +16,13 @@ queues it when the step ends, exactly as the single-engine replay does
 numbers. ``stats_period`` > 0 models stale stats: the router gets snapshots refreshed only
 that often (Ray replicas report routing stats periodically), while the engines run on.
 
+Behind Ray Serve (the cost model's ``ray`` section, :class:`~paradapt.twin.costmodel.RayCost`):
+every replica step costs Ray's per-token time more, and replicas sharing one machine
+(``shared``) share its cores with each other and with Ray's own processes. When their demand
+in the window (busy replicas x ``replica_cpu`` + ``outside_cpu`` x tokens/s) passes the cores,
+every step and move is stretched by the one factor that brings it down to the cores (found by
+bisection, each try a full simulation): the operating system shares the cores out in time.
+
 Metrics: the whole cluster through :func:`~paradapt.twin.metrics.summarize` (the same
 definitions as one engine: throughput, TTFT, TPOT, served fractions, ...), each replica over
 the requests it was sent, plus the cluster's own: requests and load per replica, load
@@ -24,8 +31,9 @@ imbalance, the router's hit rate and counters, and starved adapters.
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -35,7 +43,7 @@ from ..errors import ConfigError
 from ..serve.cache import CacheStats
 from ..serve.core import EngineConfig
 from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec
-from .costmodel import CostModel
+from .costmodel import CostModel, RayCost
 from .metrics import TwinResult, summarize
 from .replay import ReplayLog, collect, step_event
 from .sim import SimBackend, SimEngine, engine_config
@@ -62,6 +70,8 @@ class ClusterResult:
     router: RouterStats
     starved: tuple[str, ...]
     sim_seconds: float = 0.0
+    slowdown: float = 1.0  # steps and moves stretched by sharing the machine's cores (1: not)
+    cores_used: float | None = None  # behind Ray: the cores the window's work wanted (RayCost.demand)
 
     def table(self) -> str:
         """A printable summary: the cluster's line, then one line per replica."""
@@ -91,13 +101,19 @@ class _Replica:
     routed: list[WorkloadRequest] = field(default_factory=list)
     dirty: bool = True
     state: ReplicaState | None = None
+    busy: float = 0.0  # seconds of steps (moves included) inside the window
+
+    def _busy(self, start: float, end: float) -> None:
+        self.busy += max(0.0, min(end, self.log.window) - max(start, 0.0))
 
     def advance(self, until: float, *, jump: bool = True) -> None:
         """Run the steps that start before ``until``; then, if ``jump``, an idle (or stuck)
         engine waits until ``until``, as the single-engine replay waits for the next arrival."""
         b = self.backend
         while b.now() < until and b.has_work():
+            start = b.now()
             step = b.step()
+            self._busy(start, b.now())
             self.dirty = True  # even an empty step may have prefetched into host memory
             if step.empty:
                 break
@@ -132,6 +148,8 @@ def simulate_cluster(
     slo_tpot: float | None = None,
     server: bool = True,
     placement: Sequence[Sequence[str]] | None = None,
+    ray: bool = True,
+    shared: bool = True,
     **engine_knobs: Any,
 ) -> ClusterResult:
     """Run ``spec``'s workload on ``replicas`` simulated engines behind ``router``.
@@ -149,6 +167,11 @@ def simulate_cluster(
     host memory (:meth:`~paradapt.twin.sim.SimEngine.preload`), and the router starts from it
     (:meth:`~paradapt.cluster.router.Router.preplace`; only :class:`AdapterRouter` remembers it).
     None: every replica starts cold and the router remembers nothing.
+
+    ``ray``: price each replica behind Ray Serve with the cost model's ``ray`` section, if it
+    has one (and ``server``); ``shared``: the replicas share the cores of the machine it was
+    measured on (``paradapt serve --replicas N`` on one machine), so Ray's processes and the
+    other replicas slow them down when there are too few (``ClusterResult.slowdown``).
     """
     if not isinstance(replicas, int) or replicas < 1:
         raise ConfigError("replicas", f"must be an integer >= 1, got {replicas!r}")
@@ -158,25 +181,79 @@ def simulate_cluster(
     workload = spec if isinstance(spec, Workload) else spec.generate()
     engine_knobs.setdefault("queue_bound", max(1, len(workload.requests)))
     config = engine_config(max_served, max_slots, **engine_knobs)
-    stop = workload.duration + drain
-    nodes = [_replica(f"replica-{i}", workload, cost, config, stop, server) for i in range(replicas)]
+    rc = cost.ray if (ray and server) else None
+    setup = _Setup(workload, cost, config, workload.duration + drain, server, rc, placement, stats_period)
+
+    def trial(scale: float) -> float:  # on a copy: tries leave the caller's router untouched
+        return _demand(rc, _run(setup, replicas, copy.deepcopy(router), scale), workload, scale)
+
+    scale = _shared_scale(trial, rc) if rc is not None and shared else 1.0
+    nodes = _run(setup, replicas, router, scale)
+    result = _cluster_result(workload, nodes, router, slo_ttft, slo_tpot)
+    result.sim_seconds = time.perf_counter() - t0
+    result.slowdown = scale
+    if rc is not None:
+        result.cores_used = _demand(rc, nodes, workload, scale)
+    return result
+
+
+@dataclass
+class _Setup:
+    """What every simulation of one cluster run shares."""
+
+    workload: Workload
+    cost: CostModel
+    config: EngineConfig
+    stop: float
+    server: bool
+    ray: RayCost | None
+    placement: Sequence[Sequence[str]] | None
+    stats_period: float
+
+
+def _run(setup: _Setup, replicas: int, router: Router, scale: float) -> list[_Replica]:
+    """One simulation: route every request as it arrives, then let every replica finish."""
+    w = setup.workload
+    nodes = [_replica(f"replica-{i}", setup, scale) for i in range(replicas)]
     by_name = {n.name: n for n in nodes}
-    if placement is not None:
-        _start_from(placement, nodes, router)
+    if setup.placement is not None:
+        _start_from(setup.placement, nodes, router)
     states: list[ReplicaState] = []
     refreshed = float("-inf")
-    for req in workload.requests:
+    for req in w.requests:
         for n in nodes:
             n.advance(req.arrival)
-        if not states or req.arrival - refreshed >= stats_period:
+        if not states or req.arrival - refreshed >= setup.stats_period:
             states, refreshed = [n.snapshot() for n in nodes], req.arrival
         by_name[router.choose(req.adapter, states)].submit(req)
     for n in nodes:
-        n.advance(stop, jump=False)
+        n.advance(setup.stop, jump=False)
         collect(n.log, n.backend)
-    result = _cluster_result(workload, nodes, router, slo_ttft, slo_tpot)
-    result.sim_seconds = time.perf_counter() - t0
-    return result
+    return nodes
+
+
+def _demand(rc: RayCost, nodes: list[_Replica], workload: Workload, scale: float) -> float:
+    """Cores the run wants in its window: its replicas' busy share (each at ``1 / scale`` of its
+    speed) times a busy replica's cores, and Ray's other processes for its tokens/s."""
+    window = workload.duration
+    tokens_per_s = summarize(_merge([n.log for n in nodes], workload)).throughput
+    busy = sum(n.busy for n in nodes) / window / scale
+    return rc.demand(busy, tokens_per_s)
+
+
+def _shared_scale(demand: Callable[[float], float], rc: RayCost, tries: int = 10) -> float:
+    """The smallest stretch of every step at which the run's demand fits ``rc.cores`` (1.0 when
+    it fits at full speed): bisection, demand falling as the replicas slow down."""
+    first = demand(1.0)
+    if first <= rc.cores:
+        return 1.0
+    lo, hi = 1.0, first / rc.cores
+    while demand(hi) > rc.cores and hi < 64:
+        lo, hi = hi, 2 * hi
+    for _ in range(tries):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if demand(mid) > rc.cores else (lo, mid)
+    return hi
 
 
 def _start_from(placement: Sequence[Sequence[str]], nodes: list[_Replica], router: Router) -> None:
@@ -189,12 +266,11 @@ def _start_from(placement: Sequence[Sequence[str]], nodes: list[_Replica], route
     router.preplace({n.name: list(adapters) for n, adapters in zip(nodes, placement, strict=True)})
 
 
-def _replica(
-    name: str, workload: Workload, cost: CostModel, config: EngineConfig, stop: float, server: bool = True
-) -> _Replica:
+def _replica(name: str, setup: _Setup, scale: float) -> _Replica:
     """A fresh simulated engine with every adapter of the workload on its disk tier (shared storage)."""
-    engine = SimEngine(workload, cost, config, server=server)
-    return _Replica(name, SimBackend(engine), ReplayLog(workload, workload.duration, stop))
+    w = setup.workload
+    engine = SimEngine(w, setup.cost, setup.config, server=setup.server, ray=setup.ray, scale=scale)
+    return _Replica(name, SimBackend(engine), ReplayLog(w, w.duration, setup.stop))
 
 
 def _cluster_result(

@@ -369,6 +369,7 @@ class _Evaluator:
                 max_slots=slots,
                 drain=self.drain,
                 placement=self.placement(n).replicas,
+                shared=False,  # a replica per machine (or its own cores); Ray's per-token cost still counts
                 **self.knobs,
             )
             trial = ClusterTrial(

@@ -16,7 +16,9 @@ with more work) and fitted by non-negative least squares (:func:`fit_linear`).
 An optional ``server`` section (:class:`ServerCost`, measured by ``paradapt profile --server``)
 prices what the HTTP server adds: seconds per step and per streamed token on the engine's
 thread, and a per-request latency (HTTP, hand-off, the first chunk's delivery). Files without
-it load as before; the twin then predicts the in-process engine.
+it load as before; the twin then predicts the in-process engine. An optional ``ray`` section
+(:class:`RayCost`, fitted by :func:`paradapt.twin.ray_cost.fit_ray_cost`) prices what serving
+through Ray Serve adds to each replica, and the cores its processes share on one machine.
 
 The file (:meth:`CostModel.save`) carries a fingerprint of the machine and model it was
 measured on; :meth:`CostModel.check` warns, naming both, when it is used elsewhere.
@@ -235,6 +237,79 @@ class ServerCost:
 
 
 @dataclass
+class RayCost:
+    """What ``paradapt serve --replicas N`` adds to each replica, and what its processes take
+    from the cores they share (:func:`paradapt.twin.ray_cost.fit_ray_cost`).
+
+    * ``token``: engine seconds per streamed token, on top of ``server``'s: behind Ray Serve
+      each chunk also crosses the replica actor's streaming generator, whose threads take the
+      replica process's GIL from the engine thread;
+    * ``replica_cpu``: cores a busy replica process uses (its engine thread and Ray's threads);
+    * ``outside_cpu``: CPU seconds per processed token (prompt and output) outside the replicas:
+      the ingress, Ray's proxy, Serve's controller, the raylet, GCS and agents, and a load
+      client on the same machine;
+    * ``cores``: the cores all of them shared where measured. Replicas on one machine whose
+      demand (busy replicas x ``replica_cpu`` + ``outside_cpu`` x tokens/s) passes ``cores``
+      run that much slower (:func:`paradapt.twin.cluster.simulate_cluster`).
+    """
+
+    token: float = 0.0
+    replica_cpu: float = 1.0
+    outside_cpu: float = 0.0
+    cores: int = 1
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("token", "replica_cpu", "outside_cpu"):
+            raw = getattr(self, name)
+            try:
+                v = float(raw)
+            except (TypeError, ValueError):
+                v = math.nan
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"ray.{name}", f"must be a finite number >= 0, got {raw!r}")
+            setattr(self, name, v)
+        if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 1:
+            raise ConfigError("ray.cores", f"must be an integer >= 1, got {self.cores!r}")
+        self.fit = dict(self.fit)
+
+    def demand(self, busy: float, tokens_per_s: float) -> float:
+        """Cores wanted by ``busy`` replicas (busy replica-seconds per second) at ``tokens_per_s``."""
+        return busy * self.replica_cpu + self.outside_cpu * tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "replica_cpu": self.replica_cpu,
+            "outside_cpu": self.outside_cpu,
+            "cores": self.cores,
+            "fit": self.fit,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RayCost:
+        if not isinstance(d, Mapping):
+            raise TypeError(f"ray: expected an object, got {type(d).__name__}")
+        return cls(
+            token=d.get("token", 0.0),
+            replica_cpu=d.get("replica_cpu", 1.0),
+            outside_cpu=d.get("outside_cpu", 0.0),
+            cores=d.get("cores", 1),
+            fit=dict(d.get("fit", {})),
+        )
+
+    def describe(self) -> str:
+        lines = [
+            "Ray Serve (paradapt.twin.ray_cost):",
+            f"  per streamed token {self.token * 1e6:.1f} us more in a replica (engine time)",
+            f"  a busy replica uses {self.replica_cpu:.2f} cores; outside the replicas "
+            f"{self.outside_cpu * 1e6:.1f} us CPU per processed token; {self.cores} cores shared",
+        ]
+        lines += fit_lines(self.fit, lambda k: f"  {k.replace('_', ' ')}", "  fit")
+        return "\n".join(lines)
+
+
+@dataclass
 class CostModel:
     """Fitted costs: ``step`` coefficients by feature name, ``moves`` (a, b) per op, adapter sizes.
 
@@ -243,7 +318,8 @@ class CostModel:
     ``adapter_size`` maps a kind to (bytes per rank, fixed bytes) of an adapter on this model;
     ``kv_bytes_per_token`` is the KV cache's cost per token (for ``EngineConfig.device_memory``).
     ``submit`` and ``loop`` are the seconds to queue one request and one driver iteration.
-    ``server`` (optional) prices the HTTP server on top (:class:`ServerCost`).
+    ``server`` (optional) prices the HTTP server on top (:class:`ServerCost`), ``ray``
+    (optional) Ray Serve's replicas on top of that (:class:`RayCost`).
     """
 
     step: dict[str, float]
@@ -255,6 +331,7 @@ class CostModel:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
     server: ServerCost | None = None
+    ray: RayCost | None = None
 
     def __post_init__(self) -> None:
         self.kinds = tuple(sorted(self.adapter_size))
@@ -338,7 +415,7 @@ class CostModel:
 
     # -- files ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The file's content; ``server`` only when measured (an older file's hash stays the same)."""
+        """The file's content; ``server`` and ``ray`` only when measured (an older file's hash stays the same)."""
         d = {
             "format": FORMAT,
             "step": self.step,
@@ -352,6 +429,8 @@ class CostModel:
         }
         if self.server is not None:
             d["server"] = self.server.to_dict()
+        if self.ray is not None:
+            d["ray"] = self.ray.to_dict()
         return d
 
     @classmethod
@@ -369,6 +448,7 @@ class CostModel:
                 fingerprint=dict(d.get("fingerprint", {})),
                 fit=dict(d.get("fit", {})),
                 server=None if d.get("server") is None else ServerCost.from_dict(d["server"]),
+                ray=None if d.get("ray") is None else RayCost.from_dict(d["ray"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError("cost", f"{source}: malformed cost model ({type(e).__name__}: {e})") from None
@@ -424,6 +504,8 @@ class CostModel:
         lines += fit_lines(self.fit, lambda k: f"step-time fit, {k}", "profile")
         if self.server is not None:
             lines.append(self.server.describe())
+        if self.ray is not None:
+            lines.append(self.ray.describe())
         return "\n".join(lines)
 
 

@@ -30,7 +30,11 @@ each finished request's handle (arrival, first token) reaches a request log
 (:class:`EngineTimes`, in the place of ``paradapt serve --request-log``'s file), paired with
 the client's request by its prompt (each prompt is unique). Client times come from the load
 client (:func:`paradapt.bench.send`, what ``paradapt bench`` runs): open loop, streaming
-``/v1/completions`` with token-id prompts and ``ignore_eos``.
+``/v1/completions`` with token-id prompts and ``ignore_eos``, **in a child process** (a real
+client is elsewhere). In this process its per-token work (reading every streamed chunk) took the
+GIL from the engine thread: the fitted per-token cost came out 0.4-0.56 ms, and the twin priced
+a plain ``paradapt serve`` 16-21 % below what it served (``benchmarks/serve_cluster.py``,
+``no Ray``, Zen 4 VM, 2026-12-07).
 
 The library never imports the HTTP layer (tests/test_layout.py): the caller passes ``serve``,
 which runs the engine behind the app and yields its URL (``paradapt.cli.serve.serve_engine``).
@@ -40,12 +44,13 @@ Torch threads are the process's (``paradapt profile --threads``), as ``paradapt 
 from __future__ import annotations
 
 import bisect
+import multiprocessing
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import median
@@ -59,7 +64,7 @@ from .costmodel import CostModel, ServerCost, errors, fit_linear
 from .profile import build_adapter_root, clear_adapters
 
 if TYPE_CHECKING:
-    from ..bench import Outcome
+    from ..bench import BenchConfig, Outcome
     from ..serve.engine import RequestHandle
 
 #: Runs an engine behind the HTTP app and yields the server's base URL; the second argument is
@@ -208,12 +213,26 @@ def capacity(cost: CostModel, spec: WorkloadSpec, n: int, config: EngineConfig) 
     return len(burst.requests) / max(float(r.extra["busy_seconds"]), 1e-9)
 
 
-def run_phase(engine: Engine, url: str, workload: Workload, vocab: int, seed: int) -> Phase:
+#: Sends a workload with the load client and returns each request's outcome (:func:`client`).
+Send = Callable[[Workload, "BenchConfig"], "dict[int, Outcome]"]
+
+
+@contextmanager
+def client() -> Iterator[Send]:
+    """:func:`paradapt.bench.send` in one child process (spawned: this process runs threads),
+    kept for every phase; the child imports the client on the first call (the warm-up phase)."""
+    from ..bench import send
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        yield lambda workload, config: pool.apply(send, (workload, config))[0]
+
+
+def run_phase(engine: Engine, url: str, workload: Workload, vocab: int, seed: int, send: Send) -> Phase:
     """Send ``workload`` with the load client; the engine steps traced meanwhile."""
-    from ..bench import BenchConfig, send
+    from ..bench import BenchConfig
 
     first = len(engine.trace)
-    outcomes, _ = send(workload, BenchConfig(url=url, vocab_size=vocab, seed=seed, progress=False))
+    outcomes = send(workload, BenchConfig(url=url, vocab_size=vocab, seed=seed, progress=False))
     failed = sorted({o.status for o in outcomes.values() if o.status != "ok"})
     if failed:
         raise ParadaptError(f"profile --server: requests failed over HTTP ({', '.join(failed)})")
@@ -301,8 +320,8 @@ def measure(
         engine = Engine(model, root, config, tokenizer=tokenizer, clock=time.perf_counter)
         engine.enable_trace()
         times = EngineTimes()
-        with serve(engine, times) as url:
-            phases = [run_phase(engine, url, w, model.config.vocab_size, seed) for w in workloads]
+        with serve(engine, times) as url, client() as send:
+            phases = [run_phase(engine, url, w, model.config.vocab_size, seed, send) for w in workloads]
         return phases, times, sorted(t.start for t in engine.trace)
     finally:
         clear_adapters(model)

@@ -21,6 +21,10 @@ What it models:
   ``server=False`` ignores it): each step costs ``step + token x tokens emitted`` more, and each
   request's first token and finish come ``request`` seconds later (a latency, not engine time).
 
+Behind Ray Serve (:func:`paradapt.twin.cluster.simulate_cluster`): ``ray`` (the cost model's
+``ray`` section) adds its per-token time to every step, and ``scale`` stretches every step and
+move (replicas slowed by sharing a machine's cores).
+
 What it does not: EOS (every request generates its full output length, as the benchmark's
 ``ignore_eos`` requests do), failing adapter folders, when in its latency a request reaches
 the engine (the server's ``request`` is added at the end, so it never changes which step a
@@ -39,7 +43,7 @@ from ..serve.cache import CacheStats, Move
 from ..serve.core import EngineConfig, ServeCore, memory_split, scheduler_config, step_shape
 from ..serve.scheduler import Request, ScheduledStep
 from ..serve.workload import Workload, WorkloadRequest, WorkloadSpec
-from .costmodel import CostModel
+from .costmodel import CostModel, RayCost
 from .metrics import TwinResult, summarize
 from .prefix_cache import PrefixCacheModel, page_keys
 from .replay import replay
@@ -51,13 +55,26 @@ ENGINE_KNOBS = tuple(f.name for f in fields(EngineConfig) if f.name not in ("max
 class SimEngine(ServeCore):
     """A :class:`ServeCore` on a simulated clock; ``step`` advances it by the cost model.
 
-    ``server``: price the HTTP server with the cost model's ``server`` section, if it has one.
+    ``server``: price the HTTP server with the cost model's ``server`` section, if it has one;
+    ``ray``: also price a Ray Serve replica (:class:`~paradapt.twin.costmodel.RayCost`);
+    ``scale``: every step and move takes this many times its modelled time (shared cores).
     """
 
-    def __init__(self, workload: Workload, cost: CostModel, config: EngineConfig, *, server: bool = True):
+    def __init__(
+        self,
+        workload: Workload,
+        cost: CostModel,
+        config: EngineConfig,
+        *,
+        server: bool = True,
+        ray: RayCost | None = None,
+        scale: float = 1.0,
+    ):
         self.t = 0.0
         self.cost = cost
         self.server = cost.server if server else None
+        self.ray = ray
+        self.scale = scale
         self.info = {a.name: (a.kind, a.rank) for a in workload.adapters}
         self.sizes = {a.name: cost.adapter_bytes(a.kind, a.rank) for a in workload.adapters}
         split = memory_split(config, cost.kv_bytes_per_token, max(self.sizes.values(), default=0))
@@ -95,7 +112,7 @@ class SimEngine(ServeCore):
         return self.t
 
     def _load(self, move: Move) -> None:
-        dt = self.cost.move_time(move.op, move.size)
+        dt = self.cost.move_time(move.op, move.size) * self.scale
         self.t += dt
         self.busy += dt
         self._loads += move.op == "load_device"
@@ -163,6 +180,9 @@ class SimEngine(ServeCore):
         dt = self.cost.step_time(shape, self.info)
         if self.server is not None:
             dt += self.server.step_time(shape.samplers)  # every sampled token is streamed
+        if self.ray is not None:
+            dt += self.ray.token * shape.samplers
+        dt *= self.scale
         self.t += dt
         self.busy += dt
         seen = self.t + (self.server.request if self.server is not None else 0.0)  # what the client sees
