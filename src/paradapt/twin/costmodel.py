@@ -36,7 +36,7 @@ import platform
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,31 @@ def featurize(
     return f
 
 
+def _non_negative(section: Any, name: str, fields_: Sequence[str]) -> None:
+    """Each of ``fields_`` of a cost section as a float, or a ConfigError naming ``name.field``."""
+    for f in fields_:
+        raw = getattr(section, f)
+        try:
+            v = float(raw)
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{name}.{f}", f"must be a finite number >= 0, got {raw!r}")
+        setattr(section, f, v)
+
+
+def _section_dict(section: Any) -> dict[str, Any]:
+    """A cost section's fields, as its file stores them."""
+    return {f.name: getattr(section, f.name) for f in fields(section)}
+
+
+def _section_from(cls: type, d: Mapping[str, Any], name: str) -> Any:
+    """A cost section from its file's object; absent fields keep their defaults."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{name}: expected an object, got {type(d).__name__}")
+    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
 @dataclass
 class ServerCost:
     """What ``paradapt serve`` adds to the in-process engine (``paradapt profile --server``).
@@ -187,15 +212,7 @@ class ServerCost:
     fit: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("request", "step", "token"):
-            raw = getattr(self, name)
-            try:
-                v = float(raw)
-            except (TypeError, ValueError):
-                v = math.nan
-            if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"server.{name}", f"must be a finite number >= 0, got {raw!r}")
-            setattr(self, name, v)
+        _non_negative(self, "server", ("request", "step", "token"))
         if isinstance(self.requests, bool) or not isinstance(self.requests, int) or self.requests < 0:
             raise ConfigError("server.requests", f"must be an integer >= 0, got {self.requests!r}")
         self.fit = dict(self.fit)
@@ -205,25 +222,11 @@ class ServerCost:
         return self.step + self.token * emitted
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "request": self.request,
-            "step": self.step,
-            "token": self.token,
-            "requests": self.requests,
-            "fit": self.fit,
-        }
+        return _section_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ServerCost:
-        if not isinstance(d, Mapping):
-            raise TypeError(f"server: expected an object, got {type(d).__name__}")
-        return cls(
-            request=d.get("request", 0.0),
-            step=d.get("step", 0.0),
-            token=d.get("token", 0.0),
-            requests=d.get("requests", 0),
-            fit=dict(d.get("fit", {})),
-        )
+        return _section_from(cls, d, "server")
 
     def describe(self) -> str:
         """One line per term, for :meth:`CostModel.describe`."""
@@ -260,15 +263,7 @@ class RayCost:
     fit: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("token", "replica_cpu", "outside_cpu"):
-            raw = getattr(self, name)
-            try:
-                v = float(raw)
-            except (TypeError, ValueError):
-                v = math.nan
-            if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"ray.{name}", f"must be a finite number >= 0, got {raw!r}")
-            setattr(self, name, v)
+        _non_negative(self, "ray", ("token", "replica_cpu", "outside_cpu"))
         if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 1:
             raise ConfigError("ray.cores", f"must be an integer >= 1, got {self.cores!r}")
         self.fit = dict(self.fit)
@@ -278,25 +273,11 @@ class RayCost:
         return busy * self.replica_cpu + self.outside_cpu * tokens_per_s
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "token": self.token,
-            "replica_cpu": self.replica_cpu,
-            "outside_cpu": self.outside_cpu,
-            "cores": self.cores,
-            "fit": self.fit,
-        }
+        return _section_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RayCost:
-        if not isinstance(d, Mapping):
-            raise TypeError(f"ray: expected an object, got {type(d).__name__}")
-        return cls(
-            token=d.get("token", 0.0),
-            replica_cpu=d.get("replica_cpu", 1.0),
-            outside_cpu=d.get("outside_cpu", 0.0),
-            cores=d.get("cores", 1),
-            fit=dict(d.get("fit", {})),
-        )
+        return _section_from(cls, d, "ray")
 
     def describe(self) -> str:
         lines = [
