@@ -99,6 +99,8 @@ def test_bad_flag_values_are_usage_errors_naming_the_flag(workload, capsys, flag
         (["--replicas", "auto"], "--target-throughput"),
         (["--target-throughput", "100"], "--replicas"),
         (["--json", "x.json"], "--replicas"),
+        (["--one-machine"], "--replicas"),
+        (["--replicas", "2", "--one-machine"], "profile-ray"),  # the shipped cost model has no ray section
         (["--replicas", "2", "--check"], "--check"),
     ],
 )

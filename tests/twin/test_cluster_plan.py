@@ -164,3 +164,19 @@ def test_bad_plan_arguments_are_config_errors():
     empty = dataclasses.replace(SPEC, rate=1e-3, duration=1.0)
     with pytest.raises(ConfigError, match="workload"):
         plan_cluster(empty, COST, replicas=1)
+
+
+def test_one_machine_shares_the_measured_cores_and_needs_the_ray_section():
+    from paradapt.twin.costmodel import CostModel, RayCost, ServerCost
+
+    d = COST.to_dict()
+    d["server"] = ServerCost(token=1e-4).to_dict()
+    d["ray"] = RayCost(token=1e-4, replica_cpu=1.0, outside_cpu=0.004, cores=2).to_dict()
+    priced = CostModel.from_dict(d)
+    target = 1500.0  # more than two replicas on two cores can serve with Ray's processes beside them
+    apart = plan_cluster(SPEC, priced, replicas=4, target=target, **KNOBS)
+    shared = plan_cluster(SPEC, priced, replicas=4, target=target, one_machine=True, **KNOBS)
+    assert apart.result.slowdown == 1.0 and shared.result.slowdown > 1.0
+    assert shared.result.result.throughput < apart.result.result.throughput
+    with pytest.raises(ConfigError, match="one_machine"):
+        plan_cluster(SPEC, COST, replicas=2, one_machine=True, **KNOBS)

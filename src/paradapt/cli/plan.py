@@ -150,6 +150,13 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
         help=f"cluster twin runs the plan may spend (default: {CLUSTER_MAX_RUNS}; --refine of them "
         f"refine the knobs, default {CLUSTER_REFINE_EVALS} with --replicas)",
     )
+    g.add_argument(
+        "--one-machine",
+        action="store_true",
+        help="the replicas share this machine's cores with Ray's own processes (paradapt serve "
+        "--replicas N on one host); needs the cost file's ray section (paradapt profile-ray). "
+        "Default: a replica per machine",
+    )
     g.add_argument("--json", metavar="FILE", help="also save the cluster plan as JSON")
 
 
@@ -160,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("refine", f"must be 0 or more, got {args.refine}")
     if args.replicas is not None:
         return run_cluster(args)
-    for flag in ("target_throughput", "json"):
-        if getattr(args, flag) is not None:
+    for flag in ("target_throughput", "json", "one_machine"):
+        if getattr(args, flag) not in (None, False):
             raise ConfigError(flag, f"--{flag.replace('_', '-')} plans a cluster: give --replicas N|auto too")
     if args.refine is None:
         args.refine = REFINE_EVALS
@@ -252,6 +259,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
         max_runs=args.max_runs,
         refine_evals=refine_evals,
+        one_machine=args.one_machine,
         **knobs_from_args(args),
     )
     print(f"workload {describe_workload(args.workload, workload)}")

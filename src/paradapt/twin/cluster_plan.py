@@ -322,8 +322,10 @@ class _Evaluator:
         max_share: float,
         router_options: Mapping[str, Any],
         knobs: Mapping[str, Any],
+        shared: bool = False,
     ):
         self.workload, self.cost, self.loads = workload, cost, loads
+        self.shared = shared
         self.budget, self.drain, self.seed, self.max_share = max_runs, drain, seed, max_share
         self.router_options, self.knobs = dict(router_options), dict(knobs)
         self.placements: dict[int, Placement] = {}
@@ -369,7 +371,7 @@ class _Evaluator:
                 max_slots=slots,
                 drain=self.drain,
                 placement=self.placement(n).replicas,
-                shared=False,  # a replica per machine (or its own cores); Ray's per-token cost still counts
+                shared=self.shared,
                 **self.knobs,
             )
             trial = ClusterTrial(
@@ -429,6 +431,7 @@ def plan_cluster(
     seed: int = 0,
     max_share: float = MAX_SHARE,
     router_options: Mapping[str, Any] | None = None,
+    one_machine: bool = False,
     **knobs: Any,
 ) -> ClusterPlan:
     """Plan a cluster for ``workload`` (module docstring): ``replicas=N`` plans for N replicas;
@@ -437,7 +440,18 @@ def plan_cluster(
     as given). ``max_runs``: cluster twin runs at most (the capacity probe of a search is one
     more), of which ``refine_evals`` for the knobs; ``drain``: seconds each run continues after
     the window (default: a quarter of it); ``router_options``: :class:`AdapterRouter`'s keyword
-    arguments; ``knobs``: the other engine knobs (:class:`~paradapt.serve.core.EngineConfig`)."""
+    arguments; ``knobs``: the other engine knobs (:class:`~paradapt.serve.core.EngineConfig`).
+
+    Replicas get cores of their own (a replica per machine) unless ``one_machine``: then they
+    share the cores of the machine the cost model's ``ray`` section was measured on
+    (``paradapt serve --replicas N`` on one host; :func:`~paradapt.twin.cluster.simulate_cluster`'s
+    ``shared``), which that section must exist for. Either way a ``ray`` section prices Ray's
+    per-token time in each replica."""
+    if one_machine and cost.ray is None:
+        raise ConfigError(
+            "one_machine",
+            "replicas sharing one machine's cores need the cost model's ray section (paradapt profile-ray)",
+        )
     if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1):
         raise ConfigError("replicas", f"must be an integer >= 1, got {replicas!r}")
     if replicas is None and target is None:
@@ -467,6 +481,7 @@ def plan_cluster(
         max_share=max_share,
         router_options=router_options or {},
         knobs=knobs,
+        shared=one_machine,
     )
     probe = False
     if replicas is None:
