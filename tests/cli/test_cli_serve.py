@@ -267,6 +267,18 @@ def test_chat_template_flag_serves_chat_and_without_a_template_chat_is_400(llama
         serve_cli.build_server_app(missing)
 
 
+def _wait_queued(url: str, n: int, timeout: float = 30.0) -> None:
+    """Until the server's ``paradapt_queue_length`` gauge says ``n`` requests wait."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        gauge = [ln.split()[-1] for ln in text.splitlines() if ln.startswith("paradapt_queue_length")]
+        if gauge and float(gauge[0]) == n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{n} requests never waited in the queue")
+
+
 def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path):
     """More work than ``--shutdown-timeout 0`` allows: every non-streamed request gets a 503 with
     an OpenAI error body (not uvicorn's plain-text 500), every stream ends with
@@ -281,6 +293,7 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)  # stories260K's tokenizer has none; chat without one is a 400
     cmd += ["--threads", "1", "--shutdown-timeout", "0", "--no-access-log", "--chat-template", str(template)]
+    cmd += ["--max-running", "2"]  # the two streams run; the three posts wait behind them
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -298,8 +311,6 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
             )
             for _ in range(3)
         ]
-        for t in posts:
-            t.start()
         streams = []
         with (
             httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as a,
@@ -309,6 +320,9 @@ def test_sigterm_past_the_drain_answers_every_request_in_openais_shape(tmp_path)
         ):
             lines = [a.iter_lines(), b.iter_lines()]
             firsts = [next(x for x in it if x.startswith("data: ")) for it in lines]
+            for t in posts:  # queued behind the running streams: none can finish before SIGTERM
+                t.start()
+            _wait_queued(url, 3)
             proc.send_signal(signal.SIGTERM)
             for first, it in zip(firsts, lines, strict=True):
                 streams.append([first, *(ln for ln in it if ln.startswith("data: "))])
