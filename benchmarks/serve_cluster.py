@@ -54,6 +54,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_load  # noqa: E402  (the same model and adapter folders as the load benchmark)
 
+from paradapt.cluster.profile import cpu_with_client, served_tokens  # noqa: E402
 from paradapt.serve.process import ServerProcess  # noqa: E402
 from paradapt.serve.workload import WorkloadSpec  # noqa: E402
 
@@ -149,18 +150,6 @@ def replica_pid(name: str) -> int | None:
     return None
 
 
-def cpu_seconds(server_pid: int) -> dict[str, float]:
-    """CPU seconds used so far by role: each replica and the ingress (their Ray actor processes),
-    ``ray`` (the rest of the server's process tree; for ``no Ray`` the whole server;
-    :func:`paradapt.cluster.cpu.cpu_by_role`) and ``client`` (this process: the load client)."""
-    import resource
-
-    from paradapt.cluster.cpu import cpu_by_role
-
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    return {**cpu_by_role(server_pid), "client": me.ru_utime + me.ru_stime}
-
-
 def cpu_per_token(before: dict, after: dict, wall: float, tokens: int) -> dict:
     """Each role's CPU over the load (cores busy on average, and ms per processed token)."""
     roles = sorted(set(before) | set(after))
@@ -195,9 +184,9 @@ def run(a, label: str, replicas: int, router: str, alpha: float, model: Path, ro
         started = time.monotonic() - t0
         if kill:
             threading.Thread(target=_kill_later, args=(a.kill_at * a.duration, killed), daemon=True).start()
-        cpu0, w0 = cpu_seconds(server.proc.pid), time.monotonic()
+        cpu0, w0 = cpu_with_client(server.proc.pid), time.monotonic()
         result, outcomes = drive(server.url, workload, a)
-        cpu1, wall = cpu_seconds(server.proc.pid), time.monotonic() - w0
+        cpu1, wall = cpu_with_client(server.proc.pid), time.monotonic() - w0
         metrics = scrape(server.url)
         if kill:
             killed["back_s"] = _wait_back(server.url, "replica-0", killed.get("at", time.monotonic()))
@@ -205,10 +194,8 @@ def run(a, label: str, replicas: int, router: str, alpha: float, model: Path, ro
     finally:
         rc = server.stop()
     row = summarize(label, replicas, router, alpha, result, outcomes, served_by_adapter(workload, outcomes), metrics)
-    served = sum(r.prompt_len + r.output_len for r in workload.requests
-                 if r.id in outcomes and outcomes[r.id].status == "ok")  # fmt: skip
     row.update(start_s=started, exit_status=rc, killed=killed if kill else None,
-               cpu=cpu_per_token(cpu0, cpu1, wall, served))  # fmt: skip
+               cpu=cpu_per_token(cpu0, cpu1, wall, served_tokens(workload, outcomes)))  # fmt: skip
     return row
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +28,7 @@ from ..twin.ray_cost import RayRun
 from .cpu import cpu_by_role
 
 if TYPE_CHECKING:
-    from ..bench import BenchConfig
+    from ..bench import BenchConfig, Outcome
     from ..serve.workload import Workload
     from ..twin.metrics import TwinResult
 
@@ -47,17 +47,13 @@ def measure_replica(
     try:
         server.wait_healthy(timeout=START_TIMEOUT)
         config = replace(config, url=server.url)
-        before, t0 = _cpu(server.proc.pid), time.monotonic()
+        before, t0 = cpu_with_client(server.proc.pid), time.monotonic()
         outcomes, duration = send(workload, config, source="profile-ray")
-        after, wall = _cpu(server.proc.pid), time.monotonic() - t0
+        after, wall = cpu_with_client(server.proc.pid), time.monotonic() - t0
     finally:
         server.stop()
     result = result_of(workload, config, outcomes, duration)
-    served = sum(
-        r.prompt_len + r.output_len
-        for r in workload.requests
-        if r.id in outcomes and outcomes[r.id].status == "ok"
-    )
+    served = served_tokens(workload, outcomes)
     if served == 0:
         raise ConfigError("workload", f"the replica served none of its {len(workload.requests)} requests")
     cpu = {role: after.get(role, 0.0) - before.get(role, 0.0) for role in after}
@@ -76,7 +72,17 @@ def check_saturated(run: RayRun, workload: Workload) -> None:
         )
 
 
-def _cpu(pid: int) -> dict[str, float]:
-    """CPU seconds so far by role of the server's tree, and this process (the load client)."""
+def cpu_with_client(pid: int) -> dict[str, float]:
+    """CPU seconds so far by role of the server's tree under ``pid``, and ``client``: this
+    process (the load client)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     return {**cpu_by_role(pid), "client": me.ru_utime + me.ru_stime}
+
+
+def served_tokens(workload: Workload, outcomes: Mapping[int, Outcome]) -> int:
+    """Prompt and output tokens of the requests served in full (what the CPU time was spent on)."""
+    return sum(
+        r.prompt_len + r.output_len
+        for r in workload.requests
+        if r.id in outcomes and outcomes[r.id].status == "ok"
+    )

@@ -185,7 +185,8 @@ def simulate_cluster(
     setup = _Setup(workload, cost, config, workload.duration + drain, server, rc, placement, stats_period)
 
     def trial(scale: float) -> float:  # on a copy: tries leave the caller's router untouched
-        return _demand(rc, _run(setup, replicas, copy.deepcopy(router), scale), workload, scale)
+        nodes = _run(setup, replicas, copy.deepcopy(router), scale)
+        return _demand(rc, nodes, summarize(_merge([n.log for n in nodes], workload)).throughput, scale)
 
     scale = _shared_scale(trial, rc) if rc is not None and shared else 1.0
     nodes = _run(setup, replicas, router, scale)
@@ -193,7 +194,7 @@ def simulate_cluster(
     result.sim_seconds = time.perf_counter() - t0
     result.slowdown = scale
     if rc is not None:
-        result.cores_used = _demand(rc, nodes, workload, scale)
+        result.cores_used = _demand(rc, nodes, result.result.throughput, scale)
     return result
 
 
@@ -232,12 +233,10 @@ def _run(setup: _Setup, replicas: int, router: Router, scale: float) -> list[_Re
     return nodes
 
 
-def _demand(rc: RayCost, nodes: list[_Replica], workload: Workload, scale: float) -> float:
+def _demand(rc: RayCost, nodes: list[_Replica], tokens_per_s: float, scale: float) -> float:
     """Cores the run wants in its window: its replicas' busy share (each at ``1 / scale`` of its
     speed) times a busy replica's cores, and Ray's other processes for its tokens/s."""
-    window = workload.duration
-    tokens_per_s = summarize(_merge([n.log for n in nodes], workload)).throughput
-    busy = sum(n.busy for n in nodes) / window / scale
+    busy = sum(n.busy for n in nodes) / nodes[0].log.window / scale
     return rc.demand(busy, tokens_per_s)
 
 
@@ -247,13 +246,21 @@ def _shared_scale(demand: Callable[[float], float], rc: RayCost, tries: int = 10
     first = demand(1.0)
     if first <= rc.cores:
         return 1.0
-    lo, hi = 1.0, first / rc.cores
-    while demand(hi) > rc.cores and hi < 64:
+    return crossing(demand, rc.cores, 1.0, first / rc.cores, tries=tries, limit=64.0)[1]
+
+
+def crossing(
+    f: Callable[[float], float], level: float, lo: float, hi: float, *, tries: int, limit: float
+) -> tuple[float, float]:
+    """Where ``f``, falling as its argument grows and above ``level`` at ``lo``, comes down to
+    ``level``: ``hi`` doubles (up to ``limit``) until ``f(hi) <= level``, then ``tries`` halvings
+    of the bracket; returns it (``f`` above ``level`` at its low end, not at its high end)."""
+    while f(hi) > level and hi < limit:
         lo, hi = hi, 2 * hi
     for _ in range(tries):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if demand(mid) > rc.cores else (lo, mid)
-    return hi
+        lo, hi = (mid, hi) if f(mid) > level else (lo, mid)
+    return lo, hi
 
 
 def _start_from(placement: Sequence[Sequence[str]], nodes: list[_Replica], router: Router) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
+from .cluster import crossing
 from .costmodel import CostModel, RayCost
 
 #: CPU roles: each replica's actor process is named by its deployment ("replica-0"), the
@@ -100,12 +101,7 @@ def fit_ray_cost(
 
     without = predict(0.0)
     if without > run.throughput:
-        lo, hi = 0.0, 1e-4
-        while predict(hi) > run.throughput and hi < 1.0:
-            lo, hi = hi, 2 * hi
-        for _ in range(tries):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if predict(mid) > run.throughput else (lo, mid)
+        crossing(predict, run.throughput, 0.0, 1e-4, tries=tries, limit=1.0)
     # the twin's throughput moves in steps (whole tokens in the window): the closest try wins
     token = min(tried, key=lambda t: (abs(tried[t] - run.throughput), t))
     fit = {

@@ -32,9 +32,9 @@ the client's request by its prompt (each prompt is unique). Client times come fr
 client (:func:`paradapt.bench.send`, what ``paradapt bench`` runs): open loop, streaming
 ``/v1/completions`` with token-id prompts and ``ignore_eos``, **in a child process** (a real
 client is elsewhere). In this process its per-token work (reading every streamed chunk) took the
-GIL from the engine thread: the fitted per-token cost came out 0.4-0.56 ms, and the twin priced
-a plain ``paradapt serve`` 16-21 % below what it served (``benchmarks/serve_cluster.py``,
-``no Ray``, Zen 4 VM, 2026-12-07).
+GIL from the engine thread: two profiles taken so priced a plain ``paradapt serve`` 15-22 %
+below what it served, three with the client in a child process within 0-2.4 %
+(``benchmarks/serve_cluster.py``, ``no Ray``, Zen 4 VM, 2026-12-07).
 
 The library never imports the HTTP layer (tests/test_layout.py): the caller passes ``serve``,
 which runs the engine behind the app and yields its URL (``paradapt.cli.serve.serve_engine``).
