@@ -1,16 +1,17 @@
-"""The few-rows C++ kernel for the model's linear layers against ``F.linear`` (issue 17).
+"""The model's linear layers: the few-rows C++ kernel and oneDNN prepacked weights against ``F.linear`` (issue 17).
 
 ``paradapt.serve.layer_gemm`` (the engine's ``layer_gemm``) multiplies a step's rows by each
-plain float32 ``nn.Linear`` with ``csrc/few_rows.cpp`` when the step has few rows, up to the row
-count where a measurement at engine start finds it faster than MKL's sgemm. Two parts:
+plain float32 ``nn.Linear`` with ``csrc/few_rows.cpp`` or with a weight prepacked for oneDNN,
+each where a measurement at engine start finds it faster than MKL's sgemm. Two parts:
 
-* ``products``: per weight shape of the model, ``F.linear`` against the kernel at 1-64 rows,
-  timed over all of the model's linear layers in order (as a step meets them: the weights stream
-  from memory; the sweeps ``auto`` decides with), median of 7 interleaved sweeps; ratios > 1 mean
-  the kernel is faster;
-* ``steps``: two engines on the same model, ``layer_gemm="linear"`` and ``"auto"``, with 1, 4, 8,
-  16 and 32 base-model requests decoding at once; rounds alternate the order; the median decode
-  step of each and whether their greedy tokens agree.
+* ``products``: per weight shape of the model, ``F.linear`` against the kernel (1-64 rows) and
+  against the packed weight (1-512 rows), timed over all of the model's linear layers in order
+  (as a step meets them: the weights stream from memory; the sweeps ``auto`` decides with),
+  median of 7 interleaved sweeps; ratios > 1 mean the other product is faster;
+* ``steps``: one engine per ``--modes`` entry on the same model (default ``linear``, ``kernel``,
+  ``packed``, ``auto``), with 1, 4, 8, 16 and 32 base-model requests decoding at once; rounds
+  rotate the order; the median decode step of each, its ratio to the first mode's, and whether
+  its greedy tokens equal the first mode's.
 
     python benchmarks/layer_gemm.py --model random --rounds 8
     python benchmarks/layer_gemm.py --model smollm2-135m-instruct --rounds 8
@@ -41,7 +42,7 @@ from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.serve.sampling import SamplingParams
 from paradapt.twin.profile import build_model
 
-ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 512)
 
 
 def load(name: str) -> torch.nn.Module:
@@ -53,32 +54,44 @@ def load(name: str) -> torch.nn.Module:
 
 
 def part_products(model: torch.nn.Module, repeats: int = 7) -> None:
-    """Per weight shape, F.linear's time over the model's layers in order / the kernel's (the
-    sweeps auto measures with: the weights stream from memory as in a step), median of
-    ``repeats`` interleaved sweeps."""
+    """Per weight shape, F.linear's time over the model's layers in order / the kernel's and /
+    the packed weight's (the sweeps auto measures with: the weights stream from memory as in a
+    step), median of ``repeats`` interleaved sweeps."""
     ext = layer_gemm.load()
     found = layer_gemm.layers(model)
+    packs = {id(m.weight): layer_gemm.pack(m.weight) for m in found}
+    others = {
+        "kernel": lambda x, w: ext.few_rows_linear(x, w, None),
+        "packed": lambda x, w: layer_gemm.packed_linear(x, packs[id(w)], None),
+    }
     shapes = sorted({tuple(m.weight.shape) for m in found})
     mb = sum(m.weight.numel() * 4 for m in found) / 1e6
     print(
-        f"products over the model's {len(found)} linear layers ({mb:.0f} MB), F.linear / kernel (> 1: the kernel is faster)"
+        f"products over the model's {len(found)} linear layers ({mb:.0f} MB), F.linear / other (> 1: the other is faster)"
     )
-    print("  out x in     " + " ".join(f"{r:>6d}" for r in ROWS))
+    print("  product  out x in     " + " ".join(f"{r:>6d}" for r in ROWS))
     gen = torch.Generator().manual_seed(0)
-    ratios = {s: [] for s in shapes}
+    ratios = {(p, s): [] for p in others for s in shapes}
     with torch.no_grad():
         for rows in ROWS:
             xs = {k: torch.randn(rows, k, generator=gen) for k in {m.in_features for m in found}}
-            plain, ours = [], []
+            timed = [p for p in others if p != "kernel" or rows <= layer_gemm.KERNEL_TIMED_ROWS]
+            spent = {p: [] for p in ["linear", *timed]}
             for _ in range(repeats):
-                plain.append(layer_gemm.sweep(found, xs, F.linear))
-                ours.append(layer_gemm.sweep(found, xs, lambda x, w: ext.few_rows_linear(x, w, None)))
-            for s in shapes:
-                ratios[s].append(
-                    statistics.median(t[s] for t in plain) / statistics.median(t[s] for t in ours)
-                )
-    for s in shapes:
-        print(f"  {s[0]:>4d} x {s[1]:<5d} " + " ".join(f"{r:6.2f}" for r in ratios[s]))
+                spent["linear"].append(layer_gemm.sweep(found, xs, F.linear))
+                for p in timed:
+                    spent[p].append(layer_gemm.sweep(found, xs, others[p]))
+            for p in others:
+                for s in shapes:
+                    ratio = (
+                        statistics.median(t[s] for t in spent["linear"])
+                        / statistics.median(t[s] for t in spent[p])
+                        if p in spent
+                        else float("nan")
+                    )
+                    ratios[(p, s)].append(ratio)
+    for (p, s), r in ratios.items():
+        print(f"  {p:<8} {s[0]:>4d} x {s[1]:<5d} " + " ".join(f"{v:6.2f}" for v in r))
 
 
 def engine(model, root: Path, mode: str, requests: int, tokens: int) -> Engine:
@@ -94,37 +107,41 @@ def engine(model, root: Path, mode: str, requests: int, tokens: int) -> Engine:
     return eng
 
 
-def compare(engines: dict[str, Engine], rounds: int, steps: int) -> tuple[float, float, bool]:
-    """Median step times of the two engines (rounds alternate their order), and whether their
-    greedy tokens agree."""
+def compare(engines: dict[str, Engine], rounds: int, steps: int) -> dict[str, tuple[float, bool]]:
+    """Per engine, its median step time (rounds rotate the order) and whether its greedy tokens
+    equal the first engine's."""
     times: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
     for r in range(rounds):
-        for name in list(engines)[:: 1 if r % 2 else -1]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             for _ in range(steps):
                 engines[name].step()
             times[name].append((time.perf_counter() - t0) / steps)
-    a, b = engines.values()
-    same = [h.tokens for h in a.handles.values()] == [h.tokens for h in b.handles.values()]
-    first, second = (statistics.median(t) for t in times.values())
-    return first, second, same
+    first = [h.tokens for h in engines[names[0]].handles.values()]
+    return {
+        name: (statistics.median(times[name]), [h.tokens for h in e.handles.values()] == first)
+        for name, e in engines.items()
+    }
 
 
-def part_steps(model: torch.nn.Module, rounds: int, steps: int) -> None:
+def part_steps(model: torch.nn.Module, rounds: int, steps: int, modes: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="layer_gemm-"))
-    print(f"decode step, base model (median of {rounds} rounds of {steps} steps)")
+    print(
+        f"decode step, base model (median of {rounds} rounds of {steps} steps); x: {modes[0]}'s time / the mode's"
+    )
     for requests in (1, 4, 8, 16, 32):
-        engines = {
-            mode: engine(model, root, mode, requests, rounds * steps + 8) for mode in ("linear", "auto")
-        }
+        engines = {mode: engine(model, root, mode, requests, rounds * steps + 8) for mode in modes}
         if requests == 1:
-            auto = engines["auto"]
-            print(f"  auto uses: {auto.layer_gemm} {auto.runner.layer_product.row_range}")
-        a, b, same = compare(engines, rounds, steps)
-        print(
-            f"  {requests:2d} requests: linear {1e3 * a:6.1f} ms, auto {1e3 * b:6.1f} ms: {a / b:.2f}x; "
-            f"greedy tokens equal: {same}"
+            for mode, e in engines.items():
+                print(f"  {mode} uses: {e.layer_gemm}")
+        got = compare(engines, rounds, steps)
+        base = got[modes[0]][0]
+        cells = ", ".join(
+            f"{m} {1e3 * t:6.1f} ms {base / t:.2f}x{'' if same else ' (tokens differ)'}"
+            for m, (t, same) in got.items()
         )
+        print(f"  {requests:2d} requests: {cells}")
 
 
 def part_overhead(rounds: int, steps: int) -> None:
@@ -133,7 +150,8 @@ def part_overhead(rounds: int, steps: int) -> None:
     print(f"decode step, base model, hidden 512 vs 64 (8 layers; median of {rounds} rounds of {steps} steps)")
     for requests in (8, 32):
         engines = {h: engine(m, root, "auto", requests, rounds * steps + 8) for h, m in models.items()}
-        a, b, _ = compare(engines, rounds, steps)
+        got = compare(engines, rounds, steps)
+        a, b = got[512][0], got[64][0]
         print(
             f"  {requests:2d} requests: hidden 512 {1e3 * a:6.1f} ms, hidden 64 {1e3 * b:6.1f} ms ({b / a:.0%})"
         )
@@ -146,6 +164,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="decode steps per round")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parts", default="products,steps")
+    p.add_argument(
+        "--modes",
+        default="linear,kernel,packed,auto",
+        help="the steps part's engines (layer_gemm), the first the reference",
+    )
     args = p.parse_args(argv)
     why = layer_gemm.unsupported()
     if why:
@@ -162,7 +185,7 @@ def main(argv=None) -> int:
     if "overhead" in args.parts:
         part_overhead(args.rounds, args.steps)
     if "steps" in args.parts:
-        part_steps(model, args.rounds, args.steps)
+        part_steps(model, args.rounds, args.steps, args.modes.split(","))
     return 0
 
 

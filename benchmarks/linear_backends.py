@@ -1,28 +1,21 @@
-"""How much a float32 decode step would gain from oneDNN's prepacked linear layers (issue 17).
+"""oneDNN's prepacked weights against ``F.linear`` (MKL's sgemm), per product and for the LM head (issue 17).
 
-The engine's base-model step is mostly its linear layers (``F.linear``: MKL's sgemm, which
-packs the weight again on every call). vLLM's CPU backend keeps its weights prepacked for
-oneDNN. This measures the same swap on paradapt without changing the engine: every ``Linear``
-of the random Llama of ``serve_load.py`` / ``vs_vllm.py`` (hidden 512, 8 layers, float32) gets a
-forward that calls ``torch.ops.mkldnn._linear_pointwise`` on a weight packed once by
-``torch.ops.mkldnn._reorder_linear_weight``, switched on and off per round. Two parts:
+vLLM's CPU backend keeps its weights prepacked for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``
+once, ``_linear_pointwise`` per call); ``F.linear`` packs the weight again on every call. Two parts:
 
 * ``matmul``: one 512 -> 1344 product at 1, 8, 32 and 200 rows, ``F.linear`` against prepacked;
-* ``step``: two engines with 32 base-model requests decoding at once, one run with each backend,
-  rounds interleaved; the median decode step of each, and whether their greedy tokens agree.
-
-    python benchmarks/linear_backends.py --rounds 6
-
-The swap for every layer was not worth building (see RESULTS.md). What was built is the LM
-head's alone (``paradapt.serve.lm_head``, the engine's ``lm_head_gemm``), measured by a third part:
-
 * ``head``: the engine with ``lm_head_gemm="linear"`` against ``"packed"`` (``--head-modes``:
   any of them, ``int8`` and ``auto`` too) on a real model (``--model``, default
   SmolLM2-135M-Instruct, whose 49,152-word head is a large share of a step; ``--quantize`` its
   base), decode steps at 1, 8 and 32 requests, rounds interleaved, greedy tokens compared.
 
+    python benchmarks/linear_backends.py --parts matmul --rounds 6
     python benchmarks/linear_backends.py --parts head --model smollm2-135m-instruct --rounds 8
     python benchmarks/linear_backends.py --parts head --head-modes packed,int8,auto --rounds 8
+
+The model's other layers take prepacked weights through the engine's ``layer_gemm`` (``packed``,
+or ``auto`` where a measurement at start finds them faster); ``benchmarks/layer_gemm.py``
+compares those products and whole decode steps per mode.
 """
 
 from __future__ import annotations
@@ -33,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -41,30 +33,6 @@ import torch.nn.functional as F
 
 from paradapt.serve.engine import Engine, EngineConfig
 from paradapt.serve.sampling import SamplingParams
-from paradapt.twin.profile import build_model
-
-
-def packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's product with its prepacked weight while ``self._packed_on``, else ``F.linear``."""
-    if not self._packed_on:
-        return F.linear(x, self.weight, self.bias)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._packed, self.bias, "none", [], "")
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def prepack(model: torch.nn.Module, rows: int) -> list[torch.nn.Linear]:
-    """Give every Linear of ``model`` a prepacked copy of its weight and the switchable forward."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    for m in layers:
-        m._packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-        m._packed_on = False
-        m.forward = types.MethodType(packed_forward, m)
-    return layers
-
-
-def switch(layers: list[torch.nn.Linear], on: bool) -> None:
-    for m in layers:
-        m._packed_on = on
 
 
 def part_matmul(rounds: int) -> None:
@@ -89,36 +57,6 @@ def part_matmul(rounds: int) -> None:
         print(f"  {rows:4d} rows: {1e6 * a:7.1f} / {1e6 * b:7.1f} us  {a / b:.2f}x  (max abs diff {err:.1e})")
 
 
-def engine(model, root: Path) -> Engine:
-    eng = Engine(model, root, EngineConfig(num_blocks=1024))
-    rng = random.Random(0)
-    for _ in range(32):
-        prompt = [rng.randrange(3, 500) for _ in range(64)]
-        eng.add_request(prompt, None, SamplingParams(max_new_tokens=400, ignore_eos=True))
-    for _ in range(10):  # the prompts (token budget 256 a step), then decoding only
-        eng.step()
-    return eng
-
-
-def part_step(rounds: int) -> None:
-    model = build_model(layers=8, hidden=512, seed=0)
-    layers = prepack(model, 32)
-    root = Path(tempfile.mkdtemp(prefix="linear_backends-"))
-    engines = {False: engine(model, root), True: engine(model, root)}
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(rounds):
-        for on, eng in engines.items():
-            switch(layers, on)
-            t0 = time.perf_counter()
-            for _ in range(5):
-                eng.step()
-            times[on].append((time.perf_counter() - t0) / 5)
-    same = [h.tokens for h in engines[False].handles.values()] == [h.tokens for h in engines[True].handles.values()]
-    a, b = statistics.median(times[False]), statistics.median(times[True])
-    print("decode step, 32 requests, base model (median of rounds of 5 steps)")
-    print(f"  F.linear {1e3 * a:.1f} ms, prepacked {1e3 * b:.1f} ms: {a / b:.2f}x; greedy tokens equal: {same}")
-
-
 def head_engine(model, root: Path, mode: str, requests: int) -> Engine:
     eng = Engine(model, root, EngineConfig(num_blocks=1024, token_budget=512, lm_head_gemm=mode))
     rng = random.Random(0)
@@ -136,7 +74,9 @@ def part_head(model_name: str, rounds: int, modes: list[str], quantize: str = "n
 
     model = load_model(model_name, quantize=quantize)[1]
     root = Path(tempfile.mkdtemp(prefix="linear_backends-"))
-    print(f"decode step on {model_name} ({quantize}): LM head {' vs '.join(modes)} (median of rounds of 4 steps)")
+    print(
+        f"decode step on {model_name} ({quantize}): LM head {' vs '.join(modes)} (median of rounds of 4 steps)"
+    )
     for requests in (1, 8, 32):
         engines = {mode: head_engine(model, root, mode, requests) for mode in modes}
         times: dict[str, list[float]] = {mode: [] for mode in engines}
@@ -161,9 +101,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--parts", default="matmul,step", help="matmul, step, head")
+    p.add_argument("--parts", default="matmul", help="matmul, head")
     p.add_argument("--model", default="smollm2-135m-instruct", help="the model of the head part")
-    p.add_argument("--head-modes", default="linear,packed", help="head part: lm_head_gemm modes, the first the baseline")
+    p.add_argument(
+        "--head-modes", default="linear,packed", help="head part: lm_head_gemm modes, the first the baseline"
+    )
     p.add_argument("--quantize", default="none", help="head part: the base's precision (none, int4, ...)")
     args = p.parse_args(argv)
     if not torch.backends.mkldnn.is_available():
@@ -177,8 +119,6 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     if "matmul" in parts:
         part_matmul(args.rounds)
-    if "step" in parts:
-        part_step(args.rounds)
     if "head" in parts:
         part_head(args.model, args.rounds, args.head_modes.split(","), args.quantize)
     return 0

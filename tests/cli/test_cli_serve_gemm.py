@@ -50,6 +50,14 @@ def test_kernel_and_linear_layers_serve_the_same_greedy_text(tmp_path):
     assert kernel[1] == linear[1]
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_packed_and_linear_layers_serve_the_same_greedy_text(tmp_path):
+    model_dir = make_llama(tmp_path / "tiny-llama")
+    packed, linear = _greedy(model_dir, "layer-gemm", "packed"), _greedy(model_dir, "layer-gemm", "linear")
+    assert packed[0].startswith("packed from 1 rows (a ") and packed[0].endswith(" MB copy)")
+    assert packed[1] == linear[1]
+
+
 @pytest.mark.parametrize("flag", ["--lm-head-gemm", "--layer-gemm"])
 def test_an_unknown_product_is_refused_by_the_parser(capsys, flag):
     with pytest.raises(SystemExit):

@@ -115,6 +115,21 @@ def test_installed_only_inside_a_step_and_only_for_few_rows_without_a_gradient(e
     assert calls == [few.shape]
 
 
+def test_runs_from_the_winners_at_each_candidate_row_count():
+    u = layer_gemm.UNBOUNDED
+    assert layer_gemm.runs([(1, "linear"), (4, "linear")]) == ()
+    assert layer_gemm.runs([(1, "kernel"), (4, "kernel"), (8, "linear")]) == ((1, 4, "kernel"),)
+    # a candidate's winner takes the counts above the previous candidate; the last, every larger one
+    assert layer_gemm.runs([(1, "linear"), (2, "kernel"), (8, "packed"), (16, "packed")]) == (
+        (2, 2, "kernel"),
+        (3, u, "packed"),
+    )
+    assert layer_gemm.runs([(1, "packed"), (4, "linear"), (8, "packed")]) == (
+        (1, 1, "packed"),
+        (5, u, "packed"),
+    )
+
+
 def test_modes_and_auto_decisions(monkeypatch):
     with pytest.raises(ConfigError, match="layer_gemm"):
         LayerProduct("fast")
@@ -126,7 +141,7 @@ def test_modes_and_auto_decisions(monkeypatch):
     assert off.used == "linear" and off.reason == "layer_gemm=linear"
     small = LayerProduct("auto")  # a tiny model is not measured
     small.prepare(model)
-    assert small.used == "linear" and "under 8 MB" in small.reason
+    assert small.used == "linear" and "under 8 MB" in small.reason and not small._packed
     monkeypatch.setattr(layer_gemm, "LEAST_BYTES", 0)
     monkeypatch.setattr(layer_gemm, "_MEASURED", {})  # nothing measured in this process yet
     shapes = {tuple(m.weight.shape) for m in layer_gemm.layers(model)}
@@ -135,49 +150,75 @@ def test_modes_and_auto_decisions(monkeypatch):
 
     def fake_sweep(chosen, xs, product):
         """F.linear takes 1 s per shape; the kernel 0.5 s, except on the smallest shape from 8
-        rows and on the largest at 1 row."""
+        rows and on the largest at 1 row; packed 0.6 s, 0.4 s from 12 rows on the largest shape."""
         rows = next(iter(xs.values())).shape[0]
         swept.append(rows)
+        if product is F.linear:
+            return dict.fromkeys((tuple(m.weight.shape) for m in chosen), 1.0)
+        calls = []  # packed or the kernel: the one that calls packed_linear is packed
+        real = layer_gemm.packed_linear
+        monkeypatch.setattr(layer_gemm, "packed_linear", lambda *a: calls.append(1) or real(*a))
+        try:
+            product(torch.zeros(rows, chosen[0].in_features), chosen[0].weight)
+        finally:
+            monkeypatch.setattr(layer_gemm, "packed_linear", real)
+        packed = bool(calls)
 
         def spent(s):
+            if packed:
+                return 0.4 if s == largest and rows >= 12 else 0.6
             loses = (s == smallest and rows >= 8) or (s == largest and rows == 1)
-            return 1.0 if product is F.linear or loses else 0.5
+            return 1.0 if loses else 0.5
 
         return {tuple(m.weight.shape): spent(tuple(m.weight.shape)) for m in chosen}
 
     monkeypatch.setattr(layer_gemm, "sweep", fake_sweep)
     monkeypatch.setattr(layer_gemm, "CANDIDATE_ROWS", (1, 2, 4, 8, 12))
+    u = layer_gemm.UNBOUNDED
     one = LayerProduct("auto")
     one.prepare(model)
-    assert one.row_range[smallest] == (1, 4)  # lost at 8 rows
-    assert one.row_range[largest] == (2, 12)  # lost at 1 row only: from 2 rows up
-    assert all(one.row_range[s] == (1, 12) for s in shapes - {smallest, largest})
+    assert one.plan[smallest] == ((1, 4, "kernel"), (5, u, "packed"))  # the kernel lost at 8 rows
+    assert one.plan[largest] == ((1, 1, "packed"), (2, 8, "kernel"), (9, u, "packed"))
+    assert all(one.plan[s] == ((1, 12, "kernel"),) for s in shapes - {smallest, largest})
+    assert one.row_range[smallest] == (1, 4) and one.row_range[largest] == (2, 8)
+    assert one.used.startswith("kernel up to 12 rows, packed from 1 rows (a ") and one.rows == 12
+    assert one.used.endswith(f"{one.packed_bytes / 1e6:.3g} MB copy)")
     assert sorted(set(swept)) == [1, 2, 4, 8, 12]
+    # packed copies only of the layers whose shape uses them
+    assert {tuple(m.weight.shape) for m in one._packed} == {smallest, largest}
+    assert one.packed_bytes == sum(m.weight.numel() * 4 for m in one._packed)
     layer = next(m for m in layer_gemm.layers(model) if tuple(m.weight.shape) == largest)
     calls = []
     monkeypatch.setattr(
-        one, "_ext", type("Ext", (), {"few_rows_linear": lambda *a: calls.append(1) or F.linear(*a)})
+        one, "_ext", type("Ext", (), {"few_rows_linear": lambda *a: calls.append("kernel") or F.linear(*a)})
     )
-    one._forwards = [(m, one._forward_of(m, *one.row_range[tuple(m.weight.shape)])) for m in [layer]]
+    real = layer_gemm.packed_linear
+    monkeypatch.setattr(layer_gemm, "packed_linear", lambda *a: calls.append("packed") or real(*a))
+    one._forwards = [(layer, one._forward_of(layer, one.plan[largest]))]
     with one.active(), torch.no_grad():
-        for rows in (1, 2, 12, 13):
-            layer(torch.randn(rows, layer.in_features))
-    assert len(calls) == 2  # 2 and 12 rows: the kernel; 1 and 13: F.linear
+        for rows in (1, 2, 8, 9, 100):
+            want = F.linear(torch.ones(rows, layer.in_features), layer.weight, layer.bias)
+            torch.testing.assert_close(layer(torch.ones(rows, layer.in_features)), want, rtol=1e-5, atol=1e-5)
+    assert calls == ["packed", "kernel", "kernel", "packed", "packed"]
     again = LayerProduct("auto")  # a second engine of the process: the same choice, not measured again
     monkeypatch.setattr(layer_gemm, "sweep", lambda *a: pytest.fail("measured twice"))
     again.prepare(model)
-    assert again.row_range == one.row_range and again.rows == 12
+    assert again.plan == one.plan and again.rows == 12
     never = LayerProduct("auto")
     monkeypatch.setattr(layer_gemm, "_MEASURED", {})
     monkeypatch.setattr(layer_gemm, "sweep", lambda chosen, xs, product: dict.fromkeys(shapes, 1.0))
     never.prepare(model)
-    assert never.used == "linear" and never.reason == "the kernel was not faster on this machine"
+    assert never.used == "linear" and not never._packed
+    assert never.reason == "neither kernel nor packed was faster than F.linear on this machine"
     monkeypatch.setattr(layer_gemm, "unsupported", lambda: "the CPU offers DEFAULT, the kernel needs AVX2")
     with pytest.raises(ConfigError, match="cannot use the kernel: the CPU offers DEFAULT"):
         LayerProduct("kernel").prepare(model)
+    monkeypatch.setattr(layer_gemm, "unpackable", lambda: "this torch has no oneDNN")
+    with pytest.raises(ConfigError, match="cannot pack the layers: this torch has no oneDNN"):
+        LayerProduct("packed").prepare(model)
     fallback = LayerProduct("auto")
     fallback.prepare(model)
-    assert fallback.used == "linear" and "AVX2" in fallback.reason
+    assert fallback.used == "linear" and "AVX2" in fallback.reason and "oneDNN" in fallback.reason
 
 
 def test_auto_times_the_models_own_layers_in_order_up_to_the_sweep_bytes(monkeypatch):
@@ -195,23 +236,65 @@ def test_auto_times_the_models_own_layers_in_order_up_to_the_sweep_bytes(monkeyp
     spent = layer_gemm.sweep(found, xs, lambda x, w: calls.append((x.shape[1], tuple(w.shape))))
     assert calls == [(m.in_features, tuple(m.weight.shape)) for m in found]
     assert set(spent) == shapes and all(t > 0 for t in spent.values())
-    # the real measurement, end to end: every shape gets a candidate row count or 0
+    # the real measurement, end to end: every shape gets runs of the products this machine has
     monkeypatch.setattr(layer_gemm, "LEAST_BYTES", 0)
     monkeypatch.setattr(layer_gemm, "_MEASURED", {})
-    monkeypatch.setattr(layer_gemm, "CANDIDATE_ROWS", (1, 4))
+    monkeypatch.setattr(layer_gemm, "CANDIDATE_ROWS", (1, 4, 200))
+    monkeypatch.setattr(layer_gemm, "ONE_LAYER_ROWS", 200)
     lp = LayerProduct("auto")
     lp.prepare(model)
-    assert set(layer_gemm._MEASURED) == {(s, torch.get_num_threads()) for s in shapes}
-    assert all(r in {(0, 0), (1, 1), (1, 4), (2, 4)} for r in layer_gemm._MEASURED.values())
+    products = ("kernel", "packed")
+    assert set(layer_gemm._MEASURED) == {(s, torch.get_num_threads(), products) for s in shapes}
+    for plan in layer_gemm._MEASURED.values():
+        for lo, hi, product in plan:
+            assert product in products and 1 <= lo <= hi and (product != "kernel" or hi <= 4)
 
 
+def test_packed_product_equals_f_linear_and_follows_an_edited_weight():
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    packed = layer_gemm.pack(w)
+    for x in (
+        torch.randn(1, 40, generator=g),
+        torch.randn(2, 3, 40, generator=g),
+        torch.randn(40, 6, generator=g).t(),
+    ):
+        torch.testing.assert_close(
+            layer_gemm.packed_linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            layer_gemm.packed_linear(x, packed, None), F.linear(x, w), rtol=1e-5, atol=1e-5
+        )
+    model = tiny_model("llama")
+    lp = LayerProduct("packed")
+    lp.prepare(model)
+    mods = layer_gemm.layers(model)
+    assert lp.used.startswith("packed from 1 rows (a ") and set(lp._packed) == set(mods)
+    assert lp.packed_bytes == sum(m.weight.numel() * 4 for m in mods)
+    layer = mods[0]
+    x = torch.randn(5, layer.in_features, generator=g)
+    with torch.no_grad():
+        with lp.active():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+            layer.weight.mul_(2.0)  # edited in place between steps (a new _version): packed again
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+            assert layer(torch.randn(0, layer.in_features)).shape == (0, layer.out_features)
+        assert not any("forward" in m.__dict__ for m in mods)
+    with lp.active():  # a gradient: F.linear (the packed product has no backward)
+        xg = torch.randn(2, layer.in_features, requires_grad=True)
+        layer(xg).sum().backward()
+    assert xg.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["kernel", "packed"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_busy_mixed_batch_with_the_kernel_equals_each_request_alone(tmp_path, family):
+def test_busy_mixed_batch_with_the_kernel_or_packed_weights_equals_each_request_alone(tmp_path, family, mode):
     ref_model = adapter_root(tmp_path, family)
     reqs = workload(seed=5)
     ref = [alone(ref_model, p, n, a) for p, a, n in reqs]
-    engine = Engine(tiny_model(family), tmp_path, EngineConfig(**{**BUSY.__dict__, "layer_gemm": "kernel"}))
-    assert engine.layer_gemm == f"kernel up to {layer_gemm.KERNEL_ROWS} rows"
+    engine = Engine(tiny_model(family), tmp_path, EngineConfig(**{**BUSY.__dict__, "layer_gemm": mode}))
+    want = f"kernel up to {layer_gemm.KERNEL_ROWS} rows" if mode == "kernel" else "packed from 1 rows (a "
+    assert engine.layer_gemm.startswith(want)
     handles = [engine.add_request(p, a, SamplingParams(max_new_tokens=n)) for p, a, n in reqs]
     engine.run()
     assert [h.tokens for h in handles] == ref

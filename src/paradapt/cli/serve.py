@@ -99,10 +99,11 @@ def add_parser(sub) -> None:
         "--layer-gemm",
         choices=LAYER_GEMM,
         default="auto",
-        help="how the model's other linear layers multiply a step of few rows on the CPU: kernel "
-        "(paradapt's C++ kernel, up to 16 rows; built once per machine, needs AVX2, a C++ compiler "
-        "and ninja), linear (F.linear), or auto: the kernel up to the row count where a measurement "
-        "at startup finds it faster (default: auto)",
+        help="how the model's other linear layers multiply a step's rows on the CPU: kernel "
+        "(paradapt's C++ kernel, up to 32 rows; built once per machine, needs AVX2, a C++ compiler "
+        "and ninja), packed (weights prepacked for oneDNN once, as vLLM's CPU backend keeps them; "
+        "costs a second copy of the layers' weights), linear (F.linear), or auto: per weight shape "
+        "and row count, whichever a measurement at startup finds faster (default: auto)",
     )
     serve.add_argument(
         "--enable-prefix-caching",

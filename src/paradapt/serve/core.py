@@ -35,7 +35,7 @@ from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 #: it cannot run).
 DECODE_ATTENTION = ("auto", "kernel", "compiled", "gather")
 LM_HEAD_GEMM = ("auto", "packed", "int8", "linear")
-LAYER_GEMM = ("auto", "kernel", "linear")
+LAYER_GEMM = ("auto", "kernel", "packed", "linear")
 
 
 class AdapterLoadError(ParadaptError, RuntimeError):
@@ -66,8 +66,10 @@ class EngineConfig:
     second copy of the head's weight; and, for a head whose weights lie on a GGUF Q8_0 grid, its
     int8 form for few rows), ``packed``, ``int8`` or ``linear`` (``F.linear``, no copy).
     ``layer_gemm``: how the other linear layers multiply a step's rows
-    (:mod:`paradapt.serve.layer_gemm`): ``auto`` (a C++ kernel for steps of few rows, up to where
-    a measurement at start says it is faster), ``kernel`` (up to 16 rows) or ``linear``.
+    (:mod:`paradapt.serve.layer_gemm`): ``auto`` (per weight shape and row count, a C++ kernel
+    for few rows or weights prepacked for oneDNN, each where a measurement at start says it is
+    faster; packed layers cost a second copy of their weights), ``kernel`` (up to 32 rows),
+    ``packed`` (every row count) or ``linear``.
     ``check_adapter_weights``: every step checks the served adapters' tensors for in-place
     edits, as a mixed batch outside the engine does (``pa.route``'s ``fixed_weights``). Off by
     default: the engine's adapters change only by being loaded again, and the check cost ~8 %

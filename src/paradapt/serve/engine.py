@@ -615,8 +615,9 @@ class Engine(_EngineCore):
 
     @property
     def layer_gemm(self) -> str:
-        """How the other linear layers multiply: ``linear`` (``F.linear``) or ``kernel up to N rows``
-        (the few-rows C++ kernel, :mod:`paradapt.serve.layer_gemm`)."""
+        """How the other linear layers multiply: ``linear`` (``F.linear``), ``kernel up to N rows``
+        (the few-rows C++ kernel), ``packed from N rows`` (weights prepacked for oneDNN), or both
+        (:mod:`paradapt.serve.layer_gemm`)."""
         return self.runner.layer_product.used
 
     def add_request(

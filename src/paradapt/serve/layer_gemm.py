@@ -1,30 +1,39 @@
-"""The model's linear layers in serving steps with few rows: ``F.linear`` or a C++ kernel.
+"""The model's linear layers in serving steps: ``F.linear``, a C++ kernel, or oneDNN prepacked weights.
 
-Why: a decode step at low load (one chat, a few concurrent requests) multiplies 1-16 rows by
-every weight of the model. ``F.linear`` hands that to MKL's sgemm, which packs the weight into
-its own panel layout on every call; with a handful of rows the packing is most of the work.
-``csrc/few_rows.cpp`` reads each weight row once where it lies (nn.Linear's own ``[out, in]``
-layout, no copy), keeps a 4 x 3 tile of sums in registers, and asks for the next weight rows
-ahead of use so that memory stays busy. Measured on a 2-core AMD EPYC (AVX2, one thread;
-``benchmarks/layer_gemm.py``), over a whole model's layers: the products 1.1-2.4x faster at
-1-16 rows, about even at 24-32, slower than MKL from about 48 rows, so only steps with few rows
-take it.
+Why: a decode step multiplies a few to a few dozen rows by every weight of the model, and
+``F.linear`` hands each product to MKL's sgemm, which packs the weight into its own panel
+layout on every call; with few rows the packing is most of the work. Two products avoid it:
 
-Every output of the kernel is the same computation whatever the number of rows or threads, so
-a request's logits do not change with how many others share its step while the kernel runs
-them (MKL picks different code paths by row count).
+- ``kernel``: ``csrc/few_rows.cpp`` reads each weight row once where it lies (nn.Linear's own
+  ``[out, in]`` layout, no copy), keeps a 4 x 3 tile of sums in registers, and asks for the next
+  weight rows ahead of use so that memory stays busy. Every output is the same computation
+  whatever the number of rows or threads. On a 2-core AMD EPYC (AVX2; ``benchmarks/layer_gemm.py``)
+  1.1-2.4x faster than MKL at 1-16 rows over a whole model, about even at 24-32.
+- ``packed``: the weight reordered once into oneDNN's blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied by ``_linear_pointwise``, as vLLM's
+  CPU backend keeps its linear weights (``dispatch_cpu_unquantized_gemm``). It costs a second
+  copy of every packed layer's weight (the original stays: merges, PiSSA and hooks read it). On
+  the 2-core AMD EPYC with AVX-512 (Zen 4), one thread, over the random Llama's layers: 1.3-1.6x
+  faster than MKL at 4-512 rows, and a 32-request decode step 1.3x faster; on the AVX2 EPYC it
+  gained nothing (0.98x per step). oneDNN, like MKL, may pick code paths by row count, so a row's
+  last bits can depend on how many rows share its step.
 
-``auto`` measures both products when the engine starts, on the model's own layers taken in order
-(as a step meets them: more weights than the caches hold, so each is read from memory), and keeps
-the kernel, per weight shape, for the first run of row counts where it is clearly faster (timing
-one weight over and over instead, cached, favoured MKL from about 12 rows, where over a whole
-model the kernel was still 1.2-1.4x faster at 12-16);
-``kernel`` uses it up to :data:`KERNEL_ROWS` rows (an error where it cannot be built); ``linear``
-never uses it. Like the LM head's product (:mod:`paradapt.serve.lm_head`), the kernel is
-installed only for the duration of a step (serve/step_forwards.py), as an instance ``forward``
-of each plain float32 ``nn.Linear`` of the model (the LM head excepted), so the model is unchanged outside the
+Which is faster depends on the CPU, so ``auto`` measures them when the engine starts, on the
+model's own layers taken in order (as a step meets them: more weights than the caches hold, so
+each is read from memory; timing one weight over and over instead, cached, flatters MKL), at
+the row counts of :data:`CANDIDATE_ROWS`, and keeps per weight shape the fastest product at
+each, where it beats ``F.linear`` by :data:`MARGIN`. A step of ``r`` rows takes the choice of
+the smallest candidate count >= ``r`` (beyond the largest, the largest's). The packed copies
+are made only for shapes that use them. ``kernel`` uses the kernel up to :data:`KERNEL_ROWS`
+rows (an error where it cannot be built); ``packed`` packs every layer for every row count
+(an error without oneDNN); ``linear`` never uses either.
+
+Like the LM head's product (:mod:`paradapt.serve.lm_head`), the choice is installed only for the
+duration of a step (serve/step_forwards.py), as an instance ``forward`` of each plain float32
+``nn.Linear`` of the model (the LM head excepted), so the model is unchanged outside the
 engine's steps and the hooks that add adapters still run. Steps that need a gradient, or other
-dtypes, go to ``F.linear``.
+dtypes, go to ``F.linear``. A weight changed in place (a new ``_version``) or replaced is packed
+again before its next packed product.
 """
 
 from __future__ import annotations
@@ -42,10 +51,14 @@ from ..errors import ConfigError
 from .core import LAYER_GEMM as MODES
 from .step_forwards import installed
 
-MARGIN = 1.05  # auto takes the kernel only where it is at least this much faster: noise must not flip it
+MARGIN = 1.05  # auto takes another product only where it is at least this much faster than F.linear
 KERNEL_ROWS = 32  # ``kernel`` mode's limit, where it still beat MKL over a whole model measured
-# row counts auto measures, in order; per shape it keeps the first run of them where the kernel wins
-CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+# row counts auto measures, in order; a step of r rows takes the choice of the first count >= r
+CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 512)
+KERNEL_TIMED_ROWS = 64  # the kernel is not timed above this (it lost to MKL from ~48 rows everywhere)
+# from this many rows auto times one layer per shape instead of a sweep over the model: the
+# product is bound by arithmetic there, not by reading the weight, and the sweep would take seconds
+ONE_LAYER_ROWS = 128
 # auto times the model's layers in order up to this many bytes of weights: more than most CPUs'
 # last-level cache (a step streams the weights from memory; a cached weight flatters MKL)
 SWEEP_BYTES = 96 << 20
@@ -53,9 +66,13 @@ REPEATS = 3  # sweeps per product and row count, interleaved; the best counts
 # auto measures only models whose linear layers hold at least this much: a tiny model's step is
 # call overhead either way, and skipping keeps a small engine's start instant
 LEAST_BYTES = 8 << 20
-# what auto measured in this process, per (weight shape, torch threads): every engine of a process
-# (the twin's profile runs many) then makes the same choice, which the cost model records
-_MEASURED: dict[tuple[tuple[int, int], int], tuple[int, int]] = {}
+UNBOUNDED = 1 << 62  # a run's ``most`` meaning every larger row count too
+# what auto measured in this process, per (weight shape, torch threads, products it could use):
+# every engine of a process (the twin's profile runs many) then makes the same choice, which the
+# cost model records
+_MEASURED: dict[tuple[tuple[int, int], int, tuple[str, ...]], tuple[Run, ...]] = {}
+
+Run = tuple[int, int, str]  # (fewest rows, most rows, product): a product's row counts for a shape
 
 SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 _EXTENSION = native.Extension("few_rows", SOURCE)
@@ -74,6 +91,11 @@ def unsupported() -> str | None:
     return None
 
 
+def unpackable() -> str | None:
+    """Why weights cannot be prepacked for oneDNN here, or None when they can."""
+    return None if torch.backends.mkldnn.is_available() else "this torch has no oneDNN"
+
+
 def layers(model: nn.Module) -> list[nn.Linear]:
     """The model's plain float32 CPU ``nn.Linear`` layers with contiguous weights, the LM head
     excepted (serve/lm_head.py has its own product)."""
@@ -88,61 +110,124 @@ def layers(model: nn.Module) -> list[nn.Linear]:
     return found
 
 
-class LayerProduct:
-    """How the served model's linear layers multiply few rows: ``mode`` ``auto`` | ``kernel`` | ``linear``.
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` reordered once for oneDNN's ``_linear_pointwise`` (no row-count hint: one
+    layout serves every step)."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
-    After :meth:`prepare`, ``row_range`` maps each weight shape ``(out, in)`` that takes the
-    kernel to the row counts ``(fewest, most)`` it takes it for; ``reason`` says why none does,
-    when none does.
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the weight as :func:`pack` made it."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class LayerProduct:
+    """How the served model's linear layers multiply: ``mode`` ``auto`` | ``kernel`` | ``packed`` | ``linear``.
+
+    After :meth:`prepare`, ``plan`` maps each weight shape ``(out, in)`` that takes another
+    product than ``F.linear`` for some row counts to its runs ``(fewest, most, product)``
+    (``most`` :data:`UNBOUNDED`: every larger count too); rows outside them take ``F.linear``.
+    ``reason`` says why no layer uses another product, when none does; ``packed_bytes`` is the
+    memory the packed copies take.
     """
 
     def __init__(self, mode: str = "auto"):
         if mode not in MODES:
             raise ConfigError("layer_gemm", f"must be one of {list(MODES)}, got {mode!r}")
         self.mode = mode
-        self.row_range: dict[tuple[int, int], tuple[int, int]] = {}
+        self.plan: dict[tuple[int, int], tuple[Run, ...]] = {}
         self.reason: str | None = None
+        self.packed_bytes = 0
         self._forwards: list[tuple[nn.Linear, object]] = []  # built once, installed for each step
         self._ext: ModuleType | None = None
+        self._packed: dict[nn.Linear, tuple[torch.Tensor, tuple[int, int]]] = {}  # layer -> (packed, key)
 
     @property
     def rows(self) -> int:
         """The most rows any layer multiplies with the kernel (0: none)."""
-        return max((hi for _, hi in self.row_range.values()), default=0)
+        return max((hi for runs in self.plan.values() for _, hi, p in runs if p == "kernel"), default=0)
 
     @property
     def used(self) -> str:
-        """``kernel up to N rows`` (the most over the shapes), or ``linear``."""
-        return f"kernel up to {self.rows} rows" if self.rows else "linear"
+        """``kernel up to N rows`` (the most over the shapes), ``packed from N rows (a M MB copy)``
+        (the fewest; ``packed N-K rows`` where it stops), both (``, ``), or ``linear``."""
+        parts = [f"kernel up to {self.rows} rows"] if self.rows else []
+        packed = [(lo, hi) for runs in self.plan.values() for lo, hi, p in runs if p == "packed"]
+        if packed:
+            lo, hi = min(r[0] for r in packed), max(r[1] for r in packed)
+            where = f"packed from {lo} rows" if hi >= UNBOUNDED else f"packed {lo}-{hi} rows"
+            parts.append(f"{where} (a {self.packed_bytes / 1e6:.3g} MB copy)")
+        return ", ".join(parts) or "linear"
+
+    @property
+    def row_range(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """Per shape that takes the kernel, the row counts ``(fewest, most)`` it takes it for
+        (its first run)."""
+        out = {}
+        for shape, runs in self.plan.items():
+            kernel = [(lo, hi) for lo, hi, p in runs if p == "kernel"]
+            if kernel:
+                out[shape] = kernel[0]
+        return out
 
     def prepare(self, model: nn.Module) -> None:
-        """Find the layers, build the kernel and (``auto``) measure where it pays."""
+        """Find the layers, build what they may use and (``auto``) measure where each pays."""
         if self.mode == "linear":
             self.reason = "layer_gemm=linear"
             return
         found = layers(model)
-        why = unsupported() or (None if found else "the model has no plain float32 linear layer")
-        if why is None and self.mode == "auto" and sum(m.weight.numel() * 4 for m in found) < LEAST_BYTES:
-            why = f"the model's linear layers hold under {LEAST_BYTES >> 20} MB"
-        if why is None:
-            why = self._build()
-        if why is not None:
-            if self.mode == "kernel":
-                raise ConfigError("layer_gemm", f"cannot use the kernel: {why}")
+        products, why = self._products(found)
+        if not products:
             self.reason = why
             return
         shapes = {tuple(m.weight.shape) for m in found}
         if self.mode == "kernel":
-            self.row_range = dict.fromkeys(shapes, (1, KERNEL_ROWS))
+            self.plan = dict.fromkeys(shapes, ((1, KERNEL_ROWS, "kernel"),))
+        elif self.mode == "packed":
+            self.plan = dict.fromkeys(shapes, ((1, UNBOUNDED, "packed"),))
         else:
-            self.row_range = {s: r for s, r in sorted(self._measured(found).items()) if r[1]}
+            self.plan = {s: r for s, r in sorted(self._measured(found, products).items()) if r}
+        uses_packed = {s for s, r in self.plan.items() if any(p == "packed" for _, _, p in r)}
+        self._packed = {m: v for m, v in self._packed.items() if tuple(m.weight.shape) in uses_packed}
+        for m in found:
+            if tuple(m.weight.shape) in uses_packed and m not in self._packed:
+                self._pack(m)
+        self.packed_bytes = sum(m.weight.numel() * m.weight.element_size() for m in self._packed)
         self._forwards = [
-            (m, self._forward_of(m, *self.row_range[tuple(m.weight.shape)]))
+            (m, self._forward_of(m, self.plan[tuple(m.weight.shape)]))
             for m in found
-            if tuple(m.weight.shape) in self.row_range
+            if tuple(m.weight.shape) in self.plan
         ]
         if not self._forwards:
-            self.reason = "the kernel was not faster on this machine"
+            self.reason = f"neither {' nor '.join(products)} was faster than F.linear on this machine"
+
+    def _products(self, found: list[nn.Linear]) -> tuple[tuple[str, ...], str | None]:
+        """The products this mode may use for ``found`` here, or none and why."""
+        if not found:
+            return (), "the model has no plain float32 linear layer"
+        if self.mode == "auto" and sum(m.weight.numel() * 4 for m in found) < LEAST_BYTES:
+            return (), f"the model's linear layers hold under {LEAST_BYTES >> 20} MB"
+        products, why = [], []
+        if self.mode in ("auto", "kernel"):
+            kernel_why = unsupported() or self._build()
+            if kernel_why is None:
+                products.append("kernel")
+            elif self.mode == "kernel":
+                raise ConfigError("layer_gemm", f"cannot use the kernel: {kernel_why}")
+            else:
+                why.append(kernel_why)
+        if self.mode in ("auto", "packed"):
+            packed_why = unpackable()
+            if packed_why is None:
+                products.append("packed")
+            elif self.mode == "packed":
+                raise ConfigError("layer_gemm", f"cannot pack the layers: {packed_why}")
+            else:
+                why.append(packed_why)
+        return tuple(products), "; ".join(why) or None
 
     def _build(self) -> str | None:
         try:
@@ -153,70 +238,95 @@ class LayerProduct:
             )
         return None
 
-    def _measured(self, found: list[nn.Linear]) -> dict[tuple[int, int], tuple[int, int]]:
-        """Per weight shape, the rows the kernel takes (measured once per process and thread
-        count: every engine of the process then makes the same choice)."""
+    def _pack(self, m: nn.Linear) -> torch.Tensor:
+        packed = pack(m.weight)
+        self._packed[m] = (packed, (m.weight.data_ptr(), m.weight._version))
+        return packed
+
+    def _measured(
+        self, found: list[nn.Linear], products: tuple[str, ...]
+    ) -> dict[tuple[int, int], tuple[Run, ...]]:
+        """Per weight shape, its runs (measured once per process, thread count and set of
+        products: every engine of the process then makes the same choice)."""
         threads = torch.get_num_threads()
         shapes = {tuple(m.weight.shape) for m in found}
-        if any((s, threads) not in _MEASURED for s in shapes):
-            for s, r in self._measure(found).items():
-                _MEASURED[(s, threads)] = r
-        return {s: _MEASURED[(s, threads)] for s in shapes}
+        if any((s, threads, products) not in _MEASURED for s in shapes):
+            for s, r in self._measure(found, products).items():
+                _MEASURED[(s, threads, products)] = r
+        return {s: _MEASURED[(s, threads, products)] for s in shapes}
 
-    def _measure(self, found: list[nn.Linear]) -> dict[tuple[int, int], tuple[int, int]]:
-        """Per weight shape, the row counts ``(fewest, most)`` (``(0, 0)``: none) of the first
-        run of candidate row counts where the kernel beats ``F.linear`` by ``MARGIN``: both
-        products over the model's first ``SWEEP_BYTES`` of layers, in order, sweeps interleaved,
-        the best of ``REPEATS``. A run may start above one row (a weight whose rows are long
-        can stream as fast through MKL's one-row product), and ends where the kernel first loses
-        after it."""
+    def _measure(
+        self, found: list[nn.Linear], products: tuple[str, ...]
+    ) -> dict[tuple[int, int], tuple[Run, ...]]:
+        """Per weight shape, the runs of :func:`runs` over the winners at each candidate row
+        count: every product over the model's first ``SWEEP_BYTES`` of layers in order (from
+        :data:`ONE_LAYER_ROWS` rows, one layer per shape), sweeps interleaved, best of ``REPEATS``."""
         chosen = sweep_layers(found)
-        best = dict.fromkeys((tuple(m.weight.shape) for m in found), (0, 0))
-        alive = set(best)
-        previous = 0
-        gen = torch.Generator().manual_seed(0)
-
-        def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return self._ext.few_rows_linear(x, w, None)
-
         firsts = list({tuple(m.weight.shape): m for m in chosen}.values())  # one layer per shape
+        gen = torch.Generator().manual_seed(0)
+        calls = {"linear": F.linear}
+        if "kernel" in products:
+            calls["kernel"] = lambda x, w: self._ext.few_rows_linear(x, w, None)
+        if "packed" in products:
+            packs = {id(m.weight): self._pack(m) for m in chosen}
+            calls["packed"] = lambda x, w: packed_linear(x, packs[id(w)], None)
+        winners: dict[tuple[int, int], list[tuple[int, str]]] = {tuple(m.weight.shape): [] for m in found}
         with torch.no_grad():
             for rows in CANDIDATE_ROWS:
+                timed = [p for p in calls if p != "kernel" or rows <= KERNEL_TIMED_ROWS]
+                sweep_over = chosen if rows < ONE_LAYER_ROWS else firsts
                 xs = {k: torch.randn(rows, k, generator=gen) for k in {m.in_features for m in chosen}}
-                sweep(firsts, xs, F.linear)  # untimed: oneDNN builds its primitive per row count
-                plain, ours = [], []
+                for p in timed:  # untimed: oneDNN and MKL build their code per row count
+                    sweep(firsts, xs, calls[p])
+                spent: dict[str, list[dict]] = {p: [] for p in timed}
                 for _ in range(REPEATS):
-                    plain.append(sweep(chosen, xs, F.linear))
-                    ours.append(sweep(chosen, xs, kernel))
-                for s in list(alive):
-                    wins = min(t[s] for t in plain) > MARGIN * min(t[s] for t in ours)
-                    if wins:
-                        best[s] = (best[s][0] or previous + 1, rows)
-                    elif best[s][1]:  # the run is over
-                        alive.discard(s)
-                if not alive:
-                    break
-                previous = rows
-        return best
+                    for p in timed:
+                        spent[p].append(sweep(sweep_over, xs, calls[p]))
+                for s, won in winners.items():
+                    best = {p: min(t[s] for t in spent[p]) for p in timed}
+                    fastest = min((p for p in timed if p != "linear"), key=best.get, default="linear")
+                    won.append((rows, fastest if best["linear"] > MARGIN * best[fastest] else "linear"))
+        return {s: runs(won) for s, won in winners.items()}
 
     def active(self):
-        """The layers multiply with the kernel inside this block (those it is used for)."""
+        """The layers multiply with their chosen products inside this block (those that use any)."""
         return installed(self._forwards)
 
-    def _forward_of(self, m: nn.Linear, fewest: int, most: int):
+    def _forward_of(self, m: nn.Linear, plan: tuple[Run, ...]):
         def forward(x: torch.Tensor) -> torch.Tensor:
             w = m.weight
-            if (
-                x.dtype is not torch.float32
-                or not fewest * w.shape[1] <= x.numel() <= most * w.shape[1]
-                or torch.is_grad_enabled()
-                or w.dtype is not torch.float32
-                or not w.is_contiguous()
-            ):
+            if x.dtype is not torch.float32 or torch.is_grad_enabled() or w.dtype is not torch.float32:
                 return F.linear(x, w, m.bias)
-            return self._ext.few_rows_linear(x, w, m.bias)
+            rows = x.numel() // w.shape[1] if w.shape[1] else 0
+            product = next((p for lo, hi, p in plan if lo <= rows <= hi), "linear")
+            if product == "kernel" and w.is_contiguous():
+                return self._ext.few_rows_linear(x, w, m.bias)
+            if product == "packed" and rows:
+                packed, key = self._packed[m]
+                if key != (w.data_ptr(), w._version):  # changed in place or replaced: pack again
+                    packed = self._pack(m)
+                return packed_linear(x, packed, m.bias)
+            return F.linear(x, w, m.bias)
 
         return forward
+
+
+def runs(winners: list[tuple[int, str]]) -> tuple[Run, ...]:
+    """The runs ``(fewest, most, product)`` of the products other than ``linear``, from the winner
+    at each candidate row count in increasing order: a candidate's winner takes the row counts
+    above the previous candidate up to it, the last one's every larger count too (except the
+    kernel: it never runs past a count it was timed at)."""
+    out: list[list] = []
+    previous = 0
+    for i, (rows, product) in enumerate(winners):
+        most = UNBOUNDED if i == len(winners) - 1 and product != "kernel" else rows
+        if product != "linear":
+            if out and out[-1][2] == product and out[-1][1] == previous:
+                out[-1][1] = most
+            else:
+                out.append([previous + 1, most, product])
+        previous = rows
+    return tuple((lo, hi, p) for lo, hi, p in out)
 
 
 def sweep_layers(found: list[nn.Linear]) -> list[nn.Linear]:
@@ -251,9 +361,14 @@ __all__ = [
     "LayerProduct",
     "MODES",
     "SOURCE",
+    "UNBOUNDED",
     "layers",
     "load",
+    "pack",
+    "packed_linear",
+    "runs",
     "sweep",
     "sweep_layers",
+    "unpackable",
     "unsupported",
 ]
