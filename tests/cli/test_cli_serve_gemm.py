@@ -63,3 +63,27 @@ def test_an_unknown_product_is_refused_by_the_parser(capsys, flag):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", flag, "fast"])
     assert flag in capsys.readouterr().err
+
+
+def test_serve_sets_the_gil_switch_interval_and_reports_it(tmp_path, capsys):
+    """``paradapt serve`` shortens the switch interval by default (serve/gil.py), keeps Python's
+    with ``--switch-interval 0``, and refuses a negative one by name."""
+    import sys
+
+    model_dir = make_llama(tmp_path / "tiny-llama")
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        _, info = serve_cli.build_server_app(
+            cli.build_parser().parse_args(["serve", "--model", str(model_dir)])
+        )
+        assert info["switch_interval"] == pytest.approx(0.0002) == sys.getswitchinterval()
+        sys.setswitchinterval(0.005)
+        args = cli.build_parser().parse_args(["serve", "--model", str(model_dir), "--switch-interval", "0"])
+        _, info = serve_cli.build_server_app(args)
+        assert info["switch_interval"] == pytest.approx(0.005) == sys.getswitchinterval()
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--switch-interval", "-1"])
+    assert "--switch-interval" in capsys.readouterr().err

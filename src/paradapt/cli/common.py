@@ -49,6 +49,17 @@ def positive_float(s: str) -> float:
     return x
 
 
+def non_negative_float(s: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s!r}")
+    return x
+
+
 def csv_of(kind):
     """An argparse type: a comma-separated list of ``kind`` values (``8,16,32``)."""
     return lambda s: [kind(x) for x in s.split(",") if x]
