@@ -26,6 +26,7 @@ SmolLM2-135M-Instruct (9 query / 3 KV heads).
 
     python benchmarks/decode_attention.py                           # both models
     python benchmarks/decode_attention.py --models random --requests 32 --prompt 512
+    python benchmarks/decode_attention.py --models random --modes lean,kernel   # a subset; the first the reference
 """
 
 from __future__ import annotations
@@ -73,21 +74,22 @@ def run(name: str, args) -> dict[str, float]:
     """Median decode-step milliseconds per mode on model ``name``."""
     model = load(name)
     vocab = model.config.vocab_size
-    tokens = args.requests * (args.prompt + args.steps * len(MODES) * (args.rounds + 1) + 8)
+    modes = {m: MODES[m] for m in args.modes.split(",")}
+    tokens = args.requests * (args.prompt + args.steps * len(modes) * (args.rounds + 1) + 8)
     config = EngineConfig(
         max_running=args.requests, token_budget=max(512, args.prompt), num_blocks=tokens // 16 + args.requests
     )
     engine = Engine(model, None, config)
     g = torch.Generator().manual_seed(0)
-    new = args.steps * len(MODES) * (args.rounds + 1) + 4
+    new = args.steps * len(modes) * (args.rounds + 1) + 4
     for _ in range(args.requests):
         prompt = torch.randint(3, vocab, (args.prompt,), generator=g).tolist()
         engine.add_request(prompt, None, SamplingParams(max_new_tokens=new, ignore_eos=True))
     while any(r.prefilled < r.prompt_len for r in engine.scheduler.running) or engine.num_waiting:
         engine.step()
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in modes}
     for rnd in range(args.rounds + 1):  # round 0 warms every mode up
-        for mode, ctx in MODES.items():
+        for mode, ctx in modes.items():
             runner_mod.lean_decode = ctx
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -106,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="decode steps per mode per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--modes", default=",".join(MODES), help="the modes to compare (the first is the reference)"
+    )
     args = ap.parse_args(argv)
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        ap.error(f"unknown modes {sorted(unknown)}; known: {list(MODES)}")
     torch.set_num_threads(args.threads)
     from paradapt.serve.malloc import keep_freed_memory
 
@@ -115,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         f"decode_attention: {args.requests} requests, prompts of {args.prompt} tokens, {args.steps} steps x "
         f"{args.rounds} rounds per mode, interleaved; torch threads {args.threads}"
     )
-    print(f"{'model':<24} {'mode':<8} {'step ms':>8} {'vs plain':>8}")
+    first = args.modes.split(",")[0]
+    print(f"{'model':<24} {'mode':<20} {'step ms':>8} {'vs ' + first:>8}")
     for name in args.models.split(","):
         med = run(name, args)
         for mode, ms in med.items():
-            print(f"{name:<24} {mode:<8} {ms:8.1f} {med['plain'] / ms:7.2f}x", flush=True)
+            print(f"{name:<24} {mode:<20} {ms:8.1f} {med[first] / ms:7.2f}x", flush=True)
     return 0
 
 
