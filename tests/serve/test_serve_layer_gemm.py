@@ -210,6 +210,11 @@ def test_modes_and_auto_decisions(monkeypatch):
     never.prepare(model)
     assert never.used == "linear" and not never._packed
     assert never.reason == "neither kernel nor packed was faster than F.linear on this machine"
+    monkeypatch.setattr(layer_gemm, "unpackable", lambda: "this torch has no oneDNN")
+    monkeypatch.setattr(layer_gemm, "_MEASURED", {})
+    kernel_only = LayerProduct("auto")  # one product left, and it loses: said so in one clause
+    kernel_only.prepare(model)
+    assert kernel_only.reason == "kernel was not faster than F.linear on this machine"
     monkeypatch.setattr(layer_gemm, "unsupported", lambda: "the CPU offers DEFAULT, the kernel needs AVX2")
     with pytest.raises(ConfigError, match="cannot use the kernel: the CPU offers DEFAULT"):
         LayerProduct("kernel").prepare(model)

@@ -202,7 +202,11 @@ class LayerProduct:
             if tuple(m.weight.shape) in self.plan
         ]
         if not self._forwards:
-            self.reason = f"neither {' nor '.join(products)} was faster than F.linear on this machine"
+            self.reason = (
+                f"{products[0]} was not faster than F.linear on this machine"
+                if len(products) == 1
+                else f"neither {' nor '.join(products)} was faster than F.linear on this machine"
+            )
 
     def _products(self, found: list[nn.Linear]) -> tuple[tuple[str, ...], str | None]:
         """The products this mode may use for ``found`` here, or none and why."""
@@ -211,22 +215,20 @@ class LayerProduct:
         if self.mode == "auto" and sum(m.weight.numel() * 4 for m in found) < LEAST_BYTES:
             return (), f"the model's linear layers hold under {LEAST_BYTES >> 20} MB"
         products, why = [], []
-        if self.mode in ("auto", "kernel"):
-            kernel_why = unsupported() or self._build()
-            if kernel_why is None:
-                products.append("kernel")
-            elif self.mode == "kernel":
-                raise ConfigError("layer_gemm", f"cannot use the kernel: {kernel_why}")
+        checks = (
+            ("kernel", lambda: unsupported() or self._build(), "cannot use the kernel"),
+            ("packed", unpackable, "cannot pack the layers"),
+        )
+        for product, check, refusal in checks:
+            if self.mode not in ("auto", product):
+                continue
+            reason = check()
+            if reason is None:
+                products.append(product)
+            elif self.mode == product:  # asked for by name: an error, not a fallback
+                raise ConfigError("layer_gemm", f"{refusal}: {reason}")
             else:
-                why.append(kernel_why)
-        if self.mode in ("auto", "packed"):
-            packed_why = unpackable()
-            if packed_why is None:
-                products.append("packed")
-            elif self.mode == "packed":
-                raise ConfigError("layer_gemm", f"cannot pack the layers: {packed_why}")
-            else:
-                why.append(packed_why)
+                why.append(reason)
         return tuple(products), "; ".join(why) or None
 
     def _build(self) -> str | None:
