@@ -110,11 +110,11 @@ def layers(model: nn.Module) -> list[nn.Linear]:
     return found
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` reordered once for oneDNN's ``_linear_pointwise`` (no row-count hint: one
-    layout serves every step)."""
+def pack(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``weight`` reordered once for oneDNN's ``_linear_pointwise``; ``rows``: the row count to
+    pick the layout for (None, as the layers use: one layout serves every step)."""
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -43,6 +43,7 @@ from torch import nn
 from .. import quantized
 from ..errors import ConfigError
 from .core import LM_HEAD_GEMM as MODES
+from .layer_gemm import pack, packed_linear
 from .step_forwards import installed
 
 MARGIN = 1.05  # auto packs only where packed is at least this much faster: noise must not flip it
@@ -155,8 +156,7 @@ class HeadProduct:
 
     def _pack(self) -> None:
         w = self.head.weight
-        with torch.no_grad():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows)
+        self._packed = pack(w, self.rows)
         self._key = (w.data_ptr(), w._version)
 
     def _measure(self) -> int | None:
@@ -204,9 +204,7 @@ class HeadProduct:
         return lambda x: F.linear(x, self.head.weight, self.head.bias)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.head.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return packed_linear(x, self._packed, self.head.bias)
 
     def _int8_product(self, x: torch.Tensor) -> torch.Tensor:
         y = quantized.int8_rows().int8_rows_linear(x, *self._int8)
