@@ -38,26 +38,27 @@ def positive_int(s: str) -> int:
     return n
 
 
-def positive_float(s: str) -> float:
-    """An argparse type: a finite number above 0."""
+def _finite(s: str, at_least_zero: bool) -> float:
+    """``s`` as a finite number above 0 (or, ``at_least_zero``, of at least 0), else an argparse error."""
     try:
         x = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
+    if not (math.isfinite(x) and (x >= 0 if at_least_zero else x > 0)):
+        raise argparse.ArgumentTypeError(
+            f"must be a number >= 0, got {s!r}" if at_least_zero else f"must be a positive number, got {s!r}"
+        )
     return x
+
+
+def positive_float(s: str) -> float:
+    """An argparse type: a finite number above 0."""
+    return _finite(s, at_least_zero=False)
 
 
 def non_negative_float(s: str) -> float:
     """An argparse type: a finite number of at least 0."""
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not (math.isfinite(x) and x >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s!r}")
-    return x
+    return _finite(s, at_least_zero=True)
 
 
 def csv_of(kind):

@@ -25,6 +25,7 @@ from ..loading import load_model
 from ..models import NAMED_MODELS, named_model, resolve_model
 from ..quantized import describe, quantization
 from ..serve.core import DECODE_ATTENTION, LAYER_GEMM, LM_HEAD_GEMM, EngineConfig
+from ..serve.gil import SWITCH_INTERVAL, set_switch_interval
 from .common import QUANTIZE_CHOICES, CLIError, non_negative_float, positive_int, usable_cores
 from .engine_flags import add_engine_flags, knobs_from_args
 
@@ -115,7 +116,7 @@ def add_parser(sub) -> None:
     serve.add_argument(
         "--switch-interval",
         type=non_negative_float,
-        default=None,
+        default=SWITCH_INTERVAL,
         metavar="SECONDS",
         help="how often Python hands the GIL between the engine thread and the HTTP event loop "
         "(sys.setswitchinterval; default 0.0002: the engine waits less for the loop, measured "
@@ -355,10 +356,7 @@ def build_server_app(args: argparse.Namespace):
     from ..serve.malloc import keep_freed_memory, release_freed_memory
 
     heap = keep_freed_memory()  # large step temporaries stay in the heap (serve/malloc.py says why)
-    from ..serve.gil import SWITCH_INTERVAL, set_switch_interval
-
-    switch = getattr(args, "switch_interval", SWITCH_INTERVAL)
-    switch = set_switch_interval(SWITCH_INTERVAL if switch is None else switch)  # serve/gil.py says why
+    switch = set_switch_interval(getattr(args, "switch_interval", SWITCH_INTERVAL))  # serve/gil.py says why
     model_dir, root, name = _serve_sources(args)
     tok, model = load_base(
         args.model or DEFAULT_MODEL, getattr(args, "quantize", "none"), getattr(args, "quantize_lm_head", "none")
